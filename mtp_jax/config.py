@@ -1,0 +1,51 @@
+"""Checks a resolved config before any work starts, so that a bad value costs one line, not a run."""
+
+from __future__ import annotations
+
+from mtp_jax.errors import UserError
+from mtp_jax.mtp import HEAD_TYPES, WEIGHT_SCHEMES, n_tokens
+
+DTYPES = ("float32", "bfloat16")
+NAN_POLICIES = ("stop", "skip")
+
+
+def validate(config) -> None:
+    """Raise UserError naming the first invalid field and how to fix it."""
+    def need(ok: bool, message: str):
+        if not ok:
+            raise UserError(message)
+
+    need(config.mtp_n_tokens >= 1, f"mtp_n_tokens={config.mtp_n_tokens} must be >= 1 "
+         "(1 is plain next-token prediction)")
+    need(config.mtp_head_type in HEAD_TYPES,
+         f"mtp_head_type={config.mtp_head_type!r} is unknown: choose one of {', '.join(HEAD_TYPES)}")
+    n = n_tokens(config)
+    scheme = config.mtp_loss_weights
+    if scheme not in WEIGHT_SCHEMES:
+        try:
+            weights = [float(w) for w in scheme.split(",")]
+        except ValueError:
+            raise UserError(f"mtp_loss_weights={scheme!r} is unknown: choose one of "
+                            f"{', '.join(WEIGHT_SCHEMES)} or give n-1 comma-separated floats") from None
+        need(len(weights) == n - 1 or n == 1, f"mtp_loss_weights={scheme!r} has {len(weights)} weights "
+             f"but mtp_n_tokens={n} needs {n - 1} (one per extra head)")
+    need(config.mtp_weight >= 0, f"mtp_weight={config.mtp_weight} must be >= 0")
+    need(config.seq_len > config.mtp_n_tokens, f"seq_len={config.seq_len} must exceed "
+         f"mtp_n_tokens={config.mtp_n_tokens}: raise seq_len or lower mtp_n_tokens")
+    need(config.loss_chunk_size >= 0, f"loss_chunk_size={config.loss_chunk_size} must be >= 0 (0: no chunking)")
+    need(config.batch_size >= 1, f"batch_size={config.batch_size} must be >= 1")
+    need(config.num_train_steps >= 1 or config.num_epochs >= 1,
+         f"num_train_steps={config.num_train_steps} must be >= 1 (or set num_epochs)")
+    need(config.num_epochs >= 0, f"num_epochs={config.num_epochs} must be >= 0")
+    need(config.learning_rate > 0, f"learning_rate={config.learning_rate} must be > 0")
+    for field in ("log_every", "eval_every", "checkpoint_every", "eval_batches", "keep_checkpoints"):
+        need(config[field] >= 1, f"{field}={config[field]} must be >= 1")
+    need(config.nan_policy in NAN_POLICIES,
+         f"nan_policy={config.nan_policy!r} is unknown: choose one of {', '.join(NAN_POLICIES)}")
+    m = config.model
+    need(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0,
+         f"model.d_model={m.d_model} must be a multiple of 2 * model.n_heads={2 * m.n_heads} (even RoPE head size)")
+    need(m.n_layers >= (2 if config.mtp_head_type == "parallel" else 1),
+         f"model.n_layers={m.n_layers} is too small: 'parallel' heads need >= 2 (the last is head 1's)")
+    for field in ("dtype", "param_dtype"):
+        need(m[field] in DTYPES, f"model.{field}={m[field]!r} is unknown: choose one of {', '.join(DTYPES)}")

@@ -1,0 +1,78 @@
+"""Entry point: `python -m mtp_jax.main --config=configs/mtp3.py[:preset] --workdir=DIR [--config.KEY=V …]`.
+
+Sets up the JAX runtime (CPU device count, multi-process initialisation) before any computation,
+then hands over to train.run. Bad input ends here as one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("MTP_COORDINATOR_ADDRESS"),
+                                   "host:port of process 0, for multi-process runs off TPU.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Number of CPU devices this process exposes.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Call jax.distributed.initialize() with no arguments (TPU pods, SLURM).")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def init_runtime() -> None:
+    """Configure JAX before its first computation: device count and distributed initialisation."""
+    import jax
+
+    if _CPU_DEVICES.value:
+        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+    if _COORDINATOR.value:
+        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+            fail("--coordinator_address needs --num_processes and --process_id (or use ./launch.sh local N)")
+        # CPU processes exchange collectives over gloo; accelerators use their own interconnect.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _DISTRIBUTED.value:
+        jax.distributed.initialize()
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}: flags look like --config=configs/mtp3.py --workdir=DIR")
+    if _CONFIG.value is None or _WORKDIR.value is None:
+        fail("--config and --workdir are required, e.g. --config=configs/mtp3.py --workdir=runs/mtp3")
+    from mtp_jax.errors import UserError
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and JAX log every save at INFO
+    try:
+        init_runtime()
+        from mtp_jax import train
+
+        train.run(_CONFIG.value, _WORKDIR.value)
+    except UserError as e:
+        fail(str(e))
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with its errors (an unknown config key, a value of the wrong type, a config
+    file that does not load) reduced to one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(f"{e}. See --helpfull for the flags; config fields are listed in configs/base.py")
+    except Exception as e:  # noqa: BLE001 — a config file that raises while loading
+        fail(f"could not load the config: {type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

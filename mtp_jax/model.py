@@ -1,0 +1,165 @@
+"""The decoder-only transformer trunk: embedding, RoPE attention blocks, final norm, unembedding.
+
+Every parameter carries logical axis names in its `axes` metadata ('vocab', 'embed', 'heads',
+'head_dim', 'mlp', 'norm'); `sharding.py` maps them to mesh axes. Nothing here knows about
+devices or MTP: `mtp.py` composes these pieces into heads.
+
+Attention optionally reads and writes a fixed-capacity KV cache passed in and returned
+explicitly (no hidden state), which is what `generate.py` uses for decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """The model's hyper-parameters (config.model plus the data's vocabulary size)."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    mlp_dim: int
+    tie_embeddings: bool = False
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    rope_theta: float = 10_000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_config(cls, model_cfg, vocab_size: int) -> "ModelShape":
+        return cls(vocab_size=vocab_size, **{f.name: model_cfg[f.name] for f in dataclasses.fields(cls)
+                                             if f.name != "vocab_size"})
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, std: float) -> nnx.Param:
+    return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, param_dtype, eps: float = 1e-6):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        # Normalise in float32 even under bfloat16 compute: the mean of squares loses too much.
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary position embedding. x: [B, T, N, H], positions: [B, T] (absolute)."""
+    half = x.shape[-1] // 2
+    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+    angle = positions[..., None].astype(jnp.float32) * freq  # [B, T, H/2]
+    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
+        d, n, h, pd = shape.d_model, shape.n_heads, shape.head_dim, jnp.dtype(shape.param_dtype)
+        std = 0.02
+        self.wq = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std)
+        self.wk = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std)
+        self.wv = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std)
+        # GPT-2's residual scaling keeps the residual stream's variance flat with depth.
+        self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd, std / math.sqrt(2 * shape.n_layers))
+        self.dtype, self.theta = jnp.dtype(shape.dtype), shape.rope_theta
+
+    def __call__(self, x: Array, positions: Array, cache: dict | None = None,
+                 cache_index: Array | None = None) -> tuple[Array, dict | None]:
+        """x: [B, T, D]; positions: [B, T]. With a cache ({'k','v'}: [B, S, N, H]) the new keys
+        and values are written at cache_index and attention covers cache slots <= each query's
+        position, so stale slots past a rolled-back index are never read."""
+        w = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        q = rope(jnp.einsum("btd,dnh->btnh", x, w(self.wq)), positions, self.theta)
+        k = rope(jnp.einsum("btd,dnh->btnh", x, w(self.wk)), positions, self.theta)
+        v = jnp.einsum("btd,dnh->btnh", x, w(self.wv))
+        if cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+            cache = {"k": k, "v": v}
+            slots = jnp.arange(k.shape[1])
+            mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+        return jnp.einsum("btnh,nhd->btd", out, w(self.wo)), cache
+
+
+class MLP(nnx.Module):
+    """Gated (SwiGLU) MLP."""
+
+    def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
+        d, m, pd = shape.d_model, shape.mlp_dim, jnp.dtype(shape.param_dtype)
+        self.w_gate = _param(rngs, (d, m), ("embed", "mlp"), pd, 0.02)
+        self.w_up = _param(rngs, (d, m), ("embed", "mlp"), pd, 0.02)
+        self.w_down = _param(rngs, (m, d), ("mlp", "embed"), pd, 0.02 / math.sqrt(2 * shape.n_layers))
+        self.dtype = jnp.dtype(shape.dtype)
+
+    def __call__(self, x: Array) -> Array:
+        w = lambda p: p[...].astype(self.dtype)  # noqa: E731
+        return (jax.nn.silu(x @ w(self.w_gate)) * (x @ w(self.w_up))) @ w(self.w_down)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(shape.param_dtype)
+        self.attn_norm = RMSNorm(shape.d_model, param_dtype=pd)
+        self.attn = Attention(shape, rngs=rngs)
+        self.mlp_norm = RMSNorm(shape.d_model, param_dtype=pd)
+        self.mlp = MLP(shape, rngs=rngs)
+
+    def __call__(self, x: Array, positions: Array, cache: dict | None = None,
+                 cache_index: Array | None = None) -> tuple[Array, dict | None]:
+        attn_out, cache = self.attn(self.attn_norm(x), positions, cache, cache_index)
+        x = x + attn_out
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class Decoder(nnx.Module):
+    """Token embedding, `n_layers` blocks, final norm and unembedding (tied or not)."""
+
+    def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(shape.param_dtype)
+        self.shape = shape
+        self.embedding = _param(rngs, (shape.vocab_size, shape.d_model), ("vocab", "embed"), pd, 0.02)
+        self.blocks = nnx.List([Block(shape, rngs=rngs) for _ in range(shape.n_layers)])
+        self.final_norm = RMSNorm(shape.d_model, param_dtype=pd)
+        if not shape.tie_embeddings:
+            self.unembedding = _param(rngs, (shape.d_model, shape.vocab_size), ("embed", "vocab"), pd, 0.02)
+
+    def embed(self, tokens: Array) -> Array:
+        """tokens: [B, T] int → [B, T, D] in the compute dtype."""
+        return jnp.take(self.embedding[...], tokens, axis=0).astype(self.shape.dtype)
+
+    def unembedding_matrix(self) -> Array:
+        """[D, V] in the compute dtype."""
+        w = self.embedding[...].T if self.shape.tie_embeddings else self.unembedding[...]
+        return w.astype(self.shape.dtype)
+
+    def run_blocks(self, x: Array, positions: Array, layers: range, caches: list | None = None,
+                   cache_index: Array | None = None) -> tuple[Array, list | None]:
+        """Apply blocks[layers] in order; caches (one per layer in `layers`) are threaded through."""
+        new_caches = []
+        for i, layer in enumerate(layers):
+            x, cache = self.blocks[layer](x, positions, None if caches is None else caches[i], cache_index)
+            new_caches.append(cache)
+        return x, (None if caches is None else new_caches)

@@ -1,0 +1,179 @@
+"""Multi-Token Prediction: the extra heads, their targets, per-head losses and loss weights.
+
+The contract (DESIGN.md §4): a training window holds T + n tokens; inputs are x[:, :T]; head k
+(k = 1 … n) at position t predicts x[t + k], i.e. its targets are x[:, k : T + k], so every head
+sees exactly B × T targets. Head 1 is the ordinary next-token head, and with n = 1 the model's
+parameters and loss are exactly the baseline's.
+
+    total = L_1 + mtp_weight * sum_{k >= 2} w_k * L_k
+
+Head types:
+  'linear'     (the seed's)        head k >= 2 is its own Dense(d_model -> vocab) on the trunk's
+                                   final normed hidden state.
+  'parallel'   (Meta, 2404.19737)  the trunk is the first n_layers - 1 blocks; head k is one more
+                                   block on the trunk output (head 1's is the model's last layer),
+                                   then the shared final norm and unembedding.
+  'sequential' (DeepSeek-V3)       h_k = Block_k(M_k [RMSNorm(h_{k-1}); RMSNorm(Emb(x[t+k-1]))]),
+                                   shared embedding, final norm and unembedding; h_1 = trunk output.
+
+Memory: each head's cross-entropy is rematerialised (and optionally chunked over positions), so
+the [B, T, V] logits of a head are never kept for the backward pass and only one head's (or one
+chunk's) logits exist at a time.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtp_jax.model import Block, Decoder, ModelShape, RMSNorm, _param
+
+Array = jax.Array
+
+HEAD_TYPES = ("linear", "parallel", "sequential")
+WEIGHT_SCHEMES = ("geometric", "uniform", "mean")
+
+
+def n_tokens(config) -> int:
+    """How many tokens the model predicts per position (1 = plain next-token prediction)."""
+    return config.mtp_n_tokens if config.use_mtp else 1
+
+
+def auxiliary_weights(scheme: str, n: int) -> tuple[float, ...]:
+    """w_2 … w_n for a scheme name or an explicit comma-separated list of n - 1 floats."""
+    if scheme == "geometric":
+        return tuple(0.5 ** (k - 1) for k in range(2, n + 1))
+    if scheme == "uniform":
+        return (1.0,) * (n - 1)
+    if scheme == "mean":
+        return (1.0 / (n - 1),) * (n - 1) if n > 1 else ()
+    return tuple(float(w) for w in scheme.split(",")) if n > 1 else ()
+
+
+def loss_weights(config) -> tuple[float, ...]:
+    """The weight of each head's loss in the total: (1, mtp_weight * w_2, …, mtp_weight * w_n)."""
+    n = n_tokens(config)
+    return (1.0,) + tuple(config.mtp_weight * w for w in auxiliary_weights(config.mtp_loss_weights, n))
+
+
+class SequentialModule(nnx.Module):
+    """DeepSeek-V3's MTP module: merge the previous depth's hidden state with the embedding of
+    the token one step ahead, then one transformer block."""
+
+    def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(shape.param_dtype)
+        self.hidden_norm = RMSNorm(shape.d_model, param_dtype=pd)
+        self.embed_norm = RMSNorm(shape.d_model, param_dtype=pd)
+        self.merge = _param(rngs, (2 * shape.d_model, shape.d_model), ("merge", "embed"), pd, 0.02)
+        self.block = Block(shape, rngs=rngs)
+        self.dtype = jnp.dtype(shape.dtype)
+
+    def __call__(self, h_prev: Array, next_embedding: Array, positions: Array, cache=None, cache_index=None):
+        x = jnp.concatenate([self.hidden_norm(h_prev), self.embed_norm(next_embedding)], axis=-1)
+        return self.block(x @ self.merge[...].astype(self.dtype), positions, cache, cache_index)
+
+
+class MTPModel(nnx.Module):
+    """The decoder plus n - 1 extra heads of one type. With n = 1 it holds exactly the decoder."""
+
+    def __init__(self, shape: ModelShape, n: int, head_type: str, *, rngs: nnx.Rngs):
+        self.decoder = Decoder(shape, rngs=rngs)
+        self.n_tokens, self.head_type = n, head_type
+        if n > 1:
+            pd = jnp.dtype(shape.param_dtype)
+            make = {
+                "linear": lambda: _param(rngs, (shape.d_model, shape.vocab_size), ("embed", "vocab"), pd, 0.02),
+                "parallel": lambda: Block(shape, rngs=rngs),
+                "sequential": lambda: SequentialModule(shape, rngs=rngs),
+            }[head_type]
+            self.heads = nnx.List([make() for _ in range(2, n + 1)])
+
+    @property
+    def trunk_layers(self) -> range:
+        """The decoder layers shared by all heads (Meta's parallel heads own the last one)."""
+        layers = self.decoder.shape.n_layers
+        return range(layers - 1) if self.head_type == "parallel" else range(layers)
+
+    def trunk(self, tokens: Array, positions: Array, caches=None, cache_index=None):
+        """tokens: [B, T] → trunk hidden state [B, T, D] (and the trunk layers' caches)."""
+        return self.decoder.run_blocks(self.decoder.embed(tokens), positions, self.trunk_layers, caches, cache_index)
+
+    def head_hidden(self, k: int, h_trunk: Array, h_prev: Array, next_tokens: Array, positions: Array,
+                    cache=None, cache_index=None):
+        """Head k's hidden state before the final norm, [B, T, D] (and its block's cache).
+
+        h_prev is head k-1's hidden state and next_tokens is x[t + k - 1]; only the
+        'sequential' head reads them."""
+        if self.head_type == "linear" or (self.head_type == "sequential" and k == 1):
+            return h_trunk, cache
+        if self.head_type == "parallel":
+            block = self.decoder.blocks[self.decoder.shape.n_layers - 1] if k == 1 else self.heads[k - 2]
+            return block(h_trunk, positions, cache, cache_index)
+        return self.heads[k - 2](h_prev, self.decoder.embed(next_tokens), positions, cache, cache_index)
+
+    def head_matrix(self, k: int) -> Array:
+        """Head k's output projection [D, V] in the compute dtype."""
+        if self.head_type == "linear" and k > 1:
+            return self.heads[k - 2][...].astype(self.decoder.shape.dtype)
+        return self.decoder.unembedding_matrix()
+
+
+def build_model(config, vocab_size: int, *, seed: int) -> MTPModel:
+    shape = ModelShape.from_config(config.model, vocab_size)
+    return MTPModel(shape, n_tokens(config), config.mtp_head_type, rngs=nnx.Rngs(params=seed))
+
+
+@jax.checkpoint
+def _chunk_stats(w: Array, h: Array, targets: Array) -> tuple[Array, Array]:
+    """Sum of cross-entropies and of correct argmaxes over one chunk; targets < 0 are padding.
+
+    Checkpointed so that the chunk's logits are recomputed in the backward pass, not stored."""
+    logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)  # [B, c, V] float32
+    valid = targets >= 0
+    safe = jnp.maximum(targets, 0)
+    target_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+    nll = jax.nn.logsumexp(logits, axis=-1) - target_logit
+    correct = jnp.argmax(logits, axis=-1) == safe
+    return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(jnp.where(valid, correct, False), dtype=jnp.float32)
+
+
+def cross_entropy(h: Array, w: Array, targets: Array, chunk_size: int = 0) -> tuple[Array, Array]:
+    """Mean cross-entropy (float32) and top-1 accuracy of logits h @ w against targets.
+
+    h: [B, T, D], w: [D, V], targets: [B, T]. With 0 < chunk_size < T the positions are processed
+    chunk_size at a time in a scan, so at most [B, chunk_size, V] logits exist at once."""
+    b, t, d = h.shape
+    c = chunk_size if 0 < chunk_size < t else t
+    pad = (-t) % c
+    if pad:
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=-1)
+    # [n_chunks, B, c, ...]: chunk along positions so the batch axis keeps its sharding.
+    h_chunks = h.reshape(b, -1, c, d).swapaxes(0, 1)
+    t_chunks = targets.reshape(b, -1, c).swapaxes(0, 1)
+
+    def accumulate(totals, chunk):
+        nll, correct = _chunk_stats(w, *chunk)
+        return (totals[0] + nll, totals[1] + correct), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (nll, correct), _ = jax.lax.scan(accumulate, (zero, zero), (h_chunks, t_chunks))
+    return nll / (b * t), correct / (b * t)
+
+
+def mtp_loss(model: MTPModel, window: Array, weights: tuple[float, ...], chunk_size: int = 0):
+    """window: [B, T + n] int tokens → (total loss, {'loss_k', 'accuracy_k', 'total_loss'})."""
+    n = model.n_tokens
+    t = window.shape[1] - n
+    positions = jnp.broadcast_to(jnp.arange(t), (window.shape[0], t))
+    h_trunk, _ = model.trunk(window[:, :t], positions)
+    h_prev, total, metrics = h_trunk, jnp.zeros((), jnp.float32), {}
+    for k in range(1, n + 1):
+        h_prev, _ = model.head_hidden(k, h_trunk, h_prev, window[:, k - 1:t + k - 1], positions)
+        loss, accuracy = cross_entropy(model.decoder.final_norm(h_prev), model.head_matrix(k),
+                                       window[:, k:t + k], chunk_size)
+        total = total + weights[k - 1] * loss
+        metrics[f"loss_{k}"], metrics[f"accuracy_{k}"] = loss, accuracy
+    metrics["total_loss"] = total
+    return total, metrics

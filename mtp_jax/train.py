@@ -1,0 +1,297 @@
+"""Training: data → mesh → model and optimizer → shardings → jitted steps → restore → loop.
+
+`run(config, workdir)` reads top to bottom in that order. The train state is a plain pytree
+{'params', 'opt_state', 'step', 'nonfinite_steps', 'first_nonfinite_step'}; everything that
+varies over a run (learning rate, batch, the decision to skip a bad update) is a function of the
+step, so a resumed run reproduces an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm import tqdm
+
+from mtp_jax import data as data_lib
+from mtp_jax import sharding
+from mtp_jax.checkpoint import Checkpointer, abstract_like
+from mtp_jax.config import validate
+from mtp_jax.errors import UserError
+from mtp_jax.metrics import MetricWriter, log
+from mtp_jax.mtp import build_model, loss_weights, mtp_loss, n_tokens
+
+# Config fields that fix the shape of the parameters: a checkpoint only restores if they match.
+MODEL_SIGNATURE = ("use_mtp", "mtp_n_tokens", "mtp_head_type", "model.d_model", "model.n_layers",
+                   "model.n_heads", "model.mlp_dim", "model.tie_embeddings", "model.param_dtype")
+
+
+def itstime(step: int, every: int, total: int) -> bool:
+    """Whether to log/evaluate/save after `step` steps: every `every` steps and after the last."""
+    return step % every == 0 or step == total
+
+
+def total_steps(config, data) -> int:
+    if config.num_epochs > 0:
+        per_epoch = data_lib.steps_per_epoch(len(data.train), window=config.seq_len + n_tokens(config),
+                                             batch_size=config.batch_size)
+        return config.num_epochs * per_epoch
+    return config.num_train_steps
+
+
+def make_optimizer(config, steps: int):
+    """AdamW with linear warm-up then cosine decay to 10 % of the peak, and global-norm clipping.
+
+    No weight decay on vectors (norm scales) or on the embedding table."""
+    warmup = min(config.warmup_steps, max(steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(steps, warmup + 1),
+                                                  end_value=0.1 * config.learning_rate)
+
+    def decay_mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: x.ndim >= 2 and "embedding" not in jax.tree_util.keystr(path), params)
+
+    tx = optax.chain(
+        optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
+        optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay,
+                    mask=decay_mask),
+    )
+    return schedule, tx
+
+
+def train_step(graphdef, tx, schedule, weights, chunk_size, state, window):
+    """One optimizer step. A non-finite loss or gradient leaves the parameters untouched and is
+    counted, so no NaN ever reaches the parameters (or a checkpoint); nan_policy decides on the
+    host whether the run stops."""
+    def loss_fn(params):
+        return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size)
+
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
+    keep_old = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+    step = state["step"]
+    new_state = {
+        "params": keep_old(params, state["params"]),
+        "opt_state": keep_old(opt_state, state["opt_state"]),
+        "step": step + 1,
+        "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32),
+        "first_nonfinite_step": jnp.where((state["first_nonfinite_step"] < 0) & ~finite, step + 1,
+                                          state["first_nonfinite_step"]),
+    }
+    metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(step)}
+    return new_state, metrics
+
+
+def eval_step(graphdef, weights, chunk_size, params, window):
+    return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size)[1]
+
+
+def check_workdir(workdir: pathlib.Path, config, vocab_size: int, has_checkpoints: bool) -> None:
+    """Refuse to resume checkpoints of a differently shaped model (before anything is written)."""
+    saved_path = workdir / "config.json"
+    if not (has_checkpoints and saved_path.exists()):
+        return
+    saved = json.loads(saved_path.read_text())
+    ours = json.loads(config.to_json_best_effort())
+    get = lambda c, key: functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None,  # noqa: E731
+                                          key.split("."), c)
+    diffs = [f"{key} {get(saved, key)!r} -> {get(ours, key)!r}" for key in MODEL_SIGNATURE
+             if get(saved, key) != get(ours, key)]
+    if saved.get("vocab_size") not in (None, vocab_size):
+        diffs.append(f"vocab_size {saved['vocab_size']} -> {vocab_size}")
+    if diffs:
+        raise UserError(f"workdir {workdir} holds checkpoints of a different model ({'; '.join(diffs)}): "
+                        "use a new --workdir, or the settings it was trained with")
+
+
+def fetch(tree) -> dict:
+    """Device scalars → Python floats (one transfer)."""
+    return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def run(config, workdir) -> dict:
+    """Train (or resume) to the end; returns the final evaluation metrics."""
+    workdir = pathlib.Path(workdir)
+    is_main = jax.process_index() == 0
+    validate(config)
+    n = n_tokens(config)
+    window = config.seq_len + n
+    weights = loss_weights(config)
+
+    # ----------------------------------------------------------------------------- Data
+    data = data_lib.prepare(config.data, show_progress=is_main)
+    data_lib.check_fits(data, window)
+    steps = total_steps(config, data)
+
+    # ----------------------------------------------------------------------------- Mesh
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch(config.batch_size, mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+
+    # ----------------------------------------------------------------------------- Model, optimizer
+    def make_model():
+        return build_model(config, data.vocab_size, seed=config.seed)
+
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model), nnx.Param)
+    axes = sharding.logical_axes(abstract_params)
+    schedule, tx = make_optimizer(config, steps)
+
+    def init_state():
+        params = nnx.to_pure_dict(nnx.split(make_model(), nnx.Param)[1])
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                "nonfinite_steps": jnp.zeros((), jnp.int32), "first_nonfinite_step": -jnp.ones((), jnp.int32)}
+
+    # ----------------------------------------------------------------------------- Sharding
+    abstract_state = jax.eval_shape(init_state)
+    param_shardings = sharding.param_shardings(abstract_state["params"], axes, mesh)
+    state_shardings = sharding.state_shardings(abstract_state, param_shardings, mesh)
+    abstract_state = abstract_like(abstract_state, state_shardings)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
+
+    # ----------------------------------------------------------------------------- Steps (compiled once)
+    local_rows = config.batch_size // jax.process_count()
+    abstract_batch = jax.ShapeDtypeStruct((config.batch_size, window), jnp.int32, sharding=batch_sharding)
+    step_fn = jax.jit(
+        functools.partial(train_step, graphdef, tx, schedule, weights, config.loss_chunk_size),
+        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    ).lower(abstract_state, abstract_batch).compile()
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef, weights, config.loss_chunk_size),
+                      in_shardings=(param_shardings, batch_sharding))
+    memory = step_fn.memory_analysis()
+
+    # ----------------------------------------------------------------------------- Restore or init
+    checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
+    start = checkpointer.latest_step()
+    check_workdir(workdir, config, data.vocab_size, start is not None)
+    if start is None:
+        state = jax.jit(init_state, out_shardings=state_shardings)()
+        start = 0
+    else:
+        state = checkpointer.restore(start, abstract_state)
+        log(f"resumed from {workdir / 'checkpoints'} at step {start}")
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        saved = json.loads(config.to_json_best_effort())
+        (workdir / "config.json").write_text(json.dumps({**saved, "vocab_size": data.vocab_size}, indent=2))
+    writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
+    if start == 0:
+        writer.write(0, {"model/param_count": n_params})
+    if is_main:
+        mesh_desc = ", ".join(f"{a}={s}" for a, s in mesh.shape.items())
+        log(f"{n_params / 1e6:.2f}M parameters, {n} head(s) ({config.mtp_head_type}), mesh {mesh_desc}, "
+            f"{steps} steps of {config.batch_size}x{config.seq_len} tokens")
+        if memory is not None:
+            log(f"compiled train step per device: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, "
+                f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB")
+
+    # ----------------------------------------------------------------------------- Evaluation
+    eval_windows = data_lib.eval_windows(data.val, window=window, batch_size=config.batch_size,
+                                         num_batches=config.eval_batches)
+    rows = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
+
+    def evaluate() -> dict:
+        totals = None
+        for batch in eval_windows:
+            m = eval_fn(state["params"], sharding.global_batch(batch[rows], mesh))
+            totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
+        result = {f"eval/{k}": v / len(eval_windows) for k, v in fetch(totals).items()}
+        if data.bytes_per_token:
+            result["eval/bits_per_byte"] = result["eval/loss_1"] / math.log(2) / data.bytes_per_token
+        return result
+
+    # ----------------------------------------------------------------------------- Loop
+    tokens_per_step = config.batch_size * config.seq_len
+    bar = tqdm(total=steps, initial=start, disable=not (is_main and sys.stderr.isatty()), unit="step",
+               dynamic_ncols=True)
+    last_time, last_step, final_eval, last_scalars = time.perf_counter(), start, {}, {}
+    for step in range(start, steps):
+        local = data_lib.local_batch(data.train, window=window, batch_size=config.batch_size, seed=config.seed,
+                                     step=step, process_index=jax.process_index(),
+                                     process_count=jax.process_count(), num_epochs=config.num_epochs)
+        state, metrics = step_fn(state, sharding.global_batch(local, mesh))
+        done = step + 1
+        bar.update(1)
+        if itstime(done, config.log_every, steps):
+            scalars = fetch(metrics)  # waits for the step: the timing below is synchronised
+            now = time.perf_counter()
+            step_time = (now - last_time) / (done - last_step)
+            last_time, last_step = now, done
+            scalars = {f"train/{k}": v for k, v in scalars.items()}
+            scalars.update({"train/step_time_s": step_time, "train/tokens_per_sec": tokens_per_step / step_time,
+                            "train/tokens_seen": done * tokens_per_step})
+            check_finite(state, config.nan_policy, checkpointer, scalars)
+            writer.write(done, scalars)
+            last_scalars = scalars
+            bar.set_postfix(loss_1=f"{scalars['train/loss_1']:.3f}", tok_s=f"{scalars['train/tokens_per_sec']:.0f}")
+            if bar.disable and is_main:
+                log(f"step {done}/{steps}  loss_1 {scalars['train/loss_1']:.4f}  total {scalars['train/total_loss']:.4f}"
+                    f"  {scalars['train/tokens_per_sec']:.0f} tok/s")
+        if itstime(done, config.eval_every, steps):
+            final_eval = evaluate()
+            writer.write(done, final_eval)
+            if is_main:
+                log(f"eval at step {done}: " + "  ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in final_eval.items()
+                                                         if "loss" in k or "bits" in k))
+        if itstime(done, config.checkpoint_every, steps):
+            check_finite(state, config.nan_policy, checkpointer)
+            checkpointer.save(done, state)
+    bar.close()
+    checkpointer.wait()
+    checkpointer.close()
+    if not final_eval:  # resumed a run that had already finished: evaluate the restored state
+        final_eval = evaluate()
+        writer.write(steps, final_eval)
+    writer.close()
+    if is_main:
+        print_summary(config, workdir, final_eval, last_scalars)
+        if config.sample_tokens > 0 and data.meta.get("tokenizer") in ("byte", "bpe"):
+            print_sample(config, data.directory, nnx.merge(graphdef, jax.device_get(state["params"])))
+    return {**final_eval, **last_scalars}
+
+
+def print_summary(config, workdir: pathlib.Path, final_eval: dict, train_scalars: dict) -> None:
+    n = n_tokens(config)
+    lines = [f"{'head':>6} {'predicts':>9} {'eval loss':>10} {'accuracy':>9}"]
+    lines += [f"{k:>6} {'t+' + str(k):>9} {final_eval[f'eval/loss_{k}']:>10.4f} {final_eval[f'eval/accuracy_{k}']:>9.3f}"
+              for k in range(1, n + 1)]
+    if "eval/bits_per_byte" in final_eval:
+        lines.append(f"head-1 bits per byte: {final_eval['eval/bits_per_byte']:.4f}")
+    if "train/tokens_per_sec" in train_scalars:
+        lines.append(f"training throughput: {train_scalars['train/tokens_per_sec']:.0f} tokens/s")
+    lines.append(f"outputs: {workdir / 'metrics.jsonl'}, {workdir / 'tensorboard'}, {workdir / 'checkpoints'}")
+    print("\n".join(["", "== summary " + "=" * 40, *lines]), flush=True)
+
+
+def print_sample(config, data_dir: pathlib.Path, model) -> None:
+    from mtp_jax import generate  # decoding is only needed here, at the very end
+
+    tokenizer = data_lib.load_tokenizer(data_dir)
+    prompt = tokenizer.encode(config.sample_prompt)
+    ids = generate.sample(model, prompt, max_new_tokens=config.sample_tokens, temperature=0.8, seed=0)
+    print("== sample (temperature 0.8) " + "=" * 23 + f"\n{config.sample_prompt}{tokenizer.decode(ids)}", flush=True)
+
+
+def check_finite(state, nan_policy: str, checkpointer: Checkpointer, scalars: dict | None = None) -> None:
+    """Report skipped non-finite steps; under nan_policy='stop' end the run naming the first one."""
+    skipped, first = (int(x) for x in jax.device_get((state["nonfinite_steps"], state["first_nonfinite_step"])))
+    if scalars is not None:
+        scalars["train/nonfinite_steps"] = skipped
+    if skipped and nan_policy == "stop":
+        checkpointer.wait()
+        good = checkpointer.latest_step()
+        raise UserError(f"the loss or gradients became non-finite at step {first}; the last good checkpoint is "
+                        f"{'step ' + str(good) if good is not None else 'none'}: lower learning_rate, or set "
+                        "nan_policy='skip' to skip such updates")
