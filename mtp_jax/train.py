@@ -121,8 +121,8 @@ def fetch(tree) -> dict:
     return {k: float(v) for k, v in jax.device_get(tree).items()}
 
 
-def run(config, workdir) -> dict:
-    """Train (or resume) to the end; returns the final evaluation metrics."""
+def run(config, workdir, devices=None) -> dict:
+    """Train (or resume) to the end on `devices` (default: all); returns the final metrics."""
     workdir = pathlib.Path(workdir)
     is_main = jax.process_index() == 0
     validate(config)
@@ -136,7 +136,7 @@ def run(config, workdir) -> dict:
     steps = total_steps(config, data)
 
     # ----------------------------------------------------------------------------- Mesh
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch(config.batch_size, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
 
