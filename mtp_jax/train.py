@@ -8,12 +8,14 @@ step, so a resumed run reproduces an uninterrupted one exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import pathlib
 import sys
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +96,50 @@ def train_step(graphdef, tx, schedule, weights, chunk_size, state, window):
     return new_state, metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """What a run (or the benchmark) needs to initialise a state and take compiled steps."""
+
+    graphdef: nnx.GraphDef
+    init_state: Callable[[], dict]  # () -> a fresh train state; jit it with out_shardings=state_shardings
+    abstract_state: dict            # ShapeDtypeStructs with shardings
+    state_shardings: dict
+    param_shardings: dict
+    n_params: int
+    step_fn: jax.stages.Compiled    # (state, window [B, T + n] int32) -> (state, metrics); donates state
+
+
+def make_train_step(config, vocab_size: int, mesh, steps: int) -> TrainSetup:
+    """Model, optimizer and shardings for `config`, and the train step compiled once for `mesh`."""
+    def make_model():
+        return build_model(config, vocab_size, seed=config.seed)
+
+    graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model), nnx.Param)
+    axes = sharding.logical_axes(abstract_params)
+    schedule, tx = make_optimizer(config, steps)
+
+    def init_state():
+        params = nnx.to_pure_dict(nnx.split(make_model(), nnx.Param)[1])
+        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+                "nonfinite_steps": jnp.zeros((), jnp.int32), "first_nonfinite_step": -jnp.ones((), jnp.int32)}
+
+    abstract_state = jax.eval_shape(init_state)
+    param_shardings = sharding.param_shardings(abstract_state["params"], axes, mesh)
+    state_shardings = sharding.state_shardings(abstract_state, param_shardings, mesh)
+    abstract_state = abstract_like(abstract_state, state_shardings)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    abstract_batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + n_tokens(config)), jnp.int32,
+                                          sharding=batch_sharding)
+    step_fn = jax.jit(
+        functools.partial(train_step, graphdef, tx, schedule, loss_weights(config), config.loss_chunk_size),
+        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    ).lower(abstract_state, abstract_batch).compile()
+    return TrainSetup(graphdef, init_state, abstract_state, state_shardings, param_shardings, n_params, step_fn)
+
+
 def eval_step(graphdef, weights, chunk_size, params, window):
     return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size)[1]
 
@@ -140,37 +186,14 @@ def run(config, workdir, devices=None) -> dict:
     sharding.check_batch(config.batch_size, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
 
-    # ----------------------------------------------------------------------------- Model, optimizer
-    def make_model():
-        return build_model(config, data.vocab_size, seed=config.seed)
-
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model), nnx.Param)
-    axes = sharding.logical_axes(abstract_params)
-    schedule, tx = make_optimizer(config, steps)
-
-    def init_state():
-        params = nnx.to_pure_dict(nnx.split(make_model(), nnx.Param)[1])
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                "nonfinite_steps": jnp.zeros((), jnp.int32), "first_nonfinite_step": -jnp.ones((), jnp.int32)}
-
-    # ----------------------------------------------------------------------------- Sharding
-    abstract_state = jax.eval_shape(init_state)
-    param_shardings = sharding.param_shardings(abstract_state["params"], axes, mesh)
-    state_shardings = sharding.state_shardings(abstract_state, param_shardings, mesh)
-    abstract_state = abstract_like(abstract_state, state_shardings)
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
-
-    # ----------------------------------------------------------------------------- Steps (compiled once)
+    # ----------------------------------------------------------------------------- Model, optimizer, step
+    setup = make_train_step(config, data.vocab_size, mesh, steps)
+    graphdef, init_state, step_fn = setup.graphdef, setup.init_state, setup.step_fn
+    abstract_state, state_shardings = setup.abstract_state, setup.state_shardings
+    n_params, memory = setup.n_params, step_fn.memory_analysis()
     local_rows = config.batch_size // jax.process_count()
-    abstract_batch = jax.ShapeDtypeStruct((config.batch_size, window), jnp.int32, sharding=batch_sharding)
-    step_fn = jax.jit(
-        functools.partial(train_step, graphdef, tx, schedule, weights, config.loss_chunk_size),
-        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
-        donate_argnums=0,
-    ).lower(abstract_state, abstract_batch).compile()
     eval_fn = jax.jit(functools.partial(eval_step, graphdef, weights, config.loss_chunk_size),
-                      in_shardings=(param_shardings, batch_sharding))
-    memory = step_fn.memory_analysis()
+                      in_shardings=(setup.param_shardings, batch_sharding))
 
     # ----------------------------------------------------------------------------- Restore or init
     checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
