@@ -1,41 +1,196 @@
-"""Orbax checkpoints of the train state: async saves, restore onto any mesh, newest step."""
+"""Orbax checkpoints of the train state: async saves, restore onto any mesh, newest good step.
+
+A checkpoint is only trusted if it restores, its arrays hash to the fingerprint saved beside
+them, they are all finite and its step counter matches its directory. Orbax writes each step in a
+temporary directory and renames it when complete, so a kill -9 mid-save leaves no half-written
+step behind; the fingerprint catches what orbax cannot (bytes changed inside a data file read
+back without error). A checkpoint that fails is moved to `unusable_checkpoints/` beside the
+checkpoint directory, never deleted, and the previous one is tried.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from mtp_jax.errors import UserError
+from mtp_jax.metrics import log
+
+UNUSABLE = "unusable_checkpoints"
 
 
 class Checkpointer:
     """A thin wrapper over ocp.CheckpointManager for one pytree (the train state)."""
 
     def __init__(self, directory: pathlib.Path, keep: int):
-        self.manager = ocp.CheckpointManager(
-            pathlib.Path(directory).absolute(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True),
-        )
+        self.directory = pathlib.Path(directory).absolute()
+        self.unusable = self.directory.with_name(UNUSABLE)
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                item_handlers={"state": ocp.StandardCheckpointHandler(), "fingerprint": ocp.JsonCheckpointHandler()},
+                options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                                     cleanup_tmp_directories=True),  # leftovers of kill -9
+            )
+        except OSError as e:
+            raise UserError(f"cannot create the checkpoint directory {self.directory} ({e.strerror or e}): "
+                            "pass a --workdir on a writable disk") from None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state) -> None:
-        """Starts an async save; the next save (or wait) waits for this one to finish."""
-        self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        """Starts an async save; the next save (or wait) waits for this one to finish.
+
+        The fingerprint is taken on device (no copy of the state to the host beyond orbax's own)."""
+        sums, finite = (np.asarray(x) for x in jax.device_get(fingerprint(state)))
+        if not finite:  # train_step never lets a non-finite value into the state; refuse to persist one
+            raise RuntimeError(f"refusing to save a checkpoint at step {step}: the state holds non-finite values")
+        with self._write_errors(step):
+            self.manager.save(step, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), fingerprint=ocp.args.JsonSave(sums.tolist())))
+
+    def wait(self) -> None:
+        with self._write_errors(self.latest_step()):
+            self.manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _write_errors(self, step):
+        """Turns a failed write (disk full, directory gone or read-only) into one clear line."""
+        try:
+            yield
+        except Exception as e:
+            if isinstance(e, UserError) or not _is_write_error(e):
+                raise
+            raise UserError(f"could not write checkpoint step {step} to {self.directory} ({_first_line(e)}): "
+                            "free disk space or fix the directory's permissions; the checkpoints written "
+                            "before are intact") from None
 
     def restore(self, step: int, abstract_state):
         """Restores onto the shardings of abstract_state (ShapeDtypeStructs with .sharding), so a
-        checkpoint written on one mesh loads onto another."""
-        return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        checkpoint written on one mesh loads onto another. Raises on any sign of damage."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), fingerprint=ocp.args.JsonRestore()))
+        state, saved = restored["state"], np.asarray(restored["fingerprint"], np.uint32)
+        sums, finite = (np.asarray(x) for x in jax.device_get(fingerprint(state)))
+        if saved.shape != sums.shape or (saved != sums).any():
+            raise ValueError("its arrays do not match the fingerprint saved with them")
+        if not finite:
+            raise ValueError("it holds non-finite values")
+        if int(jax.device_get(state["step"])) != step:
+            raise ValueError(f"its step counter is {int(jax.device_get(state['step']))}, not {step}")
+        return state
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+    def restore_newest_good(self, abstract_state):
+        """(step, state) of the newest checkpoint that restores cleanly, or (None, None) for a fresh run.
+
+        Each damaged checkpoint is reported in one line and moved aside. If checkpoints were
+        moved aside (now or by an earlier run) and none is left, raises rather than letting the
+        run start over in a workdir that holds its earlier work."""
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            self._check_shapes(step, abstract_state)
+            try:
+                state, problem = self.restore(step, abstract_state), None
+            except Exception as e:  # noqa: BLE001 — orbax and tensorstore raise many types for damaged files
+                state, problem = None, _first_line(e)
+            if _all_processes_agree(problem is None):
+                return step, state
+            moved = self._move_aside(step)
+            log(f"checkpoint {self.directory / str(step)} is unusable ({problem or 'damaged on another process'}); "
+                f"moved it to {moved}, trying the previous one")
+        if self.unusable.is_dir() and any(self.unusable.iterdir()):
+            raise UserError(f"no usable checkpoint in {self.directory}; the damaged ones are in {self.unusable}: "
+                            f"to start over, use a new --workdir (or delete {self.directory.parent})")
+        return None, None
+
+    def _check_shapes(self, step: int, abstract_state) -> None:
+        """A checkpoint of a differently shaped model is the user's mistake, not damage: it is
+        reported and left where it is."""
+        try:
+            saved = sorted(tuple(m.shape) for m in jax.tree.leaves(self.manager.item_metadata(step)["state"]))
+        except Exception:  # noqa: BLE001 — unreadable metadata is damage; restore() reports it
+            return
+        # Compared as a multiset: metadata may list leaves in another order (dicts vs named tuples).
+        if saved != sorted(tuple(x.shape) for x in jax.tree.leaves(abstract_state)):
+            raise UserError(f"checkpoint {self.directory / str(step)} holds a differently shaped model: "
+                            "use a new --workdir, or the settings it was trained with")
+
+    def _move_aside(self, step: int) -> pathlib.Path:
+        target = self.unusable / str(step)
+        suffix = 0
+        while target.exists():  # the same step may go bad twice (e.g. a full disk twice)
+            suffix += 1
+            target = self.unusable / f"{step}-{suffix}"
+        if jax.process_index() == 0:
+            self.unusable.mkdir(exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
+        self.manager.reload()
+        return target
 
     def close(self) -> None:
         self.manager.close()
 
 
+def check_writable(workdir: pathlib.Path) -> None:
+    """Raises UserError unless this process can create files in `workdir` (made if missing)."""
+    probe = pathlib.Path(workdir) / f".write-test-{jax.process_index()}"
+    try:
+        probe.parent.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to --workdir={workdir} ({e.strerror or e}): "
+                        "pass a directory on a writable disk") from None
+
+
 def abstract_like(tree, shardings):
     """ShapeDtypeStructs carrying target shardings, the restore target for orbax."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+@jax.jit
+def fingerprint(tree):
+    """([n_leaves, 2] uint32, bool): per leaf, the plain and the position-weighted wrapping sums of
+    its bits, and whether every float is finite.
+
+    Integer sums are exact and order-free, so the fingerprint does not depend on the mesh a state
+    is sharded on; odd weights make any single changed word change the weighted sum."""
+    def sums(x):
+        if x.dtype == jnp.bool_:
+            x = x.astype(jnp.uint8)
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{8 * x.dtype.itemsize}")).reshape(-1)
+        bits = bits.astype(jnp.uint32)
+        weights = jnp.arange(bits.size, dtype=jnp.uint32) * 2 + 1
+        return jnp.stack([bits.sum(dtype=jnp.uint32), (bits * weights).sum(dtype=jnp.uint32)])
+
+    leaves = jax.tree.leaves(tree)
+    finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]))
+    return jnp.stack([sums(x) for x in leaves]), finite
+
+
+def _all_processes_agree(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.process_allgather(np.array(ok)).all())
+
+
+def _is_write_error(error: BaseException) -> bool:
+    """Whether a failed save ran out of room or permission (orbax wraps tensorstore's OSErrors in
+    ValueError/Exception, so the message is the only common ground)."""
+    text = str(error).lower()
+    return isinstance(error, OSError) or any(
+        word in text for word in ("no space", "file too large", "read-only", "permission denied", "disk quota",
+                                  "resource_exhausted", "errno"))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}"

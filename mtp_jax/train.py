@@ -13,7 +13,9 @@ import functools
 import json
 import math
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -22,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mtp_jax import data as data_lib
 from mtp_jax import sharding
-from mtp_jax.checkpoint import Checkpointer, abstract_like
+from mtp_jax.checkpoint import Checkpointer, abstract_like, check_writable
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
 from mtp_jax.metrics import MetricWriter, log
@@ -176,6 +179,8 @@ def run(config, workdir, devices=None) -> dict:
     window = config.seq_len + n
     weights = loss_weights(config)
 
+    check_writable(workdir)  # before the data and the compile, not at the first save
+
     # ----------------------------------------------------------------------------- Data
     data = data_lib.prepare(config.data, show_progress=is_main)
     data_lib.check_fits(data, window)
@@ -197,13 +202,12 @@ def run(config, workdir, devices=None) -> dict:
 
     # ----------------------------------------------------------------------------- Restore or init
     checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
-    start = checkpointer.latest_step()
-    check_workdir(workdir, config, data.vocab_size, start is not None)
+    check_workdir(workdir, config, data.vocab_size, checkpointer.latest_step() is not None)
+    start, state = checkpointer.restore_newest_good(abstract_state)
     if start is None:
         state = jax.jit(init_state, out_shardings=state_shardings)()
         start = 0
     else:
-        state = checkpointer.restore(start, abstract_state)
         log(f"resumed from {workdir / 'checkpoints'} at step {start}")
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -240,6 +244,7 @@ def run(config, workdir, devices=None) -> dict:
     bar = tqdm(total=steps, initial=start, disable=not (is_main and sys.stderr.isatty()), unit="step",
                dynamic_ncols=True)
     last_time, last_step, final_eval, last_scalars = time.perf_counter(), start, {}, {}
+    stop, stopping = StopRequest(), False
     for step in range(start, steps):
         local = data_lib.local_batch(data.train, window=window, batch_size=config.batch_size, seed=config.seed,
                                      step=step, process_index=jax.process_index(),
@@ -268,11 +273,21 @@ def run(config, workdir, devices=None) -> dict:
             if is_main:
                 log(f"eval at step {done}: " + "  ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in final_eval.items()
                                                          if "loss" in k or "bits" in k))
-        if itstime(done, config.checkpoint_every, steps):
+        stopping = stop.agreed(done, config.log_every)  # once per step: a signal may land any time
+        if itstime(done, config.checkpoint_every, steps) or stopping:
             check_finite(state, config.nan_policy, checkpointer)
             checkpointer.save(done, state)
+        if stopping:
+            break
+    stop.release()
     bar.close()
     checkpointer.wait()
+    if stopping:
+        checkpointer.close()
+        writer.close()
+        log(f"stopped by {stop.signal} after step {done}: checkpoint saved in {workdir / 'checkpoints'}; "
+            "rerun the same command to continue")
+        return last_scalars
     checkpointer.close()
     if not final_eval:  # resumed a run that had already finished: evaluate the restored state
         final_eval = evaluate()
@@ -305,6 +320,40 @@ def print_sample(config, data_dir: pathlib.Path, model) -> None:
     prompt = tokenizer.encode(config.sample_prompt)
     ids = generate.sample(model, prompt, max_new_tokens=config.sample_tokens, temperature=0.8, seed=0)
     print("== sample (temperature 0.8) " + "=" * 23 + f"\n{config.sample_prompt}{tokenizer.decode(ids)}", flush=True)
+
+
+class StopRequest:
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) asks the loop to stop after the current step, with a
+    checkpoint. A second signal gets the previous handler, so a stuck run can still be killed.
+
+    With several processes, all must stop after the same step or the collective save deadlocks:
+    they agree with one all-gather every `log_every` steps (where the host already waits for the
+    step to log it); a single process stops after the very next step."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may install handlers; such a caller stops the run itself
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            if signal.getsignal(sig) is not signal.SIG_IGN:  # e.g. SIGINT in a background job: keep ignoring
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+        signal.signal(signum, self._previous[signum])
+
+    def agreed(self, done: int, every: int) -> bool:
+        """Whether to stop after step `done`: the same answer on every process."""
+        if jax.process_count() == 1:
+            return self.signal is not None
+        if done % every:
+            return False
+        return bool(multihost_utils.process_allgather(np.array(self.signal is not None)).any())
+
+    def release(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 def check_finite(state, nan_policy: str, checkpointer: Checkpointer, scalars: dict | None = None) -> None:
