@@ -1,0 +1,206 @@
+"""What a train step costs: parameters, FLOPs, compiled memory, step time, tokens/s and MFU.
+
+    python -m mtp_jax.bench --config=configs/mtp3.py:nano [--config.KEY=V …] [--json] [--sweep] [--compile_only]
+
+It compiles the real train step (`train.make_train_step`, the one `main` runs) on all local
+devices, feeds it fresh random windows (no data is read), and times steps one by one with
+`block_until_ready`, reporting the median. MFU divides the analytic model FLOPs by the step time
+and by a peak measured on the spot: the best of several large matmuls in the compute dtype.
+
+FLOPs are given twice. `flops_per_step` is XLA's cost analysis of the compiled step: it includes
+rematerialised work, and since it counts a loop body once, a chunked cross-entropy (a scan) is
+costed from the same step compiled without chunking, which does the same arithmetic without the
+loop. `model_flops_per_step` is the analytic count of the model's matmuls (forward + 2x for the
+backward, no recomputation), the numerator of MFU.
+
+`--sweep` runs the baseline and n = 2, 3, 4 of every head type in one process and prints each as a
+ratio to the baseline; `--json` prints one JSON object per configuration instead of a table.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
+                                          lock_config=False)
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object per configuration.")
+_SWEEP = flags.DEFINE_bool("sweep", False, "Baseline and n = 2, 3, 4 for every head type, as ratios.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Report compile-time figures only; run no step.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per configuration (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps before timing.")
+
+SWEEP_NS = (2, 3, 4)
+
+
+def vocab_size(config) -> int:
+    """The vocabulary the data would give, without reading any data."""
+    return 256 if config.data.tokenizer == "byte" else config.data.vocab_size
+
+
+def config_name(config) -> str:
+    from mtp_jax.mtp import n_tokens
+
+    n = n_tokens(config)
+    return f"{config.preset} baseline" if n == 1 else f"{config.preset} {config.mtp_head_type} n={n}"
+
+
+def model_flops(config, vocab: int) -> float:
+    """Analytic FLOPs of one train step: 3x (forward + backward) the forward matmuls, attention's
+    QK^T and AV counted over all T keys (what a dense causal kernel computes)."""
+    from mtp_jax.mtp import n_tokens
+
+    m, n, t = config.model, n_tokens(config), config.seq_len
+    d = m.d_model
+    blocks = m.n_layers + {"linear": 0, "parallel": n - 1, "sequential": n - 1}[config.mtp_head_type]
+    merges = n - 1 if config.mtp_head_type == "sequential" else 0
+    per_token = 2 * (blocks * (4 * d * d + 3 * d * m.mlp_dim + 2 * t * d) + merges * 2 * d * d + n * d * vocab)
+    return 3.0 * per_token * config.batch_size * t
+
+
+def measure_peak_flops(dtype: str, size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of the fastest of `repeats` [size, size] @ [size, size] matmuls in `dtype`."""
+    import jax
+    import jax.numpy as jnp
+
+    a, b = (jax.random.normal(jax.random.key(i), (size, size), jnp.float32).astype(dtype) for i in (0, 1))
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def xla_flops(compiled, n_devices: int) -> float:
+    """XLA's FLOPs of a compiled step over all devices (its cost analysis is per device)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0)) * n_devices
+
+
+def bench_config(config, *, compile_only: bool, steps: int, warmup: int, peak: float | None) -> dict:
+    """Compile (and unless compile_only, time) the train step of one configuration."""
+    import jax
+    import numpy as np
+
+    from mtp_jax import sharding
+    from mtp_jax.config import validate
+    from mtp_jax.mtp import n_tokens
+    from mtp_jax.train import make_train_step
+
+    validate(config)
+    vocab = vocab_size(config)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch(config.batch_size, mesh)
+    setup = make_train_step(config, vocab, mesh, config.num_train_steps)
+    memory = setup.step_fn.memory_analysis()
+    flops = xla_flops(setup.step_fn, mesh.size)
+    if config.loss_chunk_size > 0:  # the scan's body is counted once: cost the loop-free twin instead
+        unchunked = config.copy_and_resolve_references()
+        unchunked.loss_chunk_size = 0
+        flops = xla_flops(make_train_step(unchunked, vocab, mesh, config.num_train_steps).step_fn, mesh.size)
+    result = {
+        "name": config_name(config),
+        "params": setup.n_params,
+        "flops_per_step": flops,
+        "model_flops_per_step": model_flops(config, vocab),
+        "temp_bytes": memory.temp_size_in_bytes,
+        "argument_bytes": memory.argument_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes,
+        "step_time_s": None, "tokens_per_sec": None, "mfu": None,
+    }
+    if compile_only:
+        return result
+
+    window = config.seq_len + n_tokens(config)
+    batch_sharding = sharding.batch_sharding(mesh)
+    # Fresh tokens every step, made on the device before timing so no host copy is timed.
+    make_windows = jax.jit(lambda key: jax.random.randint(key, (warmup + steps, config.batch_size, window), 0, vocab),
+                           out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec)))
+    windows = make_windows(jax.random.key(config.seed)).block_until_ready()
+    state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = setup.step_fn(state, windows[i])
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    if not np.isfinite(float(metrics["total_loss"])):
+        raise RuntimeError(f"{result['name']}: non-finite loss while benchmarking")
+    step_time = statistics.median(times[warmup:])
+    result["step_time_s"] = step_time
+    result["tokens_per_sec"] = config.batch_size * config.seq_len / step_time
+    result["mfu"] = result["model_flops_per_step"] / step_time / peak
+    return result
+
+
+def sweep_configs(config) -> list:
+    """The baseline, then n = 2, 3, 4 for each head type, all otherwise equal to `config`."""
+    from mtp_jax.mtp import HEAD_TYPES
+
+    def variant(use_mtp: bool, n: int, head_type: str):
+        c = config.copy_and_resolve_references()
+        c.use_mtp, c.mtp_n_tokens, c.mtp_head_type = use_mtp, n, head_type
+        return c
+
+    return [variant(False, 1, config.mtp_head_type)] + [variant(True, n, h) for h in HEAD_TYPES for n in SWEEP_NS]
+
+
+def table(results: list[dict], peak: float | None) -> str:
+    """A human-readable table; in a sweep, time, memory and FLOPs are also given as ratios to row 1."""
+    base = results[0]
+    ratio = lambda r, key: "" if base[key] in (None, 0) or r[key] is None else f"{r[key] / base[key]:.2f}x"  # noqa: E731
+    lines = [f"{'config':<22} {'params':>9} {'GFLOP/step':>11} {'model GF':>9} {'temp MiB':>9} {'arg MiB':>8} "
+             f"{'step s':>8} {'tok/s':>8} {'MFU':>6} {'time':>6} {'temp':>6} {'FLOPs':>6}"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in results:
+        lines.append(
+            f"{r['name']:<22} {r['params'] / 1e6:>8.2f}M {r['flops_per_step'] / 1e9:>11.1f} "
+            f"{r['model_flops_per_step'] / 1e9:>9.1f} {r['temp_bytes'] / 2**20:>9.1f} {r['argument_bytes'] / 2**20:>8.1f} "
+            f"{fmt(r['step_time_s'], '8.3f')} {fmt(r['tokens_per_sec'], '8.0f')} "
+            f"{'-' if r['mfu'] is None else format(100 * r['mfu'], '5.1f') + '%'} "
+            f"{ratio(r, 'step_time_s'):>6} {ratio(r, 'temp_bytes'):>6} {ratio(r, 'flops_per_step'):>6}")
+    if peak is not None:
+        lines.append(f"MFU against a measured peak of {peak / 1e9:.0f} GFLOP/s")
+    return "\n".join(lines)
+
+
+def main(argv) -> None:
+    if len(argv) > 1 or _CONFIG.value is None:
+        print("usage: python -m mtp_jax.bench --config=configs/mtp3.py:PRESET [--config.KEY=V …] "
+              "[--json] [--sweep] [--compile_only]", file=sys.stderr)
+        sys.exit(2)
+    import jax
+
+    from mtp_jax.errors import UserError
+
+    config = _CONFIG.value
+    configs = sweep_configs(config) if _SWEEP.value else [config]
+    peak = None if _COMPILE_ONLY.value else measure_peak_flops(config.model.dtype)
+    if peak is not None:
+        print(f"peak: {peak / 1e9:.0f} GFLOP/s ({config.model.dtype} {2048}^3 matmul) on "
+              f"{jax.device_count()} {jax.devices()[0].platform} device(s)", file=sys.stderr)
+    results = []
+    try:
+        for c in configs:
+            results.append(bench_config(c, compile_only=_COMPILE_ONLY.value, steps=_STEPS.value,
+                                        warmup=_WARMUP.value, peak=peak))
+            if _JSON.value:
+                print(json.dumps({**results[-1], "peak_flops": peak}), flush=True)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if not _JSON.value:
+        print(table(results, peak))
+
+
+if __name__ == "__main__":
+    app.run(main)
