@@ -52,25 +52,27 @@ class Checkpointer:
         sums, finite = (np.asarray(x) for x in jax.device_get(fingerprint(state)))
         if not finite:  # train_step never lets a non-finite value into the state; refuse to persist one
             raise RuntimeError(f"refusing to save a checkpoint at step {step}: the state holds non-finite values")
-        with self._write_errors(step):
+        with self._write_errors():
             self.manager.save(step, force=True, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), fingerprint=ocp.args.JsonSave(sums.tolist())))
 
     def wait(self) -> None:
-        with self._write_errors(self.latest_step()):
+        with self._write_errors():
             self.manager.wait_until_finished()
 
     @contextlib.contextmanager
-    def _write_errors(self, step):
-        """Turns a failed write (disk full, directory gone or read-only) into one clear line."""
+    def _write_errors(self):
+        """Turns a failed write (disk full, directory gone or read-only) into one clear line. An
+        async save fails at the next save or wait, so the line names the newest complete step."""
         try:
             yield
         except Exception as e:
             if isinstance(e, UserError) or not _is_write_error(e):
                 raise
-            raise UserError(f"could not write checkpoint step {step} to {self.directory} ({_first_line(e)}): "
-                            "free disk space or fix the directory's permissions; the checkpoints written "
-                            "before are intact") from None
+            self.manager.reload()
+            raise UserError(f"could not write a checkpoint to {self.directory} ({_first_line(e)}): free disk space "
+                            f"or fix the directory's permissions; the newest complete checkpoint is step "
+                            f"{self.manager.latest_step()}") from None
 
     def restore(self, step: int, abstract_state):
         """Restores onto the shardings of abstract_state (ShapeDtypeStructs with .sharding), so a
@@ -187,8 +189,8 @@ def _is_write_error(error: BaseException) -> bool:
     ValueError/Exception, so the message is the only common ground)."""
     text = str(error).lower()
     return isinstance(error, OSError) or any(
-        word in text for word in ("no space", "file too large", "read-only", "permission denied", "disk quota",
-                                  "resource_exhausted", "errno"))
+        word in text for word in ("os_error_code", "no space", "file too large", "read-only", "permission denied",
+                                  "disk quota"))
 
 
 def _first_line(error: BaseException) -> str:

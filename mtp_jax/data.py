@@ -215,6 +215,8 @@ def _resolve_source(source: str) -> _Source:
         if not files:
             raise UserError(f"data.source={source!r} matches no files: fix the glob pattern")
         return _files_source("glob", f"glob:{source}", pathlib.Path("/"), [p.resolve() for p in files])
+    if path.is_symlink():
+        raise UserError(f"data.source={source!r} is a broken symlink or a symlink loop: point it at the data")
     raise UserError(
         f"data.source={source!r} does not exist: pass an existing directory, file, glob or 'stdlib'"
     )
@@ -268,7 +270,7 @@ def _check_settings(cfg: Any, source: _Source) -> dict:
 def _token_file_vocab(path: pathlib.Path, vocab_size: int, dtype: str) -> int:
     """vocab_size for a token file: the given one or meta.json's, which must not contradict."""
     meta_path = path.parent / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = _read_token_meta(meta_path) if meta_path.is_file() else {}
     if "dtype" in meta and meta["dtype"] != dtype:
         raise UserError(
             f"{meta_path} says dtype={meta['dtype']!r} but data.token_dtype={dtype!r}: "
@@ -286,6 +288,18 @@ def _token_file_vocab(path: pathlib.Path, vocab_size: int, dtype: str) -> int:
             "set data.vocab_size"
         )
     return int(vocab_size)
+
+
+def _read_token_meta(meta_path: pathlib.Path) -> dict:
+    """meta.json beside a token file: a JSON object whose vocab_size, if any, is an integer."""
+    try:
+        meta = json.loads(meta_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{meta_path} is not valid JSON ({e}): fix or delete it and set data.vocab_size") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size", 0), int):
+        raise UserError(f"{meta_path} must be a JSON object with an integer vocab_size: fix or delete it "
+                        "and set data.vocab_size")
+    return meta
 
 
 def _out_dtype(vocab_size: int) -> str:
