@@ -81,7 +81,7 @@ def train_step(graphdef, tx, schedule, weights, chunk_size, state, window):
         return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
@@ -182,7 +182,7 @@ def run(config, workdir, devices=None) -> dict:
     check_writable(workdir)  # before the data and the compile, not at the first save
 
     # ----------------------------------------------------------------------------- Data
-    data = data_lib.prepare(config.data, show_progress=is_main)
+    data = data_lib.prepare(config.data, show_progress=is_main and sys.stderr.isatty())
     data_lib.check_fits(data, window)
     steps = total_steps(config, data)
 
@@ -237,6 +237,13 @@ def run(config, workdir, devices=None) -> dict:
         result = {f"eval/{k}": v / len(eval_windows) for k, v in fetch(totals).items()}
         if data.bytes_per_token:
             result["eval/bits_per_byte"] = result["eval/loss_1"] / math.log(2) / data.bytes_per_token
+        if n > 1:  # how well the heads would draft for self-speculative decoding
+            from mtp_jax.generate import teacher_forced_acceptance
+
+            per_batch = jax.device_get([teacher_forced_acceptance(graphdef, config.loss_chunk_size, state["params"],
+                                                                  sharding.global_batch(batch[rows], mesh))
+                                        for batch in eval_windows])
+            result.update({f"generate/{k}": float(np.mean([b[k] for b in per_batch])) for k in per_batch[0]})
         return result
 
     # ----------------------------------------------------------------------------- Loop
@@ -307,6 +314,10 @@ def print_summary(config, workdir: pathlib.Path, final_eval: dict, train_scalars
               for k in range(1, n + 1)]
     if "eval/bits_per_byte" in final_eval:
         lines.append(f"head-1 bits per byte: {final_eval['eval/bits_per_byte']:.4f}")
+    if n > 1:
+        lines.append("draft acceptance (teacher-forced): " + "  ".join(
+            f"head {k} {final_eval[f'generate/acceptance_{k}']:.3f}" for k in range(2, n + 1))
+            + f"; {final_eval['generate/mean_accepted']:.2f} tokens per verify pass")
     if "train/tokens_per_sec" in train_scalars:
         lines.append(f"training throughput: {train_scalars['train/tokens_per_sec']:.0f} tokens/s")
     lines.append(f"outputs: {workdir / 'metrics.jsonl'}, {workdir / 'tensorboard'}, {workdir / 'checkpoints'}")

@@ -1,0 +1,136 @@
+"""The MTP contract (DESIGN.md §4): offsets, per-head losses, weights, n = 1 == baseline, remat == naive."""
+
+import pathlib
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtp_jax.model import ModelShape
+from mtp_jax.mtp import HEAD_TYPES, MTPModel, auxiliary_weights, build_model, loss_weights, mtp_loss
+
+CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
+SHAPE = ModelShape(vocab_size=61, d_model=32, n_layers=3, n_heads=4, mlp_dim=48)
+B, T = 3, 11
+
+
+def load_config(name: str, preset: str = "tiny"):
+    return runpy.run_path(str(CONFIGS / f"{name}.py"))["get_config"](preset)
+
+
+def random_window(n: int, seed: int = 0) -> jnp.ndarray:
+    return jnp.asarray(np.random.default_rng(seed).integers(0, SHAPE.vocab_size, (B, T + n)), jnp.int32)
+
+
+def split(model):
+    graphdef, state = nnx.split(model, nnx.Param)
+    return graphdef, nnx.to_pure_dict(state)
+
+
+def head_logits(model: MTPModel, window) -> list[np.ndarray]:
+    """Every head's logits at once, [B, T, V] each: the naive computation the loss must match."""
+    n = model.n_tokens
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    h_trunk, _ = model.trunk(window[:, :T], positions)
+    h, out = h_trunk, []
+    for k in range(1, n + 1):
+        h, _ = model.head_hidden(k, h_trunk, h, window[:, k - 1:T + k - 1], positions)
+        out.append(model.decoder.final_norm(h) @ model.head_matrix(k))
+    return out
+
+
+def numpy_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    return float(-np.take_along_axis(log_probs, targets[..., None], -1).mean())
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_head_k_loss_is_cross_entropy_against_tokens_k_ahead(head_type):
+    n = 3
+    model = MTPModel(SHAPE, n, head_type, rngs=nnx.Rngs(params=1))
+    window = random_window(n)
+    graphdef, params = split(model)
+    metrics, all_logits = jax.jit(lambda p: (mtp_loss(nnx.merge(graphdef, p), window, (1.0, 0.5, 0.25))[1],
+                                             head_logits(nnx.merge(graphdef, p), window)))(params)
+    tokens = np.asarray(window)
+    for k, logits in enumerate(all_logits, start=1):
+        expected = numpy_cross_entropy(np.asarray(logits), tokens[:, k:T + k])  # head k predicts x[t + k]
+        np.testing.assert_allclose(float(metrics[f"loss_{k}"]), expected, rtol=1e-5)
+        accuracy = (np.asarray(logits).argmax(-1) == tokens[:, k:T + k]).mean()
+        np.testing.assert_allclose(float(metrics[f"accuracy_{k}"]), accuracy, atol=1e-7)
+
+
+@pytest.mark.parametrize("scheme,expected", [
+    ("geometric", (0.5, 0.25, 0.125)),
+    ("uniform", (1.0, 1.0, 1.0)),
+    ("mean", (1 / 3, 1 / 3, 1 / 3)),
+    ("0.7,0.2,0.1", (0.7, 0.2, 0.1)),
+])
+def test_total_is_head1_plus_weighted_auxiliary_losses(scheme, expected):
+    np.testing.assert_allclose(auxiliary_weights(scheme, 4), expected)
+    config = load_config("mtp4")
+    config.mtp_loss_weights, config.mtp_weight = scheme, 0.3
+    weights = loss_weights(config)
+    graphdef, params = split(MTPModel(SHAPE, 4, "linear", rngs=nnx.Rngs(params=0)))
+    total, metrics = jax.jit(lambda p: mtp_loss(nnx.merge(graphdef, p), random_window(4), weights))(params)
+    by_hand = metrics["loss_1"] + 0.3 * sum(w * metrics[f"loss_{k}"] for k, w in enumerate(expected, start=2))
+    np.testing.assert_allclose(float(total), float(by_hand), rtol=1e-6)
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_n1_equals_baseline_bit_for_bit(head_type):
+    baseline = load_config("baseline")
+    window = random_window(1)
+    base_def, base_params = split(build_model(baseline, SHAPE.vocab_size, seed=0))
+    base_loss, _ = jax.jit(lambda p: mtp_loss(nnx.merge(base_def, p), window, loss_weights(baseline)))(base_params)
+    for overrides in ({"use_mtp": True, "mtp_n_tokens": 1}, {"use_mtp": False, "mtp_n_tokens": 4}):
+        config = load_config("mtp3")
+        config.update(overrides)
+        config.mtp_head_type = head_type
+        graphdef, params = split(build_model(config, SHAPE.vocab_size, seed=0))
+        assert jax.tree.structure(params) == jax.tree.structure(base_params)
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params)))
+        loss, _ = jax.jit(lambda p: mtp_loss(nnx.merge(graphdef, p), window, loss_weights(config)))(params)
+        assert float(loss) == float(base_loss)
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_rematerialised_chunked_loss_and_gradients_equal_naive(head_type):
+    chunk_size = 4  # T = 11: three chunks, the last one padded
+    n, weights = 3, (1.0, 0.3, 0.15)
+    graphdef, params = split(MTPModel(SHAPE, n, head_type, rngs=nnx.Rngs(params=2)))
+    window = random_window(n, seed=5)
+
+    def naive(p):
+        logits = head_logits(nnx.merge(graphdef, p), window)
+        losses = [-jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg), window[:, k:T + k, None], -1))
+                  for k, lg in enumerate(logits, start=1)]
+        return sum(w * loss for w, loss in zip(weights, losses))
+
+    def efficient(p):
+        return mtp_loss(nnx.merge(graphdef, p), window, weights, chunk_size)[0]
+
+    naive_loss, naive_grads = jax.jit(jax.value_and_grad(naive))(params)
+    loss, grads = jax.jit(jax.value_and_grad(efficient))(params)
+    np.testing.assert_allclose(float(loss), float(naive_loss), rtol=1e-6)
+    for g, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(naive_grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=2e-4, atol=1e-7)
+
+
+def test_extra_heads_add_the_parameters_each_type_promises():
+    counts = {}
+    for head_type in HEAD_TYPES:
+        _, params = split(MTPModel(SHAPE, 3, head_type, rngs=nnx.Rngs(params=0)))
+        counts[head_type] = sum(x.size for x in jax.tree.leaves(params))
+    _, base = split(MTPModel(SHAPE, 1, "linear", rngs=nnx.Rngs(params=0)))
+    base_count = sum(x.size for x in jax.tree.leaves(base))
+    d, v, m = SHAPE.d_model, SHAPE.vocab_size, SHAPE.mlp_dim
+    block = 4 * d * d + 3 * d * m + 2 * d
+    assert counts["linear"] - base_count == 2 * d * v
+    assert counts["parallel"] - base_count == 2 * block
+    assert counts["sequential"] - base_count == 2 * (block + 2 * d * d + 2 * d)
