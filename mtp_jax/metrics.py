@@ -14,7 +14,9 @@ class MetricWriter:
     """Appends one JSON object per event to metrics.jsonl and mirrors scalars to TensorBoard.
 
     On resume, events logged after the restored step are dropped first, so a run that was killed
-    and resumed has exactly one line per logged step, as if it had never stopped."""
+    and resumed has exactly one line per logged step, as if it had never stopped. A run that
+    starts at step 0 starts over: what an earlier attempt logged before dying without a checkpoint
+    (its step-0 line included) is dropped."""
 
     def __init__(self, workdir: pathlib.Path, *, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
@@ -34,7 +36,7 @@ class MetricWriter:
                 event = json.loads(line)
             except json.JSONDecodeError:  # a line torn by a kill mid-write
                 continue
-            if event.get("step", 0) <= step:
+            if step > 0 and event.get("step", 0) <= step:
                 kept.append(line)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
