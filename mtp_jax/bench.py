@@ -88,12 +88,8 @@ def xla_flops(compiled, n_devices: int) -> float:
 
 def bench_config(config, *, compile_only: bool, steps: int, warmup: int, peak: float | None) -> dict:
     """Compile (and unless compile_only, time) the train step of one configuration."""
-    import jax
-    import numpy as np
-
     from mtp_jax import sharding
     from mtp_jax.config import validate
-    from mtp_jax.mtp import n_tokens
     from mtp_jax.train import make_train_step
 
     validate(config)
@@ -120,26 +116,46 @@ def bench_config(config, *, compile_only: bool, steps: int, warmup: int, peak: f
     if compile_only:
         return result
 
-    window = config.seq_len + n_tokens(config)
-    batch_sharding = sharding.batch_sharding(mesh)
-    # Fresh tokens every step, made on the device before timing so no host copy is timed.
-    make_windows = jax.jit(lambda key: jax.random.randint(key, (warmup + steps, config.batch_size, window), 0, vocab),
-                           out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec)))
-    windows = make_windows(jax.random.key(config.seed)).block_until_ready()
-    state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        state, metrics = setup.step_fn(state, windows[i])
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
-    if not np.isfinite(float(metrics["total_loss"])):
-        raise RuntimeError(f"{result['name']}: non-finite loss while benchmarking")
+    step = make_stepper(config, setup, mesh, warmup + steps)
+    times = [step() for _ in range(warmup + steps)]
     step_time = statistics.median(times[warmup:])
     result["step_time_s"] = step_time
     result["tokens_per_sec"] = config.batch_size * config.seq_len / step_time
     result["mfu"] = result["model_flops_per_step"] / step_time / peak
     return result
+
+
+def make_stepper(config, setup, mesh, n_steps: int):
+    """A function that takes one train step on a fresh random window and returns its wall time.
+
+    The windows are made on the device before any timing, so no host copy is timed; the step is
+    synchronised with block_until_ready. A non-finite loss raises."""
+    import jax
+    import numpy as np
+
+    from mtp_jax import sharding
+    from mtp_jax.mtp import n_tokens
+
+    shape = (n_steps, config.batch_size, config.seq_len + n_tokens(config))
+    spec = jax.sharding.PartitionSpec(None, *sharding.batch_sharding(mesh).spec)
+    windows = jax.jit(lambda key: jax.random.randint(key, shape, 0, vocab_size(config)),
+                      out_shardings=jax.sharding.NamedSharding(mesh, spec))(jax.random.key(config.seed))
+    state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
+    jax.block_until_ready((windows, state))
+    taken = 0
+
+    def step() -> float:
+        nonlocal state, taken
+        start = time.perf_counter()
+        state, metrics = setup.step_fn(state, windows[taken % n_steps])
+        jax.block_until_ready((state, metrics))
+        elapsed = time.perf_counter() - start
+        taken += 1
+        if not np.isfinite(float(metrics["total_loss"])):
+            raise RuntimeError(f"{config_name(config)}: non-finite loss while benchmarking")
+        return elapsed
+
+    return step
 
 
 def sweep_configs(config) -> list:
