@@ -1,0 +1,180 @@
+"""Decoding: KV-cache steps against full recomputation, sampling seeds, self-speculative decoding
+against plain greedy decoding (token for token), teacher-forced acceptance, and the CLI."""
+
+import json
+import pathlib
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mtp_jax import generate, train
+from mtp_jax.errors import UserError
+from mtp_jax.model import ModelShape
+from mtp_jax.mtp import HEAD_TYPES, MTPModel
+
+CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
+SHAPE = ModelShape(vocab_size=256, d_model=32, n_layers=2, n_heads=2, mlp_dim=64)
+
+
+def random_model(head_type: str, n: int = 3, seed: int = 0) -> MTPModel:
+    return MTPModel(SHAPE, n, head_type, rngs=nnx.Rngs(params=seed))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny n=3 'sequential' model trained briefly on a small repetitive code corpus, so that its
+    heads accept some drafts and reject others."""
+    root = tmp_path_factory.mktemp("trained")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(400)))
+    config = runpy.run_path(str(CONFIGS / "base.py"))["get_config"]("tiny")
+    config.update_from_flattened_dict({
+        "use_mtp": True, "mtp_n_tokens": 3, "mtp_head_type": "sequential", "num_train_steps": 30,
+        "log_every": 30, "eval_every": 30, "checkpoint_every": 30, "eval_batches": 1, "sample_tokens": 0,
+        "data.source": str(corpus), "data.cache_dir": str(root / "cache"), "data.val_fraction": 0.1})
+    workdir = root / "run"
+    metrics = train.run(config, workdir)
+    return workdir, metrics
+
+
+def full_forward_logits(model: MTPModel, tokens: list[int]) -> np.ndarray:
+    """Head 1's logits after the last token, recomputed from scratch without a cache."""
+    x = jnp.asarray([tokens], jnp.int32)
+    decoder = model.decoder
+    h, _ = decoder.run_blocks(decoder.embed(x), jnp.arange(len(tokens))[None], range(decoder.shape.n_layers))
+    return np.asarray(decoder.final_norm(h[0, -1]) @ decoder.unembedding_matrix())
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_cached_decode_equals_full_recompute(head_type):
+    model = random_model(head_type)
+    prompt = [3, 1, 4, 1, 5, 9, 2]
+    tokens = list(prompt)
+    for token, logits in generate.Generator(model, 24).stream(prompt, 12, temperature=1.0, seed=3):
+        np.testing.assert_allclose(np.asarray(logits[0]), full_forward_logits(model, tokens), rtol=1e-4, atol=1e-5)
+        tokens.append(int(token[0]))
+    assert len(tokens) == len(prompt) + 12
+
+
+def test_sampling_is_reproducible_and_seeded():
+    generator = generate.Generator(random_model("linear"), 48)
+    draw = lambda seed, **kw: generator.generate([7, 8, 9], 40, temperature=1.0, seed=seed, **kw).tokens  # noqa: E731
+    assert draw(0) == draw(0)
+    assert draw(0) != draw(1)
+    # top_k=1 and a tiny nucleus both leave only the most likely token: greedy decoding.
+    greedy = generator.generate([7, 8, 9], 40).tokens
+    assert draw(5, top_k=1) == greedy
+    assert draw(5, top_p=1e-6) == greedy
+
+
+def test_decoding_never_recompiles_per_token():
+    generator = generate.Generator(random_model("parallel"), 64)
+    generator.generate([1, 2, 3], 5)
+    generator.speculative([1, 2, 3], 5)
+    compiled = generator.compilations()
+    generator.generate([4, 5, 6, 7], 50)
+    generator.speculative([4, 5, 6, 7], 50)
+    assert compiled == generator.compilations() == 4  # one prefill and one step per mode
+
+
+def assert_speculative_matches_greedy(generator: generate.Generator, prompts, lengths) -> list[int]:
+    accepted = []
+    for prompt in prompts:
+        for new in lengths:
+            plain = generator.generate(prompt, new).tokens
+            fast = generator.speculative(prompt, new)
+            assert fast.tokens == plain, (prompt, new)
+            assert len(plain) == min(new, generator.capacity - len(prompt))
+            assert fast.forward_passes == 1 + len(fast.accepted)
+            accepted += fast.accepted
+    return accepted
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_speculative_equals_greedy_random_weights(head_type):
+    rng = np.random.default_rng(0)
+    # Lengths include drafts running past max_new_tokens (1, 2) and decoding up to the cache's end.
+    prompts = [rng.integers(0, 256, size).tolist() for size in (1, 9, 30)]
+    assert_speculative_matches_greedy(generate.Generator(random_model(head_type, n=4), 40), prompts, (1, 2, 7, 40))
+
+
+def test_speculative_accepts_drafts_of_heads_that_copy_head_1():
+    """Linear heads equal to the unembedding draft head 1's next token again; greedy decoding of a
+    random model falls into repeats, so drafts are accepted there and rejected elsewhere."""
+    model = random_model("linear", n=3, seed=2)
+    for head in model.heads:
+        head[...] = model.decoder.unembedding[...]
+    accepted = assert_speculative_matches_greedy(generate.Generator(model, 96), [[1, 2, 3], [200, 100]], (5, 90))
+    assert 0 < np.mean(np.asarray(accepted) > 0) < 1
+
+
+def test_speculative_equals_greedy_trained(trained):
+    model, _, _ = generate.load(trained[0])
+    prompts = [list(b"def f1"), list(b"    return x"), list(b"\n\ndef f3")]
+    accepted = assert_speculative_matches_greedy(generate.Generator(model, 32), prompts, (3, 16, 32))
+    assert np.mean(accepted) > 0  # the trained heads do get drafts accepted
+
+
+def test_teacher_forced_acceptance_matches_numpy():
+    model = random_model("sequential", n=3, seed=1)
+    window = jax.random.randint(jax.random.key(0), (2, 13), 0, 256)
+    graphdef, params = nnx.split(model, nnx.Param)
+    got = generate.teacher_forced_acceptance(graphdef, 4, params, window)
+    # Reference: each head's argmax from the (uncached) training forward, compared in numpy.
+    t = 10
+    positions = jnp.broadcast_to(jnp.arange(t), (2, t))
+    h_trunk, _ = model.trunk(window[:, :t], positions)
+    h, greedy = h_trunk, []
+    for k in (1, 2, 3):
+        h, _ = model.head_hidden(k, h_trunk, h, window[:, k - 1:t + k - 1], positions)
+        greedy.append(np.argmax(np.asarray(model.decoder.final_norm(h) @ model.head_matrix(k)), -1))
+    a2 = greedy[1][:, :9] == greedy[0][:, 1:]
+    a3 = greedy[2][:, :8] == greedy[0][:, 2:]
+    np.testing.assert_allclose(float(got["acceptance_2"]), a2.mean(), atol=1e-6)
+    np.testing.assert_allclose(float(got["acceptance_3"]), a3.mean(), atol=1e-6)
+    np.testing.assert_allclose(float(got["mean_accepted"]), 1 + a2[:, :8].mean() + (a2[:, :8] & a3).mean(), atol=1e-6)
+
+
+def test_training_logs_acceptance(trained):
+    workdir, metrics = trained
+    assert 0 <= metrics["generate/acceptance_2"] <= 1 and 0 <= metrics["generate/acceptance_3"] <= 1
+    assert 1 <= metrics["generate/mean_accepted"] <= 3
+    logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert any("generate/acceptance_3" in entry for entry in logged)
+
+
+def test_cli_json_output(trained, capsys):
+    workdir, _ = trained
+    generate.main([f"--workdir={workdir}", "--prompt=def f1", "--max_new_tokens=12", "--speculative", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["new_tokens"] == 12 and len(out["acceptance"]) == 2
+    assert out["forward_passes"] <= 12 and out["mean_accepted"] >= 1
+    generate.main([f"--workdir={workdir}", "--prompt=def f1", "--max_new_tokens=12", "--json"])
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["text"] == out["text"] and plain["mean_accepted"] == 1.0 and plain["forward_passes"] == 12
+
+
+def cli_error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1
+    return err
+
+
+def test_cli_errors(trained, tmp_path, capsys):
+    workdir, _ = trained
+    assert "no checkpoint" in cli_error(capsys, [f"--workdir={tmp_path}", "--prompt=x"])
+    assert "cache holds 32" in cli_error(capsys, [f"--workdir={workdir}", "--prompt=" + "x" * 40])
+    assert "greedily" in cli_error(capsys, [f"--workdir={workdir}", "--prompt=x", "--speculative", "--temperature=1"])
+    assert "--workdir" in cli_error(capsys, ["--prompt=x"])
+
+
+def test_speculative_on_a_model_without_heads_is_refused():
+    with pytest.raises(UserError, match="no extra heads"):
+        generate.Generator(MTPModel(SHAPE, 1, "linear", rngs=nnx.Rngs(params=0)), 16).speculative([1], 4)
