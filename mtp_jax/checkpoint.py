@@ -70,9 +70,12 @@ class Checkpointer:
             if isinstance(e, UserError) or not _is_write_error(e):
                 raise
             self.manager.reload()
+            newest = self.manager.latest_step()
+            with contextlib.suppress(Exception):  # joins orbax's threads, which re-raise the same failure
+                self.manager.close()
             raise UserError(f"could not write a checkpoint to {self.directory} ({_first_line(e)}): free disk space "
                             f"or fix the directory's permissions; the newest complete checkpoint is step "
-                            f"{self.manager.latest_step()}") from None
+                            f"{newest}") from None
 
     def restore(self, step: int, abstract_state):
         """Restores onto the shardings of abstract_state (ShapeDtypeStructs with .sharding), so a
@@ -96,7 +99,6 @@ class Checkpointer:
         moved aside (now or by an earlier run) and none is left, raises rather than letting the
         run start over in a workdir that holds its earlier work."""
         for step in sorted(self.manager.all_steps(), reverse=True):
-            self._check_shapes(step, abstract_state)
             try:
                 state, problem = self.restore(step, abstract_state), None
             except Exception as e:  # noqa: BLE001 — orbax and tensorstore raise many types for damaged files
@@ -110,18 +112,6 @@ class Checkpointer:
             raise UserError(f"no usable checkpoint in {self.directory}; the damaged ones are in {self.unusable}: "
                             f"to start over, use a new --workdir (or delete {self.directory.parent})")
         return None, None
-
-    def _check_shapes(self, step: int, abstract_state) -> None:
-        """A checkpoint of a differently shaped model is the user's mistake, not damage: it is
-        reported and left where it is."""
-        try:
-            saved = sorted(tuple(m.shape) for m in jax.tree.leaves(self.manager.item_metadata(step)["state"]))
-        except Exception:  # noqa: BLE001 — unreadable metadata is damage; restore() reports it
-            return
-        # Compared as a multiset: metadata may list leaves in another order (dicts vs named tuples).
-        if saved != sorted(tuple(x.shape) for x in jax.tree.leaves(abstract_state)):
-            raise UserError(f"checkpoint {self.directory / str(step)} holds a differently shaped model: "
-                            "use a new --workdir, or the settings it was trained with")
 
     def _move_aside(self, step: int) -> pathlib.Path:
         target = self.unusable / str(step)
