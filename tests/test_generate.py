@@ -98,8 +98,8 @@ def assert_speculative_matches_greedy(generator: generate.Generator, prompts, le
 def test_speculative_equals_greedy_random_weights(head_type):
     rng = np.random.default_rng(0)
     # Lengths include drafts running past max_new_tokens (1, 2) and decoding up to the cache's end.
-    prompts = [rng.integers(0, 256, size).tolist() for size in (1, 9, 30)]
-    assert_speculative_matches_greedy(generate.Generator(random_model(head_type, n=4), 40), prompts, (1, 2, 7, 40))
+    prompts = [rng.integers(0, 256, size).tolist() for size in (1, 30)]
+    assert_speculative_matches_greedy(generate.Generator(random_model(head_type, n=4), 40), prompts, (1, 2, 40))
 
 
 def test_speculative_accepts_drafts_of_heads_that_copy_head_1():
