@@ -25,7 +25,13 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 
 
 def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    jax = sys.modules.get("jax")
+    if jax is not None and jax.distributed.is_initialized():
+        # A normal exit waits at jax.distributed's shutdown barrier for the other processes, which
+        # wait in a collective for this one: leave now and let the launcher stop the rest.
+        sys.stdout.flush()
+        os._exit(2)
     sys.exit(2)
 
 
@@ -36,11 +42,14 @@ def init_runtime() -> None:
     if _CPU_DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
     if _COORDINATOR.value:
-        if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+        n, i = _NUM_PROCESSES.value, _PROCESS_ID.value
+        if n is None or i is None:
             fail("--coordinator_address needs --num_processes and --process_id (or use ./launch.sh local N)")
+        if not 0 <= i < n:
+            fail(f"--process_id={i} must be in 0 … {n - 1} for --num_processes={n}")
         # CPU processes exchange collectives over gloo; accelerators use their own interconnect.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        jax.distributed.initialize(_COORDINATOR.value, n, i)
     elif _DISTRIBUTED.value:
         jax.distributed.initialize()
 
