@@ -81,9 +81,14 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.data.split_seed = 0           # which files are held out (fixed across training seeds)
     c.data.cache_dir = "~/.cache/mtp_jax"  # where tokenized corpora are kept and reused
 
-    # Device mesh (DESIGN.md §3): sizes of ('data', 'fsdp', 'tensor'); -1 fills the rest.
+    # Device mesh (DESIGN.md §3): sizes of ('data', 'fsdp', 'tensor'); -1 fills the rest. The batch
+    # splits over data x fsdp; parameters follow sharding.LOGICAL_RULES (embed -> fsdp; heads, mlp,
+    # vocab -> tensor), so the sizes alone pick the strategy:
+    #   data parallel    mesh.data=-1 (the default)
+    #   FSDP             mesh.data=1 mesh.fsdp=-1
+    #   FSDP + tensor    mesh.data=1 mesh.fsdp=-1 mesh.tensor=2 (or 4, 8: within one host's chips)
     c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1                # pure data parallelism
-    c.mesh.fsdp = 1                 # parameters and optimizer state sharded over this axis too
+    c.mesh.data = -1                # batch split; parameters replicated along this axis
+    c.mesh.fsdp = 1                 # batch split, and parameters and optimizer state sharded
     c.mesh.tensor = 1               # attention heads, MLP and vocabulary split over this axis
     return c

@@ -220,8 +220,12 @@ def run(config, workdir, devices=None) -> dict:
         mesh_desc = ", ".join(f"{a}={s}" for a, s in mesh.shape.items())
         log(f"{n_params / 1e6:.2f}M parameters, {n} head(s) ({config.mtp_head_type}), mesh {mesh_desc}, "
             f"{steps} steps of {config.batch_size}x{config.seq_len} tokens")
-        if memory is not None:
-            log(f"compiled train step per device: arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, "
+        if memory is not None:  # per device: the sizes of one shard of the SPMD program
+            # The donated state's buffers are reused for the new state (aliased): count them once.
+            total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                     + memory.temp_size_in_bytes)
+            log(f"compiled train step needs {total / 2**20:.1f} MiB per device: state and batch "
+                f"{memory.argument_size_in_bytes / 2**20:.1f} MiB, "
                 f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB")
 
     # ----------------------------------------------------------------------------- Evaluation

@@ -65,6 +65,7 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(data_overri
                      *(f"--config.{k}={v}" for k, v in overrides.items())])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mesh data=2, fsdp=2, tensor=1" in result.stderr
+    assert "compiled train step needs" in result.stderr and "MiB per device" in result.stderr
 
     train.run(make_config(overrides), tmp_path / "single", devices=jax.devices()[:4])
     multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
