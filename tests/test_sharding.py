@@ -4,6 +4,7 @@ equals one device's for every preset and MTP head type; the compiled memory per 
 import functools
 import math
 import runpy
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -43,18 +44,30 @@ def windows(config) -> np.ndarray:
     return np.random.default_rng(0).integers(0, VOCAB, shape, dtype=np.int32)
 
 
-@functools.lru_cache(maxsize=None)
-def trajectory(head_type: str, preset: str | None):
-    """STEPS train steps on the preset's mesh over 8 devices (None: one device).
+class Run(NamedTuple):
+    losses: np.ndarray  # [STEPS]
+    grads: list         # the gradients of each step, host trees shaped like the parameters
+    start: dict         # the initial state, on the host
+    state: dict         # the final state, on the mesh
+    memory: object      # the compiled step's memory analysis
 
-    Returns (losses [STEPS], gradients of each step as host trees, final state, memory analysis).
+
+@functools.lru_cache(maxsize=None)
+def trajectory(head_type: str, preset: str | None) -> Run:
+    """STEPS train steps on the preset's mesh over 8 devices (None: one device), all from the
+    one-device run's initial state (compiling the sharded initialiser costs as much as the step).
+
     The gradient of step k comes out of Adam's first moment: mu_k = b1 mu_{k-1} + (1 - b1) g_k."""
     config = tiny_config(head_type, PRESETS[preset] if preset else SINGLE_DEVICE)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:8] if preset else jax.devices()[:1])
     setup = train.make_train_step(config, VOCAB, mesh, STEPS)
-    state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
+    if preset is None:
+        start = jax.device_get(jax.jit(setup.init_state, out_shardings=setup.state_shardings)())
+    else:
+        start = trajectory(head_type, None).start
+    state = jax.device_put(start, setup.state_shardings)
     b1 = config.adam_b1
-    mu_before = jax.tree.map(np.zeros_like, jax.device_get(optax.tree_utils.tree_get(state["opt_state"], "mu")))
+    mu_before = optax.tree_utils.tree_get(start["opt_state"], "mu")
     losses, grads = [], []
     for batch in windows(config):
         state, metrics = setup.step_fn(state, sharding.global_batch(batch, mesh))
@@ -62,16 +75,15 @@ def trajectory(head_type: str, preset: str | None):
         grads.append(jax.tree.map(lambda m, m0: (m - b1 * m0) / (1 - b1), mu, mu_before))
         losses.append(float(metrics["total_loss"]))
         mu_before = mu
-    return np.array(losses), grads, state, setup.step_fn.memory_analysis()
+    return Run(np.array(losses), grads, start, state, setup.step_fn.memory_analysis())
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("head_type", ["linear", "parallel", "sequential"])
 def test_sharded_losses_and_gradients_equal_one_device(head_type, preset):
-    losses, grads, _, _ = trajectory(head_type, preset)
-    ref_losses, ref_grads, _, _ = trajectory(head_type, None)
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    for step_grads, ref_step_grads in zip(grads, ref_grads):
+    run, ref = trajectory(head_type, preset), trajectory(head_type, None)
+    np.testing.assert_allclose(run.losses, ref.losses, rtol=1e-5)
+    for step_grads, ref_step_grads in zip(run.grads, ref.grads):
         for path, g in jax.tree_util.tree_flatten_with_path(step_grads)[0]:
             ref = functools.reduce(lambda t, k: t[k.key], path, ref_step_grads)
             scale = np.abs(ref).max()
@@ -108,7 +120,7 @@ RULED = {
 
 @pytest.mark.parametrize("head_type", ["linear", "parallel", "sequential"])
 def test_parameters_and_adam_moments_are_sharded_as_the_rules_say(head_type):
-    _, _, state, _ = trajectory(head_type, "fsdp_4_tensor_2")
+    state = trajectory(head_type, "fsdp_4_tensor_2").state
     mesh_sizes = {"fsdp": 4, "tensor": 2, None: 1}
     mu = optax.tree_utils.tree_get(state["opt_state"], "mu")
     for path, shape, expected in RULED["common"] + RULED[head_type]:
@@ -121,7 +133,7 @@ def test_parameters_and_adam_moments_are_sharded_as_the_rules_say(head_type):
 
 
 def test_data_parallel_replicates_every_parameter():
-    _, _, state, _ = trajectory("linear", "data_parallel_8")
+    state = trajectory("linear", "data_parallel_8").state
     for x in jax.tree.leaves(state):
         assert all(s.data.shape == x.shape for s in x.addressable_shards)
 
@@ -129,12 +141,12 @@ def test_data_parallel_replicates_every_parameter():
 @pytest.mark.parametrize("preset", [None, "fsdp_4_tensor_2"])
 def test_compiled_memory_report_is_per_device(preset):
     """The step's argument bytes are one device's shards of the state and the batch."""
-    _, _, state, memory = trajectory("linear", preset)
+    run = trajectory("linear", preset)
     config = tiny_config("linear", SINGLE_DEVICE)
     batch_rows = config.batch_size // (4 if preset else 1)  # the batch splits over data x fsdp = 4
-    expected = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(state))
+    expected = sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(run.state))
     expected += batch_rows * (config.seq_len + config.mtp_n_tokens) * 4
-    assert memory.argument_size_in_bytes == expected
+    assert run.memory.argument_size_in_bytes == expected
 
 
 @pytest.mark.parametrize("sizes, n_devices, shape", [
