@@ -106,8 +106,9 @@ class Checkpointer:
             if _all_processes_agree(problem is None):
                 return step, state
             moved = self._move_aside(step)
-            log(f"checkpoint {self.directory / str(step)} is unusable ({problem or 'damaged on another process'}); "
-                f"moved it to {moved}, trying the previous one")
+            if jax.process_index() == 0:
+                log(f"checkpoint {self.directory / str(step)} is unusable ({problem or 'damaged on another process'}); "
+                    f"moved it to {moved}, trying the previous one")
         if self.unusable.is_dir() and any(self.unusable.iterdir()):
             raise UserError(f"no usable checkpoint in {self.directory}; the damaged ones are in {self.unusable}: "
                             f"to start over, use a new --workdir (or delete {self.directory.parent})")
