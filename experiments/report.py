@@ -1,0 +1,395 @@
+"""Tables, plots and raw numbers for one sweep: experiments/runs/NAME → experiments/results/NAME.
+
+    python experiments/report.py NAME [--baseline KEY=VALUE] [--runs_dir=DIR] [--results_dir=DIR]
+
+Runs are grouped into settings by the config fields that differ between them, seed excepted; a
+setting's number is the mean ± sample standard deviation (ddof=1) over its seeds. The baseline is
+the setting that predicts one token (mtp_n_tokens=1 or use_mtp=False) unless --baseline picks one.
+Writes results.md, runs.json (final numbers per run), three PNG plots and COMMAND (the sweep,
+training and report commands). Runs that did not reach num_train_steps are left out and listed.
+Needs matplotlib (the `plots` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import shlex
+import statistics
+import sys
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from experiments.sweep import git_commit  # noqa: E402
+from mtp_jax.errors import UserError  # noqa: E402
+
+
+@dataclasses.dataclass
+class Run:
+    """One training's config (flattened: 'model.d_model') and what it logged, reduced to curves."""
+
+    name: str
+    config: dict
+    tokens_per_step: int
+    eval_steps: list[int]       # steps with an evaluation, ascending
+    evals: list[dict]           # the evaluation events, in that order
+    step_times: list[float]     # train/step_time_s of every logged interval but the first
+    tokens_per_sec: list[float]  # train/tokens_per_sec likewise
+    eval_times: list[float]     # seconds of training (with evaluations and saves) before each evaluation
+    param_count: int | None
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.eval_steps) and self.eval_steps[-1] == self.config["num_train_steps"]
+
+    @property
+    def eval_tokens(self) -> list[int]:
+        return [s * self.tokens_per_step for s in self.eval_steps]
+
+    def curve(self, key: str) -> list[float]:
+        return [e[key] for e in self.evals]
+
+    @property
+    def final(self) -> dict:
+        return {k: v for k, v in self.evals[-1].items() if k != "step"}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def read_events(path: pathlib.Path) -> list[dict]:
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:  # a line torn by a kill
+            continue
+    return events
+
+
+def load_run(workdir: pathlib.Path) -> Run:
+    config = flatten(json.loads((workdir / "config.json").read_text()))
+    events = read_events(workdir / "metrics.jsonl")
+    # A resumed run may evaluate a step twice (the restored final step): the last one counts.
+    evals = {e["step"]: e for e in events if "eval/loss_1" in e}
+    train = sorted((e for e in events if "train/step_time_s" in e), key=lambda e: e["step"])
+    # Wall time of each logged interval (step time × its steps); the time of an evaluation is
+    # interpolated between the logged steps around it.
+    logged = [0] + [e["step"] for e in train]
+    elapsed = np.cumsum([0.0] + [e["train/step_time_s"] * (s - prev)
+                                 for e, s, prev in zip(train, logged[1:], logged[:-1])])
+    eval_steps = sorted(evals)
+    params = [e["model/param_count"] for e in events if "model/param_count" in e]
+    return Run(
+        name=workdir.name,
+        config=config,
+        tokens_per_step=config["batch_size"] * config["seq_len"],
+        eval_steps=eval_steps,
+        evals=[evals[s] for s in eval_steps],
+        # The first interval after a start holds the first step's waits (and evaluation compiles).
+        step_times=[e["train/step_time_s"] for e in train[1:]],
+        tokens_per_sec=[e["train/tokens_per_sec"] for e in train[1:]],
+        eval_times=[float(t) for t in np.interp(eval_steps, logged, elapsed)],
+        param_count=params[-1] if params else None,
+    )
+
+
+def n_predicted(config: dict) -> int:
+    return config["mtp_n_tokens"] if config["use_mtp"] else 1
+
+
+def tokens_to_reach(tokens: list[float], losses: list[float], target: float) -> float | None:
+    """Tokens at which the loss curve first reaches `target`, interpolated linearly between the
+    evaluations around the crossing; None if it never does."""
+    for i, (t, loss) in enumerate(zip(tokens, losses)):
+        if loss <= target:
+            if i == 0:
+                return float(t)
+            t0, l0 = tokens[i - 1], losses[i - 1]
+            return float(t0 + (t - t0) * (l0 - target) / (l0 - loss))
+    return None
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (None for a single value)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def fmt(values: list[float], digits: int = 4, scale: float = 1.0) -> str:
+    if not values:
+        return "—"
+    mean, std = mean_std([v / scale for v in values])
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def token_unit(tokens: float) -> tuple[float, str]:
+    return next((scale, suffix) for scale, suffix in ((1e6, " M"), (1e3, " k"), (1, "")) if tokens >= scale or scale == 1)
+
+
+def fmt_tokens(values: list[float]) -> str:
+    """Token counts, mean ± std over seeds, in M or k."""
+    scale, suffix = token_unit(statistics.fmean(values))
+    return fmt(values, 2, scale) + suffix
+
+
+@dataclasses.dataclass
+class Setting:
+    label: str
+    runs: list[Run]
+
+    def finals(self, key: str) -> list[float]:
+        return [r.final[key] for r in self.runs if r.final.get(key) is not None]
+
+    def at_tokens(self, key: str, tokens: float) -> list[float]:
+        """Each run's `key` at `tokens`, interpolated between its evaluations (runs not spanning it omitted)."""
+        return [float(np.interp(tokens, r.eval_tokens, r.curve(key))) for r in self.runs
+                if r.eval_tokens[0] <= tokens <= r.eval_tokens[-1]]
+
+    def mean_curve(self, key: str, x: str = "tokens") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """x (tokens, or seconds averaged over seeds), mean and std over seeds of `key` at the
+        evaluations all runs share."""
+        steps = sorted(set.intersection(*(set(r.eval_steps) for r in self.runs)))
+        values = np.array([[r.evals[r.eval_steps.index(s)][key] for s in steps] for r in self.runs])
+        if x == "tokens":
+            xs = np.array(steps, dtype=float) * self.runs[0].tokens_per_step
+        else:
+            xs = np.mean([[r.eval_times[r.eval_steps.index(s)] for s in steps] for r in self.runs], axis=0)
+        std = values.std(axis=0, ddof=1) if len(self.runs) > 1 else np.zeros(len(steps))
+        return xs, values.mean(axis=0), std
+
+
+def group(runs: list[Run]) -> tuple[list[str], list[Setting]]:
+    """The config fields that differ between runs (seed excepted) and the settings they define,
+    in the order their first runs appear."""
+    keys = [k for k in runs[0].config if k != "seed" and len({json.dumps(r.config.get(k)) for r in runs}) > 1]
+    settings: dict[str, Setting] = {}
+    for run in runs:
+        label = ",".join(f"{k}={run.config.get(k)}" for k in keys) or "all runs"
+        settings.setdefault(label, Setting(label, [])).runs.append(run)
+    return keys, list(settings.values())
+
+
+def pick_baseline(settings: list[Setting], choice: str | None) -> Setting | None:
+    if choice is None:
+        matches = [s for s in settings if n_predicted(s.runs[0].config) == 1]
+        if len(matches) > 1:
+            raise UserError(f"{len(matches)} settings predict one token ({', '.join(s.label for s in matches)}): "
+                            "pick the baseline with --baseline KEY=VALUE")
+        return matches[0] if matches else None
+    key, sep, value = choice.partition("=")
+    if not sep:
+        raise UserError(f"--baseline {choice!r} must look like KEY=VALUE, e.g. --baseline mtp_head_type=linear")
+    matches = [s for s in settings if str(s.runs[0].config.get(key)).lower() == value.lower()]
+    if len(matches) != 1:
+        raise UserError(f"--baseline {choice} matches {len(matches)} settings of {[s.label for s in settings]}: "
+                        "give a field and value that pick exactly one")
+    return matches[0]
+
+
+def summarize(settings: list[Setting], baseline: Setting | None) -> dict:
+    """runs.json: the target loss and, per run, its final numbers."""
+    target = statistics.fmean(baseline.finals("eval/loss_1")) if baseline else None
+    runs = []
+    for setting in settings:
+        for r in setting.runs:
+            runs.append({
+                "run": r.name, "setting": setting.label, "seed": r.config["seed"],
+                "steps": r.eval_steps[-1], "tokens": r.eval_tokens[-1], "param_count": r.param_count,
+                "final": r.final,
+                "tokens_to_target": (tokens_to_reach(r.eval_tokens, r.curve("eval/loss_1"), target)
+                                     if target is not None else None),
+                "median_step_time_s": statistics.median(r.step_times) if r.step_times else None,
+                "median_tokens_per_sec": statistics.median(r.tokens_per_sec) if r.tokens_per_sec else None,
+                "train_time_s": r.eval_times[-1],
+            })
+    return {"baseline": baseline.label if baseline else None, "target_loss": target, "runs": runs}
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def results_markdown(name: str, settings: list[Setting], baseline: Setting | None, summary: dict,
+                     incomplete: list[Run]) -> str:
+    by_setting = {s.label: [r for r in summary["runs"] if r["setting"] == s.label] for s in settings}
+    first = settings[0].runs[0]
+    all_runs = [r for s in settings for r in s.runs]
+    seeds = sorted({r.config["seed"] for r in all_runs})
+    times = [r.eval_times[-1] for r in all_runs]
+    out = [f"# {name}", "",
+           f"{len(all_runs)} runs: {len(settings)} settings × seeds {seeds}, preset `{first.config['preset']}`, "
+           f"{first.eval_steps[-1]} steps of {first.config['batch_size']}×{first.config['seq_len']} tokens "
+           f"({fmt_tokens([first.eval_tokens[-1]])} tokens) each; training wall time per run "
+           f"{statistics.median(times):.0f} s median, {sum(times) / 60:.1f} min in all (logged step times, "
+           "evaluations and saves included; start-up excluded). These are small-scale CPU runs: "
+           "they say what MTP does for a model and a budget this small, not at scale.", ""]
+    if baseline:
+        out += [f"Baseline: `{baseline.label}`; its final head-1 validation loss "
+                f"{summary['target_loss']:.4f} (mean over seeds) is the target below. ± is the sample standard "
+                "deviation over seeds; times are medians over logged intervals (the first excluded).", ""]
+    else:
+        out += ["No setting predicts a single token: pass `--baseline KEY=VALUE` for targets and ratios.", ""]
+
+    base_time = statistics.fmean([r["median_step_time_s"] for r in by_setting[baseline.label]]) if baseline else None
+    base_tok_s = statistics.fmean([r["median_tokens_per_sec"] for r in by_setting[baseline.label]]) if baseline else None
+    rows = []
+    for s in settings:
+        runs = by_setting[s.label]
+        reached = [r["tokens_to_target"] for r in runs if r["tokens_to_target"] is not None]
+        step_time = statistics.fmean([r["median_step_time_s"] for r in runs])
+        tok_s = statistics.fmean([r["median_tokens_per_sec"] for r in runs])
+        if s is baseline:
+            to_target, efficiency = "reference", "1.00×"
+        elif baseline and len(reached) == len(runs):
+            to_target = fmt_tokens(reached)
+            efficiency = f"{by_setting[baseline.label][0]['tokens'] / statistics.fmean(reached):.2f}×"
+        elif baseline:
+            to_target, efficiency = f"not reached by {len(runs) - len(reached)} of {len(runs)} seeds", "—"
+        else:
+            to_target, efficiency = "—", "—"
+        ratio = (lambda v, b: f" ({v / b:.2f}×)" if b else "")  # noqa: E731
+        rows.append([f"`{s.label}`", f"{s.runs[0].param_count / 1e6:.2f} M" if s.runs[0].param_count else "—",
+                     str(len(runs)), fmt(s.finals("eval/loss_1")), fmt(s.finals("eval/bits_per_byte")),
+                     to_target, efficiency, f"{step_time * 1e3:.0f} ms{ratio(step_time, base_time)}",
+                     f"{tok_s:.0f}{ratio(tok_s, base_tok_s)}"])
+    out += ["## Summary", "", markdown_table(
+        ["setting", "params", "seeds", "final head-1 eval loss", "bits per byte", "tokens to baseline's final loss",
+         "data efficiency", "step time (× baseline)", "tokens/s (× baseline)"], rows), "",
+        "Data efficiency: the baseline's tokens divided by the tokens this setting needs to reach the "
+        "baseline's final loss (linear interpolation between evaluations).", ""]
+
+    token_points = sorted(set().union(*(r.eval_tokens for r in all_runs)))
+    for key, title in (("eval/loss_1", "Head-1 validation loss"), ("eval/bits_per_byte", "Validation bits per byte")):
+        if not any(key in e for r in all_runs for e in r.evals):
+            continue
+        out += [f"## {title} at equal tokens", "", markdown_table(
+            ["setting", *(fmt_tokens([t]) for t in token_points)],
+            [[f"`{s.label}`", *(fmt(s.at_tokens(key, t)) for t in token_points)] for s in settings]), ""]
+
+    heads = max(n_predicted(s.runs[0].config) for s in settings)
+    out += ["## Final validation loss per head", "", "Head k predicts token t+k.", "", markdown_table(
+        ["setting", *(f"head {k}" for k in range(1, heads + 1))],
+        [[f"`{s.label}`", *(fmt(s.finals(f"eval/loss_{k}")) for k in range(1, heads + 1))] for s in settings]), ""]
+
+    if heads > 1:
+        out += ["## Draft acceptance (teacher-forced, final step)", "",
+                "With the true text as context, the share of positions where head k's greedy token equals "
+                "head 1's greedy token at the position it drafts for (the self-speculative decoding check); "
+                "tokens per verify pass = 1 + the expected run of accepted drafts.", "", markdown_table(
+                    ["setting", *(f"head {k}" for k in range(2, heads + 1)), "tokens per verify pass"],
+                    [[f"`{s.label}`", *(fmt(s.finals(f"generate/acceptance_{k}"), 3) for k in range(2, heads + 1)),
+                      fmt(s.finals("generate/mean_accepted"), 2)] for s in settings]), ""]
+
+    out += ["## Plots", "", "![head-1 validation loss vs tokens](loss_vs_tokens.png)", "",
+            "![validation loss per head](per_head_loss.png)", "",
+            "![head-1 validation loss vs wall-clock time](loss_vs_time.png)", ""]
+    if incomplete:
+        out += ["## Left out", "", "These runs did not reach num_train_steps: "
+                + ", ".join(f"`{r.name}` (step {r.eval_steps[-1] if r.eval_steps else 0})" for r in incomplete), ""]
+    out += ["Commands: see COMMAND in this directory.", ""]
+    return "\n".join(out)
+
+
+def plot(settings: list[Setting], out_dir: pathlib.Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError("report.py needs matplotlib: pip install -e '.[plots]'") from None
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    for x, name, xlabel in (("tokens", "loss_vs_tokens.png", "tokens seen"),
+                            ("seconds", "loss_vs_time.png", "training wall-clock time (s)")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for s in settings:
+            xs, mean, std = s.mean_curve("eval/loss_1", x)
+            ax.plot(xs, mean, marker="o", label=f"{s.label} ({len(s.runs)} seeds)")
+            ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+        ax.set(xlabel=xlabel, ylabel="head-1 validation loss (nats)", title="mean over seeds, band ±1 s.d.")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / name, dpi=120)
+        plt.close(fig)
+
+    fig, axes = plt.subplots(1, len(settings), figsize=(3.2 * len(settings) + 1, 3.8), sharey=True, squeeze=False)
+    for ax, s in zip(axes[0], settings):
+        for k in range(1, n_predicted(s.runs[0].config) + 1):
+            xs, mean, std = s.mean_curve(f"eval/loss_{k}")
+            ax.plot(xs, mean, marker="o", label=f"head {k} (t+{k})")
+            ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+        ax.set(title=s.label, xlabel="tokens seen")
+        ax.title.set_fontsize(8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("validation loss (nats)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "per_head_loss.png", dpi=120)
+    plt.close(fig)
+
+
+def command_record(sweep_dir: pathlib.Path, report_argv: list[str]) -> str:
+    def read(name: str) -> str:
+        path = sweep_dir / name
+        return path.read_text() if path.exists() else f"(no {name} file in {sweep_dir})\n"
+
+    return ("# sweep command(s), as recorded by experiments/sweep.py\n" + read("SWEEP")
+            + f"# report, at commit {git_commit()}\n"
+            + shlex.join(["python", "experiments/report.py", *report_argv]) + "\n"
+            + "# the trainings the sweep ran\n" + read("COMMANDS"))
+
+
+def report(sweep_dir: pathlib.Path, out_dir: pathlib.Path, baseline: str | None = None,
+           report_argv: list[str] = ()) -> dict:
+    """Write results.md, runs.json, the plots and COMMAND for the runs in `sweep_dir`; return runs.json's content."""
+    workdirs = sorted(p for p in sweep_dir.iterdir() if (p / "config.json").exists() and (p / "metrics.jsonl").exists()) \
+        if sweep_dir.is_dir() else []
+    if not workdirs:
+        raise UserError(f"no runs in {sweep_dir}: run experiments/sweep.py --name={sweep_dir.name} first")
+    loaded = [load_run(w) for w in workdirs]
+    runs = [r for r in loaded if r.finished]
+    incomplete = [r for r in loaded if not r.finished]
+    if not runs:
+        raise UserError(f"none of the {len(loaded)} runs in {sweep_dir} has finished: rerun the sweep to complete them")
+    _, settings = group(runs)
+    base = pick_baseline(settings, baseline)
+    summary = summarize(settings, base)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "runs.json").write_text(json.dumps({"name": sweep_dir.name, **summary}, indent=2) + "\n")
+    (out_dir / "results.md").write_text(results_markdown(sweep_dir.name, settings, base, summary, incomplete))
+    (out_dir / "COMMAND").write_text(command_record(sweep_dir, list(report_argv)))
+    plot(settings, out_dir)
+    return summary
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", help="the sweep's --name")
+    parser.add_argument("--baseline", help="KEY=VALUE picking the reference setting (default: mtp_n_tokens=1)")
+    parser.add_argument("--runs_dir", default=str(ROOT / "experiments" / "runs"))
+    parser.add_argument("--results_dir", default=str(ROOT / "experiments" / "results"))
+    args = parser.parse_args(argv)
+    out_dir = pathlib.Path(args.results_dir) / args.name
+    summary = report(pathlib.Path(args.runs_dir) / args.name, out_dir, args.baseline, argv)
+    print(f"wrote {out_dir}/: results.md, runs.json, COMMAND, 3 plots ({len(summary['runs'])} runs)")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

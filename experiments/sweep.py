@@ -1,0 +1,271 @@
+"""Run a grid of config overrides, one `python -m mtp_jax.main` per point, resumably.
+
+    python experiments/sweep.py --config=configs/mtp3.py:nano --name=n_tokens \\
+        --sweep mtp_n_tokens=1,2,3,4 --sweep seed=0,1,2 [--set num_train_steps=120 …] \\
+        [--parallel K] [--dry_run] [--runs_dir=DIR] [--launcher='./launch.sh tpu NAME ZONE']
+
+The grid is the Cartesian product of the --sweep axes (values split on commas); --set fields are
+the same for every run. Run `k1=v1,k2=v2` trains in RUNS_DIR/NAME/k1=v1,k2=v2/ and logs to run.log
+there. Calling the same command again skips the finished runs (their last evaluation is logged)
+and resumes the others from their checkpoints, so an interrupted sweep is continued by rerunning it.
+Ctrl-C or SIGTERM is passed on to the running trainings, which save a checkpoint and stop.
+RUNS_DIR/NAME/SWEEP keeps every sweep command (with the git commit) and COMMANDS every training
+command, for experiments/report.py to copy beside the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import pathlib
+import runpy
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+
+from mtp_jax.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def parse_assignment(text: str, flag: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise UserError(f"{flag} {text!r} must look like KEY=VALUE, e.g. {flag} mtp_n_tokens=2")
+    return key, value
+
+
+def load_config(config_arg: str):
+    """The config named by `file.py[:preset]`, as main would load it (before overrides)."""
+    path, _, preset = config_arg.partition(":")
+    if not pathlib.Path(path).is_file():
+        raise UserError(f"--config={config_arg}: no file {path!r}; e.g. --config=configs/mtp3.py:nano")
+    get_config = runpy.run_path(path)["get_config"]
+    try:
+        return get_config(preset) if preset else get_config()
+    except ValueError as e:
+        raise UserError(f"--config={config_arg}: {e}") from None
+
+
+def config_value(config, key: str):
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            raise UserError(f"unknown config field {key!r}: the fields are listed in configs/base.py")
+        node = node[part]
+    return node
+
+
+def expand_grid(axes: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
+    """Every combination of the axes' values, the last axis varying fastest."""
+    keys = [key for key, _ in axes]
+    return [dict(zip(keys, values)) for values in itertools.product(*(values for _, values in axes))]
+
+
+def run_name(point: dict[str, str]) -> str:
+    """`k1=v1,k2=v2`, with anything a directory name cannot hold (a '/' in a path) escaped."""
+    return ",".join(f"{k}={urllib.parse.quote(v, safe='=.:-_+')}" for k, v in point.items())
+
+
+def main_command(launcher: list[str], config_arg: str, workdir: str, overrides: dict[str, str]) -> list[str]:
+    return [*launcher, f"--config={config_arg}", f"--workdir={workdir}",
+            *(f"--config.{k}={v}" for k, v in overrides.items())]
+
+
+def finished(workdir: pathlib.Path, total_steps: int) -> bool:
+    """Whether the run logged its final evaluation (which main writes only after the last step)."""
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return False
+    for line in path.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:  # a line torn by a kill
+            continue
+        if event.get("step") == total_steps and "eval/loss_1" in event:
+            return True
+    return False
+
+
+def default_launcher() -> list[str]:
+    # Plain `python` when that is this interpreter, so that the recorded commands read as typed.
+    python = shutil.which("python")
+    same = python is not None and os.path.realpath(python) == os.path.realpath(sys.executable)
+    return ["python" if same else sys.executable, "-m", "mtp_jax.main"]
+
+
+def git_commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return head + (" with uncommitted changes" if dirty else "")
+
+
+def append_new_lines(path: pathlib.Path, lines: list[str]) -> None:
+    """Add the lines `path` does not hold yet, so that rerunning a sweep records nothing twice."""
+    old = path.read_text().splitlines() if path.exists() else []
+    new = [line for line in lines if line not in old]
+    if new:
+        with path.open("a") as f:
+            f.write("".join(line + "\n" for line in new))
+
+
+def last_line(path: pathlib.Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "(no output)"
+
+
+class Runner:
+    """At most `parallel` trainings at a time; signals to this process are passed on to them.
+
+    Each training gets its own session, so a Ctrl-C in the terminal reaches only this process,
+    which sends it on exactly once (a second SIGINT would kill a training before it saves)."""
+
+    def __init__(self, parallel: int):
+        self.parallel = parallel
+        self.running: dict[subprocess.Popen, tuple] = {}
+        self.signal: int | None = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._forward)
+
+    def _forward(self, signum, frame) -> None:
+        self.signal = signum
+        for proc in self.running:
+            proc.send_signal(signal.SIGTERM)
+
+    def run_all(self, jobs: list[tuple[str, list[str], pathlib.Path, int]]) -> int:
+        """Run (label, command, workdir, total steps) jobs; print a line as each starts and ends;
+        return how many did not finish."""
+        failures, queue = 0, list(jobs)
+        while queue or self.running:
+            while queue and len(self.running) < self.parallel and self.signal is None:
+                self.start(*queue.pop(0))
+            if self.signal is not None:
+                queue = []
+            for proc in [p for p in self.running if p.poll() is not None]:
+                label, workdir, total, log, started = self.running.pop(proc)
+                log.close()
+                if proc.returncode == 0 and finished(workdir, total):
+                    print(f"{label} done in {time.monotonic() - started:.0f} s", flush=True)
+                    continue
+                failures += 1
+                if proc.returncode == 0:  # a training that was asked to stop saves and exits 0
+                    print(f"{label} stopped before step {total}: rerun the sweep to resume it", flush=True)
+                else:
+                    print(f"{label} FAILED (exit {proc.returncode}): {last_line(workdir / 'run.log')}", flush=True)
+            time.sleep(0.1)
+        return failures
+
+    def start(self, label: str, command: list[str], workdir: pathlib.Path, total: int) -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        resuming = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
+        log = (workdir / "run.log").open("a")
+        log.write(f"--- sweep.py {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n")
+        log.flush()
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        self.running[proc] = (label, workdir, total, log, time.monotonic())
+        print(f"{label} {'resuming' if resuming else 'started'} (log: {workdir / 'run.log'})", flush=True)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="config file and preset, e.g. configs/mtp3.py:nano")
+    parser.add_argument("--name", required=True, help="sweep name: runs go to RUNS_DIR/NAME/")
+    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,…",
+                        help="a config field and its values (repeatable; the grid is their product)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run (repeatable)")
+    parser.add_argument("--parallel", type=int, default=1, help="trainings at a time (default 1)")
+    parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
+    parser.add_argument("--runs_dir", default=os.path.relpath(ROOT / "experiments" / "runs"),
+                        help="where sweeps keep their runs (default: experiments/runs)")
+    parser.add_argument("--launcher", default=None,
+                        help="command that takes main's flags, e.g. './launch.sh local 2' "
+                             "(default: this Python's -m mtp_jax.main)")
+    return parser.parse_args(argv)
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, list[str], pathlib.Path, int]]:
+    """(run name, command, workdir, total steps) for every point of the grid, in grid order."""
+    if args.parallel < 1:
+        raise UserError(f"--parallel={args.parallel} must be >= 1")
+    if not args.name or "/" in args.name or args.name.startswith("."):
+        raise UserError(f"--name={args.name!r} must be a plain directory name, e.g. --name=n_tokens")
+    fixed = dict(parse_assignment(text, "--set") for text in args.set)
+    axes = [(key, value.split(",")) for key, value in (parse_assignment(t, "--sweep") for t in args.sweep)]
+    swept = [key for key, _ in axes]
+    for key in set(swept):
+        if swept.count(key) > 1 or key in fixed:
+            raise UserError(f"{key} is given more than once in --sweep/--set: give each field once")
+    for key, values in axes:
+        if "" in values:
+            raise UserError(f"--sweep {key}={','.join(values)} has an empty value: list values like 1,2,3")
+    config = load_config(args.config)
+    for key in [*fixed, *swept]:
+        config_value(config, key)
+    # A run is finished when its evaluation at num_train_steps is logged; with num_epochs the total
+    # would depend on the data.
+    if "num_epochs" in swept or str(fixed.get("num_epochs", config.num_epochs)) != "0":
+        raise UserError("sweep.py needs num_train_steps, not num_epochs: set num_train_steps to the step count")
+    launcher = shlex.split(args.launcher) if args.launcher else default_launcher()
+    runs = []
+    for point in expand_grid(axes):
+        name = run_name(point)
+        workdir = pathlib.Path(args.runs_dir) / args.name / name
+        steps = str(point.get("num_train_steps", fixed.get("num_train_steps", config.num_train_steps)))
+        if not steps.isdigit():
+            raise UserError(f"num_train_steps={steps!r} must be a whole number of steps")
+        runs.append((name, main_command(launcher, args.config, str(workdir), {**fixed, **point}), workdir,
+                     int(steps)))
+    return runs
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    runs = plan(args)
+    commands = [shlex.join(command) for _, command, _, _ in runs]
+    if args.dry_run:
+        print("\n".join(commands))
+        return 0
+    sweep_dir = pathlib.Path(args.runs_dir) / args.name
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    append_new_lines(sweep_dir / "SWEEP", [f"# at commit {git_commit()}",
+                                           shlex.join(["python", "experiments/sweep.py", *argv])])
+    append_new_lines(sweep_dir / "COMMANDS", commands)
+
+    jobs = []
+    for i, (name, command, workdir, total) in enumerate(runs, 1):
+        label = f"[{i}/{len(runs)}] {name}"
+        if finished(workdir, total):
+            print(f"{label} skipped (finished)", flush=True)
+        else:
+            jobs.append((label, command, workdir, total))
+    runner = Runner(args.parallel)
+    failures = runner.run_all(jobs)
+    if runner.signal is not None:
+        print(f"interrupted by {signal.Signals(runner.signal).name}: rerun the same command to continue",
+              flush=True)
+        return 128 + runner.signal
+    if failures:
+        print(f"{failures} of {len(runs)} runs did not finish; see run.log in their workdirs", flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,207 @@
+"""experiments/sweep.py and experiments/report.py: grids, resumable sweeps with the real trainer,
+and report numbers checked against hand-computed answers on synthetic runs."""
+
+import json
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from experiments import report, sweep
+from mtp_jax.errors import UserError
+
+ROOT = pathlib.Path(__file__).parent.parent
+CONFIG = f"{ROOT / 'configs' / 'mtp3.py'}:tiny"
+
+
+def dry_run(capsys, *args) -> list[list[str]]:
+    assert sweep.main([f"--config={CONFIG}", "--name=grid", "--dry_run", *args]) == 0
+    return [shlex.split(line) for line in capsys.readouterr().out.splitlines()]
+
+
+def flag_values(command: list[str], prefix: str) -> dict[str, str]:
+    return dict(arg[len(prefix):].split("=", 1) for arg in command if arg.startswith(prefix))
+
+
+def test_dry_run_prints_one_command_per_grid_point_with_its_overrides(capsys, tmp_path):
+    commands = dry_run(capsys, "--sweep", "mtp_n_tokens=1,2,3", "--sweep", "seed=0,1",
+                       "--set", "num_train_steps=7", "--set", "model.d_model=32", f"--runs_dir={tmp_path}")
+    assert len(commands) == 6
+    points = set()
+    for command in commands:
+        assert command[1:3] == ["-m", "mtp_jax.main"] and command[3] == f"--config={CONFIG}"
+        overrides = flag_values(command, "--config.")
+        assert overrides.keys() == {"num_train_steps", "model.d_model", "mtp_n_tokens", "seed"}
+        assert overrides["num_train_steps"] == "7" and overrides["model.d_model"] == "32"
+        workdir = flag_values(command, "--")["workdir"]
+        name = f"mtp_n_tokens={overrides['mtp_n_tokens']},seed={overrides['seed']}"
+        assert workdir == str(tmp_path / "grid" / name)
+        points.add((overrides["mtp_n_tokens"], overrides["seed"]))
+    assert points == {(n, s) for n in "123" for s in "01"}
+    assert not (tmp_path / "grid").exists()  # a dry run writes nothing
+
+
+def test_dry_run_escapes_slashes_in_run_names(capsys, tmp_path):
+    (command,) = dry_run(capsys, "--sweep", "data.source=/corpus/a.txt", f"--runs_dir={tmp_path}")
+    assert flag_values(command, "--")["workdir"] == str(tmp_path / "grid" / "data.source=%2Fcorpus%2Fa.txt")
+    assert flag_values(command, "--config.")["data.source"] == "/corpus/a.txt"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sweep", "mtp_n_tokenz=1,2"], "unknown config field 'mtp_n_tokenz'"),
+    (["--sweep", "seed=0,1", "--set", "seed=2"], "seed is given more than once"),
+    (["--sweep", "seed"], "must look like KEY=VALUE"),
+    (["--sweep", "seed=0,,1"], "has an empty value"),
+    (["--set", "num_epochs=2"], "needs num_train_steps, not num_epochs"),
+    (["--set", "num_train_steps=ten"], "must be a whole number"),
+    (["--parallel", "0"], "--parallel=0 must be >= 1"),
+])
+def test_bad_sweep_arguments_raise_one_line(args, message):
+    with pytest.raises(UserError, match=message):
+        sweep.main([f"--config={CONFIG}", "--name=bad", "--dry_run", *args])
+
+
+@pytest.mark.slow
+def test_sweep_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
+    command = [sys.executable, str(ROOT / "experiments" / "sweep.py"), f"--config={CONFIG}", "--name=resume",
+               f"--runs_dir={tmp_path / 'runs'}", "--sweep", "seed=0,1",
+               *(f"--set={kv}" for kv in ("num_train_steps=6", "eval_every=3", "checkpoint_every=3", "log_every=1",
+                                          "eval_batches=2", "sample_tokens=0", f"data.cache_dir={tmp_path / 'cache'}"))]
+    first = subprocess.run([*command, "--parallel=2"], capture_output=True, text=True, cwd=ROOT)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "[1/2] seed=0 done in" in first.stdout and "[2/2] seed=1 done in" in first.stdout
+    done, killed = tmp_path / "runs" / "resume" / "seed=0", tmp_path / "runs" / "resume" / "seed=1"
+    done_metrics = (done / "metrics.jsonl").read_text()
+    losses = {e["step"]: e["train/loss_1"] for e in report.read_events(killed / "metrics.jsonl") if "train/loss_1" in e}
+
+    # What a kill during step 5 leaves: the checkpoint of step 3 and the metrics up to step 4.
+    subprocess.run(["rm", "-r", str(killed / "checkpoints" / "6")], check=True)
+    kept = [line for line in (killed / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 4]
+    (killed / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+
+    second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert second.returncode == 0, second.stdout + second.stderr
+    lines = second.stdout.splitlines()
+    assert lines[0] == "[1/2] seed=0 skipped (finished)"
+    assert lines[1].startswith("[2/2] seed=1 resuming") and lines[2].startswith("[2/2] seed=1 done in")
+    attempts = (killed / "run.log").read_text().split("--- sweep.py ")[1:]
+    assert len(attempts) == 2 and "resumed from" in attempts[1] and "at step 3" in attempts[1]
+    events = report.read_events(killed / "metrics.jsonl")
+    resumed = {e["step"]: e["train/loss_1"] for e in events if "train/loss_1" in e}
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([resumed[s] for s in range(1, 7)], [losses[s] for s in range(1, 7)], rtol=1e-6)
+    assert [e["step"] for e in events if "eval/loss_1" in e] == [3, 6]
+    assert (done / "metrics.jsonl").read_text() == done_metrics
+    sweep_dir = tmp_path / "runs" / "resume"
+    assert len((sweep_dir / "COMMANDS").read_text().splitlines()) == 2  # recorded once, not per invocation
+    invocations = [line for line in (sweep_dir / "SWEEP").read_text().splitlines() if "experiments/sweep.py" in line]
+    assert len(invocations) == 2 and invocations[0].endswith("--parallel=2")  # each distinct one, once
+
+
+# ------------------------------------------------------------------------------------------ report
+# Synthetic runs: 10 tokens per step, 4 steps, evaluations at steps 2 and 4, a log every step.
+# Baseline final head-1 losses 2.0 and 2.2 → target 2.1.
+# n=2, seed 0: 2.5 → 1.5, crosses 2.1 at 20 + 20 × 0.4 / 1.0 = 28 tokens;
+#      seed 1: 2.3 → 1.9, crosses at 20 + 20 × 0.2 / 0.4 = 30 tokens.
+# n=3: 3.5 → 2.5, never reaches 2.1.
+STEP_TIMES = [10.0, 1.0, 3.0, 2.0]  # the first interval holds the compile
+HEAD1 = {(1, 0): (3.0, 2.0), (1, 1): (3.2, 2.2), (2, 0): (2.5, 1.5), (2, 1): (2.3, 1.9), (3, 0): (3.5, 2.5),
+         (3, 1): (3.4, 2.4)}
+
+
+def write_run(sweep_dir: pathlib.Path, n: int, seed: int, head1: tuple[float, float], steps: int = 4) -> None:
+    workdir = sweep_dir / f"mtp_n_tokens={n},seed={seed}"
+    workdir.mkdir(parents=True)
+    config = {"preset": "tiny", "use_mtp": True, "mtp_n_tokens": n, "seed": seed, "num_train_steps": 4,
+              "batch_size": 2, "seq_len": 5, "model": {"d_model": 8}, "vocab_size": 256}
+    (workdir / "config.json").write_text(json.dumps(config))
+    events = [{"step": 0, "model/param_count": 1000 * n}]
+    for step in range(1, steps + 1):
+        events.append({"step": step, "train/loss_1": 5.0 - step, "train/step_time_s": STEP_TIMES[step - 1],
+                       "train/tokens_per_sec": 10 / STEP_TIMES[step - 1], "train/tokens_seen": 10 * step})
+        if step % 2 == 0:
+            loss = head1[step // 2 - 1]
+            events.append({"step": step, "eval/loss_1": loss, "eval/bits_per_byte": loss / np.log(2),
+                           **{f"eval/loss_{k}": loss + 0.5 * (k - 1) for k in range(2, n + 1)},
+                           **{f"generate/acceptance_{k}": 0.5 / k for k in range(2, n + 1)}})
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+
+
+@pytest.fixture
+def synthetic(tmp_path):
+    sweep_dir = tmp_path / "runs" / "synthetic"
+    for (n, seed), head1 in HEAD1.items():
+        write_run(sweep_dir, n, seed, head1)
+    write_run(sweep_dir, 2, 2, (1.0, 0.5), steps=3)  # interrupted: left out
+    (sweep_dir / "SWEEP").write_text("# at commit abc\npython experiments/sweep.py --name=synthetic\n")
+    (sweep_dir / "COMMANDS").write_text("python -m mtp_jax.main --workdir=x\n")
+    return sweep_dir, tmp_path / "results" / "synthetic"
+
+
+def test_tokens_to_reach_interpolates_between_evaluations():
+    assert report.tokens_to_reach([20, 40], [2.5, 1.5], 2.1) == pytest.approx(28.0)
+    assert report.tokens_to_reach([20, 40, 60], [3.0, 2.0, 1.0], 2.0) == pytest.approx(40.0)
+    assert report.tokens_to_reach([20, 40], [2.0, 1.0], 2.5) == 20.0  # already below at the first evaluation
+    assert report.tokens_to_reach([20, 40], [3.5, 2.5], 2.1) is None
+
+
+def test_report_numbers_match_hand_computed_answers(synthetic):
+    sweep_dir, out_dir = synthetic
+    summary = report.report(sweep_dir, out_dir, report_argv=["synthetic"])
+    saved = json.loads((out_dir / "runs.json").read_text())
+    assert saved == {"name": "synthetic", **summary}
+    assert saved["baseline"] == "mtp_n_tokens=1" and saved["target_loss"] == pytest.approx(2.1)
+    runs = {r["run"]: r for r in saved["runs"]}
+    assert len(runs) == 6  # the interrupted run is left out
+    assert runs["mtp_n_tokens=2,seed=0"]["tokens_to_target"] == pytest.approx(28.0)
+    assert runs["mtp_n_tokens=2,seed=1"]["tokens_to_target"] == pytest.approx(30.0)
+    assert runs["mtp_n_tokens=3,seed=0"]["tokens_to_target"] is None
+    r = runs["mtp_n_tokens=2,seed=0"]
+    assert r["median_step_time_s"] == 2.0  # median of 1, 3, 2: the first interval is left out
+    assert r["median_tokens_per_sec"] == 5.0
+    assert r["train_time_s"] == 16.0 and r["tokens"] == 40 and r["steps"] == 4
+    assert r["final"]["eval/loss_2"] == 2.0 and r["param_count"] == 2000
+
+    md = (out_dir / "results.md").read_text()
+    summary_table = md.split("## Summary")[1].split("## ")[0]
+    rows = {line.split(" | ")[0]: line for line in summary_table.splitlines() if line.startswith("| `")}
+    # n=2 final head-1 loss: mean of 1.5 and 1.9 = 1.7, sample std = 0.2·√2 = 0.2828.
+    assert "| 1.7000 ± 0.2828 |" in rows["| `mtp_n_tokens=2`"]
+    # Tokens to target: mean of 28 and 30 = 29, std √2; data efficiency 40 / 29 = 1.38×.
+    assert "| 29.00 ± 1.41 | 1.38× |" in rows["| `mtp_n_tokens=2`"]
+    assert "not reached by 2 of 2 seeds" in rows["| `mtp_n_tokens=3`"]
+    assert "mtp_n_tokens=2,seed=2` (step 2)" in md  # listed as left out
+    assert "python experiments/sweep.py --name=synthetic" in (out_dir / "COMMAND").read_text()
+    assert "python experiments/report.py synthetic" in (out_dir / "COMMAND").read_text()
+
+
+def test_settings_mean_curve_is_mean_and_sample_std_over_seeds(synthetic):
+    sweep_dir, _ = synthetic
+    runs = [report.load_run(p) for p in sorted(sweep_dir.glob("mtp_n_tokens=*"))]
+    _, settings = report.group([r for r in runs if r.finished])
+    assert [s.label for s in settings] == ["mtp_n_tokens=1", "mtp_n_tokens=2", "mtp_n_tokens=3"]
+    tokens, mean, std = settings[0].mean_curve("eval/loss_1")
+    np.testing.assert_allclose(tokens, [20, 40])
+    np.testing.assert_allclose(mean, [3.1, 2.1])
+    np.testing.assert_allclose(std, [np.std([3.0, 3.2], ddof=1), np.std([2.0, 2.2], ddof=1)])
+    seconds, _, _ = settings[0].mean_curve("eval/loss_1", x="seconds")
+    np.testing.assert_allclose(seconds, [11.0, 16.0])  # 10 + 1, then + 3 + 2
+    assert settings[1].at_tokens("eval/loss_1", 30) == pytest.approx([2.0, 2.1])
+
+
+def test_baseline_flag_picks_one_setting_or_fails(synthetic):
+    sweep_dir, out_dir = synthetic
+    assert report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=3")["target_loss"] == pytest.approx(2.45)
+    with pytest.raises(UserError, match="matches 0 settings"):
+        report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=5")
+
+
+def test_plots_are_written_as_png(synthetic):
+    sweep_dir, out_dir = synthetic
+    report.report(sweep_dir, out_dir)
+    for name in ("loss_vs_tokens.png", "per_head_loss.png", "loss_vs_time.png"):
+        data = (out_dir / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1024, name
