@@ -134,13 +134,10 @@ def fmt(values: list[float], digits: int = 4, scale: float = 1.0) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
 
 
-def token_unit(tokens: float) -> tuple[float, str]:
-    return next((scale, suffix) for scale, suffix in ((1e6, " M"), (1e3, " k"), (1, "")) if tokens >= scale or scale == 1)
-
-
 def fmt_tokens(values: list[float]) -> str:
     """Token counts, mean ± std over seeds, in M or k."""
-    scale, suffix = token_unit(statistics.fmean(values))
+    mean = statistics.fmean(values)
+    scale, suffix = (1e6, " M") if mean >= 1e6 else (1e3, " k") if mean >= 1e3 else (1, "")
     return fmt(values, 2, scale) + suffix
 
 
@@ -170,15 +167,20 @@ class Setting:
         return xs, values.mean(axis=0), std
 
 
-def group(runs: list[Run]) -> tuple[list[str], list[Setting]]:
-    """The config fields that differ between runs (seed excepted) and the settings they define,
-    in the order their first runs appear."""
+def group(runs: list[Run]) -> list[Setting]:
+    """Settings: runs that agree on every config field but the seed, ordered by the fields that
+    differ (numbers by value)."""
     keys = [k for k in runs[0].config if k != "seed" and len({json.dumps(r.config.get(k)) for r in runs}) > 1]
+
+    def order(run: Run) -> list:
+        values = [run.config.get(k) for k in keys]
+        return [(0, v, "") if isinstance(v, (int, float)) else (1, 0, str(v)) for v in values]
+
     settings: dict[str, Setting] = {}
-    for run in runs:
+    for run in sorted(runs, key=order):
         label = ",".join(f"{k}={run.config.get(k)}" for k in keys) or "all runs"
         settings.setdefault(label, Setting(label, [])).runs.append(run)
-    return keys, list(settings.values())
+    return list(settings.values())
 
 
 def pick_baseline(settings: list[Setting], choice: str | None) -> Setting | None:
@@ -355,8 +357,7 @@ def command_record(sweep_dir: pathlib.Path, report_argv: list[str]) -> str:
 def report(sweep_dir: pathlib.Path, out_dir: pathlib.Path, baseline: str | None = None,
            report_argv: list[str] = ()) -> dict:
     """Write results.md, runs.json, the plots and COMMAND for the runs in `sweep_dir`; return runs.json's content."""
-    workdirs = sorted(p for p in sweep_dir.iterdir() if (p / "config.json").exists() and (p / "metrics.jsonl").exists()) \
-        if sweep_dir.is_dir() else []
+    workdirs = [p.parent for p in sorted(sweep_dir.glob("*/metrics.jsonl")) if (p.parent / "config.json").exists()]
     if not workdirs:
         raise UserError(f"no runs in {sweep_dir}: run experiments/sweep.py --name={sweep_dir.name} first")
     loaded = [load_run(w) for w in workdirs]
@@ -364,8 +365,9 @@ def report(sweep_dir: pathlib.Path, out_dir: pathlib.Path, baseline: str | None 
     incomplete = [r for r in loaded if not r.finished]
     if not runs:
         raise UserError(f"none of the {len(loaded)} runs in {sweep_dir} has finished: rerun the sweep to complete them")
-    _, settings = group(runs)
+    settings = group(runs)
     base = pick_baseline(settings, baseline)
+    settings.sort(key=lambda s: s is not base)  # the baseline first
     summary = summarize(settings, base)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "runs.json").write_text(json.dumps({"name": sweep_dir.name, **summary}, indent=2) + "\n")

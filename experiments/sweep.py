@@ -11,6 +11,11 @@ and resumes the others from their checkpoints, so an interrupted sweep is contin
 Ctrl-C or SIGTERM is passed on to the running trainings, which save a checkpoint and stop.
 RUNS_DIR/NAME/SWEEP keeps every sweep command (with the git commit) and COMMANDS every training
 command, for experiments/report.py to copy beside the results.
+
+--launcher replaces `python -m mtp_jax.main` in front of each run's flags: './launch.sh local 2' runs
+every training as two processes here; './launch.sh tpu NAME ZONE' runs it on every worker of a TPU
+VM, where the workdir is on worker 0's disk (under ~/mtp_jax): give --runs_dir a filesystem this
+machine shares, or copy the runs back before report.py and before rerunning to resume.
 """
 
 from __future__ import annotations

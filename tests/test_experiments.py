@@ -4,8 +4,10 @@ and report numbers checked against hand-computed answers on synthetic runs."""
 import json
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -44,6 +46,12 @@ def test_dry_run_prints_one_command_per_grid_point_with_its_overrides(capsys, tm
     assert not (tmp_path / "grid").exists()  # a dry run writes nothing
 
 
+def test_launcher_replaces_the_python_command(capsys, tmp_path):
+    (command,) = dry_run(capsys, "--launcher=./launch.sh local 2", "--sweep", "seed=3", f"--runs_dir={tmp_path}")
+    assert command == ["./launch.sh", "local", "2", f"--config={CONFIG}", f"--workdir={tmp_path / 'grid' / 'seed=3'}",
+                       "--config.seed=3"]
+
+
 def test_dry_run_escapes_slashes_in_run_names(capsys, tmp_path):
     (command,) = dry_run(capsys, "--sweep", "data.source=/corpus/a.txt", f"--runs_dir={tmp_path}")
     assert flag_values(command, "--")["workdir"] == str(tmp_path / "grid" / "data.source=%2Fcorpus%2Fa.txt")
@@ -64,41 +72,62 @@ def test_bad_sweep_arguments_raise_one_line(args, message):
         sweep.main([f"--config={CONFIG}", "--name=bad", "--dry_run", *args])
 
 
+def sweep_command(tmp_path, *args) -> list[str]:
+    """A real sweep of tiny trainings whose data cache lives in tmp_path."""
+    return [sys.executable, str(ROOT / "experiments" / "sweep.py"), f"--config={CONFIG}", "--name=real",
+            f"--runs_dir={tmp_path / 'runs'}", *args,
+            *(f"--set={kv}" for kv in ("eval_every=50", "checkpoint_every=50", "log_every=1", "eval_batches=2",
+                                       "sample_tokens=0", f"data.cache_dir={tmp_path / 'cache'}"))]
+
+
+def logged_steps(workdir: pathlib.Path, key: str) -> list[int]:
+    path = workdir / "metrics.jsonl"
+    return [e["step"] for e in report.read_events(path) if key in e] if path.exists() else []
+
+
 @pytest.mark.slow
 def test_sweep_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
-    command = [sys.executable, str(ROOT / "experiments" / "sweep.py"), f"--config={CONFIG}", "--name=resume",
-               f"--runs_dir={tmp_path / 'runs'}", "--sweep", "seed=0,1",
-               *(f"--set={kv}" for kv in ("num_train_steps=6", "eval_every=3", "checkpoint_every=3", "log_every=1",
-                                          "eval_batches=2", "sample_tokens=0", f"data.cache_dir={tmp_path / 'cache'}"))]
-    first = subprocess.run([*command, "--parallel=2"], capture_output=True, text=True, cwd=ROOT)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "[1/2] seed=0 done in" in first.stdout and "[2/2] seed=1 done in" in first.stdout
-    done, killed = tmp_path / "runs" / "resume" / "seed=0", tmp_path / "runs" / "resume" / "seed=1"
-    done_metrics = (done / "metrics.jsonl").read_text()
-    losses = {e["step"]: e["train/loss_1"] for e in report.read_events(killed / "metrics.jsonl") if "train/loss_1" in e}
-
-    # What a kill during step 5 leaves: the checkpoint of step 3 and the metrics up to step 4.
-    subprocess.run(["rm", "-r", str(killed / "checkpoints" / "6")], check=True)
-    kept = [line for line in (killed / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 4]
-    (killed / "metrics.jsonl").write_text("\n".join(kept) + "\n")
+    command = sweep_command(tmp_path, "--sweep", "num_train_steps=6,300")
+    short, long = tmp_path / "runs" / "real" / "num_train_steps=6", tmp_path / "runs" / "real" / "num_train_steps=300"
+    first = subprocess.Popen([*command, "--parallel=2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, cwd=ROOT)
+    # Ctrl-C once the short run has finished and the long one is under way.
+    deadline = time.monotonic() + 240
+    while not (6 in logged_steps(short, "eval/loss_1") and logged_steps(long, "train/loss_1")[-1:] >= [10]):
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+        time.sleep(0.05)
+    first.send_signal(signal.SIGINT)
+    out = first.communicate(timeout=120)[0]
+    assert first.returncode == 130, out
+    assert "[1/2] num_train_steps=6 done in" in out
+    assert "[2/2] num_train_steps=300 stopped before step 300" in out and "interrupted by SIGINT" in out
+    stopped_at = logged_steps(long, "train/loss_1")[-1]
+    assert 10 <= stopped_at < 300
+    short_metrics = (short / "metrics.jsonl").read_text()
 
     second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert second.returncode == 0, second.stdout + second.stderr
     lines = second.stdout.splitlines()
-    assert lines[0] == "[1/2] seed=0 skipped (finished)"
-    assert lines[1].startswith("[2/2] seed=1 resuming") and lines[2].startswith("[2/2] seed=1 done in")
-    attempts = (killed / "run.log").read_text().split("--- sweep.py ")[1:]
-    assert len(attempts) == 2 and "resumed from" in attempts[1] and "at step 3" in attempts[1]
-    events = report.read_events(killed / "metrics.jsonl")
-    resumed = {e["step"]: e["train/loss_1"] for e in events if "train/loss_1" in e}
-    assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose([resumed[s] for s in range(1, 7)], [losses[s] for s in range(1, 7)], rtol=1e-6)
-    assert [e["step"] for e in events if "eval/loss_1" in e] == [3, 6]
-    assert (done / "metrics.jsonl").read_text() == done_metrics
-    sweep_dir = tmp_path / "runs" / "resume"
+    assert lines[0] == "[1/2] num_train_steps=6 skipped (finished)"
+    assert lines[1].startswith("[2/2] num_train_steps=300 resuming")
+    assert lines[2].startswith("[2/2] num_train_steps=300 done in")
+    attempts = (long / "run.log").read_text().split("--- sweep.py ")[1:]
+    assert len(attempts) == 2 and f"at step {stopped_at}" in attempts[1]  # resumed where it stopped
+    assert logged_steps(long, "train/loss_1") == list(range(1, 301))  # each step once
+    assert logged_steps(long, "eval/loss_1") == [50, 100, 150, 200, 250, 300]
+    assert (short / "metrics.jsonl").read_text() == short_metrics
+    sweep_dir = tmp_path / "runs" / "real"
     assert len((sweep_dir / "COMMANDS").read_text().splitlines()) == 2  # recorded once, not per invocation
     invocations = [line for line in (sweep_dir / "SWEEP").read_text().splitlines() if "experiments/sweep.py" in line]
     assert len(invocations) == 2 and invocations[0].endswith("--parallel=2")  # each distinct one, once
+
+
+@pytest.mark.slow
+def test_sweep_reports_a_failed_run_and_exits_nonzero(tmp_path):
+    result = subprocess.run(sweep_command(tmp_path, "--sweep", "seq_len=3"), capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1
+    assert ("[1/1] seq_len=3 FAILED (exit 2): error: seq_len=3 must exceed mtp_n_tokens=3"
+            in result.stdout.splitlines()[-2])
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -181,7 +210,7 @@ def test_report_numbers_match_hand_computed_answers(synthetic):
 def test_settings_mean_curve_is_mean_and_sample_std_over_seeds(synthetic):
     sweep_dir, _ = synthetic
     runs = [report.load_run(p) for p in sorted(sweep_dir.glob("mtp_n_tokens=*"))]
-    _, settings = report.group([r for r in runs if r.finished])
+    settings = report.group([r for r in runs if r.finished])
     assert [s.label for s in settings] == ["mtp_n_tokens=1", "mtp_n_tokens=2", "mtp_n_tokens=3"]
     tokens, mean, std = settings[0].mean_curve("eval/loss_1")
     np.testing.assert_allclose(tokens, [20, 40])
@@ -195,6 +224,8 @@ def test_settings_mean_curve_is_mean_and_sample_std_over_seeds(synthetic):
 def test_baseline_flag_picks_one_setting_or_fails(synthetic):
     sweep_dir, out_dir = synthetic
     assert report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=3")["target_loss"] == pytest.approx(2.45)
+    summary_table = (out_dir / "results.md").read_text().split("## Summary")[1]
+    assert summary_table.split("| `")[1].startswith("mtp_n_tokens=3` |")  # the baseline's row comes first
     with pytest.raises(UserError, match="matches 0 settings"):
         report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=5")
 
