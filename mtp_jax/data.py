@@ -31,7 +31,7 @@ from mtp_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: text files are decoded without newline translation
 EOT = "<|endoftext|>"
 _TMP_PREFIX = ".tmp-"
 _BYTE_VOCAB = 256
@@ -420,7 +420,8 @@ def _read_text(doc: Document) -> str | None:
     if isinstance(doc, str):
         return doc
     try:
-        return doc.read_text(encoding="utf-8")
+        # Bytes as they are: read_text would turn '\r\n' and '\r' into '\n'.
+        return doc.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
         return None
 
