@@ -227,14 +227,15 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 def results_markdown(name: str, settings: list[Setting], baseline: Setting | None, summary: dict,
                      incomplete: list[Run]) -> str:
     by_setting = {s.label: [r for r in summary["runs"] if r["setting"] == s.label] for s in settings}
-    first = settings[0].runs[0]
     all_runs = [r for s in settings for r in s.runs]
     seeds = sorted({r.config["seed"] for r in all_runs})
     times = [r.eval_times[-1] for r in all_runs]
+    lengths = " or ".join(sorted({f"{r.eval_steps[-1]} steps of {r.config['batch_size']}×{r.config['seq_len']} tokens "
+                                  f"({fmt_tokens([r.eval_tokens[-1]])} tokens)" for r in all_runs}))
+    presets = ", ".join(sorted({f"`{r.config['preset']}`" for r in all_runs}))
     out = [f"# {name}", "",
-           f"{len(all_runs)} runs: {len(settings)} settings × seeds {seeds}, preset `{first.config['preset']}`, "
-           f"{first.eval_steps[-1]} steps of {first.config['batch_size']}×{first.config['seq_len']} tokens "
-           f"({fmt_tokens([first.eval_tokens[-1]])} tokens) each; training wall time per run "
+           f"{len(all_runs)} runs: {len(settings)} settings × seeds {seeds}, preset {presets}, "
+           f"{lengths} each; training wall time per run "
            f"{statistics.median(times):.0f} s median, {sum(times) / 60:.1f} min in all (logged step times, "
            "evaluations and saves included; start-up excluded). These are small-scale CPU runs: "
            "they say what MTP does for a model and a budget this small, not at scale.", ""]

@@ -121,6 +121,12 @@ def test_sweep_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
     invocations = [line for line in (sweep_dir / "SWEEP").read_text().splitlines() if "experiments/sweep.py" in line]
     assert len(invocations) == 2 and invocations[0].endswith("--parallel=2")  # each distinct one, once
 
+    # The report reads what the real trainer wrote.
+    summary = report.report(sweep_dir, tmp_path / "results")
+    final = {r["run"]: r["final"]["eval/loss_1"] for r in summary["runs"]}
+    assert final == {w.name: report.read_events(w / "metrics.jsonl")[-1]["eval/loss_1"] for w in (short, long)}
+    assert summary["baseline"] is None and (tmp_path / "results" / "loss_vs_time.png").stat().st_size > 1024
+
 
 @pytest.mark.slow
 def test_sweep_reports_a_failed_run_and_exits_nonzero(tmp_path):
