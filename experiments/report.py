@@ -98,8 +98,8 @@ def load_run(workdir: pathlib.Path) -> Run:
         eval_steps=eval_steps,
         evals=[evals[s] for s in eval_steps],
         # The first interval after a start holds the first step's waits (and evaluation compiles).
-        step_times=[e["train/step_time_s"] for e in train[1:]],
-        tokens_per_sec=[e["train/tokens_per_sec"] for e in train[1:]],
+        step_times=[e["train/step_time_s"] for e in train[1:] or train],
+        tokens_per_sec=[e["train/tokens_per_sec"] for e in train[1:] or train],
         eval_times=[float(t) for t in np.interp(eval_steps, logged, elapsed)],
         param_count=params[-1] if params else None,
     )
@@ -206,14 +206,17 @@ def summarize(settings: list[Setting], baseline: Setting | None) -> dict:
     runs = []
     for setting in settings:
         for r in setting.runs:
+            to_target = tokens_to_reach(r.eval_tokens, r.curve("eval/loss_1"), target) if target is not None else None
+            step_time = statistics.median(r.step_times)
             runs.append({
                 "run": r.name, "setting": setting.label, "seed": r.config["seed"],
                 "steps": r.eval_steps[-1], "tokens": r.eval_tokens[-1], "param_count": r.param_count,
                 "final": r.final,
-                "tokens_to_target": (tokens_to_reach(r.eval_tokens, r.curve("eval/loss_1"), target)
-                                     if target is not None else None),
-                "median_step_time_s": statistics.median(r.step_times) if r.step_times else None,
-                "median_tokens_per_sec": statistics.median(r.tokens_per_sec) if r.tokens_per_sec else None,
+                "tokens_to_target": to_target,
+                # Steps to the target at the median step time: compute, without evaluations and saves.
+                "seconds_to_target": to_target / r.tokens_per_step * step_time if to_target is not None else None,
+                "median_step_time_s": step_time,
+                "median_tokens_per_sec": statistics.median(r.tokens_per_sec),
                 "train_time_s": r.eval_times[-1],
             })
     return {"baseline": baseline.label if baseline else None, "target_loss": target, "runs": runs}
@@ -246,33 +249,42 @@ def results_markdown(name: str, settings: list[Setting], baseline: Setting | Non
     else:
         out += ["No setting predicts a single token: pass `--baseline KEY=VALUE` for targets and ratios.", ""]
 
-    base_time = statistics.fmean([r["median_step_time_s"] for r in by_setting[baseline.label]]) if baseline else None
-    base_tok_s = statistics.fmean([r["median_tokens_per_sec"] for r in by_setting[baseline.label]]) if baseline else None
+    def mean_of(runs: list[dict], key: str) -> float:
+        return statistics.fmean([r[key] for r in runs])
+
+    base_runs = by_setting[baseline.label] if baseline else []
+    base_time = mean_of(base_runs, "median_step_time_s") if baseline else None
+    base_tok_s = mean_of(base_runs, "median_tokens_per_sec") if baseline else None
+    base_seconds = statistics.fmean([r["steps"] * r["median_step_time_s"] for r in base_runs]) if baseline else None
+    ratio = (lambda v, b: f" ({v / b:.2f}×)" if b else "")  # noqa: E731
     rows = []
     for s in settings:
         runs = by_setting[s.label]
-        reached = [r["tokens_to_target"] for r in runs if r["tokens_to_target"] is not None]
-        step_time = statistics.fmean([r["median_step_time_s"] for r in runs])
-        tok_s = statistics.fmean([r["median_tokens_per_sec"] for r in runs])
+        reached = [r for r in runs if r["tokens_to_target"] is not None]
+        step_time, tok_s = mean_of(runs, "median_step_time_s"), mean_of(runs, "median_tokens_per_sec")
         if s is baseline:
-            to_target, efficiency = "reference", "1.00×"
+            to_target, efficiency, time_to = "reference", "1.00×", f"{base_seconds:.1f} s (reference)"
         elif baseline and len(reached) == len(runs):
-            to_target = fmt_tokens(reached)
-            efficiency = f"{by_setting[baseline.label][0]['tokens'] / statistics.fmean(reached):.2f}×"
+            to_target = fmt_tokens([r["tokens_to_target"] for r in runs])
+            efficiency = f"{base_runs[0]['tokens'] / mean_of(runs, 'tokens_to_target'):.2f}×"
+            seconds = [r["seconds_to_target"] for r in runs]
+            time_to = f"{fmt(seconds, 1)} s{ratio(statistics.fmean(seconds), base_seconds)}"
         elif baseline:
-            to_target, efficiency = f"not reached by {len(runs) - len(reached)} of {len(runs)} seeds", "—"
+            to_target = f"not reached by {len(runs) - len(reached)} of {len(runs)} seeds"
+            efficiency = time_to = "—"
         else:
-            to_target, efficiency = "—", "—"
-        ratio = (lambda v, b: f" ({v / b:.2f}×)" if b else "")  # noqa: E731
+            to_target = efficiency = time_to = "—"
         rows.append([f"`{s.label}`", f"{s.runs[0].param_count / 1e6:.2f} M" if s.runs[0].param_count else "—",
                      str(len(runs)), fmt(s.finals("eval/loss_1")), fmt(s.finals("eval/bits_per_byte")),
-                     to_target, efficiency, f"{step_time * 1e3:.0f} ms{ratio(step_time, base_time)}",
+                     to_target, efficiency, time_to, f"{step_time * 1e3:.0f} ms{ratio(step_time, base_time)}",
                      f"{tok_s:.0f}{ratio(tok_s, base_tok_s)}"])
     out += ["## Summary", "", markdown_table(
         ["setting", "params", "seeds", "final head-1 eval loss", "bits per byte", "tokens to baseline's final loss",
-         "data efficiency", "step time (× baseline)", "tokens/s (× baseline)"], rows), "",
-        "Data efficiency: the baseline's tokens divided by the tokens this setting needs to reach the "
-        "baseline's final loss (linear interpolation between evaluations).", ""]
+         "data efficiency", "training time to it (× baseline's)", "step time (× baseline)",
+         "tokens/s (× baseline)"], rows), "",
+        "Tokens to the baseline's final loss: linear interpolation between evaluations. Data efficiency: "
+        "the baseline's tokens divided by those. Training time to it: those tokens' steps at the median "
+        "step time (evaluations and saves not counted), against the baseline's whole run.", ""]
 
     token_points = sorted(set().union(*(r.eval_tokens for r in all_runs)))
     for key, title in (("eval/loss_1", "Head-1 validation loss"), ("eval/bits_per_byte", "Validation bits per byte")):
@@ -315,7 +327,7 @@ def plot(settings: list[Setting], out_dir: pathlib.Path) -> None:
     from matplotlib import pyplot as plt
 
     for x, name, xlabel in (("tokens", "loss_vs_tokens.png", "tokens seen"),
-                            ("seconds", "loss_vs_time.png", "training wall-clock time (s)")):
+                            ("seconds", "loss_vs_time.png", "wall-clock time of training, evaluations and saves (s)")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for s in settings:
             xs, mean, std = s.mean_curve("eval/loss_1", x)

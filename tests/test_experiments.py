@@ -207,6 +207,10 @@ def test_report_numbers_match_hand_computed_answers(synthetic):
     assert "| 1.7000 ± 0.2828 |" in rows["| `mtp_n_tokens=2`"]
     # Tokens to target: mean of 28 and 30 = 29, std √2; data efficiency 40 / 29 = 1.38×.
     assert "| 29.00 ± 1.41 | 1.38× |" in rows["| `mtp_n_tokens=2`"]
+    # Training time to it: 2.8 and 3.0 steps at 2 s = 5.6 and 6.0 s, against the baseline's 4 × 2 s.
+    assert runs["mtp_n_tokens=2,seed=0"]["seconds_to_target"] == pytest.approx(5.6)
+    assert "| 5.8 ± 0.3 s (0.72×) |" in rows["| `mtp_n_tokens=2`"]
+    assert "| 8.0 s (reference) |" in rows["| `mtp_n_tokens=1`"]
     assert "not reached by 2 of 2 seeds" in rows["| `mtp_n_tokens=3`"]
     assert "mtp_n_tokens=2,seed=2` (step 2)" in md  # listed as left out
     assert "python experiments/sweep.py --name=synthetic" in (out_dir / "COMMAND").read_text()
