@@ -22,7 +22,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-pytestmark = pytest.mark.slow
+# A failed orbax read of a damaged checkpoint leaves coroutines behind that Python reports
+# (as unraisable exceptions) whenever it collects them, often during a later test.
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS, CHECKPOINT_EVERY = 12, 4
@@ -221,11 +223,6 @@ def damage(step_dir, how):
     DAMAGE[how](files)
 
 
-# A failed orbax read leaves coroutines behind that Python reports when it collects them.
-ORBAX_READ_NOISE = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-@ORBAX_READ_NOISE
 @pytest.mark.parametrize("how", list(DAMAGE))
 def test_damaged_newest_checkpoint_is_set_aside_and_previous_one_restored(how, tmp_path, reference,
                                                                          abstract_state, capsys):
@@ -251,7 +248,6 @@ def test_damaged_newest_checkpoint_is_set_aside_and_previous_one_restored(how, t
     assert checkpoint_steps(tmp_path) == [4, 8]
 
 
-@ORBAX_READ_NOISE
 def test_no_usable_checkpoint_is_an_error_and_never_a_fresh_start(tmp_path, reference, abstract_state):
     from mtp_jax.checkpoint import Checkpointer
     from mtp_jax.errors import UserError
