@@ -73,11 +73,12 @@ def make_optimizer(config, steps: int):
     return schedule, tx
 
 
-def train_step(graphdef, tx, schedule, weights, chunk_size, state, window):
+def train_step(graphdef, tx, schedule, weights, chunk_size, compute_shardings, state, window):
     """One optimizer step. A non-finite loss or gradient leaves the parameters untouched and is
     counted, so no NaN ever reaches the parameters (or a checkpoint); nan_policy decides on the
     host whether the run stops."""
     def loss_fn(params):
+        params = jax.lax.with_sharding_constraint(params, compute_shardings)  # see sharding.compute_shardings
         return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -136,14 +137,16 @@ def make_train_step(config, vocab_size: int, mesh, steps: int) -> TrainSetup:
     abstract_batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + n_tokens(config)), jnp.int32,
                                           sharding=batch_sharding)
     step_fn = jax.jit(
-        functools.partial(train_step, graphdef, tx, schedule, loss_weights(config), config.loss_chunk_size),
+        functools.partial(train_step, graphdef, tx, schedule, loss_weights(config), config.loss_chunk_size,
+                          sharding.compute_shardings(param_shardings)),
         in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
         donate_argnums=0,
     ).lower(abstract_state, abstract_batch).compile()
     return TrainSetup(graphdef, init_state, abstract_state, state_shardings, param_shardings, n_params, step_fn)
 
 
-def eval_step(graphdef, weights, chunk_size, params, window):
+def eval_step(graphdef, weights, chunk_size, compute_shardings, params, window):
+    params = jax.lax.with_sharding_constraint(params, compute_shardings)  # see sharding.compute_shardings
     return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size)[1]
 
 
@@ -163,6 +166,13 @@ def check_workdir(workdir: pathlib.Path, config, vocab_size: int, has_checkpoint
     if diffs:
         raise UserError(f"workdir {workdir} holds checkpoints of a different model ({'; '.join(diffs)}): "
                         "use a new --workdir, or the settings it was trained with")
+
+
+def memory_per_device(memory) -> int:
+    """Bytes a compiled step needs on each device (its memory analysis describes one shard of the
+    SPMD program); the donated state's buffers are reused for the new state, so counted once."""
+    return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+            + memory.temp_size_in_bytes)
 
 
 def fetch(tree) -> dict:
@@ -197,7 +207,8 @@ def run(config, workdir, devices=None) -> dict:
     abstract_state, state_shardings = setup.abstract_state, setup.state_shardings
     n_params, memory = setup.n_params, step_fn.memory_analysis()
     local_rows = config.batch_size // jax.process_count()
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef, weights, config.loss_chunk_size),
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef, weights, config.loss_chunk_size,
+                                        sharding.compute_shardings(setup.param_shardings)),
                       in_shardings=(setup.param_shardings, batch_sharding))
 
     # ----------------------------------------------------------------------------- Restore or init
@@ -220,11 +231,8 @@ def run(config, workdir, devices=None) -> dict:
         mesh_desc = ", ".join(f"{a}={s}" for a, s in mesh.shape.items())
         log(f"{n_params / 1e6:.2f}M parameters, {n} head(s) ({config.mtp_head_type}), mesh {mesh_desc}, "
             f"{steps} steps of {config.batch_size}x{config.seq_len} tokens")
-        if memory is not None:  # per device: the sizes of one shard of the SPMD program
-            # The donated state's buffers are reused for the new state (aliased): count them once.
-            total = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-                     + memory.temp_size_in_bytes)
-            log(f"compiled train step needs {total / 2**20:.1f} MiB per device: state and batch "
+        if memory is not None:
+            log(f"compiled train step needs {memory_per_device(memory) / 2**20:.1f} MiB per device: state and batch "
                 f"{memory.argument_size_in_bytes / 2**20:.1f} MiB, "
                 f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB")
 
