@@ -2,8 +2,6 @@
 
 import json
 import math
-import pathlib
-import runpy
 import subprocess
 import sys
 
@@ -16,14 +14,10 @@ from flax import nnx
 from mtp_jax import bench
 from mtp_jax.model import ModelShape
 from mtp_jax.mtp import MTPModel, build_model, cross_entropy, mtp_loss
+from tests.util import ROOT, load_config
 
-ROOT = pathlib.Path(__file__).parent.parent
 REQUIRED_KEYS = {"name", "params", "flops_per_step", "temp_bytes", "argument_bytes", "step_time_s",
                  "tokens_per_sec", "mfu"}
-
-
-def load_config(name: str, preset: str = "tiny"):
-    return runpy.run_path(str(ROOT / "configs" / f"{name}.py"))["get_config"](preset)
 
 
 @pytest.mark.parametrize("chunk_size", [4, 5, 16])  # divides T, leaves a padded last chunk, one chunk

@@ -2,8 +2,6 @@
 against plain greedy decoding (token for token), teacher-forced acceptance, and the CLI."""
 
 import json
-import pathlib
-import runpy
 
 import jax
 import jax.numpy as jnp
@@ -15,8 +13,8 @@ from mtp_jax import generate, train
 from mtp_jax.errors import UserError
 from mtp_jax.model import ModelShape
 from mtp_jax.mtp import HEAD_TYPES, MTPModel
+from tests.util import load_config
 
-CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
 SHAPE = ModelShape(vocab_size=256, d_model=32, n_layers=2, n_heads=2, mlp_dim=64)
 
 
@@ -31,8 +29,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     corpus = root / "corpus.txt"
     corpus.write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(400)))
-    config = runpy.run_path(str(CONFIGS / "base.py"))["get_config"]("tiny")
-    config.update_from_flattened_dict({
+    config = load_config("base", overrides={
         "use_mtp": True, "mtp_n_tokens": 3, "mtp_head_type": "sequential", "num_train_steps": 30,
         "log_every": 30, "eval_every": 30, "checkpoint_every": 30, "eval_batches": 1, "sample_tokens": 0,
         "data.source": str(corpus), "data.cache_dir": str(root / "cache"), "data.val_fraction": 0.1})

@@ -1,8 +1,5 @@
 """The MTP contract (DESIGN.md §4): offsets, per-head losses, weights, n = 1 == baseline, remat == naive."""
 
-import pathlib
-import runpy
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,14 +8,10 @@ from flax import nnx
 
 from mtp_jax.model import ModelShape
 from mtp_jax.mtp import HEAD_TYPES, MTPModel, auxiliary_weights, build_model, loss_weights, mtp_loss
+from tests.util import load_config
 
-CONFIGS = pathlib.Path(__file__).parent.parent / "configs"
 SHAPE = ModelShape(vocab_size=61, d_model=32, n_layers=3, n_heads=4, mlp_dim=48)
 B, T = 3, 11
-
-
-def load_config(name: str, preset: str = "tiny"):
-    return runpy.run_path(str(CONFIGS / f"{name}.py"))["get_config"](preset)
 
 
 def random_window(n: int, seed: int = 0) -> jnp.ndarray:

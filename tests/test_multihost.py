@@ -3,8 +3,6 @@ does; a failing process ends the launch naming it; and a checkpoint written on 8
 mesh fsdp=8 resumes on 4 devices (data=2, fsdp=2) and on 1 device with the same losses."""
 
 import os
-import pathlib
-import runpy
 import shutil
 import subprocess
 import sys
@@ -17,10 +15,10 @@ import pytest
 from mtp_jax import train
 from mtp_jax import data as data_lib
 from mtp_jax.metrics import read_metrics
+from tests.util import ROOT, load_config
 
 pytestmark = pytest.mark.slow
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 10
 # Overrides of configs/mtp3.py:tiny (besides the data): losses every step, little else.
 RUN = {"num_train_steps": STEPS, "log_every": 1, "eval_every": STEPS, "eval_batches": 1,
@@ -35,19 +33,8 @@ def data_overrides(tmp_path_factory):
     corpus = root / "corpus.txt"
     corpus.write_text("".join(p.read_text() for p in sorted((ROOT / "mtp_jax").glob("*.py"))))
     overrides = {"data.source": str(corpus), "data.cache_dir": str(root / "cache")}
-    data_lib.prepare(make_config(overrides).data, show_progress=False)
+    data_lib.prepare(load_config(overrides=overrides).data, show_progress=False)
     return overrides
-
-
-def make_config(overrides: dict):
-    config = runpy.run_path(str(ROOT / "configs/mtp3.py"))["get_config"]("tiny")
-    for key, value in overrides.items():
-        *parents, field = key.split(".")
-        node = config
-        for p in parents:
-            node = node[p]
-        node[field] = value
-    return config
 
 
 def losses(workdir) -> dict[int, float]:
@@ -67,7 +54,7 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(data_overri
     assert "mesh data=2, fsdp=2, tensor=1" in result.stderr
     assert "compiled train step needs" in result.stderr and "MiB per device" in result.stderr
 
-    train.run(make_config(overrides), tmp_path / "single", devices=jax.devices()[:4])
+    train.run(load_config(overrides=overrides), tmp_path / "single", devices=jax.devices()[:4])
     multi, single = losses(tmp_path / "multi"), losses(tmp_path / "single")
     assert sorted(multi) == list(range(1, STEPS + 1))  # only process 0 wrote, once per step
     np.testing.assert_allclose([multi[s] for s in sorted(multi)], [single[s] for s in sorted(single)], rtol=1e-5)
@@ -95,7 +82,7 @@ def test_a_failing_process_ends_the_launch_naming_it(data_overrides, tmp_path):
 def test_checkpoint_from_fsdp_8_resumes_on_4_and_1_devices_with_the_same_losses(data_overrides, tmp_path, capsys):
     half = STEPS // 2
     overrides = {**RUN, **data_overrides, "checkpoint_every": half, "mesh.data": 1, "mesh.fsdp": -1}
-    train.run(make_config(overrides), tmp_path / "fsdp8")  # all 8 devices
+    train.run(load_config(overrides=overrides), tmp_path / "fsdp8")  # all 8 devices
     reference = losses(tmp_path / "fsdp8")
 
     for name, devices, mesh in [("data2_fsdp2", 4, {"mesh.data": 2, "mesh.fsdp": 2}), ("one_device", 1, {})]:
@@ -103,7 +90,7 @@ def test_checkpoint_from_fsdp_8_resumes_on_4_and_1_devices_with_the_same_losses(
         shutil.copytree(tmp_path / "fsdp8", workdir)
         shutil.rmtree(workdir / "checkpoints" / str(STEPS))  # as if stopped after the checkpoint at `half`
         capsys.readouterr()
-        train.run(make_config({**overrides, **mesh}), workdir, devices=jax.devices()[:devices])
+        train.run(load_config(overrides={**overrides, **mesh}), workdir, devices=jax.devices()[:devices])
         assert f"at step {half}" in capsys.readouterr().err  # restored, not started over
         resumed = losses(workdir)
         assert sorted(resumed) == list(range(1, STEPS + 1))

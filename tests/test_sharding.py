@@ -3,7 +3,6 @@ equals one device's for every preset and MTP head type; the compiled memory per 
 
 import functools
 import math
-import runpy
 from typing import NamedTuple
 
 import jax
@@ -14,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from mtp_jax import sharding, train
 from mtp_jax.errors import UserError
+from tests.util import load_config
 
 VOCAB = 256
 STEPS = 3
@@ -29,7 +29,7 @@ SINGLE_DEVICE = dict(data=1, fsdp=1, tensor=1)
 def tiny_config(head_type: str, mesh: dict):
     """The tiny MTP config shrunk further (compile time dominates); grad_clip off so that Adam's
     first moment holds the raw gradients."""
-    config = runpy.run_path("configs/mtp3.py")["get_config"]("tiny")
+    config = load_config()
     config.mtp_head_type = head_type
     config.mtp_n_tokens = 2
     config.model.d_model, config.model.mlp_dim, config.seq_len = 32, 64, 16

@@ -1,7 +1,6 @@
 """End-to-end training on the tiny preset: metrics, resume, checkpoints, sharding, bad input."""
 
 import json
-import pathlib
 import shutil
 import subprocess
 import sys
@@ -14,9 +13,7 @@ from mtp_jax import train
 from mtp_jax.checkpoint import Checkpointer, abstract_like
 from mtp_jax.metrics import read_metrics
 from mtp_jax.sharding import make_mesh, param_shardings
-from tests.test_mtp import load_config
-
-ROOT = pathlib.Path(__file__).parent.parent
+from tests.util import ROOT, load_config
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +22,8 @@ def cache_dir(tmp_path_factory):
 
 
 def tiny(cache_dir, name="mtp3", **overrides):
-    config = load_config(name)
-    config.data.cache_dir = cache_dir
-    config.eval_batches = 2
-    config.sample_tokens = 0
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return load_config(name, overrides={"data.cache_dir": cache_dir, "eval_batches": 2, "sample_tokens": 0,
+                                        **overrides})
 
 
 def train_losses(workdir, key="train/loss_1") -> dict[int, float]:
