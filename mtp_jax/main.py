@@ -74,13 +74,29 @@ def main(argv) -> None:
 
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, with its errors (an unknown config key, a value of the wrong type, a config
-    file that does not load) reduced to one line."""
+    file that is missing or raises while loading) reduced to one line: the last of the message,
+    which names the cause."""
     try:
-        return flags.FLAGS(argv)
+        rest = flags.FLAGS(argv)
+        if _CONFIG.value is not None:
+            _CONFIG.value.to_dict()  # the file loads lazily: load it here, where its errors are caught
+        return rest
     except flags.Error as e:
-        fail(f"{e}. See --helpfull for the flags; config fields are listed in configs/base.py")
-    except Exception as e:  # noqa: BLE001 — a config file that raises while loading
-        fail(f"could not load the config: {type(e).__name__}: {e}")
+        fail(f"{last_line(e)} (see --helpfull for the flags; config fields are listed in configs/base.py)")
+    except Exception as e:  # noqa: BLE001 — a config file that is missing or raises while loading
+        text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
+        # ml_collections' unknown-field error arrives as a quoted repr ('\'x\'\nDid you mean …').
+        text = text.replace("\\n", "\n").replace("\\'", "'")
+        text = text[1:-1] if len(text) > 1 and text[0] == text[-1] == "'" else text
+        fail(f"could not load the config: {type(e).__name__}: {' '.join(lines_of(text))}")
+
+
+def lines_of(text) -> list[str]:
+    return [line.strip() for line in str(text).splitlines() if line.strip()] or ["(no message)"]
+
+
+def last_line(error: Exception) -> str:
+    return lines_of(error)[-1]
 
 
 if __name__ == "__main__":

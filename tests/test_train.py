@@ -114,6 +114,8 @@ def test_bad_inputs_get_one_clear_line_and_exit_2(tmp_path, cache_dir, tiny_run)
         "seq_len=2 must exceed": ["--config.seq_len=2", "--config.mtp_n_tokens=4"],
         "mtp_head_type='foo'": ["--config.mtp_head_type=foo"],
         "mtp_n_tokn": ["--config.mtp_n_tokn=3"],
+        "No such file": ["--config=configs/nope.py"],
+        "unknown preset 'huge'": ["--config=configs/mtp3.py:huge"],
         "different model": ["--config.model.d_model=128"],
     }
     before = sorted(p.name for p in (trained_workdir / "checkpoints").iterdir())
