@@ -39,22 +39,25 @@ def trained(tmp_path_factory):
 
 
 def full_forward_logits(model: MTPModel, tokens: list[int]) -> np.ndarray:
-    """Head 1's logits after the last token, recomputed from scratch without a cache."""
+    """Head 1's logits at every position [T, V], recomputed from scratch without a cache: by
+    causality, position i's are the logits after the prefix tokens[:i + 1]."""
     x = jnp.asarray([tokens], jnp.int32)
     decoder = model.decoder
     h, _ = decoder.run_blocks(decoder.embed(x), jnp.arange(len(tokens))[None], range(decoder.shape.n_layers))
-    return np.asarray(decoder.final_norm(h[0, -1]) @ decoder.unembedding_matrix())
+    return np.asarray(decoder.final_norm(h[0]) @ decoder.unembedding_matrix())
 
 
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
 def test_cached_decode_equals_full_recompute(head_type):
     model = random_model(head_type)
     prompt = [3, 1, 4, 1, 5, 9, 2]
-    tokens = list(prompt)
+    tokens, cached = list(prompt), []
     for token, logits in generate.Generator(model, 24).stream(prompt, 12, temperature=1.0, seed=3):
-        np.testing.assert_allclose(np.asarray(logits[0]), full_forward_logits(model, tokens), rtol=1e-4, atol=1e-5)
+        cached.append(np.asarray(logits[0]))
         tokens.append(int(token[0]))
     assert len(tokens) == len(prompt) + 12
+    recomputed = full_forward_logits(model, tokens)[len(prompt) - 1:-1]  # the logits each token was drawn from
+    np.testing.assert_allclose(np.stack(cached), recomputed, rtol=1e-4, atol=1e-5)
 
 
 def test_sampling_is_reproducible_and_seeded():
