@@ -71,7 +71,7 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"       # compute dtype: 'float32' or 'bfloat16'
     c.model.param_dtype = "float32"  # parameter (and optimizer state) dtype
     c.model.rope_theta = 10_000.0   # RoPE base period
-    c.model.remat = False           # rematerialise each trunk block in the backward pass
+    c.model.remat = False           # recompute each block in the backward pass: less memory, +1 forward
 
     # Data (DESIGN.md §5).
     c.data = ml_collections.ConfigDict()

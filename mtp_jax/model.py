@@ -33,6 +33,7 @@ class ModelShape:
     dtype: str = "float32"
     param_dtype: str = "float32"
     rope_theta: float = 10_000.0
+    remat: bool = False  # recompute each block's activations in the backward pass (training only)
 
     @property
     def head_dim(self) -> int:
@@ -158,6 +159,13 @@ class Decoder(nnx.Module):
     def run_blocks(self, x: Array, positions: Array, layers: range, caches: list | None = None,
                    cache_index: Array | None = None) -> tuple[Array, list | None]:
         """Apply blocks[layers] in order; caches (one per layer in `layers`) are threaded through."""
+        if caches is None and self.shape.remat:
+            # Keep only each block's input for the backward pass: activation memory O(layers), not
+            # O(layers x block internals), for one extra forward pass of the trunk.
+            apply = nnx.remat(lambda block, x: block(x, positions)[0])
+            for layer in layers:
+                x = apply(self.blocks[layer], x)
+            return x, None
         new_caches = []
         for i, layer in enumerate(layers):
             x, cache = self.blocks[layer](x, positions, None if caches is None else caches[i], cache_index)

@@ -1,5 +1,7 @@
 """The MTP contract (DESIGN.md §4): offsets, per-head losses, weights, n = 1 == baseline, remat == naive."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -127,3 +129,20 @@ def test_extra_heads_add_the_parameters_each_type_promises():
     assert counts["linear"] - base_count == 2 * d * v
     assert counts["parallel"] - base_count == 2 * block
     assert counts["sequential"] - base_count == 2 * (block + 2 * d * d + 2 * d)
+
+
+def test_rematerialised_trunk_gives_the_naive_loss_and_gradients():
+    window = random_window(2, seed=3)
+
+    def loss_and_grads(shape):
+        graphdef, params = split(MTPModel(shape, 2, "sequential", rngs=nnx.Rngs(params=4)))
+        return jax.jit(jax.value_and_grad(lambda p: mtp_loss(nnx.merge(graphdef, p), window, (1.0, 0.2))[0]))(params)
+
+    loss, grads = loss_and_grads(SHAPE)
+    remat_loss, remat_grads = loss_and_grads(dataclasses.replace(SHAPE, remat=True))
+    graphdef, params = split(MTPModel(dataclasses.replace(SHAPE, remat=True), 2, "sequential", rngs=nnx.Rngs(0)))
+    jaxpr = str(jax.make_jaxpr(lambda p: mtp_loss(nnx.merge(graphdef, p), window, (1.0, 0.2))[0])(params))
+    assert jaxpr.count("remat") + jaxpr.count("checkpoint") > 3  # the blocks' and the heads' losses
+    np.testing.assert_allclose(float(remat_loss), float(loss), rtol=1e-6)
+    for g, ref in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-7)
