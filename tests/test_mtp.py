@@ -146,3 +146,20 @@ def test_rematerialised_trunk_gives_the_naive_loss_and_gradients():
     np.testing.assert_allclose(float(remat_loss), float(loss), rtol=1e-6)
     for g, ref in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(ref), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_bfloat16_compute_tracks_float32_with_float32_parameters_and_gradients(head_type):
+    window = random_window(3, seed=7)
+
+    def loss_and_grads(shape):
+        graphdef, params = split(MTPModel(shape, 3, head_type, rngs=nnx.Rngs(params=5)))
+        return jax.jit(jax.value_and_grad(lambda p: mtp_loss(nnx.merge(graphdef, p), window, (1.0, 0.2, 0.1))[0]))(params)
+
+    loss, grads = loss_and_grads(SHAPE)
+    bf16_loss, bf16_grads = loss_and_grads(dataclasses.replace(SHAPE, dtype="bfloat16"))
+    assert bf16_loss.dtype == jnp.float32  # the cross-entropy itself runs in float32
+    np.testing.assert_allclose(float(bf16_loss), float(loss), rtol=1e-2)
+    for g, ref in zip(jax.tree.leaves(bf16_grads), jax.tree.leaves(grads)):
+        assert g.dtype == jnp.float32 and np.all(np.isfinite(g))
+        assert np.linalg.norm(np.asarray(g) - np.asarray(ref)) <= 0.1 * np.linalg.norm(np.asarray(ref)) + 1e-6
