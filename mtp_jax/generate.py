@@ -51,14 +51,14 @@ def head_has_block(model: MTPModel, k: int) -> bool:
 
 
 def init_caches(model: MTPModel, batch: int, size: int, all_heads: bool) -> list[dict]:
-    """Zeroed caches [B, size, N, H]: the trunk's layers, then (all_heads) one per head block.
+    """Zeroed caches [B·N, size, H]: the trunk's layers, then (all_heads) one per head block.
 
     For every head type the first n_layers entries are the decoder's layers in order, the path
     of plain decoding."""
     shape = model.decoder.shape
     n_blocks = (len(model.trunk_layers) + sum(head_has_block(model, k) for k in range(1, model.n_tokens + 1))
                 if all_heads else shape.n_layers)
-    kv = (batch, size, shape.n_heads, shape.head_dim)
+    kv = (batch * shape.n_heads, size, shape.head_dim)
     # Separate buffers per layer: the steps donate (update in place) every one of them.
     return [{"k": jnp.zeros(kv, shape.dtype), "v": jnp.zeros(kv, shape.dtype)} for _ in range(n_blocks)]
 
@@ -72,23 +72,23 @@ def _head_logits(model: MTPModel, k: int, h: jax.Array) -> jax.Array:
     return jnp.dot(model.decoder.final_norm(h), model.head_matrix(k), preferred_element_type=jnp.float32)
 
 
-def _plain_step(graphdef, params, tokens, caches, index, last, key, *, temperature, top_k, top_p):
+def _plain_step(model: MTPModel, tokens, caches, index, last, key, settings: dict):
     """Run tokens [B, t] at positions index … index + t - 1 through the decoder's layers.
 
-    Returns head 1's choice [B] and logits [B, V] after position index + last, and the caches."""
-    model = nnx.merge(graphdef, params)
+    Returns head 1's choice [B] and its log-probability after position index + last, and the
+    caches. The sampling key is folded with that position, so a seed fixes every draw."""
     decoder = model.decoder
     h, caches = decoder.run_blocks(decoder.embed(tokens), _positions(tokens, index),
                                    range(decoder.shape.n_layers), caches, index)
     logits = _head_logits(model, 1, h[:, last])
-    token = choose(logits, jax.random.fold_in(key, index + last), temperature, top_k, top_p)
-    return token, logits, caches
+    token = choose(logits, jax.random.fold_in(key, index + last), **settings)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
+    return token, logprob, caches
 
 
-def _heads_step(graphdef, params, tokens, caches, index):
+def _heads_step(model: MTPModel, tokens, caches, index):
     """Run tokens [B, t] through the trunk and every head; returns each head's greedy token at
     every position [n, B, t] (head k's at position p guesses the token at p + k) and the caches."""
-    model = nnx.merge(graphdef, params)
     positions = _positions(tokens, index)
     n_trunk = len(model.trunk_layers)
     h_trunk, new_caches = model.trunk(tokens, positions, caches[:n_trunk], index)
@@ -102,6 +102,57 @@ def _heads_step(graphdef, params, tokens, caches, index):
             new_caches.append(cache)
         greedy.append(jnp.argmax(_head_logits(model, k, h), axis=-1).astype(jnp.int32))
     return jnp.stack(greedy), new_caches
+
+
+def _decode_plain(graphdef, capacity, settings, params, prompt, length, limit, key):
+    """The whole of plain decoding as one program: prefill prompt [1, P] (its first `length`
+    tokens are real), then `limit` - 1 single-token steps in a device loop. Returns the new
+    tokens [capacity] and their log-probabilities [capacity] (the first `limit` are valid)."""
+    model, settings = nnx.merge(graphdef, params), dict(settings)
+    caches = init_caches(model, 1, capacity, all_heads=False)
+    token, logprob, caches = _plain_step(model, prompt, caches, 0, length - 1, key, settings)
+    tokens = jnp.zeros(capacity, jnp.int32).at[0].set(token[0])
+    logprobs = jnp.zeros(capacity, jnp.float32).at[0].set(logprob[0])
+
+    def step(i, carry):  # token i - 1 sits at position length + i - 1
+        token, caches, tokens, logprobs = carry
+        token, logprob, caches = _plain_step(model, token[:, None], caches, length + i - 1, 0, key, settings)
+        return token, caches, tokens.at[i].set(token[0]), logprobs.at[i].set(logprob[0])
+
+    _, _, tokens, logprobs = jax.lax.fori_loop(1, limit, step, (token, caches, tokens, logprobs))
+    return tokens, logprobs
+
+
+def _decode_speculative(graphdef, capacity, params, prompt, length, limit):
+    """The whole of self-speculative greedy decoding as one program (a device loop over verify
+    passes, so the host never waits between passes). Returns the new tokens [capacity + n] (the
+    first `limit` are valid), the number of verify passes, and how many drafts each accepted
+    [capacity] (the first `passes` are valid)."""
+    model = nnx.merge(graphdef, params)
+    n = model.n_tokens
+    # A verify pass at the last committed position writes n - 1 slots past it.
+    caches = init_caches(model, 1, capacity + n - 1, all_heads=True)
+    greedy, caches = _heads_step(model, prompt, caches, 0)
+    block = greedy[:, 0, length - 1]  # [n]: head 1's certain next token, then the heads' drafts
+
+    def more(carry):  # a pass pays only if at least two tokens are still wanted
+        return carry[0] + 1 < limit
+
+    def verify(carry):
+        count, passes, block, caches, tokens, accepted = carry
+        # Commit the certain token (and, provisionally, the drafts) at `count`; the first
+        # position the pass rejects is overwritten by the next block.
+        tokens = jax.lax.dynamic_update_slice(tokens, block, (count,))
+        greedy, caches = _heads_step(model, block[None], caches, length + count)
+        greedy = greedy[:, 0]  # [n heads, n positions]
+        # Head 1 after position j must agree with the draft at j + 1, for every j before it.
+        a = jnp.sum(jnp.cumprod(greedy[0, :n - 1] == block[1:]))
+        return count + a + 1, passes + 1, greedy[:, a], caches, tokens, accepted.at[passes].set(a)
+
+    carry = (jnp.int32(0), jnp.int32(0), block, caches, jnp.zeros(capacity + n, jnp.int32),
+             jnp.full(capacity, -1, jnp.int32))
+    count, passes, block, _, tokens, accepted = jax.lax.while_loop(more, verify, carry)
+    return jax.lax.dynamic_update_slice(tokens, block, (count,)), passes, accepted
 
 
 def choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
@@ -131,6 +182,7 @@ class Result:
     tokens: list[int]  # the new tokens
     forward_passes: int  # prefill included
     accepted: list[int]  # per verify pass, how many drafts were accepted (empty for plain decoding)
+    logprobs: list[float] | None = None  # head 1's log-probability of each new token (plain decoding)
 
     @property
     def mean_accepted(self) -> float:
@@ -145,78 +197,49 @@ class Result:
 
 
 class Generator:
-    """Compiled decoding of one model with a KV cache of `capacity` positions (prompt + output)."""
+    """Compiled decoding of one model with a KV cache of `capacity` positions (prompt + output).
+
+    Each mode is one compiled program per prompt-length bucket: prefill and every decoding step
+    run on the device, and the host only reads the result."""
 
     def __init__(self, model: MTPModel, capacity: int):
         self.model, self.capacity, self.n = model, capacity, model.n_tokens
         graphdef, self.params = nnx.split(model)
-        self._plain = jax.jit(functools.partial(_plain_step, graphdef), donate_argnames="caches",
-                              static_argnames=("temperature", "top_k", "top_p"))
-        self._heads = jax.jit(functools.partial(_heads_step, graphdef), donate_argnames="caches")
+        self._plain = jax.jit(functools.partial(_decode_plain, graphdef, capacity), static_argnums=0)
+        self._speculative = jax.jit(functools.partial(_decode_speculative, graphdef, capacity))
 
     def compilations(self) -> int:
-        """How many programs the steps have compiled so far (a prefill and a step per mode)."""
-        return self._plain._cache_size() + self._heads._cache_size()
+        """How many programs have been compiled so far (one per mode and prompt bucket)."""
+        return self._plain._cache_size() + self._speculative._cache_size()
 
-    def _prefill_tokens(self, prompt: list[int], size: int) -> jax.Array:
-        """The prompt [1, L] padded to a power of two (so prompts of similar length share one
-        compilation); the padding writes slots past the prompt, which are overwritten before read."""
+    def _prompt(self, prompt: list[int], max_new_tokens: int) -> tuple[jax.Array, int]:
+        """The prompt [1, P] padded to a power of two (so prompts of similar length share one
+        compilation; the padding writes cache slots that are overwritten before they are read),
+        and how many tokens to generate."""
         if not 0 < len(prompt) < self.capacity:
             raise UserError(f"the prompt has {len(prompt)} tokens but the cache holds {self.capacity}: "
                             "shorten the prompt or raise --cache_len (it must leave room for new tokens)")
-        padded = min(max(16, 1 << (len(prompt) - 1).bit_length()), size)
-        return jnp.asarray([prompt + [0] * (padded - len(prompt))], jnp.int32)
-
-    def stream(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0):
-        """Yields (token [1], logits [1, V]) device arrays, one new token at a time, until
-        max_new_tokens or the end of the cache."""
-        caches = init_caches(self.model, 1, self.capacity, all_heads=False)
-        tokens = self._prefill_tokens(prompt, self.capacity)
-        settings = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        key = jax.random.key(seed)
-        index, last = 0, len(prompt) - 1
-        for _ in range(min(max_new_tokens, self.capacity - len(prompt))):
-            token, logits, caches = self._plain(self.params, tokens, caches, index, last, key, **settings)
-            yield token, logits
-            index, last, tokens = index + last + 1, 0, token[:, None]
+        padded = min(max(16, 1 << (len(prompt) - 1).bit_length()), self.capacity)
+        return jnp.asarray([prompt + [0] * (padded - len(prompt))], jnp.int32), \
+            min(max_new_tokens, self.capacity - len(prompt))
 
     def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int = 0) -> Result:
-        """Plain decoding: one forward pass per token."""
-        tokens = [t for t, _ in self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed)]
-        ids = np.asarray(jnp.concatenate(tokens)).tolist() if tokens else []
-        return Result(ids, len(ids), [])
+        """Plain decoding: one forward pass per token, until max_new_tokens or the cache's end."""
+        padded, limit = self._prompt(prompt, max_new_tokens)
+        settings = (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+        tokens, logprobs = self._plain(settings, self.params, padded, len(prompt), limit, jax.random.key(seed))
+        return Result(np.asarray(tokens)[:limit].tolist(), limit, [], np.asarray(logprobs)[:limit].tolist())
 
     def speculative(self, prompt: list[int], max_new_tokens: int) -> Result:
         """Self-speculative greedy decoding: the same tokens as generate(temperature=0)."""
         if self.n == 1:
             raise UserError("the model has no extra heads to draft with (it was trained with mtp_n_tokens=1): "
                             "drop --speculative, or train with --config.use_mtp=True --config.mtp_n_tokens=4")
-        n = self.n
-        # A verify pass at the last committed position writes n - 1 slots past it.
-        size = self.capacity + n - 1
-        caches = init_caches(self.model, 1, size, all_heads=True)
-        greedy, caches = self._heads(self.params, self._prefill_tokens(prompt, size), caches, 0)
-        block = np.asarray(greedy[:, 0, len(prompt) - 1])  # [n]: head 1's certain token, then drafts
-        limit = min(max_new_tokens, self.capacity - len(prompt))
-        out, accepted, index = [], [], len(prompt)
-        while limit > 0:
-            out.append(int(block[0]))
-            if len(out) == limit:
-                break
-            greedy, caches = self._heads(self.params, jnp.asarray(block[None], jnp.int32), caches, index)
-            greedy = np.asarray(greedy[:, 0])  # [n heads, n positions]
-            a = 0  # head 1 after position j must agree with the draft at j + 1
-            while a < n - 1 and greedy[0, a] == block[a + 1]:
-                a += 1
-            accepted.append(a)
-            out += block[1:a + 1].tolist()[:limit - len(out)]
-            if len(out) == limit:
-                break
-            index += a + 1
-            block = greedy[:, a]
-        return Result(out, 1 + len(accepted), accepted)
+        padded, limit = self._prompt(prompt, max_new_tokens)
+        tokens, passes, accepted = jax.device_get(
+            self._speculative(self.params, padded, len(prompt), limit))
+        return Result(tokens[:limit].tolist(), 1 + int(passes), accepted[:passes].tolist())
 
 
 def sample(model: MTPModel, prompt: list[int], *, max_new_tokens: int, temperature: float = 0.0,

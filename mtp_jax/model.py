@@ -62,13 +62,23 @@ class RMSNorm(nnx.Module):
 
 
 def rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary position embedding. x: [B, T, N, H], positions: [B, T] (absolute)."""
+    """Rotary position embedding. x: [B, N, T, H], positions: [B, T] (absolute)."""
     half = x.shape[-1] // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
     angle = positions[..., None].astype(jnp.float32) * freq  # [B, T, H/2]
-    sin, cos = jnp.sin(angle)[:, :, None, :], jnp.cos(angle)[:, :, None, :]
+    sin, cos = jnp.sin(angle)[:, None], jnp.cos(angle)[:, None]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def attend(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array) -> Array:
+    """Causal softmax attention by position: a query at position p reads the keys at positions
+    <= p. q: [..., T, H]; k, v: [..., S, H]; q_positions [..., T] and k_positions [..., S]
+    broadcast against the leading dimensions."""
+    scores = jnp.einsum("...th,...sh->...ts", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    visible = k_positions[..., None, :] <= q_positions[..., :, None]
+    probs = jax.nn.softmax(jnp.where(visible, scores, -1e30), axis=-1)
+    return jnp.einsum("...ts,...sh->...th", probs.astype(v.dtype), v)
 
 
 class Attention(nnx.Module):
@@ -84,23 +94,35 @@ class Attention(nnx.Module):
 
     def __call__(self, x: Array, positions: Array, cache: dict | None = None,
                  cache_index: Array | None = None) -> tuple[Array, dict | None]:
-        """x: [B, T, D]; positions: [B, T]. With a cache ({'k','v'}: [B, S, N, H]) the new keys
-        and values are written at cache_index and attention covers cache slots <= each query's
-        position, so stale slots past a rolled-back index are never read."""
-        w = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        q = rope(jnp.einsum("btd,dnh->btnh", x, w(self.wq)), positions, self.theta)
-        k = rope(jnp.einsum("btd,dnh->btnh", x, w(self.wk)), positions, self.theta)
-        v = jnp.einsum("btd,dnh->btnh", x, w(self.wv))
+        """x: [B, T, D]; positions: [B, T]. With a cache ({'k','v'}: [B·N, S, H]) the new keys
+        and values are written at cache_index and each query reads the slots <= its position,
+        so stale slots past a rolled-back index are never read.
+
+        Layouts are chosen for XLA-CPU decoding, where a step is a few small dots: the weights
+        are used as stored ([D, N·H] and [N·H, D] matrices, never transposed per step), and the
+        cache is [B·N, S, H], the shape the attention dots read, so that a step updates it in
+        place (in [B, N, S, H], XLA copied the whole cache several times per step)."""
+        b, t, _ = x.shape
+        n, h = self.wq.shape[1:]
+
+        def project(p):  # [B, T, D] @ [D, N·H] → [B, N, T, H]
+            y = x @ p[...].astype(self.dtype).reshape(-1, n * h)
+            return y.reshape(b, t, n, h).transpose(0, 2, 1, 3)
+
+        q, k, v = rope(project(self.wq), positions, self.theta), rope(project(self.wk), positions, self.theta), \
+            project(self.wv)
         if cache is None:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            out = attend(q, k, v, positions[:, None], positions[:, None])
         else:
+            q, k, v = (a.reshape(b * n, t, h) for a in (q, k, v))
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
             cache = {"k": k, "v": v}
             slots = jnp.arange(k.shape[1])
-            mask = slots[None, None, None, :] <= positions[:, None, :, None]  # [B, 1, T, S]
-            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
-        return jnp.einsum("btnh,nhd->btd", out, w(self.wo)), cache
+            out = attend(q, k.astype(q.dtype), v.astype(q.dtype), jnp.repeat(positions, n, axis=0), slots)
+            out = out.reshape(b, n, t, h)
+        out = out.transpose(0, 2, 1, 3).reshape(b, t, n * h)
+        return out @ self.wo[...].astype(self.dtype).reshape(n * h, -1), cache
 
 
 class MLP(nnx.Module):
