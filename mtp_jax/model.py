@@ -15,6 +15,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
@@ -81,6 +82,24 @@ def attend(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array)
     return jnp.einsum("...ts,...sh->...th", probs.astype(v.dtype), v)
 
 
+def fused_projection(x: Array, weights: list[nnx.Param], dtype) -> list[Array]:
+    """[x @ w for w in weights], as one dot. x: [B, T, D]; each weight [D, ...] is used as a
+    [D, F] matrix.
+
+    For XLA-CPU's sake (benchmarks/NOTES.md §5): with many rows (training, prefill) the weights
+    are concatenated (a copy of the parameters, small next to the activations) into one [ΣF, D]
+    matrix that the dot reads transposed. That halves the MLP's forward and backward time against
+    separate dots, chiefly because the weight gradients then need no transposed copy of each
+    activation gradient. A decoding step's few rows are faster with separate dots on the weights
+    as stored (measured: the fused dot slowed speculative decoding by a quarter)."""
+    d = x.shape[-1]
+    matrices = [w[...].astype(dtype).reshape(d, -1) for w in weights]
+    if x.shape[0] * x.shape[1] < 16:
+        return [x @ m for m in matrices]
+    y = jnp.einsum("btd,fd->btf", x, jnp.concatenate([m.T for m in matrices]))
+    return jnp.split(y, np.cumsum([m.shape[1] for m in matrices])[:-1].tolist(), axis=-1)
+
+
 class Attention(nnx.Module):
     def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
         d, n, h, pd = shape.d_model, shape.n_heads, shape.head_dim, jnp.dtype(shape.param_dtype)
@@ -98,19 +117,14 @@ class Attention(nnx.Module):
         and values are written at cache_index and each query reads the slots <= its position,
         so stale slots past a rolled-back index are never read.
 
-        Layouts are chosen for XLA-CPU decoding, where a step is a few small dots: the weights
-        are used as stored ([D, N·H] and [N·H, D] matrices, never transposed per step), and the
-        cache is [B·N, S, H], the shape the attention dots read, so that a step updates it in
-        place (in [B, N, S, H], XLA copied the whole cache several times per step)."""
+        Layouts are chosen for XLA-CPU: q, k and v come from one fused dot, and the cache is
+        [B·N, S, H], the shape the attention dots read, so that a step updates it in place (in [B, N, S, H], XLA copied the whole cache several times per step)."""
         b, t, _ = x.shape
         n, h = self.wq.shape[1:]
 
-        def project(p):  # [B, T, D] @ [D, N·H] → [B, N, T, H]
-            y = x @ p[...].astype(self.dtype).reshape(-1, n * h)
-            return y.reshape(b, t, n, h).transpose(0, 2, 1, 3)
-
-        q, k, v = rope(project(self.wq), positions, self.theta), rope(project(self.wk), positions, self.theta), \
-            project(self.wv)
+        q, k, v = (y.reshape(b, t, n, h).transpose(0, 2, 1, 3)  # [B, N, T, H]
+                   for y in fused_projection(x, [self.wq, self.wk, self.wv], self.dtype))
+        q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
         if cache is None:
             out = attend(q, k, v, positions[:, None], positions[:, None])
         else:
@@ -136,8 +150,8 @@ class MLP(nnx.Module):
         self.dtype = jnp.dtype(shape.dtype)
 
     def __call__(self, x: Array) -> Array:
-        w = lambda p: p[...].astype(self.dtype)  # noqa: E731
-        return (jax.nn.silu(x @ w(self.w_gate)) * (x @ w(self.w_up))) @ w(self.w_down)
+        gate, up = fused_projection(x, [self.w_gate, self.w_up], self.dtype)
+        return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(self.dtype)
 
 
 class Block(nnx.Module):
