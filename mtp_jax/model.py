@@ -118,7 +118,8 @@ class Attention(nnx.Module):
         so stale slots past a rolled-back index are never read.
 
         Layouts are chosen for XLA-CPU: q, k and v come from one fused dot, and the cache is
-        [B·N, S, H], the shape the attention dots read, so that a step updates it in place (in [B, N, S, H], XLA copied the whole cache several times per step)."""
+        [B·N, S, H], the shape the attention dots read, so that a step updates it in place (in
+        [B, N, S, H], XLA copied the whole cache several times per step)."""
         b, t, _ = x.shape
         n, h = self.wq.shape[1:]
 
