@@ -1,10 +1,12 @@
 """Train-step throughput of mtp_jax against the same model in PyTorch (eager and torch.compile).
 
-    python benchmarks/compare.py [--preset=nano] [--rounds=5] [--steps=5] [--json]
+    python benchmarks/compare.py [--preset=nano] [--rounds=5] [--steps=5] [--dtype=float32] [--json]
 
 For the baseline and for n = 4 linear heads, each implementation takes the same train step
-(forward, backward, gradient clipping, AdamW) on the same shape, in float32, in this one process
-with the same thread count. Timing is interleaved — a round is `steps` steps of JAX, then of eager,
+(forward, backward, gradient clipping, AdamW) on the same shape, in this one process with the same
+thread count. Parameters and optimiser state are float32; `--dtype=bfloat16` computes in bfloat16 as
+each framework's users would ask for it: `model.dtype` in our config, `torch.autocast` in PyTorch.
+Timing is interleaved — a round is `steps` steps of JAX, then of eager,
 then of compiled PyTorch — so that load from other users of the machine falls on all three alike;
 the figure is the median step time over all rounds. Needs the `bench` extra (torch).
 """
@@ -43,11 +45,14 @@ def torch_stepper(config, compiled: bool):
     gen = torch.Generator().manual_seed(config.seed)
     shape = (config.batch_size, config.seq_len + model.n)
 
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.model.dtype == "bfloat16")
+
     def step() -> float:
         window = torch.randint(0, bench.vocab_size(config), shape, generator=gen)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = forward(window)
+        with autocast:
+            loss, _ = forward(window)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
@@ -72,7 +77,7 @@ def compare(config, rounds: int, steps: int) -> dict:
         for name, step in steppers.items():
             times[name] += [step() for _ in range(steps)]
     tokens = config.batch_size * config.seq_len
-    return {"name": bench.config_name(config),
+    return {"name": bench.config_name(config), "dtype": config.model.dtype,
             **{f"{name}_tokens_per_sec": tokens / statistics.median(t) for name, t in times.items()}}
 
 
@@ -81,6 +86,7 @@ def main() -> None:
     parser.add_argument("--preset", default="nano")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5, help="steps per implementation per round")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())  # XLA's CPU client also uses every core
@@ -88,6 +94,7 @@ def main() -> None:
     for name in ("baseline", "mtp4"):
         config = runpy.run_path(str(CONFIGS / f"{name}.py"))["get_config"](args.preset)
         config.mtp_head_type = "linear"
+        config.model.dtype = args.dtype
         results.append(compare(config, args.rounds, args.steps))
         if args.json:
             print(json.dumps(results[-1]), flush=True)
@@ -97,7 +104,7 @@ def main() -> None:
             jax_tps, eager, compiled = (r[f"{k}_tokens_per_sec"] for k in ("jax", "torch_eager", "torch_compile"))
             print(f"{r['name']:<20} {jax_tps:>10.0f} {eager:>10.0f} {compiled:>10.0f} {jax_tps / eager:>9.2f}x "
                   f"{jax_tps / compiled:>11.2f}x")
-        print(f"float32, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; median step of "
+        print(f"{args.dtype}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; median step of "
               f"{args.rounds} interleaved rounds x {args.steps} steps")
 
 
