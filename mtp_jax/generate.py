@@ -5,9 +5,9 @@
     python -m mtp_jax.generate --workdir=DIR --benchmark [--prompts=10 --prompt_len=128 …]
 
 Plain decoding runs head 1's path, which for every head type is the decoder's n_layers blocks,
-final norm and unembedding. Each `Generator` compiles one prefill (the prompt padded to a
-power-of-two bucket) and one decode step; the cache index is a traced argument, so decoding
-never recompiles per token.
+final norm and unembedding. Each mode is one compiled program per prompt bucket (the prompt is
+padded to a power of two): the prefill, then a `lax.while_loop` of decoding steps on the device,
+so nothing recompiles per token and the host waits only for the finished output.
 
 Self-speculative greedy decoding (Stern et al. 2018; Gloeckle et al. 2024, §3.2): at the last
 committed position head 1 gives the next token for certain and heads 2 … n draft the n - 1
