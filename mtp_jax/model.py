@@ -82,19 +82,22 @@ def attend(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array)
     return jnp.einsum("...ts,...sh->...th", probs.astype(v.dtype), v)
 
 
-def fused_projection(x: Array, weights: list[nnx.Param], dtype) -> list[Array]:
-    """[x @ w for w in weights], as one dot. x: [B, T, D]; each weight [D, ...] is used as a
-    [D, F] matrix.
+def fused_projection(x: Array, weights: list[nnx.Param], dtype, fuse: bool | None = None) -> list[Array]:
+    """[x @ w for w in weights]. x: [B, T, D]; each weight [D, ...] is used as a [D, F] matrix.
 
-    For XLA-CPU's sake (benchmarks/NOTES.md §5): with many rows (training, prefill) the weights
-    are concatenated (a copy of the parameters, small next to the activations) into one [ΣF, D]
-    matrix that the dot reads transposed. That halves the MLP's forward and backward time against
-    separate dots, chiefly because the weight gradients then need no transposed copy of each
-    activation gradient. A decoding step's few rows are faster with separate dots on the weights
-    as stored (measured: the fused dot slowed speculative decoding by a quarter)."""
+    fuse=True computes them as one dot: the weights are concatenated (a copy of the parameters,
+    small next to the activations) into one [ΣF, D] matrix that the dot reads transposed. On
+    XLA-CPU that halves the MLP's forward and backward time against separate dots, chiefly
+    because the weight gradients then need no transposed copy of each activation gradient
+    (benchmarks/NOTES.md §5). It is the default (fuse=None) only where it was measured to pay: on
+    CPU, for many rows. A decoding step's few rows are faster with separate dots (the fused dot
+    slowed speculative decoding by a quarter), and on accelerators the concatenation along the
+    tensor-parallel axis would add collectives to every step."""
+    if fuse is None:
+        fuse = jax.default_backend() == "cpu" and x.shape[0] * x.shape[1] >= 16
     d = x.shape[-1]
     matrices = [w[...].astype(dtype).reshape(d, -1) for w in weights]
-    if x.shape[0] * x.shape[1] < 16:
+    if not fuse:
         return [x @ m for m in matrices]
     y = jnp.einsum("btd,fd->btf", x, jnp.concatenate([m.T for m in matrices]))
     return jnp.split(y, np.cumsum([m.shape[1] for m in matrices])[:-1].tolist(), axis=-1)

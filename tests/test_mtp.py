@@ -163,3 +163,25 @@ def test_bfloat16_compute_tracks_float32_with_float32_parameters_and_gradients(h
     for g, ref in zip(jax.tree.leaves(bf16_grads), jax.tree.leaves(grads)):
         assert g.dtype == jnp.float32 and np.all(np.isfinite(g))
         assert np.linalg.norm(np.asarray(g) - np.asarray(ref)) <= 0.1 * np.linalg.norm(np.asarray(ref)) + 1e-6
+
+
+def test_fused_projection_gives_the_separate_dots_values_and_gradients():
+    from mtp_jax.model import fused_projection
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (2, 24, 16))
+    weights = [nnx.Param(jax.random.normal(keys[1], (16, 2, 4))), nnx.Param(jax.random.normal(keys[2], (16, 12)))]
+
+    def run(fuse, x):
+        return [np.asarray(y) for y in fused_projection(x, weights, jnp.float32, fuse=fuse)]
+
+    fused, separate = run(True, x), run(False, x)
+    reference = np.asarray(x) @ np.asarray(weights[0][...]).reshape(16, 8)
+    np.testing.assert_allclose(fused[0], reference, rtol=1e-5, atol=1e-5)
+    for a, b in zip(fused, separate):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    def grad(fuse):
+        return jax.grad(lambda x: sum(jnp.sum(y ** 2) for y in fused_projection(x, weights, jnp.float32, fuse)))(x)
+
+    np.testing.assert_allclose(grad(True), grad(False), rtol=1e-5, atol=1e-5)
