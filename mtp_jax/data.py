@@ -570,7 +570,12 @@ def _publish(tmp: pathlib.Path, final: pathlib.Path) -> None:
             return  # another process published the same cache while this one was building
         old = final.with_name(f"{_TMP_PREFIX}{final.name}-{os.getpid()}-old")
         final.rename(old)
-    tmp.rename(final)
+    try:
+        tmp.rename(final)
+    except OSError:
+        # Another process published between the check above and this rename: use its cache.
+        if _cache_problem(final) is not None:
+            raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -201,6 +201,25 @@ def test_leftover_temp_dir_from_killed_build_is_not_used(tmp_path):
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [name]
 
 
+def test_build_that_loses_the_publish_race_uses_the_winners_cache(tmp_path, monkeypatch):
+    """Two processes build the same cache (e.g. a parallel sweep's first runs); the second finds
+    no cache when it checks, and the first's by the time it renames its own into place."""
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    write_corpus(corpus)
+    winner = prepare(make_cfg(tmp_path, corpus))
+    loser_build = tmp_path / "cache" / f".tmp-{winner.directory.name}-1-x"
+    shutil.copytree(winner.directory, loser_build)
+    real_exists = pathlib.Path.exists
+    monkeypatch.setattr(pathlib.Path, "exists",
+                        lambda self: False if self == winner.directory else real_exists(self))
+    data._publish(loser_build, winner.directory)  # the rename fails: the winner's cache is in place
+    monkeypatch.undo()
+    assert data._cache_problem(winner.directory) is None
+    assert np.array_equal(prepare(make_cfg(tmp_path, corpus)).train, winner.train)
+
+
 def test_failed_build_leaves_no_cache_and_source_untouched(tmp_path, monkeypatch):
     corpus = tmp_path / "corpus"
     write_corpus(corpus)
