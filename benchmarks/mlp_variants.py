@@ -13,9 +13,16 @@ import argparse
 import statistics
 import time
 
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from mtp_jax.model import fused_projection  # noqa: E402
 
 
 def swiglu_down(gate, up, w_down):
@@ -32,8 +39,8 @@ def variants(wg, wu):
         "fused [2m, d], read transposed": (lambda p, x: swiglu_down(*jnp.split(x @ p[0].T, 2, axis=-1), p[1]),
                                            (jnp.concatenate([wg.T, wu.T]),)),
         "fused at run time from [d, m] (model.fused_projection)": (
-            lambda p, x: swiglu_down(*jnp.split(jnp.einsum("btd,fd->btf", x, jnp.concatenate([p[0].T, p[1].T])),
-                                                2, axis=-1), p[2]), (wg, wu)),
+            lambda p, x: swiglu_down(*fused_projection(x, [nnx.Param(p[0]), nnx.Param(p[1])], x.dtype, fuse=True),
+                                     p[2]), (wg, wu)),
         "stacked [2, m, d] einsum": (lambda p, x: swiglu_down(*(lambda y: (y[..., 0, :], y[..., 1, :]))(
             jnp.einsum("btd,kmd->btkm", x, p[0])), p[1]), (jnp.stack([wg.T, wu.T]),)),
     }

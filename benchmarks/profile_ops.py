@@ -28,6 +28,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from mtp_jax import bench  # noqa: E402  (defines --config, the same flag as mtp_jax.bench's)
+from mtp_jax.cli import fail, parse_flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained workdir: profile decoding instead")
 _SPECULATIVE = flags.DEFINE_bool("speculative", False, "decoding: self-speculative instead of plain")
@@ -90,7 +91,7 @@ def main(argv) -> None:
     del argv
     config = flags.FLAGS.config
     if (config is None) == (_WORKDIR.value is None):
-        sys.exit("error: pass exactly one of --config (a train step) or --workdir (decoding)")
+        fail("pass exactly one of --config (a train step) or --workdir (decoding)")
     run = decoding_runner(_WORKDIR.value, _SPECULATIVE.value) if _WORKDIR.value else train_step_runner(config)
     by_kind, calls, by_op = op_times(run)
     print(f"sum of op times {sum(by_kind.values()) / 1000:.1f} ms\n\n      ms   calls  op kind")
@@ -102,4 +103,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -27,6 +27,8 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
+from mtp_jax.cli import fail, parse_flags
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
                                           lock_config=False)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per configuration.")
@@ -191,9 +193,8 @@ def table(results: list[dict], peak: float | None) -> str:
 
 def main(argv) -> None:
     if len(argv) > 1 or _CONFIG.value is None:
-        print("usage: python -m mtp_jax.bench --config=configs/mtp3.py:PRESET [--config.KEY=V …] "
-              "[--json] [--sweep] [--compile_only]", file=sys.stderr)
-        sys.exit(2)
+        fail("usage: python -m mtp_jax.bench --config=configs/mtp3.py:PRESET [--config.KEY=V …] "
+             "[--json] [--sweep] [--compile_only]")
     import jax
 
     from mtp_jax.errors import UserError
@@ -212,11 +213,10 @@ def main(argv) -> None:
             if _JSON.value:
                 print(json.dumps({**results[-1], "peak_flops": peak}), flush=True)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
     if not _JSON.value:
         print(table(results, peak))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

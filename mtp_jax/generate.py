@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtp_jax.cli import fail
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import MTPModel
 
@@ -384,11 +385,6 @@ def benchmark(model: MTPModel, config, data, *, prompts: int, prompt_len: int, n
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         fail(f"{message}. See --help for the flags")
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -7,10 +7,11 @@ then hands over to train.run. Bad input ends here as one line on stderr and exit
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mtp_jax.cli import fail, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
                                           lock_config=True)
@@ -22,17 +23,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in 
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Number of CPU devices this process exposes.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() with no arguments (TPU pods, SLURM).")
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    jax = sys.modules.get("jax")
-    if jax is not None and jax.distributed.is_initialized():
-        # A normal exit waits at jax.distributed's shutdown barrier for the other processes, which
-        # wait in a collective for this one: leave now and let the launcher stop the rest.
-        sys.stdout.flush()
-        os._exit(2)
-    sys.exit(2)
 
 
 def init_runtime() -> None:
@@ -70,33 +60,6 @@ def main(argv) -> None:
         train.run(_CONFIG.value, _WORKDIR.value)
     except UserError as e:
         fail(str(e))
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with its errors (an unknown config key, a value of the wrong type, a config
-    file that is missing or raises while loading) reduced to one line: the last of the message,
-    which names the cause."""
-    try:
-        rest = flags.FLAGS(argv)
-        if _CONFIG.value is not None:
-            _CONFIG.value.to_dict()  # the file loads lazily: load it here, where its errors are caught
-        return rest
-    except flags.Error as e:
-        fail(f"{last_line(e)} (see --helpfull for the flags; config fields are listed in configs/base.py)")
-    except Exception as e:  # noqa: BLE001 — a config file that is missing or raises while loading
-        text = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-        # ml_collections' unknown-field error arrives as a quoted repr ('\'x\'\nDid you mean …').
-        text = text.replace("\\n", "\n").replace("\\'", "'")
-        text = text[1:-1] if len(text) > 1 and text[0] == text[-1] == "'" else text
-        fail(f"could not load the config: {type(e).__name__}: {' '.join(lines_of(text))}")
-
-
-def lines_of(text) -> list[str]:
-    return [line.strip() for line in str(text).splitlines() if line.strip()] or ["(no message)"]
-
-
-def last_line(error: Exception) -> str:
-    return lines_of(error)[-1]
 
 
 if __name__ == "__main__":

@@ -85,3 +85,15 @@ def test_command_line_times_steps_and_prints_one_json_object_per_config():
     assert result["step_time_s"] > 0
     assert result["tokens_per_sec"] == pytest.approx(2 * 32 / result["step_time_s"])
     assert 0 < result["mfu"] < 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config=configs/mtp3.py:huge"], "unknown preset 'huge'"),
+    (["--config=configs/mtp3.py:tiny", "--config.mtp_n_tokenz=4"], 'Did you mean "mtp_n_tokens"'),
+    (["--config=configs/mtp3.py:tiny", "--config.mtp_head_type=tree", "--compile_only"], "mtp_head_type='tree'"),
+])
+def test_command_line_bad_input_gets_one_error_line_and_exit_2(argv, message):
+    proc = subprocess.run([sys.executable, "-m", "mtp_jax.bench", *argv], cwd=ROOT, capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
