@@ -34,6 +34,12 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.mtp_weight = 0.2              # scale of the auxiliary heads' losses in the total
     c.mtp_loss_weights = "geometric"  # w_k: 'geometric' (0.5**(k-1)), 'uniform', 'mean', or "w2,w3,…"
     c.mtp_head_type = "linear"      # 'linear' (seed), 'parallel' (Meta), 'sequential' (DeepSeek-V3)
+    # Schedules, functions of the step (mtp_jax/schedules.py): mtp_weight moves to mtp_weight_final.
+    c.mtp_weight_schedule = "constant"  # 'constant', 'stepped' (jump at the switch), 'linear' or 'cosine' (from it)
+    c.mtp_weight_final = 0.1        # mtp_weight after the schedule (DeepSeek-V3: 0.3 -> 0.1)
+    c.mtp_weight_switch = 0.7       # fraction of training where the weight jumps ('stepped') or starts to anneal
+    c.mtp_curriculum = "none"       # 'forward': heads 2 … n join one by one; 'reverse': they leave one by one
+    c.mtp_curriculum_fraction = 0.5  # fraction of training the curriculum's n - 1 stages take
     # Positions per cross-entropy chunk (0: the whole sequence at once). At a GPT-2 vocabulary a
     # chunk keeps MTP's temp memory within 1.03x of the baseline's (experiments/results/bench).
     c.loss_chunk_size = 256 if vocab > 4096 else 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import HEAD_TYPES, WEIGHT_SCHEMES, n_tokens
+from mtp_jax.schedules import CURRICULA, WEIGHT_SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("stop", "skip")
@@ -30,6 +31,13 @@ def validate(config) -> None:
         need(len(weights) == n - 1 or n == 1, f"mtp_loss_weights={scheme!r} has {len(weights)} weights "
              f"but mtp_n_tokens={n} needs {n - 1} (one per extra head)")
     need(config.mtp_weight >= 0, f"mtp_weight={config.mtp_weight} must be >= 0")
+    need(config.mtp_weight_schedule in WEIGHT_SCHEDULES, f"mtp_weight_schedule={config.mtp_weight_schedule!r} "
+         f"is unknown: choose one of {', '.join(WEIGHT_SCHEDULES)}")
+    need(config.mtp_weight_final >= 0, f"mtp_weight_final={config.mtp_weight_final} must be >= 0")
+    need(config.mtp_curriculum in CURRICULA,
+         f"mtp_curriculum={config.mtp_curriculum!r} is unknown: choose one of {', '.join(CURRICULA)}")
+    for field in ("mtp_weight_switch", "mtp_curriculum_fraction"):
+        need(0 <= config[field] <= 1, f"{field}={config[field]} must be a fraction of training in [0, 1]")
     need(config.seq_len > config.mtp_n_tokens, f"seq_len={config.seq_len} must exceed "
          f"mtp_n_tokens={config.mtp_n_tokens}: raise seq_len or lower mtp_n_tokens")
     need(config.loss_chunk_size >= 0, f"loss_chunk_size={config.loss_chunk_size} must be >= 0 (0: no chunking)")

@@ -163,7 +163,9 @@ def cross_entropy(h: Array, w: Array, targets: Array, chunk_size: int = 0) -> tu
 
 
 def mtp_loss(model: MTPModel, window: Array, weights: tuple[float, ...], chunk_size: int = 0):
-    """window: [B, T + n] int tokens → (total loss, {'loss_k', 'accuracy_k', 'total_loss'})."""
+    """window: [B, T + n] int tokens → (total loss, {'loss_k', 'accuracy_k', 'total_loss'}).
+
+    weights: each head's weight in the total, n floats or an [n] array traced from the step."""
     n = model.n_tokens
     t = window.shape[1] - n
     positions = jnp.broadcast_to(jnp.arange(t), (window.shape[0], t))

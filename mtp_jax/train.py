@@ -33,7 +33,8 @@ from mtp_jax.checkpoint import Checkpointer, abstract_like, check_writable
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
 from mtp_jax.metrics import MetricWriter, log
-from mtp_jax.mtp import build_model, loss_weights, mtp_loss, n_tokens
+from mtp_jax.mtp import build_model, mtp_loss, n_tokens
+from mtp_jax.schedules import head_weights, mtp_weight
 
 # Config fields that fix the shape of the parameters: a checkpoint only restores if they match.
 MODEL_SIGNATURE = ("use_mtp", "mtp_n_tokens", "mtp_head_type", "model.d_model", "model.n_layers",
@@ -73,10 +74,13 @@ def make_optimizer(config, steps: int):
     return schedule, tx
 
 
-def train_step(graphdef, tx, schedule, weights, chunk_size, compute_shardings, state, window):
+def train_step(graphdef, tx, schedule, weights_at, chunk_size, compute_shardings, state, window):
     """One optimizer step. A non-finite loss or gradient leaves the parameters untouched and is
     counted, so no NaN ever reaches the parameters (or a checkpoint); nan_policy decides on the
-    host whether the run stops."""
+    host whether the run stops. weights_at(step) gives each head's loss weight [n] (schedules.py)."""
+    step = state["step"]
+    weights = weights_at(step)
+
     def loss_fn(params):
         params = jax.lax.with_sharding_constraint(params, compute_shardings)  # see sharding.compute_shardings
         return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size)
@@ -87,7 +91,6 @@ def train_step(graphdef, tx, schedule, weights, chunk_size, compute_shardings, s
     params = optax.apply_updates(state["params"], updates)
     finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
     keep_old = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    step = state["step"]
     new_state = {
         "params": keep_old(params, state["params"]),
         "opt_state": keep_old(opt_state, state["opt_state"]),
@@ -97,6 +100,8 @@ def train_step(graphdef, tx, schedule, weights, chunk_size, compute_shardings, s
                                           state["first_nonfinite_step"]),
     }
     metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(step)}
+    if len(weights) > 1:
+        metrics.update({f"head_weight_{k}": weights[k - 1] for k in range(2, len(weights) + 1)})
     return new_state, metrics
 
 
@@ -137,7 +142,8 @@ def make_train_step(config, vocab_size: int, mesh, steps: int) -> TrainSetup:
     abstract_batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + n_tokens(config)), jnp.int32,
                                           sharding=batch_sharding)
     step_fn = jax.jit(
-        functools.partial(train_step, graphdef, tx, schedule, loss_weights(config), config.loss_chunk_size,
+        functools.partial(train_step, graphdef, tx, schedule, functools.partial(head_weights, config, steps=steps),
+                          config.loss_chunk_size,
                           sharding.compute_shardings(param_shardings)),
         in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
         donate_argnums=0,
@@ -145,7 +151,7 @@ def make_train_step(config, vocab_size: int, mesh, steps: int) -> TrainSetup:
     return TrainSetup(graphdef, init_state, abstract_state, state_shardings, param_shardings, n_params, step_fn)
 
 
-def eval_step(graphdef, weights, chunk_size, compute_shardings, params, window):
+def eval_step(graphdef, chunk_size, compute_shardings, params, window, weights):
     params = jax.lax.with_sharding_constraint(params, compute_shardings)  # see sharding.compute_shardings
     return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size)[1]
 
@@ -187,7 +193,6 @@ def run(config, workdir, devices=None) -> dict:
     validate(config)
     n = n_tokens(config)
     window = config.seq_len + n
-    weights = loss_weights(config)
 
     check_writable(workdir)  # before the data and the compile, not at the first save
 
@@ -207,9 +212,9 @@ def run(config, workdir, devices=None) -> dict:
     abstract_state, state_shardings = setup.abstract_state, setup.state_shardings
     n_params, memory = setup.n_params, step_fn.memory_analysis()
     local_rows = config.batch_size // jax.process_count()
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef, weights, config.loss_chunk_size,
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef, config.loss_chunk_size,
                                         sharding.compute_shardings(setup.param_shardings)),
-                      in_shardings=(setup.param_shardings, batch_sharding))
+                      in_shardings=(setup.param_shardings, batch_sharding, None))
 
     # ----------------------------------------------------------------------------- Restore or init
     checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
@@ -241,10 +246,10 @@ def run(config, workdir, devices=None) -> dict:
                                          num_batches=config.eval_batches)
     rows = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
 
-    def evaluate() -> dict:
-        totals = None
+    def evaluate(step: int) -> dict:
+        totals, weights = None, np.asarray(head_weights(config, step, steps))  # total_loss as trained at `step`
         for batch in eval_windows:
-            m = eval_fn(state["params"], sharding.global_batch(batch[rows], mesh))
+            m = eval_fn(state["params"], sharding.global_batch(batch[rows], mesh), weights)
             totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
         result = {f"eval/{k}": v / len(eval_windows) for k, v in fetch(totals).items()}
         if data.bytes_per_token:
@@ -277,6 +282,8 @@ def run(config, workdir, devices=None) -> dict:
             step_time = (now - last_time) / (done - last_step)
             last_time, last_step = now, done
             scalars = {f"train/{k}": v for k, v in scalars.items()}
+            if n > 1:
+                scalars["train/mtp_weight"] = float(mtp_weight(config, step, steps))
             scalars.update({"train/step_time_s": step_time, "train/tokens_per_sec": tokens_per_step / step_time,
                             "train/tokens_seen": done * tokens_per_step})
             check_finite(state, config.nan_policy, checkpointer, scalars)
@@ -287,7 +294,7 @@ def run(config, workdir, devices=None) -> dict:
                 log(f"step {done}/{steps}  loss_1 {scalars['train/loss_1']:.4f}  total {scalars['train/total_loss']:.4f}"
                     f"  {scalars['train/tokens_per_sec']:.0f} tok/s")
         if itstime(done, config.eval_every, steps):
-            final_eval = evaluate()
+            final_eval = evaluate(done)
             writer.write(done, final_eval)
             if is_main:
                 log(f"eval at step {done}: " + "  ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in final_eval.items()
@@ -309,7 +316,7 @@ def run(config, workdir, devices=None) -> dict:
         return last_scalars
     checkpointer.close()
     if not final_eval:  # resumed a run that had already finished: evaluate the restored state
-        final_eval = evaluate()
+        final_eval = evaluate(steps)
         writer.write(steps, final_eval)
     writer.close()
     if is_main:
