@@ -66,6 +66,12 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3          # how many recent checkpoints orbax keeps
     c.sample_prompt = "def fibonacci(n):\n"  # prompt for the sample printed at the end
     c.sample_tokens = 120           # tokens sampled at the end (0: no sample)
+    # Probes at each evaluation (mtp_jax/evaluate.py), on the validation split's Python files; off
+    # (0) for tiny. induction_batches costs that many forward passes of batch_size x seq_len (as
+    # eval_batches does); parse_rate_prompts costs prompts x parse_rate_tokens decoding steps.
+    c.induction_batches = 0 if arg == "tiny" else 2  # batches of renamed code: eval/induction_accuracy
+    c.parse_rate_prompts = 0 if arg == "tiny" else 16  # sampled continuations: eval/parse_rate
+    c.parse_rate_tokens = seq_len // 2  # tokens sampled per prompt; the prompt is the other seq_len - this
 
     # Model (DESIGN.md §3).
     c.model = ml_collections.ConfigDict()

@@ -48,6 +48,11 @@ def validate(config) -> None:
     need(config.learning_rate > 0, f"learning_rate={config.learning_rate} must be > 0")
     for field in ("log_every", "eval_every", "checkpoint_every", "eval_batches", "keep_checkpoints"):
         need(config[field] >= 1, f"{field}={config[field]} must be >= 1")
+    need(config.induction_batches >= 0 and config.parse_rate_prompts >= 0,
+         f"induction_batches={config.induction_batches} and parse_rate_prompts={config.parse_rate_prompts} "
+         "must be >= 0 (0: off)")
+    need(0 < config.parse_rate_tokens < config.seq_len, f"parse_rate_tokens={config.parse_rate_tokens} must be in "
+         f"1 … seq_len - 1 = {config.seq_len - 1} (the rest of seq_len is the prompt)")
     need(config.nan_policy in NAN_POLICIES,
          f"nan_policy={config.nan_policy!r} is unknown: choose one of {', '.join(NAN_POLICIES)}")
     m = config.model

@@ -16,7 +16,8 @@ uninterrupted one exactly (nothing extra to checkpoint).
   'reverse'   starts with all n heads and drops heads n, n-1, … 2 at the stages' ends;
   'none'      keeps every head on.
 w_k is `mtp_loss_weights` (mtp.auxiliary_weights). A head that is off still runs (its loss and
-accuracy are logged) but adds nothing to the total, so no gradient reaches its parameters.
+accuracy are logged) but adds nothing to the total, so no gradient reaches its parameters (weight
+decay still shrinks them).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mtp_jax import data as data_lib
+from mtp_jax import evaluate as evaluate_lib
 from mtp_jax import sharding
 from mtp_jax.checkpoint import Checkpointer, abstract_like, check_writable
 from mtp_jax.config import validate
@@ -245,6 +246,7 @@ def run(config, workdir, devices=None) -> dict:
     eval_windows = data_lib.eval_windows(data.val, window=window, batch_size=config.batch_size,
                                          num_batches=config.eval_batches)
     rows = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
+    probes = evaluate_lib.training_probes(config, data)  # prepared now: a bad setting fails before training
 
     def evaluate(step: int) -> dict:
         totals, weights = None, np.asarray(head_weights(config, step, steps))  # total_loss as trained at `step`
@@ -261,6 +263,7 @@ def run(config, workdir, devices=None) -> dict:
                                                                   sharding.global_batch(batch[rows], mesh))
                                         for batch in eval_windows])
             result.update({f"generate/{k}": float(np.mean([b[k] for b in per_batch])) for k in per_batch[0]})
+        result.update(probes(graphdef, state["params"], lambda batch: sharding.global_batch(batch[rows], mesh)))
         return result
 
     # ----------------------------------------------------------------------------- Loop
