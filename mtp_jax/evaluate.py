@@ -186,8 +186,8 @@ def copy_targets(token_starts: np.ndarray, spans: list[tuple[int, int, str]]) ->
     seen, targets = set(), []
     for start, end, name in spans:
         if name in seen:
-            first, last = np.searchsorted(token_starts, [start, end])
-            targets.extend(range(first + 1, last))
+            first = np.searchsorted(token_starts, start, side="right") - 1  # the token holding the name's start
+            targets.extend(range(first + 1, np.searchsorted(token_starts, end)))
         seen.add(name)
     return np.asarray(targets, np.int64)
 
@@ -220,10 +220,10 @@ def induction_set(files: list[tuple[pathlib.Path, str]], tokenizer, *, seq_len: 
         ids, starts = encode_with_starts(tokenizer, renamed.source)
         for begin in range(0, len(ids) - seq_len, seq_len + 1):
             end = begin + seq_len + 1
-            inside = [s for s in renamed.spans if starts[begin] <= s[0] and s[1] <= (starts[end] if end < len(ids)
-                                                                                       else len(renamed.source))]
+            stop = starts[end] if end < len(ids) else len(renamed.source)  # where the window's text ends
+            inside = [span for span in renamed.spans if starts[begin] <= span[0] and span[1] <= stop]
             mask = np.zeros(seq_len + 1, bool)
-            mask[copy_targets(starts[begin:end], [(a, b, n) for a, b, n in inside])] = True
+            mask[copy_targets(starts[begin:end], inside)] = True
             windows.append(ids[begin:end])
             scored.append(mask[1:])  # target token t + 1 is predicted at position t
             if len(windows) == num_windows:
