@@ -48,7 +48,7 @@ def validation_python_files(data_cfg) -> list[tuple[pathlib.Path, str]]:
     The split is data.py's own (same source, val_fraction and split_seed), so these are exactly
     the files the model was validated on and never trained on."""
     source = str(data_cfg.source)
-    if source.startswith("task:"):
+    if source.startswith("task:"):  # generated task data (tasks.py): no files
         return []
     resolved = data_lib._resolve_source(source)
     if resolved.kind != "files":
@@ -78,7 +78,7 @@ def parses(source: str) -> bool:
 def need_python_files(files: list, probe: str, data_cfg) -> None:
     if not files:
         raise UserError(f"the {probe} probe needs Python files in the validation split, and data.source="
-                        f"{data_cfg.source!r} has none: use it on a model trained on 'stdlib' or a directory of .py files")
+                        f"{data_cfg.source!r} has none: use it on a model trained on 'stdlib' or on .py files")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,26 +341,36 @@ def parse_rate(model, prompts: list[ParsePrompt], tokenizer, *, new_tokens: int,
 # ---------------------------------------------------------------------------------------------
 
 
-def induction_probe(model, config, data) -> dict:
+def induction_inputs(config, files, tokenizer) -> InductionSet:
+    return induction_set(files, tokenizer, seq_len=config.seq_len,
+                         num_windows=config.induction_batches * config.batch_size)
+
+
+def parse_rate_inputs(config, files, tokenizer) -> list[ParsePrompt]:
+    return parse_prompts(files, tokenizer, num_prompts=config.parse_rate_prompts,
+                         prompt_tokens=config.seq_len - config.parse_rate_tokens, new_tokens=config.parse_rate_tokens)
+
+
+def _files_and_tokenizer(config, data, probe: str) -> tuple[list, data_lib.Tokenizer]:
     files = validation_python_files(config.data)
-    need_python_files(files, "induction", config.data)
-    probe_set = induction_set(files, data_lib.load_tokenizer(data.directory), seq_len=config.seq_len,
-                              num_windows=config.induction_batches * config.batch_size)
+    need_python_files(files, probe, config.data)
+    return files, data_lib.load_tokenizer(data.directory)
+
+
+def induction_probe(model, config, data) -> dict:
+    probe_set = induction_inputs(config, *_files_and_tokenizer(config, data, "induction"))
     graphdef, params = nnx.split(model, nnx.Param)
     return {"induction_accuracy": induction_accuracy(graphdef, params, probe_set, batch_size=config.batch_size,
                                                      chunk_size=config.loss_chunk_size)}
 
 
 def parse_rate_probe(model, config, data) -> dict:
-    files = validation_python_files(config.data)
-    need_python_files(files, "parse-rate", config.data)
-    tokenizer = data_lib.load_tokenizer(data.directory)
-    prompts = parse_prompts(files, tokenizer, num_prompts=config.parse_rate_prompts,
-                            prompt_tokens=config.seq_len - config.parse_rate_tokens, new_tokens=config.parse_rate_tokens)
-    return parse_rate(model, prompts, tokenizer, new_tokens=config.parse_rate_tokens)
+    files, tokenizer = _files_and_tokenizer(config, data, "parse-rate")
+    return parse_rate(model, parse_rate_inputs(config, files, tokenizer), tokenizer,
+                      new_tokens=config.parse_rate_tokens)
 
 
-# name -> (model, config, data) -> {metric: value}; the sizes come from the config's probe fields.
+# name -> (model, config, data) -> {metric: value}; sizes come from the config's probe fields.
 PROBES = {
     "induction": induction_probe,
     "parse_rate": parse_rate_probe,
@@ -370,21 +380,18 @@ PROBES = {
 def training_probes(config, data):
     """The probes train.run runs at each evaluation, prepared once before training: a function
     (graphdef, params, place) -> {'eval/…': value}, where place(rows) makes a global batch."""
-    files = validation_python_files(config.data) if config.induction_batches or config.parse_rate_prompts else []
+    wanted = config.induction_batches > 0 or config.parse_rate_prompts > 0
+    files = validation_python_files(config.data) if wanted else []
     if not files:
-        if config.induction_batches or config.parse_rate_prompts:
+        if wanted:
             from mtp_jax.metrics import log
 
             log(f"induction and parse-rate probes skipped: data.source={config.data.source!r} has no Python files "
                 "in its validation split")
         return lambda graphdef, params, place: {}
     tokenizer = data_lib.load_tokenizer(data.directory)
-    probe_set = induction_set(files, tokenizer, seq_len=config.seq_len,
-                              num_windows=config.induction_batches * config.batch_size) \
-        if config.induction_batches else None
-    prompts = parse_prompts(files, tokenizer, num_prompts=config.parse_rate_prompts,
-                            prompt_tokens=config.seq_len - config.parse_rate_tokens,
-                            new_tokens=config.parse_rate_tokens) if config.parse_rate_prompts else None
+    probe_set = induction_inputs(config, files, tokenizer) if config.induction_batches else None
+    prompts = parse_rate_inputs(config, files, tokenizer) if config.parse_rate_prompts else None
 
     def run(graphdef, params, place) -> dict:
         result = {}

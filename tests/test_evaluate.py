@@ -74,7 +74,8 @@ def test_renaming_keeps_the_files_own_names_and_renames_the_rest():
 
 
 @pytest.mark.parametrize("source", [SOURCE, pathlib.Path(textwrap.__file__).read_text(),
-                                    pathlib.Path(json.decoder.__file__).read_text()], ids=["handmade", "textwrap", "json.decoder"])
+                                    pathlib.Path(json.decoder.__file__).read_text()],
+                         ids=["handmade", "textwrap", "json.decoder"])
 def test_renaming_is_consistent_valid_and_deterministic(source, bpe):
     for tokenizer in (data_lib.ByteTokenizer(), bpe):
         renamed = evaluate.rename_identifiers(source, tokenizer, seed=1)
