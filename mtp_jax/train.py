@@ -144,8 +144,7 @@ def make_train_step(config, vocab_size: int, mesh, steps: int) -> TrainSetup:
                                           sharding=batch_sharding)
     step_fn = jax.jit(
         functools.partial(train_step, graphdef, tx, schedule, functools.partial(head_weights, config, steps=steps),
-                          config.loss_chunk_size,
-                          sharding.compute_shardings(param_shardings)),
+                          config.loss_chunk_size, sharding.compute_shardings(param_shardings)),
         in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
         donate_argnums=0,
     ).lower(abstract_state, abstract_batch).compile()
