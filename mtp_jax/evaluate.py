@@ -47,10 +47,26 @@ def _decode(ids) -> str:
     return bytes(int(i) for i in ids).decode("latin-1")  # any byte a model emits maps to one char
 
 
+# (graphdef, capacity) -> Generator: its compiled programs (one per prompt bucket) then serve every
+# evaluation of a run instead of compiling again each time; only its params change.
+_GENERATORS: dict[tuple[nnx.GraphDef, int], Generator] = {}
+
+
+def _generator(model: MTPModel, capacity: int) -> Generator:
+    graphdef, params = nnx.split(model)
+    key = (graphdef, capacity)
+    if key not in _GENERATORS:
+        if len(_GENERATORS) >= 4:  # a process evaluating many different models: keep memory bounded
+            _GENERATORS.clear()
+        _GENERATORS[key] = Generator(model, capacity)
+    _GENERATORS[key].params = params
+    return _GENERATORS[key]
+
+
 def _greedy_answers(model: MTPModel, problems: list[tasks.Problem]) -> list[str]:
     """Greedy decoding with the KV cache, as many tokens as the answer and its '\\n' have: a
     longer or shorter answer differs within them, so nothing past them can change the verdict."""
-    generator = Generator(model, max(len(p.prompt) + len(p.answer) + 1 for p in problems))
+    generator = _generator(model, max(len(p.prompt) + len(p.answer) + 1 for p in problems))
     return [_decode(generator.generate(_encode(p.prompt), len(p.answer) + 1).tokens) for p in problems]
 
 

@@ -260,6 +260,9 @@ def splits(task: Task, *, num_train: int, num_val: int, eval_problems: int, seed
 
 def pack(problems: list[Problem], length: int) -> tuple[np.ndarray, np.ndarray]:
     """Byte tokens [len(problems) * length] (uint8) and their loss mask (uint8, 1 on answer + END)."""
+    longest = max(len(p.prompt) + len(p.answer) + 1 for p in problems)
+    if longest > length:
+        raise ValueError(f"a problem of {longest} bytes does not fit examples of {length}")
     text = "".join((p.prompt + p.answer + END).ljust(length, PAD) for p in problems).encode("ascii")
     tokens = np.frombuffer(text, np.uint8)
     mask = np.zeros(len(tokens), np.uint8)
