@@ -8,7 +8,7 @@ data, decoding and printing paths are the ones text uses:
              3 + 2X^3 + X^4). An expression with m operations nests negation `-p`, addition
              `(p+q)`, multiplication `(p*q)` and composition `(p@q)` = p(q(X)), each on the
              reduced representatives and truncated at X^5:
-                 prompt  ((30021*-11000)@04000)=      answer  05606
+                 prompt  ((30021*-11000)@04000)=      answer  42052
              Training draws m ~ U{1 … max_train_ops}; accuracy is also measured out of domain up
              to max_eval_ops. Difficulty label: `m3`.
   pathstar   Bachmann & Nagarajan 2024 (arXiv 2403.06963): a start node with `degree` arms of

@@ -208,10 +208,11 @@ def run(config, workdir, devices=None) -> dict:
     is_task = data.train_mask is not None
     batch_arrays = 3 if is_task else 1
 
-    def to_batch(window_rows: Callable[[np.ndarray], np.ndarray], tokens, mask) -> tuple:
-        local = (window_rows(tokens),)
+    def to_batch(rows_of: Callable[[np.ndarray], np.ndarray], tokens, mask) -> tuple:
+        """This process's rows of tokens (and of the mask) → the step's global batch arrays."""
+        local = (rows_of(tokens),)
         if is_task:
-            local_mask = window_rows(mask)
+            local_mask = rows_of(mask)
             local += (local_mask, tasks.model_inputs(local[0], local_mask, config.data.task.teacherless))
         return tuple(sharding.global_batch(a, mesh) for a in local)
 
@@ -253,7 +254,8 @@ def run(config, workdir, devices=None) -> dict:
     # ----------------------------------------------------------------------------- Evaluation
     eval_at = functools.partial(data_lib.eval_windows, window=window, batch_size=config.batch_size,
                                 num_batches=config.eval_batches, align=data.example_len)
-    eval_windows, eval_masks = eval_at(data.val), eval_at(data.val_mask) if is_task else [None] * config.eval_batches
+    eval_windows = eval_at(data.val)
+    eval_masks = eval_at(data.val_mask) if is_task else [None] * len(eval_windows)
     rows = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
 
     def evaluate() -> dict:

@@ -206,11 +206,18 @@ def masked_batch():
 def test_head_k_is_masked_by_the_mask_of_token_t_plus_k(masked_batch):
     model, window, mask = masked_batch
     t = window.shape[1] - 3
-    _, metrics = mtp_loss(model, window, (1.0, 1.0, 1.0), mask=mask)
-    positions = jnp.broadcast_to(jnp.arange(t), (2, t))
-    h_trunk, _ = model.trunk(window[:, :t], positions)
-    for k in (1, 2, 3):
-        logits = np.asarray(model.decoder.final_norm(h_trunk) @ model.head_matrix(k))
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def loss_and_logits(params):
+        model = nnx.merge(graphdef, params)
+        h_trunk, _ = model.trunk(window[:, :t], jnp.broadcast_to(jnp.arange(t), (2, t)))
+        logits = [model.decoder.final_norm(h_trunk) @ model.head_matrix(k) for k in (1, 2, 3)]  # linear heads
+        return mtp_loss(model, window, (1.0, 1.0, 1.0), mask=mask)[1], logits
+
+    metrics, all_logits = loss_and_logits(params)
+    for k, logits in zip((1, 2, 3), all_logits):
+        logits = np.asarray(logits)
         expected, accuracy = numpy_masked_cross_entropy(logits, np.asarray(window[:, k:t + k]),
                                                         np.asarray(mask[:, k:t + k]))
         np.testing.assert_allclose(float(metrics[f"loss_{k}"]), expected, rtol=1e-5)
@@ -237,8 +244,9 @@ def test_a_masked_target_changes_no_gradient(masked_batch):
 
 def test_an_all_ones_mask_equals_no_mask(masked_batch):
     model, window, _ = masked_batch
-    plain = mtp_loss(model, window, (1.0, 0.5, 0.25))[1]
-    ones = mtp_loss(model, window, (1.0, 0.5, 0.25), mask=jnp.ones_like(window))[1]
+    graphdef, params = nnx.split(model)
+    metrics = jax.jit(lambda p, mask: mtp_loss(nnx.merge(graphdef, p), window, (1.0, 0.5, 0.25), mask=mask)[1])
+    plain, ones = metrics(params, None), metrics(params, jnp.ones_like(window))
     for key in plain:
         np.testing.assert_allclose(float(ones[key]), float(plain[key]), rtol=1e-6)
 
@@ -258,15 +266,16 @@ def test_greedy_answers_are_the_kv_cache_decodes_and_teacherless_is_one_forward_
     model = MTPModel(SHAPE, 2, "linear", rngs=nnx.Rngs(params=2))
     problems = tasks.held_out(PATHSTAR, 3, split_seed=0)["d3_l4"]
     answers = evaluate._greedy_answers(model, problems)
+    generator = generate.Generator(model, 100)  # one compiled program: every prompt pads to 100
     for p, answer in zip(problems, answers):
-        ids = generate.sample(model, list(p.prompt.encode()), max_new_tokens=len(p.answer) + 1)
+        ids = generator.generate(list(p.prompt.encode()), len(p.answer) + 1).tokens
         assert answer == bytes(ids).decode("latin-1")
     # Teacherless: the answer's j-th token is head 1's greedy choice after prompt + j '$'s.
     hidden = evaluate._teacherless_answers(model, problems)
     for p, answer in zip(problems, hidden):
         assert len(answer) == len(p.answer) + 1
         for j in (0, 5, len(p.answer)):
-            ids = generate.sample(model, list((p.prompt + "$" * j).encode()), max_new_tokens=1)
+            ids = generator.generate(list((p.prompt + "$" * j).encode()), 1).tokens
             assert answer[j] == chr(ids[0])
 
 
