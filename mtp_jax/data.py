@@ -3,8 +3,9 @@
 `prepare` turns a source (the Python stdlib, a directory, glob, text file, JSONL file, an
 existing token file, or a synthetic task of mtp_jax.tasks) into `train.bin` / `val.bin` (flat
 little-endian ids) plus `meta.json` in a cache directory, and memory-maps them; a task also
-writes `train_mask.bin` / `val_mask.bin` (uint8, 1 where a token is a loss target). The batch functions below are pure functions of
-`(seed, step, process_index)`, so resuming at step s reproduces the run exactly.
+writes `train_mask.bin` / `val_mask.bin` (uint8, 1 where a token is a loss target). The batch
+functions below are pure functions of `(seed, step, process_index)`, so resuming at step s
+reproduces the run exactly.
 """
 
 from __future__ import annotations
@@ -336,15 +337,15 @@ def _build_task(cfg: Any, source: _Source, settings: dict, out: pathlib.Path) ->
     problems = tasks.splits(tasks.from_config(cfg), num_train=settings["num_train"], num_val=num_val,
                             eval_problems=settings["eval_problems"], seed=settings["seed"],
                             split_seed=settings["split_seed"])
-    checksums, counts = {}, {}
+    checksums, counts, dtype = {}, {}, _out_dtype(settings["vocab_size"])
     for split, split_problems in problems.items():
         streams = tasks.pack(split_problems, settings["example_len"])
-        for suffix, stream in zip(("", "_mask"), streams):
-            with _SplitWriter(out / f"{split}{suffix}.bin", "u1") as writer:
+        for suffix, stream, stream_dtype in zip(("", "_mask"), streams, (dtype, "u1")):
+            with _SplitWriter(out / f"{split}{suffix}.bin", stream_dtype) as writer:
                 writer.write(stream)
             checksums[split + suffix] = writer.sha256
         counts[split] = len(streams[0])
-    meta = _meta(settings, source, "u1", n_train_tokens=counts["train"], n_val_tokens=counts["val"],
+    meta = _meta(settings, source, dtype, n_train_tokens=counts["train"], n_val_tokens=counts["val"],
                  n_train_docs=len(problems["train"]), n_val_docs=len(problems["val"]), val_bytes=None,
                  checksums=checksums)
     return dict(meta, example_len=settings["example_len"],

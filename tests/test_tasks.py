@@ -159,6 +159,26 @@ def test_packing_puts_each_problem_in_one_fixed_length_example_with_its_answer_m
         tasks.example_len(POLYARITH, 40)
 
 
+def test_task_cache_holds_tokens_and_masks_keyed_by_the_task_parameters(tmp_path):
+    def cfg(**task):
+        c = load_config("mtp3", overrides={"data.cache_dir": str(tmp_path), "data.source": "task:pathstar"})
+        c.data.task.update(dict(num_train=300, arm_length=3, **task))
+        return c.data
+
+    prepared = data.prepare(cfg(), show_progress=False)
+    length = prepared.example_len
+    assert length == 6 * 6 - 1 + 1 + 5 + 1 + 4 * 3 == 54  # 6 edges "uu>vv,", "/", "ss,gg", "=", 4 labels + "\n"
+    assert len(prepared.train) == len(prepared.train_mask) == 300 * length
+    problems = tasks.splits(tasks.from_config(cfg()), num_train=300, num_val=6, eval_problems=32, seed=0, split_seed=0)
+    tokens, mask = tasks.pack(problems["train"], length)
+    assert np.array_equal(prepared.train, tokens) and np.array_equal(prepared.train_mask, mask)
+    assert data.prepare(cfg(), show_progress=False).directory == prepared.directory
+    assert data.prepare(cfg(teacherless=True), show_progress=False).directory == prepared.directory
+    assert data.prepare(cfg(degree=3), show_progress=False).directory != prepared.directory
+    (prepared.directory / "val_mask.bin").unlink()  # a damaged cache is rebuilt, not used
+    assert np.array_equal(data.prepare(cfg(), show_progress=False).val_mask, tasks.pack(problems["val"], length)[1])
+
+
 def test_aligned_batch_starts_are_multiples_of_the_example_length():
     kw = dict(window=20, batch_size=64, seed=3, step=5)
     plain = data.global_batch_starts(1000, **kw)
