@@ -159,7 +159,8 @@ def _pathstar(degree: int, arm_length: int, num_labels: int) -> Task:
         prompt = ",".join(f"{label(u)}>{label(v)}" for u, v in edges) + f"/{label(start)},{label(path[-1])}="
         return Problem(prompt, ",".join(map(label, path)), difficulty)
 
-    prompt_len = (degree * arm_length) * (2 * width + 2) - 1 + 1 + 2 * width + 1 + 1
+    edges_len = degree * arm_length * (2 * width + 2) - 1  # "u>v" joined by ","
+    prompt_len = edges_len + 1 + (2 * width + 1) + 1  # "/", "start,goal", "="
     return Task("pathstar", dict(degree=degree, arm_length=arm_length, num_labels=num_labels),
                 (difficulty,), (difficulty,), max_len=prompt_len + (arm_length + 1) * (width + 1),
                 min_prompt_len=prompt_len, draw=draw)

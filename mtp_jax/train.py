@@ -111,7 +111,8 @@ class TrainSetup:
     state_shardings: dict
     param_shardings: dict
     n_params: int
-    step_fn: jax.stages.Compiled    # (state, window [B, T + n] int32[, mask, inputs]) -> (state, metrics); donates state
+    # (state, window [B, T + n] int32 [, a task's mask and inputs, same shape]) -> (state, metrics); donates state
+    step_fn: jax.stages.Compiled
 
 
 def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int = 1) -> TrainSetup:

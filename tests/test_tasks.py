@@ -250,7 +250,8 @@ def test_a_masked_target_changes_no_gradient(masked_batch):
 
     @jax.jit
     def grads(targets):  # the model reads `window`; only the targets vary
-        loss = lambda p: mtp_loss(nnx.merge(graphdef, p), targets, (1.0, 0.5, 0.25), mask=mask, inputs=window)[0]  # noqa: E731
+        def loss(p):
+            return mtp_loss(nnx.merge(graphdef, p), targets, (1.0, 0.5, 0.25), mask=mask, inputs=window)[0]
         return jax.grad(loss)(params)
 
     masked_out = np.flatnonzero(np.asarray(mask[0]) == 0)[4]
