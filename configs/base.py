@@ -94,6 +94,18 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.data.val_fraction = 0.02      # share of files (or of a single stream's tail) held out
     c.data.split_seed = 0           # which files are held out (fixed across training seeds)
     c.data.cache_dir = "~/.cache/mtp_jax"  # where tokenized corpora are kept and reused
+    # Synthetic tasks (data.source='task:polyarith' or 'task:pathstar'; mtp_jax/tasks.py, README "Tasks").
+    c.data.task = ml_collections.ConfigDict()
+    c.data.task.num_train = 100_000   # training problems generated (val: val_fraction as many, held out)
+    c.data.task.seed = 0              # which training problems (held-out ones are fixed by data.split_seed)
+    c.data.task.example_len = 0       # bytes per packed problem (0: the longest's); seq_len must be a multiple
+    c.data.task.eval_problems = 32    # held-out problems per difficulty scored by eval/task_accuracy
+    c.data.task.max_train_ops = 5     # polyarith: operations per training expression, m ~ U{1..this}
+    c.data.task.max_eval_ops = 8      # polyarith: accuracy also measured out of domain, up to this m
+    c.data.task.degree = 2            # pathstar: arms from the start node, d (chance is 1/d)
+    c.data.task.arm_length = 5        # pathstar: nodes per arm, l (the answer has l + 1 nodes)
+    c.data.task.num_labels = 50       # pathstar: node labels 0 … N-1, fixed width (N >= 1 + d*l)
+    c.data.task.teacherless = False   # pathstar: answer inputs hidden as '$' (Bachmann & Nagarajan's baseline)
 
     # Device mesh (DESIGN.md §3): sizes of ('data', 'fsdp', 'tensor'); -1 fills the rest. The batch
     # splits over data x fsdp; parameters follow sharding.LOGICAL_RULES (embed -> fsdp; heads, mlp,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mtp_jax import tasks
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import HEAD_TYPES, WEIGHT_SCHEMES, n_tokens
 from mtp_jax.schedules import CURRICULA, WEIGHT_SCHEDULES
@@ -62,3 +63,5 @@ def validate(config) -> None:
          f"model.n_layers={m.n_layers} is too small: 'parallel' heads need >= 2 (the last is head 1's)")
     for field in ("dtype", "param_dtype"):
         need(m[field] in DTYPES, f"model.{field}={m[field]!r} is unknown: choose one of {', '.join(DTYPES)}")
+    if tasks.task_name(str(config.data.source)) is not None:
+        tasks.check_config(config)

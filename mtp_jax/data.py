@@ -1,9 +1,11 @@
 """Corpus -> token files -> batches.
 
-`prepare` turns a source (the Python stdlib, a directory, glob, text file, JSONL file or an
-existing token file) into `train.bin` / `val.bin` (flat little-endian ids) plus `meta.json` in
-a cache directory, and memory-maps them. The batch functions below are pure functions of
-`(seed, step, process_index)`, so resuming at step s reproduces the run exactly.
+`prepare` turns a source (the Python stdlib, a directory, glob, text file, JSONL file, an
+existing token file, or a synthetic task of mtp_jax.tasks) into `train.bin` / `val.bin` (flat
+little-endian ids) plus `meta.json` in a cache directory, and memory-maps them; a task also
+writes `train_mask.bin` / `val_mask.bin` (uint8, 1 where a token is a loss target). The batch
+functions below are pure functions of `(seed, step, process_index)`, so resuming at step s
+reproduces the run exactly.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 import tokenizers
 import tqdm
 
+from mtp_jax import tasks
 from mtp_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,10 +55,17 @@ class TokenData:
     val: np.ndarray  # [n_val_tokens] memmap of val.bin
     meta: dict
     directory: pathlib.Path
+    train_mask: np.ndarray | None = None  # [n_train_tokens] uint8 loss mask of a task; None: all targets
+    val_mask: np.ndarray | None = None
 
     @property
     def vocab_size(self) -> int:
         return self.meta["vocab_size"]
+
+    @property
+    def example_len(self) -> int:
+        """Windows start at multiples of this: a task's packed problem length (1 for text)."""
+        return self.meta.get("example_len", 1)
 
     @property
     def bytes_per_token(self) -> float | None:
@@ -122,7 +132,7 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
 
 @dataclasses.dataclass(frozen=True)
 class _Source:
-    kind: str  # 'files' | 'jsonl' | 'text' | 'bin'
+    kind: str  # 'files' | 'jsonl' | 'text' | 'bin' | 'task'
     name: str  # human part of the cache directory name
     description: str
     paths: tuple[pathlib.Path, ...]  # 'files': the corpus files in split order; else the one file
@@ -160,6 +170,8 @@ def prepare(data_cfg: Any, *, show_progress: bool = True) -> TokenData:
     try:
         if source.kind == "bin":
             meta = _build_from_tokens(source, settings, tmp)
+        elif source.kind == "task":
+            meta = _build_task(data_cfg, source, settings, tmp)
         else:
             meta = _build_from_text(source, settings, tmp, show_progress)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
@@ -184,6 +196,9 @@ def _check_split_fits(n_tokens: int, window: int, split: str) -> None:
 
 
 def _resolve_source(source: str) -> _Source:
+    name = tasks.task_name(source)
+    if name is not None:
+        return _Source("task", f"task-{name}", source, (), ())
     if source == "stdlib":
         root = pathlib.Path(sysconfig.get_paths()["stdlib"])
         files = [
@@ -243,6 +258,8 @@ def _check_settings(cfg: Any, source: _Source) -> dict:
         raise UserError(f"data.val_fraction={val_fraction} must be in (0, 1): use e.g. 0.02")
     settings = dict(val_fraction=val_fraction, split_seed=int(cfg.split_seed))
     vocab_size = int(cfg.vocab_size)
+    if source.kind == "task":
+        return dict(settings, **_task_settings(cfg, vocab_size))
     if source.kind == "bin":
         dtype = str(cfg.token_dtype)
         if dtype not in _TOKEN_DTYPES:
@@ -300,6 +317,39 @@ def _read_token_meta(meta_path: pathlib.Path) -> dict:
         raise UserError(f"{meta_path} must be a JSON object with an integer vocab_size: fix or delete it "
                         "and set data.vocab_size")
     return meta
+
+
+def _task_settings(cfg: Any, vocab_size: int) -> dict:
+    """What determines a task's cache: every task parameter but teacherless (an input transform)."""
+    if str(cfg.tokenizer) != "byte" or vocab_size not in (0, _BYTE_VOCAB):
+        raise UserError(f"data.source={cfg.source!r} is byte text: set data.tokenizer='byte' and "
+                        f"data.vocab_size=256 (got {cfg.tokenizer!r}, {vocab_size})")
+    task = tasks.from_config(cfg)
+    return dict(tokenizer="byte", vocab_size=_BYTE_VOCAB, task=task.name, **task.params,
+                num_train=int(cfg.task.num_train), seed=int(cfg.task.seed),
+                eval_problems=int(cfg.task.eval_problems),
+                example_len=tasks.example_len(task, int(cfg.task.example_len)))
+
+
+def _build_task(cfg: Any, source: _Source, settings: dict, out: pathlib.Path) -> dict:
+    """A task's problems packed into train/val token streams and their loss masks (tasks.pack)."""
+    num_val = _n_val(settings["num_train"], settings["val_fraction"])
+    problems = tasks.splits(tasks.from_config(cfg), num_train=settings["num_train"], num_val=num_val,
+                            eval_problems=settings["eval_problems"], seed=settings["seed"],
+                            split_seed=settings["split_seed"])
+    checksums, counts, dtype = {}, {}, _out_dtype(settings["vocab_size"])
+    for split, split_problems in problems.items():
+        streams = tasks.pack(split_problems, settings["example_len"])
+        for suffix, stream, stream_dtype in zip(("", "_mask"), streams, (dtype, "u1")):
+            with _SplitWriter(out / f"{split}{suffix}.bin", stream_dtype) as writer:
+                writer.write(stream)
+            checksums[split + suffix] = writer.sha256
+        counts[split] = len(streams[0])
+    meta = _meta(settings, source, dtype, n_train_tokens=counts["train"], n_val_tokens=counts["val"],
+                 n_train_docs=len(problems["train"]), n_val_docs=len(problems["val"]), val_bytes=None,
+                 checksums=checksums)
+    return dict(meta, example_len=settings["example_len"],
+                task={k: v for k, v in settings.items() if k not in meta})
 
 
 def _out_dtype(vocab_size: int) -> str:
@@ -539,6 +589,9 @@ def _cache_problem(directory: pathlib.Path) -> str | None:
         actual = path.stat().st_size if path.is_file() else None
         if actual != expected:
             return f"{path.name} has {actual} bytes, meta.json implies {expected}"
+        mask = directory / f"{split}_mask.bin"
+        if "example_len" in meta and (mask.stat().st_size if mask.is_file() else None) != meta[f"n_{split}_tokens"]:
+            return f"{mask.name} does not hold one byte per token"
     if meta["tokenizer"] == "bpe" and not (directory / "tokenizer.json").is_file():
         return "tokenizer.json is missing"
     return None
@@ -584,12 +637,15 @@ def _load(directory: pathlib.Path) -> TokenData:
     meta = json.loads((directory / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
 
-    def tokens(split: str) -> np.ndarray:
+    def tokens(split: str, suffix: str = "", dtype: np.dtype = dtype) -> np.ndarray:
         if meta[f"n_{split}_tokens"] == 0:  # np.memmap cannot map an empty file
             return np.zeros(0, dtype)
-        return np.memmap(directory / f"{split}.bin", dtype=dtype, mode="r")
+        return np.memmap(directory / f"{split}{suffix}.bin", dtype=dtype, mode="r")
 
-    return TokenData(train=tokens("train"), val=tokens("val"), meta=meta, directory=directory)
+    masks = ({split: tokens(split, "_mask", np.dtype(np.uint8)) for split in ("train", "val")}
+             if "example_len" in meta else {"train": None, "val": None})
+    return TokenData(train=tokens("train"), val=tokens("val"), meta=meta, directory=directory,
+                     train_mask=masks["train"], val_mask=masks["val"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -597,20 +653,28 @@ def _load(directory: pathlib.Path) -> TokenData:
 # ---------------------------------------------------------------------------------------------
 
 
-def num_windows(n_tokens: int, window: int) -> int:
-    """Epoch-mode windows: non-overlapping, at starts 0, window, 2 * window, ..."""
-    return (n_tokens - window) // window + 1 if n_tokens >= window else 0
+def _epoch_stride(window: int, align: int) -> int:
+    # Text: non-overlapping windows. A task (window = whole problems + n lookahead tokens): the
+    # next window starts at the next problem, so every problem is an input exactly once.
+    return window // align * align
 
 
-def steps_per_epoch(n_tokens: int, *, window: int, batch_size: int) -> int:
+def num_windows(n_tokens: int, window: int, align: int = 1) -> int:
+    """Epoch-mode windows, at starts 0, s, 2 * s, ... for the stride s (window when align = 1)."""
+    stride = _epoch_stride(window, align)
+    return (n_tokens - window) // stride + 1 if n_tokens >= window else 0
+
+
+def steps_per_epoch(n_tokens: int, *, window: int, batch_size: int, align: int = 1) -> int:
     """Full batches per epoch; the last partial batch of windows is dropped."""
-    return num_windows(n_tokens, window) // batch_size
+    return num_windows(n_tokens, window, align) // batch_size
 
 
 def global_batch_starts(
-    n_tokens: int, *, window: int, batch_size: int, seed: int, step: int, num_epochs: int = 0
+    n_tokens: int, *, window: int, batch_size: int, seed: int, step: int, num_epochs: int = 0, align: int = 1
 ) -> np.ndarray:
-    """Start positions [batch_size] (int64) of the global batch at `step`.
+    """Start positions [batch_size] (int64) of the global batch at `step`, multiples of `align`
+    (a task's example length, so that windows begin with a whole problem).
 
     num_epochs == 0: uniform random starts in [0, n_tokens - window], seeded by (seed, step).
     num_epochs > 0: each epoch visits every window exactly once in a permutation seeded by
@@ -619,16 +683,16 @@ def global_batch_starts(
     _check_split_fits(n_tokens, window, "train")
     if num_epochs == 0:
         rng = np.random.default_rng([seed, step])
-        return rng.integers(0, n_tokens - window, size=batch_size, endpoint=True, dtype=np.int64)
-    per_epoch = steps_per_epoch(n_tokens, window=window, batch_size=batch_size)
+        return rng.integers(0, (n_tokens - window) // align, size=batch_size, endpoint=True, dtype=np.int64) * align
+    per_epoch = steps_per_epoch(n_tokens, window=window, batch_size=batch_size, align=align)
     if per_epoch == 0:
         raise UserError(
-            f"the train split has {num_windows(n_tokens, window)} windows of {window} tokens, "
+            f"the train split has {num_windows(n_tokens, window, align)} windows of {window} tokens, "
             f"fewer than batch_size={batch_size}: use a smaller batch_size or seq_len, or more data"
         )
-    order = _epoch_order(seed, step // per_epoch, num_windows(n_tokens, window))
+    order = _epoch_order(seed, step // per_epoch, num_windows(n_tokens, window, align))
     i = step % per_epoch
-    return order[i * batch_size : (i + 1) * batch_size] * window
+    return order[i * batch_size : (i + 1) * batch_size] * _epoch_stride(window, align)
 
 
 @functools.lru_cache(maxsize=2)
@@ -650,8 +714,11 @@ def local_batch(
     process_index: int = 0,
     process_count: int = 1,
     num_epochs: int = 0,
+    align: int = 1,
 ) -> np.ndarray:
-    """This process's rows [batch_size // process_count, window] (int32) of the global batch."""
+    """This process's rows [batch_size // process_count, window] (int32) of the global batch.
+
+    `tokens` may be any per-token stream: a task's loss mask gathers at the same starts."""
     if batch_size % process_count:
         raise UserError(
             f"batch_size={batch_size} is not divisible by process_count={process_count}: "
@@ -659,16 +726,19 @@ def local_batch(
         )
     starts = global_batch_starts(
         len(tokens), window=window, batch_size=batch_size, seed=seed, step=step,
-        num_epochs=num_epochs,
+        num_epochs=num_epochs, align=align,
     )
     rows = batch_size // process_count
     return _gather(tokens, starts[process_index * rows : (process_index + 1) * rows], window)
 
 
-def eval_windows(val_tokens: np.ndarray, *, window: int, batch_size: int, num_batches: int) -> np.ndarray:
-    """A fixed validation subset [num_batches, batch_size, window] (int32): evenly spaced starts."""
+def eval_windows(val_tokens: np.ndarray, *, window: int, batch_size: int, num_batches: int,
+                 align: int = 1) -> np.ndarray:
+    """A fixed validation subset [num_batches, batch_size, window] (int32): evenly spaced starts
+    (multiples of `align`)."""
     _check_split_fits(len(val_tokens), window, "validation")
-    starts = np.linspace(0, len(val_tokens) - window, num_batches * batch_size).round().astype(np.int64)
+    last = (len(val_tokens) - window) // align
+    starts = np.linspace(0, last, num_batches * batch_size).round().astype(np.int64) * align
     return _gather(val_tokens, starts, window).reshape(num_batches, batch_size, window)
 
 

@@ -1,12 +1,14 @@
-"""What is measured on a model rather than trained: the induction probe and the sample parse rate.
+"""What is measured on a model rather than trained: the induction probe, the sample parse rate
+and a task's answer accuracy.
 
-    python -m mtp_jax.evaluate --workdir=DIR --probe=induction|parse_rate [--json]
+    python -m mtp_jax.evaluate --workdir=DIR --probe=induction|parse_rate|task [--json]
 
 Both read held-out Python files: the validation split of the run's corpus (data.py's split by
 file, so never a training file). Both are pure functions of the model and the corpus (fixed
 seeds, fixed files), so two checkpoints are compared on the same problems. train.run calls them
 at every evaluation when `induction_batches` / `parse_rate_prompts` are > 0; the command line
-runs them on any checkpoint. A probe is one entry in PROBES.
+runs them on any checkpoint. A probe is one entry in PROBES. Task accuracy also runs at every
+evaluation of a run on a task source (data.source='task:…').
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ import numpy as np
 from flax import nnx
 
 from mtp_jax import data as data_lib
+from mtp_jax import tasks
 from mtp_jax.cli import fail
 from mtp_jax.errors import UserError
+from mtp_jax.generate import Generator, compression_ratio
+from mtp_jax.mtp import MTPModel
 
 PROBE_SEED = 0  # which files, names and prompts the probes use: fixed, so every checkpoint sees the same
 
@@ -322,7 +327,6 @@ def parse_rate(model, prompts: list[ParsePrompt], tokenizer, *, new_tokens: int,
     report the share that compiles after the prefix once cut at a line boundary, the same share
     for the true continuations (the ceiling), and how repetitive samples and truth are (zlib
     ratio, generate.compression_ratio: lower is more repetitive; the mean over prompts)."""
-    from mtp_jax.generate import Generator, compression_ratio
 
     generator = Generator(model, len(prompts[0].prompt) + new_tokens)
     samples = [tokenizer.decode(generator.generate(p.prompt, new_tokens, temperature, seed=i).tokens)
@@ -374,6 +378,7 @@ def parse_rate_probe(model, config, data) -> dict:
 PROBES = {
     "induction": induction_probe,
     "parse_rate": parse_rate_probe,
+    "task": lambda model, config, data: task_accuracy(model, config),
 }
 
 
@@ -409,6 +414,82 @@ def training_probes(config, data):
         return result
 
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Task accuracy
+# ---------------------------------------------------------------------------------------------
+
+
+def task_accuracy(model: MTPModel, config, problems: dict[str, list[tasks.Problem]] | None = None
+                  ) -> dict[str, float]:
+    """Exact-match accuracy of head 1's greedy answers on a task's held-out problems.
+
+    `problems` maps a difficulty to its problems (default: tasks.held_out, data.task.eval_problems
+    per difficulty, fixed by data.split_seed, never in training). An answer is right when the
+    decoded bytes are the answer followed by its '\\n'. Returns 'task_accuracy' (over all
+    problems) and 'task_accuracy_<difficulty>' (e.g. 'task_accuracy_m3', 'task_accuracy_d2_l5')."""
+    if problems is None:
+        task = tasks.from_config(config.data)
+        problems = tasks.held_out(task, int(config.data.task.eval_problems), int(config.data.split_seed))
+    flat = [p for group in problems.values() for p in group]
+    decode = _teacherless_answers if config.data.task.teacherless else _greedy_answers
+    correct = iter(answer == p.answer + tasks.END for answer, p in zip(decode(model, flat), flat))
+    by_difficulty = {d: [next(correct) for _ in group] for d, group in problems.items()}
+    result = {"task_accuracy": float(np.mean(sum(by_difficulty.values(), [])))}
+    result.update({f"task_accuracy_{d}": float(np.mean(c)) for d, c in by_difficulty.items()})
+    return result
+
+
+def _encode(text: str) -> list[int]:
+    return list(text.encode("ascii"))
+
+
+def _decode(ids) -> str:
+    return bytes(int(i) for i in ids).decode("latin-1")  # any byte a model emits maps to one char
+
+
+# (graphdef, capacity) -> Generator: its compiled programs (one per prompt bucket) then serve every
+# evaluation of a run instead of compiling again each time; only its params change.
+_GENERATORS: dict[tuple[nnx.GraphDef, int], Generator] = {}
+
+
+def _generator(model: MTPModel, capacity: int) -> Generator:
+    graphdef, params = nnx.split(model)
+    key = (graphdef, capacity)
+    if key not in _GENERATORS:
+        if len(_GENERATORS) >= 4:  # a process evaluating many different models: keep memory bounded
+            _GENERATORS.clear()
+        _GENERATORS[key] = Generator(model, capacity)
+    _GENERATORS[key].params = params
+    return _GENERATORS[key]
+
+
+def _greedy_answers(model: MTPModel, problems: list[tasks.Problem]) -> list[str]:
+    """Greedy decoding with the KV cache, as many tokens as the answer and its '\\n' have: a
+    longer or shorter answer differs within them, so nothing past them can change the verdict."""
+    generator = _generator(model, max(len(p.prompt) + len(p.answer) + 1 for p in problems))
+    return [_decode(generator.generate(_encode(p.prompt), len(p.answer) + 1).tokens) for p in problems]
+
+
+def _teacherless_answers(model: MTPModel, problems: list[tasks.Problem]) -> list[str]:
+    """A teacherless model never read an answer token, only '$': it answers in one forward pass
+    over the prompt and one '$' per answer token, reading head 1's argmax at each position."""
+    tokens = np.array([_encode(p.prompt + tasks.HIDDEN * len(p.answer)) for p in problems])  # [N, L]
+    graphdef, params = nnx.split(model)
+    greedy = np.asarray(_head1_greedy(graphdef, params, tokens))  # [N, L]
+    return [_decode(g[len(p.prompt) - 1:len(p.prompt) + len(p.answer)]) for g, p in zip(greedy, problems)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _head1_greedy(graphdef, params, tokens: jax.Array) -> jax.Array:
+    """Head 1's argmax [B, L] at every position of tokens [B, L]."""
+    model = nnx.merge(graphdef, params)
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+    h_trunk, _ = model.trunk(tokens, positions)
+    h, _ = model.head_hidden(1, h_trunk, h_trunk, None, positions)
+    return jnp.argmax(jnp.dot(model.decoder.final_norm(h), model.head_matrix(1),
+                              preferred_element_type=jnp.float32), axis=-1)
 
 
 # ---------------------------------------------------------------------------------------------

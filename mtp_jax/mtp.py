@@ -138,12 +138,18 @@ def _chunk_stats(w: Array, h: Array, targets: Array) -> tuple[Array, Array]:
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(jnp.where(valid, correct, False), dtype=jnp.float32)
 
 
-def cross_entropy(h: Array, w: Array, targets: Array, chunk_size: int = 0) -> tuple[Array, Array]:
+def cross_entropy(h: Array, w: Array, targets: Array, chunk_size: int = 0,
+                  mask: Array | None = None) -> tuple[Array, Array]:
     """Mean cross-entropy (float32) and top-1 accuracy of logits h @ w against targets.
 
     h: [B, T, D], w: [D, V], targets: [B, T]. With 0 < chunk_size < T the positions are processed
-    chunk_size at a time in a scan, so at most [B, chunk_size, V] logits exist at once."""
+    chunk_size at a time in a scan, so at most [B, chunk_size, V] logits exist at once.
+    mask: [B, T], nonzero where a target counts; the means are then over those targets only."""
     b, t, d = h.shape
+    count = b * t
+    if mask is not None:
+        targets = jnp.where(mask > 0, targets, -1)
+        count = jnp.maximum(jnp.sum(mask > 0, dtype=jnp.float32), 1.0)
     c = chunk_size if 0 < chunk_size < t else t
     pad = (-t) % c
     if pad:
@@ -159,22 +165,28 @@ def cross_entropy(h: Array, w: Array, targets: Array, chunk_size: int = 0) -> tu
 
     zero = jnp.zeros((), jnp.float32)
     (nll, correct), _ = jax.lax.scan(accumulate, (zero, zero), (h_chunks, t_chunks))
-    return nll / (b * t), correct / (b * t)
+    return nll / count, correct / count
 
 
-def mtp_loss(model: MTPModel, window: Array, weights: tuple[float, ...], chunk_size: int = 0):
+def mtp_loss(model: MTPModel, window: Array, weights: tuple[float, ...], chunk_size: int = 0,
+             mask: Array | None = None, inputs: Array | None = None):
     """window: [B, T + n] int tokens → (total loss, {'loss_k', 'accuracy_k', 'total_loss'}).
 
-    weights: each head's weight in the total, n floats or an [n] array traced from the step."""
+    weights: each head's weight in the total, n floats or an [n] array traced from the step.
+    mask: [B, T + n], nonzero on tokens that are targets (a task's answers): head k's target at
+    t is window[t + k], so its mask there is mask[t + k], and each L_k is the mean over its
+    unmasked targets. inputs: [B, T + n] tokens the model reads instead of window (a task's
+    teacherless variant hides the answers); the targets stay window's."""
     n = model.n_tokens
     t = window.shape[1] - n
+    inputs = window if inputs is None else inputs
     positions = jnp.broadcast_to(jnp.arange(t), (window.shape[0], t))
-    h_trunk, _ = model.trunk(window[:, :t], positions)
+    h_trunk, _ = model.trunk(inputs[:, :t], positions)
     h_prev, total, metrics = h_trunk, jnp.zeros((), jnp.float32), {}
     for k in range(1, n + 1):
-        h_prev, _ = model.head_hidden(k, h_trunk, h_prev, window[:, k - 1:t + k - 1], positions)
+        h_prev, _ = model.head_hidden(k, h_trunk, h_prev, inputs[:, k - 1:t + k - 1], positions)
         loss, accuracy = cross_entropy(model.decoder.final_norm(h_prev), model.head_matrix(k),
-                                       window[:, k:t + k], chunk_size)
+                                       window[:, k:t + k], chunk_size, None if mask is None else mask[:, k:t + k])
         total = total + weights[k - 1] * loss
         metrics[f"loss_{k}"], metrics[f"accuracy_{k}"] = loss, accuracy
     metrics["total_loss"] = total

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from mtp_jax import data as data_lib
 from mtp_jax import evaluate as evaluate_lib
-from mtp_jax import sharding
+from mtp_jax import sharding, tasks
 from mtp_jax.checkpoint import Checkpointer, abstract_like, check_writable
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
@@ -50,7 +50,7 @@ def itstime(step: int, every: int, total: int) -> bool:
 def total_steps(config, data) -> int:
     if config.num_epochs > 0:
         per_epoch = data_lib.steps_per_epoch(len(data.train), window=config.seq_len + n_tokens(config),
-                                             batch_size=config.batch_size)
+                                             batch_size=config.batch_size, align=data.example_len)
         return config.num_epochs * per_epoch
     return config.num_train_steps
 
@@ -75,16 +75,18 @@ def make_optimizer(config, steps: int):
     return schedule, tx
 
 
-def train_step(graphdef, tx, schedule, weights_at, chunk_size, compute_shardings, state, window):
+def train_step(graphdef, tx, schedule, weights_at, chunk_size, compute_shardings, state, window, mask=None,
+               inputs=None):
     """One optimizer step. A non-finite loss or gradient leaves the parameters untouched and is
     counted, so no NaN ever reaches the parameters (or a checkpoint); nan_policy decides on the
-    host whether the run stops. weights_at(step) gives each head's loss weight [n] (schedules.py)."""
+    host whether the run stops. weights_at(step) gives each head's loss weight [n] (schedules.py).
+    A task's batch adds its loss mask and model inputs (mtp_loss)."""
     step = state["step"]
     weights = weights_at(step)
 
     def loss_fn(params):
         params = jax.lax.with_sharding_constraint(params, compute_shardings)  # see sharding.compute_shardings
-        return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size)
+        return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size, mask, inputs)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     grad_norm = optax.tree.norm(grads)
@@ -116,11 +118,14 @@ class TrainSetup:
     state_shardings: dict
     param_shardings: dict
     n_params: int
-    step_fn: jax.stages.Compiled    # (state, window [B, T + n] int32) -> (state, metrics); donates state
+    # (state, window [B, T + n] int32 [, a task's mask and inputs, same shape]) -> (state, metrics); donates state
+    step_fn: jax.stages.Compiled
 
 
-def make_train_step(config, vocab_size: int, mesh, steps: int) -> TrainSetup:
-    """Model, optimizer and shardings for `config`, and the train step compiled once for `mesh`."""
+def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int = 1) -> TrainSetup:
+    """Model, optimizer and shardings for `config`, and the train step compiled once for `mesh`.
+
+    batch_arrays: 1 (window) for text, 3 (window, mask, inputs; all [B, T + n]) for a task."""
     def make_model():
         return build_model(config, vocab_size, seed=config.seed)
 
@@ -145,15 +150,15 @@ def make_train_step(config, vocab_size: int, mesh, steps: int) -> TrainSetup:
     step_fn = jax.jit(
         functools.partial(train_step, graphdef, tx, schedule, functools.partial(head_weights, config, steps=steps),
                           config.loss_chunk_size, sharding.compute_shardings(param_shardings)),
-        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+        in_shardings=(state_shardings,) + (batch_sharding,) * batch_arrays, out_shardings=(state_shardings, None),
         donate_argnums=0,
-    ).lower(abstract_state, abstract_batch).compile()
+    ).lower(abstract_state, *(abstract_batch,) * batch_arrays).compile()
     return TrainSetup(graphdef, init_state, abstract_state, state_shardings, param_shardings, n_params, step_fn)
 
 
-def eval_step(graphdef, chunk_size, compute_shardings, params, window, weights):
+def eval_step(graphdef, chunk_size, compute_shardings, params, weights, window, mask=None, inputs=None):
     params = jax.lax.with_sharding_constraint(params, compute_shardings)  # see sharding.compute_shardings
-    return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size)[1]
+    return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size, mask, inputs)[1]
 
 
 def check_workdir(workdir: pathlib.Path, config, vocab_size: int, has_checkpoints: bool) -> None:
@@ -206,15 +211,27 @@ def run(config, workdir, devices=None) -> dict:
     sharding.check_batch(config.batch_size, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
 
+    # A task's batch is (window, loss mask, model inputs), all at the same aligned starts.
+    is_task = data.train_mask is not None
+    batch_arrays = 3 if is_task else 1
+
+    def to_batch(rows_of: Callable[[np.ndarray], np.ndarray], tokens, mask) -> tuple:
+        """This process's rows of tokens (and of the mask) → the step's global batch arrays."""
+        local = (rows_of(tokens),)
+        if is_task:
+            local_mask = rows_of(mask)
+            local += (local_mask, tasks.model_inputs(local[0], local_mask, config.data.task.teacherless))
+        return tuple(sharding.global_batch(a, mesh) for a in local)
+
     # ----------------------------------------------------------------------------- Model, optimizer, step
-    setup = make_train_step(config, data.vocab_size, mesh, steps)
+    setup = make_train_step(config, data.vocab_size, mesh, steps, batch_arrays)
     graphdef, init_state, step_fn = setup.graphdef, setup.init_state, setup.step_fn
     abstract_state, state_shardings = setup.abstract_state, setup.state_shardings
     n_params, memory = setup.n_params, step_fn.memory_analysis()
     local_rows = config.batch_size // jax.process_count()
     eval_fn = jax.jit(functools.partial(eval_step, graphdef, config.loss_chunk_size,
                                         sharding.compute_shardings(setup.param_shardings)),
-                      in_shardings=(setup.param_shardings, batch_sharding, None))
+                      in_shardings=(setup.param_shardings, None) + (batch_sharding,) * batch_arrays)
 
     # ----------------------------------------------------------------------------- Restore or init
     checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
@@ -242,15 +259,17 @@ def run(config, workdir, devices=None) -> dict:
                 f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB")
 
     # ----------------------------------------------------------------------------- Evaluation
-    eval_windows = data_lib.eval_windows(data.val, window=window, batch_size=config.batch_size,
-                                         num_batches=config.eval_batches)
+    eval_at = functools.partial(data_lib.eval_windows, window=window, batch_size=config.batch_size,
+                                num_batches=config.eval_batches, align=data.example_len)
+    eval_windows = eval_at(data.val)
+    eval_masks = eval_at(data.val_mask) if is_task else [None] * len(eval_windows)
     rows = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
     probes = evaluate_lib.training_probes(config, data)  # prepared now: a bad setting fails before training
 
     def evaluate(step: int) -> dict:
         totals, weights = None, np.asarray(head_weights(config, step, steps))  # total_loss as trained at `step`
-        for batch in eval_windows:
-            m = eval_fn(state["params"], sharding.global_batch(batch[rows], mesh), weights)
+        for batch, mask in zip(eval_windows, eval_masks):
+            m = eval_fn(state["params"], weights, *to_batch(lambda a: a[rows], batch, mask))
             totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
         result = {f"eval/{k}": v / len(eval_windows) for k, v in fetch(totals).items()}
         if data.bytes_per_token:
@@ -263,6 +282,10 @@ def run(config, workdir, devices=None) -> dict:
                                         for batch in eval_windows])
             result.update({f"generate/{k}": float(np.mean([b[k] for b in per_batch])) for k in per_batch[0]})
         result.update(probes(graphdef, state["params"], lambda batch: sharding.global_batch(batch[rows], mesh)))
+        if is_task:
+            params = (multihost_utils.process_allgather(state["params"], tiled=True) if jax.process_count() > 1
+                      else jax.device_get(state["params"]))
+            result.update({f"eval/{k}": v for k, v in evaluate_lib.task_accuracy(nnx.merge(graphdef, params), config).items()})
         return result
 
     # ----------------------------------------------------------------------------- Loop
@@ -272,10 +295,11 @@ def run(config, workdir, devices=None) -> dict:
     last_time, last_step, final_eval, last_scalars = time.perf_counter(), start, {}, {}
     stop, stopping = StopRequest(), False
     for step in range(start, steps):
-        local = data_lib.local_batch(data.train, window=window, batch_size=config.batch_size, seed=config.seed,
-                                     step=step, process_index=jax.process_index(),
-                                     process_count=jax.process_count(), num_epochs=config.num_epochs)
-        state, metrics = step_fn(state, sharding.global_batch(local, mesh))
+        local_rows_at = functools.partial(
+            data_lib.local_batch, window=window, batch_size=config.batch_size, seed=config.seed, step=step,
+            process_index=jax.process_index(), process_count=jax.process_count(), num_epochs=config.num_epochs,
+            align=data.example_len)
+        state, metrics = step_fn(state, *to_batch(local_rows_at, data.train, data.train_mask))
         done = step + 1
         bar.update(1)
         if itstime(done, config.log_every, steps):
