@@ -37,9 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtp_jax import speculative
 from mtp_jax.cli import fail
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import MTPModel
+from mtp_jax.speculative import Tree
 
 # ---------------------------------------------------------------------------------------------
 # Caches and compiled steps
@@ -87,24 +89,6 @@ def _plain_step(model: MTPModel, tokens, caches, index, last, key, settings: dic
     return token, logprob, caches
 
 
-def _heads_step(model: MTPModel, tokens, caches, index):
-    """Run tokens [B, t] through the trunk and every head; returns each head's greedy token at
-    every position [n, B, t] (head k's at position p guesses the token at p + k) and the caches."""
-    positions = _positions(tokens, index)
-    n_trunk = len(model.trunk_layers)
-    h_trunk, new_caches = model.trunk(tokens, positions, caches[:n_trunk], index)
-    head_caches = iter(caches[n_trunk:])
-    h, greedy = h_trunk, []
-    for k in range(1, model.n_tokens + 1):
-        cache = next(head_caches) if head_has_block(model, k) else None
-        # 'sequential' module k reads x[t + k - 1]: module k-1's greedy token at the same position.
-        h, cache = model.head_hidden(k, h_trunk, h, greedy[-1] if greedy else None, positions, cache, index)
-        if cache is not None:
-            new_caches.append(cache)
-        greedy.append(jnp.argmax(_head_logits(model, k, h), axis=-1).astype(jnp.int32))
-    return jnp.stack(greedy), new_caches
-
-
 def _decode_plain(graphdef, capacity, settings, params, prompt, length, limit, key):
     """The whole of plain decoding as one program: prefill prompt [1, P] (its first `length`
     tokens are real), then `limit` - 1 single-token steps in a device loop. Returns the new
@@ -124,53 +108,106 @@ def _decode_plain(graphdef, capacity, settings, params, prompt, length, limit, k
     return tokens, logprobs
 
 
-def _decode_speculative(graphdef, capacity, params, prompt, length, limit):
-    """The whole of self-speculative greedy decoding as one program (a device loop over verify
-    passes, so the host never waits between passes). Returns the new tokens [capacity + n] (the
-    first `limit` are valid), the number of verify passes, and how many drafts each accepted
-    [capacity] (the first `passes` are valid)."""
-    model = nnx.merge(graphdef, params)
-    n = model.n_tokens
-    # A verify pass at the last committed position writes n - 1 slots past it.
-    caches = init_caches(model, 1, capacity + n - 1, all_heads=True)
-    greedy, caches = _heads_step(model, prompt, caches, 0)
-    block = greedy[:, 0, length - 1]  # [n]: head 1's certain next token, then the heads' drafts
+def _speculate(model: MTPModel, tree: Tree, settings: dict, tokens, positions, caches, index, mask, key, commit):
+    """Run tokens [1, T] through the trunk and every head, commit, and draft the next block.
+
+    commit(head 1's logits [T, V], key) returns (last: the node after which the next certain
+    token follows, successors [T]: the token committed after each node (what 'sequential'
+    module 2 reads there; DeepSeek-V3's x[t + 1]), that certain token, extra outputs). Heads
+    2 … n then draft at `last`; 'sequential' module k + 1 reads module k's draft there and its
+    argmax elsewhere. Returns (the next block [tree.size], the drafts' distributions q [n - 1, V]
+    (sampling), the caches, extra)."""
+    commit_key, draft_key = jax.random.split(key)
+    n_trunk = len(model.trunk_layers)
+    h_trunk, new_caches = model.trunk(tokens, positions, caches[:n_trunk], index, mask)
+    head_caches = iter(caches[n_trunk:])
+    h, inputs, candidates, q = h_trunk, None, [], []
+    for k in range(1, model.n_tokens + 1):
+        cache = next(head_caches) if head_has_block(model, k) else None
+        h, cache = model.head_hidden(k, h_trunk, h, inputs, positions, cache, index, mask)
+        if cache is not None:
+            new_caches.append(cache)
+        if k == 1:
+            last, successors, token, extra = commit(_head_logits(model, 1, h[0]), commit_key)
+            inputs = successors[None]
+            continue
+        if model.head_type == "sequential":
+            logits = _head_logits(model, k, h[0])  # [T, V]: the next module reads every position's token
+            draft, chosen, q_k = speculative.draft(logits[last], jax.random.fold_in(draft_key, k), tree.max_rank,
+                                                   **settings)
+            inputs = jnp.argmax(logits, axis=-1).astype(jnp.int32).at[last].set(chosen)[None]
+        else:
+            draft, _, q_k = speculative.draft(_head_logits(model, k, h[0, last]), jax.random.fold_in(draft_key, k),
+                                              tree.max_rank, **settings)
+        candidates.append(draft)
+        q.append(q_k)
+    return tree.block(token, jnp.stack(candidates)), jnp.stack(q), new_caches, extra
+
+
+def _decode_speculative(graphdef, capacity, tree: Tree, settings, params, prompt, length, limit, key):
+    """The whole of self-speculative decoding as one program (a device loop over verify passes,
+    so the host never waits between passes). Greedy (temperature 0) verifies `tree`; sampling
+    verifies a chain by rejection sampling. Returns the new tokens [capacity + depth + 1] (the
+    first `limit` are valid), the number of verify passes, how many drafts each accepted
+    [capacity] and each draft position's Σ_x min(p, q) [capacity, n - 1] (sampling; the first
+    `passes` rows are valid)."""
+    model, settings = nnx.merge(graphdef, params), dict(settings)
+    n, size, sampled = model.n_tokens, tree.size, settings["temperature"] > 0
+    # A verify pass at the last committed position writes tree.size slots from it.
+    caches = init_caches(model, 1, capacity + size, all_heads=True)
+
+    def commit_prompt(logits, key):
+        token = choose(logits[length - 1][None], key, **settings)[0]
+        successors = jnp.concatenate([prompt[0, 1:], prompt[0, :1]]).at[length - 1].set(token)
+        return length - 1, successors, token, ()
+
+    block, q, caches, _ = _speculate(model, tree, settings, prompt, _positions(prompt, 0), caches, 0, None,
+                                     jax.random.fold_in(key, length - 1), commit_prompt)
 
     def more(carry):  # a pass pays only if at least two tokens are still wanted
         return carry[0] + 1 < limit
 
     def verify(carry):
-        count, passes, block, caches, tokens, accepted = carry
-        # Commit the certain token (and, provisionally, the drafts) at `count`; the first
-        # position the pass rejects is overwritten by the next block.
-        tokens = jax.lax.dynamic_update_slice(tokens, block, (count,))
-        greedy, caches = _heads_step(model, block[None], caches, length + count)
-        greedy = greedy[:, 0]  # [n heads, n positions]
-        # Head 1 after position j must agree with the draft at j + 1, for every j before it.
-        a = jnp.sum(jnp.cumprod(greedy[0, :n - 1] == block[1:]))
-        return count + a + 1, passes + 1, greedy[:, a], caches, tokens, accepted.at[passes].set(a)
+        count, passes, block, q, caches, tokens, accepted, overlaps = carry
+        base = length + count
 
-    carry = (jnp.int32(0), jnp.int32(0), block, caches, jnp.zeros(capacity + n, jnp.int32),
-             jnp.full(capacity, -1, jnp.int32))
-    count, passes, block, _, tokens, accepted = jax.lax.while_loop(more, verify, carry)
-    return jax.lax.dynamic_update_slice(tokens, block, (count,)), passes, accepted
+        def commit(logits, key):  # logits [size, V]: head 1 after each node
+            if sampled:
+                p = jax.nn.softmax(speculative.filter_logits(logits, **settings), axis=-1)
+                a, token, overlap = speculative.accept_sampled(block, p, q, key)
+                path = jnp.arange(size)
+            else:
+                path, a = speculative.accept_greedy(tree, block, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+                token, overlap = jnp.argmax(logits[path[-1]]).astype(jnp.int32), jnp.zeros(n - 1)
+            # After each accepted node, the next node on the path (then the certain token).
+            successors = jnp.full(size, token)
+            for d in range(tree.max_depth):
+                successors = successors.at[path[d]].set(jnp.where(d < a, block[path[d + 1]], token))
+            return path[a], successors, token, (path, a, overlap)
+
+        mask = None if tree.is_chain else tree.mask(base, caches[0]["k"].shape[1])
+        positions = base + jnp.asarray(tree.depths)[None]
+        next_block, q, caches, (path, a, overlap) = _speculate(
+            model, tree, settings, block[None], positions, caches, base, mask, jax.random.fold_in(key, base), commit)
+        if not tree.is_chain:
+            caches = speculative.compact(caches, base, path)
+        # Commit the path (its tail past the accepted drafts is overwritten by the next pass).
+        tokens = jax.lax.dynamic_update_slice(tokens, block[path[:tree.max_depth + 1]], (count,))
+        return (count + a + 1, passes + 1, next_block, q, caches, tokens, accepted.at[passes].set(a),
+                overlaps.at[passes].set(overlap))
+
+    carry = (jnp.int32(0), jnp.int32(0), block, q, caches, jnp.zeros(capacity + tree.max_depth + 1, jnp.int32),
+             jnp.full(capacity, -1, jnp.int32), jnp.zeros((capacity, n - 1), jnp.float32))
+    count, passes, block, _, _, tokens, accepted, overlaps = jax.lax.while_loop(more, verify, carry)
+    return jax.lax.dynamic_update_slice(tokens, block[:1], (count,)), passes, accepted, overlaps
 
 
 def choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """Next token [B] from logits [B, V]: greedy at temperature 0, else sampled."""
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
-        # The smallest logit still inside the nucleus (the top token is always kept).
-        cutoff = jnp.take_along_axis(ordered, jnp.sum(cumulative < top_p, axis=-1, keepdims=True), axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, speculative.filter_logits(logits, temperature, top_k, top_p),
+                                  axis=-1).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +221,7 @@ class Result:
     forward_passes: int  # prefill included
     accepted: list[int]  # per verify pass, how many drafts were accepted (empty for plain decoding)
     logprobs: list[float] | None = None  # head 1's log-probability of each new token (plain decoding)
+    overlaps: list[list[float]] | None = None  # per verify pass and draft position, Σ_x min(p, q) (sampling)
 
     @property
     def mean_accepted(self) -> float:
@@ -196,6 +234,16 @@ class Result:
         a = np.asarray(self.accepted)
         return [float(np.mean(a[a >= k - 2] >= k - 1)) if np.any(a >= k - 2) else None for k in range(2, n + 1)]
 
+    def alpha(self) -> list[float | None]:
+        """Sampling: for each draft position, the mean of Σ_x min(p, q) (its expected acceptance,
+        Leviathan et al.'s α) over the passes that reached it (None if none did)."""
+        a, overlaps = np.asarray(self.accepted), np.asarray(self.overlaps)
+        return [float(np.mean(overlaps[a >= j, j])) if np.any(a >= j) else None for j in range(overlaps.shape[1])]
+
+    def predicted_mean_accepted(self) -> float:
+        """Tokens per pass that α predicts: 1 + α_1 + α_1 α_2 + … (positions independent)."""
+        return float(1 + np.sum(np.cumprod([x or 0.0 for x in self.alpha()])))
+
 
 class Generator:
     """Compiled decoding of one model with a KV cache of `capacity` positions (prompt + output).
@@ -207,7 +255,7 @@ class Generator:
         self.model, self.capacity, self.n = model, capacity, model.n_tokens
         graphdef, self.params = nnx.split(model)
         self._plain = jax.jit(functools.partial(_decode_plain, graphdef, capacity), static_argnums=0)
-        self._speculative = jax.jit(functools.partial(_decode_speculative, graphdef, capacity))
+        self._speculative = jax.jit(functools.partial(_decode_speculative, graphdef, capacity), static_argnums=(0, 1))
 
     def compilations(self) -> int:
         """How many programs have been compiled so far (one per mode and prompt bucket)."""
@@ -232,15 +280,27 @@ class Generator:
         tokens, logprobs = self._plain(settings, self.params, padded, len(prompt), limit, jax.random.key(seed))
         return Result(np.asarray(tokens)[:limit].tolist(), limit, [], np.asarray(logprobs)[:limit].tolist())
 
-    def speculative(self, prompt: list[int], max_new_tokens: int) -> Result:
-        """Self-speculative greedy decoding: the same tokens as generate(temperature=0)."""
+    def speculative(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0, seed: int = 0, tree: Tree | None = None) -> Result:
+        """Self-speculative decoding: greedy (temperature 0) gives the same tokens as
+        generate(temperature=0), with a chain of drafts or a `tree`; sampling verifies a chain by
+        rejection sampling, so its tokens are distributed exactly as generate's with the same
+        settings (but are not the same draws)."""
         if self.n == 1:
             raise UserError("the model has no extra heads to draft with (it was trained with mtp_n_tokens=1): "
                             "drop --speculative, or train with --config.use_mtp=True --config.mtp_n_tokens=4")
+        tree = tree or Tree.chain(self.n - 1)
+        if temperature > 0 and not tree.is_chain:
+            raise UserError("tree verification is greedy: drop --tree_size (sampled drafts are verified as a chain) "
+                            "or --temperature")
+        if tree.max_depth > self.n - 1:
+            raise UserError(f"the tree is {tree.max_depth} drafts deep but the model has {self.n - 1} draft heads")
         padded, limit = self._prompt(prompt, max_new_tokens)
-        tokens, passes, accepted = jax.device_get(
-            self._speculative(self.params, padded, len(prompt), limit))
-        return Result(tokens[:limit].tolist(), 1 + int(passes), accepted[:passes].tolist())
+        settings = (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+        tokens, passes, accepted, overlaps = jax.device_get(
+            self._speculative(tree, settings, self.params, padded, len(prompt), limit, jax.random.key(seed)))
+        return Result(tokens[:limit].tolist(), 1 + int(passes), accepted[:passes].tolist(),
+                      overlaps=overlaps[:passes].tolist())
 
 
 def sample(model: MTPModel, prompt: list[int], *, max_new_tokens: int, temperature: float = 0.0,
