@@ -351,6 +351,44 @@ def teacher_forced_acceptance(graphdef, chunk_size: int, params, window: jax.Arr
     return metrics
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def rank_acceptance(graphdef, ranks: int, params, window: jax.Array) -> jax.Array:
+    """[n - 1, ranks]: with the true tokens as context (window [B, T + n]), the fraction of
+    positions t where head k's rank-r token (k = 2 … n, r < ranks) equals head 1's argmax at
+    t + k - 1, i.e. where a greedy tree's candidate would be accepted."""
+    model = nnx.merge(graphdef, params)
+    n, t = model.n_tokens, window.shape[1] - model.n_tokens
+    positions = jnp.broadcast_to(jnp.arange(t), (window.shape[0], t))
+    h_trunk, _ = model.trunk(window[:, :t], positions)
+    h, rows = h_trunk, []
+    for k in range(1, n + 1):
+        h, _ = model.head_hidden(k, h_trunk, h, window[:, k - 1:t + k - 1], positions)
+        if k == 1:
+            greedy = _greedy_chunked(model, 1, h, 0)  # [B, T]
+            continue
+
+        def ranks_of(row, k=k):  # one sequence at a time: at most [T, V] logits exist
+            h_row, target = row
+            logits = _head_logits(model, k, h_row)  # [T - k + 1, V]
+            rank = jnp.sum(logits > jnp.take_along_axis(logits, target[:, None], axis=-1), axis=-1)
+            return jnp.mean(jax.nn.one_hot(rank, ranks), axis=0)
+
+        rows.append(jnp.mean(jax.lax.map(ranks_of, (h[:, :t - k + 1], greedy[:, k - 1:])), axis=0))
+    return jnp.stack(rows)
+
+
+def build_tree(model: MTPModel, config, data, size: int, ranks: int = 8) -> Tree:
+    """The `size`-node tree (root excluded) that maximises the expected accepted length under the
+    per-head, per-rank acceptance measured on the validation windows evaluation uses."""
+    from mtp_jax import data as data_lib
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    batches = data_lib.eval_windows(data.val, window=config.seq_len + model.n_tokens, batch_size=config.batch_size,
+                                    num_batches=config.eval_batches)
+    acceptance = np.mean([np.asarray(rank_acceptance(graphdef, ranks, params, b)) for b in batches], axis=0)
+    return Tree.build(acceptance, size)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line: load a trained workdir, generate or benchmark
 # ---------------------------------------------------------------------------------------------
@@ -393,51 +431,73 @@ def compression_ratio(text: str) -> float:
     return len(zlib.compress(raw, 9)) / max(len(raw), 1)
 
 
+BENCHMARK_TREE_SIZE = 16  # drafts per verify pass in the benchmark's tree (--tree_size overrides)
+BENCHMARK_MODES = ("plain", "chain", "tree", "plain_sampled", "chain_sampled")
+
+
 def benchmark(model: MTPModel, config, data, *, prompts: int, prompt_len: int, new_tokens: int,
-              cache_len: int) -> dict:
-    """Plain greedy vs self-speculative decoding on held-out prompts (the validation split),
-    timed in one process, alternating which runs first; plus how repetitive the outputs are and
-    the teacher-forced acceptance on the validation set."""
+              cache_len: int, tree: Tree, temperature: float) -> dict:
+    """Plain, chain and tree decoding, greedy, and plain and chain sampling at `temperature`, on
+    held-out prompts (the validation split), timed in one process with the order of the modes
+    rotating per prompt; speedups are medians over prompts of each mode's tokens/s over plain's
+    (greedy or sampled). Greedy outputs must be identical; sampled ones are only reported. Also
+    how repetitive the outputs are and the teacher-forced acceptance on the validation set."""
     from mtp_jax import data as data_lib
 
     tokenizer = data_lib.load_tokenizer(data.directory)
     generator = Generator(model, cache_len)
     starts = np.linspace(0, len(data.val) - prompt_len - new_tokens, prompts).astype(np.int64)
     val = lambda s, n: np.asarray(data.val[s:s + n]).astype(int).tolist()  # noqa: E731
-    generator.generate(val(0, prompt_len), new_tokens), generator.speculative(val(0, prompt_len), new_tokens)
+    modes = {
+        "plain": lambda prompt, seed: generator.generate(prompt, new_tokens),
+        "chain": lambda prompt, seed: generator.speculative(prompt, new_tokens),
+        "tree": lambda prompt, seed: generator.speculative(prompt, new_tokens, tree=tree),
+        "plain_sampled": lambda prompt, seed: generator.generate(prompt, new_tokens, temperature, seed=seed),
+        "chain_sampled": lambda prompt, seed: generator.speculative(prompt, new_tokens, temperature, seed=seed),
+    }
+    for run_mode in modes.values():  # compile every mode before timing
+        run_mode(val(0, prompt_len), 0)
 
     rows = []
     for i, s in enumerate(starts):
         prompt, truth = val(s, prompt_len), val(s + prompt_len, new_tokens)
-        runs = {}
-        for mode in (("plain", "speculative") if i % 2 == 0 else ("speculative", "plain")):
+        row = {"truth_ratio": compression_ratio(tokenizer.decode(truth))}
+        for mode in BENCHMARK_MODES[i % len(modes):] + BENCHMARK_MODES[:i % len(modes)]:
             begin = time.perf_counter()
-            runs[mode] = generator.generate(prompt, new_tokens) if mode == "plain" else \
-                generator.speculative(prompt, new_tokens)
-            runs[mode + "_s"] = time.perf_counter() - begin
-        if runs["plain"].tokens != runs["speculative"].tokens:
-            raise AssertionError(f"speculative decoding diverged from greedy decoding on prompt {i}")
-        rows.append(dict(plain_tps=len(runs["plain"].tokens) / runs["plain_s"],
-                         speculative_tps=len(runs["speculative"].tokens) / runs["speculative_s"],
-                         accepted=runs["speculative"].accepted, passes=runs["speculative"].forward_passes,
-                         output_ratio=compression_ratio(tokenizer.decode(runs["plain"].tokens)),
-                         truth_ratio=compression_ratio(tokenizer.decode(truth))))
+            result = modes[mode](prompt, i)
+            row[mode] = dict(result=result, tps=len(result.tokens) / (time.perf_counter() - begin),
+                             ratio=compression_ratio(tokenizer.decode(result.tokens)))
+        for mode in ("chain", "tree"):
+            if row[mode]["result"].tokens != row["plain"]["result"].tokens:
+                raise AssertionError(f"{mode} speculative decoding diverged from greedy decoding on prompt {i}")
+        rows.append(row)
 
-    window = config.seq_len + model.n_tokens
     graphdef, params = nnx.split(model, nnx.Param)
-    batches = data_lib.eval_windows(data.val, window=window, batch_size=config.batch_size,
+    batches = data_lib.eval_windows(data.val, window=config.seq_len + model.n_tokens, batch_size=config.batch_size,
                                     num_batches=config.eval_batches)
     forced = [teacher_forced_acceptance(graphdef, config.loss_chunk_size, params, b) for b in batches]
     forced = {k: float(np.mean([f[k] for f in forced])) for k in forced[0]}
 
-    median = lambda key: float(np.median([r[key] for r in rows]))  # noqa: E731
-    accepted = Result([], 0, sum((r["accepted"] for r in rows), []))
+    report = {}
+    for mode in BENCHMARK_MODES:
+        baseline = "plain_sampled" if mode.endswith("sampled") else "plain"
+        results = Result([], 0, sum((r[mode]["result"].accepted for r in rows), []),
+                         overlaps=sum((r[mode]["result"].overlaps or [] for r in rows), []))
+        report[mode] = {
+            "tokens_per_sec": float(np.median([r[mode]["tps"] for r in rows])),
+            "speedup": float(np.median([r[mode]["tps"] / r[baseline]["tps"] for r in rows])),
+            "mean_accepted": results.mean_accepted,
+            "output_compression_ratio": float(np.median([r[mode]["ratio"] for r in rows])),
+        }
+        if mode == "chain":
+            report[mode]["acceptance"] = results.acceptance(model.n_tokens)
+        if mode == "chain_sampled":
+            report[mode]["alpha"] = results.alpha()
+            report[mode]["alpha_predicted_mean_accepted"] = results.predicted_mean_accepted()
     return {
         "prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens, "cache_len": cache_len,
-        "plain_tokens_per_sec": median("plain_tps"), "speculative_tokens_per_sec": median("speculative_tps"),
-        "speedup": float(np.median([r["speculative_tps"] / r["plain_tps"] for r in rows])),
-        "mean_accepted": accepted.mean_accepted, "acceptance": accepted.acceptance(model.n_tokens),
-        "output_compression_ratio": median("output_ratio"), "truth_compression_ratio": median("truth_ratio"),
+        "temperature": temperature, "tree_size": tree.size - 1, "tree": tree.to_json(), **report,
+        "truth_compression_ratio": float(np.median([r["truth_ratio"] for r in rows])),
         "teacher_forced_mean_accepted": forced.pop("mean_accepted"), "teacher_forced_acceptance": forced,
     }
 
@@ -456,19 +516,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top_p", type=float, default=1.0, help="sample within this probability mass (nucleus)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--speculative", action="store_true", help="self-speculative greedy decoding with the MTP heads")
+    p.add_argument("--speculative", action="store_true",
+                   help="self-speculative decoding with the MTP heads (greedy, or rejection-sampled at --temperature)")
+    p.add_argument("--tree_size", type=int, default=0,
+                   help="greedy --speculative: verify a Medusa tree of this many drafts, built from the heads' "
+                        "per-rank acceptance on validation text (0: a chain of one draft per head)")
     p.add_argument("--cache_len", type=int, default=0,
                    help="KV-cache positions, prompt included (0: the seq_len the model was trained on)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--benchmark", action="store_true",
-                   help="time plain vs speculative greedy decoding on validation prompts")
+                   help="time plain, chain and tree decoding (greedy) and plain and chain sampling "
+                        "(--temperature, default 0.8) on validation prompts")
     p.add_argument("--prompts", type=int, default=10, help="benchmark: number of validation prompts")
     p.add_argument("--prompt_len", type=int, default=128, help="benchmark: tokens per prompt")
     args = p.parse_args(argv)
     if not args.benchmark and args.prompt is None:
         fail("--prompt is required (or pass --benchmark)")
-    if args.speculative and args.temperature > 0:
-        fail("--speculative decodes greedily: drop --temperature (or --speculative to sample)")
+    if args.tree_size and not (args.speculative or args.benchmark):
+        fail("--tree_size is a shape for --speculative decoding: add --speculative (or drop --tree_size)")
+    if args.tree_size and args.temperature > 0 and not args.benchmark:
+        fail("tree verification is greedy: drop --tree_size (sampled drafts are verified as a chain) or --temperature")
+    if args.tree_size < 0:
+        fail(f"--tree_size={args.tree_size} must be >= 0")
     for name in ("max_new_tokens", "prompts", "prompt_len"):
         if getattr(args, name) < 1:
             fail(f"--{name}={getattr(args, name)} must be >= 1")
@@ -488,22 +557,31 @@ def run(args: argparse.Namespace) -> dict:
                             "benchmark a model trained with --config.use_mtp=True --config.mtp_n_tokens=4")
         if args.prompt_len >= cache_len:
             raise UserError(f"--prompt_len={args.prompt_len} must be below the cache of {cache_len} positions")
+        tree = build_tree(model, config, data, args.tree_size or BENCHMARK_TREE_SIZE)
         return benchmark(model, config, data, prompts=args.prompts, prompt_len=args.prompt_len,
-                         new_tokens=min(args.max_new_tokens, cache_len - args.prompt_len), cache_len=cache_len)
+                         new_tokens=min(args.max_new_tokens, cache_len - args.prompt_len), cache_len=cache_len,
+                         tree=tree, temperature=args.temperature or 0.8)
     tokenizer = data_lib.load_tokenizer(data.directory)
     prompt = tokenizer.encode(args.prompt)
     generator = Generator(model, cache_len)
+    tree = build_tree(model, config, data, args.tree_size) if args.tree_size and model.n_tokens > 1 else None
     begin = time.perf_counter()
     if args.speculative:
-        result = generator.speculative(prompt, args.max_new_tokens)
+        result = generator.speculative(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                       args.seed, tree)
     else:
         result = generator.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                     args.seed)
     seconds = time.perf_counter() - begin  # includes compiling the two steps
-    return {"text": tokenizer.decode(result.tokens), "new_tokens": len(result.tokens), "seconds": seconds,
-            "tokens_per_sec": len(result.tokens) / seconds, "forward_passes": result.forward_passes,
-            "mean_accepted": result.mean_accepted,
-            "acceptance": result.acceptance(model.n_tokens) if args.speculative else []}
+    out = {"text": tokenizer.decode(result.tokens), "new_tokens": len(result.tokens), "seconds": seconds,
+           "tokens_per_sec": len(result.tokens) / seconds, "forward_passes": result.forward_passes,
+           "mean_accepted": result.mean_accepted,
+           "acceptance": result.acceptance(model.n_tokens) if args.speculative else []}
+    if tree is not None:
+        out["tree"] = tree.to_json()
+    if args.speculative and args.temperature > 0:
+        out["alpha"], out["alpha_predicted_mean_accepted"] = result.alpha(), result.predicted_mean_accepted()
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
