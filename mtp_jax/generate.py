@@ -1,24 +1,25 @@
 """Decoding with a fixed-capacity KV cache, plain or self-speculative with the MTP heads.
 
     python -m mtp_jax.generate --workdir=DIR --prompt=TEXT [--max_new_tokens=N] [--temperature=T]
-        [--top_k=K] [--top_p=P] [--seed=S] [--speculative] [--json]
-    python -m mtp_jax.generate --workdir=DIR --benchmark [--prompts=10 --prompt_len=128 …]
+        [--top_k=K] [--top_p=P] [--seed=S] [--speculative [--tree_size=K]] [--json]
+    python -m mtp_jax.generate --workdir=DIR --benchmark [--prompts=10 --prompt_len=128 --tree_size=K …]
 
 Plain decoding runs head 1's path, which for every head type is the decoder's n_layers blocks,
 final norm and unembedding. Each mode is one compiled program per prompt bucket (the prompt is
 padded to a power of two): the prefill, then a `lax.while_loop` of decoding steps on the device,
 so nothing recompiles per token and the host waits only for the finished output.
 
-Self-speculative greedy decoding (Stern et al. 2018; Gloeckle et al. 2024, §3.2): at the last
-committed position head 1 gives the next token for certain and heads 2 … n draft the n - 1
-after it. One forward pass over [certain token, drafts] verifies the drafts against head 1's
-greedy choice at each position; the longest agreeing prefix is committed together with head 1's
-own next token there, and the same pass already holds every head's drafts at that position, so
-each pass both verifies and drafts. Rolling the cache back is resetting the index: attention
-reads only slots <= the query's position, and stale slots are overwritten before they are read.
-'sequential' heads draft module by module as in DeepSeek-V3: module k reads the embedding of
-module k-1's greedy token at the same position (at committed positions, module 2 thus sees the
-true next token).
+Self-speculative decoding (Stern et al. 2018; Gloeckle et al. 2024, §3.2): at the last committed
+position head 1 gives the next token and heads 2 … n draft the n - 1 after it. One forward pass
+over that block verifies the drafts (speculative.py: a chain or a Medusa tree; greedy, or
+rejection sampling that keeps plain sampling's distribution); the accepted drafts are committed
+with head 1's own next token after them, and the same pass already holds every head's drafts at
+that position, so each pass both verifies and drafts. Rolling the cache back is resetting the
+index: attention reads only slots <= the query's position (a tree's nodes: the committed slots
+and their ancestors'), stale slots are overwritten before they are read, and a tree's accepted
+path is first moved to consecutive slots. 'sequential' heads draft module by module as in
+DeepSeek-V3: module 2 reads the token committed after each position, module k > 2 module k-1's
+draft (its argmax; at the last committed position, the draft itself).
 """
 
 from __future__ import annotations
