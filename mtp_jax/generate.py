@@ -497,7 +497,7 @@ def benchmark(model: MTPModel, config, data, *, prompts: int, prompt_len: int, n
             report[mode]["alpha_predicted_mean_accepted"] = results.predicted_mean_accepted()
     return {
         "prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens, "cache_len": cache_len,
-        "temperature": temperature, "tree_size": tree.size - 1, "tree": tree.to_json(), **report,
+        "temperature": temperature, "tree_size": tree.size - 1, "tree_paths": tree.to_json(), **report,
         "truth_compression_ratio": float(np.median([r["truth_ratio"] for r in rows])),
         "teacher_forced_mean_accepted": forced.pop("mean_accepted"), "teacher_forced_acceptance": forced,
     }
