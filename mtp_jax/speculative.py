@@ -92,19 +92,22 @@ class Tree:
         return int(self.ranks.max()) + 1
 
     @functools.cached_property
+    def _index(self) -> dict[tuple[int, ...], int]:
+        """Each node's number by its path (the root's is ())."""
+        return {(): 0} | {p: i + 1 for i, p in enumerate(self.paths)}
+
+    @functools.cached_property
     def ancestors(self) -> np.ndarray:
         """[size, size] bool: node j is node i or one of its ancestors."""
-        index = {(): 0} | {p: i + 1 for i, p in enumerate(self.paths)}
         out = np.zeros((self.size, self.size), bool)
-        for path, i in index.items():
+        for path, i in self._index.items():
             for d in range(len(path) + 1):
-                out[i, index[path[:d]]] = True
+                out[i, self._index[path[:d]]] = True
         return out
 
     @functools.cached_property
     def parents(self) -> np.ndarray:  # [size]; the root is its own parent
-        index = {(): 0} | {p: i + 1 for i, p in enumerate(self.paths)}
-        return np.array([0] + [index[p[:-1]] for p in self.paths], np.int32)
+        return np.array([0] + [self._index[p[:-1]] for p in self.paths], np.int32)
 
     def mask(self, base, slots: int) -> jax.Array:
         """[size, slots] bool: node i (written at cache slot base + i) sees the committed slots
