@@ -110,7 +110,8 @@ def main(argv: list[str]) -> None:
         "tokens_per_pass": {name: (args.new_tokens - short) / (passes[name, args.new_tokens] - passes[name, short])
                             for name in trees},
         "pass_tokens": {name: (trees[name].size if trees[name] else model.n_tokens) for name in trees},
-        "bfloat16_same_greedy_tokens": run("bfloat16", args.new_tokens).tokens == run("float32", args.new_tokens).tokens,
+        "bfloat16_same_greedy_tokens":
+            run("bfloat16", args.new_tokens).tokens == run("float32", args.new_tokens).tokens,
     }
     print(json.dumps(out))
 
