@@ -1,24 +1,25 @@
 """Decoding with a fixed-capacity KV cache, plain or self-speculative with the MTP heads.
 
     python -m mtp_jax.generate --workdir=DIR --prompt=TEXT [--max_new_tokens=N] [--temperature=T]
-        [--top_k=K] [--top_p=P] [--seed=S] [--speculative] [--json]
-    python -m mtp_jax.generate --workdir=DIR --benchmark [--prompts=10 --prompt_len=128 …]
+        [--top_k=K] [--top_p=P] [--seed=S] [--speculative [--tree_size=K]] [--json]
+    python -m mtp_jax.generate --workdir=DIR --benchmark [--prompts=10 --prompt_len=128 --tree_size=K …]
 
 Plain decoding runs head 1's path, which for every head type is the decoder's n_layers blocks,
 final norm and unembedding. Each mode is one compiled program per prompt bucket (the prompt is
 padded to a power of two): the prefill, then a `lax.while_loop` of decoding steps on the device,
 so nothing recompiles per token and the host waits only for the finished output.
 
-Self-speculative greedy decoding (Stern et al. 2018; Gloeckle et al. 2024, §3.2): at the last
-committed position head 1 gives the next token for certain and heads 2 … n draft the n - 1
-after it. One forward pass over [certain token, drafts] verifies the drafts against head 1's
-greedy choice at each position; the longest agreeing prefix is committed together with head 1's
-own next token there, and the same pass already holds every head's drafts at that position, so
-each pass both verifies and drafts. Rolling the cache back is resetting the index: attention
-reads only slots <= the query's position, and stale slots are overwritten before they are read.
-'sequential' heads draft module by module as in DeepSeek-V3: module k reads the embedding of
-module k-1's greedy token at the same position (at committed positions, module 2 thus sees the
-true next token).
+Self-speculative decoding (Stern et al. 2018; Gloeckle et al. 2024, §3.2): at the last committed
+position head 1 gives the next token and heads 2 … n draft the n - 1 after it. One forward pass
+over that block verifies the drafts (speculative.py: a chain or a Medusa tree; greedy, or
+rejection sampling that keeps plain sampling's distribution); the accepted drafts are committed
+with head 1's own next token after them, and the same pass already holds every head's drafts at
+that position, so each pass both verifies and drafts. Rolling the cache back is resetting the
+index: attention reads only slots <= the query's position (a tree's nodes: the committed slots
+and their ancestors'), stale slots are overwritten before they are read, and a tree's accepted
+path is first moved to consecutive slots. 'sequential' heads draft module by module as in
+DeepSeek-V3: module 2 reads the token committed after each position, module k > 2 module k-1's
+draft (its argmax; at the last committed position, the draft itself).
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtp_jax import speculative
 from mtp_jax.cli import fail
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import MTPModel
+from mtp_jax.speculative import Tree
 
 # ---------------------------------------------------------------------------------------------
 # Caches and compiled steps
@@ -87,24 +90,6 @@ def _plain_step(model: MTPModel, tokens, caches, index, last, key, settings: dic
     return token, logprob, caches
 
 
-def _heads_step(model: MTPModel, tokens, caches, index):
-    """Run tokens [B, t] through the trunk and every head; returns each head's greedy token at
-    every position [n, B, t] (head k's at position p guesses the token at p + k) and the caches."""
-    positions = _positions(tokens, index)
-    n_trunk = len(model.trunk_layers)
-    h_trunk, new_caches = model.trunk(tokens, positions, caches[:n_trunk], index)
-    head_caches = iter(caches[n_trunk:])
-    h, greedy = h_trunk, []
-    for k in range(1, model.n_tokens + 1):
-        cache = next(head_caches) if head_has_block(model, k) else None
-        # 'sequential' module k reads x[t + k - 1]: module k-1's greedy token at the same position.
-        h, cache = model.head_hidden(k, h_trunk, h, greedy[-1] if greedy else None, positions, cache, index)
-        if cache is not None:
-            new_caches.append(cache)
-        greedy.append(jnp.argmax(_head_logits(model, k, h), axis=-1).astype(jnp.int32))
-    return jnp.stack(greedy), new_caches
-
-
 def _decode_plain(graphdef, capacity, settings, params, prompt, length, limit, key):
     """The whole of plain decoding as one program: prefill prompt [1, P] (its first `length`
     tokens are real), then `limit` - 1 single-token steps in a device loop. Returns the new
@@ -124,53 +109,106 @@ def _decode_plain(graphdef, capacity, settings, params, prompt, length, limit, k
     return tokens, logprobs
 
 
-def _decode_speculative(graphdef, capacity, params, prompt, length, limit):
-    """The whole of self-speculative greedy decoding as one program (a device loop over verify
-    passes, so the host never waits between passes). Returns the new tokens [capacity + n] (the
-    first `limit` are valid), the number of verify passes, and how many drafts each accepted
-    [capacity] (the first `passes` are valid)."""
-    model = nnx.merge(graphdef, params)
-    n = model.n_tokens
-    # A verify pass at the last committed position writes n - 1 slots past it.
-    caches = init_caches(model, 1, capacity + n - 1, all_heads=True)
-    greedy, caches = _heads_step(model, prompt, caches, 0)
-    block = greedy[:, 0, length - 1]  # [n]: head 1's certain next token, then the heads' drafts
+def _speculate(model: MTPModel, tree: Tree, settings: dict, tokens, positions, caches, index, mask, key, commit):
+    """Run tokens [1, T] through the trunk and every head, commit, and draft the next block.
+
+    commit(head 1's logits [T, V], key) returns (last: the node after which the next certain
+    token follows, successors [T]: the token committed after each node (what 'sequential'
+    module 2 reads there; DeepSeek-V3's x[t + 1]), that certain token, extra outputs). Heads
+    2 … n then draft at `last`; 'sequential' module k + 1 reads module k's draft there and its
+    argmax elsewhere. Returns (the next block [tree.size], the drafts' distributions q [n - 1, V]
+    (sampling), the caches, extra)."""
+    commit_key, draft_key = jax.random.split(key)
+    n_trunk = len(model.trunk_layers)
+    h_trunk, new_caches = model.trunk(tokens, positions, caches[:n_trunk], index, mask)
+    head_caches = iter(caches[n_trunk:])
+    h, inputs, candidates, q = h_trunk, None, [], []
+    for k in range(1, model.n_tokens + 1):
+        cache = next(head_caches) if head_has_block(model, k) else None
+        h, cache = model.head_hidden(k, h_trunk, h, inputs, positions, cache, index, mask)
+        if cache is not None:
+            new_caches.append(cache)
+        if k == 1:
+            last, successors, token, extra = commit(_head_logits(model, 1, h[0]), commit_key)
+            inputs = successors[None]
+            continue
+        if model.head_type == "sequential":
+            logits = _head_logits(model, k, h[0])  # [T, V]: the next module reads every position's token
+            draft, chosen, q_k = speculative.draft(logits[last], jax.random.fold_in(draft_key, k), tree.max_rank,
+                                                   **settings)
+            inputs = jnp.argmax(logits, axis=-1).astype(jnp.int32).at[last].set(chosen)[None]
+        else:
+            draft, _, q_k = speculative.draft(_head_logits(model, k, h[0, last]), jax.random.fold_in(draft_key, k),
+                                              tree.max_rank, **settings)
+        candidates.append(draft)
+        q.append(q_k)
+    return tree.block(token, jnp.stack(candidates)), jnp.stack(q), new_caches, extra
+
+
+def _decode_speculative(graphdef, capacity, tree: Tree, settings, params, prompt, length, limit, key):
+    """The whole of self-speculative decoding as one program (a device loop over verify passes,
+    so the host never waits between passes). Greedy (temperature 0) verifies `tree`; sampling
+    verifies a chain by rejection sampling. Returns the new tokens [capacity + depth + 1] (the
+    first `limit` are valid), the number of verify passes, how many drafts each accepted
+    [capacity] and each draft position's Σ_x min(p, q) [capacity, n - 1] (sampling; the first
+    `passes` rows are valid)."""
+    model, settings = nnx.merge(graphdef, params), dict(settings)
+    n, size, sampled = model.n_tokens, tree.size, settings["temperature"] > 0
+    # A verify pass at the last committed position writes tree.size slots from it.
+    caches = init_caches(model, 1, capacity + size, all_heads=True)
+
+    def commit_prompt(logits, key):
+        token = choose(logits[length - 1][None], key, **settings)[0]
+        successors = jnp.concatenate([prompt[0, 1:], prompt[0, :1]]).at[length - 1].set(token)
+        return length - 1, successors, token, ()
+
+    block, q, caches, _ = _speculate(model, tree, settings, prompt, _positions(prompt, 0), caches, 0, None,
+                                     jax.random.fold_in(key, length - 1), commit_prompt)
 
     def more(carry):  # a pass pays only if at least two tokens are still wanted
         return carry[0] + 1 < limit
 
     def verify(carry):
-        count, passes, block, caches, tokens, accepted = carry
-        # Commit the certain token (and, provisionally, the drafts) at `count`; the first
-        # position the pass rejects is overwritten by the next block.
-        tokens = jax.lax.dynamic_update_slice(tokens, block, (count,))
-        greedy, caches = _heads_step(model, block[None], caches, length + count)
-        greedy = greedy[:, 0]  # [n heads, n positions]
-        # Head 1 after position j must agree with the draft at j + 1, for every j before it.
-        a = jnp.sum(jnp.cumprod(greedy[0, :n - 1] == block[1:]))
-        return count + a + 1, passes + 1, greedy[:, a], caches, tokens, accepted.at[passes].set(a)
+        count, passes, block, q, caches, tokens, accepted, overlaps = carry
+        base = length + count
 
-    carry = (jnp.int32(0), jnp.int32(0), block, caches, jnp.zeros(capacity + n, jnp.int32),
-             jnp.full(capacity, -1, jnp.int32))
-    count, passes, block, _, tokens, accepted = jax.lax.while_loop(more, verify, carry)
-    return jax.lax.dynamic_update_slice(tokens, block, (count,)), passes, accepted
+        def commit(logits, key):  # logits [size, V]: head 1 after each node
+            if sampled:
+                p = jax.nn.softmax(speculative.filter_logits(logits, **settings), axis=-1)
+                a, token, overlap = speculative.accept_sampled(block, p, q, key)
+                path = jnp.arange(size)
+            else:
+                path, a = speculative.accept_greedy(tree, block, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+                token, overlap = jnp.argmax(logits[path[-1]]).astype(jnp.int32), jnp.zeros(n - 1)
+            # After each accepted node, the next node on the path (then the certain token).
+            successors = jnp.full(size, token)
+            for d in range(tree.max_depth):
+                successors = successors.at[path[d]].set(jnp.where(d < a, block[path[d + 1]], token))
+            return path[a], successors, token, (path, a, overlap)
+
+        mask = None if tree.is_chain else tree.mask(base, caches[0]["k"].shape[1])
+        positions = base + jnp.asarray(tree.depths)[None]
+        next_block, q, caches, (path, a, overlap) = _speculate(
+            model, tree, settings, block[None], positions, caches, base, mask, jax.random.fold_in(key, base), commit)
+        if not tree.is_chain:
+            caches = speculative.compact(caches, base, path)
+        # Commit the path (its tail past the accepted drafts is overwritten by the next pass).
+        tokens = jax.lax.dynamic_update_slice(tokens, block[path[:tree.max_depth + 1]], (count,))
+        return (count + a + 1, passes + 1, next_block, q, caches, tokens, accepted.at[passes].set(a),
+                overlaps.at[passes].set(overlap))
+
+    carry = (jnp.int32(0), jnp.int32(0), block, q, caches, jnp.zeros(capacity + tree.max_depth + 1, jnp.int32),
+             jnp.full(capacity, -1, jnp.int32), jnp.zeros((capacity, n - 1), jnp.float32))
+    count, passes, block, _, _, tokens, accepted, overlaps = jax.lax.while_loop(more, verify, carry)
+    return jax.lax.dynamic_update_slice(tokens, block[:1], (count,)), passes, accepted, overlaps
 
 
 def choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """Next token [B] from logits [B, V]: greedy at temperature 0, else sampled."""
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k > 0:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p < 1.0:
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(ordered, axis=-1), axis=-1)
-        # The smallest logit still inside the nucleus (the top token is always kept).
-        cutoff = jnp.take_along_axis(ordered, jnp.sum(cumulative < top_p, axis=-1, keepdims=True), axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, speculative.filter_logits(logits, temperature, top_k, top_p),
+                                  axis=-1).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +222,7 @@ class Result:
     forward_passes: int  # prefill included
     accepted: list[int]  # per verify pass, how many drafts were accepted (empty for plain decoding)
     logprobs: list[float] | None = None  # head 1's log-probability of each new token (plain decoding)
+    overlaps: list[list[float]] | None = None  # per verify pass and draft position, Σ_x min(p, q) (sampling)
 
     @property
     def mean_accepted(self) -> float:
@@ -196,6 +235,16 @@ class Result:
         a = np.asarray(self.accepted)
         return [float(np.mean(a[a >= k - 2] >= k - 1)) if np.any(a >= k - 2) else None for k in range(2, n + 1)]
 
+    def alpha(self) -> list[float | None]:
+        """Sampling: for each draft position, the mean of Σ_x min(p, q) (its expected acceptance,
+        Leviathan et al.'s α) over the passes that reached it (None if none did)."""
+        a, overlaps = np.asarray(self.accepted), np.asarray(self.overlaps)
+        return [float(np.mean(overlaps[a >= j, j])) if np.any(a >= j) else None for j in range(overlaps.shape[1])]
+
+    def predicted_mean_accepted(self) -> float:
+        """Tokens per pass that α predicts: 1 + α_1 + α_1 α_2 + … (positions independent)."""
+        return float(1 + np.sum(np.cumprod([x or 0.0 for x in self.alpha()])))
+
 
 class Generator:
     """Compiled decoding of one model with a KV cache of `capacity` positions (prompt + output).
@@ -207,7 +256,7 @@ class Generator:
         self.model, self.capacity, self.n = model, capacity, model.n_tokens
         graphdef, self.params = nnx.split(model)
         self._plain = jax.jit(functools.partial(_decode_plain, graphdef, capacity), static_argnums=0)
-        self._speculative = jax.jit(functools.partial(_decode_speculative, graphdef, capacity))
+        self._speculative = jax.jit(functools.partial(_decode_speculative, graphdef, capacity), static_argnums=(0, 1))
 
     def compilations(self) -> int:
         """How many programs have been compiled so far (one per mode and prompt bucket)."""
@@ -232,15 +281,27 @@ class Generator:
         tokens, logprobs = self._plain(settings, self.params, padded, len(prompt), limit, jax.random.key(seed))
         return Result(np.asarray(tokens)[:limit].tolist(), limit, [], np.asarray(logprobs)[:limit].tolist())
 
-    def speculative(self, prompt: list[int], max_new_tokens: int) -> Result:
-        """Self-speculative greedy decoding: the same tokens as generate(temperature=0)."""
+    def speculative(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0, seed: int = 0, tree: Tree | None = None) -> Result:
+        """Self-speculative decoding: greedy (temperature 0) gives the same tokens as
+        generate(temperature=0), with a chain of drafts or a `tree`; sampling verifies a chain by
+        rejection sampling, so its tokens are distributed exactly as generate's with the same
+        settings (but are not the same draws)."""
         if self.n == 1:
             raise UserError("the model has no extra heads to draft with (it was trained with mtp_n_tokens=1): "
                             "drop --speculative, or train with --config.use_mtp=True --config.mtp_n_tokens=4")
+        tree = tree or Tree.chain(self.n - 1)
+        if temperature > 0 and not tree.is_chain:
+            raise UserError("tree verification is greedy: drop --tree_size (sampled drafts are verified as a chain) "
+                            "or --temperature")
+        if tree.max_depth > self.n - 1:
+            raise UserError(f"the tree is {tree.max_depth} drafts deep but the model has {self.n - 1} draft heads")
         padded, limit = self._prompt(prompt, max_new_tokens)
-        tokens, passes, accepted = jax.device_get(
-            self._speculative(self.params, padded, len(prompt), limit))
-        return Result(tokens[:limit].tolist(), 1 + int(passes), accepted[:passes].tolist())
+        settings = (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
+        tokens, passes, accepted, overlaps = jax.device_get(
+            self._speculative(tree, settings, self.params, padded, len(prompt), limit, jax.random.key(seed)))
+        return Result(tokens[:limit].tolist(), 1 + int(passes), accepted[:passes].tolist(),
+                      overlaps=overlaps[:passes].tolist())
 
 
 def sample(model: MTPModel, prompt: list[int], *, max_new_tokens: int, temperature: float = 0.0,
@@ -291,6 +352,44 @@ def teacher_forced_acceptance(graphdef, chunk_size: int, params, window: jax.Arr
     return metrics
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def rank_acceptance(graphdef, ranks: int, params, window: jax.Array) -> jax.Array:
+    """[n - 1, ranks]: with the true tokens as context (window [B, T + n]), the fraction of
+    positions t where head k's rank-r token (k = 2 … n, r < ranks) equals head 1's argmax at
+    t + k - 1, i.e. where a greedy tree's candidate would be accepted."""
+    model = nnx.merge(graphdef, params)
+    n, t = model.n_tokens, window.shape[1] - model.n_tokens
+    positions = jnp.broadcast_to(jnp.arange(t), (window.shape[0], t))
+    h_trunk, _ = model.trunk(window[:, :t], positions)
+    h, rows = h_trunk, []
+    for k in range(1, n + 1):
+        h, _ = model.head_hidden(k, h_trunk, h, window[:, k - 1:t + k - 1], positions)
+        if k == 1:
+            greedy = _greedy_chunked(model, 1, h, 0)  # [B, T]
+            continue
+
+        def ranks_of(row, k=k):  # one sequence at a time: at most [T, V] logits exist
+            h_row, target = row
+            logits = _head_logits(model, k, h_row)  # [T - k + 1, V]
+            rank = jnp.sum(logits > jnp.take_along_axis(logits, target[:, None], axis=-1), axis=-1)
+            return jnp.mean(jax.nn.one_hot(rank, ranks), axis=0)
+
+        rows.append(jnp.mean(jax.lax.map(ranks_of, (h[:, :t - k + 1], greedy[:, k - 1:])), axis=0))
+    return jnp.stack(rows)
+
+
+def build_tree(model: MTPModel, config, data, size: int, ranks: int = 8) -> Tree:
+    """The `size`-node tree (root excluded) that maximises the expected accepted length under the
+    per-head, per-rank acceptance measured on the validation windows evaluation uses."""
+    from mtp_jax import data as data_lib
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    batches = data_lib.eval_windows(data.val, window=config.seq_len + model.n_tokens, batch_size=config.batch_size,
+                                    num_batches=config.eval_batches)
+    acceptance = np.mean([np.asarray(rank_acceptance(graphdef, ranks, params, b)) for b in batches], axis=0)
+    return Tree.build(acceptance, size)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line: load a trained workdir, generate or benchmark
 # ---------------------------------------------------------------------------------------------
@@ -333,51 +432,73 @@ def compression_ratio(text: str) -> float:
     return len(zlib.compress(raw, 9)) / max(len(raw), 1)
 
 
+BENCHMARK_TREE_SIZE = 16  # drafts per verify pass in the benchmark's tree (--tree_size overrides)
+BENCHMARK_MODES = ("plain", "chain", "tree", "plain_sampled", "chain_sampled")
+
+
 def benchmark(model: MTPModel, config, data, *, prompts: int, prompt_len: int, new_tokens: int,
-              cache_len: int) -> dict:
-    """Plain greedy vs self-speculative decoding on held-out prompts (the validation split),
-    timed in one process, alternating which runs first; plus how repetitive the outputs are and
-    the teacher-forced acceptance on the validation set."""
+              cache_len: int, tree: Tree, temperature: float) -> dict:
+    """Plain, chain and tree decoding, greedy, and plain and chain sampling at `temperature`, on
+    held-out prompts (the validation split), timed in one process with the order of the modes
+    rotating per prompt; speedups are medians over prompts of each mode's tokens/s over plain's
+    (greedy or sampled). Greedy outputs must be identical; sampled ones are only reported. Also
+    how repetitive the outputs are and the teacher-forced acceptance on the validation set."""
     from mtp_jax import data as data_lib
 
     tokenizer = data_lib.load_tokenizer(data.directory)
     generator = Generator(model, cache_len)
     starts = np.linspace(0, len(data.val) - prompt_len - new_tokens, prompts).astype(np.int64)
     val = lambda s, n: np.asarray(data.val[s:s + n]).astype(int).tolist()  # noqa: E731
-    generator.generate(val(0, prompt_len), new_tokens), generator.speculative(val(0, prompt_len), new_tokens)
+    modes = {
+        "plain": lambda prompt, seed: generator.generate(prompt, new_tokens),
+        "chain": lambda prompt, seed: generator.speculative(prompt, new_tokens),
+        "tree": lambda prompt, seed: generator.speculative(prompt, new_tokens, tree=tree),
+        "plain_sampled": lambda prompt, seed: generator.generate(prompt, new_tokens, temperature, seed=seed),
+        "chain_sampled": lambda prompt, seed: generator.speculative(prompt, new_tokens, temperature, seed=seed),
+    }
+    for run_mode in modes.values():  # compile every mode before timing
+        run_mode(val(0, prompt_len), 0)
 
     rows = []
     for i, s in enumerate(starts):
         prompt, truth = val(s, prompt_len), val(s + prompt_len, new_tokens)
-        runs = {}
-        for mode in (("plain", "speculative") if i % 2 == 0 else ("speculative", "plain")):
+        row = {"truth_ratio": compression_ratio(tokenizer.decode(truth))}
+        for mode in BENCHMARK_MODES[i % len(modes):] + BENCHMARK_MODES[:i % len(modes)]:
             begin = time.perf_counter()
-            runs[mode] = generator.generate(prompt, new_tokens) if mode == "plain" else \
-                generator.speculative(prompt, new_tokens)
-            runs[mode + "_s"] = time.perf_counter() - begin
-        if runs["plain"].tokens != runs["speculative"].tokens:
-            raise AssertionError(f"speculative decoding diverged from greedy decoding on prompt {i}")
-        rows.append(dict(plain_tps=len(runs["plain"].tokens) / runs["plain_s"],
-                         speculative_tps=len(runs["speculative"].tokens) / runs["speculative_s"],
-                         accepted=runs["speculative"].accepted, passes=runs["speculative"].forward_passes,
-                         output_ratio=compression_ratio(tokenizer.decode(runs["plain"].tokens)),
-                         truth_ratio=compression_ratio(tokenizer.decode(truth))))
+            result = modes[mode](prompt, i)
+            row[mode] = dict(result=result, tps=len(result.tokens) / (time.perf_counter() - begin),
+                             ratio=compression_ratio(tokenizer.decode(result.tokens)))
+        for mode in ("chain", "tree"):
+            if row[mode]["result"].tokens != row["plain"]["result"].tokens:
+                raise AssertionError(f"{mode} speculative decoding diverged from greedy decoding on prompt {i}")
+        rows.append(row)
 
-    window = config.seq_len + model.n_tokens
     graphdef, params = nnx.split(model, nnx.Param)
-    batches = data_lib.eval_windows(data.val, window=window, batch_size=config.batch_size,
+    batches = data_lib.eval_windows(data.val, window=config.seq_len + model.n_tokens, batch_size=config.batch_size,
                                     num_batches=config.eval_batches)
     forced = [teacher_forced_acceptance(graphdef, config.loss_chunk_size, params, b) for b in batches]
     forced = {k: float(np.mean([f[k] for f in forced])) for k in forced[0]}
 
-    median = lambda key: float(np.median([r[key] for r in rows]))  # noqa: E731
-    accepted = Result([], 0, sum((r["accepted"] for r in rows), []))
+    report = {}
+    for mode in BENCHMARK_MODES:
+        baseline = "plain_sampled" if mode.endswith("sampled") else "plain"
+        results = Result([], 0, sum((r[mode]["result"].accepted for r in rows), []),
+                         overlaps=sum((r[mode]["result"].overlaps or [] for r in rows), []))
+        report[mode] = {
+            "tokens_per_sec": float(np.median([r[mode]["tps"] for r in rows])),
+            "speedup": float(np.median([r[mode]["tps"] / r[baseline]["tps"] for r in rows])),
+            "mean_accepted": results.mean_accepted,
+            "output_compression_ratio": float(np.median([r[mode]["ratio"] for r in rows])),
+        }
+        if mode == "chain":
+            report[mode]["acceptance"] = results.acceptance(model.n_tokens)
+        if mode == "chain_sampled":
+            report[mode]["alpha"] = results.alpha()
+            report[mode]["alpha_predicted_mean_accepted"] = results.predicted_mean_accepted()
     return {
         "prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens, "cache_len": cache_len,
-        "plain_tokens_per_sec": median("plain_tps"), "speculative_tokens_per_sec": median("speculative_tps"),
-        "speedup": float(np.median([r["speculative_tps"] / r["plain_tps"] for r in rows])),
-        "mean_accepted": accepted.mean_accepted, "acceptance": accepted.acceptance(model.n_tokens),
-        "output_compression_ratio": median("output_ratio"), "truth_compression_ratio": median("truth_ratio"),
+        "temperature": temperature, "tree_size": tree.size - 1, "tree_paths": tree.to_json(), **report,
+        "truth_compression_ratio": float(np.median([r["truth_ratio"] for r in rows])),
         "teacher_forced_mean_accepted": forced.pop("mean_accepted"), "teacher_forced_acceptance": forced,
     }
 
@@ -396,19 +517,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top_p", type=float, default=1.0, help="sample within this probability mass (nucleus)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--speculative", action="store_true", help="self-speculative greedy decoding with the MTP heads")
+    p.add_argument("--speculative", action="store_true",
+                   help="self-speculative decoding with the MTP heads (greedy, or rejection-sampled at --temperature)")
+    p.add_argument("--tree_size", type=int, default=0,
+                   help="greedy --speculative: verify a Medusa tree of this many drafts, built from the heads' "
+                        "per-rank acceptance on validation text (0: a chain of one draft per head)")
     p.add_argument("--cache_len", type=int, default=0,
                    help="KV-cache positions, prompt included (0: the seq_len the model was trained on)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--benchmark", action="store_true",
-                   help="time plain vs speculative greedy decoding on validation prompts")
+                   help="time plain, chain and tree decoding (greedy) and plain and chain sampling "
+                        "(--temperature, default 0.8) on validation prompts")
     p.add_argument("--prompts", type=int, default=10, help="benchmark: number of validation prompts")
     p.add_argument("--prompt_len", type=int, default=128, help="benchmark: tokens per prompt")
     args = p.parse_args(argv)
     if not args.benchmark and args.prompt is None:
         fail("--prompt is required (or pass --benchmark)")
-    if args.speculative and args.temperature > 0:
-        fail("--speculative decodes greedily: drop --temperature (or --speculative to sample)")
+    if args.tree_size and not (args.speculative or args.benchmark):
+        fail("--tree_size is a shape for --speculative decoding: add --speculative (or drop --tree_size)")
+    if args.tree_size and args.temperature > 0 and not args.benchmark:
+        fail("tree verification is greedy: drop --tree_size (sampled drafts are verified as a chain) or --temperature")
+    if args.tree_size < 0:
+        fail(f"--tree_size={args.tree_size} must be >= 0")
     for name in ("max_new_tokens", "prompts", "prompt_len"):
         if getattr(args, name) < 1:
             fail(f"--{name}={getattr(args, name)} must be >= 1")
@@ -428,22 +558,31 @@ def run(args: argparse.Namespace) -> dict:
                             "benchmark a model trained with --config.use_mtp=True --config.mtp_n_tokens=4")
         if args.prompt_len >= cache_len:
             raise UserError(f"--prompt_len={args.prompt_len} must be below the cache of {cache_len} positions")
+        tree = build_tree(model, config, data, args.tree_size or BENCHMARK_TREE_SIZE)
         return benchmark(model, config, data, prompts=args.prompts, prompt_len=args.prompt_len,
-                         new_tokens=min(args.max_new_tokens, cache_len - args.prompt_len), cache_len=cache_len)
+                         new_tokens=min(args.max_new_tokens, cache_len - args.prompt_len), cache_len=cache_len,
+                         tree=tree, temperature=args.temperature or 0.8)
     tokenizer = data_lib.load_tokenizer(data.directory)
     prompt = tokenizer.encode(args.prompt)
     generator = Generator(model, cache_len)
+    tree = build_tree(model, config, data, args.tree_size) if args.tree_size and model.n_tokens > 1 else None
     begin = time.perf_counter()
     if args.speculative:
-        result = generator.speculative(prompt, args.max_new_tokens)
+        result = generator.speculative(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                                       args.seed, tree)
     else:
         result = generator.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                     args.seed)
     seconds = time.perf_counter() - begin  # includes compiling the two steps
-    return {"text": tokenizer.decode(result.tokens), "new_tokens": len(result.tokens), "seconds": seconds,
-            "tokens_per_sec": len(result.tokens) / seconds, "forward_passes": result.forward_passes,
-            "mean_accepted": result.mean_accepted,
-            "acceptance": result.acceptance(model.n_tokens) if args.speculative else []}
+    out = {"text": tokenizer.decode(result.tokens), "new_tokens": len(result.tokens), "seconds": seconds,
+           "tokens_per_sec": len(result.tokens) / seconds, "forward_passes": result.forward_passes,
+           "mean_accepted": result.mean_accepted,
+           "acceptance": result.acceptance(model.n_tokens) if args.speculative else []}
+    if tree is not None:
+        out["tree"] = tree.to_json()
+    if args.speculative and args.temperature > 0:
+        out["alpha"], out["alpha_predicted_mean_accepted"] = result.alpha(), result.predicted_mean_accepted()
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -72,12 +72,13 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attend(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array) -> Array:
+def attend(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array, mask: Array | None = None) -> Array:
     """Causal softmax attention by position: a query at position p reads the keys at positions
     <= p. q: [..., T, H]; k, v: [..., S, H]; q_positions [..., T] and k_positions [..., S]
-    broadcast against the leading dimensions."""
+    broadcast against the leading dimensions. A boolean mask broadcastable to [..., T, S]
+    (True = visible) replaces the positional rule, e.g. for a tree of candidate tokens."""
     scores = jnp.einsum("...th,...sh->...ts", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    visible = k_positions[..., None, :] <= q_positions[..., :, None]
+    visible = k_positions[..., None, :] <= q_positions[..., :, None] if mask is None else mask
     probs = jax.nn.softmax(jnp.where(visible, scores, -1e30), axis=-1)
     return jnp.einsum("...ts,...sh->...th", probs.astype(v.dtype), v)
 
@@ -115,10 +116,11 @@ class Attention(nnx.Module):
         self.dtype, self.theta = jnp.dtype(shape.dtype), shape.rope_theta
 
     def __call__(self, x: Array, positions: Array, cache: dict | None = None,
-                 cache_index: Array | None = None) -> tuple[Array, dict | None]:
+                 cache_index: Array | None = None, mask: Array | None = None) -> tuple[Array, dict | None]:
         """x: [B, T, D]; positions: [B, T]. With a cache ({'k','v'}: [B·N, S, H]) the new keys
         and values are written at cache_index and each query reads the slots <= its position,
-        so stale slots past a rolled-back index are never read.
+        so stale slots past a rolled-back index are never read. mask (see `attend`) replaces
+        that rule: [T, S] over cache slots with a cache, [T, T] without.
 
         Layouts are chosen for XLA-CPU: q, k and v come from one fused dot, and the cache is
         [B·N, S, H], the shape the attention dots read, so that a step updates it in place (in
@@ -130,14 +132,14 @@ class Attention(nnx.Module):
                    for y in fused_projection(x, [self.wq, self.wk, self.wv], self.dtype))
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
         if cache is None:
-            out = attend(q, k, v, positions[:, None], positions[:, None])
+            out = attend(q, k, v, positions[:, None], positions[:, None], mask)
         else:
             q, k, v = (a.reshape(b * n, t, h) for a in (q, k, v))
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
             cache = {"k": k, "v": v}
             slots = jnp.arange(k.shape[1])
-            out = attend(q, k.astype(q.dtype), v.astype(q.dtype), jnp.repeat(positions, n, axis=0), slots)
+            out = attend(q, k.astype(q.dtype), v.astype(q.dtype), jnp.repeat(positions, n, axis=0), slots, mask)
             out = out.reshape(b, n, t, h)
         out = out.transpose(0, 2, 1, 3).reshape(b, t, n * h)
         return out @ self.wo[...].astype(self.dtype).reshape(n * h, -1), cache
@@ -169,8 +171,8 @@ class Block(nnx.Module):
         self.mlp = MLP(shape, rngs=rngs)
 
     def __call__(self, x: Array, positions: Array, cache: dict | None = None,
-                 cache_index: Array | None = None) -> tuple[Array, dict | None]:
-        attn_out, cache = self.attn(self.attn_norm(x), positions, cache, cache_index)
+                 cache_index: Array | None = None, mask: Array | None = None) -> tuple[Array, dict | None]:
+        attn_out, cache = self.attn(self.attn_norm(x), positions, cache, cache_index, mask)
         x = x + attn_out
         return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -197,7 +199,7 @@ class Decoder(nnx.Module):
         return w.astype(self.shape.dtype)
 
     def run_blocks(self, x: Array, positions: Array, layers: range, caches: list | None = None,
-                   cache_index: Array | None = None) -> tuple[Array, list | None]:
+                   cache_index: Array | None = None, mask: Array | None = None) -> tuple[Array, list | None]:
         """Apply blocks[layers] in order; caches (one per layer in `layers`) are threaded through."""
         if caches is None and self.shape.remat:
             # Keep only each block's input for the backward pass: activation memory O(layers), not
@@ -208,6 +210,6 @@ class Decoder(nnx.Module):
             return x, None
         new_caches = []
         for i, layer in enumerate(layers):
-            x, cache = self.blocks[layer](x, positions, None if caches is None else caches[i], cache_index)
+            x, cache = self.blocks[layer](x, positions, None if caches is None else caches[i], cache_index, mask)
             new_caches.append(cache)
         return x, (None if caches is None else new_caches)

@@ -69,9 +69,10 @@ class SequentialModule(nnx.Module):
         self.block = Block(shape, rngs=rngs)
         self.dtype = jnp.dtype(shape.dtype)
 
-    def __call__(self, h_prev: Array, next_embedding: Array, positions: Array, cache=None, cache_index=None):
+    def __call__(self, h_prev: Array, next_embedding: Array, positions: Array, cache=None, cache_index=None,
+                 mask=None):
         x = jnp.concatenate([self.hidden_norm(h_prev), self.embed_norm(next_embedding)], axis=-1)
-        return self.block(x @ self.merge[...].astype(self.dtype), positions, cache, cache_index)
+        return self.block(x @ self.merge[...].astype(self.dtype), positions, cache, cache_index, mask)
 
 
 class MTPModel(nnx.Module):
@@ -95,12 +96,13 @@ class MTPModel(nnx.Module):
         layers = self.decoder.shape.n_layers
         return range(layers - 1) if self.head_type == "parallel" else range(layers)
 
-    def trunk(self, tokens: Array, positions: Array, caches=None, cache_index=None):
+    def trunk(self, tokens: Array, positions: Array, caches=None, cache_index=None, mask=None):
         """tokens: [B, T] → trunk hidden state [B, T, D] (and the trunk layers' caches)."""
-        return self.decoder.run_blocks(self.decoder.embed(tokens), positions, self.trunk_layers, caches, cache_index)
+        return self.decoder.run_blocks(self.decoder.embed(tokens), positions, self.trunk_layers, caches, cache_index,
+                                       mask)
 
     def head_hidden(self, k: int, h_trunk: Array, h_prev: Array, next_tokens: Array, positions: Array,
-                    cache=None, cache_index=None):
+                    cache=None, cache_index=None, mask=None):
         """Head k's hidden state before the final norm, [B, T, D] (and its block's cache).
 
         h_prev is head k-1's hidden state and next_tokens is x[t + k - 1]; only the
@@ -109,8 +111,8 @@ class MTPModel(nnx.Module):
             return h_trunk, cache
         if self.head_type == "parallel":
             block = self.decoder.blocks[self.decoder.shape.n_layers - 1] if k == 1 else self.heads[k - 2]
-            return block(h_trunk, positions, cache, cache_index)
-        return self.heads[k - 2](h_prev, self.decoder.embed(next_tokens), positions, cache, cache_index)
+            return block(h_trunk, positions, cache, cache_index, mask)
+        return self.heads[k - 2](h_prev, self.decoder.embed(next_tokens), positions, cache, cache_index, mask)
 
     def head_matrix(self, k: int) -> Array:
         """Head k's output projection [D, V] in the compute dtype."""

@@ -13,6 +13,7 @@ from mtp_jax import generate, train
 from mtp_jax.errors import UserError
 from mtp_jax.model import ModelShape
 from mtp_jax.mtp import HEAD_TYPES, MTPModel
+from mtp_jax.speculative import Tree
 from tests.util import load_config
 
 SHAPE = ModelShape(vocab_size=256, d_model=32, n_layers=2, n_heads=2, mlp_dim=64)
@@ -82,12 +83,12 @@ def test_decoding_never_recompiles_per_token():
     assert compiled == generator.compilations() == 2  # one program per mode (same prompt bucket)
 
 
-def assert_speculative_matches_greedy(generator: generate.Generator, prompts, lengths) -> list[int]:
+def assert_speculative_matches_greedy(generator: generate.Generator, prompts, lengths, tree=None) -> list[int]:
     accepted = []
     for prompt in prompts:
         for new in lengths:
             plain = generator.generate(prompt, new).tokens
-            fast = generator.speculative(prompt, new)
+            fast = generator.speculative(prompt, new, tree=tree)
             assert fast.tokens == plain, (prompt, new)
             assert len(plain) == min(new, generator.capacity - len(prompt))
             assert fast.forward_passes == 1 + len(fast.accepted)
@@ -95,12 +96,18 @@ def assert_speculative_matches_greedy(generator: generate.Generator, prompts, le
     return accepted
 
 
+# A branching tree over 3 draft heads: head 2's top three, head 3's top two, one deeper node.
+TREE = Tree(((0,), (1,), (0, 0), (2,), (0, 1), (1, 0), (0, 0, 0)))
+
+
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
 def test_speculative_equals_greedy_random_weights(head_type):
     rng = np.random.default_rng(0)
     # Lengths include drafts running past max_new_tokens (1, 2) and decoding up to the cache's end.
     prompts = [rng.integers(0, 256, size).tolist() for size in (1, 30)]
-    assert_speculative_matches_greedy(generate.Generator(random_model(head_type, n=4), 40), prompts, (1, 2, 40))
+    generator = generate.Generator(random_model(head_type, n=4), 40)
+    assert_speculative_matches_greedy(generator, prompts, (1, 2, 40))
+    assert_speculative_matches_greedy(generator, prompts, (1, 2, 40), tree=TREE)
 
 
 def test_speculative_accepts_drafts_of_heads_that_copy_head_1():
@@ -109,15 +116,25 @@ def test_speculative_accepts_drafts_of_heads_that_copy_head_1():
     model = random_model("linear", n=3, seed=2)
     for head in model.heads:
         head[...] = model.decoder.unembedding[...]
-    accepted = assert_speculative_matches_greedy(generate.Generator(model, 96), [[1, 2, 3], [200, 100]], (5, 90))
+    generator = generate.Generator(model, 96)
+    accepted = assert_speculative_matches_greedy(generator, [[1, 2, 3], [200, 100]], (5, 90))
     assert 0 < np.mean(np.asarray(accepted) > 0) < 1
+    shallow = Tree(tuple(path for path in TREE.paths if len(path) <= 2))  # two draft heads here
+    in_tree = assert_speculative_matches_greedy(generator, [[1, 2, 3], [200, 100]], (5, 90), tree=shallow)
+    assert np.mean(in_tree) >= np.mean(accepted)
 
 
 def test_speculative_equals_greedy_trained(trained):
-    model, _, _ = generate.load(trained[0])
+    model, config, data = generate.load(trained[0])
     prompts = [list(b"def f1"), list(b"    return x"), list(b"\n\ndef f3")]
-    accepted = assert_speculative_matches_greedy(generate.Generator(model, 32), prompts, (3, 16, 32))
+    generator = generate.Generator(model, 32)
+    accepted = assert_speculative_matches_greedy(generator, prompts, (3, 16, 32))
     assert np.mean(accepted) > 0  # the trained heads do get drafts accepted
+    # The tree built from the heads' measured per-rank acceptance (Medusa's construction).
+    tree = generate.build_tree(model, config, data, 6)
+    assert tree.size == 7 and not tree.is_chain and tree.max_depth <= 2
+    in_tree = assert_speculative_matches_greedy(generator, prompts, (3, 16, 32), tree=tree)
+    assert np.mean(in_tree) > np.mean(accepted)
 
 
 def test_teacher_forced_acceptance_matches_numpy():
@@ -157,6 +174,19 @@ def test_cli_json_output(trained, capsys):
     generate.main([f"--workdir={workdir}", "--prompt=def f1", "--max_new_tokens=12", "--json"])
     plain = json.loads(capsys.readouterr().out)
     assert plain["text"] == out["text"] and plain["mean_accepted"] == 1.0 and plain["forward_passes"] == 12
+    generate.main([f"--workdir={workdir}", "--prompt=def f1", "--max_new_tokens=12", "--speculative",
+                   "--tree_size=4", "--json"])
+    tree = json.loads(capsys.readouterr().out)
+    assert tree["text"] == out["text"] and len(tree["tree"]) == 4 and tree["forward_passes"] <= 12
+
+
+def test_cli_sampled_speculative_reports_alpha(trained, capsys):
+    workdir, _ = trained
+    generate.main([f"--workdir={workdir}", "--prompt=def f1", "--max_new_tokens=12", "--speculative",
+                   "--temperature=0.8", "--top_k=20", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["new_tokens"] == 12 and len(out["alpha"]) == 2 and out["alpha"][0] is not None
+    assert 0 <= out["alpha"][0] <= 1 and 1 <= out["alpha_predicted_mean_accepted"] <= 3
 
 
 def cli_error(capsys, argv) -> str:
@@ -172,7 +202,9 @@ def test_cli_errors(trained, tmp_path, capsys):
     workdir, _ = trained
     assert "no checkpoint" in cli_error(capsys, [f"--workdir={tmp_path}", "--prompt=x"])
     assert "cache holds 32" in cli_error(capsys, [f"--workdir={workdir}", "--prompt=" + "x" * 40])
-    assert "greedily" in cli_error(capsys, [f"--workdir={workdir}", "--prompt=x", "--speculative", "--temperature=1"])
+    assert "tree verification is greedy" in cli_error(
+        capsys, [f"--workdir={workdir}", "--prompt=x", "--speculative", "--tree_size=4", "--temperature=1"])
+    assert "add --speculative" in cli_error(capsys, [f"--workdir={workdir}", "--prompt=x", "--tree_size=4"])
     assert "--workdir" in cli_error(capsys, ["--prompt=x"])
 
 
