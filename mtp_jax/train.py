@@ -35,9 +35,13 @@ from mtp_jax.errors import UserError
 from mtp_jax.metrics import MetricWriter, log
 from mtp_jax.mtp import build_model, loss_weights, mtp_loss, n_tokens
 
-# Config fields that fix the shape of the parameters: a checkpoint only restores if they match.
+# Config fields that fix the shape of the parameters (or of the optimizer state, 'train'): a
+# checkpoint only restores if they match.
 MODEL_SIGNATURE = ("use_mtp", "mtp_n_tokens", "mtp_head_type", "model.d_model", "model.n_layers",
-                   "model.n_heads", "model.mlp_dim", "model.tie_embeddings", "model.param_dtype")
+                   "model.n_heads", "model.mlp_dim", "model.tie_embeddings", "model.param_dtype",
+                   "model.n_kv_heads", "train")
+# What a config.json written before a signature field existed means by its absence.
+SIGNATURE_DEFAULTS = {"model.n_kv_heads": 0, "train": "all"}
 
 
 def itstime(step: int, every: int, total: int) -> bool:
@@ -73,18 +77,30 @@ def make_optimizer(config, steps: int):
     return schedule, tx
 
 
-def train_step(graphdef, tx, schedule, weights, chunk_size, compute_shardings, state, window):
+def trainable(params: dict, train: str) -> dict:
+    """The part of the parameters the optimizer updates (and holds state for): all of them, or
+    under train='heads' only `heads` (heads 2 … n; for 'parallel' heads head 1's block is the
+    decoder's last layer, so it stays frozen with the rest of the decoder)."""
+    return {"heads": params["heads"]} if train == "heads" else params
+
+
+def train_step(graphdef, tx, schedule, weights, chunk_size, compute_shardings, train, state, window):
     """One optimizer step. A non-finite loss or gradient leaves the parameters untouched and is
     counted, so no NaN ever reaches the parameters (or a checkpoint); nan_policy decides on the
-    host whether the run stops."""
-    def loss_fn(params):
-        params = jax.lax.with_sharding_constraint(params, compute_shardings)  # see sharding.compute_shardings
+    host whether the run stops.
+
+    Only the trainable parameters are differentiated: the frozen ones enter as constants, so
+    no gradient (and, when nothing trainable precedes them, no backward pass) is computed for
+    them and they come out bit-identical."""
+    def loss_fn(trained):
+        params = jax.lax.with_sharding_constraint({**state["params"], **trained}, compute_shardings)
         return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    trained = trainable(state["params"], train)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    updates, opt_state = tx.update(grads, state["opt_state"], trained)
+    params = {**state["params"], **optax.apply_updates(trained, updates)}
     finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
     keep_old = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     step = state["step"]
@@ -124,7 +140,7 @@ def make_train_step(config, vocab_size: int, mesh, steps: int) -> TrainSetup:
 
     def init_state():
         params = nnx.to_pure_dict(nnx.split(make_model(), nnx.Param)[1])
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
+        return {"params": params, "opt_state": tx.init(trainable(params, config.train)), "step": jnp.zeros((), jnp.int32),
                 "nonfinite_steps": jnp.zeros((), jnp.int32), "first_nonfinite_step": -jnp.ones((), jnp.int32)}
 
     abstract_state = jax.eval_shape(init_state)
@@ -138,7 +154,7 @@ def make_train_step(config, vocab_size: int, mesh, steps: int) -> TrainSetup:
                                           sharding=batch_sharding)
     step_fn = jax.jit(
         functools.partial(train_step, graphdef, tx, schedule, loss_weights(config), config.loss_chunk_size,
-                          sharding.compute_shardings(param_shardings)),
+                          sharding.compute_shardings(param_shardings), config.train),
         in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
         donate_argnums=0,
     ).lower(abstract_state, abstract_batch).compile()
@@ -157,8 +173,10 @@ def check_workdir(workdir: pathlib.Path, config, vocab_size: int, has_checkpoint
         return
     saved = json.loads(saved_path.read_text())
     ours = json.loads(config.to_json_best_effort())
-    get = lambda c, key: functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None,  # noqa: E731
-                                          key.split("."), c)
+    def get(c, key):
+        value = functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, key.split("."), c)
+        return SIGNATURE_DEFAULTS.get(key) if value is None else value
+
     diffs = [f"{key} {get(saved, key)!r} -> {get(ours, key)!r}" for key in MODEL_SIGNATURE
              if get(saved, key) != get(ours, key)]
     if saved.get("vocab_size") not in (None, vocab_size):
