@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mtp_jax import data as data_lib
-from mtp_jax import sharding
+from mtp_jax import hf, sharding
 from mtp_jax.checkpoint import Checkpointer, abstract_like, check_writable
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
@@ -202,6 +202,8 @@ def run(config, workdir, devices=None) -> dict:
     """Train (or resume) to the end on `devices` (default: all); returns the final metrics."""
     workdir = pathlib.Path(workdir)
     is_main = jax.process_index() == 0
+    if config.init_from:
+        config = hf.configure(config)  # the model's shape is the folder's
     validate(config)
     n = n_tokens(config)
     window = config.seq_len + n
@@ -212,6 +214,10 @@ def run(config, workdir, devices=None) -> dict:
     # ----------------------------------------------------------------------------- Data
     data = data_lib.prepare(config.data, show_progress=is_main and sys.stderr.isatty())
     data_lib.check_fits(data, window)
+    if config.init_from:
+        problem = hf.tokenizer_problem(hf.open_folder(config.init_from), data)
+        if problem:
+            raise UserError(problem)
     steps = total_steps(config, data)
 
     # ----------------------------------------------------------------------------- Mesh
@@ -230,12 +236,19 @@ def run(config, workdir, devices=None) -> dict:
                       in_shardings=(setup.param_shardings, batch_sharding))
 
     # ----------------------------------------------------------------------------- Restore or init
+    # Read (and checked) before anything is written; used only if there is no checkpoint to resume.
+    imported = hf.read_params(hf.open_folder(config.init_from), abstract_state["params"], n,
+                              config.mtp_head_type) if config.init_from else None
     checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
     check_workdir(workdir, config, data.vocab_size, checkpointer.latest_step() is not None)
     start, state = checkpointer.restore_newest_good(abstract_state)
     if start is None:
         state = jax.jit(init_state, out_shardings=state_shardings)()
         start = 0
+        if imported is not None:
+            state["params"] = hf.place(state["params"], imported)
+            log(f"initialised {'the trunk and the heads' if 'heads' in imported else 'the trunk'} from "
+                f"{config.init_from}")
     else:
         log(f"resumed from {workdir / 'checkpoints'} at step {start}")
     if is_main:
