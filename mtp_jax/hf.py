@@ -46,8 +46,10 @@ import tempfile
 import jax
 import numpy as np
 import safetensors.numpy
+from flax import nnx
 
 from mtp_jax.errors import UserError
+from mtp_jax.mtp import build_model, loss_weights, n_tokens
 
 FORMAT = 1  # mtp_jax.json's format version
 NORM_EPS = 1e-6  # model.RMSNorm's epsilon
@@ -250,6 +252,18 @@ def configure(config):
     return config
 
 
+def read_for_training(config, data) -> dict:
+    """The init_from folder's parameters for config's model (numpy, pure dict; see read_params),
+    once the data's tokenizer is known to feed it."""
+    folder = open_folder(config.init_from)
+    problem = tokenizer_problem(folder, data)
+    if problem:
+        raise UserError(problem)
+    model = nnx.eval_shape(lambda: build_model(config, data.vocab_size, seed=0))
+    return read_params(folder, nnx.to_pure_dict(nnx.state(model, nnx.Param)), n_tokens(config),
+                       config.mtp_head_type)
+
+
 def read_params(folder: Folder, like: dict, n: int, head_type: str) -> dict:
     """The folder's parameters as numpy arrays shaped and typed like `like` (our parameter tree,
     pure dict) at the paths the folder holds: the trunk, and the heads when it holds n heads of
@@ -295,8 +309,6 @@ def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pa
                  tokenizer: str | None) -> None:
     """Writes the folder for `params` (pure dict) atomically: built beside `out`, renamed into
     place, so a failure leaves nothing at `out`."""
-    from mtp_jax.mtp import loss_weights, n_tokens
-
     out = pathlib.Path(out)
     n, head_type = n_tokens(config), config.mtp_head_type
     tensors = {name: to_hf(np.asarray(_get(params, path), np.float32), kind)

@@ -214,10 +214,8 @@ def run(config, workdir, devices=None) -> dict:
     # ----------------------------------------------------------------------------- Data
     data = data_lib.prepare(config.data, show_progress=is_main and sys.stderr.isatty())
     data_lib.check_fits(data, window)
-    if config.init_from:
-        problem = hf.tokenizer_problem(hf.open_folder(config.init_from), data)
-        if problem:
-            raise UserError(problem)
+    # Read and checked before anything is written; used only if there is no checkpoint to resume.
+    imported = hf.read_for_training(config, data) if config.init_from else None
     steps = total_steps(config, data)
 
     # ----------------------------------------------------------------------------- Mesh
@@ -236,9 +234,6 @@ def run(config, workdir, devices=None) -> dict:
                       in_shardings=(setup.param_shardings, batch_sharding))
 
     # ----------------------------------------------------------------------------- Restore or init
-    # Read (and checked) before anything is written; used only if there is no checkpoint to resume.
-    imported = hf.read_params(hf.open_folder(config.init_from), abstract_state["params"], n,
-                              config.mtp_head_type) if config.init_from else None
     checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
     check_workdir(workdir, config, data.vocab_size, checkpointer.latest_step() is not None)
     start, state = checkpointer.restore_newest_good(abstract_state)
