@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from mtp_jax import generate, hf, sharding, train
 from mtp_jax.checkpoint import Checkpointer
 from mtp_jax.errors import UserError
-from mtp_jax.mtp import HEAD_TYPES, MTPModel, build_model
+from mtp_jax.mtp import HEAD_TYPES, MTPModel, build_model, mtp_loss
 from tests.util import ROOT, load_config
 
 torch = pytest.importorskip("torch")
@@ -104,6 +104,13 @@ def test_export_loads_in_transformers_and_round_trips_byte_exact_with_heads(tmp_
     assert set(mtp["heads"]) == set(a) - set(safetensors.numpy.load_file(
         export_model(MTPModel(model.decoder.shape, 1, head_type, rngs=nnx.Rngs(0)), config_for(),
                      tmp_path / "trunk") / hf.WEIGHTS))
+
+
+def test_n_kv_heads_equal_to_n_heads_is_the_model_without_it():
+    window = jnp.asarray(TOKENS[:, :12])
+    losses = [mtp_loss(build_model(config_for(3, "parallel", **{"model.n_kv_heads": kv}), VOCAB, seed=0), window,
+                       (1.0, 0.1, 0.05))[1] for kv in (0, 4)]
+    assert jax.device_get(losses[0]) == jax.device_get(losses[1])
 
 
 def test_gqa_cached_and_speculative_decoding_match_full_forward():
