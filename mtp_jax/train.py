@@ -140,8 +140,9 @@ def make_train_step(config, vocab_size: int, mesh, steps: int) -> TrainSetup:
 
     def init_state():
         params = nnx.to_pure_dict(nnx.split(make_model(), nnx.Param)[1])
-        return {"params": params, "opt_state": tx.init(trainable(params, config.train)), "step": jnp.zeros((), jnp.int32),
-                "nonfinite_steps": jnp.zeros((), jnp.int32), "first_nonfinite_step": -jnp.ones((), jnp.int32)}
+        return {"params": params, "opt_state": tx.init(trainable(params, config.train)),
+                "step": jnp.zeros((), jnp.int32), "nonfinite_steps": jnp.zeros((), jnp.int32),
+                "first_nonfinite_step": -jnp.ones((), jnp.int32)}
 
     abstract_state = jax.eval_shape(init_state)
     param_shardings = sharding.param_shardings(abstract_state["params"], axes, mesh)
@@ -246,6 +247,7 @@ def run(config, workdir, devices=None) -> dict:
                 f"{config.init_from}")
     else:
         log(f"resumed from {workdir / 'checkpoints'} at step {start}")
+    del imported  # the host copy of an init_from model
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         saved = json.loads(config.to_json_best_effort())
