@@ -57,6 +57,9 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.adam_b2 = 0.95                # AdamW beta 2
     c.seed = 0                      # parameter init and batch order
     c.nan_policy = "stop"           # on a non-finite loss: 'stop', or 'skip' the update and count it
+    # Starting from another model (README "Heads for an existing model").
+    c.train = "all"                 # what the optimizer updates: 'all', or 'heads' (heads 2 … n; the rest frozen)
+    c.init_from = ""                # a Hugging Face Llama folder to start from ('': random init; a resume ignores it)
 
     # Logging, evaluation, checkpoints.
     c.log_every = max(steps // 30, 1)   # train metrics every this many steps
@@ -78,6 +81,7 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.model.d_model = d             # residual stream width
     c.model.n_layers = layers       # transformer blocks
     c.model.n_heads = heads         # attention heads (d_model must divide by it)
+    c.model.n_kv_heads = 0          # key/value heads, grouped-query attention (0: n_heads; must divide it)
     c.model.mlp_dim = mlp           # hidden width of the gated MLP
     c.model.tie_embeddings = tie    # unembedding = embedding transposed
     c.model.dtype = "float32"       # compute dtype: 'float32' or 'bfloat16'

@@ -9,6 +9,7 @@ from mtp_jax.schedules import CURRICULA, WEIGHT_SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("stop", "skip")
+TRAIN_MODES = ("all", "heads")
 
 
 def validate(config) -> None:
@@ -56,9 +57,14 @@ def validate(config) -> None:
          f"1 … seq_len - 1 = {config.seq_len - 1} (the rest of seq_len is the prompt)")
     need(config.nan_policy in NAN_POLICIES,
          f"nan_policy={config.nan_policy!r} is unknown: choose one of {', '.join(NAN_POLICIES)}")
+    need(config.train in TRAIN_MODES, f"train={config.train!r} is unknown: choose one of {', '.join(TRAIN_MODES)}")
+    need(config.train != "heads" or n > 1, "train='heads' trains heads 2 … n but the model has none: "
+         "set --config.use_mtp=True --config.mtp_n_tokens=4")
     m = config.model
     need(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0,
          f"model.d_model={m.d_model} must be a multiple of 2 * model.n_heads={2 * m.n_heads} (even RoPE head size)")
+    need(m.n_kv_heads >= 0 and m.n_heads % (m.n_kv_heads or m.n_heads) == 0,
+         f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} (0: as many as n_heads)")
     need(m.n_layers >= (2 if config.mtp_head_type == "parallel" else 1),
          f"model.n_layers={m.n_layers} is too small: 'parallel' heads need >= 2 (the last is head 1's)")
     for field in ("dtype", "param_dtype"):

@@ -55,14 +55,14 @@ def head_has_block(model: MTPModel, k: int) -> bool:
 
 
 def init_caches(model: MTPModel, batch: int, size: int, all_heads: bool) -> list[dict]:
-    """Zeroed caches [B·N, size, H]: the trunk's layers, then (all_heads) one per head block.
+    """Zeroed caches [B·N_kv, size, H]: the trunk's layers, then (all_heads) one per head block.
 
     For every head type the first n_layers entries are the decoder's layers in order, the path
     of plain decoding."""
     shape = model.decoder.shape
     n_blocks = (len(model.trunk_layers) + sum(head_has_block(model, k) for k in range(1, model.n_tokens + 1))
                 if all_heads else shape.n_layers)
-    kv = (batch * shape.n_heads, size, shape.head_dim)
+    kv = (batch * shape.kv_heads, size, shape.head_dim)
     # Separate buffers per layer: the steps donate (update in place) every one of them.
     return [{"k": jnp.zeros(kv, shape.dtype), "v": jnp.zeros(kv, shape.dtype)} for _ in range(n_blocks)]
 

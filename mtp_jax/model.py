@@ -11,6 +11,7 @@ explicitly (no hidden state), which is what `generate.py` uses for decoding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -30,6 +31,7 @@ class ModelShape:
     n_layers: int
     n_heads: int
     mlp_dim: int
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = n_heads
     tie_embeddings: bool = False
     dtype: str = "float32"
     param_dtype: str = "float32"
@@ -40,9 +42,14 @@ class ModelShape:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
     @classmethod
     def from_config(cls, model_cfg, vocab_size: int) -> "ModelShape":
-        return cls(vocab_size=vocab_size, **{f.name: model_cfg[f.name] for f in dataclasses.fields(cls)
+        # .get: config.json files written before a field existed still load, with its default.
+        return cls(vocab_size=vocab_size, **{f.name: model_cfg.get(f.name, f.default) for f in dataclasses.fields(cls)
                                              if f.name != "vocab_size"})
 
 
@@ -107,10 +114,10 @@ def fused_projection(x: Array, weights: list[nnx.Param], dtype, fuse: bool | Non
 class Attention(nnx.Module):
     def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
         d, n, h, pd = shape.d_model, shape.n_heads, shape.head_dim, jnp.dtype(shape.param_dtype)
-        std = 0.02
+        std, kv = 0.02, shape.kv_heads
         self.wq = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std)
-        self.wk = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std)
-        self.wv = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std)
+        self.wk = _param(rngs, (d, kv, h), ("embed", "heads", "head_dim"), pd, std)
+        self.wv = _param(rngs, (d, kv, h), ("embed", "heads", "head_dim"), pd, std)
         # GPT-2's residual scaling keeps the residual stream's variance flat with depth.
         self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd, std / math.sqrt(2 * shape.n_layers))
         self.dtype, self.theta = jnp.dtype(shape.dtype), shape.rope_theta
@@ -120,26 +127,32 @@ class Attention(nnx.Module):
         """x: [B, T, D]; positions: [B, T]. With a cache ({'k','v'}: [B·N, S, H]) the new keys
         and values are written at cache_index and each query reads the slots <= its position,
         so stale slots past a rolled-back index are never read. mask (see `attend`) replaces
-        that rule: [T, S] over cache slots with a cache, [T, T] without.
+        that rule: [T, S] over cache slots with a cache, [T, T] without. With grouped-query
+        attention (fewer key/value heads than query heads) the cache holds [B·N_kv, S, H] and each
+        key/value head is repeated for its group of query heads just before `attend`.
 
         Layouts are chosen for XLA-CPU: q, k and v come from one fused dot, and the cache is
         [B·N, S, H], the shape the attention dots read, so that a step updates it in place (in
         [B, N, S, H], XLA copied the whole cache several times per step)."""
         b, t, _ = x.shape
         n, h = self.wq.shape[1:]
+        kv = self.wk.shape[1]
+        group = functools.partial(jnp.repeat, repeats=n // kv, axis=-3) if kv < n else lambda a: a
 
-        q, k, v = (y.reshape(b, t, n, h).transpose(0, 2, 1, 3)  # [B, N, T, H]
+        q, k, v = (y.reshape(b, t, -1, h).transpose(0, 2, 1, 3)  # [B, N or N_kv, T, H]
                    for y in fused_projection(x, [self.wq, self.wk, self.wv], self.dtype))
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
         if cache is None:
-            out = attend(q, k, v, positions[:, None], positions[:, None], mask)
+            out = attend(q, group(k), group(v), positions[:, None], positions[:, None], mask)
         else:
-            q, k, v = (a.reshape(b * n, t, h) for a in (q, k, v))
+            q, k, v = q.reshape(b * n, t, h), k.reshape(b * kv, t, h), v.reshape(b * kv, t, h)
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
             cache = {"k": k, "v": v}
             slots = jnp.arange(k.shape[1])
-            out = attend(q, k.astype(q.dtype), v.astype(q.dtype), jnp.repeat(positions, n, axis=0), slots, mask)
+            # [B·N_kv, S, H] → [B·N, S, H]: query head j of row b reads key/value head j // (N / N_kv).
+            out = attend(q, group(k.astype(q.dtype)), group(v.astype(q.dtype)), jnp.repeat(positions, n, axis=0),
+                         slots, mask)
             out = out.reshape(b, n, t, h)
         out = out.transpose(0, 2, 1, 3).reshape(b, t, n * h)
         return out @ self.wo[...].astype(self.dtype).reshape(n * h, -1), cache

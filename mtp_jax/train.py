@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from mtp_jax import data as data_lib
 from mtp_jax import evaluate as evaluate_lib
-from mtp_jax import sharding, tasks
+from mtp_jax import hf, sharding, tasks
 from mtp_jax.checkpoint import Checkpointer, abstract_like, check_writable
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
@@ -37,9 +37,13 @@ from mtp_jax.metrics import MetricWriter, log
 from mtp_jax.mtp import build_model, mtp_loss, n_tokens
 from mtp_jax.schedules import head_weights, mtp_weight
 
-# Config fields that fix the shape of the parameters: a checkpoint only restores if they match.
+# Config fields that fix the shape of the parameters (or of the optimizer state, 'train'): a
+# checkpoint only restores if they match.
 MODEL_SIGNATURE = ("use_mtp", "mtp_n_tokens", "mtp_head_type", "model.d_model", "model.n_layers",
-                   "model.n_heads", "model.mlp_dim", "model.tie_embeddings", "model.param_dtype")
+                   "model.n_heads", "model.mlp_dim", "model.tie_embeddings", "model.param_dtype",
+                   "model.n_kv_heads", "train")
+# What a config.json written before a signature field existed means by its absence.
+SIGNATURE_DEFAULTS = {"model.n_kv_heads": 0, "train": "all"}
 
 
 def itstime(step: int, every: int, total: int) -> bool:
@@ -75,23 +79,35 @@ def make_optimizer(config, steps: int):
     return schedule, tx
 
 
-def train_step(graphdef, tx, schedule, weights_at, chunk_size, compute_shardings, state, window, mask=None,
+def trainable(params: dict, train: str) -> dict:
+    """The part of the parameters the optimizer updates (and holds state for): all of them, or
+    under train='heads' only `heads` (heads 2 … n; for 'parallel' heads head 1's block is the
+    decoder's last layer, so it stays frozen with the rest of the decoder)."""
+    return {"heads": params["heads"]} if train == "heads" else params
+
+
+def train_step(graphdef, tx, schedule, weights_at, chunk_size, compute_shardings, train, state, window, mask=None,
                inputs=None):
     """One optimizer step. A non-finite loss or gradient leaves the parameters untouched and is
     counted, so no NaN ever reaches the parameters (or a checkpoint); nan_policy decides on the
     host whether the run stops. weights_at(step) gives each head's loss weight [n] (schedules.py).
-    A task's batch adds its loss mask and model inputs (mtp_loss)."""
+    A task's batch adds its loss mask and model inputs (mtp_loss).
+
+    Only the trainable parameters are differentiated: the frozen ones enter as constants, so
+    no gradient (and, when nothing trainable precedes them, no backward pass) is computed for
+    them and they come out bit-identical."""
     step = state["step"]
     weights = weights_at(step)
 
-    def loss_fn(params):
-        params = jax.lax.with_sharding_constraint(params, compute_shardings)  # see sharding.compute_shardings
+    def loss_fn(trained):
+        params = jax.lax.with_sharding_constraint({**state["params"], **trained}, compute_shardings)
         return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size, mask, inputs)
 
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    trained = trainable(state["params"], train)
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    updates, opt_state = tx.update(grads, state["opt_state"], trained)
+    params = {**state["params"], **optax.apply_updates(trained, updates)}
     finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
     keep_old = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
     new_state = {
@@ -135,8 +151,9 @@ def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int
 
     def init_state():
         params = nnx.to_pure_dict(nnx.split(make_model(), nnx.Param)[1])
-        return {"params": params, "opt_state": tx.init(params), "step": jnp.zeros((), jnp.int32),
-                "nonfinite_steps": jnp.zeros((), jnp.int32), "first_nonfinite_step": -jnp.ones((), jnp.int32)}
+        return {"params": params, "opt_state": tx.init(trainable(params, config.train)),
+                "step": jnp.zeros((), jnp.int32), "nonfinite_steps": jnp.zeros((), jnp.int32),
+                "first_nonfinite_step": -jnp.ones((), jnp.int32)}
 
     abstract_state = jax.eval_shape(init_state)
     param_shardings = sharding.param_shardings(abstract_state["params"], axes, mesh)
@@ -149,7 +166,7 @@ def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int
                                           sharding=batch_sharding)
     step_fn = jax.jit(
         functools.partial(train_step, graphdef, tx, schedule, functools.partial(head_weights, config, steps=steps),
-                          config.loss_chunk_size, sharding.compute_shardings(param_shardings)),
+                          config.loss_chunk_size, sharding.compute_shardings(param_shardings), config.train),
         in_shardings=(state_shardings,) + (batch_sharding,) * batch_arrays, out_shardings=(state_shardings, None),
         donate_argnums=0,
     ).lower(abstract_state, *(abstract_batch,) * batch_arrays).compile()
@@ -168,8 +185,10 @@ def check_workdir(workdir: pathlib.Path, config, vocab_size: int, has_checkpoint
         return
     saved = json.loads(saved_path.read_text())
     ours = json.loads(config.to_json_best_effort())
-    get = lambda c, key: functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None,  # noqa: E731
-                                          key.split("."), c)
+    def get(c, key):
+        value = functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, key.split("."), c)
+        return SIGNATURE_DEFAULTS.get(key) if value is None else value
+
     diffs = [f"{key} {get(saved, key)!r} -> {get(ours, key)!r}" for key in MODEL_SIGNATURE
              if get(saved, key) != get(ours, key)]
     if saved.get("vocab_size") not in (None, vocab_size):
@@ -195,6 +214,8 @@ def run(config, workdir, devices=None) -> dict:
     """Train (or resume) to the end on `devices` (default: all); returns the final metrics."""
     workdir = pathlib.Path(workdir)
     is_main = jax.process_index() == 0
+    if config.init_from:
+        config = hf.configure(config)  # the model's shape is the folder's
     validate(config)
     n = n_tokens(config)
     window = config.seq_len + n
@@ -204,6 +225,8 @@ def run(config, workdir, devices=None) -> dict:
     # ----------------------------------------------------------------------------- Data
     data = data_lib.prepare(config.data, show_progress=is_main and sys.stderr.isatty())
     data_lib.check_fits(data, window)
+    # Read and checked before anything is written; used only if there is no checkpoint to resume.
+    imported = hf.read_for_training(config, data) if config.init_from else None
     steps = total_steps(config, data)
 
     # ----------------------------------------------------------------------------- Mesh
@@ -240,8 +263,13 @@ def run(config, workdir, devices=None) -> dict:
     if start is None:
         state = jax.jit(init_state, out_shardings=state_shardings)()
         start = 0
+        if imported is not None:
+            state["params"] = hf.place(state["params"], imported)
+            log(f"initialised {'the trunk and the heads' if 'heads' in imported else 'the trunk'} from "
+                f"{config.init_from}")
     else:
         log(f"resumed from {workdir / 'checkpoints'} at step {start}")
+    del imported  # the host copy of an init_from model
     if is_main:
         workdir.mkdir(parents=True, exist_ok=True)
         saved = json.loads(config.to_json_best_effort())

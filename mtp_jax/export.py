@@ -1,0 +1,61 @@
+"""Export a trained workdir as a Hugging Face Llama folder, heads included (layout: hf.py).
+
+    python -m mtp_jax.export --workdir=DIR --out=DIR
+
+`transformers.LlamaForCausalLM.from_pretrained(OUT)` loads the result with no code of ours (its
+logits are head 1's); `--config.init_from=OUT` reads it back, heads and all. The newest checkpoint
+of the workdir is exported; --out must not exist or be empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+import jax
+from flax import nnx
+
+from mtp_jax import hf
+from mtp_jax.cli import fail
+from mtp_jax.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        fail(f"{message}. See --help for the flags")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = _Parser(prog="python -m mtp_jax.export", description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True, help="a training workdir (its newest checkpoint is exported)")
+    p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
+    return p.parse_args(argv)
+
+
+def export(workdir: str, out: str) -> pathlib.Path:
+    """Writes the folder; returns its path. Refuses a non-empty --out before reading anything."""
+    from mtp_jax.generate import load
+
+    out_path = pathlib.Path(out).expanduser()
+    if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
+        raise UserError(f"--out={out} already exists and is not empty: pass a new folder (nothing was overwritten)")
+    model, config, data = load(workdir)
+    params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    tokenizer = data.meta.get("tokenizer")  # 'byte', 'bpe', or None for a token-file dataset
+    hf.write_folder(out_path, params, model.decoder.shape, config, data_dir=data.directory, tokenizer=tokenizer)
+    return out_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        out = export(args.workdir, args.out)
+    except UserError as e:
+        fail(str(e))
+    print(f"wrote {out} (load it with transformers.LlamaForCausalLM.from_pretrained, or train from it with "
+          f"--config.init_from={out})")
+
+
+if __name__ == "__main__":
+    main()

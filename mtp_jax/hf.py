@@ -1,0 +1,384 @@
+"""The one mapping between our parameter tree and the Hugging Face Llama layout, and the folder
+that holds it. `export.py` writes such folders; `--config.init_from` (train.py) reads them, ours or
+any saved by transformers' `save_pretrained` for a `LlamaForCausalLM`.
+
+A folder holds
+  config.json              LlamaForCausalLM's config: transformers loads the folder with no code of ours
+  model.safetensors        every tensor, float32 (a transformers folder may shard them, with an index)
+  mtp_jax.json             what transformers cannot express: head type, n, loss weights, tokenizer
+  tokenizer.json           BPE models (with tokenizer_config.json); byte-level models get TOKENIZER.md
+
+Tensor names (L = num_hidden_layers; D, V, M = hidden, vocabulary and MLP sizes; N, N_kv, H =
+query heads, key/value heads, head size; head k >= 2 is stored at i = k - 2). HF Linear weights
+are [out, in], ours [in, out]:
+  model.embed_tokens.weight                         [V, D]      decoder.embedding
+  model.layers.{l}.input_layernorm.weight           [D]         blocks[l].attn_norm.scale
+  model.layers.{l}.self_attn.q_proj.weight          [N·H, D]    blocks[l].attn.wq [D, N, H]
+  model.layers.{l}.self_attn.{k,v}_proj.weight      [N_kv·H, D] blocks[l].attn.wk, wv [D, N_kv, H]
+  model.layers.{l}.self_attn.o_proj.weight          [D, N·H]    blocks[l].attn.wo [N, H, D]
+  model.layers.{l}.post_attention_layernorm.weight  [D]         blocks[l].mlp_norm.scale
+  model.layers.{l}.mlp.{gate,up,down}_proj.weight   [M, D], [M, D], [D, M]   blocks[l].mlp.w_*
+  model.norm.weight                                 [D]         decoder.final_norm.scale (every head's)
+  lm_head.weight                                    [V, D]      decoder.unembedding (absent when tied)
+The heads, which transformers ignores:
+  linear      extra_heads.{i}.weight                [V, D]      (Meta's multi-token models' name)
+  parallel    extra_heads.{i}.<a layer's names>     one decoder layer each, named as model.layers.{l}
+  sequential  model.layers.{L+i}.<a layer's names>, .enorm.weight, .hnorm.weight [D] and
+              .eh_proj.weight [D, 2D]: DeepSeek-V3's MTP modules. As there, eh_proj reads
+              [enorm(embedding); hnorm(hidden)] (our `merge` reads the halves the other way round).
+              The embedding, final norm and output head are the model's own, so DeepSeek's
+              per-module copies (embed_tokens, shared_head) are not written.
+
+RoPE needs no permutation: model.rope rotates the two halves of each head as HF's rotate_half
+does, with the same frequencies theta^(-2i/H) (tests/test_hf.py checks the logits).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+
+import jax
+import numpy as np
+import safetensors.numpy
+from flax import nnx
+
+from mtp_jax.errors import UserError
+from mtp_jax.mtp import build_model, loss_weights, n_tokens
+
+FORMAT = 1  # mtp_jax.json's format version
+NORM_EPS = 1e-6  # model.RMSNorm's epsilon
+WEIGHTS, INDEX, MTP_FILE = "model.safetensors", "model.safetensors.index.json", "mtp_jax.json"
+
+# One decoder layer: (HF name under the layer's prefix, path under our block, layout). Layouts:
+# 'same' is stored as is; 'linear' is a Linear weight whose first dimension is its input and
+# 'linear2' one whose first two are ([N, H, D] → [D, N·H]); 'merge' is eh_proj (see above).
+_LAYER = (
+    ("input_layernorm.weight", ("attn_norm", "scale"), "same"),
+    ("self_attn.q_proj.weight", ("attn", "wq"), "linear"),
+    ("self_attn.k_proj.weight", ("attn", "wk"), "linear"),
+    ("self_attn.v_proj.weight", ("attn", "wv"), "linear"),
+    ("self_attn.o_proj.weight", ("attn", "wo"), "linear2"),
+    ("post_attention_layernorm.weight", ("mlp_norm", "scale"), "same"),
+    ("mlp.gate_proj.weight", ("mlp", "w_gate"), "linear"),
+    ("mlp.up_proj.weight", ("mlp", "w_up"), "linear"),
+    ("mlp.down_proj.weight", ("mlp", "w_down"), "linear"),
+)
+
+
+def layout(n_layers: int, tie_embeddings: bool, n: int, head_type: str, heads: bool = True):
+    """[(HF tensor name, path in our parameter tree, layout)] for a model; heads=False: the
+    trunk only (embedding, layers, final norm, unembedding)."""
+    def layer(prefix: str, path: tuple):
+        return [(f"{prefix}.{name}", path + sub, kind) for name, sub, kind in _LAYER]
+
+    rows = [("model.embed_tokens.weight", ("decoder", "embedding"), "same")]
+    for i in range(n_layers):
+        rows += layer(f"model.layers.{i}", ("decoder", "blocks", i))
+    rows.append(("model.norm.weight", ("decoder", "final_norm", "scale"), "same"))
+    if not tie_embeddings:
+        rows.append(("lm_head.weight", ("decoder", "unembedding"), "linear"))
+    for i in range(n - 1 if heads else 0):
+        if head_type == "linear":
+            rows.append((f"extra_heads.{i}.weight", ("heads", i), "linear"))
+        elif head_type == "parallel":
+            rows += layer(f"extra_heads.{i}", ("heads", i))
+        else:
+            prefix = f"model.layers.{n_layers + i}"
+            rows += [(f"{prefix}.enorm.weight", ("heads", i, "embed_norm", "scale"), "same"),
+                     (f"{prefix}.hnorm.weight", ("heads", i, "hidden_norm", "scale"), "same"),
+                     (f"{prefix}.eh_proj.weight", ("heads", i, "merge"), "merge")]
+            rows += layer(prefix, ("heads", i, "block"))
+    return rows
+
+
+def to_hf(x: np.ndarray, kind: str) -> np.ndarray:
+    """Our array → the HF tensor (an exact permutation of its elements)."""
+    if kind == "same":
+        return x
+    if kind == "merge":  # ours: [hidden; embedding] rows; DeepSeek's eh_proj: [embedding; hidden] columns
+        x = np.concatenate(np.split(x, 2)[::-1])
+    n_in = 2 if kind == "linear2" else 1
+    return np.ascontiguousarray(x.reshape(math.prod(x.shape[:n_in]), -1).T)
+
+
+def from_hf(y: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
+    """The HF tensor → our array of `shape` (the inverse of to_hf)."""
+    if kind == "same":
+        return y.reshape(shape)
+    x = y.T.reshape(shape)
+    return np.concatenate(np.split(x, 2)[::-1]) if kind == "merge" else x
+
+
+def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape to_hf gives an array of our `shape`."""
+    if kind == "same":
+        return tuple(shape)
+    n_in = 2 if kind == "linear2" else 1
+    return math.prod(shape[n_in:]), math.prod(shape[:n_in])
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json ↔ config.model
+# ---------------------------------------------------------------------------------------------
+
+
+def llama_config(shape, max_positions: int, eos_token_id: int | None) -> dict:
+    """config.json for LlamaForCausalLM from our ModelShape."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": shape.vocab_size, "hidden_size": shape.d_model, "intermediate_size": shape.mlp_dim,
+        "num_hidden_layers": shape.n_layers, "num_attention_heads": shape.n_heads,
+        "num_key_value_heads": shape.kv_heads, "head_dim": shape.head_dim, "hidden_act": "silu",
+        "rms_norm_eps": NORM_EPS, "tie_word_embeddings": shape.tie_embeddings,
+        # Both spellings: transformers >= 5 reads rope_parameters, older versions rope_theta.
+        "rope_theta": shape.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": shape.rope_theta},
+        "attention_bias": False, "mlp_bias": False, "max_position_embeddings": max_positions,
+        "bos_token_id": None, "eos_token_id": eos_token_id, "torch_dtype": "float32", "dtype": "float32",
+    }
+
+
+def model_fields(hf: dict, where: str) -> dict:
+    """config.model's shape fields from a LlamaForCausalLM config.json; refuses, by name, what
+    our model does not implement."""
+    arch = (hf.get("architectures") or [hf.get("model_type", "?")])[0]
+    if arch != "LlamaForCausalLM":
+        raise UserError(f"{where} describes a {arch}, not a LlamaForCausalLM: only the Llama architecture maps "
+                        "onto this model")
+    rope = hf.get("rope_parameters") or {}
+    unsupported = {
+        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
+        "attention_bias": (hf.get("attention_bias", False), False),
+        "mlp_bias": (hf.get("mlp_bias", False), False),
+        "rope_scaling": (hf.get("rope_scaling"), None),
+        "rope_parameters.rope_type": (rope.get("rope_type", "default"), "default"),
+        "rms_norm_eps": (hf.get("rms_norm_eps", NORM_EPS), NORM_EPS),
+        "head_dim": (hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+                     hf["hidden_size"] // hf["num_attention_heads"]),
+    }
+    for name, (value, ours) in unsupported.items():
+        if value != ours:
+            raise UserError(f"{where} sets {name}={value!r}, which this model does not implement (it has "
+                            f"{name}={ours!r}): only plain Llama layers import")
+    return {"d_model": hf["hidden_size"], "n_layers": hf["num_hidden_layers"],
+            "n_heads": hf["num_attention_heads"],
+            "n_kv_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            "mlp_dim": hf["intermediate_size"], "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+            "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a folder
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Folder:
+    path: pathlib.Path
+    config: dict  # config.json
+    mtp: dict  # mtp_jax.json ({} for a folder transformers saved)
+    weight_files: tuple[pathlib.Path, ...]
+
+    @property
+    def heads(self) -> tuple[int, str] | None:
+        """(n, head type) of the heads the folder holds, or None."""
+        n = self.mtp.get("mtp_n_tokens", 1) if self.mtp.get("use_mtp") else 1
+        return (n, self.mtp["mtp_head_type"]) if n > 1 else None
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        tensors = {}
+        for file in self.weight_files:
+            tensors.update(safetensors.numpy.load_file(file))
+        return tensors
+
+
+def open_folder(path: str | os.PathLike) -> Folder:
+    """Reads config.json and mtp_jax.json and finds the weights; one clear line if any is missing."""
+    path = pathlib.Path(path).expanduser()
+    if not path.is_dir():
+        raise UserError(f"init_from={str(path)!r} is not a folder: pass one written by python -m mtp_jax.export "
+                        "or by transformers' save_pretrained")
+    if not (path / "config.json").is_file():
+        raise UserError(f"{path} has no config.json: pass a folder written by python -m mtp_jax.export or by "
+                        "transformers' save_pretrained")
+    config = json.loads((path / "config.json").read_text())
+    if (path / INDEX).is_file():
+        names = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
+        files = tuple(path / name for name in names)
+    else:
+        files = (path / WEIGHTS,)
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise UserError(f"{path} has no weights ({', '.join(missing)} missing): save them as safetensors "
+                        "(save_pretrained's default; pytorch_model.bin is not read)")
+    mtp = json.loads((path / MTP_FILE).read_text()) if (path / MTP_FILE).is_file() else {}
+    return Folder(path, config, mtp, files)
+
+
+def tokenizer_problem(folder: Folder, data) -> str | None:
+    """Why the data's tokenizer cannot feed the folder's model, or None."""
+    import tokenizers
+
+    vocab = folder.config["vocab_size"]
+    ours = data.meta.get("tokenizer")
+    tokenizer_file = folder.path / "tokenizer.json"
+    theirs = "bpe" if tokenizer_file.is_file() else folder.mtp.get("tokenizer")
+    if tokenizer_file.is_file():
+        tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        if tokenizer.get_vocab_size() != vocab:
+            return (f"the tokenizer in {folder.path} has {tokenizer.get_vocab_size()} tokens but its config.json's "
+                    f"vocab_size is {vocab}: the folder's tokenizer does not belong to its model")
+        same = ours == "bpe" and tokenizers.Tokenizer.from_file(
+            str(data.directory / "tokenizer.json")).get_vocab() == tokenizer.get_vocab()
+        if not same:
+            return (f"the tokenizer in {folder.path} differs from the data's ({ours!r}, vocabulary "
+                    f"{data.vocab_size}): set --config.data.tokenizer and data.vocab_size as the model was trained")
+    elif theirs is not None and theirs != ours:
+        return (f"the model in {folder.path} reads {theirs!r} tokens but the data's tokenizer is {ours!r}: "
+                f"set --config.data.tokenizer={theirs}")
+    if vocab != data.vocab_size:
+        return (f"the model in {folder.path} has a vocabulary of {vocab} but the data's {ours!r} tokenizer has "
+                f"{data.vocab_size}: set --config.data.tokenizer and data.vocab_size to the model's")
+    return None
+
+
+def configure(config):
+    """A copy of config whose model shape is the init_from folder's (config.json)."""
+    folder = open_folder(config.init_from)
+    config = config.copy_and_resolve_references()
+    for name, value in model_fields(folder.config, str(folder.path / "config.json")).items():
+        config.model[name] = value
+    return config
+
+
+def read_for_training(config, data) -> dict:
+    """The init_from folder's parameters for config's model (numpy, pure dict; see read_params),
+    once the data's tokenizer is known to feed it."""
+    folder = open_folder(config.init_from)
+    problem = tokenizer_problem(folder, data)
+    if problem:
+        raise UserError(problem)
+    model = nnx.eval_shape(lambda: build_model(config, data.vocab_size, seed=0))
+    return read_params(folder, nnx.to_pure_dict(nnx.state(model, nnx.Param)), n_tokens(config),
+                       config.mtp_head_type)
+
+
+def read_params(folder: Folder, like: dict, n: int, head_type: str) -> dict:
+    """The folder's parameters as numpy arrays shaped and typed like `like` (our parameter tree,
+    pure dict) at the paths the folder holds: the trunk, and the heads when it holds n heads of
+    head_type. A missing tensor or a shape that differs from config.json is one clear line."""
+    shape = model_fields(folder.config, str(folder.path / "config.json"))
+    heads = folder.heads
+    if heads is not None and n > 1 and heads != (n, head_type):
+        raise UserError(f"{folder.path} holds n={heads[0]} {heads[1]!r} heads but the config asks for n={n} "
+                        f"{head_type!r}: set --config.mtp_n_tokens={heads[0]} --config.mtp_head_type={heads[1]}")
+    tensors = folder.tensors()
+    out: dict = {}
+    for name, path, kind in layout(shape["n_layers"], shape["tie_embeddings"], n, head_type, heads is not None):
+        target = _get(like, path)
+        if name not in tensors:
+            raise UserError(f"{folder.path} has no tensor {name}, which its config.json implies: the weights "
+                            "and the config do not belong together")
+        if tensors[name].shape != hf_shape(kind, target.shape):
+            raise UserError(f"tensor {name} in {folder.path} has shape {list(tensors[name].shape)} but its "
+                            f"config.json implies {list(hf_shape(kind, target.shape))}: the weights and the "
+                            "config do not belong together")
+        _set(out, path, from_hf(tensors[name], kind, target.shape).astype(target.dtype))
+    return out
+
+
+def place(params: dict, loaded: dict) -> dict:
+    """params (sharded arrays, pure dict) with every array `loaded` holds (read_params) put in
+    its place, on the same sharding: each process places its own shards from its host copy."""
+    flat = dict(_flatten(loaded))
+
+    def put(path, x):
+        value = flat.get(tuple(k.key for k in path))
+        return x if value is None else jax.make_array_from_callback(x.shape, x.sharding, lambda index: value[index])
+
+    return jax.tree_util.tree_map_with_path(put, params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a folder
+# ---------------------------------------------------------------------------------------------
+
+
+def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pathlib.Path | None,
+                 tokenizer: str | None) -> None:
+    """Writes the folder for `params` (pure dict) atomically: built beside `out`, renamed into
+    place, so a failure leaves nothing at `out`."""
+    out = pathlib.Path(out)
+    n, head_type = n_tokens(config), config.mtp_head_type
+    tensors = {name: to_hf(np.asarray(_get(params, path), np.float32), kind)
+               for name, path, kind in layout(shape.n_layers, shape.tie_embeddings, n, head_type)}
+    eos = None
+    if tokenizer == "bpe":
+        import tokenizers
+
+        from mtp_jax.data import EOT
+
+        eos = tokenizers.Tokenizer.from_file(str(data_dir / "tokenizer.json")).token_to_id(EOT)
+    mtp = {"format": FORMAT, "use_mtp": n > 1, "mtp_n_tokens": n, "mtp_head_type": head_type,
+           "mtp_weight": config.mtp_weight, "mtp_loss_weights": config.mtp_loss_weights,
+           "loss_weights": list(loss_weights(config)), "tokenizer": tokenizer,
+           "heads": [name for name, path, _ in layout(shape.n_layers, shape.tie_embeddings, n, head_type)
+                     if path[0] == "heads"]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        safetensors.numpy.save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(llama_config(shape, config.seq_len, eos), indent=2) + "\n")
+        (tmp / MTP_FILE).write_text(json.dumps(mtp, indent=2) + "\n")
+        if tokenizer == "bpe":
+            shutil.copyfile(data_dir / "tokenizer.json", tmp / "tokenizer.json")
+            (tmp / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT}, indent=2) + "\n")
+        elif tokenizer == "byte":
+            (tmp / "TOKENIZER.md").write_text(BYTE_NOTE)
+        tmp.chmod(0o755)
+        if out.exists():
+            out.rmdir()  # empty (export checks): rename cannot replace a directory
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+BYTE_NOTE = """# Tokenizer: UTF-8 bytes
+
+This model reads raw UTF-8 bytes: token id = byte value (0-255), vocab_size 256, no special
+tokens. There is no tokenizer file; encode and decode with
+
+    ids = list(text.encode("utf-8"))
+    text = bytes(ids).decode("utf-8", errors="replace")
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Nested pure dicts
+# ---------------------------------------------------------------------------------------------
+
+
+def _get(tree: dict, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _flatten(tree: dict, prefix: tuple = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
