@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtp_jax import attention
+
 Array = jax.Array
 
 
@@ -35,6 +37,9 @@ class ModelShape:
     param_dtype: str = "float32"
     rope_theta: float = 10_000.0
     remat: bool = False  # recompute each block's activations in the backward pass (training only)
+    attention: str = "auto"  # which attention implementation `attend` runs (attention.NAMES)
+    attention_block_size: int = 512  # queries and keys per block of the 'blockwise' implementation
+    scan_layers: bool = False  # the trunk's blocks as one scan over stacked parameters
 
     @property
     def head_dim(self) -> int:
@@ -42,7 +47,8 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, model_cfg, vocab_size: int) -> "ModelShape":
-        return cls(vocab_size=vocab_size, **{f.name: model_cfg[f.name] for f in dataclasses.fields(cls)
+        # A field missing from the config (one saved before the field existed) takes its default.
+        return cls(vocab_size=vocab_size, **{f.name: model_cfg.get(f.name, f.default) for f in dataclasses.fields(cls)
                                              if f.name != "vocab_size"})
 
 
@@ -72,14 +78,17 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attend(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array) -> Array:
+def attend(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array, mask: Array | None = None, *,
+           implementation: str = "xla", block_size: int = 512) -> Array:
     """Causal softmax attention by position: a query at position p reads the keys at positions
     <= p. q: [..., T, H]; k, v: [..., S, H]; q_positions [..., T] and k_positions [..., S]
-    broadcast against the leading dimensions."""
-    scores = jnp.einsum("...th,...sh->...ts", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    visible = k_positions[..., None, :] <= q_positions[..., :, None]
-    probs = jax.nn.softmax(jnp.where(visible, scores, -1e30), axis=-1)
-    return jnp.einsum("...ts,...sh->...th", probs.astype(v.dtype), v)
+    broadcast against the leading dimensions. `mask`, a boolean array broadcastable to
+    [..., T, S] (True = visible), replaces the positional rule when given.
+
+    `implementation` names one of attention.NAMES ('auto': the one measured best on this
+    backend); all compute the same function (attention.py)."""
+    name = attention.resolve(implementation)
+    return attention.IMPLEMENTATIONS[name](q, k, v, q_positions, k_positions, mask, block_size)
 
 
 def fused_projection(x: Array, weights: list[nnx.Param], dtype, fuse: bool | None = None) -> list[Array]:
@@ -113,6 +122,7 @@ class Attention(nnx.Module):
         # GPT-2's residual scaling keeps the residual stream's variance flat with depth.
         self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd, std / math.sqrt(2 * shape.n_layers))
         self.dtype, self.theta = jnp.dtype(shape.dtype), shape.rope_theta
+        self.implementation, self.block_size = shape.attention, shape.attention_block_size
 
     def __call__(self, x: Array, positions: Array, cache: dict | None = None,
                  cache_index: Array | None = None) -> tuple[Array, dict | None]:
@@ -129,15 +139,17 @@ class Attention(nnx.Module):
         q, k, v = (y.reshape(b, t, n, h).transpose(0, 2, 1, 3)  # [B, N, T, H]
                    for y in fused_projection(x, [self.wq, self.wk, self.wv], self.dtype))
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+        settings = dict(implementation=self.implementation, block_size=self.block_size)
         if cache is None:
-            out = attend(q, k, v, positions[:, None], positions[:, None])
+            same = positions[:, None]  # one array for queries and keys: attention.splash relies on it
+            out = attend(q, k, v, same, same, **settings)
         else:
             q, k, v = (a.reshape(b * n, t, h) for a in (q, k, v))
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
             cache = {"k": k, "v": v}
             slots = jnp.arange(k.shape[1])
-            out = attend(q, k.astype(q.dtype), v.astype(q.dtype), jnp.repeat(positions, n, axis=0), slots)
+            out = attend(q, k.astype(q.dtype), v.astype(q.dtype), jnp.repeat(positions, n, axis=0), slots, **settings)
             out = out.reshape(b, n, t, h)
         out = out.transpose(0, 2, 1, 3).reshape(b, t, n * h)
         return out @ self.wo[...].astype(self.dtype).reshape(n * h, -1), cache
