@@ -61,7 +61,8 @@ def init_caches(model: MTPModel, batch: int, size: int, all_heads: bool) -> list
                 if all_heads else shape.n_layers)
     kv = (batch * shape.n_heads, size, shape.head_dim)
     # Separate buffers per layer: the steps donate (update in place) every one of them.
-    return [{"k": jnp.zeros(kv, shape.dtype), "v": jnp.zeros(kv, shape.dtype)} for _ in range(n_blocks)]
+    return model.decoder.stack_caches([{"k": jnp.zeros(kv, shape.dtype), "v": jnp.zeros(kv, shape.dtype)}
+                                       for _ in range(n_blocks)])
 
 
 def _positions(tokens: jax.Array, index) -> jax.Array:
@@ -91,7 +92,7 @@ def _heads_step(model: MTPModel, tokens, caches, index):
     """Run tokens [B, t] through the trunk and every head; returns each head's greedy token at
     every position [n, B, t] (head k's at position p guesses the token at p + k) and the caches."""
     positions = _positions(tokens, index)
-    n_trunk = len(model.trunk_layers)
+    n_trunk = model.decoder.cache_entries(model.trunk_layers)
     h_trunk, new_caches = model.trunk(tokens, positions, caches[:n_trunk], index)
     head_caches = iter(caches[n_trunk:])
     h, greedy = h_trunk, []
