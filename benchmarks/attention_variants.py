@@ -1,57 +1,28 @@
-"""The nano train step with attention swapped for variants, timed interleaved in one process.
+"""The train step with each attention implementation, timed interleaved in one process.
 
     python benchmarks/attention_variants.py [--preset=nano] [--rounds=4] [--steps=3]
 
-Variants of `model.attend` (the training path: T == S, keys at the query positions):
-  einsum     ours (scores, position mask, softmax, weighted sum);
-  skip       returns v: no attention at all, which bounds what any attention could save;
-  block128   causal by query blocks of 128: block i reads only keys [0, 128 (i + 1)),
-             skipping the masked half of the scores;
-  block64    the same with blocks of 64;
-  xla_sdpa   jax.nn.dot_product_attention (XLA's implementation), transposed in and out.
-Median step time of each as a ratio to the first (benchmarks/NOTES.md §5).
+Variants (config `model.attention`, benchmarks/NOTES.md §5 and §7):
+  xla            the reference (scores, position mask, softmax, weighted sum);
+  skip           returns v: no attention at all, which bounds what any attention could save;
+  dot_product    jax.nn.dot_product_attention (XLA's implementation on CPU);
+  blockwise_B    online softmax over blocks of B queries x B keys, masked blocks skipped.
+Median step time of each as a ratio to the first, and each step's compiled temporaries.
 """
 
 import argparse
-import functools
 import pathlib
 import runpy
 import statistics
 import sys
 
-import jax
-import jax.numpy as jnp
-
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from mtp_jax import bench, model, sharding  # noqa: E402
+from mtp_jax import attention, bench, sharding  # noqa: E402
 from mtp_jax.train import make_train_step  # noqa: E402
 
-ours = model.attend
-
-
-def skip(q, k, v, q_positions, k_positions):
-    return v
-
-
-def blockwise(q, k, v, q_positions, k_positions, block: int):
-    t = q.shape[-2]
-    outs = []
-    for i in range(t // block):
-        queries, keys = slice(i * block, (i + 1) * block), slice(0, (i + 1) * block)
-        outs.append(ours(q[..., queries, :], k[..., keys, :], v[..., keys, :],
-                         q_positions[..., queries], k_positions[..., keys]))
-    return jnp.concatenate(outs, axis=-2)
-
-
-def xla_sdpa(q, k, v, q_positions, k_positions):
-    def heads_minor(a):  # [B, N, T, H] <-> [B, T, N, H]
-        return a.transpose(0, 2, 1, 3)
-
-    return heads_minor(jax.nn.dot_product_attention(heads_minor(q), heads_minor(k), heads_minor(v), is_causal=True))
-
-
-VARIANTS = {"einsum": ours, "skip": skip, "block128": functools.partial(blockwise, block=128),
-            "block64": functools.partial(blockwise, block=64), "xla_sdpa": xla_sdpa}
+VARIANTS = {"xla": ("xla", 0), "skip": ("skip", 0), "dot_product": ("dot_product", 0),
+            "blockwise_512": ("blockwise", 512), "blockwise_256": ("blockwise", 256),
+            "blockwise_128": ("blockwise", 128), "blockwise_64": ("blockwise", 64)}
 
 
 def main() -> None:
@@ -59,25 +30,28 @@ def main() -> None:
     parser.add_argument("--preset", default="nano")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3, help="steps per variant per round")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     args = parser.parse_args()
     config = runpy.run_path(str(pathlib.Path(__file__).resolve().parent.parent / "configs" / "baseline.py"))[
         "get_config"](args.preset)
+    attention.IMPLEMENTATIONS["skip"] = lambda q, k, v, *_: v
     mesh = sharding.make_mesh(config.mesh)
-    steppers = {}
-    for name, attend in VARIANTS.items():
-        model.attend = attend  # read when the step is traced, below
+    steppers, temps = {}, {}
+    for name in args.variants.split(","):
+        config.model.attention, config.model.attention_block_size = VARIANTS[name]
         setup = make_train_step(config, bench.vocab_size(config), mesh, config.num_train_steps)
+        temps[name] = setup.step_fn.memory_analysis().temp_size_in_bytes
         steppers[name] = bench.make_stepper(config, setup, mesh, args.rounds * args.steps + 2)
-    model.attend = ours
     for step in steppers.values():
         step(), step()
     times = {name: [] for name in steppers}
     for _ in range(args.rounds):
         for name, step in steppers.items():
             times[name] += [step() for _ in range(args.steps)]
-    base = statistics.median(times["einsum"])
+    base = statistics.median(next(iter(times.values())))
     for name, t in times.items():
-        print(f"{name:10s} {statistics.median(t):.3f} s  {statistics.median(t) / base:.3f}x")
+        print(f"{name:14s} {statistics.median(t):.3f} s  {statistics.median(t) / base:.3f}x  "
+              f"temp {temps[name] / 2**20:.0f} MiB")
 
 
 if __name__ == "__main__":

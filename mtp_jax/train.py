@@ -37,7 +37,10 @@ from mtp_jax.mtp import build_model, loss_weights, mtp_loss, n_tokens
 
 # Config fields that fix the shape of the parameters: a checkpoint only restores if they match.
 MODEL_SIGNATURE = ("use_mtp", "mtp_n_tokens", "mtp_head_type", "model.d_model", "model.n_layers",
-                   "model.n_heads", "model.mlp_dim", "model.tie_embeddings", "model.param_dtype")
+                   "model.n_heads", "model.mlp_dim", "model.tie_embeddings", "model.param_dtype",
+                   "model.scan_layers")  # stacked and per-layer parameters are different trees
+# What a signature field meant in a workdir saved before the field existed.
+SIGNATURE_DEFAULTS = {"model.scan_layers": False}
 
 
 def itstime(step: int, every: int, total: int) -> bool:
@@ -159,8 +162,8 @@ def check_workdir(workdir: pathlib.Path, config, vocab_size: int, has_checkpoint
     ours = json.loads(config.to_json_best_effort())
     get = lambda c, key: functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None,  # noqa: E731
                                           key.split("."), c)
-    diffs = [f"{key} {get(saved, key)!r} -> {get(ours, key)!r}" for key in MODEL_SIGNATURE
-             if get(saved, key) != get(ours, key)]
+    was = lambda key: SIGNATURE_DEFAULTS.get(key) if get(saved, key) is None else get(saved, key)  # noqa: E731
+    diffs = [f"{key} {was(key)!r} -> {get(ours, key)!r}" for key in MODEL_SIGNATURE if was(key) != get(ours, key)]
     if saved.get("vocab_size") not in (None, vocab_size):
         diffs.append(f"vocab_size {saved['vocab_size']} -> {vocab_size}")
     if diffs:
