@@ -99,9 +99,12 @@ def blockwise(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Arr
     gradient too needs no [T, S] matrix, for one extra forward pass of attention.
 
     A query that may see no key at all (which the positional rule never produces) gets zeros,
-    where the reference averages every value."""
+    where the reference averages every value (unless everything is one block, which the reference
+    computes)."""
     *_, t, h = q.shape
     s = k.shape[-2]
+    if t <= block_size and s <= block_size:  # one block: the reference computes it without the loops
+        return reference(q, k, v, q_positions, k_positions, mask)
     bq, bk = min(block_size, t), min(block_size, s)
     never = jnp.iinfo(jnp.int32).max  # a padded key's position: later than every query
     q_blocks, qpos_blocks = _blocks(q, -2, bq, 0), _blocks(q_positions, -1, bq, 0)  # [nq, ..., bq, (H)]

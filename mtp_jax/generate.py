@@ -60,7 +60,8 @@ def init_caches(model: MTPModel, batch: int, size: int, all_heads: bool) -> list
     n_blocks = (len(model.trunk_layers) + sum(head_has_block(model, k) for k in range(1, model.n_tokens + 1))
                 if all_heads else shape.n_layers)
     kv = (batch * shape.n_heads, size, shape.head_dim)
-    # Separate buffers per layer: the steps donate (update in place) every one of them.
+    # Separate buffers per layer (stacked layers: one [L, ...] buffer): the steps donate (update in
+    # place) every one of them.
     return model.decoder.stack_caches([{"k": jnp.zeros(kv, shape.dtype), "v": jnp.zeros(kv, shape.dtype)}
                                        for _ in range(n_blocks)])
 

@@ -19,7 +19,7 @@ from mtp_jax.model import ModelShape
 from mtp_jax.mtp import HEAD_TYPES, MTPModel, mtp_loss
 from tests.util import ROOT, load_config
 
-# Block sizes: 4 divides T = 12, 5 leaves a padded last block, 64 is one block for everything.
+# Block sizes: 4 divides T = 12, 5 leaves a padded last block, 64 is one block (the reference).
 IMPLEMENTATIONS = [("dot_product", 0), ("blockwise", 4), ("blockwise", 5), ("blockwise", 64)]
 SHAPE = ModelShape(vocab_size=61, d_model=32, n_layers=2, n_heads=4, mlp_dim=48, attention="xla")
 B, N, T, H = 2, 3, 12, 8
