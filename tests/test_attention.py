@@ -100,8 +100,9 @@ def test_blockwise_gradient_never_holds_a_whole_score_matrix():
     scores_bytes = 2 * t * t * 4  # one float32 [N, T, T] matrix: 8 MiB
 
     def temp_bytes(impl, block_size):
-        loss = lambda q, k, v: jnp.sum(attention.IMPLEMENTATIONS[impl](q, k, v, positions, positions, None,  # noqa: E731
-                                                                    block_size))
+        def loss(q, k, v):
+            return jnp.sum(attention.IMPLEMENTATIONS[impl](q, k, v, positions, positions, None, block_size))
+
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         return grad.lower(q, k, v).compile().memory_analysis().temp_size_in_bytes
 
