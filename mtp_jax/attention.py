@@ -24,11 +24,11 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-# What 'auto' picks per backend. CPU: measured (benchmarks/NOTES.md §7): 'blockwise' equals the
-# reference to float32 rounding, needs a fraction of its temporaries, and its train step is no
-# slower. GPU: cuDNN's flash attention, as every production stack uses (not measured here; the
-# GPU benchmark benchmarks/device.sh compares it with the reference). TPU: 'blockwise' until the
-# splash kernel has been run on a TPU.
+# What 'auto' picks per backend (benchmarks/NOTES.md §7). CPU: 'blockwise', which hands a
+# sequence that fits in one block to the reference (measured faster than any blockwise variant at
+# T = 256) and beyond that needs 0.42x the reference's temporaries (nano_125m). GPU: cuDNN's flash
+# attention, as production stacks use (not measured here: benchmarks/device.sh compares it with
+# the reference). TPU: 'blockwise' until the splash kernel has been run on a TPU.
 AUTO = {"cpu": "blockwise", "gpu": "dot_product", "tpu": "blockwise"}
 NAMES = ("auto", "xla", "dot_product", "blockwise", "splash")
 
