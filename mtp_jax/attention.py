@@ -24,12 +24,12 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
-# What 'auto' picks per backend (benchmarks/NOTES.md §7). CPU: 'blockwise', which hands a
-# sequence that fits in one block to the reference (measured faster than any blockwise variant at
-# T = 256) and beyond that needs 0.42x the reference's temporaries (nano_125m). GPU: cuDNN's flash
-# attention, as production stacks use (not measured here: benchmarks/device.sh compares it with
-# the reference). TPU: 'blockwise' until the splash kernel has been run on a TPU.
-AUTO = {"cpu": "blockwise", "gpu": "dot_product", "tpu": "blockwise"}
+# What 'auto' picks per backend (benchmarks/NOTES.md §7). CPU: the reference, measured ~1.1x
+# faster than 'blockwise' at T = 256 and 1024; 'blockwise' is the choice when memory binds (0.42x
+# the temporaries at nano_125m). GPU: cuDNN's flash attention, as production stacks use (not
+# measured here: benchmarks/device.sh compares it with the reference). TPU: 'blockwise' (not
+# measured; it bounds memory) until the splash kernel has been run on a TPU.
+AUTO = {"cpu": "xla", "gpu": "dot_product", "tpu": "blockwise"}
 NAMES = ("auto", "xla", "dot_product", "blockwise", "splash")
 
 
