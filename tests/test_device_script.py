@@ -15,7 +15,7 @@ def test_device_script_writes_every_section_on_cpu(tmp_path):
     env.pop("XLA_FLAGS", None)
     # float32: XLA-CPU's bfloat16 is slow; one head type and one attention keep the compilations few.
     flags = ["--preset=tiny", "--dtype=float32", "--steps=2", "--warmup=1", "--head_types=sequential",
-             "--attention=xla", "--prompts=2", "--prompt_len=8", "--new_tokens=16"]
+             "--attention=blockwise", "--prompts=2", "--prompt_len=8", "--new_tokens=16"]
     proc = subprocess.run(["bash", "benchmarks/device.sh", *flags], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -26,9 +26,9 @@ def test_device_script_writes_every_section_on_cpu(tmp_path):
     for r in report["train"] + report["attention"]:
         assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1 and r["temp_bytes"] > 0
     assert report["train"][0]["time_ratio"] == 1.0
-    assert [r["attention"] for r in report["attention"]] == [f"auto = {attention.resolve('auto')}", "xla"]
+    assert [r["attention"] for r in report["attention"]] == [f"auto = {attention.resolve('auto')}", "blockwise"]
     decoding = report["decoding"]
     assert decoding["plain_tokens_per_sec"] > 0 and decoding["speculative_tokens_per_sec"] > 0
     assert 1.0 <= decoding["tokens_per_pass"] <= 4.0
     table = (tmp_path / "device.md").read_text()
-    assert "| tiny sequential n=4 |" in table and "| xla |" in table and "speculative" in table
+    assert "| tiny sequential n=4 |" in table and "| blockwise |" in table and "speculative" in table
