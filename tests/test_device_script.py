@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from mtp_jax import attention
 from tests.util import ROOT
 
@@ -24,7 +26,9 @@ def test_device_script_writes_every_section_on_cpu(tmp_path):
     names = [r["name"] for r in report["train"]]
     assert names == ["tiny baseline", "tiny sequential n=4"]
     for r in report["train"] + report["attention"]:
-        assert r["tokens_per_sec"] > 0 and 0 < r["mfu"] < 1 and r["temp_bytes"] > 0
+        # MFU against the peak measured in the same run (on a busy CPU it can exceed 1: no bound here).
+        assert r["mfu"] == pytest.approx(r["model_flops_per_step"] / r["step_time_s"] / report["peak_flops"])
+        assert r["tokens_per_sec"] > 0 and r["temp_bytes"] > 0
     assert report["train"][0]["time_ratio"] == 1.0
     assert [r["attention"] for r in report["attention"]] == [f"auto = {attention.resolve('auto')}", "blockwise"]
     decoding = report["decoding"]
