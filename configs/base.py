@@ -88,6 +88,9 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"  # parameter (and optimizer state) dtype
     c.model.rope_theta = 10_000.0   # RoPE base period
     c.model.remat = False           # recompute each block in the backward pass: less memory, +1 forward
+    c.model.attention = "auto"      # 'auto' (best measured per backend), 'xla', 'dot_product', 'blockwise', 'splash'
+    c.model.attention_block_size = 512  # queries and keys per block of 'blockwise' attention
+    c.model.scan_layers = False     # trunk blocks as one scan over stacked parameters: faster compiles
 
     # Data (DESIGN.md §5).
     c.data = ml_collections.ConfigDict()

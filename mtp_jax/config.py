@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import jax
+
 from mtp_jax import tasks
+from mtp_jax.attention import NAMES as ATTENTION_NAMES
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import HEAD_TYPES, WEIGHT_SCHEMES, n_tokens
 from mtp_jax.schedules import CURRICULA, WEIGHT_SCHEDULES
@@ -69,5 +72,10 @@ def validate(config) -> None:
          f"model.n_layers={m.n_layers} is too small: 'parallel' heads need >= 2 (the last is head 1's)")
     for field in ("dtype", "param_dtype"):
         need(m[field] in DTYPES, f"model.{field}={m[field]!r} is unknown: choose one of {', '.join(DTYPES)}")
+    need(m.attention in ATTENTION_NAMES,
+         f"model.attention={m.attention!r} is unknown: choose one of {', '.join(ATTENTION_NAMES)}")
+    need(m.attention_block_size >= 1, f"model.attention_block_size={m.attention_block_size} must be >= 1")
+    need(m.attention != "splash" or jax.default_backend() == "tpu", f"model.attention='splash' is a TPU kernel "
+         f"and this backend is {jax.default_backend()}: use 'auto' or 'blockwise'")
     if tasks.task_name(str(config.data.source)) is not None:
         tasks.check_config(config)

@@ -63,8 +63,10 @@ def init_caches(model: MTPModel, batch: int, size: int, all_heads: bool) -> list
     n_blocks = (len(model.trunk_layers) + sum(head_has_block(model, k) for k in range(1, model.n_tokens + 1))
                 if all_heads else shape.n_layers)
     kv = (batch * shape.kv_heads, size, shape.head_dim)
-    # Separate buffers per layer: the steps donate (update in place) every one of them.
-    return [{"k": jnp.zeros(kv, shape.dtype), "v": jnp.zeros(kv, shape.dtype)} for _ in range(n_blocks)]
+    # Separate buffers per layer (stacked layers: one [L, ...] buffer): the steps donate (update in
+    # place) every one of them.
+    return model.decoder.stack_caches([{"k": jnp.zeros(kv, shape.dtype), "v": jnp.zeros(kv, shape.dtype)}
+                                       for _ in range(n_blocks)])
 
 
 def _positions(tokens: jax.Array, index) -> jax.Array:
@@ -119,7 +121,7 @@ def _speculate(model: MTPModel, tree: Tree, settings: dict, tokens, positions, c
     argmax elsewhere. Returns (the next block [tree.size], the drafts' distributions q [n - 1, V]
     (sampling), the caches, extra)."""
     commit_key, draft_key = jax.random.split(key)
-    n_trunk = len(model.trunk_layers)
+    n_trunk = model.decoder.cache_entries(model.trunk_layers)
     h_trunk, new_caches = model.trunk(tokens, positions, caches[:n_trunk], index, mask)
     head_caches = iter(caches[n_trunk:])
     h, inputs, candidates, q = h_trunk, None, [], []

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtp_jax import attention
+
 Array = jax.Array
 
 
@@ -37,6 +39,9 @@ class ModelShape:
     param_dtype: str = "float32"
     rope_theta: float = 10_000.0
     remat: bool = False  # recompute each block's activations in the backward pass (training only)
+    attention: str = "auto"  # which attention implementation `attend` runs (attention.NAMES)
+    attention_block_size: int = 512  # queries and keys per block of the 'blockwise' implementation
+    scan_layers: bool = False  # the trunk's blocks as one scan over stacked parameters
 
     @property
     def head_dim(self) -> int:
@@ -79,15 +84,17 @@ def rope(x: Array, positions: Array, theta: float) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attend(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array, mask: Array | None = None) -> Array:
+def attend(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array, mask: Array | None = None, *,
+           implementation: str = "xla", block_size: int = 512) -> Array:
     """Causal softmax attention by position: a query at position p reads the keys at positions
     <= p. q: [..., T, H]; k, v: [..., S, H]; q_positions [..., T] and k_positions [..., S]
-    broadcast against the leading dimensions. A boolean mask broadcastable to [..., T, S]
-    (True = visible) replaces the positional rule, e.g. for a tree of candidate tokens."""
-    scores = jnp.einsum("...th,...sh->...ts", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
-    visible = k_positions[..., None, :] <= q_positions[..., :, None] if mask is None else mask
-    probs = jax.nn.softmax(jnp.where(visible, scores, -1e30), axis=-1)
-    return jnp.einsum("...ts,...sh->...th", probs.astype(v.dtype), v)
+    broadcast against the leading dimensions. `mask`, a boolean array broadcastable to
+    [..., T, S] (True = visible), replaces the positional rule when given.
+
+    `implementation` names one of attention.NAMES ('auto': the one measured best on this
+    backend); all compute the same function (attention.py)."""
+    name = attention.resolve(implementation)
+    return attention.IMPLEMENTATIONS[name](q, k, v, q_positions, k_positions, mask, block_size)
 
 
 def fused_projection(x: Array, weights: list[nnx.Param], dtype, fuse: bool | None = None) -> list[Array]:
@@ -121,6 +128,7 @@ class Attention(nnx.Module):
         # GPT-2's residual scaling keeps the residual stream's variance flat with depth.
         self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd, std / math.sqrt(2 * shape.n_layers))
         self.dtype, self.theta = jnp.dtype(shape.dtype), shape.rope_theta
+        self.implementation, self.block_size = shape.attention, shape.attention_block_size
 
     def __call__(self, x: Array, positions: Array, cache: dict | None = None,
                  cache_index: Array | None = None, mask: Array | None = None) -> tuple[Array, dict | None]:
@@ -142,8 +150,10 @@ class Attention(nnx.Module):
         q, k, v = (y.reshape(b, t, -1, h).transpose(0, 2, 1, 3)  # [B, N or N_kv, T, H]
                    for y in fused_projection(x, [self.wq, self.wk, self.wv], self.dtype))
         q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+        settings = dict(implementation=self.implementation, block_size=self.block_size)
         if cache is None:
-            out = attend(q, group(k), group(v), positions[:, None], positions[:, None], mask)
+            same = positions[:, None]  # one array for queries and keys: attention.splash relies on it
+            out = attend(q, group(k), group(v), same, same, mask, **settings)
         else:
             q, k, v = q.reshape(b * n, t, h), k.reshape(b * kv, t, h), v.reshape(b * kv, t, h)
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
@@ -152,7 +162,7 @@ class Attention(nnx.Module):
             slots = jnp.arange(k.shape[1])
             # [B·N_kv, S, H] → [B·N, S, H]: query head j of row b reads key/value head j // (N / N_kv).
             out = attend(q, group(k.astype(q.dtype)), group(v.astype(q.dtype)), jnp.repeat(positions, n, axis=0),
-                         slots, mask)
+                         slots, mask, **settings)
             out = out.reshape(b, n, t, h)
         out = out.transpose(0, 2, 1, 3).reshape(b, t, n * h)
         return out @ self.wo[...].astype(self.dtype).reshape(n * h, -1), cache
@@ -190,14 +200,31 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), cache
 
 
-class Decoder(nnx.Module):
-    """Token embedding, `n_layers` blocks, final norm and unembedding (tied or not)."""
+def stack_modules(modules: list[nnx.Module]) -> nnx.Module:
+    """Modules of one structure as one module whose parameters carry a leading [len(modules)]
+    axis, with the logical axis name 'layers' (which sharding maps to no mesh axis)."""
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(m) for m in modules])
+    for variable in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        variable.set_metadata(axes=("layers", *variable.get_metadata()["axes"]))
+    return nnx.merge(nnx.graphdef(modules[0]), state)
 
-    def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
+
+class Decoder(nnx.Module):
+    """Token embedding, `n_layers` blocks, final norm and unembedding (tied or not).
+
+    With stacked_layers = L > 0 (model.scan_layers) the first L blocks are one `layer_stack`
+    whose parameters have a leading [L] axis, run as one lax.scan: the program holds one block
+    however deep the model is. `blocks` then holds the others, layer L + i at index i. Both
+    layouts draw the same initial parameters from the same seed (`stack_layers` converts)."""
+
+    def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs, stacked_layers: int = 0):
         pd = jnp.dtype(shape.param_dtype)
-        self.shape = shape
+        self.shape, self.n_stacked = shape, stacked_layers
         self.embedding = _param(rngs, (shape.vocab_size, shape.d_model), ("vocab", "embed"), pd, 0.02)
-        self.blocks = nnx.List([Block(shape, rngs=rngs) for _ in range(shape.n_layers)])
+        blocks = [Block(shape, rngs=rngs) for _ in range(shape.n_layers)]
+        if stacked_layers:
+            self.layer_stack = stack_modules(blocks[:stacked_layers])
+        self.blocks = nnx.List(blocks[stacked_layers:])
         self.final_norm = RMSNorm(shape.d_model, param_dtype=pd)
         if not shape.tie_embeddings:
             self.unembedding = _param(rngs, (shape.d_model, shape.vocab_size), ("embed", "vocab"), pd, 0.02)
@@ -211,18 +238,83 @@ class Decoder(nnx.Module):
         w = self.embedding[...].T if self.shape.tie_embeddings else self.unembedding[...]
         return w.astype(self.shape.dtype)
 
+    def block(self, layer: int) -> Block:
+        """The block of one layer that is not in the stack."""
+        if layer < self.n_stacked:
+            raise ValueError(f"layer {layer} is one of the {self.n_stacked} stacked layers: run it with run_blocks")
+        return self.blocks[layer - self.n_stacked]
+
+    def stack_caches(self, caches: list) -> list:
+        """One cache per layer → the list run_blocks takes: the stacked layers' caches as one
+        entry with a leading [L] axis, then one per remaining layer."""
+        if not self.n_stacked:
+            return caches
+        return [jax.tree.map(lambda *c: jnp.stack(c), *caches[:self.n_stacked]), *caches[self.n_stacked:]]
+
+    def cache_entries(self, layers: range) -> int:
+        """How many entries of the cache list run_blocks(layers) reads."""
+        return len(layers) - self.n_stacked + 1 if self.n_stacked else len(layers)
+
     def run_blocks(self, x: Array, positions: Array, layers: range, caches: list | None = None,
                    cache_index: Array | None = None, mask: Array | None = None) -> tuple[Array, list | None]:
-        """Apply blocks[layers] in order; caches (one per layer in `layers`) are threaded through."""
+        """Apply blocks[layers] in order; caches (cache_entries(layers) of them, see stack_caches)
+        are threaded through. With stacked layers, `layers` must start with all of them."""
+        caches = None if caches is None else list(caches)
+        new_caches = []
+        if self.n_stacked:
+            if layers[:self.n_stacked] != range(self.n_stacked):
+                raise ValueError(f"layers {layers} must start with the {self.n_stacked} stacked layers")
+            x, cache = self._run_stack(x, positions, None if caches is None else caches.pop(0), cache_index, mask)
+            new_caches.append(cache)
+            layers = layers[self.n_stacked:]
         if caches is None and self.shape.remat:
             # Keep only each block's input for the backward pass: activation memory O(layers), not
             # O(layers x block internals), for one extra forward pass of the trunk.
             apply = nnx.remat(lambda block, x: block(x, positions)[0])
             for layer in layers:
-                x = apply(self.blocks[layer], x)
+                x = apply(self.block(layer), x)
             return x, None
-        new_caches = []
         for i, layer in enumerate(layers):
-            x, cache = self.blocks[layer](x, positions, None if caches is None else caches[i], cache_index, mask)
+            x, cache = self.block(layer)(x, positions, None if caches is None else caches[i], cache_index, mask)
             new_caches.append(cache)
         return x, (None if caches is None else new_caches)
+
+    def _run_stack(self, x: Array, positions: Array, cache: dict | None, cache_index: Array | None,
+                   mask: Array | None = None):
+        """The stacked layers as one scan; cache (or None) holds their caches stacked [L, ...]."""
+        graphdef, params = nnx.split(self.layer_stack)
+
+        def layer(x, params_and_cache):
+            params, cache = params_and_cache
+            return nnx.merge(graphdef, params)(x, positions, cache, cache_index, mask)
+
+        if cache is None and self.shape.remat:
+            layer = jax.checkpoint(layer)  # the loop's remat trade, inside the scan
+        return jax.lax.scan(layer, x, (params, cache))
+
+
+def stack_layers(params: dict, n_stacked: int) -> dict:
+    """A model's parameters as a pure dict (anything holding a 'decoder' entry, e.g. Adam's
+    moments too), from the loop layout to the stacked one (Decoder's stacked_layers=n_stacked)."""
+    def convert(tree):
+        decoder = dict(tree["decoder"])
+        blocks = decoder.pop("blocks")
+        decoder["layer_stack"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in range(n_stacked)])
+        if len(blocks) > n_stacked:  # an empty nnx.List has no entry in a pure dict
+            decoder["blocks"] = {i - n_stacked: blocks[i] for i in range(n_stacked, len(blocks))}
+        return {**tree, "decoder": decoder}
+
+    return jax.tree.map(convert, params, is_leaf=lambda x: isinstance(x, dict) and "decoder" in x)
+
+
+def unstack_layers(params: dict) -> dict:
+    """The inverse of stack_layers."""
+    def convert(tree):
+        decoder = dict(tree["decoder"])
+        stack, rest = decoder.pop("layer_stack"), decoder.get("blocks", {})
+        n = len(jax.tree.leaves(stack)[0])
+        blocks = {i: jax.tree.map(lambda x: x[i], stack) for i in range(n)}
+        blocks.update({n + i: block for i, block in rest.items()})
+        return {**tree, "decoder": {**decoder, "blocks": blocks}}
+
+    return jax.tree.map(convert, params, is_leaf=lambda x: isinstance(x, dict) and "decoder" in x)

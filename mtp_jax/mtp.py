@@ -79,7 +79,9 @@ class MTPModel(nnx.Module):
     """The decoder plus n - 1 extra heads of one type. With n = 1 it holds exactly the decoder."""
 
     def __init__(self, shape: ModelShape, n: int, head_type: str, *, rngs: nnx.Rngs):
-        self.decoder = Decoder(shape, rngs=rngs)
+        # model.scan_layers stacks the trunk's layers (not head 1's own block of 'parallel' heads).
+        trunk = shape.n_layers - 1 if head_type == "parallel" else shape.n_layers
+        self.decoder = Decoder(shape, rngs=rngs, stacked_layers=trunk if shape.scan_layers else 0)
         self.n_tokens, self.head_type = n, head_type
         if n > 1:
             pd = jnp.dtype(shape.param_dtype)
@@ -110,7 +112,7 @@ class MTPModel(nnx.Module):
         if self.head_type == "linear" or (self.head_type == "sequential" and k == 1):
             return h_trunk, cache
         if self.head_type == "parallel":
-            block = self.decoder.blocks[self.decoder.shape.n_layers - 1] if k == 1 else self.heads[k - 2]
+            block = self.decoder.block(self.decoder.shape.n_layers - 1) if k == 1 else self.heads[k - 2]
             return block(h_trunk, positions, cache, cache_index, mask)
         return self.heads[k - 2](h_prev, self.decoder.embed(next_tokens), positions, cache, cache_index, mask)
 

@@ -27,6 +27,7 @@ LOGICAL_RULES = {
     "mlp": "tensor",
     "merge": None,
     "norm": None,
+    "layers": None,  # the leading axis of stacked layers (model.scan_layers)
 }
 
 

@@ -201,6 +201,8 @@ def accept_sampled(block: jax.Array, p: jax.Array, q: jax.Array, key: jax.Array)
 def compact(caches: list[dict], base, path: jax.Array) -> list[dict]:
     """Move the accepted path's cache entries (slots base + path) to consecutive slots from
     base; the other nodes' entries stay behind the index, where nothing reads them."""
-    def gather(buffer):  # [B·N, S, H]
-        return jax.lax.dynamic_update_slice_in_dim(buffer, jnp.take(buffer, base + path, axis=1), base, axis=1)
+    def gather(buffer):  # [B·N, S, H], or [L, B·N, S, H] for stacked layers (model.scan_layers)
+        slot_axis = buffer.ndim - 2
+        return jax.lax.dynamic_update_slice_in_dim(buffer, jnp.take(buffer, base + path, axis=slot_axis), base,
+                                                   axis=slot_axis)
     return [{name: gather(buffer) for name, buffer in cache.items()} for cache in caches]

@@ -41,9 +41,10 @@ from mtp_jax.schedules import head_weights, mtp_weight
 # checkpoint only restores if they match.
 MODEL_SIGNATURE = ("use_mtp", "mtp_n_tokens", "mtp_head_type", "model.d_model", "model.n_layers",
                    "model.n_heads", "model.mlp_dim", "model.tie_embeddings", "model.param_dtype",
-                   "model.n_kv_heads", "train")
-# What a config.json written before a signature field existed means by its absence.
-SIGNATURE_DEFAULTS = {"model.n_kv_heads": 0, "train": "all"}
+                   "model.n_kv_heads", "train",
+                   "model.scan_layers")  # stacked and per-layer parameters are different trees
+# What a signature field meant in a workdir saved before the field existed.
+SIGNATURE_DEFAULTS = {"model.n_kv_heads": 0, "train": "all", "model.scan_layers": False}
 
 
 def itstime(step: int, every: int, total: int) -> bool:
