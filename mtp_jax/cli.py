@@ -3,11 +3,13 @@
 `parse_flags` is absl's flag parser for the entry points that take `--config=FILE[:preset]`
 (`mtp_jax.main`, `mtp_jax.bench`, `benchmarks/profile_ops.py`), with its errors — an unknown
 config key, a value of the wrong type, a config file that is missing or raises while loading —
-reduced to that one line.
+reduced to that one line. `ArgumentParser` is argparse's, with its errors reduced the same way,
+for the commands that take plain flags (`generate`, `evaluate`, `export`).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
@@ -23,6 +25,11 @@ def fail(message: str) -> None:
         sys.stdout.flush()
         os._exit(2)
     sys.exit(2)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):
+        fail(f"{message}. See --help for the flags")
 
 
 def parse_flags(argv: list[str]) -> list[str]:

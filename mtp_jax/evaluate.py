@@ -34,7 +34,7 @@ from flax import nnx
 
 from mtp_jax import data as data_lib
 from mtp_jax import tasks
-from mtp_jax.cli import fail
+from mtp_jax.cli import ArgumentParser, fail
 from mtp_jax.errors import UserError
 from mtp_jax.generate import Generator, compression_ratio
 from mtp_jax.mtp import MTPModel
@@ -497,13 +497,8 @@ def _head1_greedy(graphdef, params, tokens: jax.Array) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        fail(f"{message}. See --help for the flags")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = _Parser(prog="python -m mtp_jax.evaluate", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m mtp_jax.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="a training workdir (its newest checkpoint is used)")
     p.add_argument("--probe", required=True, choices=sorted(PROBES), help="what to measure")
     p.add_argument("--induction_batches", type=int, default=2, help="induction: batches of renamed windows")

@@ -17,17 +17,12 @@ import jax
 from flax import nnx
 
 from mtp_jax import hf
-from mtp_jax.cli import fail
+from mtp_jax.cli import ArgumentParser, fail
 from mtp_jax.errors import UserError
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        fail(f"{message}. See --help for the flags")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = _Parser(prog="python -m mtp_jax.export", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m mtp_jax.export", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="a training workdir (its newest checkpoint is exported)")
     p.add_argument("--out", required=True, help="the folder to write (must not exist, or be empty)")
     return p.parse_args(argv)

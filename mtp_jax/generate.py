@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from mtp_jax import speculative
-from mtp_jax.cli import fail
+from mtp_jax.cli import ArgumentParser, fail
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import MTPModel
 from mtp_jax.speculative import Tree
@@ -505,13 +505,8 @@ def benchmark(model: MTPModel, config, data, *, prompts: int, prompt_len: int, n
     }
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        fail(f"{message}. See --help for the flags")
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = _Parser(prog="python -m mtp_jax.generate", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m mtp_jax.generate", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="a training workdir (its newest checkpoint is used)")
     p.add_argument("--prompt", help="text to continue (required unless --benchmark)")
     p.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate at most")
