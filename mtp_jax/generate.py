@@ -328,6 +328,18 @@ def _greedy_chunked(model: MTPModel, k: int, h: jax.Array, chunk_size: int) -> j
     return greedy.swapaxes(0, 1).reshape(b, -1)[:, :t]
 
 
+def _teacher_forced_hidden(model: MTPModel, window: jax.Array):
+    """Each head's hidden state [B, T, D], k = 1 … n, with the true tokens of window [B, T + n] as
+    context (what 'sequential' module k reads at t is the true x[t + k - 1])."""
+    t = window.shape[1] - model.n_tokens
+    positions = jnp.broadcast_to(jnp.arange(t), (window.shape[0], t))
+    h_trunk, _ = model.trunk(window[:, :t], positions)
+    h = h_trunk
+    for k in range(1, model.n_tokens + 1):
+        h, _ = model.head_hidden(k, h_trunk, h, window[:, k - 1:t + k - 1], positions)
+        yield h
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def teacher_forced_acceptance(graphdef, chunk_size: int, params, window: jax.Array) -> dict:
     """Draft acceptance on real text, which greedy loops cannot inflate. window: [B, T + n].
@@ -338,12 +350,7 @@ def teacher_forced_acceptance(graphdef, chunk_size: int, params, window: jax.Arr
     accepted), over the positions where every head can be checked."""
     model = nnx.merge(graphdef, params)
     n, t = model.n_tokens, window.shape[1] - model.n_tokens
-    positions = jnp.broadcast_to(jnp.arange(t), (window.shape[0], t))
-    h_trunk, _ = model.trunk(window[:, :t], positions)
-    h, greedy = h_trunk, []
-    for k in range(1, n + 1):
-        h, _ = model.head_hidden(k, h_trunk, h, window[:, k - 1:t + k - 1], positions)
-        greedy.append(_greedy_chunked(model, k, h, chunk_size))
+    greedy = [_greedy_chunked(model, k, h, chunk_size) for k, h in enumerate(_teacher_forced_hidden(model, window), 1)]
     metrics, prefix, expected = {}, True, 1.0
     for k in range(2, n + 1):
         agree = greedy[k - 1][:, :t - k + 1] == greedy[0][:, k - 1:]  # [B, T - k + 1]
@@ -360,12 +367,9 @@ def rank_acceptance(graphdef, ranks: int, params, window: jax.Array) -> jax.Arra
     positions t where head k's rank-r token (k = 2 … n, r < ranks) equals head 1's argmax at
     t + k - 1, i.e. where a greedy tree's candidate would be accepted."""
     model = nnx.merge(graphdef, params)
-    n, t = model.n_tokens, window.shape[1] - model.n_tokens
-    positions = jnp.broadcast_to(jnp.arange(t), (window.shape[0], t))
-    h_trunk, _ = model.trunk(window[:, :t], positions)
-    h, rows = h_trunk, []
-    for k in range(1, n + 1):
-        h, _ = model.head_hidden(k, h_trunk, h, window[:, k - 1:t + k - 1], positions)
+    t = window.shape[1] - model.n_tokens
+    rows = []
+    for k, h in enumerate(_teacher_forced_hidden(model, window), 1):
         if k == 1:
             greedy = _greedy_chunked(model, 1, h, 0)  # [B, T]
             continue
