@@ -1,6 +1,6 @@
 """Every field of an mtp_jax run, with one line each on what it means.
 
-`--config=configs/base.py:PRESET` picks a size preset (tiny, nano, nano_125m, 350m, 1b); any field
+`--config=configs/base.py:PRESET` picks a size preset (tiny, micro, nano, nano_125m, 350m, 1b); any field
 can be overridden with `--config.FIELD=VALUE` (e.g. `--config.model.d_model=512`). An unknown
 field is an error. The other files in configs/ start from this one and turn MTP on or off.
 """
@@ -12,6 +12,8 @@ import ml_collections
 PRESETS = {
     # Seconds per run: for tests and smoke checks.
     "tiny": (64, 2, 4, 128, 32, 8, 40, 3e-3, "byte", 256, False),
+    # ~3.5 M parameters on bytes: experiments that need settings x seeds on 2 CPU cores (issue 15).
+    "micro": (256, 4, 4, 768, 256, 16, 300, 2e-3, "byte", 256, False),
     # ~10 M parameters on bytes; the default: trains in about ten minutes on 2 CPU cores.
     "nano": (384, 6, 6, 1024, 256, 16, 300, 1e-3, "byte", 256, False),
     # GPT-2 small's shape, the seed's TrainConfig::nano_125m().

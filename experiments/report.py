@@ -5,8 +5,11 @@
 Runs are grouped into settings by the config fields that differ between them, seed excepted; a
 setting's number is the mean ± sample standard deviation (ddof=1) over its seeds. The baseline is
 the setting that predicts one token (mtp_n_tokens=1 or use_mtp=False) unless --baseline picks one.
-Writes results.md, runs.json (final numbers per run), three PNG plots and COMMAND (the sweep,
-training and report commands). Runs that did not reach num_train_steps are left out and listed.
+Every other setting is compared with it on each final metric the runs logged (loss, bits per byte,
+lowest loss over evaluations, induction accuracy, parse rate, task accuracy) as a difference of
+means ± its standard error, with a verdict only beyond two standard errors; task accuracy is also
+tabled per difficulty. Writes results.md, runs.json (final numbers per run, and the comparisons),
+three PNG plots and COMMAND (the sweep, training and report commands). Runs that did not reach num_train_steps are left out and listed.
 Needs matplotlib (the `plots` extra).
 """
 
@@ -55,7 +58,12 @@ class Run:
 
     @property
     def final(self) -> dict:
-        return {k: v for k, v in self.evals[-1].items() if k != "step"}
+        """The last evaluation's numbers, with the lowest head-1 loss of any evaluation and its step
+        (where a run that overfits turns up)."""
+        final = {k: v for k, v in self.evals[-1].items() if k != "step"}
+        losses = self.curve("eval/loss_1")
+        best = int(np.argmin(losses))
+        return {**final, "min_eval/loss_1": losses[best], "min_eval/loss_1_step": self.eval_steps[best]}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -219,7 +227,63 @@ def summarize(settings: list[Setting], baseline: Setting | None) -> dict:
                 "median_tokens_per_sec": statistics.median(r.tokens_per_sec),
                 "train_time_s": r.eval_times[-1],
             })
-    return {"baseline": baseline.label if baseline else None, "target_loss": target, "runs": runs}
+    return {"baseline": baseline.label if baseline else None, "target_loss": target,
+            "comparisons": comparisons(settings, baseline) if baseline else [], "runs": runs}
+
+
+# Final metrics compared with the baseline: key, what it is, whether higher is better.
+COMPARED = (
+    ("eval/loss_1", "head-1 validation loss (final)", False),
+    ("min_eval/loss_1", "head-1 validation loss (lowest evaluation)", False),
+    ("eval/bits_per_byte", "validation bits per byte", False),
+    ("eval/induction_accuracy", "induction accuracy", True),
+    ("eval/parse_rate", "parse rate of samples", True),
+    ("eval/task_accuracy", "task accuracy (all difficulties)", True),
+)
+
+
+def difference(values: list[float], base: list[float]) -> tuple[float, float | None]:
+    """Difference of means (setting - baseline) and its standard error sqrt(s_a²/n_a + s_b²/n_b),
+    seeds being independent draws (None with a single seed on either side)."""
+    d = statistics.fmean(values) - statistics.fmean(base)
+    if len(values) < 2 or len(base) < 2:
+        return d, None
+    return d, (statistics.variance(values) / len(values) + statistics.variance(base) / len(base)) ** 0.5
+
+
+def verdict(d: float, se: float | None, higher_is_better: bool) -> str:
+    """'better'/'worse' only beyond two standard errors; otherwise 'no difference (< 2 s.e.)'."""
+    if se is None:
+        return "one seed: no verdict"
+    if abs(d) <= 2 * se:
+        return "no difference (< 2 s.e.)" if d else "equal"
+    return "MTP better" if (d > 0) == higher_is_better else "MTP worse"
+
+
+def comparisons(settings: list[Setting], baseline: Setting) -> list[dict]:
+    """Every setting against the baseline on every COMPARED metric all their runs logged."""
+    out = []
+    for s in settings:
+        if s is baseline:
+            continue
+        for key, label, higher in COMPARED:
+            values, base = s.finals(key), baseline.finals(key)
+            if len(values) != len(s.runs) or len(base) != len(baseline.runs) or not values:
+                continue
+            d, se = difference(values, base)
+            out.append({"setting": s.label, "metric": key, "label": label, "higher_is_better": higher,
+                        "baseline": statistics.fmean(base), "value": statistics.fmean(values),
+                        "difference": d, "standard_error": se, "verdict": verdict(d, se, higher)})
+    return out
+
+
+def difficulties(settings: list[Setting]) -> list[str]:
+    """The task difficulties every run logged an accuracy for (e.g. m1 … m8), in order."""
+    prefix = "eval/task_accuracy_"
+    keys = set.intersection(*({k[len(prefix):] for k in r.final if k.startswith(prefix)}
+                              for s in settings for r in s.runs))
+    return sorted(keys, key=lambda k: [int(p) if p.isdigit() else p
+                                       for p in "".join(c if c.isdigit() else f" {c} " for c in k).split()])
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -285,6 +349,28 @@ def results_markdown(name: str, settings: list[Setting], baseline: Setting | Non
         "Tokens to the baseline's final loss: linear interpolation between evaluations. Data efficiency: "
         "the baseline's tokens divided by those. Training time to it: those tokens' steps at the median "
         "step time (evaluations and saves not counted), against the baseline's whole run.", ""]
+
+    if summary["comparisons"]:
+        rows = [[f"`{c['setting']}`", c["label"], f"{c['baseline']:.4f}", f"{c['value']:.4f}",
+                 f"{c['difference']:+.4f}" + (f" ± {c['standard_error']:.4f}" if c["standard_error"] is not None else ""),
+                 c["verdict"]] for c in summary["comparisons"]]
+        out += ["## Differences from the baseline", "",
+                "Setting minus baseline, means over seeds; ± is the standard error of the difference, "
+                "sqrt(s²_setting/n + s²_baseline/n) with s the sample standard deviation over seeds. "
+                "A verdict needs the difference to exceed two standard errors.", "",
+                markdown_table(["setting", "metric", "baseline", "setting's", "difference ± s.e.", "verdict"], rows), ""]
+    if any(r.eval_steps[-1] != r.final["min_eval/loss_1_step"] for r in all_runs):
+        out += ["## Where the validation loss turns up", "", markdown_table(
+            ["setting", "lowest head-1 eval loss", "at step", "final head-1 eval loss"],
+            [[f"`{s.label}`", fmt(s.finals("min_eval/loss_1")), fmt(s.finals("min_eval/loss_1_step"), 0),
+              fmt(s.finals("eval/loss_1"))] for s in settings]), ""]
+    levels = difficulties(settings)
+    if levels:
+        out += ["## Task accuracy per difficulty (final step)", "",
+                "Greedy answers to held-out problems, exact match; mean ± s.d. over seeds.", "", markdown_table(
+                    ["setting", *levels, "all"],
+                    [[f"`{s.label}`", *(fmt(s.finals(f"eval/task_accuracy_{k}"), 3) for k in levels),
+                      fmt(s.finals("eval/task_accuracy"), 3)] for s in settings]), ""]
 
     token_points = sorted(set().union(*(r.eval_tokens for r in all_runs)))
     for key, title in (("eval/loss_1", "Head-1 validation loss"), ("eval/bits_per_byte", "Validation bits per byte")):

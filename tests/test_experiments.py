@@ -147,7 +147,9 @@ HEAD1 = {(1, 0): (3.0, 2.0), (1, 1): (3.2, 2.2), (2, 0): (2.5, 1.5), (2, 1): (2.
          (3, 1): (3.4, 2.4)}
 
 
-def write_run(sweep_dir: pathlib.Path, n: int, seed: int, head1: tuple[float, float], steps: int = 4) -> None:
+def write_run(sweep_dir: pathlib.Path, n: int, seed: int, head1: tuple[float, float], steps: int = 4,
+              final: dict | None = None) -> None:
+    """A run of the synthetic sweep; `final` adds metrics to its last evaluation."""
     workdir = sweep_dir / f"mtp_n_tokens={n},seed={seed}"
     workdir.mkdir(parents=True)
     config = {"preset": "tiny", "use_mtp": True, "mtp_n_tokens": n, "seed": seed, "num_train_steps": 4,
@@ -161,7 +163,8 @@ def write_run(sweep_dir: pathlib.Path, n: int, seed: int, head1: tuple[float, fl
             loss = head1[step // 2 - 1]
             events.append({"step": step, "eval/loss_1": loss, "eval/bits_per_byte": loss / np.log(2),
                            **{f"eval/loss_{k}": loss + 0.5 * (k - 1) for k in range(2, n + 1)},
-                           **{f"generate/acceptance_{k}": 0.5 / k for k in range(2, n + 1)}})
+                           **{f"generate/acceptance_{k}": 0.5 / k for k in range(2, n + 1)},
+                           **(final or {} if step == steps else {})})
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
 
 
@@ -246,3 +249,43 @@ def test_plots_are_written_as_png(synthetic):
     for name in ("loss_vs_tokens.png", "per_head_loss.png", "loss_vs_time.png"):
         data = (out_dir / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1024, name
+
+
+def test_differences_carry_standard_errors_and_a_two_se_verdict(synthetic):
+    sweep_dir, out_dir = synthetic
+    comparisons = {(c["setting"], c["metric"]): c for c in report.report(sweep_dir, out_dir)["comparisons"]}
+    # n=2: finals 1.5, 1.9 against 2.0, 2.2: -0.4 ± sqrt(0.08/2 + 0.02/2) = 0.2236, inside 2 s.e.
+    c = comparisons[("mtp_n_tokens=2", "eval/loss_1")]
+    assert c["difference"] == pytest.approx(-0.4) and c["standard_error"] == pytest.approx(0.05 ** 0.5)
+    assert c["verdict"] == "no difference (< 2 s.e.)"
+    # n=3: 2.5, 2.4: +0.35 ± sqrt(0.005/2 + 0.02/2) = 0.1118, beyond 2 s.e., and a loss: worse.
+    c = comparisons[("mtp_n_tokens=3", "eval/loss_1")]
+    assert c["difference"] == pytest.approx(0.35) and c["standard_error"] == pytest.approx(0.0125 ** 0.5)
+    assert c["verdict"] == "MTP worse"
+    assert ("mtp_n_tokens=2", "eval/induction_accuracy") not in comparisons  # never logged
+    assert "| +0.3500 ± 0.1118 | MTP worse |" in (out_dir / "results.md").read_text()
+    assert report.verdict(0.3, 0.1, higher_is_better=True) == "MTP better"
+    assert report.verdict(0.3, None, higher_is_better=True) == "one seed: no verdict"
+
+
+def test_accuracy_per_difficulty_and_the_turning_point_of_the_loss(tmp_path):
+    sweep_dir = tmp_path / "runs" / "tasks"
+    for n in (1, 2):
+        for seed in (0, 1):
+            accuracy = {f"eval/task_accuracy_m{m}": 0.1 * n + 0.01 * m + 0.02 * seed for m in (1, 2, 10)}
+            # The baseline's loss turns up: lowest at step 2, as an overfitting run's does.
+            write_run(sweep_dir, n, seed, (1.0, 1.2) if n == 1 else (2.0, 1.5),
+                      final={**accuracy, "eval/task_accuracy": 0.5 * n})
+    out_dir = tmp_path / "results"
+    summary = report.report(sweep_dir, out_dir)
+    md = (out_dir / "results.md").read_text()
+    table = md.split("## Task accuracy per difficulty")[1].split("## ")[0]
+    assert "| setting | m1 | m2 | m10 | all |" in table  # difficulties in numeric order
+    assert "| `mtp_n_tokens=2` | 0.220 ± 0.014 | 0.230 ± 0.014 | 0.310 ± 0.014 | 1.000 ± 0.000 |" in table
+    turn = md.split("## Where the validation loss turns up")[1].split("## ")[0]
+    assert "| `mtp_n_tokens=1` | 1.0000 ± 0.0000 | 2 ± 0 | 1.2000 ± 0.0000 |" in turn
+    lowest = {c["setting"]: c for c in summary["comparisons"] if c["metric"] == "min_eval/loss_1"}
+    assert lowest["mtp_n_tokens=2"]["difference"] == pytest.approx(0.5)
+    accuracy = {c["setting"]: c for c in summary["comparisons"] if c["metric"] == "eval/task_accuracy"}
+    assert accuracy["mtp_n_tokens=2"]["verdict"] == "MTP better"  # 1.0 vs 0.5 with no spread at all
+    assert report.verdict(0.0, 0.0, higher_is_better=True) == "equal"  # e.g. every run at accuracy 0
