@@ -1,6 +1,6 @@
 """Tables, plots and raw numbers for one sweep: experiments/runs/NAME → experiments/results/NAME.
 
-    python experiments/report.py NAME [--baseline KEY=VALUE] [--runs_dir=DIR] [--results_dir=DIR]
+    python experiments/report.py NAME [--baseline KEY=VALUE[,KEY=VALUE…]] [--runs_dir=DIR] [--results_dir=DIR]
 
 Runs are grouped into settings by the config fields that differ between them, seed excepted; a
 setting's number is the mean ± sample standard deviation (ddof=1) over its seeds. The baseline is
@@ -198,10 +198,12 @@ def pick_baseline(settings: list[Setting], choice: str | None) -> Setting | None
             raise UserError(f"{len(matches)} settings predict one token ({', '.join(s.label for s in matches)}): "
                             "pick the baseline with --baseline KEY=VALUE")
         return matches[0] if matches else None
-    key, sep, value = choice.partition("=")
-    if not sep:
-        raise UserError(f"--baseline {choice!r} must look like KEY=VALUE, e.g. --baseline mtp_head_type=linear")
-    matches = [s for s in settings if str(s.runs[0].config.get(key)).lower() == value.lower()]
+    wanted = [part.partition("=") for part in choice.split(",")]
+    if not all(sep and key for key, sep, _ in wanted):
+        raise UserError(f"--baseline {choice!r} must look like KEY=VALUE[,KEY=VALUE…], "
+                        "e.g. --baseline mtp_n_tokens=1,data.task.teacherless=False")
+    matches = [s for s in settings
+               if all(str(s.runs[0].config.get(key)).lower() == value.lower() for key, _, value in wanted)]
     if len(matches) != 1:
         raise UserError(f"--baseline {choice} matches {len(matches)} settings of {[s.label for s in settings]}: "
                         "give a field and value that pick exactly one")
@@ -479,7 +481,8 @@ def report(sweep_dir: pathlib.Path, out_dir: pathlib.Path, baseline: str | None 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="the sweep's --name")
-    parser.add_argument("--baseline", help="KEY=VALUE picking the reference setting (default: mtp_n_tokens=1)")
+    parser.add_argument("--baseline", help="KEY=VALUE[,KEY=VALUE…] picking the reference setting "
+                                           "(default: the one with mtp_n_tokens=1)")
     parser.add_argument("--runs_dir", default=str(ROOT / "experiments" / "runs"))
     parser.add_argument("--results_dir", default=str(ROOT / "experiments" / "results"))
     args = parser.parse_args(argv)

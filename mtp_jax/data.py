@@ -199,14 +199,19 @@ def _resolve_source(source: str) -> _Source:
     name = tasks.task_name(source)
     if name is not None:
         return _Source("task", f"task-{name}", source, (), ())
-    if source == "stdlib":
-        root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    if source == "stdlib" or source.startswith("stdlib/"):
+        # 'stdlib/email': one package of it, a small fixed corpus every Python has (for many epochs).
+        stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+        root = stdlib / source.removeprefix("stdlib").strip("/")
+        if not root.is_dir():
+            raise UserError(f"data.source={source!r}: the standard library has no package {root.name!r} "
+                            f"(in {stdlib}): name one of its directories, e.g. stdlib/email")
         files = [
             p
             for p in root.rglob("*.py")
-            if p.is_file() and not {"site-packages", "dist-packages"} & set(p.relative_to(root).parts)
+            if p.is_file() and not {"site-packages", "dist-packages"} & set(p.relative_to(stdlib).parts)
         ]
-        return _files_source("stdlib", f"stdlib:{root}", root, files)
+        return _files_source(source.replace("/", "-"), f"stdlib:{root}", root, files)
     path = pathlib.Path(source).expanduser()
     if path.is_dir():
         files = [
@@ -233,7 +238,7 @@ def _resolve_source(source: str) -> _Source:
     if path.is_symlink():
         raise UserError(f"data.source={source!r} is a broken symlink or a symlink loop: point it at the data")
     raise UserError(
-        f"data.source={source!r} does not exist: pass an existing directory, file, glob or 'stdlib'"
+        f"data.source={source!r} does not exist: pass an existing directory, file, glob, 'stdlib' or 'stdlib/PACKAGE'"
     )
 
 

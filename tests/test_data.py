@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import sysconfig
 
 import ml_collections
 import numpy as np
@@ -104,6 +105,15 @@ def test_stdlib_byte_corpus_prepares_in_seconds(tmp_path):
     assert d.meta["n_train_tokens"] > 10_000_000
     assert d.meta["n_val_docs"] >= 20
     assert d.meta["val_bytes"] == d.meta["n_val_tokens"] == len(d.val)
+
+
+def test_one_stdlib_package_is_a_small_corpus_of_exactly_its_files(tmp_path):
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"]) / "json"
+    size = sum(len(p.read_bytes()) for p in root.rglob("*.py"))
+    d = prepare(make_cfg(tmp_path, "stdlib/json"))
+    assert len(d.train) + len(d.val) == size  # bytes: every file of the package, nothing else
+    with pytest.raises(UserError, match="no package 'nonexistent'.*e.g. stdlib/email"):
+        prepare(make_cfg(tmp_path, "stdlib/nonexistent"))
 
 
 # --------------------------------------------------------------------------- split

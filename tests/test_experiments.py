@@ -239,8 +239,11 @@ def test_baseline_flag_picks_one_setting_or_fails(synthetic):
     assert report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=3")["target_loss"] == pytest.approx(2.45)
     summary_table = (out_dir / "results.md").read_text().split("## Summary")[1]
     assert summary_table.split("| `")[1].startswith("mtp_n_tokens=3` |")  # the baseline's row comes first
+    assert report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=2,use_mtp=True")["baseline"] == "mtp_n_tokens=2"
     with pytest.raises(UserError, match="matches 0 settings"):
         report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=5")
+    with pytest.raises(UserError, match="matches 0 settings"):
+        report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=2,use_mtp=False")
 
 
 def test_plots_are_written_as_png(synthetic):
