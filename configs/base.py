@@ -96,7 +96,7 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
 
     # Data (DESIGN.md §5).
     c.data = ml_collections.ConfigDict()
-    c.data.source = "stdlib"        # 'stdlib' (or 'stdlib/email': one package), a directory, glob, text file, .jsonl, or a .bin token file
+    c.data.source = "stdlib"        # 'stdlib' ('stdlib/email': one package), a directory, glob, text file, .jsonl, .bin
     c.data.tokenizer = tokenizer    # 'byte' (vocab 256) or 'bpe' (trained on the training split)
     c.data.vocab_size = vocab       # BPE vocabulary size; for a .bin, its vocab (0: read meta.json)
     c.data.token_dtype = "uint32"   # dtype of a .bin source: 'uint32' (as the seed writes) or 'uint16'

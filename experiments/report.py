@@ -9,7 +9,8 @@ Every other setting is compared with it on each final metric the runs logged (lo
 lowest loss over evaluations, induction accuracy, parse rate, task accuracy) as a difference of
 means ± its standard error, with a verdict only beyond two standard errors; task accuracy is also
 tabled per difficulty. Writes results.md, runs.json (final numbers per run, and the comparisons),
-three PNG plots and COMMAND (the sweep, training and report commands). Runs that did not reach num_train_steps are left out and listed.
+three PNG plots and COMMAND (the sweep, training and report commands). Runs that did not reach
+num_train_steps are left out and listed.
 Needs matplotlib (the `plots` extra).
 """
 
@@ -353,14 +354,18 @@ def results_markdown(name: str, settings: list[Setting], baseline: Setting | Non
         "step time (evaluations and saves not counted), against the baseline's whole run.", ""]
 
     if summary["comparisons"]:
-        rows = [[f"`{c['setting']}`", c["label"], f"{c['baseline']:.4f}", f"{c['value']:.4f}",
-                 f"{c['difference']:+.4f}" + (f" ± {c['standard_error']:.4f}" if c["standard_error"] is not None else ""),
+        def plus_minus(c: dict) -> str:
+            se = c["standard_error"]
+            return f"{c['difference']:+.4f}" + (f" ± {se:.4f}" if se is not None else "")
+
+        rows = [[f"`{c['setting']}`", c["label"], f"{c['baseline']:.4f}", f"{c['value']:.4f}", plus_minus(c),
                  c["verdict"]] for c in summary["comparisons"]]
         out += ["## Differences from the baseline", "",
                 "Setting minus baseline, means over seeds; ± is the standard error of the difference, "
                 "sqrt(s²_setting/n + s²_baseline/n) with s the sample standard deviation over seeds. "
                 "A verdict needs the difference to exceed two standard errors.", "",
-                markdown_table(["setting", "metric", "baseline", "setting's", "difference ± s.e.", "verdict"], rows), ""]
+                markdown_table(["setting", "metric", "baseline", "setting's", "difference ± s.e.", "verdict"], rows),
+                ""]
     if any(r.eval_steps[-1] != r.final["min_eval/loss_1_step"] for r in all_runs):
         out += ["## Where the validation loss turns up", "", markdown_table(
             ["setting", "lowest head-1 eval loss", "at step", "final head-1 eval loss"],
