@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from experiments import report, sweep
+from experiments import report, sweep, verdicts
 from mtp_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -292,3 +292,15 @@ def test_accuracy_per_difficulty_and_the_turning_point_of_the_loss(tmp_path):
     accuracy = {c["setting"]: c for c in summary["comparisons"] if c["metric"] == "eval/task_accuracy"}
     assert accuracy["mtp_n_tokens=2"]["verdict"] == "MTP better"  # 1.0 vs 0.5 with no spread at all
     assert report.verdict(0.0, 0.0, higher_is_better=True) == "equal"  # e.g. every run at accuracy 0
+
+
+def test_verdicts_table_takes_the_best_mtp_setting_and_says_what_was_not_run(synthetic):
+    sweep_dir, out_dir = synthetic
+    report.report(sweep_dir, out_dir)
+    rows = (("synthetic", "eval/loss_1", "loss"), ("synthetic", "eval/parse_rate", "parse rate"),
+            ("missing", "eval/loss_1", "never run"))
+    lines = verdicts.table(out_dir.parent, rows).splitlines()
+    # Lowest loss of n=2 (1.7) and n=3 (2.45) is n=2's: -0.4 ± 0.2236 against the baseline's 2.1.
+    assert lines[2] == ("| loss ([synthetic](experiments/results/synthetic/results.md), 2 seeds) | 2.1000 | "
+                        "`mtp_n_tokens=2`: 1.7000 | -0.4000 ± 0.2236 | no difference (< 2 s.e.) |")
+    assert "| not logged |" in lines[3] and lines[4] == "| never run (missing) | not run | | | |"

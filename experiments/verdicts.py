@@ -1,0 +1,67 @@
+"""The README's "Where MTP helps here" table, from the experiments' runs.json files.
+
+    python experiments/verdicts.py [--results_dir=experiments/results]
+
+One row per (experiment, metric) in ROWS: the next-token baseline's mean over seeds, the MTP
+setting with the best mean on that metric, their difference ± its standard error and the
+verdict, all as experiments/report.py computed them (report.comparisons). Picking the best of
+several MTP settings on the metric it is judged by favours MTP a little; with one MTP setting per
+experiment (as here, except path-star's two) there is nothing to pick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+# (experiment, metric key in runs.json's comparisons, what the row is about)
+ROWS = (
+    ("text_micro", "eval/induction_accuracy", "induction (renamed identifiers in held-out code)"),
+    ("text_micro", "eval/bits_per_byte", "real text: held-out bits per byte"),
+    ("text_micro", "eval/parse_rate", "sample quality: share of samples that parse"),
+    ("polyarith", "eval/task_accuracy", "polynomial arithmetic: exact answers, m = 1 … 8"),
+    ("pathstar", "eval/task_accuracy", "path-star graph G(2, 5, 50): exact paths"),
+    ("data_constrained", "min_eval/loss_1", "10 epochs of `stdlib/email`: lowest validation loss"),
+)
+
+
+def best_comparison(comparisons: list[dict], metric: str) -> dict | None:
+    """The comparison on `metric` whose setting does best on it (highest or lowest mean)."""
+    rows = [c for c in comparisons if c["metric"] == metric]
+    if not rows:
+        return None
+    return (max if rows[0]["higher_is_better"] else min)(rows, key=lambda c: c["value"])
+
+
+def table(results_dir: pathlib.Path, rows=ROWS) -> str:
+    lines = ["| setting | next-token | best MTP setting | difference ± s.e. | verdict |", "|---|---|---|---|---|"]
+    for name, metric, about in rows:
+        path = results_dir / name / "runs.json"
+        link = f"[{name}](experiments/results/{name}/results.md)"
+        if not path.exists():
+            lines.append(f"| {about} ({name}) | not run | | | |")
+            continue
+        summary = json.loads(path.read_text())
+        c = best_comparison(summary["comparisons"], metric)
+        if c is None:
+            lines.append(f"| {about} ({link}) | not logged | | | |")
+            continue
+        seeds = len({r["seed"] for r in summary["runs"]})
+        se = f" ± {c['standard_error']:.4f}" if c["standard_error"] is not None else ""
+        lines.append(f"| {about} ({link}, {seeds} seeds) | {c['baseline']:.4f} | `{c['setting']}`: {c['value']:.4f} "
+                     f"| {c['difference']:+.4f}{se} | {c['verdict']} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results_dir", default=str(ROOT / "experiments" / "results"))
+    print(table(pathlib.Path(parser.parse_args(argv).results_dir)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
