@@ -265,11 +265,15 @@ def verdict(d: float, se: float | None, higher_is_better: bool) -> str:
 
 def comparisons(settings: list[Setting], baseline: Setting) -> list[dict]:
     """Every setting against the baseline on every COMPARED metric all their runs logged."""
+    runs = [r for s in settings for r in s.runs]
+    turned_up = any(r.final["min_eval/loss_1_step"] != r.eval_steps[-1] for r in runs)
     out = []
     for s in settings:
         if s is baseline:
             continue
         for key, label, higher in COMPARED:
+            if key == "min_eval/loss_1" and not turned_up:  # the final loss again
+                continue
             values, base = s.finals(key), baseline.finals(key)
             if len(values) != len(s.runs) or len(base) != len(baseline.runs) or not values:
                 continue
@@ -295,7 +299,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def results_markdown(name: str, settings: list[Setting], baseline: Setting | None, summary: dict,
-                     incomplete: list[Run]) -> str:
+                     incomplete: list[Run], commands: list[str] = ()) -> str:
     by_setting = {s.label: [r for r in summary["runs"] if r["setting"] == s.label] for s in settings}
     all_runs = [r for s in settings for r in s.runs]
     seeds = sorted({r.config["seed"] for r in all_runs})
@@ -407,7 +411,8 @@ def results_markdown(name: str, settings: list[Setting], baseline: Setting | Non
     if incomplete:
         out += ["## Left out", "", "These runs did not reach num_train_steps: "
                 + ", ".join(f"`{r.name}` (step {r.eval_steps[-1] if r.eval_steps else 0})" for r in incomplete), ""]
-    out += ["Commands: see COMMAND in this directory.", ""]
+    out += ["## Command", "", "The sweep(s), then the report; every training's own command is in COMMAND.", "",
+            "```bash", *commands, "```", ""]
     return "\n".join(out)
 
 
@@ -477,7 +482,10 @@ def report(sweep_dir: pathlib.Path, out_dir: pathlib.Path, baseline: str | None 
     summary = summarize(settings, base)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "runs.json").write_text(json.dumps({"name": sweep_dir.name, **summary}, indent=2) + "\n")
-    (out_dir / "results.md").write_text(results_markdown(sweep_dir.name, settings, base, summary, incomplete))
+    sweeps = [line for line in (sweep_dir / "SWEEP").read_text().splitlines() if line and not line.startswith("#")] \
+        if (sweep_dir / "SWEEP").exists() else []
+    commands = [*sweeps, shlex.join(["python", "experiments/report.py", *report_argv])]
+    (out_dir / "results.md").write_text(results_markdown(sweep_dir.name, settings, base, summary, incomplete, commands))
     (out_dir / "COMMAND").write_text(command_record(sweep_dir, list(report_argv)))
     plot(settings, out_dir)
     return summary

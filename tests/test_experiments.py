@@ -218,6 +218,8 @@ def test_report_numbers_match_hand_computed_answers(synthetic):
     assert "mtp_n_tokens=2,seed=2` (step 2)" in md  # listed as left out
     assert "python experiments/sweep.py --name=synthetic" in (out_dir / "COMMAND").read_text()
     assert "python experiments/report.py synthetic" in (out_dir / "COMMAND").read_text()
+    command = md.split("## Command")[1]
+    assert "python experiments/sweep.py --name=synthetic\npython experiments/report.py synthetic\n" in command
 
 
 def test_settings_mean_curve_is_mean_and_sample_std_over_seeds(synthetic):
