@@ -25,7 +25,7 @@ ROWS = (
     ("text_micro", "eval/parse_rate", "sample quality: share of samples that parse"),
     ("polyarith", "eval/task_accuracy", "polynomial arithmetic: exact answers, m = 1 … 8"),
     ("pathstar", "eval/task_accuracy", "path-star graph G(2, 5, 50): exact paths"),
-    ("data_constrained", "min_eval/loss_1", "10 epochs of `stdlib/email`: lowest validation loss"),
+    ("data_constrained", "min_eval/loss_1", "6 epochs of `stdlib/email`: lowest validation loss"),
 )
 
 
@@ -48,11 +48,13 @@ def table(results_dir: pathlib.Path, rows=ROWS) -> str:
         summary = json.loads(path.read_text())
         c = best_comparison(summary["comparisons"], metric)
         if c is None:
-            lines.append(f"| {about} ({link}) | not logged | | | |")
+            missing = "not logged" if summary["comparisons"] else "no MTP setting run"
+            lines.append(f"| {about} ({link}) | {missing} | | | |")
             continue
         seeds = len({r["seed"] for r in summary["runs"]})
+        seeds = f"{seeds} seed{'s' * (seeds != 1)}"
         se = f" ± {c['standard_error']:.4f}" if c["standard_error"] is not None else ""
-        lines.append(f"| {about} ({link}, {seeds} seeds) | {c['baseline']:.4f} | `{c['setting']}`: {c['value']:.4f} "
+        lines.append(f"| {about} ({link}, {seeds}) | {c['baseline']:.4f} | `{c['setting']}`: {c['value']:.4f} "
                      f"| {c['difference']:+.4f}{se} | {c['verdict']} |")
     return "\n".join(lines)
 
