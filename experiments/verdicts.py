@@ -25,7 +25,7 @@ ROWS = (
     ("text_micro", "eval/parse_rate", "sample quality: share of samples that parse"),
     ("polyarith", "eval/task_accuracy", "polynomial arithmetic: exact answers, m = 1 … 8"),
     ("pathstar", "eval/task_accuracy", "path-star graph G(2, 5, 50): exact paths"),
-    ("data_constrained", "min_eval/loss_1", "6 epochs of `stdlib/email`: lowest validation loss"),
+    ("data_constrained", "eval/loss_1", "6 epochs of `stdlib/email`: head-1 validation loss"),
 )
 
 
