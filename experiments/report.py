@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import re
 import shlex
 import statistics
 import sys
@@ -263,10 +264,14 @@ def verdict(d: float, se: float | None, higher_is_better: bool) -> str:
     return "MTP better" if (d > 0) == higher_is_better else "MTP worse"
 
 
+def loss_turned_up(runs: list[Run]) -> bool:
+    """Whether any run's lowest head-1 loss came before its last evaluation."""
+    return any(r.final["min_eval/loss_1_step"] != r.eval_steps[-1] for r in runs)
+
+
 def comparisons(settings: list[Setting], baseline: Setting) -> list[dict]:
     """Every setting against the baseline on every COMPARED metric all their runs logged."""
-    runs = [r for s in settings for r in s.runs]
-    turned_up = any(r.final["min_eval/loss_1_step"] != r.eval_steps[-1] for r in runs)
+    turned_up = loss_turned_up([r for s in settings for r in s.runs])
     out = []
     for s in settings:
         if s is baseline:
@@ -289,8 +294,7 @@ def difficulties(settings: list[Setting]) -> list[str]:
     prefix = "eval/task_accuracy_"
     keys = set.intersection(*({k[len(prefix):] for k in r.final if k.startswith(prefix)}
                               for s in settings for r in s.runs))
-    return sorted(keys, key=lambda k: [int(p) if p.isdigit() else p
-                                       for p in "".join(c if c.isdigit() else f" {c} " for c in k).split()])
+    return sorted(keys, key=lambda k: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", k)])
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -370,7 +374,7 @@ def results_markdown(name: str, settings: list[Setting], baseline: Setting | Non
                 "A verdict needs the difference to exceed two standard errors.", "",
                 markdown_table(["setting", "metric", "baseline", "setting's", "difference ± s.e.", "verdict"], rows),
                 ""]
-    if any(r.eval_steps[-1] != r.final["min_eval/loss_1_step"] for r in all_runs):
+    if loss_turned_up(all_runs):
         out += ["## Where the validation loss turns up", "", markdown_table(
             ["setting", "lowest head-1 eval loss", "at step", "final head-1 eval loss"],
             [[f"`{s.label}`", fmt(s.finals("min_eval/loss_1")), fmt(s.finals("min_eval/loss_1_step"), 0),

@@ -6,7 +6,7 @@ One row per (experiment, metric) in ROWS: the next-token baseline's mean over se
 setting with the best mean on that metric, their difference ± its standard error and the
 verdict, all as experiments/report.py computed them (report.comparisons). Picking the best of
 several MTP settings on the metric it is judged by favours MTP a little; with one MTP setting per
-experiment (as here, except path-star's two) there is nothing to pick.
+experiment (as in every experiment so far) there is nothing to pick.
 """
 
 from __future__ import annotations
