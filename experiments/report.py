@@ -255,13 +255,14 @@ def difference(values: list[float], base: list[float]) -> tuple[float, float | N
     return d, (statistics.variance(values) / len(values) + statistics.variance(base) / len(base)) ** 0.5
 
 
-def verdict(d: float, se: float | None, higher_is_better: bool) -> str:
-    """'better'/'worse' only beyond two standard errors; otherwise 'no difference (< 2 s.e.)'."""
+def verdict(d: float, se: float | None, higher_is_better: bool, subject: str = "MTP") -> str:
+    """'SUBJECT better'/'SUBJECT worse' only beyond two standard errors; otherwise 'no difference (< 2 s.e.)'."""
     if se is None:
         return "one seed: no verdict"
     if abs(d) <= 2 * se:
         return "no difference (< 2 s.e.)" if d else "equal"
-    return "MTP better" if (d > 0) == higher_is_better else "MTP worse"
+    return f"{subject} {'better' if (d > 0) == higher_is_better else 'worse'}"
+
 
 
 def loss_turned_up(runs: list[Run]) -> bool:
@@ -272,6 +273,8 @@ def loss_turned_up(runs: list[Run]) -> bool:
 def comparisons(settings: list[Setting], baseline: Setting) -> list[dict]:
     """Every setting against the baseline on every COMPARED metric all their runs logged."""
     turned_up = loss_turned_up([r for s in settings for r in s.runs])
+    # Against an MTP baseline (a schedule against constant weights, say) the verdict is the setting's.
+    subject = "MTP" if n_predicted(baseline.runs[0].config) == 1 else "setting"
     out = []
     for s in settings:
         if s is baseline:
@@ -285,7 +288,7 @@ def comparisons(settings: list[Setting], baseline: Setting) -> list[dict]:
             d, se = difference(values, base)
             out.append({"setting": s.label, "metric": key, "label": label, "higher_is_better": higher,
                         "baseline": statistics.fmean(base), "value": statistics.fmean(values),
-                        "difference": d, "standard_error": se, "verdict": verdict(d, se, higher)})
+                        "difference": d, "standard_error": se, "verdict": verdict(d, se, higher, subject)})
     return out
 
 
@@ -303,7 +306,7 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def results_markdown(name: str, settings: list[Setting], baseline: Setting | None, summary: dict,
-                     incomplete: list[Run], commands: list[str] = ()) -> str:
+                     incomplete: list[Run], commands: list[str] = (), hosts: list[str] = ()) -> str:
     by_setting = {s.label: [r for r in summary["runs"] if r["setting"] == s.label] for s in settings}
     all_runs = [r for s in settings for r in s.runs]
     seeds = sorted({r.config["seed"] for r in all_runs})
@@ -315,8 +318,9 @@ def results_markdown(name: str, settings: list[Setting], baseline: Setting | Non
            f"{len(all_runs)} runs: {len(settings)} settings × seeds {seeds}, preset {presets}, "
            f"{lengths} each; training wall time per run "
            f"{statistics.median(times):.0f} s median, {sum(times) / 60:.1f} min in all (logged step times, "
-           "evaluations and saves included; start-up excluded). These are small-scale CPU runs: "
-           "they say what MTP does for a model and a budget this small, not at scale.", ""]
+           "evaluations and saves included; start-up excluded) on "
+           f"{' and '.join(hosts) if hosts else 'a machine the sweep did not record'}. These are small-scale "
+           "CPU runs: they say what MTP does for a model and a budget this small, not at scale.", ""]
     if baseline:
         out += [f"Baseline: `{baseline.label}`; its final head-1 validation loss "
                 f"{summary['target_loss']:.4f} (mean over seeds) is the target below. ± is the sample standard "
@@ -486,10 +490,12 @@ def report(sweep_dir: pathlib.Path, out_dir: pathlib.Path, baseline: str | None 
     summary = summarize(settings, base)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "runs.json").write_text(json.dumps({"name": sweep_dir.name, **summary}, indent=2) + "\n")
-    sweeps = [line for line in (sweep_dir / "SWEEP").read_text().splitlines() if line and not line.startswith("#")] \
-        if (sweep_dir / "SWEEP").exists() else []
+    recorded = (sweep_dir / "SWEEP").read_text().splitlines() if (sweep_dir / "SWEEP").exists() else []
+    sweeps = [line for line in recorded if line and not line.startswith("#")]
+    hosts = sorted({m.group(1) for line in recorded if (m := re.match(r"# at commit .* on (.+)$", line))})
     commands = [*sweeps, shlex.join(["python", "experiments/report.py", *report_argv])]
-    (out_dir / "results.md").write_text(results_markdown(sweep_dir.name, settings, base, summary, incomplete, commands))
+    (out_dir / "results.md").write_text(results_markdown(sweep_dir.name, settings, base, summary, incomplete, commands,
+                                                         hosts))
     (out_dir / "COMMAND").write_text(command_record(sweep_dir, list(report_argv)))
     plot(settings, out_dir)
     return summary

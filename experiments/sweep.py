@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import pathlib
+import platform
 import runpy
 import shlex
 import shutil
@@ -114,6 +115,16 @@ def git_commit() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head + (" with uncommitted changes" if dirty else "")
+
+
+def host() -> str:
+    """This machine's CPU model and core count: every timing in a sweep's results depends on them."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        model = None
+    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def append_new_lines(path: pathlib.Path, lines: list[str]) -> None:
@@ -245,7 +256,7 @@ def main(argv: list[str]) -> int:
         return 0
     sweep_dir = pathlib.Path(args.runs_dir) / args.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    append_new_lines(sweep_dir / "SWEEP", [f"# at commit {git_commit()}",
+    append_new_lines(sweep_dir / "SWEEP", [f"# at commit {git_commit()} on {host()}",
                                            shlex.join(["python", "experiments/sweep.py", *argv])])
     append_new_lines(sweep_dir / "COMMANDS", commands)
 

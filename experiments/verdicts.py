@@ -2,9 +2,9 @@
 
     python experiments/verdicts.py [--results_dir=experiments/results]
 
-One row per (experiment, metric) in ROWS: the next-token baseline's mean over seeds, the MTP
-setting with the best mean on that metric, their difference ± its standard error and the
-verdict, all as experiments/report.py computed them (report.comparisons). Picking the best of
+One row per (experiment, metric) in ROWS: the baseline's mean over seeds (next-token training, or
+constant weights where the row is about a schedule), the MTP setting with the best mean on that
+metric, their difference ± its standard error and the verdict, all as experiments/report.py computed them (report.comparisons). Picking the best of
 several MTP settings on the metric it is judged by favours MTP a little; with one MTP setting per
 experiment (as in every experiment so far) there is nothing to pick.
 """
@@ -26,6 +26,8 @@ ROWS = (
     ("polyarith", "eval/task_accuracy", "polynomial arithmetic: exact answers, m = 1 … 8"),
     ("pathstar", "eval/task_accuracy", "path-star graph G(2, 5, 50): exact paths"),
     ("data_constrained", "eval/loss_1", "6 epochs of `stdlib/email`: head-1 validation loss"),
+    ("data_constrained_replication", "eval/loss_1", "the same, 3 fresh seeds: head-1 validation loss"),
+    ("schedules", "eval/bits_per_byte", "forward curriculum vs constant weights, n = 4: bits per byte"),
 )
 
 
@@ -38,7 +40,7 @@ def best_comparison(comparisons: list[dict], metric: str) -> dict | None:
 
 
 def table(results_dir: pathlib.Path, rows=ROWS) -> str:
-    lines = ["| setting | next-token | best MTP setting | difference ± s.e. | verdict |", "|---|---|---|---|---|"]
+    lines = ["| setting | baseline | best MTP setting | difference ± s.e. | verdict |", "|---|---|---|---|---|"]
     for name, metric, about in rows:
         path = results_dir / name / "runs.json"
         link = f"[{name}](experiments/results/{name}/results.md)"
@@ -54,7 +56,8 @@ def table(results_dir: pathlib.Path, rows=ROWS) -> str:
         seeds = len({r["seed"] for r in summary["runs"]})
         seeds = f"{seeds} seed{'s' * (seeds != 1)}"
         se = f" ± {c['standard_error']:.4f}" if c["standard_error"] is not None else ""
-        lines.append(f"| {about} ({link}, {seeds}) | {c['baseline']:.4f} | `{c['setting']}`: {c['value']:.4f} "
+        lines.append(f"| {about} ({link}, {seeds}) | `{summary['baseline']}`: {c['baseline']:.4f} "
+                     f"| `{c['setting']}`: {c['value']:.4f} "
                      f"| {c['difference']:+.4f}{se} | {c['verdict']} |")
     return "\n".join(lines)
 

@@ -120,6 +120,8 @@ def test_sweep_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
     assert len((sweep_dir / "COMMANDS").read_text().splitlines()) == 2  # recorded once, not per invocation
     invocations = [line for line in (sweep_dir / "SWEEP").read_text().splitlines() if "experiments/sweep.py" in line]
     assert len(invocations) == 2 and invocations[0].endswith("--parallel=2")  # each distinct one, once
+    assert (sweep_dir / "SWEEP").read_text().startswith("# at commit ") and f" on {sweep.host()}\n" in \
+        (sweep_dir / "SWEEP").read_text()
 
     # The report reads what the real trainer wrote.
     summary = report.report(sweep_dir, tmp_path / "results")
@@ -174,7 +176,7 @@ def synthetic(tmp_path):
     for (n, seed), head1 in HEAD1.items():
         write_run(sweep_dir, n, seed, head1)
     write_run(sweep_dir, 2, 2, (1.0, 0.5), steps=3)  # interrupted: left out
-    (sweep_dir / "SWEEP").write_text("# at commit abc\npython experiments/sweep.py --name=synthetic\n")
+    (sweep_dir / "SWEEP").write_text("# at commit abc on Some CPU, 2 cores\npython experiments/sweep.py --name=synthetic\n")
     (sweep_dir / "COMMANDS").write_text("python -m mtp_jax.main --workdir=x\n")
     return sweep_dir, tmp_path / "results" / "synthetic"
 
@@ -216,6 +218,7 @@ def test_report_numbers_match_hand_computed_answers(synthetic):
     assert "| 8.0 s (reference) |" in rows["| `mtp_n_tokens=1`"]
     assert "not reached by 2 of 2 seeds" in rows["| `mtp_n_tokens=3`"]
     assert "mtp_n_tokens=2,seed=2` (step 2)" in md  # listed as left out
+    assert "start-up excluded) on Some CPU, 2 cores." in md  # the machine the sweep recorded
     assert "python experiments/sweep.py --name=synthetic" in (out_dir / "COMMAND").read_text()
     assert "python experiments/report.py synthetic" in (out_dir / "COMMAND").read_text()
     command = md.split("## Command")[1]
@@ -271,6 +274,11 @@ def test_differences_carry_standard_errors_and_a_two_se_verdict(synthetic):
     assert "| +0.3500 ± 0.1118 | MTP worse |" in (out_dir / "results.md").read_text()
     assert report.verdict(0.3, 0.1, higher_is_better=True) == "MTP better"
     assert report.verdict(0.3, None, higher_is_better=True) == "one seed: no verdict"
+    # Against an MTP baseline (n=2 here) n=3's +0.75 ± 0.2062 is the setting's, not MTP's, verdict.
+    against_n2 = report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=2")["comparisons"]
+    c = next(c for c in against_n2 if c["setting"] == "mtp_n_tokens=3" and c["metric"] == "eval/loss_1")
+    assert c["difference"] == pytest.approx(0.75) and c["standard_error"] == pytest.approx(0.0425 ** 0.5)
+    assert c["verdict"] == "setting worse"
 
 
 def test_accuracy_per_difficulty_and_the_turning_point_of_the_loss(tmp_path):
@@ -303,6 +311,6 @@ def test_verdicts_table_takes_the_best_mtp_setting_and_says_what_was_not_run(syn
             ("missing", "eval/loss_1", "never run"))
     lines = verdicts.table(out_dir.parent, rows).splitlines()
     # Lowest loss of n=2 (1.7) and n=3 (2.45) is n=2's: -0.4 ± 0.2236 against the baseline's 2.1.
-    assert lines[2] == ("| loss ([synthetic](experiments/results/synthetic/results.md), 2 seeds) | 2.1000 | "
+    assert lines[2] == ("| loss ([synthetic](experiments/results/synthetic/results.md), 2 seeds) | `mtp_n_tokens=1`: 2.1000 | "
                         "`mtp_n_tokens=2`: 1.7000 | -0.4000 ± 0.2236 | no difference (< 2 s.e.) |")
     assert "| not logged |" in lines[3] and lines[4] == "| never run (missing) | not run | | | |"

@@ -3,7 +3,8 @@ signals (SIGTERM, SIGINT, SIGKILL), with damaged checkpoints, an exploding learn
 file-size limit standing in for a full disk. Each resumed run must log the same losses, step for
 step, as one that was never interrupted.
 
-The subprocesses share a persistent JAX compilation cache, so only the first one compiles.
+The subprocesses share the session's persistent JAX compilation cache (conftest.py), so only the
+first one compiles.
 """
 
 import hashlib
@@ -41,10 +42,8 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+def env():
+    return {**os.environ, "JAX_PLATFORMS": "cpu"}
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import pytest
 
 from mtp_jax import train
 from mtp_jax.checkpoint import Checkpointer, abstract_like
+from mtp_jax.errors import UserError
 from mtp_jax.metrics import read_metrics
 from mtp_jax.sharding import make_mesh, param_shardings
 from tests.util import ROOT, load_config
@@ -95,24 +96,34 @@ def run_main(*args, cwd=ROOT):
                           timeout=300)
 
 
-@pytest.mark.slow
-def test_bad_inputs_get_one_clear_line_and_exit_2(tmp_path, cache_dir, tiny_run):
-    trained_workdir, _ = tiny_run
+def test_bad_inputs_raise_one_clear_user_error(tmp_path, cache_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
     short = tmp_path / "short.txt"
     short.write_text("x = 1\n")
     tokens = tmp_path / "big_ids.bin"
     np.array([1, 2, 70000, 3], "<u4").tofile(tokens)
+    cases = {
+        "does not exist": {"data.source": str(tmp_path / "missing")},
+        "empty": {"data.source": str(empty)},
+        "fewer than one window": {"data.source": str(short)},
+        ">= vocab": {"data.source": str(tokens), "data.vocab_size": 1000},
+        "mtp_n_tokens=0": {"mtp_n_tokens": 0},
+        "seq_len=2 must exceed": {"seq_len": 2, "mtp_n_tokens": 4},
+        "mtp_head_type='foo'": {"mtp_head_type": "foo"},
+    }
+    for expected, overrides in cases.items():
+        with pytest.raises(UserError) as error:
+            train.run(tiny(cache_dir, **overrides), tmp_path / "w")
+        assert expected in str(error.value) and "\n" not in str(error.value), expected
+
+
+@pytest.mark.slow
+def test_bad_command_lines_get_one_clear_line_exit_2_and_keep_the_workdir(tmp_path, cache_dir, tiny_run):
+    """The flags main parses itself, and a UserError turned into one line (the workdir of another model)."""
+    trained_workdir, _ = tiny_run
     base = ["--config=configs/mtp3.py:tiny", f"--config.data.cache_dir={cache_dir}"]
     cases = {
-        "does not exist": [f"--config.data.source={tmp_path / 'missing'}"],
-        "empty": [f"--config.data.source={empty}"],
-        "fewer than one window": [f"--config.data.source={short}"],
-        ">= vocab": [f"--config.data.source={tokens}", "--config.data.vocab_size=1000"],
-        "mtp_n_tokens=0": ["--config.mtp_n_tokens=0"],
-        "seq_len=2 must exceed": ["--config.seq_len=2", "--config.mtp_n_tokens=4"],
-        "mtp_head_type='foo'": ["--config.mtp_head_type=foo"],
         "mtp_n_tokn": ["--config.mtp_n_tokn=3"],
         "No such file": ["--config=configs/nope.py"],
         "unknown preset 'huge'": ["--config=configs/mtp3.py:huge"],
