@@ -1,17 +1,22 @@
 """Eight fake CPU devices for every test, set before JAX runs anything, so sharding tests run here;
-and one persistent XLA compilation cache for the whole session.
+cheap compiles; and one persistent XLA compilation cache for the whole session.
 
-The cache keeps the suite inside its time budget: much of its CPU time went to XLA compiling the
-same tiny programs again, in test after test and in every subprocess a test starts (main,
-launch.sh, sweeps, the benchmark). The environment variables carry the cache into those
-subprocesses and into pytest-xdist's workers; a size limit turns on JAX's file lock, so processes
-that compile at the same time share it safely. The directory is new for each session and removed
-after it: a program compiled by another version of the code is never read.
+Most of the suite's CPU time is XLA compiling tiny programs, mostly in LLVM's optimisation passes,
+which pay for themselves only on programs that run long (benchmarks/NOTES.md §11). The tests'
+programs run for milliseconds, so they are compiled at LLVM's lowest level; the same programs then
+go to a cache shared by the tests and every subprocess they start (main, launch.sh, sweeps, the
+device script). Environment variables carry both into those subprocesses and into pytest-xdist's
+workers; a size limit turns on JAX's file lock, so processes that compile at once share the cache
+safely. The directory is new for each session and removed after it.
 """
 
 import os
 import shutil
 import tempfile
+
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # the process that made it removes it
 if OWN_CACHE:

@@ -14,7 +14,6 @@ from tests.util import ROOT
 
 def test_device_script_writes_every_section_on_cpu(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"}
-    env.pop("XLA_FLAGS", None)
     # float32: XLA-CPU's bfloat16 is slow; one head type and one attention keep the compilations few.
     flags = ["--preset=tiny", "--dtype=float32", "--steps=2", "--warmup=1", "--head_types=sequential",
              "--attention=blockwise", "--prompts=2", "--prompt_len=8", "--new_tokens=16"]
