@@ -264,7 +264,6 @@ def verdict(d: float, se: float | None, higher_is_better: bool, subject: str = "
     return f"{subject} {'better' if (d > 0) == higher_is_better else 'worse'}"
 
 
-
 def loss_turned_up(runs: list[Run]) -> bool:
     """Whether any run's lowest head-1 loss came before its last evaluation."""
     return any(r.final["min_eval/loss_1_step"] != r.eval_steps[-1] for r in runs)
