@@ -272,13 +272,17 @@ def loss_turned_up(runs: list[Run]) -> bool:
 def comparisons(settings: list[Setting], baseline: Setting) -> list[dict]:
     """Every setting against the baseline on every COMPARED metric all their runs logged."""
     turned_up = loss_turned_up([r for s in settings for r in s.runs])
-    # Against an MTP baseline (a schedule against constant weights, say) the verdict is the setting's.
-    subject = "MTP" if n_predicted(baseline.runs[0].config) == 1 else "setting"
+    # Accuracy per difficulty too: MTP's claimed gains on the tasks are at the harder levels.
+    metrics = [*COMPARED, *((f"eval/task_accuracy_{k}", f"task accuracy, {k}", True) for k in difficulties(settings))]
     out = []
     for s in settings:
         if s is baseline:
             continue
-        for key, label, higher in COMPARED:
+        # MTP's verdict only where MTP is all that differs in kind: more tokens predicted than the
+        # baseline's one; otherwise (a schedule against constant weights, teacherless) the setting's.
+        one_token = n_predicted(baseline.runs[0].config) == 1
+        subject = "MTP" if one_token and n_predicted(s.runs[0].config) > 1 else "setting"
+        for key, label, higher in metrics:
             if key == "min_eval/loss_1" and not turned_up:  # the final loss again
                 continue
             values, base = s.finals(key), baseline.finals(key)

@@ -150,12 +150,13 @@ HEAD1 = {(1, 0): (3.0, 2.0), (1, 1): (3.2, 2.2), (2, 0): (2.5, 1.5), (2, 1): (2.
 
 
 def write_run(sweep_dir: pathlib.Path, n: int, seed: int, head1: tuple[float, float], steps: int = 4,
-              final: dict | None = None) -> None:
+              final: dict | None = None, teacherless: bool = False) -> None:
     """A run of the synthetic sweep; `final` adds metrics to its last evaluation."""
-    workdir = sweep_dir / f"mtp_n_tokens={n},seed={seed}"
+    workdir = sweep_dir / f"mtp_n_tokens={n},seed={seed}{',teacherless' * teacherless}"
     workdir.mkdir(parents=True)
     config = {"preset": "tiny", "use_mtp": True, "mtp_n_tokens": n, "seed": seed, "num_train_steps": 4,
-              "batch_size": 2, "seq_len": 5, "model": {"d_model": 8}, "vocab_size": 256}
+              "batch_size": 2, "seq_len": 5, "model": {"d_model": 8}, "vocab_size": 256,
+              "data": {"task": {"teacherless": teacherless}}}
     (workdir / "config.json").write_text(json.dumps(config))
     events = [{"step": 0, "model/param_count": 1000 * n}]
     for step in range(1, steps + 1):
@@ -283,24 +284,32 @@ def test_differences_carry_standard_errors_and_a_two_se_verdict(synthetic):
 
 def test_accuracy_per_difficulty_and_the_turning_point_of_the_loss(tmp_path):
     sweep_dir = tmp_path / "runs" / "tasks"
-    for n in (1, 2):
+    for n, teacherless in ((1, False), (2, False), (1, True)):
         for seed in (0, 1):
-            accuracy = {f"eval/task_accuracy_m{m}": 0.1 * n + 0.01 * m + 0.02 * seed for m in (1, 2, 10)}
+            accuracy = {f"eval/task_accuracy_m{m}": 0.1 * n + 0.01 * m + 0.02 * seed + 0.3 * teacherless
+                        for m in (1, 2, 10)}
             # The baseline's loss turns up: lowest at step 2, as an overfitting run's does.
             write_run(sweep_dir, n, seed, (1.0, 1.2) if n == 1 else (2.0, 1.5),
-                      final={**accuracy, "eval/task_accuracy": 0.5 * n})
+                      final={**accuracy, "eval/task_accuracy": 0.5 * n}, teacherless=teacherless)
     out_dir = tmp_path / "results"
-    summary = report.report(sweep_dir, out_dir)
+    mtp_setting = "mtp_n_tokens=2,data.task.teacherless=False"
+    summary = report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=1,data.task.teacherless=False")
     md = (out_dir / "results.md").read_text()
     table = md.split("## Task accuracy per difficulty")[1].split("## ")[0]
     assert "| setting | m1 | m2 | m10 | all |" in table  # difficulties in numeric order
-    assert "| `mtp_n_tokens=2` | 0.220 ± 0.014 | 0.230 ± 0.014 | 0.310 ± 0.014 | 1.000 ± 0.000 |" in table
+    assert "| `mtp_n_tokens=2,data.task.teacherless=False` | 0.220 ± 0.014 | 0.230 ± 0.014 | 0.310 ± 0.014 | 1.000 ± 0.000 |" in table
     turn = md.split("## Where the validation loss turns up")[1].split("## ")[0]
-    assert "| `mtp_n_tokens=1` | 1.0000 ± 0.0000 | 2 ± 0 | 1.2000 ± 0.0000 |" in turn
+    assert "| `mtp_n_tokens=1,data.task.teacherless=False` | 1.0000 ± 0.0000 | 2 ± 0 | 1.2000 ± 0.0000 |" in turn
     lowest = {c["setting"]: c for c in summary["comparisons"] if c["metric"] == "min_eval/loss_1"}
-    assert lowest["mtp_n_tokens=2"]["difference"] == pytest.approx(0.5)
+    assert lowest[mtp_setting]["difference"] == pytest.approx(0.5)
     accuracy = {c["setting"]: c for c in summary["comparisons"] if c["metric"] == "eval/task_accuracy"}
-    assert accuracy["mtp_n_tokens=2"]["verdict"] == "MTP better"  # 1.0 vs 0.5 with no spread at all
+    assert accuracy[mtp_setting]["verdict"] == "MTP better"  # 1.0 vs 0.5 with no spread at all
+    # Per difficulty, with its standard error: m10 0.30, 0.32 against 0.20, 0.22.
+    hardest = {c["setting"]: c for c in summary["comparisons"] if c["metric"] == "eval/task_accuracy_m10"}
+    assert hardest[mtp_setting]["difference"] == pytest.approx(0.1)
+    assert hardest[mtp_setting]["standard_error"] == pytest.approx(0.0002 ** 0.5)
+    # Teacherless predicts one token too: its +0.3 is the setting's verdict, not MTP's.
+    assert hardest["mtp_n_tokens=1,data.task.teacherless=True"]["verdict"] == "setting better"
     assert report.verdict(0.0, 0.0, higher_is_better=True) == "equal"  # e.g. every run at accuracy 0
 
 
