@@ -18,7 +18,8 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
-# (experiment, metric key in runs.json's comparisons, what the row is about)
+# (experiment, metric key in runs.json's comparisons, what the row is about[, a part of the
+# compared setting's label, where the experiment compares settings of more than one kind])
 ROWS = (
     ("text_micro", "eval/induction_accuracy", "induction (renamed identifiers in held-out code)"),
     ("text_micro", "eval/bits_per_byte", "real text: held-out bits per byte"),
@@ -31,9 +32,10 @@ ROWS = (
 )
 
 
-def best_comparison(comparisons: list[dict], metric: str) -> dict | None:
-    """The comparison on `metric` whose setting does best on it (highest or lowest mean)."""
-    rows = [c for c in comparisons if c["metric"] == metric]
+def best_comparison(comparisons: list[dict], metric: str, only: str = "") -> dict | None:
+    """The comparison on `metric` whose setting (if `only`, among those whose label contains it)
+    does best on it (highest or lowest mean)."""
+    rows = [c for c in comparisons if c["metric"] == metric and only in c["setting"]]
     if not rows:
         return None
     return (max if rows[0]["higher_is_better"] else min)(rows, key=lambda c: c["value"])
@@ -41,14 +43,14 @@ def best_comparison(comparisons: list[dict], metric: str) -> dict | None:
 
 def table(results_dir: pathlib.Path, rows=ROWS) -> str:
     lines = ["| setting | baseline | best MTP setting | difference ± s.e. | verdict |", "|---|---|---|---|---|"]
-    for name, metric, about in rows:
+    for name, metric, about, *only in rows:
         path = results_dir / name / "runs.json"
         link = f"[{name}](experiments/results/{name}/results.md)"
         if not path.exists():
             lines.append(f"| {about} ({name}) | not run | | | |")
             continue
         summary = json.loads(path.read_text())
-        c = best_comparison(summary["comparisons"], metric)
+        c = best_comparison(summary["comparisons"], metric, *only)
         if c is None:
             missing = "not logged" if summary["comparisons"] else "no MTP setting run"
             lines.append(f"| {about} ({link}) | {missing} | | | |")

@@ -317,9 +317,10 @@ def test_verdicts_table_takes_the_best_mtp_setting_and_says_what_was_not_run(syn
     sweep_dir, out_dir = synthetic
     report.report(sweep_dir, out_dir)
     rows = (("synthetic", "eval/loss_1", "loss"), ("synthetic", "eval/parse_rate", "parse rate"),
-            ("missing", "eval/loss_1", "never run"))
+            ("missing", "eval/loss_1", "never run"), ("synthetic", "eval/loss_1", "n = 3 only", "n_tokens=3"))
     lines = verdicts.table(out_dir.parent, rows).splitlines()
     # Lowest loss of n=2 (1.7) and n=3 (2.45) is n=2's: -0.4 ± 0.2236 against the baseline's 2.1.
     assert lines[2] == ("| loss ([synthetic](experiments/results/synthetic/results.md), 2 seeds) | `mtp_n_tokens=1`: 2.1000 | "
                         "`mtp_n_tokens=2`: 1.7000 | -0.4000 ± 0.2236 | no difference (< 2 s.e.) |")
     assert "| not logged |" in lines[3] and lines[4] == "| never run (missing) | not run | | | |"
+    assert "| `mtp_n_tokens=3`: 2.4500 | +0.3500 ± 0.1118 | MTP worse |" in lines[5]  # the row's setting, not the best
