@@ -225,6 +225,8 @@ def summarize(settings: list[Setting], baseline: Setting | None) -> dict:
                 "steps": r.eval_steps[-1], "tokens": r.eval_tokens[-1], "param_count": r.param_count,
                 "final": r.final,
                 "tokens_to_target": to_target,
+                # Below the target at the first evaluation: it was crossed earlier, by an unknown amount.
+                "target_before_first_eval": target is not None and r.curve("eval/loss_1")[0] < target,
                 # Steps to the target at the median step time: compute, without evaluations and saves.
                 "seconds_to_target": to_target / r.tokens_per_step * step_time if to_target is not None else None,
                 "median_step_time_s": step_time,
@@ -347,10 +349,12 @@ def results_markdown(name: str, settings: list[Setting], baseline: Setting | Non
         if s is baseline:
             to_target, efficiency, time_to = "reference", "1.00×", f"{base_seconds:.1f} s (reference)"
         elif baseline and len(reached) == len(runs):
-            to_target = fmt_tokens([r["tokens_to_target"] for r in runs])
-            efficiency = f"{base_runs[0]['tokens'] / mean_of(runs, 'tokens_to_target'):.2f}×"
+            # Bounds, not estimates, when a seed was below the target at its first evaluation.
+            at_most, at_least = ("≤ ", "≥ ") if any(r["target_before_first_eval"] for r in runs) else ("", "")
+            to_target = at_most + fmt_tokens([r["tokens_to_target"] for r in runs])
+            efficiency = f"{at_least}{base_runs[0]['tokens'] / mean_of(runs, 'tokens_to_target'):.2f}×"
             seconds = [r["seconds_to_target"] for r in runs]
-            time_to = f"{fmt(seconds, 1)} s{ratio(statistics.fmean(seconds), base_seconds)}"
+            time_to = f"{at_most}{fmt(seconds, 1)} s{ratio(statistics.fmean(seconds), base_seconds)}"
         elif baseline:
             to_target = f"not reached by {len(runs) - len(reached)} of {len(runs)} seeds"
             efficiency = time_to = "—"
@@ -366,7 +370,9 @@ def results_markdown(name: str, settings: list[Setting], baseline: Setting | Non
          "tokens/s (× baseline)"], rows), "",
         "Tokens to the baseline's final loss: linear interpolation between evaluations. Data efficiency: "
         "the baseline's tokens divided by those. Training time to it: those tokens' steps at the median "
-        "step time (evaluations and saves not counted), against the baseline's whole run.", ""]
+        "step time (evaluations and saves not counted), against the baseline's whole run. ≤ and ≥: some "
+        "seed was below the target already at its first evaluation, so the tokens (and time) are at most, "
+        "the efficiency at least, these.", ""]
 
     if summary["comparisons"]:
         def plus_minus(c: dict) -> str:

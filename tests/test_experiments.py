@@ -252,6 +252,21 @@ def test_baseline_flag_picks_one_setting_or_fails(synthetic):
         report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=2,use_mtp=False")
 
 
+def test_a_target_reached_by_the_first_evaluation_is_reported_as_a_bound(synthetic):
+    sweep_dir, out_dir = synthetic
+    summary = report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=3")  # target 2.45
+    runs = {r["run"]: r for r in summary["runs"]}
+    # n=2 seed 1 is at 2.3 at its first evaluation (20 tokens): crossed at 20 or before.
+    assert runs["mtp_n_tokens=2,seed=1"]["target_before_first_eval"]
+    assert runs["mtp_n_tokens=2,seed=1"]["tokens_to_target"] == 20.0
+    assert not runs["mtp_n_tokens=2,seed=0"]["target_before_first_eval"]  # 2.5 -> 1.5: crossed at 21
+    table = (out_dir / "results.md").read_text().split("## Summary")[1].split("## ")[0]
+    row = next(line for line in table.splitlines() if line.startswith("| `mtp_n_tokens=2`"))
+    assert "| ≤ 20.50 ± 0.71 | ≥ 1.95× | ≤ " in row  # 40 tokens / 20.5
+    row = next(line for line in table.splitlines() if line.startswith("| `mtp_n_tokens=1`"))
+    assert "| 33.00 ± 2.83 | 1.21× |" in row  # crossed at 31 and 35: estimates, no bound
+
+
 def test_plots_are_written_as_png(synthetic):
     sweep_dir, out_dir = synthetic
     report.report(sweep_dir, out_dir)
