@@ -31,6 +31,7 @@ from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from mtp_jax import generate  # noqa: E402
+from mtp_jax.machine import cpu_model  # noqa: E402
 from mtp_jax.mtp import MTPModel  # noqa: E402
 
 
@@ -101,8 +102,7 @@ def main(argv: list[str]) -> None:
     marginal = {name: (np.median(times[name, args.new_tokens]) - np.median(times[name, short]))
                 / (passes[name, args.new_tokens] - passes[name, short]) * 1e3 for name in names}
     out = {
-        "cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                    "?"),
+        "cpu": cpu_model(),
         "bandwidth_gb_s": {"512MiB": copy_bandwidth(512, args.repeats), "32MiB": copy_bandwidth(32, args.repeats)},
         "step_bytes": step_bytes,
         "per_step_ms": {name: marginal[name] for name in generators},

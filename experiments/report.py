@@ -276,13 +276,13 @@ def comparisons(settings: list[Setting], baseline: Setting) -> list[dict]:
     turned_up = loss_turned_up([r for s in settings for r in s.runs])
     # Accuracy per difficulty too: MTP's claimed gains on the tasks are at the harder levels.
     metrics = [*COMPARED, *((f"eval/task_accuracy_{k}", f"task accuracy, {k}", True) for k in difficulties(settings))]
+    # MTP's verdict only where MTP is all that differs in kind: more tokens predicted than the
+    # baseline's one; otherwise (a schedule against constant weights, teacherless) the setting's.
+    one_token = n_predicted(baseline.runs[0].config) == 1
     out = []
     for s in settings:
         if s is baseline:
             continue
-        # MTP's verdict only where MTP is all that differs in kind: more tokens predicted than the
-        # baseline's one; otherwise (a schedule against constant weights, teacherless) the setting's.
-        one_token = n_predicted(baseline.runs[0].config) == 1
         subject = "MTP" if one_token and n_predicted(s.runs[0].config) > 1 else "setting"
         for key, label, higher in metrics:
             if key == "min_eval/loss_1" and not turned_up:  # the final loss again

@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import pathlib
-import platform
 import runpy
 import shlex
 import shutil
@@ -36,6 +35,7 @@ import time
 import urllib.parse
 
 from mtp_jax.errors import UserError
+from mtp_jax.machine import cpu_model
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -119,12 +119,7 @@ def git_commit() -> str:
 
 def host() -> str:
     """This machine's CPU model and core count: every timing in a sweep's results depends on them."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        model = None
-    return f"{model or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def append_new_lines(path: pathlib.Path, lines: list[str]) -> None:
