@@ -46,6 +46,7 @@ class Run:
     tokens_per_sec: list[float]  # train/tokens_per_sec likewise
     eval_times: list[float]     # seconds of training (with evaluations and saves) before each evaluation
     param_count: int | None
+    train_tokens: int | None    # the training set's size (runs from before it was logged: None)
 
     @property
     def finished(self) -> bool:
@@ -65,7 +66,10 @@ class Run:
         final = {k: v for k, v in self.evals[-1].items() if k != "step"}
         losses = self.curve("eval/loss_1")
         best = int(np.argmin(losses))
-        return {**final, "min_eval/loss_1": losses[best], "min_eval/loss_1_step": self.eval_steps[best]}
+        out = {**final, "min_eval/loss_1": losses[best], "min_eval/loss_1_step": self.eval_steps[best]}
+        if self.train_tokens:
+            out["min_eval/loss_1_epoch"] = self.eval_steps[best] * self.tokens_per_step / self.train_tokens
+        return out
 
 
 def flatten(tree: dict, prefix: str = "") -> dict:
@@ -101,6 +105,7 @@ def load_run(workdir: pathlib.Path) -> Run:
                                  for e, s, prev in zip(train, logged[1:], logged[:-1])])
     eval_steps = sorted(evals)
     params = [e["model/param_count"] for e in events if "model/param_count" in e]
+    train_tokens = [e["data/train_tokens"] for e in events if "data/train_tokens" in e]
     return Run(
         name=workdir.name,
         config=config,
@@ -112,6 +117,7 @@ def load_run(workdir: pathlib.Path) -> Run:
         tokens_per_sec=[e["train/tokens_per_sec"] for e in train[1:] or train],
         eval_times=[float(t) for t in np.interp(eval_steps, logged, elapsed)],
         param_count=params[-1] if params else None,
+        train_tokens=train_tokens[-1] if train_tokens else None,
     )
 
 
@@ -241,6 +247,8 @@ def summarize(settings: list[Setting], baseline: Setting | None) -> dict:
 COMPARED = (
     ("eval/loss_1", "head-1 validation loss (final)", False),
     ("min_eval/loss_1", "head-1 validation loss (lowest evaluation)", False),
+    # Later is better: the run overfits later (a data-constrained run's turn-up).
+    ("min_eval/loss_1_epoch", "epoch of the lowest head-1 validation loss", True),
     ("eval/bits_per_byte", "validation bits per byte", False),
     ("eval/induction_accuracy", "induction accuracy", True),
     ("eval/parse_rate", "parse rate of samples", True),
@@ -285,7 +293,7 @@ def comparisons(settings: list[Setting], baseline: Setting) -> list[dict]:
             continue
         subject = "MTP" if one_token and n_predicted(s.runs[0].config) > 1 else "setting"
         for key, label, higher in metrics:
-            if key == "min_eval/loss_1" and not turned_up:  # the final loss again
+            if key.startswith("min_eval/") and not turned_up:  # the final loss (and step) again
                 continue
             values, base = s.finals(key), baseline.finals(key)
             if len(values) != len(s.runs) or len(base) != len(baseline.runs) or not values:
@@ -389,9 +397,9 @@ def results_markdown(name: str, settings: list[Setting], baseline: Setting | Non
                 ""]
     if loss_turned_up(all_runs):
         out += ["## Where the validation loss turns up", "", markdown_table(
-            ["setting", "lowest head-1 eval loss", "at step", "final head-1 eval loss"],
+            ["setting", "lowest head-1 eval loss", "at step", "at epoch", "final head-1 eval loss"],
             [[f"`{s.label}`", fmt(s.finals("min_eval/loss_1")), fmt(s.finals("min_eval/loss_1_step"), 0),
-              fmt(s.finals("eval/loss_1"))] for s in settings]), ""]
+              fmt(s.finals("min_eval/loss_1_epoch"), 1), fmt(s.finals("eval/loss_1"))] for s in settings]), ""]
     levels = difficulties(settings)
     if levels:
         out += ["## Task accuracy per difficulty (final step)", "",

@@ -277,7 +277,8 @@ def run(config, workdir, devices=None) -> dict:
         (workdir / "config.json").write_text(json.dumps({**saved, "vocab_size": data.vocab_size}, indent=2))
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
     if start == 0:
-        writer.write(0, {"model/param_count": n_params})
+        # The training set's size turns steps into epochs (where a data-constrained run overfits).
+        writer.write(0, {"model/param_count": n_params, "data/train_tokens": len(data.train)})
     if is_main:
         mesh_desc = ", ".join(f"{a}={s}" for a, s in mesh.shape.items())
         log(f"{n_params / 1e6:.2f}M parameters, {n} head(s) ({config.mtp_head_type}), mesh {mesh_desc}, "

@@ -150,15 +150,16 @@ HEAD1 = {(1, 0): (3.0, 2.0), (1, 1): (3.2, 2.2), (2, 0): (2.5, 1.5), (2, 1): (2.
 
 
 def write_run(sweep_dir: pathlib.Path, n: int, seed: int, head1: tuple[float, float], steps: int = 4,
-              final: dict | None = None, teacherless: bool = False) -> None:
-    """A run of the synthetic sweep; `final` adds metrics to its last evaluation."""
+              final: dict | None = None, teacherless: bool = False, train_tokens: int | None = None) -> None:
+    """A run of the synthetic sweep; `final` adds metrics to its last evaluation; `train_tokens` is
+    the training set's size the trainer logs (omitted: a run from before it did)."""
     workdir = sweep_dir / f"mtp_n_tokens={n},seed={seed}{',teacherless' * teacherless}"
     workdir.mkdir(parents=True)
     config = {"preset": "tiny", "use_mtp": True, "mtp_n_tokens": n, "seed": seed, "num_train_steps": 4,
               "batch_size": 2, "seq_len": 5, "model": {"d_model": 8}, "vocab_size": 256,
               "data": {"task": {"teacherless": teacherless}}}
     (workdir / "config.json").write_text(json.dumps(config))
-    events = [{"step": 0, "model/param_count": 1000 * n}]
+    events = [{"step": 0, "model/param_count": 1000 * n, **({"data/train_tokens": train_tokens} if train_tokens else {})}]
     for step in range(1, steps + 1):
         events.append({"step": step, "train/loss_1": 5.0 - step, "train/step_time_s": STEP_TIMES[step - 1],
                        "train/tokens_per_sec": 10 / STEP_TIMES[step - 1], "train/tokens_seen": 10 * step})
@@ -303,9 +304,10 @@ def test_accuracy_per_difficulty_and_the_turning_point_of_the_loss(tmp_path):
         for seed in (0, 1):
             accuracy = {f"eval/task_accuracy_m{m}": 0.1 * n + 0.01 * m + 0.02 * seed + 0.3 * teacherless
                         for m in (1, 2, 10)}
-            # The baseline's loss turns up: lowest at step 2, as an overfitting run's does.
+            # The baseline's loss turns up: lowest at step 2, as an overfitting run's does. A training
+            # set of 4 tokens at 2 x 5 tokens a step: step 2 is epoch 5, step 4 epoch 10.
             write_run(sweep_dir, n, seed, (1.0, 1.2) if n == 1 else (2.0, 1.5),
-                      final={**accuracy, "eval/task_accuracy": 0.5 * n}, teacherless=teacherless)
+                      final={**accuracy, "eval/task_accuracy": 0.5 * n}, teacherless=teacherless, train_tokens=4)
     out_dir = tmp_path / "results"
     mtp_setting = "mtp_n_tokens=2,data.task.teacherless=False"
     summary = report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=1,data.task.teacherless=False")
@@ -314,9 +316,12 @@ def test_accuracy_per_difficulty_and_the_turning_point_of_the_loss(tmp_path):
     assert "| setting | m1 | m2 | m10 | all |" in table  # difficulties in numeric order
     assert "| `mtp_n_tokens=2,data.task.teacherless=False` | 0.220 ± 0.014 | 0.230 ± 0.014 | 0.310 ± 0.014 | 1.000 ± 0.000 |" in table
     turn = md.split("## Where the validation loss turns up")[1].split("## ")[0]
-    assert "| `mtp_n_tokens=1,data.task.teacherless=False` | 1.0000 ± 0.0000 | 2 ± 0 | 1.2000 ± 0.0000 |" in turn
+    assert "| `mtp_n_tokens=1,data.task.teacherless=False` | 1.0000 ± 0.0000 | 2 ± 0 | 5.0 ± 0.0 | 1.2000 ± 0.0000 |" in turn
     lowest = {c["setting"]: c for c in summary["comparisons"] if c["metric"] == "min_eval/loss_1"}
     assert lowest[mtp_setting]["difference"] == pytest.approx(0.5)
+    # MTP's lowest loss comes 5 epochs later (the last evaluation): it overfits later, "better".
+    turn_up = {c["setting"]: c for c in summary["comparisons"] if c["metric"] == "min_eval/loss_1_epoch"}
+    assert turn_up[mtp_setting]["difference"] == pytest.approx(5.0) and turn_up[mtp_setting]["verdict"] == "MTP better"
     accuracy = {c["setting"]: c for c in summary["comparisons"] if c["metric"] == "eval/task_accuracy"}
     assert accuracy[mtp_setting]["verdict"] == "MTP better"  # 1.0 vs 0.5 with no spread at all
     # Per difficulty, with its standard error: m10 0.30, 0.32 against 0.20, 0.22.
