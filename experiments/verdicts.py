@@ -32,7 +32,12 @@ ROWS = (
      "teacherless=True"),
     ("data_constrained", "eval/loss_1", "6 epochs of `stdlib/email`: head-1 validation loss"),
     ("data_constrained_replication", "eval/loss_1", "the same, 3 fresh seeds: head-1 validation loss"),
-    ("schedules", "eval/bits_per_byte", "forward curriculum vs constant weights, n = 4: bits per byte"),
+    ("overfitting", "min_eval/loss_1", "10 epochs of `stdlib/email`, 3.5 M parameters: lowest head-1 validation loss"),
+    ("overfitting", "min_eval/loss_1_epoch", "the same: epoch of the lowest loss (later: overfits later)"),
+    ("schedules", "eval/bits_per_byte", "forward curriculum vs constant weights, n = 4: bits per byte",
+     "curriculum=forward"),
+    ("schedules", "eval/bits_per_byte", "stepped weight (1 → 0.1 at 70 %) vs constant, n = 4: bits per byte",
+     "weight_schedule=stepped"),
 )
 
 
