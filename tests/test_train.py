@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from mtp_jax import data as data_lib
 from mtp_jax import train
 from mtp_jax.checkpoint import Checkpointer, abstract_like
 from mtp_jax.errors import UserError
@@ -39,9 +40,12 @@ def tiny_run(cache_dir, tmp_path_factory):
     return workdir, final
 
 
-def test_tiny_run_logs_every_head_and_head1_loss_falls(tiny_run):
+def test_tiny_run_logs_every_head_and_head1_loss_falls(tiny_run, cache_dir):
     workdir, final = tiny_run
     events = read_metrics(workdir)
+    # The training set's size, logged once at step 0, is the prepared corpus's (report.py's epochs).
+    corpus = data_lib.prepare(tiny(cache_dir).data, show_progress=False)
+    assert [(e["step"], e["data/train_tokens"]) for e in events if "data/train_tokens" in e] == [(0, len(corpus.train))]
     keys = set().union(*events)
     for k in (1, 2, 3):
         assert {f"train/loss_{k}", f"train/accuracy_{k}", f"eval/loss_{k}", f"eval/accuracy_{k}"} <= keys
