@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.util import default_sigint
+
 pytestmark = pytest.mark.slow
 
 LAUNCH = Path(__file__).resolve().parents[1] / "launch.sh"
@@ -229,7 +231,8 @@ def start_two_hanging_processes(env, out, stderr_path, **popen_kwargs):
     and process 1's output has come through the prefixer (so it streams, not buffers)."""
     with open(stderr_path, "w") as stderr:
         proc = subprocess.Popen([str(LAUNCH), "local", "2"], env=dict(env, FAKE_MODE="hang"),
-                                stdout=subprocess.DEVNULL, stderr=stderr, **popen_kwargs)
+                                stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=default_sigint,
+                                **popen_kwargs)
     assert wait_for(lambda: "[process 1] hello from 1\n" in stderr_path.read_text(), 10)
     # Process 0 may start later than process 1 on a loaded machine: wait for it too.
     assert wait_for(lambda: all((out / f"pid_{i}").exists() for i in range(2)), 10)

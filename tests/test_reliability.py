@@ -23,6 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.util import default_sigint
+
 # A failed orbax read of a damaged checkpoint leaves coroutines behind that Python reports
 # (as unraisable exceptions) whenever it collects them, often during a later test.
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")]
@@ -61,7 +63,8 @@ def command(workdir, corpus, data_cache, *overrides):
 
 def start(cmd, env, log_path, **kwargs):
     log = open(log_path, "w")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, **kwargs)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=default_sigint, **kwargs)
 
 
 def run(cmd, env, **kwargs):
