@@ -92,6 +92,11 @@ def read_events(path: pathlib.Path) -> list[dict]:
     return events
 
 
+def last_logged(events: list[dict], key: str):
+    """The newest value of a once-logged metric (a resumed run may log it again), else None."""
+    return next((e[key] for e in reversed(events) if key in e), None)
+
+
 def load_run(workdir: pathlib.Path) -> Run:
     config = flatten(json.loads((workdir / "config.json").read_text()))
     events = read_events(workdir / "metrics.jsonl")
@@ -104,8 +109,6 @@ def load_run(workdir: pathlib.Path) -> Run:
     elapsed = np.cumsum([0.0] + [e["train/step_time_s"] * (s - prev)
                                  for e, s, prev in zip(train, logged[1:], logged[:-1])])
     eval_steps = sorted(evals)
-    params = [e["model/param_count"] for e in events if "model/param_count" in e]
-    train_tokens = [e["data/train_tokens"] for e in events if "data/train_tokens" in e]
     return Run(
         name=workdir.name,
         config=config,
@@ -116,8 +119,8 @@ def load_run(workdir: pathlib.Path) -> Run:
         step_times=[e["train/step_time_s"] for e in train[1:] or train],
         tokens_per_sec=[e["train/tokens_per_sec"] for e in train[1:] or train],
         eval_times=[float(t) for t in np.interp(eval_steps, logged, elapsed)],
-        param_count=params[-1] if params else None,
-        train_tokens=train_tokens[-1] if train_tokens else None,
+        param_count=last_logged(events, "model/param_count"),
+        train_tokens=last_logged(events, "data/train_tokens"),
     )
 
 
