@@ -1,5 +1,5 @@
 #!/bin/bash
-# Heads-only experiment (issue 13): n = 4 heads trained alone on the frozen trunk of the README's
+# Heads-only experiment: n = 4 heads trained alone on the frozen trunk of the README's
 # baseline (configs/baseline.py, the default command without MTP), exported and benchmarked.
 # Run from the repository root. RUNS (default runs/) holds the workdirs; HEAD picks the head type,
 # STEPS the heads' training steps, TRUNK an existing baseline workdir to reuse.
