@@ -292,9 +292,9 @@ def read_params(folder: Folder, like: dict, n: int, head_type: str) -> dict:
     return out
 
 
-def place(params: dict, loaded: dict) -> dict:
-    """params (sharded arrays, pure dict) with every array `loaded` holds (read_params) put in
-    its place, on the same sharding: each process places its own shards from its host copy."""
+def with_imported(params: dict, loaded: dict) -> dict:
+    """params (sharded arrays, pure dict) with every array `loaded` holds (read_params) in place of
+    its own, on the same sharding: each process puts its own shards from its host copy."""
     flat = dict(_flatten(loaded))
 
     def put(path, x):

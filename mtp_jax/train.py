@@ -265,7 +265,7 @@ def run(config, workdir, devices=None) -> dict:
         state = jax.jit(init_state, out_shardings=state_shardings)()
         start = 0
         if imported is not None:
-            state["params"] = hf.place(state["params"], imported)
+            state["params"] = hf.with_imported(state["params"], imported)
             log(f"initialised {'the trunk and the heads' if 'heads' in imported else 'the trunk'} from "
                 f"{config.init_from}")
     else:
