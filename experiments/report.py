@@ -1,14 +1,18 @@
 """Tables, plots and raw numbers for one sweep: experiments/runs/NAME → experiments/results/NAME.
 
     python experiments/report.py NAME [--baseline KEY=VALUE[,KEY=VALUE…]] [--runs_dir=DIR] [--results_dir=DIR]
+    python experiments/report.py --pool NAME NAME … [--pool_name=NAME]   (experiments/pool.py)
 
 Runs are grouped into settings by the config fields that differ between them, seed excepted; a
 setting's number is the mean ± sample standard deviation (ddof=1) over its seeds. The baseline is
 the setting that predicts one token (mtp_n_tokens=1 or use_mtp=False) unless --baseline picks one.
 Every other setting is compared with it on each final metric the runs logged (loss, bits per byte,
 lowest loss over evaluations, induction accuracy, parse rate, task accuracy) as a difference of
-means ± its standard error, with a verdict only beyond two standard errors; task accuracy is also
-tabled per difficulty. Writes results.md, runs.json (final numbers per run, and the comparisons),
+means ± its standard error and, where the seeds pair (each seed's two runs read the same batches,
+recomputed here with the trainer's sampler), as the mean ± standard error of the per-seed
+differences, which the verdict then uses; a verdict only beyond two standard errors, with the
+power of the comparison and the seeds that 80 % power needs (experiments/stats.py). Task accuracy
+is also tabled per difficulty. Writes results.md, runs.json (final numbers per run, and the comparisons),
 three PNG plots and COMMAND (the sweep, training and report commands). Runs that did not reach
 num_train_steps are left out and listed.
 Needs matplotlib (the `plots` extra).
@@ -29,7 +33,9 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from experiments import pool, stats  # noqa: E402
 from experiments.sweep import git_commit  # noqa: E402
+from mtp_jax import data as data_lib  # noqa: E402
 from mtp_jax.errors import UserError  # noqa: E402
 
 
@@ -168,6 +174,9 @@ class Setting:
     def finals(self, key: str) -> list[float]:
         return [r.final[key] for r in self.runs if r.final.get(key) is not None]
 
+    def by_seed(self, key: str) -> dict[int, float]:
+        return {r.config["seed"]: r.final[key] for r in self.runs if r.final.get(key) is not None}
+
     def at_tokens(self, key: str, tokens: float) -> list[float]:
         """Each run's `key` at `tokens`, interpolated between its evaluations (runs not spanning it omitted)."""
         return [float(np.interp(tokens, r.eval_tokens, r.curve(key))) for r in self.runs
@@ -259,31 +268,60 @@ COMPARED = (
 )
 
 
-def difference(values: list[float], base: list[float]) -> tuple[float, float | None]:
-    """Difference of means (setting - baseline) and its standard error sqrt(s_a²/n_a + s_b²/n_b),
-    seeds being independent draws (None with a single seed on either side)."""
-    d = statistics.fmean(values) - statistics.fmean(base)
-    if len(values) < 2 or len(base) < 2:
-        return d, None
-    return d, (statistics.variance(values) / len(values) + statistics.variance(base) / len(base)) ** 0.5
-
-
-def verdict(d: float, se: float | None, higher_is_better: bool, subject: str = "MTP") -> str:
-    """'SUBJECT better'/'SUBJECT worse' only beyond two standard errors; otherwise 'no difference (< 2 s.e.)'."""
-    if se is None:
-        return "one seed: no verdict"
-    if abs(d) <= 2 * se:
-        return "no difference (< 2 s.e.)" if d else "equal"
-    return f"{subject} {'better' if (d > 0) == higher_is_better else 'worse'}"
-
-
 def loss_turned_up(runs: list[Run]) -> bool:
     """Whether any run's lowest head-1 loss came before its last evaluation."""
     return any(r.final["min_eval/loss_1_step"] != r.eval_steps[-1] for r in runs)
 
 
+# Seeds pair two settings when their runs read the same text at (nearly) every training row.
+PAIRED_OVERLAP = 0.99
+
+
+def batch_overlap(a: Run, b: Run) -> float | None:
+    """Share of training rows (every step's global batch, recomputed with the trainer's sampler)
+    at which runs a and b read the same text: windows that start within the difference of their
+    lookaheads. A window is seq_len + n tokens, so the sampler's range moves with n by a token or
+    two, and now and then one of its draws. None where it cannot be recomputed: a task's data, or
+    runs that did not log their training-set size."""
+    ca, cb = a.config, b.config
+    if a.train_tokens is None or b.train_tokens is None or str(ca.get("data.source")).startswith("task:"):
+        return None
+    shared = ("seed", "batch_size", "seq_len", "num_epochs", "data.source", "data.tokenizer", "data.val_fraction",
+              "data.split_seed")
+    if a.train_tokens != b.train_tokens or any(ca.get(k) != cb.get(k) for k in shared):
+        return 0.0
+    tolerance = abs(n_predicted(ca) - n_predicted(cb))
+    steps = min(a.eval_steps[-1], b.eval_steps[-1])
+    same = 0
+    try:
+        for step in range(steps):
+            starts = [data_lib.global_batch_starts(r.train_tokens, window_len=r.config["seq_len"] + n_predicted(r.config),
+                                                   batch_size=r.config["batch_size"], seed=r.config["seed"],
+                                                   step=step, num_epochs=r.config.get("num_epochs", 0))
+                      for r in (a, b)]
+            same += int(np.sum(np.abs(starts[0] - starts[1]) <= tolerance))
+    except UserError:  # the logged size does not fit the window: not a run the sampler could have fed
+        return None
+    return same / (steps * ca["batch_size"])
+
+
+def pairing(setting: Setting, baseline: Setting) -> tuple[bool, str]:
+    """Whether a setting's seeds pair with the baseline's (the same seeds, each pair's runs reading
+    the same batches), and why (or why not) in words."""
+    mine, theirs = ({r.config["seed"]: r for r in s.runs} for s in (setting, baseline))
+    if set(mine) != set(theirs) or len(mine) < 2:
+        return False, "unpaired: the settings ran different seeds"
+    overlaps = [batch_overlap(mine[s], theirs[s]) for s in sorted(mine)]
+    if any(o is None for o in overlaps):
+        return False, "unpaired: the batches cannot be recomputed (a task, or no logged training-set size)"
+    if min(overlaps) < PAIRED_OVERLAP:
+        return False, f"unpaired: same seeds but different batches ({min(overlaps):.1%} of rows shared)"
+    return True, f"paired by seed: the same batches at {min(overlaps):.1%} or more of the rows"
+
+
 def comparisons(settings: list[Setting], baseline: Setting) -> list[dict]:
-    """Every setting against the baseline on every COMPARED metric all their runs logged."""
+    """Every setting against the baseline on every COMPARED metric all their runs logged, unpaired
+    and, where the seeds pair, paired; the verdict uses the paired difference where it exists."""
     turned_up = loss_turned_up([r for s in settings for r in s.runs])
     # Accuracy per difficulty too: MTP's claimed gains on the tasks are at the harder levels.
     metrics = [*COMPARED, *((f"eval/task_accuracy_{k}", f"task accuracy, {k}", True) for k in difficulties(settings))]
@@ -295,16 +333,22 @@ def comparisons(settings: list[Setting], baseline: Setting) -> list[dict]:
         if s is baseline:
             continue
         subject = "MTP" if one_token and n_predicted(s.runs[0].config) > 1 else "setting"
+        is_paired, why = pairing(s, baseline)
         for key, label, higher in metrics:
             if key.startswith("min_eval/") and not turned_up:  # the final loss (and step) again
                 continue
             values, base = s.finals(key), baseline.finals(key)
             if len(values) != len(s.runs) or len(base) != len(baseline.runs) or not values:
                 continue
-            d, se = difference(values, base)
+            apart = stats.unpaired(values, base)
+            together = stats.paired(s.by_seed(key), baseline.by_seed(key)) if is_paired else None
+            used = together or apart
             out.append({"setting": s.label, "metric": key, "label": label, "higher_is_better": higher,
                         "baseline": statistics.fmean(base), "value": statistics.fmean(values),
-                        "difference": d, "standard_error": se, "verdict": verdict(d, se, higher, subject)})
+                        "difference": used.difference, "standard_error": used.standard_error,
+                        "verdict": stats.verdict(used.difference, used.standard_error, higher, subject),
+                        "pairing": why, "unpaired": apart.as_dict(),
+                        "paired": together.as_dict() if together else None})
     return out
 
 
@@ -319,6 +363,34 @@ def difficulties(settings: list[Setting]) -> list[str]:
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+DIFFERENCES_TEXT = (
+    "Setting minus baseline, means over seeds. Unpaired: ± is sqrt(s²_setting/n + s²_baseline/n), s the sample "
+    "standard deviation over seeds. Paired (where each seed's two runs start from the same trunk and read "
+    "the same batches): ± is the standard deviation of the per-seed differences over √n. A verdict needs "
+    "the difference to exceed two standard errors, of the paired difference where the seeds pair. Power: "
+    "the probability that as many fresh seeds reach a verdict if the true difference is this one; seeds "
+    "for 80 %: the seeds a side (pairs) that would give 80 % power (normal approximation, "
+    "experiments/stats.py).")
+
+
+def plus_minus(d: dict | None) -> str:
+    if d is None:
+        return "—"
+    se = d["standard_error"]
+    return f"{d['difference']:+.4f}" + (f" ± {se:.4f}" if se is not None else "")
+
+
+def comparison_row(c: dict) -> list[str]:
+    """A comparison's row: both differences (the one the verdict uses in bold), its power and seeds."""
+    used = c["paired"] or c["unpaired"]
+    cells = [plus_minus(c["unpaired"]), plus_minus(c["paired"])]
+    cells[used is c["paired"]] = f"**{cells[used is c['paired']]}**"
+    power = "—" if used["power"] is None else f"{used['power']:.0%}"
+    needed = "—" if used["seeds_for_power"] is None else str(used["seeds_for_power"])
+    return [f"`{c['setting']}`", c["label"], f"{c['baseline']:.4f}", f"{c['value']:.4f}", *cells, power, needed,
+            c["verdict"]]
 
 
 def results_markdown(name: str, settings: list[Setting], baseline: Setting | None, summary: dict,
@@ -386,18 +458,11 @@ def results_markdown(name: str, settings: list[Setting], baseline: Setting | Non
         "the efficiency at least, these.", ""]
 
     if summary["comparisons"]:
-        def plus_minus(c: dict) -> str:
-            se = c["standard_error"]
-            return f"{c['difference']:+.4f}" + (f" ± {se:.4f}" if se is not None else "")
-
-        rows = [[f"`{c['setting']}`", c["label"], f"{c['baseline']:.4f}", f"{c['value']:.4f}", plus_minus(c),
-                 c["verdict"]] for c in summary["comparisons"]]
-        out += ["## Differences from the baseline", "",
-                "Setting minus baseline, means over seeds; ± is the standard error of the difference, "
-                "sqrt(s²_setting/n + s²_baseline/n) with s the sample standard deviation over seeds. "
-                "A verdict needs the difference to exceed two standard errors.", "",
-                markdown_table(["setting", "metric", "baseline", "setting's", "difference ± s.e.", "verdict"], rows),
-                ""]
+        out += ["## Differences from the baseline", "", DIFFERENCES_TEXT, "",
+                *sorted({f"- `{c['setting']}`: {c['pairing']}." for c in summary["comparisons"]}), "",
+                markdown_table(["setting", "metric", "baseline", "setting's", "unpaired: difference ± s.e.",
+                                "paired: difference ± s.e.", "power", "seeds for 80 %", "verdict"],
+                               [comparison_row(c) for c in summary["comparisons"]]), ""]
     if loss_turned_up(all_runs):
         out += ["## Where the validation loss turns up", "", markdown_table(
             ["setting", "lowest head-1 eval loss", "at step", "at epoch", "final head-1 eval loss"],
@@ -523,16 +588,24 @@ def report(sweep_dir: pathlib.Path, out_dir: pathlib.Path, baseline: str | None 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("name", help="the sweep's --name")
+    parser.add_argument("name", nargs="?", help="the sweep's --name")
     parser.add_argument("--baseline", help="KEY=VALUE[,KEY=VALUE…] picking the reference setting "
                                            "(default: the one with mtp_n_tokens=1)")
     parser.add_argument("--runs_dir", default=str(ROOT / "experiments" / "runs"))
     parser.add_argument("--results_dir", default=str(ROOT / "experiments" / "results"))
+    parser.add_argument("--pool", nargs="+", metavar="NAME",
+                        help="pool these reported sweeps (one command, disjoint seeds) instead of reporting one")
+    parser.add_argument("--pool_name", help="where the pooled report goes (default: FIRST_pooled)")
     args = parser.parse_args(argv)
+    if args.pool:
+        out = pool.main(pathlib.Path(args.results_dir), args.pool, args.pool_name or f"{args.pool[0]}_pooled")
+        print(f"wrote {out}/: pooled.md, runs.json ({len(args.pool)} sweeps)")
+        return
+    if not args.name:
+        raise UserError("name the sweep to report (experiments/report.py NAME) or pool sweeps with --pool NAME NAME …")
     out_dir = pathlib.Path(args.results_dir) / args.name
     summary = report(pathlib.Path(args.runs_dir) / args.name, out_dir, args.baseline, argv)
     print(f"wrote {out_dir}/: results.md, runs.json, COMMAND, 3 plots ({len(summary['runs'])} runs)")
-
 
 if __name__ == "__main__":
     try:

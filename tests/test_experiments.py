@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from experiments import report, sweep, verdicts
+from experiments import pool, report, stats, sweep, verdicts
 from mtp_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -288,9 +288,11 @@ def test_differences_carry_standard_errors_and_a_two_se_verdict(synthetic):
     assert c["difference"] == pytest.approx(0.35) and c["standard_error"] == pytest.approx(0.0125 ** 0.5)
     assert c["verdict"] == "MTP worse"
     assert ("mtp_n_tokens=2", "eval/induction_accuracy") not in comparisons  # never logged
-    assert "| +0.3500 ± 0.1118 | MTP worse |" in (out_dir / "results.md").read_text()
-    assert report.verdict(0.3, 0.1, higher_is_better=True) == "MTP better"
-    assert report.verdict(0.3, None, higher_is_better=True) == "one seed: no verdict"
+    # Unpaired (the runs logged no training-set size, so their batches cannot be checked): in bold.
+    assert c["paired"] is None and c["pairing"].startswith("unpaired: the batches cannot be recomputed")
+    assert "| **+0.3500 ± 0.1118** | — |" in (out_dir / "results.md").read_text()
+    assert stats.verdict(0.3, 0.1, higher_is_better=True) == "MTP better"
+    assert stats.verdict(0.3, None, higher_is_better=True) == "one seed: no verdict"
     # Against an MTP baseline (n=2 here) n=3's +0.75 ± 0.2062 is the setting's, not MTP's, verdict.
     against_n2 = report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=2")["comparisons"]
     c = next(c for c in against_n2 if c["setting"] == "mtp_n_tokens=3" and c["metric"] == "eval/loss_1")
@@ -330,7 +332,87 @@ def test_accuracy_per_difficulty_and_the_turning_point_of_the_loss(tmp_path):
     assert hardest[mtp_setting]["standard_error"] == pytest.approx(0.0002 ** 0.5)
     # Teacherless predicts one token too: its +0.3 is the setting's verdict, not MTP's.
     assert hardest["mtp_n_tokens=1,data.task.teacherless=True"]["verdict"] == "setting better"
-    assert report.verdict(0.0, 0.0, higher_is_better=True) == "equal"  # e.g. every run at accuracy 0
+    assert stats.verdict(0.0, 0.0, higher_is_better=True) == "equal"  # e.g. every run at accuracy 0
+
+
+def test_paired_difference_power_and_seeds_match_a_hand_computation():
+    # Per-seed differences -0.02, -0.03, -0.01: mean -0.02, s.d. 0.01, s.e. 0.01 / √3.
+    d = stats.paired({0: 1.28, 1: 1.27, 2: 1.29, 9: 5.0}, {0: 1.30, 1: 1.30, 2: 1.30})
+    assert d.paired and d.seeds == 3  # seed 9 has no partner
+    assert d.difference == pytest.approx(-0.02) and d.standard_error == pytest.approx(0.01 / 3 ** 0.5)
+    # Power: Φ(0.02 / (0.01/√3) - 2) = Φ(1.4641) = 0.9284; 80 %: (2.8416 · 0.01 / 0.02)² = 2.02 → 3 pairs.
+    assert d.power == pytest.approx(0.92842, abs=1e-4) and d.seeds_for_power == 3
+    # Unpaired, the same numbers: s.d.s 0.01 and 0 → s.e. √(0.0001/3), spread 0.01.
+    u = stats.unpaired([1.28, 1.27, 1.29], [1.30, 1.30, 1.30])
+    assert u.standard_error == pytest.approx((0.0001 / 3) ** 0.5) and u.spread == pytest.approx(0.01)
+    # Spread 0.03 at a difference of 0.01: (2.8416 · 3)² = 72.67 → 73 seeds a side.
+    assert stats.Difference(0.01, 0.01, 0.03, 9, paired=False).seeds_for_power == 73
+
+
+def paired_sweep(sweep_dir: pathlib.Path, num_epochs: int, seeds=(0, 1, 2)) -> None:
+    """Baseline and n = 3 at the same seeds, where each seed's MTP run is 0.1 better than its
+    baseline while the seeds' levels spread by 1.0 — pairing sees the 0.1, the unpaired test not."""
+    for seed in seeds:
+        for n in (1, 3):
+            level = 3.0 + seed - 0.1 * (n == 3) + 0.01 * seed * seed * (n == 3)
+            write_run(sweep_dir, n, seed, (level + 1, level), train_tokens=10_000)
+            path = sweep_dir / f"mtp_n_tokens={n},seed={seed}" / "config.json"
+            config = json.loads(path.read_text())
+            config.update(num_epochs=num_epochs, data={"source": "stdlib/email", "task": {"teacherless": False}})
+            path.write_text(json.dumps(config))
+
+
+def test_seeds_pair_only_where_the_runs_read_the_same_batches(tmp_path):
+    # Random windows: n = 1 and n = 3 draw their starts from ranges two tokens apart, so each
+    # seed's two runs read the same text (starts within the 2-token lookahead difference).
+    paired_sweep(tmp_path / "runs" / "random", num_epochs=0)
+    c = next(c for c in report.report(tmp_path / "runs" / "random", tmp_path / "out" / "random")["comparisons"]
+             if c["metric"] == "eval/loss_1")
+    assert c["pairing"].startswith("paired by seed")
+    # Differences -0.1, -0.09, -0.06: mean -0.0833, s.d. 0.0208; the unpaired s.e. sees the seeds' spread.
+    assert c["paired"]["difference"] == pytest.approx(-0.25 / 3)
+    assert c["paired"]["standard_error"] == pytest.approx(np.std([-0.1, -0.09, -0.06], ddof=1) / 3 ** 0.5)
+    assert c["difference"] == c["paired"]["difference"] and c["verdict"] == "MTP better"
+    assert c["unpaired"]["standard_error"] > 0.8 and c["unpaired"]["power"] < 0.1
+    # Epochs: each run permutes its own number of windows (seq_len + n tokens long), so the same
+    # seed reads other batches: pairing is refused and the verdict is the unpaired one.
+    paired_sweep(tmp_path / "runs" / "epochs", num_epochs=2)
+    c = next(c for c in report.report(tmp_path / "runs" / "epochs", tmp_path / "out" / "epochs")["comparisons"]
+             if c["metric"] == "eval/loss_1")
+    assert c["paired"] is None and c["pairing"].startswith("unpaired: same seeds but different batches")
+    assert c["verdict"] == "no difference (< 2 s.e.)"
+
+
+def reported_sweep(tmp_path, name: str, seeds, extra: str = "") -> None:
+    paired_sweep(tmp_path / "runs" / name, num_epochs=0, seeds=seeds)
+    (tmp_path / "runs" / name / "SWEEP").write_text(
+        f"python experiments/sweep.py --config=configs/mtp3.py:micro --name={name} --sweep seed="
+        f"{','.join(map(str, seeds))} --sweep mtp_n_tokens=1,3 --set num_train_steps=4{extra}\n")
+    report.report(tmp_path / "runs" / name, tmp_path / "results" / name, report_argv=[name])
+
+
+def test_pooled_comparison_is_the_comparison_over_all_seeds_of_the_sets(tmp_path):
+    reported_sweep(tmp_path, "first", (0, 1, 2))
+    reported_sweep(tmp_path, "second", (5, 6), extra=" --parallel 2")  # how it ran does not matter
+    out = pool.main(tmp_path / "results", ["first", "second"], "both")
+    pooled = json.loads((out / "runs.json").read_text())
+    c = next(c for c in pooled["comparisons"] if c["metric"] == "eval/loss_1")
+    diffs = [-0.1 + 0.01 * s * s for s in (0, 1, 2, 5, 6)]
+    assert c["paired"]["seeds"] == 5 and c["paired"]["difference"] == pytest.approx(np.mean(diffs))
+    assert c["standard_error"] == pytest.approx(np.std(diffs, ddof=1) / 5 ** 0.5)
+    assert [s["seeds"] for s in c["sets"]] == [[0, 1, 2], [5, 6]] and len(pooled["runs"]) == 10
+    assert "| **pooled** (paired) | 5 a side |" in (out / "pooled.md").read_text()
+
+
+@pytest.mark.parametrize("second, extra, message", [
+    ((3, 4), " --set learning_rate=0.1", "ran different commands .* --set=learning_rate=0.1"),
+    ((2, 3), "", "both ran seed 2"),
+])
+def test_pool_refuses_other_commands_and_shared_seeds(tmp_path, second, extra, message):
+    reported_sweep(tmp_path, "first", (0, 1, 2))
+    reported_sweep(tmp_path, "second", second, extra=extra)
+    with pytest.raises(UserError, match=message):
+        pool.main(tmp_path / "results", ["first", "second"], "both")
 
 
 def test_verdicts_table_takes_the_best_mtp_setting_and_says_what_was_not_run(synthetic):
