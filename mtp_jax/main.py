@@ -7,6 +7,7 @@ then hands over to train.run. Bad input ends here as one line on stderr and exit
 from __future__ import annotations
 
 import os
+import pathlib
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -44,6 +45,24 @@ def init_runtime() -> None:
         jax.distributed.initialize()
 
 
+def new_folders(path: pathlib.Path) -> list[pathlib.Path]:
+    """The folders that making `path` would create, innermost first ([] when it exists)."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty(folders: list[pathlib.Path]) -> None:
+    """Removes `folders` (innermost first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def main(argv) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}: flags look like --config=configs/mtp3.py --workdir=DIR")
@@ -53,12 +72,14 @@ def main(argv) -> None:
 
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and JAX log every save at INFO
+    created = new_folders(pathlib.Path(_WORKDIR.value))
     try:
         init_runtime()
         from mtp_jax import train
 
         train.run(_CONFIG.value, _WORKDIR.value)
     except UserError as e:
+        remove_empty(created)  # a refused run leaves no new empty workdir behind
         fail(str(e))
 
 
