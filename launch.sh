@@ -5,11 +5,13 @@
 #            N processes on this host, K CPU devices each (default 1), talking over gloo.
 #            Process 0 prints as usual; process i>0 goes to stderr prefixed '[process i] '.
 #            If any process fails, the others are stopped and the launcher exits non-zero.
-#        ./launch.sh tpu TPU_NAME ZONE [main flags...]
+#        ./launch.sh tpu [--dry_run] TPU_NAME ZONE [main flags...]
 #            runs main --distributed on every worker of a Cloud TPU VM slice.
-#        ./launch.sh tpu-setup TPU_NAME ZONE [REPO_URL]
+#        ./launch.sh tpu-setup [--dry_run] TPU_NAME ZONE [REPO_URL]
 #            puts the code in ~/mtp_jax on every worker (git clone of REPO_URL, or a copy
-#            of this working tree) and pip-installs it with jax[tpu].
+#            of this working tree) and pip-installs it with its [tpu] extra (jax[tpu]).
+#        --dry_run prints the gcloud commands (one per line, shell-quoted) instead of running
+#            them; each runs its remote command on every worker (--worker=all).
 # env:   PYTHON (local, default python), TPU_PYTHON (on the workers, default python3),
 #        LAUNCH_GRACE_S (seconds between TERM and KILL when stopping, default 5).
 set -euo pipefail
@@ -24,6 +26,7 @@ TPU_PY=${TPU_PYTHON:-python3}
 GRACE_S=${LAUNCH_GRACE_S:-5}
 REMOTE_DIR='~/mtp_jax'  # expanded by the worker's shell, not here
 pids=()                 # pids[i] = pid of process i, cleared once it has been reaped
+DRY_RUN=0               # 1: print the gcloud commands instead of running them
 
 # TERM every live child, then KILL whatever is left after the grace period.
 stop_all() {
@@ -93,8 +96,18 @@ print(s.getsockname()[1])')
   done
 }
 
+gcloud_or_print() {  # gcloud ARGS..., or under --dry_run the command line that would run
+  if ((DRY_RUN)); then
+    printf '%q' gcloud
+    printf ' %q' "$@"
+    printf '\n'
+  else
+    gcloud "$@"
+  fi
+}
+
 tpu_ssh() {  # tpu_ssh NAME ZONE REMOTE_COMMAND: run it on every worker
-  gcloud compute tpus tpu-vm ssh "$1" --zone="$2" --worker=all --command="$3"
+  gcloud_or_print compute tpus tpu-vm ssh "$1" --zone="$2" --worker=all --command="$3"
 }
 
 run_tpu() {
@@ -108,7 +121,7 @@ run_tpu() {
 run_tpu_setup() {
   (($# == 2 || $# == 3)) || usage
   local name=$1 zone=$2 repo=${3:-} install
-  install="cd $REMOTE_DIR && $TPU_PY -m pip install -e . 'jax[tpu]'"
+  install="cd $REMOTE_DIR && $TPU_PY -m pip install -e '.[tpu]'"
   if [[ -n $repo ]]; then
     tpu_ssh "$name" "$zone" \
       "(git clone $(printf %q "$repo") $REMOTE_DIR || git -C $REMOTE_DIR pull --ff-only) && $install"
@@ -121,13 +134,20 @@ run_tpu_setup() {
   git ls-files -z --cached --others --exclude-standard \
     | while IFS= read -r -d '' f; do if [[ -e $f ]]; then printf '%s\0' "$f"; fi; done \
     | tar -czf "$tmp/mtp_jax.tgz" --null -T -
-  gcloud compute tpus tpu-vm scp "$tmp/mtp_jax.tgz" "$name:" --zone="$zone" --worker=all
+  if ((DRY_RUN)); then
+    echo "# $tmp/mtp_jax.tgz (removed on exit): the $(tar -tzf "$tmp/mtp_jax.tgz" | wc -l) files of this working tree"
+  fi
+  gcloud_or_print compute tpus tpu-vm scp "$tmp/mtp_jax.tgz" "$name:" --zone="$zone" --worker=all
   tpu_ssh "$name" "$zone" \
     "mkdir -p $REMOTE_DIR && tar -xzf ~/mtp_jax.tgz -C $REMOTE_DIR && $install"
 }
 
 mode=${1:-}
 (($# > 0)) && shift
+if [[ $mode == tpu* && ${1:-} == --dry_run ]]; then
+  DRY_RUN=1
+  shift
+fi
 case $mode in
   local) run_local "$@" ;;
   tpu) run_tpu "$@" ;;

@@ -160,7 +160,7 @@ def test_tpu_setup_with_repo_url_clones_and_installs_on_all_workers(fake_gcloud)
     assert call[:7] == ["compute", "tpus", "tpu-vm", "ssh", "t", "--zone=z", "--worker=all"]
     assert call[7] == ("--command=(git clone https://example.com/mtp_jax.git ~/mtp_jax"
                        " || git -C ~/mtp_jax pull --ff-only)"
-                       " && cd ~/mtp_jax && python3 -m pip install -e . 'jax[tpu]'")
+                       " && cd ~/mtp_jax && python3 -m pip install -e '.[tpu]'")
 
 
 def test_tpu_setup_without_repo_copies_working_tree_then_installs(fake_gcloud, tmp_path):
@@ -172,11 +172,43 @@ def test_tpu_setup_without_repo_copies_working_tree_then_installs(fake_gcloud, t
     assert scp[5:] == ["t:", "--zone=z", "--worker=all"]
     assert ssh[:7] == ["compute", "tpus", "tpu-vm", "ssh", "t", "--zone=z", "--worker=all"]
     assert ssh[7] == ("--command=mkdir -p ~/mtp_jax && tar -xzf ~/mtp_jax.tgz -C ~/mtp_jax"
-                      " && cd ~/mtp_jax && python3 -m pip install -e . 'jax[tpu]'")
+                      " && cd ~/mtp_jax && python3 -m pip install -e '.[tpu]'")
     with tarfile.open(tmp_path / "copied.tgz") as tgz:
         names = tgz.getnames()
     assert "launch.sh" in names and "pyproject.toml" in names
     assert not any(n.startswith(".git/") for n in names)
+
+
+def printed_commands(stdout):
+    """The command lines a --dry_run printed (comments skipped), each as the argv bash reads from it."""
+    return [subprocess.run(["bash", "-c", "printf '%s\\0' " + line], capture_output=True, text=True,
+                           check=True).stdout.split("\0")[:-1]
+            for line in stdout.splitlines() if not line.startswith("#")]
+
+
+@pytest.mark.parametrize("args", [
+    ["tpu", "my-tpu", "us-central2-b", "--config=configs/mtp3.py:1b", "--workdir=gs://b/run's x"],
+    ["tpu", "t", "z"],
+    ["tpu-setup", "t", "z", "https://example.com/mtp_jax.git"],
+])
+def test_dry_run_prints_exactly_the_gcloud_commands_it_would_run(fake_gcloud, args):
+    env, log = fake_gcloud
+    dry = run([args[0], "--dry_run", *args[1:]], env)
+    assert dry.returncode == 0, dry.stderr
+    assert not log.exists()  # nothing ran
+    assert run(args, env).returncode == 0
+    assert printed_commands(dry.stdout) == [["gcloud", *call] for call in gcloud_calls(log)]
+
+
+def test_dry_run_of_setup_from_the_working_tree_prints_the_copy_and_the_install(fake_gcloud):
+    env, log = fake_gcloud
+    dry = run(["tpu-setup", "--dry_run", "t", "z"], env)
+    assert dry.returncode == 0, dry.stderr
+    assert not log.exists()
+    scp, ssh = printed_commands(dry.stdout)
+    assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and scp[5].endswith("/mtp_jax.tgz")
+    assert scp[6:] == ["t:", "--zone=z", "--worker=all"]
+    assert ssh[-1].endswith("python3 -m pip install -e '.[tpu]'")
 
 
 def test_local_mode_starts_n_processes_with_shared_port_and_forwarded_flags(fake_python):
