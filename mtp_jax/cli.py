@@ -4,13 +4,15 @@
 (`mtp_jax.main`, `mtp_jax.bench`, `benchmarks/profile_ops.py`), with its errors — an unknown
 config key, a value of the wrong type, a config file that is missing or raises while loading —
 reduced to that one line. `ArgumentParser` is argparse's, with its errors reduced the same way,
-for the commands that take plain flags (`generate`, `evaluate`, `export`).
+for the commands that take plain flags (`generate`, `evaluate`, `export`). A refused command
+leaves no folder it made behind (`new_folders`, `remove_empty`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pathlib
 import sys
 
 from absl import flags
@@ -25,6 +27,24 @@ def fail(message: str) -> None:
         sys.stdout.flush()
         os._exit(2)
     sys.exit(2)
+
+
+def new_folders(path: pathlib.Path) -> list[pathlib.Path]:
+    """The folders that making `path` would create, innermost first ([] when it exists)."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def remove_empty(folders: list[pathlib.Path]) -> None:
+    """Removes `folders` (innermost first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -12,7 +12,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mtp_jax.cli import fail, parse_flags
+from mtp_jax.cli import fail, new_folders, parse_flags, remove_empty
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
                                           lock_config=True)
@@ -43,24 +43,6 @@ def init_runtime() -> None:
         jax.distributed.initialize(_COORDINATOR.value, n, i)
     elif _DISTRIBUTED.value:
         jax.distributed.initialize()
-
-
-def new_folders(path: pathlib.Path) -> list[pathlib.Path]:
-    """The folders that making `path` would create, innermost first ([] when it exists)."""
-    missing = []
-    while not path.exists() and path != path.parent:
-        missing.append(path)
-        path = path.parent
-    return missing
-
-
-def remove_empty(folders: list[pathlib.Path]) -> None:
-    """Removes `folders` (innermost first) while they are empty."""
-    for folder in folders:
-        try:
-            folder.rmdir()
-        except OSError:
-            return
 
 
 def main(argv) -> None:
