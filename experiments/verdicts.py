@@ -4,9 +4,13 @@
 
 One row per (experiment, metric) in ROWS: the baseline's mean over seeds (next-token training, or
 constant weights where the row is about a schedule), the MTP setting with the best mean on that
-metric, their difference ± its standard error and the verdict, all as experiments/report.py computed them (report.comparisons). Picking the best of
-several MTP settings on the metric it is judged by favours MTP a little; with one MTP setting per
-experiment (as in every experiment so far) there is nothing to pick.
+metric, their difference ± its standard error (paired by seed where the seeds pair), the seeds a
+side (over all pooled sets, for a pooled experiment), the power at the difference found and the
+verdict, all as experiments/report.py (report.comparisons, or --pool) computed them. A "better" or
+"worse" verdict with less than 80 % power is marked underpowered: as many fresh seeds would miss it
+more often than one time in five. Picking the best of several MTP settings on the metric it is
+judged by favours MTP a little; with one MTP setting per experiment (as in every experiment so far)
+there is nothing to pick.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from experiments import stats  # noqa: E402
 
 # (experiment, metric key in runs.json's comparisons, what the row is about[, a part of the
 # compared setting's label, where the experiment compares settings of more than one kind])
@@ -30,8 +36,9 @@ ROWS = (
     ("pathstar_small", "eval/loss_1", "the same: head-1 validation loss on answers", "teacherless=False"),
     ("pathstar_small", "eval/task_accuracy", "the same, teacherless training (not MTP): exact paths",
      "teacherless=True"),
-    ("data_constrained", "eval/loss_1", "6 epochs of `stdlib/email`: head-1 validation loss"),
-    ("data_constrained_replication", "eval/loss_1", "the same, 3 fresh seeds: head-1 validation loss"),
+    ("data_constrained_pooled", "eval/loss_1", "6 epochs of `stdlib/email`, 1.1 M parameters: head-1 validation loss"),
+    ("reproduction_pooled", "eval/loss_1",
+     "4.2 epochs of `stdlib/email`, 3.5 M parameters (the reproduction command): head-1 validation loss"),
     ("overfitting", "min_eval/loss_1", "10 epochs of `stdlib/email`, 3.5 M parameters: lowest head-1 validation loss"),
     ("overfitting", "min_eval/loss_1_epoch", "the same: epoch of the lowest loss (later: overfits later)"),
     ("schedules", "eval/bits_per_byte", "forward curriculum vs constant weights, n = 4: bits per byte",
@@ -50,26 +57,42 @@ def best_comparison(comparisons: list[dict], metric: str, only: str = "") -> dic
     return (max if rows[0]["higher_is_better"] else min)(rows, key=lambda c: c["value"])
 
 
+def power(c: dict) -> float | None:
+    """The comparison's power at its own difference (runs.json from before power was recorded: from
+    its difference and standard error)."""
+    used = c.get("paired") or c.get("unpaired")
+    if used:
+        return used["power"]
+    return stats.Difference(c["difference"], c["standard_error"], None, 0, paired=False).power
+
+
 def table(results_dir: pathlib.Path, rows=ROWS) -> str:
-    lines = ["| setting | baseline | best MTP setting | difference ± s.e. | verdict |", "|---|---|---|---|---|"]
+    lines = ["| setting | baseline | best MTP setting | difference ± s.e. | seeds a side | power | verdict |",
+             "|---|---|---|---|---|---|---|"]
     for name, metric, about, *only in rows:
         path = results_dir / name / "runs.json"
-        link = f"[{name}](experiments/results/{name}/results.md)"
         if not path.exists():
-            lines.append(f"| {about} ({name}) | not run | | | |")
+            lines.append(f"| {about} ({name}) | not run | | | | | |")
             continue
         summary = json.loads(path.read_text())
+        page = "pooled.md" if summary.get("pooled_from") else "results.md"
+        link = f"[{name}](experiments/results/{name}/{page})"
         c = best_comparison(summary["comparisons"], metric, *only)
         if c is None:
             missing = "not logged" if summary["comparisons"] else "no MTP setting run"
-            lines.append(f"| {about} ({link}) | {missing} | | | |")
+            lines.append(f"| {about} ({link}) | {missing} | | | | | |")
             continue
         seeds = len({r["seed"] for r in summary["runs"]})
-        seeds = f"{seeds} seed{'s' * (seeds != 1)}"
+        sets = f" in {len(summary['pooled_from'])} sets" if summary.get("pooled_from") else ""
+        paired = ", paired" if c.get("paired") else ""
         se = f" ± {c['standard_error']:.4f}" if c["standard_error"] is not None else ""
-        lines.append(f"| {about} ({link}, {seeds}) | `{summary['baseline']}`: {c['baseline']:.4f} "
+        p = power(c)
+        # A verdict that as many fresh seeds would miss more often than one time in five.
+        weak = " (underpowered)" if p is not None and p < 0.8 and not c["verdict"].startswith(("no ", "equal")) else ""
+        lines.append(f"| {about} ({link}) | `{summary['baseline']}`: {c['baseline']:.4f} "
                      f"| `{c['setting']}`: {c['value']:.4f} "
-                     f"| {c['difference']:+.4f}{se} | {c['verdict']} |")
+                     f"| {c['difference']:+.4f}{se}{paired} | {seeds}{sets} "
+                     f"| {'—' if p is None else f'{p:.0%}'} | {c['verdict']}{weak} |")
     return "\n".join(lines)
 
 
