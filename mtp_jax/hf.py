@@ -40,20 +40,34 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
+import tokenizers
 from flax import nnx
+from safetensors import SafetensorError
 
+from mtp_jax.cli import new_folders, remove_empty
+from mtp_jax.data import EOT
 from mtp_jax.errors import UserError
-from mtp_jax.mtp import build_model, loss_weights, n_tokens
+from mtp_jax.mtp import HEAD_TYPES, build_model, loss_weights
 
 FORMAT = 1  # mtp_jax.json's format version
 NORM_EPS = 1e-6  # model.RMSNorm's epsilon
 WEIGHTS, INDEX, MTP_FILE = "model.safetensors", "model.safetensors.index.json", "mtp_jax.json"
+RESAVE = "save the folder again (python -m mtp_jax.export or transformers' save_pretrained)"
+# config.json's sizes, each a positive integer.
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+# safetensors' dtypes: bytes per element; weights import from the float ones.
+_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+FLOAT_DTYPES = {"F16": np.dtype("<f2"), "BF16": np.dtype(jnp.bfloat16), "F32": np.dtype("<f4"),
+                "F64": np.dtype("<f8")}
 
 # One decoder layer: (HF name under the layer's prefix, path under our block, layout). Layouts:
 # 'same' is stored as is; 'linear' is a Linear weight whose first dimension is its input and
@@ -144,13 +158,35 @@ def llama_config(shape, max_positions: int, eos_token_id: int | None) -> dict:
 
 
 def model_fields(hf: dict, where: str) -> dict:
-    """config.model's shape fields from a LlamaForCausalLM config.json; refuses, by name, what
-    our model does not implement."""
-    arch = (hf.get("architectures") or [hf.get("model_type", "?")])[0]
+    """config.model's shape fields from a LlamaForCausalLM config.json, every value they come from
+    checked; refuses, by name, what is missing or malformed and what our model does not implement."""
+    def need(ok: bool, problem: str) -> None:
+        if not ok:
+            raise UserError(f"{where} {problem}: it is not a Llama config this model can take; {RESAVE}")
+
+    archs = hf.get("architectures")
+    need(archs is None or (isinstance(archs, list) and all(isinstance(a, str) for a in archs)),
+         f"sets architectures={archs!r}, which is not a list of class names")
+    arch = (archs or [hf.get("model_type", "?")])[0]
     if arch != "LlamaForCausalLM":
-        raise UserError(f"{where} describes a {arch}, not a LlamaForCausalLM: only the Llama architecture maps "
-                        "onto this model")
+        raise UserError(f"{where} describes a {arch!s:.80}, not a LlamaForCausalLM: only the Llama architecture "
+                        "maps onto this model")
+    for name in _SIZES:
+        need(name in hf, f"lacks {name}")
+        need(_positive_int(hf[name]), f"sets {name}={hf[name]!r:.80}, which is not a positive integer")
+    d, heads = hf["hidden_size"], hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads")
+    kv_heads = heads if kv_heads is None else kv_heads
+    need(_positive_int(kv_heads) and heads % kv_heads == 0,
+         f"sets num_key_value_heads={kv_heads!r:.80}, which does not divide num_attention_heads={heads}")
+    need(d % (2 * heads) == 0, f"sets hidden_size={d} and num_attention_heads={heads}: this model needs an even "
+         "head size (hidden_size a multiple of 2 x num_attention_heads)")
     rope = hf.get("rope_parameters") or {}
+    need(isinstance(rope, dict), f"sets rope_parameters={rope!r:.80}, which is not an object")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    need(_positive_number(theta), f"sets rope_theta={theta!r:.80}, which is not a positive number")
+    tie = hf.get("tie_word_embeddings")
+    need(tie is None or isinstance(tie, bool), f"sets tie_word_embeddings={tie!r:.80}, which is not true or false")
     unsupported = {
         "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
         "attention_bias": (hf.get("attention_bias", False), False),
@@ -158,47 +194,91 @@ def model_fields(hf: dict, where: str) -> dict:
         "rope_scaling": (hf.get("rope_scaling"), None),
         "rope_parameters.rope_type": (rope.get("rope_type", "default"), "default"),
         "rms_norm_eps": (hf.get("rms_norm_eps", NORM_EPS), NORM_EPS),
-        "head_dim": (hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-                     hf["hidden_size"] // hf["num_attention_heads"]),
+        "head_dim": (hf.get("head_dim") or d // heads, d // heads),
     }
     for name, (value, ours) in unsupported.items():
         if value != ours:
-            raise UserError(f"{where} sets {name}={value!r}, which this model does not implement (it has "
+            raise UserError(f"{where} sets {name}={value!r:.80}, which this model does not implement (it has "
                             f"{name}={ours!r}): only plain Llama layers import")
-    return {"d_model": hf["hidden_size"], "n_layers": hf["num_hidden_layers"],
-            "n_heads": hf["num_attention_heads"],
-            "n_kv_heads": hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            "mlp_dim": hf["intermediate_size"], "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-            "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))}
+    return {"d_model": d, "n_layers": hf["num_hidden_layers"], "n_heads": heads, "n_kv_heads": kv_heads,
+            "mlp_dim": hf["intermediate_size"], "tie_embeddings": bool(tie), "rope_theta": float(theta)}
+
+
+def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
+    """(n, head type) of the heads an mtp_jax.json says its folder holds, or None, every field
+    this reads checked."""
+    def need(ok: bool, problem: str) -> None:
+        if not ok:
+            raise UserError(f"{where} {problem}: export the model again with python -m mtp_jax.export")
+
+    version = mtp.get("format", FORMAT)
+    need(_positive_int(version), f"sets format={version!r:.80}, which is not a format version")
+    if version > FORMAT:
+        raise UserError(f"{where} has format {version} and this mtp_jax reads format {FORMAT}: a newer mtp_jax "
+                        "wrote it; update mtp_jax")
+    tokenizer = mtp.get("tokenizer")
+    need(tokenizer is None or isinstance(tokenizer, str), f"sets tokenizer={tokenizer!r:.80}, which is not a name")
+    use_mtp = mtp.get("use_mtp", False)
+    need(isinstance(use_mtp, bool), f"sets use_mtp={use_mtp!r:.80}, which is not true or false")
+    n = mtp.get("mtp_n_tokens", 1) if use_mtp else 1
+    need(_positive_int(n), f"sets mtp_n_tokens={n!r:.80}, which is not a positive integer")
+    if n == 1:
+        return None
+    head_type = mtp.get("mtp_head_type")
+    need(head_type in HEAD_TYPES, f"sets mtp_head_type={head_type!r:.80}, which is not one of "
+         f"{', '.join(HEAD_TYPES)}")
+    return n, head_type
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading a folder
+# Reading a folder: every file checked before use
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+    """Where a safetensors header puts one tensor, checked to lie inside its file."""
+    file: pathlib.Path
+    dtype: str  # safetensors' name for it: F32, BF16, ...
+    shape: tuple[int, ...]
+    begin: int  # byte offsets in the file
+    end: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Folder:
     path: pathlib.Path
     config: dict  # config.json
+    fields: dict  # config.model's shape fields from it (model_fields)
     mtp: dict  # mtp_jax.json ({} for a folder transformers saved)
-    weight_files: tuple[pathlib.Path, ...]
+    heads: tuple[int, str] | None  # (n, head type) of the heads the folder holds (mtp_heads)
+    tensors: dict[str, Tensor]  # every tensor of its weight files, from their headers
 
-    @property
-    def heads(self) -> tuple[int, str] | None:
-        """(n, head type) of the heads the folder holds, or None."""
-        n = self.mtp.get("mtp_n_tokens", 1) if self.mtp.get("use_mtp") else 1
-        return (n, self.mtp["mtp_head_type"]) if n > 1 else None
-
-    def tensors(self) -> dict[str, np.ndarray]:
-        tensors = {}
-        for file in self.weight_files:
-            tensors.update(safetensors.numpy.load_file(file))
-        return tensors
+    def read(self, name: str) -> np.ndarray:
+        """Tensor `name` as the header describes it (a float type; its bytes read only now)."""
+        tensor = self.tensors[name]
+        if tensor.dtype not in FLOAT_DTYPES:
+            raise UserError(f"tensor {name} in {tensor.file} is {tensor.dtype}: only float tensors "
+                            f"({', '.join(FLOAT_DTYPES)}) import; save the model in float32 or bfloat16")
+        with tensor.file.open("rb") as f:
+            f.seek(tensor.begin)
+            data = f.read(tensor.end - tensor.begin)
+        if len(data) != tensor.end - tensor.begin:
+            raise _damaged(tensor.file, "became shorter while it was read")
+        return np.frombuffer(data, FLOAT_DTYPES[tensor.dtype]).reshape(tensor.shape)
 
 
 def open_folder(path: str | os.PathLike) -> Folder:
-    """Reads config.json and mtp_jax.json and finds the weights; one clear line if any is missing."""
+    """Reads and checks config.json, mtp_jax.json, the index and every weight file's header; one
+    line naming the file and what is wrong if any is missing or malformed. No tensor is read."""
     path = pathlib.Path(path).expanduser()
     if not path.is_dir():
         raise UserError(f"init_from={str(path)!r} is not a folder: pass one written by python -m mtp_jax.export "
@@ -206,35 +286,129 @@ def open_folder(path: str | os.PathLike) -> Folder:
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json: pass a folder written by python -m mtp_jax.export or by "
                         "transformers' save_pretrained")
-    config = json.loads((path / "config.json").read_text())
-    if (path / INDEX).is_file():
-        names = sorted(set(json.loads((path / INDEX).read_text())["weight_map"].values()))
-        files = tuple(path / name for name in names)
-    else:
-        files = (path / WEIGHTS,)
+    config = read_json(path / "config.json")
+    fields = model_fields(config, str(path / "config.json"))
+    files = weight_files(path)
     missing = [f.name for f in files if not f.is_file()]
     if missing:
         raise UserError(f"{path} has no weights ({', '.join(missing)} missing): save them as safetensors "
                         "(save_pretrained's default; pytorch_model.bin is not read)")
-    mtp = json.loads((path / MTP_FILE).read_text()) if (path / MTP_FILE).is_file() else {}
-    return Folder(path, config, mtp, files)
+    mtp = read_json(path / MTP_FILE) if (path / MTP_FILE).is_file() else {}
+    heads = mtp_heads(mtp, str(path / MTP_FILE))
+    tensors: dict[str, Tensor] = {}
+    for file in files:
+        for name, tensor in read_header(file).items():
+            if name in tensors:
+                raise UserError(f"{path} holds tensor {name!r:.80} twice ({tensors[name].file.name} and {file.name}): "
+                                f"its weight files do not belong together; {RESAVE}")
+            tensors[name] = tensor
+    # The layers config.json claims, found in the headers before a model of them is built.
+    check_tensor(path, tensors, f"model.layers.{fields['n_layers'] - 1}.mlp.gate_proj.weight",
+                 (fields["mlp_dim"], fields["d_model"]))
+    return Folder(path, config, fields, mtp, heads, tensors)
+
+
+def check_tensor(path: pathlib.Path, tensors: dict[str, Tensor], name: str, shape: tuple[int, ...]) -> None:
+    """Refuses a folder whose weights lack tensor `name` or hold it in another shape than `shape`."""
+    if name not in tensors:
+        raise UserError(f"{path} has no tensor {name}, which its config.json implies: the weights and the "
+                        "config do not belong together")
+    if tensors[name].shape != tuple(shape):
+        raise UserError(f"tensor {name} in {path} has shape {list(tensors[name].shape)} but its config.json "
+                        f"implies {list(shape)}: the weights and the config do not belong together")
+
+
+def weight_files(path: pathlib.Path) -> tuple[pathlib.Path, ...]:
+    """The safetensors files of the folder: those its index names, or model.safetensors."""
+    if not (path / INDEX).is_file():
+        return (path / WEIGHTS,)
+    weight_map = read_json(path / INDEX).get("weight_map")
+    if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
+        raise UserError(f"{path / INDEX} has no weight_map from tensor names to file names: {RESAVE}")
+    names = sorted(set(weight_map.values()))
+    outside = [name for name in names if name in ("", ".", "..") or pathlib.PurePath(name).name != name]
+    if outside:
+        raise UserError(f"{path / INDEX} names weight files outside the folder ({outside[0]!r:.80}): only files "
+                        f"in the folder are read; {RESAVE}")
+    return tuple(path / name for name in names)
+
+
+def read_json(file: pathlib.Path) -> dict:
+    """The JSON object in `file`; one line naming the file when it cannot be read, is not JSON, or
+    holds something other than an object."""
+    try:
+        value = json.loads(file.read_bytes())
+    except OSError as e:
+        raise UserError(f"cannot read {file} ({e.strerror or e}): check that it is a readable file") from None
+    except (ValueError, RecursionError) as e:  # not JSON, or not UTF-8; nested too deeply to parse
+        raise UserError(f"{file} is not JSON ({' '.join(str(e).split())[:120]}): {RESAVE}") from None
+    if not isinstance(value, dict):
+        kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(value),
+                                                                                                 "a number")
+        raise UserError(f"{file} holds {kind}, not a JSON object: {RESAVE}")
+    return value
+
+
+def read_header(file: pathlib.Path) -> dict[str, Tensor]:
+    """The tensors a safetensors file's header describes, every claim checked against the file's
+    size before anything is read or allocated from it."""
+    try:
+        size = file.stat().st_size
+        if size < 8:
+            raise _damaged(file, f"has {size} bytes, fewer than the 8 that give its header's length")
+        with file.open("rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            if length > size - 8:
+                raise _damaged(file, f"claims a header of {length} bytes but holds {size - 8} after the length")
+            raw = f.read(length)
+    except OSError as e:
+        raise UserError(f"cannot read {file} ({e.strerror or e}): check that it is a readable file") from None
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _damaged(file, "has a header that is not JSON") from None
+    if not isinstance(header, dict):
+        raise _damaged(file, "has a header that is not a JSON object")
+    start, tensors = 8 + length, {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and _sizes(info.get("shape"))
+                and _sizes(info.get("data_offsets")) and len(info["data_offsets"]) == 2):
+            raise _damaged(file, f"describes tensor {name!r:.80} without a dtype, a shape and two offsets")
+        begin, end = info["data_offsets"]
+        if not begin <= end <= size - start:
+            raise _damaged(file, f"puts tensor {name!r:.80} at bytes {begin} to {end} of its data, which holds "
+                                 f"{size - start} bytes")
+        item = _ITEM_BYTES.get(info["dtype"])
+        if item is not None and math.prod(info["shape"]) * item != end - begin:
+            raise _damaged(file, f"gives tensor {name!r:.80} ({info['dtype']}, shape {info['shape']}) "
+                                 f"{end - begin} bytes")
+        tensors[name] = Tensor(file, info["dtype"], tuple(info["shape"]), start + begin, start + end)
+    return tensors
+
+
+def _sizes(value) -> bool:
+    """A JSON list of non-negative integers (a shape, or offsets)."""
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+
+
+def _damaged(file: pathlib.Path, problem: str) -> UserError:
+    return UserError(f"{file} {problem}: the file is truncated or not safetensors; copy or save it again")
 
 
 def tokenizer_problem(folder: Folder, data) -> str | None:
     """Why the data's tokenizer cannot feed the folder's model, or None."""
-    import tokenizers
-
     vocab = folder.config["vocab_size"]
     ours = data.meta.get("tokenizer")
     tokenizer_file = folder.path / "tokenizer.json"
     theirs = "bpe" if tokenizer_file.is_file() else folder.mtp.get("tokenizer")
     if tokenizer_file.is_file():
-        tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_file))
+        tokenizer = read_tokenizer(tokenizer_file)
         if tokenizer.get_vocab_size() != vocab:
             return (f"the tokenizer in {folder.path} has {tokenizer.get_vocab_size()} tokens but its config.json's "
                     f"vocab_size is {vocab}: the folder's tokenizer does not belong to its model")
-        same = ours == "bpe" and tokenizers.Tokenizer.from_file(
-            str(data.directory / "tokenizer.json")).get_vocab() == tokenizer.get_vocab()
+        same = ours == "bpe" and read_tokenizer(data.directory / "tokenizer.json").get_vocab() == tokenizer.get_vocab()
         if not same:
             return (f"the tokenizer in {folder.path} differs from the data's ({ours!r}, vocabulary "
                     f"{data.vocab_size}): set --config.data.tokenizer and data.vocab_size as the model was trained")
@@ -247,11 +421,19 @@ def tokenizer_problem(folder: Folder, data) -> str | None:
     return None
 
 
+def read_tokenizer(file: pathlib.Path) -> tokenizers.Tokenizer:
+    try:
+        return tokenizers.Tokenizer.from_file(str(file))
+    except Exception as e:  # noqa: BLE001 — the tokenizers library raises plain Exceptions
+        raise UserError(f"{file} is not a tokenizer the tokenizers library reads "
+                        f"({' '.join(str(e).split())[:120]}): {RESAVE}") from None
+
+
 def configure(config):
     """A copy of config whose model shape is the init_from folder's (config.json)."""
     folder = open_folder(config.init_from)
     config = config.copy_and_resolve_references()
-    for name, value in model_fields(folder.config, str(folder.path / "config.json")).items():
+    for name, value in folder.fields.items():
         config.model[name] = value
     return config
 
@@ -264,31 +446,30 @@ def read_for_training(config, data) -> dict:
     if problem:
         raise UserError(problem)
     model = nnx.eval_shape(lambda: build_model(config, data.vocab_size, seed=0))
-    return read_params(folder, nnx.to_pure_dict(nnx.state(model, nnx.Param)), n_tokens(config),
-                       config.mtp_head_type)
+    n = len(loss_weights(config))  # one weight per token predicted
+    return read_params(folder, nnx.to_pure_dict(nnx.state(model, nnx.Param)), n, config.mtp_head_type)
 
 
 def read_params(folder: Folder, like: dict, n: int, head_type: str) -> dict:
     """The folder's parameters as numpy arrays shaped and typed like `like` (our parameter tree,
     pure dict) at the paths the folder holds: the trunk, and the heads when it holds n heads of
-    head_type. A missing tensor or a shape that differs from config.json is one clear line."""
-    shape = model_fields(folder.config, str(folder.path / "config.json"))
+    head_type. A missing tensor, a shape that differs from config.json or a value that is not
+    finite is one clear line, every name and shape checked before any tensor is read."""
     heads = folder.heads
     if heads is not None and n > 1 and heads != (n, head_type):
         raise UserError(f"{folder.path} holds n={heads[0]} {heads[1]!r} heads but the config asks for n={n} "
                         f"{head_type!r}: set --config.mtp_n_tokens={heads[0]} --config.mtp_head_type={heads[1]}")
-    tensors = folder.tensors()
+    rows = layout(folder.fields["n_layers"], folder.fields["tie_embeddings"], n, head_type, heads is not None)
+    for name, path, kind in rows:
+        check_tensor(folder.path, folder.tensors, name, hf_shape(kind, _get(like, path).shape))
     out: dict = {}
-    for name, path, kind in layout(shape["n_layers"], shape["tie_embeddings"], n, head_type, heads is not None):
+    for name, path, kind in rows:
+        value = folder.read(name)
+        if not np.isfinite(value).all():
+            raise UserError(f"tensor {name} in {folder.tensors[name].file} holds NaN or infinite values: the "
+                            "weights are damaged; import a folder saved from a model whose weights are finite")
         target = _get(like, path)
-        if name not in tensors:
-            raise UserError(f"{folder.path} has no tensor {name}, which its config.json implies: the weights "
-                            "and the config do not belong together")
-        if tensors[name].shape != hf_shape(kind, target.shape):
-            raise UserError(f"tensor {name} in {folder.path} has shape {list(tensors[name].shape)} but its "
-                            f"config.json implies {list(hf_shape(kind, target.shape))}: the weights and the "
-                            "config do not belong together")
-        _set(out, path, from_hf(tensors[name], kind, target.shape).astype(target.dtype))
+        _set(out, path, from_hf(value, kind, target.shape).astype(target.dtype))
     return out
 
 
@@ -312,26 +493,30 @@ def with_imported(params: dict, loaded: dict) -> dict:
 def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pathlib.Path | None,
                  tokenizer: str | None) -> None:
     """Writes the folder for `params` (pure dict) atomically: built beside `out`, renamed into
-    place, so a failure leaves nothing at `out`."""
+    place, so a failure leaves nothing at `out`, nor a parent folder it made. Its files get the
+    modes the user's umask gives new files. An `out` that cannot be written (under a file, in a
+    folder without write permission, on a disk without room) is one line."""
     out = pathlib.Path(out)
-    n, head_type = n_tokens(config), config.mtp_head_type
+    weights, head_type = list(loss_weights(config)), config.mtp_head_type
+    n = len(weights)  # one weight per token predicted
     tensors = {name: to_hf(np.asarray(_get(params, path), np.float32), kind)
                for name, path, kind in layout(shape.n_layers, shape.tie_embeddings, n, head_type)}
-    eos = None
-    if tokenizer == "bpe":
-        import tokenizers
-
-        from mtp_jax.data import EOT
-
-        eos = tokenizers.Tokenizer.from_file(str(data_dir / "tokenizer.json")).token_to_id(EOT)
+    eos = (tokenizers.Tokenizer.from_file(str(data_dir / "tokenizer.json")).token_to_id(EOT)
+           if tokenizer == "bpe" else None)
     mtp = {"format": FORMAT, "use_mtp": n > 1, "mtp_n_tokens": n, "mtp_head_type": head_type,
            "mtp_weight": config.mtp_weight, "mtp_loss_weights": config.mtp_loss_weights,
-           "loss_weights": list(loss_weights(config)), "tokenizer": tokenizer,
+           "loss_weights": weights, "tokenizer": tokenizer,
            "heads": [name for name, path, _ in layout(shape.n_layers, shape.tie_embeddings, n, head_type)
                      if path[0] == "heads"]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    made, tmp, done = new_folders(out.parent), None, False
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+        need, free = sum(t.nbytes for t in tensors.values()), shutil.disk_usage(tmp).free
+        if need > free:
+            raise UserError(f"cannot write {out}: its weights need {need / 2**20:.1f} MiB and the disk has "
+                            f"{free / 2**20:.1f} MiB free; free space or choose a folder on another disk "
+                            "(nothing was written)")
         safetensors.numpy.save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(llama_config(shape, config.seq_len, eos), indent=2) + "\n")
         (tmp / MTP_FILE).write_text(json.dumps(mtp, indent=2) + "\n")
@@ -341,12 +526,41 @@ def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pa
                 {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT}, indent=2) + "\n")
         elif tokenizer == "byte":
             (tmp / "TOKENIZER.md").write_text(BYTE_NOTE)
-        tmp.chmod(0o755)
+        mask = umask()  # safetensors writes its file 0600; mkdtemp makes its folder 0700
+        for file in tmp.iterdir():
+            file.chmod(0o666 & ~mask)
+        tmp.chmod(0o777 & ~mask)
         if out.exists():
             out.rmdir()  # empty (export checks): rename cannot replace a directory
         tmp.rename(out)
+        done = True
+    except (OSError, SafetensorError) as e:
+        raise UserError(f"cannot write {out}: {write_problem(out, e)} (nothing was written)") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not done:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+            remove_empty(made)
+
+
+def write_problem(out: pathlib.Path, error: Exception) -> str:
+    """Why writing `out` failed, and the fix, from the error of the write."""
+    above = next(parent for parent in out.parents if parent.exists())
+    if not above.is_dir():
+        return f"{above} is a file, not a folder; choose a path in a folder"
+    if isinstance(error, OSError):
+        reason = error.strerror or str(error)
+    else:  # safetensors reports an I/O error as 'Error while serializing: I/O error: <reason> (os error N) …'
+        found = re.search(r"I/O error: (.+?) \(os error", str(error))
+        reason = found.group(1) if found else " ".join(str(error).split())[:160]
+    return f"{reason}; choose a folder you can write to, on a disk with room for the model"
+
+
+def umask() -> int:
+    """The process's umask (read by setting it, then restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 BYTE_NOTE = """# Tokenizer: UTF-8 bytes
