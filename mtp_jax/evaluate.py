@@ -55,14 +55,14 @@ def validation_python_files(data_cfg) -> list[tuple[pathlib.Path, str]]:
     source = str(data_cfg.source)
     if source.startswith("task:"):  # generated task data (tasks.py): no files
         return []
-    resolved = data_lib._resolve_source(source)
+    resolved = data_lib.resolve_source(source)
     if resolved.kind != "files":
         return []
-    _, val = data_lib._split_documents(resolved, float(data_cfg.val_fraction), int(data_cfg.split_seed))
+    _, val = data_lib.split_documents(resolved, float(data_cfg.val_fraction), int(data_cfg.split_seed))
     files = []
     for i in np.random.default_rng(PROBE_SEED).permutation(len(val)):
         path = val[i]
-        text = data_lib._read_text(path) if path.suffix == ".py" else None
+        text = data_lib.read_text(path) if path.suffix == ".py" else None
         if text and parses(text):
             files.append((path, text))
     return files

@@ -390,7 +390,7 @@ def build_tree(model: MTPModel, config, data, size: int, ranks: int = 8) -> Tree
     from mtp_jax import data as data_lib
 
     graphdef, params = nnx.split(model, nnx.Param)
-    batches = data_lib.eval_windows(data.val, window=config.seq_len + model.n_tokens, batch_size=config.batch_size,
+    batches = data_lib.eval_windows(data.val, window_len=config.seq_len + model.n_tokens, batch_size=config.batch_size,
                                     num_batches=config.eval_batches)
     acceptance = np.mean([np.asarray(rank_acceptance(graphdef, ranks, params, b)) for b in batches], axis=0)
     return Tree.build(acceptance, size)
@@ -480,7 +480,7 @@ def benchmark(model: MTPModel, config, data, *, prompts: int, prompt_len: int, n
         rows.append(row)
 
     graphdef, params = nnx.split(model, nnx.Param)
-    batches = data_lib.eval_windows(data.val, window=config.seq_len + model.n_tokens, batch_size=config.batch_size,
+    batches = data_lib.eval_windows(data.val, window_len=config.seq_len + model.n_tokens, batch_size=config.batch_size,
                                     num_batches=config.eval_batches)
     forced = [teacher_forced_acceptance(graphdef, config.loss_chunk_size, params, b) for b in batches]
     forced = {k: float(np.mean([f[k] for f in forced])) for k in forced[0]}

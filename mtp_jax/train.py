@@ -54,7 +54,7 @@ def itstime(step: int, every: int, total: int) -> bool:
 
 def total_steps(config, data) -> int:
     if config.num_epochs > 0:
-        per_epoch = data_lib.steps_per_epoch(len(data.train), window=config.seq_len + n_tokens(config),
+        per_epoch = data_lib.steps_per_epoch(len(data.train), window_len=config.seq_len + n_tokens(config),
                                              batch_size=config.batch_size, align=data.example_len)
         return config.num_epochs * per_epoch
     return config.num_train_steps
@@ -289,7 +289,7 @@ def run(config, workdir, devices=None) -> dict:
                 f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB")
 
     # ----------------------------------------------------------------------------- Evaluation
-    eval_at = functools.partial(data_lib.eval_windows, window=window, batch_size=config.batch_size,
+    eval_at = functools.partial(data_lib.eval_windows, window_len=window, batch_size=config.batch_size,
                                 num_batches=config.eval_batches, align=data.example_len)
     eval_windows = eval_at(data.val)
     eval_masks = eval_at(data.val_mask) if is_task else [None] * len(eval_windows)
@@ -326,7 +326,7 @@ def run(config, workdir, devices=None) -> dict:
     stop, stopping = StopRequest(), False
     for step in range(start, steps):
         local_rows_at = functools.partial(
-            data_lib.local_batch, window=window, batch_size=config.batch_size, seed=config.seed, step=step,
+            data_lib.local_batch, window_len=window, batch_size=config.batch_size, seed=config.seed, step=step,
             process_index=jax.process_index(), process_count=jax.process_count(), num_epochs=config.num_epochs,
             align=data.example_len)
         state, metrics = step_fn(state, *to_batch(local_rows_at, data.train, data.train_mask))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mtp_jax import data
+from mtp_jax.data import cache
 from mtp_jax.errors import UserError
 
 
@@ -100,11 +101,14 @@ def test_jsonl_lines_are_documents(tmp_path):
     assert len(d.train) + len(d.val) == sum(len(t) for t in docs)
 
 
-def test_stdlib_byte_corpus_prepares_in_seconds(tmp_path):
-    d = prepare(make_cfg(tmp_path, "stdlib", val_fraction=0.02))
-    assert d.meta["n_train_tokens"] > 10_000_000
-    assert d.meta["n_val_docs"] >= 20
-    assert d.meta["val_bytes"] == d.meta["n_val_tokens"] == len(d.val)
+def test_stdlib_source_is_every_py_file_outside_site_packages_in_path_order():
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    source = data.resolve_source("stdlib")
+    installed = {p for p in stdlib.glob("*-packages/**/*.py")}
+    assert set(source.paths) == {p for p in stdlib.rglob("*.py") if p.is_file()} - installed
+    assert len(source.paths) > 500 and stdlib / "json" / "decoder.py" in source.paths
+    relative = [p.relative_to(stdlib).as_posix() for p in source.paths]
+    assert relative == sorted(relative)
 
 
 def test_one_stdlib_package_is_a_small_corpus_of_exactly_its_files(tmp_path):
@@ -112,6 +116,7 @@ def test_one_stdlib_package_is_a_small_corpus_of_exactly_its_files(tmp_path):
     size = sum(len(p.read_bytes()) for p in root.rglob("*.py"))
     d = prepare(make_cfg(tmp_path, "stdlib/json"))
     assert len(d.train) + len(d.val) == size  # bytes: every file of the package, nothing else
+    assert d.meta["val_bytes"] == d.meta["n_val_tokens"] == len(d.val)
     with pytest.raises(UserError, match="no package 'nonexistent'.*e.g. stdlib/email"):
         prepare(make_cfg(tmp_path, "stdlib/nonexistent"))
 
@@ -158,7 +163,7 @@ def test_cache_is_reused_without_rebuilding(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path, corpus)
     first = prepare(cfg)
     builds = []
-    monkeypatch.setattr(data, "_build_from_text", lambda *a: builds.append(a))
+    monkeypatch.setattr(cache, "_build_from_text", lambda *a: builds.append(a))
     second = prepare(cfg)
     assert builds == []
     assert second.directory == first.directory
@@ -224,9 +229,9 @@ def test_build_that_loses_the_publish_race_uses_the_winners_cache(tmp_path, monk
     real_exists = pathlib.Path.exists
     monkeypatch.setattr(pathlib.Path, "exists",
                         lambda self: False if self == winner.directory else real_exists(self))
-    data._publish(loser_build, winner.directory)  # the rename fails: the winner's cache is in place
+    cache.publish(loser_build, winner.directory)  # the rename fails: the winner's cache is in place
     monkeypatch.undo()
-    assert data._cache_problem(winner.directory) is None
+    assert cache.cache_problem(winner.directory) is None
     assert np.array_equal(prepare(make_cfg(tmp_path, corpus)).train, winner.train)
 
 
@@ -238,7 +243,7 @@ def test_failed_build_leaves_no_cache_and_source_untouched(tmp_path, monkeypatch
     def explode(*args):
         raise KeyboardInterrupt  # stands in for a crash mid-build
 
-    monkeypatch.setattr(data, "_write_split", explode)
+    monkeypatch.setattr(cache, "_write_split", explode)
     with pytest.raises(KeyboardInterrupt):
         prepare(make_cfg(tmp_path, corpus))
     assert list((tmp_path / "cache").iterdir()) == []
@@ -275,12 +280,12 @@ def test_token_file_vocab_size_read_from_meta_json(tmp_path):
 
 def test_local_batch_is_a_function_of_seed_and_step():
     tokens = np.arange(10_000, dtype=np.uint16)
-    kw = dict(window=9, batch_size=8, seed=3)
+    kw = dict(window_len=9, batch_size=8, seed=3)
     a = data.local_batch(tokens, step=5, **kw)
     assert a.shape == (8, 9) and a.dtype == np.int32
     assert np.array_equal(a, data.local_batch(tokens, step=5, **kw))
     assert not np.array_equal(a, data.local_batch(tokens, step=6, **kw))
-    assert not np.array_equal(a, data.local_batch(tokens, step=5, window=9, batch_size=8, seed=4))
+    assert not np.array_equal(a, data.local_batch(tokens, step=5, window_len=9, batch_size=8, seed=4))
     starts = data.global_batch_starts(len(tokens), step=5, **kw)
     for row, start in zip(a, starts):
         assert np.array_equal(row, tokens[start : start + 9])
@@ -291,7 +296,7 @@ def test_local_batch_is_a_function_of_seed_and_step():
 @pytest.mark.parametrize("num_epochs", [0, 2])
 def test_two_processes_together_see_the_one_process_batch(num_epochs):
     tokens = np.arange(5000, dtype=np.uint32)
-    kw = dict(window=17, batch_size=8, seed=1, step=7, num_epochs=num_epochs)
+    kw = dict(window_len=17, batch_size=8, seed=1, step=7, num_epochs=num_epochs)
     whole = data.local_batch(tokens, **kw)
     halves = [data.local_batch(tokens, process_index=p, process_count=2, **kw) for p in range(2)]
     assert halves[0].shape == (4, 17)
@@ -301,9 +306,9 @@ def test_two_processes_together_see_the_one_process_batch(num_epochs):
 def test_epoch_mode_visits_every_window_once_per_epoch():
     n_tokens, window, batch_size = 1000, 10, 7
     n_windows = data.num_windows(n_tokens, window)
-    per_epoch = data.steps_per_epoch(n_tokens, window=window, batch_size=batch_size)
+    per_epoch = data.steps_per_epoch(n_tokens, window_len=window, batch_size=batch_size)
     assert (n_windows, per_epoch) == (100, 14)
-    kw = dict(window=window, batch_size=batch_size, seed=0, num_epochs=2)
+    kw = dict(window_len=window, batch_size=batch_size, seed=0, num_epochs=2)
     epochs = [
         np.concatenate([data.global_batch_starts(n_tokens, step=s, **kw) for s in range(e * per_epoch, (e + 1) * per_epoch)])
         for e in range(2)
@@ -316,9 +321,9 @@ def test_epoch_mode_visits_every_window_once_per_epoch():
 
 def test_eval_windows_are_fixed_and_evenly_spaced():
     val = np.arange(1000, dtype=np.uint16)
-    w = data.eval_windows(val, window=10, batch_size=4, num_batches=3)
+    w = data.eval_windows(val, window_len=10, batch_size=4, num_batches=3)
     assert w.shape == (3, 4, 10) and w.dtype == np.int32
-    assert np.array_equal(w, data.eval_windows(val, window=10, batch_size=4, num_batches=3))
+    assert np.array_equal(w, data.eval_windows(val, window_len=10, batch_size=4, num_batches=3))
     starts = w[:, :, 0].ravel()
     assert starts[0] == 0 and starts[-1] == 990
     assert np.all(np.abs(np.diff(starts) - 90) <= 1)
@@ -386,21 +391,21 @@ def test_bad_input_raises_user_error_naming_the_problem(tmp_path, source_kind, o
 def test_corpus_shorter_than_a_window_fails_check_fits(tmp_path):
     (tmp_path / "a.txt").write_text("x" * 100)
     d = prepare(make_cfg(tmp_path, tmp_path / "a.txt", val_fraction=0.1))
-    data.check_fits(d, window=10)
+    data.check_fits(d, window_len=10)
     with pytest.raises(UserError, match="validation split has 10 tokens, fewer than one window of 11"):
-        data.check_fits(d, window=11)
+        data.check_fits(d, window_len=11)
     with pytest.raises(UserError, match="train split has 90 tokens.*smaller seq_len"):
-        data.check_fits(d, window=91)
+        data.check_fits(d, window_len=91)
 
 
 def test_batch_errors_name_the_problem():
     tokens = np.arange(100, dtype=np.uint16)
     with pytest.raises(UserError, match="batch_size=6 is not divisible by process_count=4"):
-        data.local_batch(tokens, window=10, batch_size=6, seed=0, step=0, process_count=4)
+        data.local_batch(tokens, window_len=10, batch_size=6, seed=0, step=0, process_count=4)
     with pytest.raises(UserError, match="10 windows of 10 tokens, fewer than batch_size=16"):
-        data.local_batch(tokens, window=10, batch_size=16, seed=0, step=0, num_epochs=1)
+        data.local_batch(tokens, window_len=10, batch_size=16, seed=0, step=0, num_epochs=1)
     with pytest.raises(UserError, match="train split has 100 tokens"):
-        data.local_batch(tokens, window=101, batch_size=2, seed=0, step=0)
+        data.local_batch(tokens, window_len=101, batch_size=2, seed=0, step=0)
 
 
 def test_token_file_dataset_has_no_tokenizer(tmp_path):

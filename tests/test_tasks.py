@@ -180,14 +180,14 @@ def test_task_cache_holds_tokens_and_masks_keyed_by_the_task_parameters(tmp_path
 
 
 def test_aligned_batch_starts_are_multiples_of_the_example_length():
-    kw = dict(window=20, batch_size=64, seed=3, step=5)
+    kw = dict(window_len=20, batch_size=64, seed=3, step=5)
     plain = data.global_batch_starts(1000, **kw)
     expected = np.random.default_rng([3, 5]).integers(0, 980, size=64, endpoint=True)
     assert np.array_equal(plain, expected)  # align=1 is the text sampler, unchanged
     aligned = data.global_batch_starts(1000, align=16, **kw)
     assert np.all(aligned % 16 == 0) and aligned.max() <= 980 and len(set(aligned)) > 20
     # Epoch mode: windows of 2 problems + 4 lookahead tokens; each problem is an input once.
-    starts = np.concatenate([data.global_batch_starts(16 * 40 + 4, window=36, batch_size=4, seed=0, step=s,
+    starts = np.concatenate([data.global_batch_starts(16 * 40 + 4, window_len=36, batch_size=4, seed=0, step=s,
                                                       num_epochs=1, align=16) for s in range(5)])
     assert sorted(starts.tolist()) == list(range(0, 16 * 40, 32))
 

@@ -1,0 +1,244 @@
+"""What a `data.source` names, and the settings that go with it.
+
+A source is the Python standard library (or one package of it), a directory, a glob, a text
+file, a JSONL file with a 'text' field per line, a file of token ids, or a synthetic task of
+mtp_jax.tasks. `resolve_source` turns the string into a `Source`; `check_settings` validates
+the rest of the data config against it; `split_documents` yields the train and validation
+documents of a text source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob as globlib
+import json
+import os
+import pathlib
+import re
+import sysconfig
+from typing import Any
+
+import numpy as np
+
+from mtp_jax import tasks
+from mtp_jax.data.tokenizer import BPE_MIN_VOCAB, BYTE_VOCAB, EOT
+from mtp_jax.errors import UserError
+
+TOKEN_DTYPES = {"uint16": "<u2", "uint32": "<u4"}
+
+Document = pathlib.Path | str  # a file to read, or text already in memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    kind: str  # 'files' | 'jsonl' | 'text' | 'bin' | 'task'
+    name: str  # human part of the cache directory name
+    description: str
+    paths: tuple[pathlib.Path, ...]  # 'files': the corpus files in split order; else the one file
+    fingerprint: tuple  # cheap identity of the contents: (path, size, mtime_ns) per file
+
+
+def resolve_source(source: str) -> Source:
+    name = tasks.task_name(source)
+    if name is not None:
+        return Source("task", f"task-{name}", source, (), ())
+    if source == "stdlib" or source.startswith("stdlib/"):
+        # 'stdlib/email': one package of it, a small fixed corpus every Python has (for many epochs).
+        stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+        root = stdlib / source.removeprefix("stdlib").strip("/")
+        if not root.is_dir():
+            raise UserError(f"data.source={source!r}: the standard library has no package {root.name!r} "
+                            f"(in {stdlib}): name one of its directories, e.g. stdlib/email")
+        files = [
+            p
+            for p in root.rglob("*.py")
+            if p.is_file() and not {"site-packages", "dist-packages"} & set(p.relative_to(stdlib).parts)
+        ]
+        return _files_source(source.replace("/", "-"), f"stdlib:{root}", root, files)
+    path = pathlib.Path(source).expanduser()
+    if path.is_dir():
+        files = [
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        ]
+        if not files:
+            raise UserError(f"data.source={source!r} contains no files: pass a directory with text files")
+        return _files_source(path.name, f"directory:{path.resolve()}", path, files)
+    if path.is_file():
+        kind = {".bin": "bin", ".jsonl": "jsonl"}.get(path.suffix, "text")
+        stat = path.stat()
+        return Source(
+            kind, path.stem, f"{kind}:{path.resolve()}", (path,),
+            ((str(path.resolve()), stat.st_size, stat.st_mtime_ns),),
+        )
+    if globlib.has_magic(source):
+        files = [pathlib.Path(p) for p in globlib.glob(os.path.expanduser(source), recursive=True)]
+        files = [p for p in files if p.is_file()]
+        if not files:
+            raise UserError(f"data.source={source!r} matches no files: fix the glob pattern")
+        return _files_source("glob", f"glob:{source}", pathlib.Path("/"), [p.resolve() for p in files])
+    if path.is_symlink():
+        raise UserError(f"data.source={source!r} is a broken symlink or a symlink loop: point it at the data")
+    raise UserError(
+        f"data.source={source!r} does not exist: pass an existing directory, file, glob, 'stdlib' or 'stdlib/PACKAGE'"
+    )
+
+
+def _files_source(name: str, description: str, root: pathlib.Path, files: list) -> Source:
+    # Sorted by path relative to the root, so the split is the same on every machine.
+    files = sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    fingerprint = tuple(
+        (p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns)
+        for p, st in ((p, p.stat()) for p in files)
+    )
+    return Source("files", _safe_name(name), description, tuple(files), fingerprint)
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "data"
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------------------------
+
+
+def check_settings(cfg: Any, source: Source) -> dict:
+    """The validated settings that, with the source, determine the cache contents."""
+    val_fraction = float(cfg.val_fraction)
+    if not 0 < val_fraction < 1:
+        raise UserError(f"data.val_fraction={val_fraction} must be in (0, 1): use e.g. 0.02")
+    settings = dict(val_fraction=val_fraction, split_seed=int(cfg.split_seed))
+    vocab_size = int(cfg.vocab_size)
+    if source.kind == "task":
+        return dict(settings, **_task_settings(cfg, vocab_size))
+    if source.kind == "bin":
+        dtype = str(cfg.token_dtype)
+        if dtype not in TOKEN_DTYPES:
+            raise UserError(f"data.token_dtype={dtype!r} is not supported: use 'uint32' or 'uint16'")
+        vocab_size = _token_file_vocab(source.paths[0], vocab_size, dtype)
+        return dict(settings, tokenizer=None, vocab_size=vocab_size, token_dtype=dtype)
+    tokenizer = str(cfg.tokenizer)
+    if tokenizer == "byte":
+        if vocab_size not in (0, BYTE_VOCAB):
+            raise UserError(
+                f"data.vocab_size={vocab_size} is invalid for tokenizer='byte': use 256 (or 0 for auto)"
+            )
+        vocab_size = BYTE_VOCAB
+    elif tokenizer == "bpe":
+        if vocab_size < BPE_MIN_VOCAB:
+            raise UserError(
+                f"data.vocab_size={vocab_size} is invalid for tokenizer='bpe': use at least "
+                f"{BPE_MIN_VOCAB} (256 bytes + {EOT}), e.g. 8192"
+            )
+    else:
+        raise UserError(f"data.tokenizer={tokenizer!r} is not supported: use 'byte' or 'bpe'")
+    return dict(settings, tokenizer=tokenizer, vocab_size=vocab_size)
+
+
+def _token_file_vocab(path: pathlib.Path, vocab_size: int, dtype: str) -> int:
+    """vocab_size for a token file: the given one or meta.json's, which must not contradict."""
+    meta_path = path.parent / "meta.json"
+    meta = _read_token_meta(meta_path) if meta_path.is_file() else {}
+    if "dtype" in meta and meta["dtype"] != dtype:
+        raise UserError(
+            f"{meta_path} says dtype={meta['dtype']!r} but data.token_dtype={dtype!r}: "
+            "set data.token_dtype to match the token file"
+        )
+    if vocab_size and "vocab_size" in meta and meta["vocab_size"] != vocab_size:
+        raise UserError(
+            f"{meta_path} says vocab_size={meta['vocab_size']} but data.vocab_size={vocab_size}: "
+            "set data.vocab_size to match (or 0 to read it from meta.json)"
+        )
+    vocab_size = vocab_size or meta.get("vocab_size", 0)
+    if vocab_size <= 0:
+        raise UserError(
+            f"data.vocab_size=0 and no vocab_size in {meta_path} for token file {path}: "
+            "set data.vocab_size"
+        )
+    return int(vocab_size)
+
+
+def _read_token_meta(meta_path: pathlib.Path) -> dict:
+    """meta.json beside a token file: a JSON object whose vocab_size, if any, is an integer."""
+    try:
+        meta = json.loads(meta_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{meta_path} is not valid JSON ({e}): fix or delete it and set data.vocab_size") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size", 0), int):
+        raise UserError(f"{meta_path} must be a JSON object with an integer vocab_size: fix or delete it "
+                        "and set data.vocab_size")
+    return meta
+
+
+def _task_settings(cfg: Any, vocab_size: int) -> dict:
+    """What determines a task's cache: every task parameter but teacherless (an input transform)."""
+    if str(cfg.tokenizer) != "byte" or vocab_size not in (0, BYTE_VOCAB):
+        raise UserError(f"data.source={cfg.source!r} is byte text: set data.tokenizer='byte' and "
+                        f"data.vocab_size=256 (got {cfg.tokenizer!r}, {vocab_size})")
+    task = tasks.from_config(cfg)
+    return dict(tokenizer="byte", vocab_size=BYTE_VOCAB, task=task.name, **task.params,
+                num_train=int(cfg.task.num_train), seed=int(cfg.task.seed),
+                eval_problems=int(cfg.task.eval_problems),
+                example_len=tasks.example_len(task, int(cfg.task.example_len)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Documents of a text source
+# ---------------------------------------------------------------------------------------------
+
+
+def split_documents(source: Source, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Train and validation documents; by document, or by position for a single stream."""
+    docs: list[Document]
+    if source.kind == "files":
+        docs = list(source.paths)
+    elif source.kind == "jsonl":
+        docs = _read_jsonl(source.paths[0])
+    else:
+        docs = [source.paths[0]]
+    if len(docs) == 1:
+        text = read_text(docs[0])
+        if not text:
+            raise UserError(f"data.source {source.description} holds no UTF-8 text: pass a text file")
+        cut = len(text) - val_count(len(text), val_fraction)
+        return [text[:cut]], [text[cut:]]
+    n_val = min(len(docs) - 1, val_count(len(docs), val_fraction))
+    is_val = np.zeros(len(docs), bool)
+    is_val[np.random.default_rng(seed).permutation(len(docs))[:n_val]] = True
+    return [d for d, v in zip(docs, is_val) if not v], [d for d, v in zip(docs, is_val) if v]
+
+
+def val_count(n: int, val_fraction: float) -> int:
+    """Validation share of n items: at least one, so validation is never empty."""
+    return min(n, max(1, round(n * val_fraction)))
+
+
+def _read_jsonl(path: pathlib.Path) -> list[str]:
+    docs = []
+    with path.open(encoding="utf-8", errors="strict") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(
+                    f"{path}:{line_no} is not a JSON object with a 'text' field ({e!r}): fix that line"
+                ) from None
+            docs.append(str(text))
+    if not docs:
+        raise UserError(f"{path} has no documents: pass a JSONL file with one {{'text': ...}} per line")
+    return docs
+
+
+def read_text(doc: Document) -> str | None:
+    """The document's text, or None for a file that is not UTF-8."""
+    if isinstance(doc, str):
+        return doc
+    try:
+        # Bytes as they are: read_text would turn '\r\n' and '\r' into '\n'.
+        return doc.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return None

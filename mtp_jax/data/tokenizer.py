@@ -1,0 +1,98 @@
+"""Tokenizers: UTF-8 bytes, or a byte-level BPE trained on the training documents.
+
+A prepared cache records which one made its tokens (meta.json, plus tokenizer.json for BPE);
+`load_tokenizer` rebuilds it from there, so decoding never needs the corpus.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Iterable
+from typing import Protocol
+
+import numpy as np
+import tokenizers
+
+from mtp_jax.errors import UserError
+
+EOT = "<|endoftext|>"
+BYTE_VOCAB = 256
+BPE_MIN_VOCAB = BYTE_VOCAB + 1  # the byte alphabet plus <|endoftext|>
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int]) -> str: ...
+
+
+class ByteTokenizer:
+    vocab_size = BYTE_VOCAB
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+class BpeTokenizer:
+    def __init__(self, tokenizer: tokenizers.Tokenizer, vocab_size: int):
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text).ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        # Keep <|endoftext|> visible: it marks where one sampled document ends.
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+    """The tokenizer that produced the token files in `directory` (a prepared cache)."""
+    directory = pathlib.Path(directory)
+    meta_path = directory / "meta.json"
+    if not meta_path.is_file():
+        raise UserError(f"{meta_path} does not exist: pass a directory made by data.prepare")
+    meta = json.loads(meta_path.read_text())
+    if meta["tokenizer"] == "byte":
+        return ByteTokenizer()
+    if meta["tokenizer"] == "bpe":
+        return BpeTokenizer(
+            tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")), meta["vocab_size"]
+        )
+    raise UserError(
+        f"{directory} was prepared from the token file {meta['source']}: there is no tokenizer "
+        "for a token-file dataset; prepare from text to encode or decode"
+    )
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool, length: int) -> tokenizers.Tokenizer:
+    """A byte-level BPE with <|endoftext|> as its one special token, trained on `texts`
+    (`length` of them, for the progress bar)."""
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=show_progress,
+    )
+    bpe.train_from_iterator(texts, trainer, length=length)
+    return bpe
+
+
+def encode_bpe(bpe: tokenizers.Tokenizer, eot: int, texts: list[str]) -> list[np.ndarray]:
+    # Each document ends with <|endoftext|> so windows can tell where documents meet.
+    return [np.array(e.ids + [eot]) for e in bpe.encode_batch_fast(texts)]
+
+
+def encode_bytes(texts: list[str]) -> list[np.ndarray]:
+    # 256 ids are all bytes: there is no spare id for a separator, so documents just abut.
+    return [np.frombuffer(t.encode("utf-8"), np.uint8) for t in texts]
