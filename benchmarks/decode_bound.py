@@ -30,7 +30,8 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from mtp_jax import generate  # noqa: E402
+from mtp_jax import generate, workdir  # noqa: E402
+from mtp_jax.acceptance import build_tree  # noqa: E402
 from mtp_jax.machine import cpu_model  # noqa: E402
 from mtp_jax.mtp import MTPModel  # noqa: E402
 
@@ -69,17 +70,18 @@ def main(argv: list[str]) -> None:
     p.add_argument("--prompt_len", type=int, default=128)
     args = p.parse_args(argv)
 
-    model, config, data = generate.load(args.workdir)
+    trained = workdir.load(args.workdir)
+    model, config, val = trained.model, trained.config, trained.data().val
     capacity = config.seq_len
     shape = model.decoder.shape
     block_params = sum(x.size for x in jax.tree.leaves(nnx.state(model.decoder.blocks)))
     step_bytes = {"weights": 4 * (block_params + shape.d_model * shape.vocab_size),
                   "kv_cache": 4 * 2 * shape.n_layers * capacity * shape.d_model}
 
-    trees = {"chain": None} | {f"tree{k}": generate.build_tree(model, config, data, k) for k in (8, 16, 32, 64)}
+    trees = {"chain": None} | {f"tree{k}": build_tree(model, config, val, k) for k in (8, 16, 32, 64)}
     generators = {"float32": generate.Generator(model, capacity),
                   "bfloat16": generate.Generator(with_dtype(model, "bfloat16"), capacity)}
-    prompt = np.asarray(data.val[:args.prompt_len]).astype(int).tolist()
+    prompt = np.asarray(val[:args.prompt_len]).astype(int).tolist()
     short = 16
 
     def run(name: str, new: int):
@@ -109,7 +111,7 @@ def main(argv: list[str]) -> None:
         "per_pass_ms": {name: marginal[name] for name in trees},
         "tokens_per_pass": {name: (args.new_tokens - short) / (passes[name, args.new_tokens] - passes[name, short])
                             for name in trees},
-        "pass_tokens": {name: (trees[name].size if trees[name] else model.n_tokens) for name in trees},
+        "pass_tokens": {name: (trees[name].size if trees[name] else model.n_predict) for name in trees},
         "bfloat16_same_greedy_tokens":
             run("bfloat16", args.new_tokens).tokens == run("float32", args.new_tokens).tokens,
     }

@@ -75,9 +75,9 @@ def decoding_runner(workdir: str, speculative: bool):
 
     from mtp_jax import generate
 
-    model, config, data = generate.load(workdir)
-    generator = generate.Generator(model, config.seq_len)
-    prompt = np.asarray(data.val[:128]).astype(int).tolist()
+    trained = workdir_lib.load(workdir)
+    generator = generate.Generator(trained.model, trained.config.seq_len)
+    prompt = np.asarray(trained.data().val[:128]).astype(int).tolist()
     run = (lambda: generator.speculative(prompt, 128)) if speculative else (lambda: generator.generate(prompt, 128))
     run()
     begin = time.perf_counter()

@@ -142,10 +142,10 @@ class MTPModel(nn.Module):
 def from_config(config, vocab_size: int) -> MTPModel:
     """A model shaped like mtp_jax's build_model(config, vocab_size), parameters uninitialised."""
     from mtp_jax.model import ModelShape
-    from mtp_jax.mtp import loss_weights, n_tokens
+    from mtp_jax.mtp import loss_weights, n_predict
 
     shape = ModelShape.from_config(config.model, vocab_size)
-    return MTPModel(shape, n_tokens(config), config.mtp_head_type, loss_weights(config))
+    return MTPModel(shape, n_predict(config), config.mtp_head_type, loss_weights(config))
 
 
 def load_jax_params(model: MTPModel, params: dict) -> None:

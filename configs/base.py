@@ -5,37 +5,63 @@ can be overridden with `--config.FIELD=VALUE` (e.g. `--config.model.d_model=512`
 field is an error. The other files in configs/ start from this one and turn MTP on or off.
 """
 
+from typing import NamedTuple
+
 import ml_collections
 
-# name: (d_model, n_layers, n_heads, mlp_dim, seq_len, batch_size, num_train_steps, learning_rate,
-#        tokenizer, vocab_size, tie_embeddings)
+
+class Preset(NamedTuple):
+    """A size preset: the model's shape and how long and how fast it trains."""
+
+    d_model: int
+    n_layers: int
+    n_heads: int
+    mlp_dim: int
+    seq_len: int
+    batch_size: int
+    num_train_steps: int
+    learning_rate: float
+    tokenizer: str = "byte"
+    vocab_size: int = 256
+    tie_embeddings: bool = False
+
+
+GPT2_BPE = dict(tokenizer="bpe", vocab_size=50_304, tie_embeddings=True)  # GPT-2's vocabulary, padded to 64
+
 PRESETS = {
     # Seconds per run: for tests and smoke checks.
-    "tiny": (64, 2, 4, 128, 32, 8, 40, 3e-3, "byte", 256, False),
-    # ~3.5 M parameters on bytes: experiments that need settings x seeds on 2 CPU cores (issue 15).
-    "micro": (256, 4, 4, 768, 256, 16, 300, 2e-3, "byte", 256, False),
+    "tiny": Preset(d_model=64, n_layers=2, n_heads=4, mlp_dim=128, seq_len=32, batch_size=8, num_train_steps=40,
+                   learning_rate=3e-3),
+    # ~3.5 M parameters on bytes: experiments that need settings x seeds on 2 CPU cores.
+    "micro": Preset(d_model=256, n_layers=4, n_heads=4, mlp_dim=768, seq_len=256, batch_size=16,
+                    num_train_steps=300, learning_rate=2e-3),
     # ~10 M parameters on bytes; the default: trains in about ten minutes on 2 CPU cores.
-    "nano": (384, 6, 6, 1024, 256, 16, 300, 1e-3, "byte", 256, False),
-    # GPT-2 small's shape, the seed's TrainConfig::nano_125m().
-    "nano_125m": (768, 12, 12, 2048, 1024, 32, 20_000, 6e-4, "bpe", 50_304, True),
-    "350m": (1024, 24, 16, 2816, 1024, 64, 50_000, 3e-4, "bpe", 50_304, True),
-    "1b": (2048, 22, 16, 5632, 2048, 128, 100_000, 2e-4, "bpe", 50_304, True),
+    "nano": Preset(d_model=384, n_layers=6, n_heads=6, mlp_dim=1024, seq_len=256, batch_size=16,
+                   num_train_steps=300, learning_rate=1e-3),
+    # GPT-2 small's shape.
+    "nano_125m": Preset(d_model=768, n_layers=12, n_heads=12, mlp_dim=2048, seq_len=1024, batch_size=32,
+                        num_train_steps=20_000, learning_rate=6e-4, **GPT2_BPE),
+    "350m": Preset(d_model=1024, n_layers=24, n_heads=16, mlp_dim=2816, seq_len=1024, batch_size=64,
+                   num_train_steps=50_000, learning_rate=3e-4, **GPT2_BPE),
+    "1b": Preset(d_model=2048, n_layers=22, n_heads=16, mlp_dim=5632, seq_len=2048, batch_size=128,
+                 num_train_steps=100_000, learning_rate=2e-4, **GPT2_BPE),
 }
 
 
 def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     if arg not in PRESETS:
         raise ValueError(f"unknown preset {arg!r}: choose one of {', '.join(PRESETS)}")
-    d, layers, heads, mlp, seq_len, batch, steps, lr, tokenizer, vocab, tie = PRESETS[arg]
+    p = PRESETS[arg]
+    steps, vocab = p.num_train_steps, p.vocab_size
     c = ml_collections.ConfigDict()
     c.preset = arg                  # which size preset this config came from (informational)
 
-    # Multi-Token Prediction (DESIGN.md §4).
+    # Multi-Token Prediction (mtp_jax/mtp.py).
     c.use_mtp = False               # False: plain next-token prediction (exactly the baseline)
     c.mtp_n_tokens = 1              # n: heads predict tokens t+1 … t+n
     c.mtp_weight = 0.2              # scale of the auxiliary heads' losses in the total
     c.mtp_loss_weights = "geometric"  # w_k: 'geometric' (0.5**(k-1)), 'uniform', 'mean', or "w2,w3,…"
-    c.mtp_head_type = "linear"      # 'linear' (seed), 'parallel' (Meta), 'sequential' (DeepSeek-V3)
+    c.mtp_head_type = "linear"      # 'linear' (a Dense per head), 'parallel' (Meta), 'sequential' (DeepSeek-V3)
     # Schedules, functions of the step (mtp_jax/schedules.py): mtp_weight moves to mtp_weight_final.
     c.mtp_weight_schedule = "constant"  # 'constant', 'stepped' (jump at the switch), 'linear' or 'cosine' (from it)
     c.mtp_weight_final = 0.1        # mtp_weight after the schedule (DeepSeek-V3: 0.3 -> 0.1)
@@ -47,11 +73,11 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.loss_chunk_size = 256 if vocab > 4096 else 0
 
     # Optimisation.
-    c.seq_len = seq_len             # T: input positions per example (windows hold T + n tokens)
-    c.batch_size = batch            # global batch, in sequences, over all processes and devices
+    c.seq_len = p.seq_len             # T: input positions per example (windows hold T + n tokens)
+    c.batch_size = p.batch_size            # global batch, in sequences, over all processes and devices
     c.num_train_steps = steps       # total optimizer steps (ignored when num_epochs > 0)
     c.num_epochs = 0                # > 0: walk all training windows this many times instead
-    c.learning_rate = lr            # peak learning rate of AdamW
+    c.learning_rate = p.learning_rate            # peak learning rate of AdamW
     c.warmup_steps = max(steps // 20, 10)  # linear warm-up, then cosine decay to 10 % of the peak
     c.weight_decay = 0.1            # AdamW decoupled decay (not on norms or embeddings)
     c.grad_clip = 1.0               # global gradient-norm clip (0 disables)
@@ -60,7 +86,7 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.seed = 0                      # parameter init and batch order
     c.nan_policy = "stop"           # on a non-finite loss: 'stop', or 'skip' the update and count it
     # Starting from another model (README "Heads for an existing model").
-    c.train = "all"                 # what the optimizer updates: 'all', or 'heads' (heads 2 … n; the rest frozen)
+    c.trainable = "all"             # what the optimizer updates: 'all', or 'heads' (heads 2 … n; the rest frozen)
     c.init_from = ""                # a Hugging Face Llama folder to start from ('': random init; a resume ignores it)
 
     # Logging, evaluation, checkpoints.
@@ -76,16 +102,16 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     # eval_batches does); parse_rate_prompts costs prompts x parse_rate_tokens decoding steps.
     c.induction_batches = 0 if arg == "tiny" else 2  # batches of renamed code: eval/induction_accuracy
     c.parse_rate_prompts = 0 if arg == "tiny" else 16  # sampled continuations: eval/parse_rate
-    c.parse_rate_tokens = seq_len // 2  # tokens sampled per prompt; the prompt is the other seq_len - this
+    c.parse_rate_tokens = p.seq_len // 2  # tokens sampled per prompt; the prompt is the other seq_len - this
 
-    # Model (DESIGN.md §3).
+    # Model (mtp_jax/model.py).
     c.model = ml_collections.ConfigDict()
-    c.model.d_model = d             # residual stream width
-    c.model.n_layers = layers       # transformer blocks
-    c.model.n_heads = heads         # attention heads (d_model must divide by it)
+    c.model.d_model = p.d_model             # residual stream width
+    c.model.n_layers = p.n_layers       # transformer blocks
+    c.model.n_heads = p.n_heads         # attention heads (d_model must divide by it)
     c.model.n_kv_heads = 0          # key/value heads, grouped-query attention (0: n_heads; must divide it)
-    c.model.mlp_dim = mlp           # hidden width of the gated MLP
-    c.model.tie_embeddings = tie    # unembedding = embedding transposed
+    c.model.mlp_dim = p.mlp_dim           # hidden width of the gated MLP
+    c.model.tie_embeddings = p.tie_embeddings    # unembedding = embedding transposed
     c.model.dtype = "float32"       # compute dtype: 'float32' or 'bfloat16'
     c.model.param_dtype = "float32"  # parameter (and optimizer state) dtype
     c.model.rope_theta = 10_000.0   # RoPE base period
@@ -94,15 +120,19 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.model.attention_block_size = 512  # queries and keys per block of 'blockwise' attention
     c.model.scan_layers = False     # trunk blocks as one scan over stacked parameters: faster compiles
 
-    # Data (DESIGN.md §5).
+    # Data (mtp_jax/data/).
     c.data = ml_collections.ConfigDict()
     c.data.source = "stdlib"        # 'stdlib' ('stdlib/email': one package), a directory, glob, text file, .jsonl, .bin
-    c.data.tokenizer = tokenizer    # 'byte' (vocab 256) or 'bpe' (trained on the training split)
+    c.data.tokenizer = p.tokenizer    # 'byte' (vocab 256) or 'bpe' (trained on the training split)
     c.data.vocab_size = vocab       # BPE vocabulary size; for a .bin, its vocab (0: read meta.json)
-    c.data.token_dtype = "uint32"   # dtype of a .bin source: 'uint32' (as the seed writes) or 'uint16'
+    c.data.token_dtype = "uint32"   # dtype of a .bin source: 'uint32' or 'uint16'
     c.data.val_fraction = 0.02      # share of files (or of a single stream's tail) held out
     c.data.split_seed = 0           # which files are held out (fixed across training seeds)
     c.data.cache_dir = "~/.cache/mtp_jax"  # where tokenized corpora are kept and reused
+    # Token shards (llm.c format: data.source='DIR/train_*.bin') and document boundaries (docs/data.md).
+    c.data.val_source = ""          # the validation shards (a glob or a .bin), required for a glob of shards
+    c.data.eot_id = -1              # id ending each document (GPT-2: 50256); -1: the data's own (BPE, prepare)
+    c.data.document_mask = False    # head k's targets past an end-of-text token leave its loss and accuracy
     # Synthetic tasks (data.source='task:polyarith' or 'task:pathstar'; mtp_jax/tasks.py, README "Tasks").
     c.data.task = ml_collections.ConfigDict()
     c.data.task.num_train = 100_000   # training problems generated (val: val_fraction as many, held out)
@@ -116,7 +146,7 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.data.task.num_labels = 50       # pathstar: node labels 0 … N-1, fixed width (N >= 1 + d*l)
     c.data.task.teacherless = False   # pathstar: answer inputs hidden as '$' (Bachmann & Nagarajan's baseline)
 
-    # Device mesh (DESIGN.md §3): sizes of ('data', 'fsdp', 'tensor'); -1 fills the rest. The batch
+    # Device mesh (mtp_jax/sharding.py): sizes of ('data', 'fsdp', 'tensor'); -1 fills the rest. The batch
     # splits over data x fsdp; parameters follow sharding.LOGICAL_RULES (embed -> fsdp; heads, mlp,
     # vocab -> tensor), so the sizes alone pick the strategy:
     #   data parallel    mesh.data=-1 (the default)

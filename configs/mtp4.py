@@ -1,13 +1,10 @@
-"""MTP with 4 tokens, linear heads, geometric weights, mtp_weight 0.2."""
+"""MTP with 4 tokens, linear heads, geometric weights, mtp_weight 0.2 (configs/mtp3.py with n = 4)."""
 
 import pathlib
 import runpy
 
-_base = runpy.run_path(str(pathlib.Path(__file__).with_name("base.py")))
+_mtp3 = runpy.run_path(str(pathlib.Path(__file__).with_name("mtp3.py")))
 
 
 def get_config(arg: str = "nano"):
-    config = _base["get_config"](arg)
-    config.use_mtp = True
-    config.mtp_n_tokens = 4
-    return config
+    return _mtp3["mtp"](arg, 4)

@@ -52,9 +52,16 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message}. See --help for the flags")
 
 
+RENAMED_FLAGS = {"config.train": "config.trainable"}  # old name -> new name
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, with its errors reduced to one line: the last of the message, which names
     the cause. The config file loads lazily, so it is loaded here, where its errors are caught."""
+    for arg in argv[1:]:
+        name = arg.lstrip("-").split("=")[0]
+        if name in RENAMED_FLAGS:
+            fail(f"--{name} is now --{RENAMED_FLAGS[name]} (the same values)")
     try:
         rest = flags.FLAGS(argv)
         if "config" in flags.FLAGS and flags.FLAGS.config is not None:

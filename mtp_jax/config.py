@@ -7,12 +7,12 @@ import jax
 from mtp_jax import tasks
 from mtp_jax.attention import NAMES as ATTENTION_NAMES
 from mtp_jax.errors import UserError
-from mtp_jax.mtp import HEAD_TYPES, WEIGHT_SCHEMES, n_tokens
+from mtp_jax.mtp import HEAD_TYPES, WEIGHT_SCHEMES, n_predict
 from mtp_jax.schedules import CURRICULA, WEIGHT_SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
 NAN_POLICIES = ("stop", "skip")
-TRAIN_MODES = ("all", "heads")
+TRAINABLE = ("all", "heads")
 
 
 def validate(config) -> None:
@@ -25,7 +25,7 @@ def validate(config) -> None:
          "(1 is plain next-token prediction)")
     need(config.mtp_head_type in HEAD_TYPES,
          f"mtp_head_type={config.mtp_head_type!r} is unknown: choose one of {', '.join(HEAD_TYPES)}")
-    n = n_tokens(config)
+    n = n_predict(config)
     scheme = config.mtp_loss_weights
     if scheme not in WEIGHT_SCHEMES:
         try:
@@ -60,8 +60,9 @@ def validate(config) -> None:
          f"1 … seq_len - 1 = {config.seq_len - 1} (the rest of seq_len is the prompt)")
     need(config.nan_policy in NAN_POLICIES,
          f"nan_policy={config.nan_policy!r} is unknown: choose one of {', '.join(NAN_POLICIES)}")
-    need(config.train in TRAIN_MODES, f"train={config.train!r} is unknown: choose one of {', '.join(TRAIN_MODES)}")
-    need(config.train != "heads" or n > 1, "train='heads' trains heads 2 … n but the model has none: "
+    need(config.trainable in TRAINABLE,
+         f"trainable={config.trainable!r} is unknown: choose one of {', '.join(TRAINABLE)}")
+    need(config.trainable != "heads" or n > 1, "trainable='heads' trains heads 2 … n but the model has none: "
          "set --config.use_mtp=True --config.mtp_n_tokens=4")
     m = config.model
     need(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0,

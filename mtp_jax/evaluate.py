@@ -1,419 +1,133 @@
-"""What is measured on a model rather than trained: the induction probe, the sample parse rate
-and a task's answer accuracy.
+"""What is measured on a model rather than trained: validation losses, draft acceptance, the
+code probes (probes.py) and a task's answer accuracy.
 
     python -m mtp_jax.evaluate --workdir=DIR --probe=induction|parse_rate|task [--json]
 
-Both read held-out Python files: the validation split of the run's corpus (data.py's split by
-file, so never a training file). Both are pure functions of the model and the corpus (fixed
-seeds, fixed files), so two checkpoints are compared on the same problems. train.run calls them
-at every evaluation when `induction_batches` / `parse_rate_prompts` are > 0; the command line
-runs them on any checkpoint. A probe is one entry in PROBES. Task accuracy also runs at every
-evaluation of a run on a task source (data.source='task:…').
+Training builds one Evaluator before its first step and calls it at every evaluation; the
+command line runs one probe on a workdir's newest checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import builtins
-import dataclasses
 import functools
-import io
 import json
-import keyword
-import pathlib
-import string
+import math
 import sys
-import tokenize
-import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from mtp_jax import data as data_lib
-from mtp_jax import tasks
+from mtp_jax import probes, sharding, tasks, workdir
+from mtp_jax.acceptance import teacher_forced_acceptance
 from mtp_jax.cli import ArgumentParser, fail
 from mtp_jax.errors import UserError
-from mtp_jax.generate import Generator, compression_ratio
-from mtp_jax.mtp import MTPModel
-
-PROBE_SEED = 0  # which files, names and prompts the probes use: fixed, so every checkpoint sees the same
-
-
-# ---------------------------------------------------------------------------------------------
-# Held-out Python files
-# ---------------------------------------------------------------------------------------------
-
-
-def validation_python_files(data_cfg) -> list[tuple[pathlib.Path, str]]:
-    """(path, text) of the validation split's Python files that parse, in a fixed shuffled order.
-
-    The split is data.py's own (same source, val_fraction and split_seed), so these are exactly
-    the files the model was validated on and never trained on."""
-    source = str(data_cfg.source)
-    if source.startswith("task:"):  # generated task data (tasks.py): no files
-        return []
-    resolved = data_lib.resolve_source(source)
-    if resolved.kind != "files":
-        return []
-    _, val = data_lib.split_documents(resolved, float(data_cfg.val_fraction), int(data_cfg.split_seed))
-    files = []
-    for i in np.random.default_rng(PROBE_SEED).permutation(len(val)):
-        path = val[i]
-        text = data_lib.read_text(path) if path.suffix == ".py" else None
-        if text and parses(text):
-            files.append((path, text))
-    return files
-
-
-def parses(source: str) -> bool:
-    """Whether `source` compiles as a Python module (`compile(..., 'exec')`: the parser plus the
-    compiler's own checks, e.g. `return` outside a function; warnings are not errors)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            compile(source, "<probe>", "exec", dont_inherit=True)
-        except (SyntaxError, ValueError, MemoryError, RecursionError):
-            return False
-    return True
-
-
-def need_python_files(files: list, probe: str, data_cfg) -> None:
-    if not files:
-        raise UserError(f"the {probe} probe needs Python files in the validation split, and data.source="
-                        f"{data_cfg.source!r} has none: use it on a model trained on 'stdlib' or on .py files")
-
-
-# ---------------------------------------------------------------------------------------------
-# Induction probe: identifiers renamed to random names, accuracy on copying them
-# ---------------------------------------------------------------------------------------------
-
-
-_RESERVED = set(keyword.kwlist) | set(keyword.softkwlist) | set(dir(builtins)) | {"self", "cls"}
-
-
-def renameable_names(source: str) -> set[str]:
-    """The file's own identifiers: NAME tokens that can be renamed consistently within the file
-    without changing what it means, as far as tokens tell.
-
-    Kept as they are: keywords and soft keywords, builtins, `self`/`cls` (conventions the model
-    may rely on), dunder names, every name that appears after a '.' anywhere in the file
-    (attributes and methods, which objects from other modules may share), every name in an
-    import statement (module and imported names must exist elsewhere), the methods and attributes
-    a class body defines (callers and frameworks find them by name), names before '=' inside
-    brackets (keyword arguments of functions that may live elsewhere), and names inside f-strings
-    (a STRING token in Python < 3.12, where they could not be renamed with the rest)."""
-    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
-    names, kept = set(), set(_RESERVED)
-    depth, in_import, previous = 0, False, None
-    for i, tok in enumerate(tokens):
-        if tok.type == tokenize.NEWLINE:  # the logical line ends (NL may end a line inside brackets)
-            in_import = False
-        if tok.type == tokenize.OP:
-            depth += tok.string in "([{"
-            depth -= tok.string in ")]}"
-        if tok.type == tokenize.NAME:
-            if tok.string in ("import", "from") and (previous is None or previous.type in (
-                    tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT)
-                    or previous.string == ";"):
-                in_import = True
-            following = tokens[i + 1] if i + 1 < len(tokens) else None
-            if (in_import or (previous is not None and previous.string == ".")
-                    or (depth > 0 and following is not None and following.string == "=")
-                    or (tok.string.startswith("__") and tok.string.endswith("__"))):
-                kept.add(tok.string)
-            else:
-                names.add(tok.string)
-        if tok.type not in (tokenize.NL, tokenize.COMMENT):
-            previous = tok
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.JoinedStr):
-            kept |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-        if isinstance(node, ast.ClassDef):  # methods and class attributes are attributes too
-            for member in node.body:
-                if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    kept.add(member.name)
-                targets = member.targets if isinstance(member, ast.Assign) else \
-                    [member.target] if isinstance(member, ast.AnnAssign) else []
-                kept |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
-    return names - kept
-
-
-def random_names(count: int, taken: set[str], tokenizer, rng: np.random.Generator) -> list[str]:
-    """`count` distinct random lowercase names of 5 to 8 letters, none in `taken`, each at least
-    2 tokens long under `tokenizer` both alone and after a space (where BPE merges the space)."""
-    names: list[str] = []
-    while len(names) < count:
-        name = "".join(rng.choice(list(string.ascii_lowercase), size=int(rng.integers(5, 9))))
-        if name in taken or name in names or min(len(tokenizer.encode(name)), len(tokenizer.encode(" " + name))) < 2:
-            continue
-        names.append(name)
-    return names
-
-
-@dataclasses.dataclass(frozen=True)
-class Renamed:
-    source: str  # the file with its identifiers renamed
-    mapping: dict[str, str]  # old name -> new name
-    spans: list[tuple[int, int, str]]  # (start, end) character offsets of each renamed occurrence, new name
-
-
-def rename_identifiers(source: str, tokenizer, seed: int) -> Renamed:
-    """Rename every identifier of renameable_names(source) to a random name, the same new name at
-    every occurrence; a pure function of (source, tokenizer, seed)."""
-    rng = np.random.default_rng(seed)
-    old = sorted(renameable_names(source))
-    taken = {tok.string for tok in tokenize.generate_tokens(io.StringIO(source).readline)} | _RESERVED
-    mapping = dict(zip(old, random_names(len(old), taken, tokenizer, rng)))
-    line_starts = np.cumsum([0] + [len(line) for line in source.splitlines(keepends=True)])
-    pieces, spans, cursor, shift = [], [], 0, 0
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.NAME and tok.string in mapping:
-            start = int(line_starts[tok.start[0] - 1]) + tok.start[1]
-            new = mapping[tok.string]
-            pieces += [source[cursor:start], new]
-            cursor = start + len(tok.string)
-            spans.append((start + shift, start + shift + len(new), new))
-            shift += len(new) - len(tok.string)
-    pieces.append(source[cursor:])
-    return Renamed("".join(pieces), mapping, spans)
-
-
-def copy_targets(token_starts: np.ndarray, spans: list[tuple[int, int, str]]) -> np.ndarray:
-    """Indices of the tokens scored by the induction probe, given where each token starts
-    (character offsets, ascending) and the renamed occurrences in order.
-
-    A name's first occurrence is not scored; at each later one, every token that starts inside
-    the name except its first is (the first token is the model's choice of which name; the rest
-    is copying what followed that token before)."""
-    seen, targets = set(), []
-    for start, end, name in spans:
-        if name in seen:
-            first = np.searchsorted(token_starts, start, side="right") - 1  # the token holding the name's start
-            targets.extend(range(first + 1, np.searchsorted(token_starts, end)))
-        seen.add(name)
-    return np.asarray(targets, np.int64)
-
-
-def encode_with_starts(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids [N] of `text` and the character offset where each token starts [N]."""
-    if isinstance(tokenizer, data_lib.BpeTokenizer):
-        encoding = tokenizer._tokenizer.encode(text)
-        return np.asarray(encoding.ids, np.int64), np.asarray([s for s, _ in encoding.offsets], np.int64)
-    raw = text.encode("utf-8")
-    # Byte i starts inside the character whose first byte is the last one at or before i.
-    char_of_byte = np.cumsum([(b & 0xC0) != 0x80 for b in raw]) - 1
-    return np.frombuffer(raw, np.uint8).astype(np.int64), char_of_byte.astype(np.int64)
-
-
-@dataclasses.dataclass(frozen=True)
-class InductionSet:
-    windows: np.ndarray  # [W, T + 1] int32 renamed validation code
-    scored: np.ndarray  # [W, T] bool: whether head 1's prediction at position t (of token t + 1) counts
-
-
-def induction_set(files: list[tuple[pathlib.Path, str]], tokenizer, *, seq_len: int, num_windows: int) -> InductionSet:
-    """`num_windows` windows of seq_len + 1 tokens cut from the renamed files, one after another.
-
-    A window starts at a file's beginning (and a long file gives several consecutive windows), so
-    a name is scored only where its earlier occurrence lies inside the same window: in context."""
-    windows, scored = [], []
-    for index, (_, text) in enumerate(files):
-        renamed = rename_identifiers(text, tokenizer, seed=PROBE_SEED * 1_000_003 + index)
-        ids, starts = encode_with_starts(tokenizer, renamed.source)
-        for begin in range(0, len(ids) - seq_len, seq_len + 1):
-            end = begin + seq_len + 1
-            stop = starts[end] if end < len(ids) else len(renamed.source)  # where the window's text ends
-            inside = [span for span in renamed.spans if starts[begin] <= span[0] and span[1] <= stop]
-            mask = np.zeros(seq_len + 1, bool)
-            mask[copy_targets(starts[begin:end], inside)] = True
-            windows.append(ids[begin:end])
-            scored.append(mask[1:])  # target token t + 1 is predicted at position t
-            if len(windows) == num_windows:
-                return InductionSet(np.stack(windows).astype(np.int32), np.stack(scored))
-    raise UserError(f"the validation split's Python files hold {len(windows)} windows of {seq_len + 1} tokens, "
-                    f"fewer than the {num_windows} the induction probe asks for: lower it")
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def head1_copy_hits(graphdef, chunk_size: int, params, window, scored):
-    """(correct, scored) counts of head 1's greedy predictions at the scored positions.
-
-    window: [B, T + 1], scored: [B, T]."""
-    from mtp_jax.generate import _greedy_chunked
-
-    model = nnx.merge(graphdef, params)
-    t = window.shape[1] - 1
-    positions = jnp.broadcast_to(jnp.arange(t), (window.shape[0], t))
-    h_trunk, _ = model.trunk(window[:, :t], positions)
-    h, _ = model.head_hidden(1, h_trunk, h_trunk, window[:, :t], positions)
-    correct = _greedy_chunked(model, 1, h, chunk_size) == window[:, 1:]
-    return jnp.sum(correct & scored), jnp.sum(scored)
-
-
-def induction_accuracy(graphdef, params, probe_set: InductionSet, *, batch_size: int, chunk_size: int = 0,
-                       place=jnp.asarray) -> float:
-    """Head 1's accuracy on the copied tokens of renamed identifiers, batch_size windows at a time.
-
-    place(rows) puts one batch of host rows on the devices (train.run: its sharded global batch)."""
-    counts = [head1_copy_hits(graphdef, chunk_size, params, place(probe_set.windows[i:i + batch_size]),
-                              place(probe_set.scored[i:i + batch_size]))
-              for i in range(0, len(probe_set.windows), batch_size)]
-    hits, total = np.sum(jax.device_get(counts), axis=0)
-    return float(hits) / max(int(total), 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sample parse rate: sampled continuations of held-out code that compile, beside the truth's
-# ---------------------------------------------------------------------------------------------
-
-
-def cut_at_line(text: str) -> str:
-    """text up to and including its last newline ('' when it holds no complete line)."""
-    return text[:text.rfind("\n") + 1]
-
-
-def continuation_parses(prefix: str, continuation: str) -> bool:
-    """Whether prefix + the continuation's complete lines compile; a continuation without one
-    complete line does not count as parsing."""
-    lines = cut_at_line(continuation)
-    return bool(lines) and parses(prefix + lines)
-
-
-def parse_share(prefixes: list[str], continuations: list[str]) -> float:
-    """The share of continuations that parse after their prefixes (continuation_parses)."""
-    return float(np.mean([continuation_parses(p, c) for p, c in zip(prefixes, continuations, strict=True)]))
-
-
-@dataclasses.dataclass(frozen=True)
-class ParsePrompt:
-    prefix: str  # the file up to a top-level statement: complete Python, what the parse check prepends
-    prompt: list[int]  # its last tokens, what the model is given
-    truth: str  # the file's next new_tokens tokens, decoded
-
-
-def parse_prompts(files: list[tuple[pathlib.Path, str]], tokenizer, *, num_prompts: int, prompt_tokens: int,
-                  new_tokens: int) -> list[ParsePrompt]:
-    """One prompt per file (files in their fixed order) ending at a top-level statement, chosen at
-    random among those whose true continuation, cut at a line boundary, compiles after the prefix
-    (so a perfect model would score 1: the ceiling is high by construction) and that leave
-    prompt_tokens tokens before and new_tokens after."""
-    rng = np.random.default_rng(PROBE_SEED)
-    prompts = []
-    for path, text in files:
-        lines = text.splitlines(keepends=True)
-        starts = [min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-                  for node in ast.parse(text).body]
-        for line in rng.permutation(starts):
-            prefix, rest = "".join(lines[:line - 1]), "".join(lines[line - 1:])
-            prompt, following = tokenizer.encode(prefix), tokenizer.encode(rest)
-            if len(prompt) < prompt_tokens or len(following) < new_tokens:
-                continue
-            truth = tokenizer.decode(following[:new_tokens])
-            if continuation_parses(prefix, truth):
-                prompts.append(ParsePrompt(prefix, prompt[-prompt_tokens:], truth))
-                break
-        if len(prompts) == num_prompts:
-            return prompts
-    raise UserError(f"the validation split's Python files give {len(prompts)} parse-rate prompts of "
-                    f"{prompt_tokens} + {new_tokens} tokens, fewer than the {num_prompts} asked for: lower the "
-                    "number of prompts or the tokens per sample")
-
-
-def parse_rate(model, prompts: list[ParsePrompt], tokenizer, *, new_tokens: int, temperature: float = 0.8) -> dict:
-    """Sample a continuation of each prompt (seed i for prompt i) with generate.py's sampler and
-    report the share that compiles after the prefix once cut at a line boundary, the same share
-    for the true continuations (the ceiling), and how repetitive samples and truth are (zlib
-    ratio, generate.compression_ratio: lower is more repetitive; the mean over prompts)."""
-
-    generator = Generator(model, len(prompts[0].prompt) + new_tokens)
-    samples = [tokenizer.decode(generator.generate(p.prompt, new_tokens, temperature, seed=i).tokens)
-               for i, p in enumerate(prompts)]
-    prefixes = [p.prefix for p in prompts]
-    return {
-        "parse_rate": parse_share(prefixes, samples),
-        "parse_rate_ceiling": parse_share(prefixes, [p.truth for p in prompts]),
-        "zlib_ratio": float(np.mean([compression_ratio(s) for s in samples])),
-        "zlib_ratio_truth": float(np.mean([compression_ratio(p.truth) for p in prompts])),
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Probes by name: during training and on any checkpoint
-# ---------------------------------------------------------------------------------------------
-
-
-def induction_inputs(config, files, tokenizer) -> InductionSet:
-    return induction_set(files, tokenizer, seq_len=config.seq_len,
-                         num_windows=config.induction_batches * config.batch_size)
-
-
-def parse_rate_inputs(config, files, tokenizer) -> list[ParsePrompt]:
-    return parse_prompts(files, tokenizer, num_prompts=config.parse_rate_prompts,
-                         prompt_tokens=config.seq_len - config.parse_rate_tokens, new_tokens=config.parse_rate_tokens)
-
-
-def _files_and_tokenizer(config, data, probe: str) -> tuple[list, data_lib.Tokenizer]:
-    files = validation_python_files(config.data)
-    need_python_files(files, probe, config.data)
-    return files, data_lib.load_tokenizer(data.directory)
-
-
-def induction_probe(model, config, data) -> dict:
-    probe_set = induction_inputs(config, *_files_and_tokenizer(config, data, "induction"))
-    graphdef, params = nnx.split(model, nnx.Param)
-    return {"induction_accuracy": induction_accuracy(graphdef, params, probe_set, batch_size=config.batch_size,
-                                                     chunk_size=config.loss_chunk_size)}
-
-
-def parse_rate_probe(model, config, data) -> dict:
-    files, tokenizer = _files_and_tokenizer(config, data, "parse-rate")
-    return parse_rate(model, parse_rate_inputs(config, files, tokenizer), tokenizer,
-                      new_tokens=config.parse_rate_tokens)
-
-
-# name -> (model, config, data) -> {metric: value}; sizes come from the config's probe fields.
-PROBES = {
-    "induction": induction_probe,
-    "parse_rate": parse_rate_probe,
-    "task": lambda model, config, data: task_accuracy(model, config),
-}
-
-
-def training_probes(config, data):
-    """The probes train.run runs at each evaluation, prepared once before training: a function
-    (graphdef, params, place) -> {'eval/…': value}, where place(rows) makes a global batch."""
-    wanted = config.induction_batches > 0 or config.parse_rate_prompts > 0
-    files = validation_python_files(config.data) if wanted else []
-    if not files:
-        if wanted:
-            from mtp_jax.metrics import log
-
-            log(f"induction and parse-rate probes skipped: data.source={config.data.source!r} has no Python files "
-                "in its validation split")
-        return lambda graphdef, params, place: {}
-    tokenizer = data_lib.load_tokenizer(data.directory)
-    probe_set = induction_inputs(config, files, tokenizer) if config.induction_batches else None
-    prompts = parse_rate_inputs(config, files, tokenizer) if config.parse_rate_prompts else None
-
-    def run(graphdef, params, place) -> dict:
-        result = {}
-        if probe_set is not None:
-            result["eval/induction_accuracy"] = induction_accuracy(
-                graphdef, params, probe_set, batch_size=config.batch_size, chunk_size=config.loss_chunk_size,
-                place=place)
-        if prompts is not None:
-            # Decoding runs on one device of each process, on a gathered copy of the parameters.
-            from jax.experimental import multihost_utils
-
+from mtp_jax.generate import Generator
+from mtp_jax.metrics import log
+from mtp_jax.mtp import MTPModel, mtp_loss, n_predict
+from mtp_jax.schedules import head_weights
+
+
+def eval_step(graphdef, chunk_size, compute_shardings, eot_id, params, weights, window, mask=None, inputs=None):
+    params = jax.lax.with_sharding_constraint(params, compute_shardings)  # see sharding.compute_shardings
+    return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size, mask, inputs, eot_id)[1]
+
+
+class Evaluator:
+    """Everything measured at a training evaluation, prepared once before the first step (so a
+    bad probe setting fails before training), called as evaluator(params, step) -> scalars:
+
+    - eval/loss_k, eval/accuracy_k, eval/total_loss on eval_batches fixed validation batches
+      (total_loss with the head weights of `step`), and eval/bits_per_byte;
+    - generate/acceptance_k, generate/mean_accepted (n > 1): teacher-forced draft acceptance;
+    - eval/induction_accuracy, eval/parse_rate, … (probes.py) when the corpus has Python files;
+    - eval/task_accuracy, eval/task_accuracy_<difficulty> for a task source.
+
+    It owns the decoders of the probes and tasks: compiled at the first evaluation, reused after.
+    Every process calls it with the sharded params; decoding runs on one device per process."""
+
+    def __init__(self, config, data: data_lib.TokenData, graphdef, mesh, *, param_shardings, steps: int):
+        self.config, self.graphdef, self.mesh, self.steps = config, graphdef, mesh, steps
+        self.bytes_per_token, self.n = data.bytes_per_token, n_predict(config)
+        windows = functools.partial(data_lib.eval_windows, window_len=config.seq_len + self.n,
+                                    batch_size=config.batch_size, num_batches=config.eval_batches,
+                                    align=data.example_len)
+        self.teacherless = bool(config.data.task.teacherless)
+        self.windows = windows(data.val)
+        self.masks = windows(data.val_mask) if data.val_mask is not None else [None] * len(self.windows)
+        local_rows = config.batch_size // jax.process_count()
+        self.rows = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
+        batch_arrays = 1 if data.val_mask is None else 3
+        self.losses = jax.jit(functools.partial(eval_step, graphdef, config.loss_chunk_size,
+                                                sharding.compute_shardings(param_shardings),
+                                                data_lib.document_eot_id(config.data, data)),
+                              in_shardings=(param_shardings, None) + (sharding.batch_sharding(mesh),) * batch_arrays)
+        self.induction, self.prompts, self.tokenizer = self.probe_inputs(config, data)
+        self.problems = held_out_problems(config) if data.val_mask is not None else None
+        self.generators: dict[int, Generator] = {}
+
+    @staticmethod
+    def probe_inputs(config, data):
+        """(induction windows, parse-rate prompts, tokenizer); None where a probe is off."""
+        wanted = config.induction_batches > 0 or config.parse_rate_prompts > 0
+        files = probes.validation_python_files(config.data) if wanted else []
+        if not files:
+            if wanted:
+                log(f"induction and parse-rate probes skipped: data.source={config.data.source!r} has no Python "
+                    "files in its validation split")
+            return None, None, None
+        tokenizer = data_lib.load_tokenizer(data.directory)
+        return (probes.induction_inputs(config, files, tokenizer) if config.induction_batches else None,
+                probes.parse_rate_inputs(config, files, tokenizer) if config.parse_rate_prompts else None, tokenizer)
+
+    def __call__(self, params, step: int) -> dict[str, float]:
+        result = self.validation_losses(params, step)
+        if self.n > 1:  # how well the heads would draft for self-speculative decoding
+            per_batch = jax.device_get([teacher_forced_acceptance(self.graphdef, self.config.loss_chunk_size, params,
+                                                                  self.to_device(batch)) for batch in self.windows])
+            result.update({f"generate/{k}": float(np.mean([b[k] for b in per_batch])) for k in per_batch[0]})
+        if self.induction is not None:
+            result["eval/induction_accuracy"] = probes.induction_accuracy(
+                self.graphdef, params, self.induction, batch_size=self.config.batch_size,
+                chunk_size=self.config.loss_chunk_size, to_device=self.to_device)
+        if self.prompts is not None:
             local = jax.device_put(multihost_utils.process_allgather(params, tiled=True), jax.local_devices()[0])
-            metrics = parse_rate(nnx.merge(graphdef, local), prompts, tokenizer, new_tokens=config.parse_rate_tokens)
+            metrics = probes.parse_rate(self.generator(self.config.seq_len, local), self.prompts, self.tokenizer,
+                                        new_tokens=self.config.parse_rate_tokens)
             result.update({f"eval/{k}": v for k, v in metrics.items()})
+        if self.problems is not None:
+            host = (multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1
+                    else jax.device_get(params))
+            generator = None if self.teacherless else self.generator(answer_capacity(self.problems), host)
+            accuracy = task_accuracy(nnx.merge(self.graphdef, host), self.config, self.problems, generator)
+            result.update({f"eval/{k}": v for k, v in accuracy.items()})
         return result
 
-    return run
+    def validation_losses(self, params, step: int) -> dict[str, float]:
+        totals, weights = None, np.asarray(head_weights(self.config, step, self.steps))
+        for window, mask in zip(self.windows, self.masks):
+            m = self.losses(params, weights, *(self.to_device(a) for a in tasks.batch_rows(
+                window, mask, self.teacherless)))
+            totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
+        result = {f"eval/{k}": float(v) / len(self.windows) for k, v in jax.device_get(totals).items()}
+        if self.bytes_per_token:
+            result["eval/bits_per_byte"] = result["eval/loss_1"] / math.log(2) / self.bytes_per_token
+        return result
+
+    def to_device(self, batch: np.ndarray) -> jax.Array:
+        """This process's rows of a global batch → the global array, sharded over the mesh."""
+        return sharding.global_batch(batch[self.rows], self.mesh)
+
+    def generator(self, capacity: int, params) -> Generator:
+        """The decoder with a cache of `capacity` positions, compiled at its first use, with params."""
+        if capacity not in self.generators:
+            self.generators[capacity] = Generator(nnx.merge(self.graphdef, params), capacity)
+        self.generators[capacity].use(params)
+        return self.generators[capacity]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,20 +135,23 @@ def training_probes(config, data):
 # ---------------------------------------------------------------------------------------------
 
 
-def task_accuracy(model: MTPModel, config, problems: dict[str, list[tasks.Problem]] | None = None
-                  ) -> dict[str, float]:
+def task_accuracy(model: MTPModel, config, problems: dict[str, list[tasks.Problem]] | None = None,
+                  generator: Generator | None = None) -> dict[str, float]:
     """Exact-match accuracy of head 1's greedy answers on a task's held-out problems.
 
     `problems` maps a difficulty to its problems (default: tasks.held_out, data.task.eval_problems
     per difficulty, fixed by data.split_seed, never in training). An answer is right when the
     decoded bytes are the answer followed by its '\\n'. Returns 'task_accuracy' (over all
-    problems) and 'task_accuracy_<difficulty>' (e.g. 'task_accuracy_m3', 'task_accuracy_d2_l5')."""
-    if problems is None:
-        task = tasks.from_config(config.data)
-        problems = tasks.held_out(task, int(config.data.task.eval_problems), int(config.data.split_seed))
+    problems) and 'task_accuracy_<difficulty>' (e.g. 'task_accuracy_m3', 'task_accuracy_d2_l5').
+    generator: decodes the answers (the model's, with answer_capacity(problems) positions or
+    more; default: a new one); a teacherless model answers in one forward pass instead."""
+    problems = held_out_problems(config) if problems is None else problems
     flat = [p for group in problems.values() for p in group]
-    decode = _teacherless_answers if config.data.task.teacherless else _greedy_answers
-    correct = iter(answer == p.answer + tasks.END for answer, p in zip(decode(model, flat), flat))
+    if config.data.task.teacherless:
+        answers = teacherless_answers(model, flat)
+    else:
+        answers = greedy_answers(generator or Generator(model, answer_capacity(problems)), flat)
+    correct = iter(answer == p.answer + tasks.END for answer, p in zip(answers, flat))
     by_difficulty = {d: [next(correct) for _ in group] for d, group in problems.items()}
     result = {"task_accuracy": float(np.mean(sum(by_difficulty.values(), [])))}
     result.update({f"task_accuracy_{d}": float(np.mean(c)) for d, c in by_difficulty.items()})
@@ -449,30 +166,24 @@ def _decode(ids) -> str:
     return bytes(int(i) for i in ids).decode("latin-1")  # any byte a model emits maps to one char
 
 
-# (graphdef, capacity) -> Generator: its compiled programs (one per prompt bucket) then serve every
-# evaluation of a run instead of compiling again each time; only its params change.
-_GENERATORS: dict[tuple[nnx.GraphDef, int], Generator] = {}
+def held_out_problems(config) -> dict[str, list[tasks.Problem]]:
+    """data.task.eval_problems held-out problems per difficulty, fixed by data.split_seed."""
+    return tasks.held_out(tasks.from_config(config.data), int(config.data.task.eval_problems),
+                          int(config.data.split_seed))
 
 
-def _generator(model: MTPModel, capacity: int) -> Generator:
-    graphdef, params = nnx.split(model)
-    key = (graphdef, capacity)
-    if key not in _GENERATORS:
-        if len(_GENERATORS) >= 4:  # a process evaluating many different models: keep memory bounded
-            _GENERATORS.clear()
-        _GENERATORS[key] = Generator(model, capacity)
-    _GENERATORS[key].params = params
-    return _GENERATORS[key]
+def answer_capacity(problems: dict[str, list[tasks.Problem]]) -> int:
+    """Cache positions that greedy decoding of every problem's answer (and its '\\n') needs."""
+    return max(len(p.prompt) + len(p.answer) + 1 for group in problems.values() for p in group)
 
 
-def _greedy_answers(model: MTPModel, problems: list[tasks.Problem]) -> list[str]:
+def greedy_answers(generator: Generator, problems: list[tasks.Problem]) -> list[str]:
     """Greedy decoding with the KV cache, as many tokens as the answer and its '\\n' have: a
     longer or shorter answer differs within them, so nothing past them can change the verdict."""
-    generator = _generator(model, max(len(p.prompt) + len(p.answer) + 1 for p in problems))
     return [_decode(generator.generate(_encode(p.prompt), len(p.answer) + 1).tokens) for p in problems]
 
 
-def _teacherless_answers(model: MTPModel, problems: list[tasks.Problem]) -> list[str]:
+def teacherless_answers(model: MTPModel, problems: list[tasks.Problem]) -> list[str]:
     """A teacherless model never read an answer token, only '$': it answers in one forward pass
     over the prompt and one '$' per answer token, reading head 1's argmax at each position."""
     tokens = np.array([_encode(p.prompt + tasks.HIDDEN * len(p.answer)) for p in problems])  # [N, L]
@@ -485,11 +196,36 @@ def _teacherless_answers(model: MTPModel, problems: list[tasks.Problem]) -> list
 def _head1_greedy(graphdef, params, tokens: jax.Array) -> jax.Array:
     """Head 1's argmax [B, L] at every position of tokens [B, L]."""
     model = nnx.merge(graphdef, params)
-    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    h_trunk, _ = model.trunk(tokens, positions)
-    h, _ = model.head_hidden(1, h_trunk, h_trunk, None, positions)
-    return jnp.argmax(jnp.dot(model.decoder.final_norm(h), model.head_matrix(1),
-                              preferred_element_type=jnp.float32), axis=-1)
+    (h,) = model.hidden_states(tokens, tokens.shape[1], heads=1)
+    return jnp.argmax(model.logits(1, h), axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Probes by name, on a workdir's checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def induction_probe(trained: workdir.Trained) -> dict:
+    config = trained.config
+    probe_set = probes.induction_inputs(config, probes.python_files(config.data, "induction"), trained.tokenizer())
+    graphdef, params = nnx.split(trained.model, nnx.Param)
+    return {"induction_accuracy": probes.induction_accuracy(graphdef, params, probe_set, batch_size=config.batch_size,
+                                                            chunk_size=config.loss_chunk_size)}
+
+
+def parse_rate_probe(trained: workdir.Trained) -> dict:
+    config, tokenizer = trained.config, trained.tokenizer()
+    prompts = probes.parse_rate_inputs(config, probes.python_files(config.data, "parse-rate"), tokenizer)
+    return probes.parse_rate(Generator(trained.model, config.seq_len), prompts, tokenizer,
+                             new_tokens=config.parse_rate_tokens)
+
+
+# name -> Trained -> {metric: value}; sizes come from the config's probe fields.
+PROBES = {
+    "induction": induction_probe,
+    "parse_rate": parse_rate_probe,
+    "task": lambda trained: task_accuracy(trained.model, trained.config),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,9 +252,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from mtp_jax.generate import load
-
-    model, config, data = load(args.workdir)
+    trained = workdir.load(args.workdir)
+    config = trained.config
     tokens = args.parse_rate_tokens or config.seq_len // 2
     if tokens >= config.seq_len:
         raise UserError(f"--parse_rate_tokens={tokens} must be below the trained seq_len={config.seq_len} "
@@ -526,7 +261,7 @@ def run(args: argparse.Namespace) -> dict:
     # The flags, not the fields saved with the run (0 there means "off during training").
     config.induction_batches, config.parse_rate_prompts = args.induction_batches, args.parse_rate_prompts
     config.parse_rate_tokens = tokens
-    return {"probe": args.probe, "workdir": str(args.workdir), **PROBES[args.probe](model, config, data)}
+    return {"probe": args.probe, "workdir": str(args.workdir), **PROBES[args.probe](trained)}
 
 
 def main(argv: list[str] | None = None) -> None:

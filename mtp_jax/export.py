@@ -16,7 +16,7 @@ import sys
 import jax
 from flax import nnx
 
-from mtp_jax import hf
+from mtp_jax import hf, workdir
 from mtp_jax.cli import ArgumentParser, fail
 from mtp_jax.errors import UserError
 
@@ -28,17 +28,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def export(workdir: str, out: str) -> pathlib.Path:
+def export(run_dir: str, out: str) -> pathlib.Path:
     """Writes the folder; returns its path. Refuses a non-empty --out before reading anything."""
-    from mtp_jax.generate import load
-
     out_path = pathlib.Path(out).expanduser()
     if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
         raise UserError(f"--out={out} already exists and is not empty: pass a new folder (nothing was overwritten)")
-    model, config, data = load(workdir)
-    params = jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-    tokenizer = data.meta.get("tokenizer")  # 'byte', 'bpe', or None for a token-file dataset
-    hf.write_folder(out_path, params, model.decoder.shape, config, data_dir=data.directory, tokenizer=tokenizer)
+    trained = workdir.load(run_dir)
+    params = jax.device_get(nnx.to_pure_dict(nnx.state(trained.model, nnx.Param)))
+    tokenizer = trained.meta.get("tokenizer")  # 'byte', 'bpe', or None for a token-file dataset
+    hf.write_folder(out_path, params, trained.model.decoder.shape, trained.config, data_dir=trained.data_dir,
+                    tokenizer=tokenizer)
     return out_path
 
 

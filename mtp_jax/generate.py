@@ -2,7 +2,6 @@
 
     python -m mtp_jax.generate --workdir=DIR --prompt=TEXT [--max_new_tokens=N] [--temperature=T]
         [--top_k=K] [--top_p=P] [--seed=S] [--speculative [--tree_size=K]] [--json]
-    python -m mtp_jax.generate --workdir=DIR --benchmark [--prompts=10 --prompt_len=128 --tree_size=K …]
 
 Plain decoding runs head 1's path, which for every head type is the decoder's n_layers blocks,
 final norm and unembedding. Each mode is one compiled program per prompt bucket (the prompt is
@@ -28,17 +27,16 @@ import argparse
 import dataclasses
 import functools
 import json
-import pathlib
 import sys
 import time
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtp_jax import speculative
+from mtp_jax import speculative, workdir
+from mtp_jax.acceptance import build_tree
 from mtp_jax.cli import ArgumentParser, fail
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import MTPModel
@@ -60,7 +58,7 @@ def init_caches(model: MTPModel, batch: int, size: int, all_heads: bool) -> list
     For every head type the first n_layers entries are the decoder's layers in order, the path
     of plain decoding."""
     shape = model.decoder.shape
-    n_blocks = (len(model.trunk_layers) + sum(head_has_block(model, k) for k in range(1, model.n_tokens + 1))
+    n_blocks = (len(model.trunk_layers) + sum(head_has_block(model, k) for k in range(1, model.n_predict + 1))
                 if all_heads else shape.n_layers)
     kv = (batch * shape.kv_heads, size, shape.head_dim)
     # Separate buffers per layer (stacked layers: one [L, ...] buffer): the steps donate (update in
@@ -73,11 +71,6 @@ def _positions(tokens: jax.Array, index) -> jax.Array:
     return index + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
 
-def _head_logits(model: MTPModel, k: int, h: jax.Array) -> jax.Array:
-    """Head k's float32 logits [..., V] from its hidden state [..., D]."""
-    return jnp.dot(model.decoder.final_norm(h), model.head_matrix(k), preferred_element_type=jnp.float32)
-
-
 def _plain_step(model: MTPModel, tokens, caches, index, last, key, settings: dict):
     """Run tokens [B, t] at positions index … index + t - 1 through the decoder's layers.
 
@@ -86,7 +79,7 @@ def _plain_step(model: MTPModel, tokens, caches, index, last, key, settings: dic
     decoder = model.decoder
     h, caches = decoder.run_blocks(decoder.embed(tokens), _positions(tokens, index),
                                    range(decoder.shape.n_layers), caches, index)
-    logits = _head_logits(model, 1, h[:, last])
+    logits = model.logits(1, h[:, last])
     token = choose(logits, jax.random.fold_in(key, index + last), **settings)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
     return token, logprob, caches
@@ -125,22 +118,22 @@ def _speculate(model: MTPModel, tree: Tree, settings: dict, tokens, positions, c
     h_trunk, new_caches = model.trunk(tokens, positions, caches[:n_trunk], index, mask)
     head_caches = iter(caches[n_trunk:])
     h, inputs, candidates, q = h_trunk, None, [], []
-    for k in range(1, model.n_tokens + 1):
+    for k in range(1, model.n_predict + 1):
         cache = next(head_caches) if head_has_block(model, k) else None
         h, cache = model.head_hidden(k, h_trunk, h, inputs, positions, cache, index, mask)
         if cache is not None:
             new_caches.append(cache)
         if k == 1:
-            last, successors, token, extra = commit(_head_logits(model, 1, h[0]), commit_key)
+            last, successors, token, extra = commit(model.logits(1, h[0]), commit_key)
             inputs = successors[None]
             continue
         if model.head_type == "sequential":
-            logits = _head_logits(model, k, h[0])  # [T, V]: the next module reads every position's token
+            logits = model.logits(k, h[0])  # [T, V]: the next module reads every position's token
             draft, chosen, q_k = speculative.draft(logits[last], jax.random.fold_in(draft_key, k), tree.max_rank,
                                                    **settings)
             inputs = jnp.argmax(logits, axis=-1).astype(jnp.int32).at[last].set(chosen)[None]
         else:
-            draft, _, q_k = speculative.draft(_head_logits(model, k, h[0, last]), jax.random.fold_in(draft_key, k),
+            draft, _, q_k = speculative.draft(model.logits(k, h[0, last]), jax.random.fold_in(draft_key, k),
                                               tree.max_rank, **settings)
         candidates.append(draft)
         q.append(q_k)
@@ -155,7 +148,7 @@ def _decode_speculative(graphdef, capacity, tree: Tree, settings, params, prompt
     [capacity] and each draft position's Σ_x min(p, q) [capacity, n - 1] (sampling; the first
     `passes` rows are valid)."""
     model, settings = nnx.merge(graphdef, params), dict(settings)
-    n, size, sampled = model.n_tokens, tree.size, settings["temperature"] > 0
+    n, size, sampled = model.n_predict, tree.size, settings["temperature"] > 0
     # A verify pass at the last committed position writes tree.size slots from it.
     caches = init_caches(model, 1, capacity + size, all_heads=True)
 
@@ -255,10 +248,15 @@ class Generator:
     run on the device, and the host only reads the result."""
 
     def __init__(self, model: MTPModel, capacity: int):
-        self.model, self.capacity, self.n = model, capacity, model.n_tokens
-        graphdef, self.params = nnx.split(model)
-        self._plain = jax.jit(functools.partial(_decode_plain, graphdef, capacity), static_argnums=0)
-        self._speculative = jax.jit(functools.partial(_decode_speculative, graphdef, capacity), static_argnums=(0, 1))
+        self.model, self.capacity, self.n = model, capacity, model.n_predict
+        self.graphdef, self.params = nnx.split(model)
+        self._plain = jax.jit(functools.partial(_decode_plain, self.graphdef, capacity), static_argnums=0)
+        self._speculative = jax.jit(functools.partial(_decode_speculative, self.graphdef, capacity),
+                                    static_argnums=(0, 1))
+
+    def use(self, params) -> None:
+        """Decode with `params` (of the same model graph) from now on: the compiled programs stay."""
+        _, self.params = nnx.split(nnx.merge(self.graphdef, params))
 
     def compilations(self) -> int:
         """How many programs have been compiled so far (one per mode and prompt bucket)."""
@@ -314,205 +312,14 @@ def sample(model: MTPModel, prompt: list[int], *, max_new_tokens: int, temperatu
 
 
 # ---------------------------------------------------------------------------------------------
-# Teacher-forced acceptance (evaluation)
+# Command line
 # ---------------------------------------------------------------------------------------------
-
-
-def _greedy_chunked(model: MTPModel, k: int, h: jax.Array, chunk_size: int) -> jax.Array:
-    """Head k's argmax [B, T] from its hidden state [B, T, D], chunk_size positions at a time so
-    that at most [B, chunk_size, V] logits exist at once (0: all positions together)."""
-    b, t, d = h.shape
-    c = chunk_size if 0 < chunk_size < t else t
-    chunks = jnp.pad(h, ((0, 0), (0, (-t) % c), (0, 0))).reshape(b, -1, c, d).swapaxes(0, 1)
-    greedy = jax.lax.map(lambda x: jnp.argmax(_head_logits(model, k, x), axis=-1), chunks)  # [chunks, B, c]
-    return greedy.swapaxes(0, 1).reshape(b, -1)[:, :t]
-
-
-def _teacher_forced_hidden(model: MTPModel, window: jax.Array):
-    """Each head's hidden state [B, T, D], k = 1 … n, with the true tokens of window [B, T + n] as
-    context (what 'sequential' module k reads at t is the true x[t + k - 1])."""
-    t = window.shape[1] - model.n_tokens
-    positions = jnp.broadcast_to(jnp.arange(t), (window.shape[0], t))
-    h_trunk, _ = model.trunk(window[:, :t], positions)
-    h = h_trunk
-    for k in range(1, model.n_tokens + 1):
-        h, _ = model.head_hidden(k, h_trunk, h, window[:, k - 1:t + k - 1], positions)
-        yield h
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def teacher_forced_acceptance(graphdef, chunk_size: int, params, window: jax.Array) -> dict:
-    """Draft acceptance on real text, which greedy loops cannot inflate. window: [B, T + n].
-
-    With the true tokens as context, head k's argmax at t is accepted when it equals head 1's
-    argmax at t + k - 1 (DeepSeek-V3 and Megatron's metric). Returns 'acceptance_k' for k >= 2
-    and 'mean_accepted', the expected tokens per verify pass: 1 + sum_k P(drafts 2 … k all
-    accepted), over the positions where every head can be checked."""
-    model = nnx.merge(graphdef, params)
-    n, t = model.n_tokens, window.shape[1] - model.n_tokens
-    greedy = [_greedy_chunked(model, k, h, chunk_size) for k, h in enumerate(_teacher_forced_hidden(model, window), 1)]
-    metrics, prefix, expected = {}, True, 1.0
-    for k in range(2, n + 1):
-        agree = greedy[k - 1][:, :t - k + 1] == greedy[0][:, k - 1:]  # [B, T - k + 1]
-        metrics[f"acceptance_{k}"] = jnp.mean(agree)
-        prefix = prefix & agree[:, :t - n + 1]
-        expected = expected + jnp.mean(prefix)
-    metrics["mean_accepted"] = expected
-    return metrics
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def rank_acceptance(graphdef, ranks: int, params, window: jax.Array) -> jax.Array:
-    """[n - 1, ranks]: with the true tokens as context (window [B, T + n]), the fraction of
-    positions t where head k's rank-r token (k = 2 … n, r < ranks) equals head 1's argmax at
-    t + k - 1, i.e. where a greedy tree's candidate would be accepted."""
-    model = nnx.merge(graphdef, params)
-    t = window.shape[1] - model.n_tokens
-    rows = []
-    for k, h in enumerate(_teacher_forced_hidden(model, window), 1):
-        if k == 1:
-            greedy = _greedy_chunked(model, 1, h, 0)  # [B, T]
-            continue
-
-        def ranks_of(row, k=k):  # one sequence at a time: at most [T, V] logits exist
-            h_row, target = row
-            logits = _head_logits(model, k, h_row)  # [T - k + 1, V]
-            rank = jnp.sum(logits > jnp.take_along_axis(logits, target[:, None], axis=-1), axis=-1)
-            return jnp.mean(jax.nn.one_hot(rank, ranks), axis=0)
-
-        rows.append(jnp.mean(jax.lax.map(ranks_of, (h[:, :t - k + 1], greedy[:, k - 1:])), axis=0))
-    return jnp.stack(rows)
-
-
-def build_tree(model: MTPModel, config, data, size: int, ranks: int = 8) -> Tree:
-    """The `size`-node tree (root excluded) that maximises the expected accepted length under the
-    per-head, per-rank acceptance measured on the validation windows evaluation uses."""
-    from mtp_jax import data as data_lib
-
-    graphdef, params = nnx.split(model, nnx.Param)
-    batches = data_lib.eval_windows(data.val, window_len=config.seq_len + model.n_tokens, batch_size=config.batch_size,
-                                    num_batches=config.eval_batches)
-    acceptance = np.mean([np.asarray(rank_acceptance(graphdef, ranks, params, b)) for b in batches], axis=0)
-    return Tree.build(acceptance, size)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line: load a trained workdir, generate or benchmark
-# ---------------------------------------------------------------------------------------------
-
-
-def load(workdir: str):
-    """(model, config, data) of the newest checkpoint in workdir, restored onto one device."""
-    import ml_collections
-
-    from mtp_jax import data as data_lib
-    from mtp_jax.checkpoint import Checkpointer
-    from mtp_jax.mtp import build_model
-
-    workdir = pathlib.Path(workdir)
-    checkpoints, config_path = workdir / "checkpoints", workdir / "config.json"
-    checkpointer = Checkpointer(checkpoints, keep=1) if checkpoints.is_dir() else None
-    step = checkpointer.latest_step() if checkpointer else None
-    if step is None or not config_path.is_file():
-        raise UserError(f"no checkpoint in {workdir}: train one first with "
-                        f"python -m mtp_jax.main --config=configs/mtp4.py --workdir={workdir}")
-    saved = json.loads(config_path.read_text())
-    config = ml_collections.ConfigDict(saved)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, saved["vocab_size"], seed=0)))
-    # The whole train state onto one device, as saved (so that its fingerprint can be checked).
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          checkpointer.manager.item_metadata(step)["state"])
-    try:
-        params = checkpointer.restore(step, target)["params"]
-    except Exception as e:  # noqa: BLE001 — orbax raises many types for damaged or foreign files
-        raise UserError(f"checkpoint {checkpoints / str(step)} does not load ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}): retrain, or remove it to use the previous one") from None
-    data = data_lib.prepare(config.data, show_progress=sys.stderr.isatty())
-    return nnx.merge(graphdef, params), config, data
-
-
-def compression_ratio(text: str) -> float:
-    """zlib-compressed size / raw size of the UTF-8 text: low for repetitive text."""
-    raw = text.encode("utf-8")
-    return len(zlib.compress(raw, 9)) / max(len(raw), 1)
-
-
-BENCHMARK_TREE_SIZE = 16  # drafts per verify pass in the benchmark's tree (--tree_size overrides)
-BENCHMARK_MODES = ("plain", "chain", "tree", "plain_sampled", "chain_sampled")
-
-
-def benchmark(model: MTPModel, config, data, *, prompts: int, prompt_len: int, new_tokens: int,
-              cache_len: int, tree: Tree, temperature: float) -> dict:
-    """Plain, chain and tree decoding, greedy, and plain and chain sampling at `temperature`, on
-    held-out prompts (the validation split), timed in one process with the order of the modes
-    rotating per prompt; speedups are medians over prompts of each mode's tokens/s over plain's
-    (greedy or sampled). Greedy outputs must be identical; sampled ones are only reported. Also
-    how repetitive the outputs are and the teacher-forced acceptance on the validation set."""
-    from mtp_jax import data as data_lib
-
-    tokenizer = data_lib.load_tokenizer(data.directory)
-    generator = Generator(model, cache_len)
-    starts = np.linspace(0, len(data.val) - prompt_len - new_tokens, prompts).astype(np.int64)
-    val = lambda s, n: np.asarray(data.val[s:s + n]).astype(int).tolist()  # noqa: E731
-    modes = {
-        "plain": lambda prompt, seed: generator.generate(prompt, new_tokens),
-        "chain": lambda prompt, seed: generator.speculative(prompt, new_tokens),
-        "tree": lambda prompt, seed: generator.speculative(prompt, new_tokens, tree=tree),
-        "plain_sampled": lambda prompt, seed: generator.generate(prompt, new_tokens, temperature, seed=seed),
-        "chain_sampled": lambda prompt, seed: generator.speculative(prompt, new_tokens, temperature, seed=seed),
-    }
-    for run_mode in modes.values():  # compile every mode before timing
-        run_mode(val(0, prompt_len), 0)
-
-    rows = []
-    for i, s in enumerate(starts):
-        prompt, truth = val(s, prompt_len), val(s + prompt_len, new_tokens)
-        row = {"truth_ratio": compression_ratio(tokenizer.decode(truth))}
-        for mode in BENCHMARK_MODES[i % len(modes):] + BENCHMARK_MODES[:i % len(modes)]:
-            begin = time.perf_counter()
-            result = modes[mode](prompt, i)
-            row[mode] = dict(result=result, tps=len(result.tokens) / (time.perf_counter() - begin),
-                             ratio=compression_ratio(tokenizer.decode(result.tokens)))
-        for mode in ("chain", "tree"):
-            if row[mode]["result"].tokens != row["plain"]["result"].tokens:
-                raise AssertionError(f"{mode} speculative decoding diverged from greedy decoding on prompt {i}")
-        rows.append(row)
-
-    graphdef, params = nnx.split(model, nnx.Param)
-    batches = data_lib.eval_windows(data.val, window_len=config.seq_len + model.n_tokens, batch_size=config.batch_size,
-                                    num_batches=config.eval_batches)
-    forced = [teacher_forced_acceptance(graphdef, config.loss_chunk_size, params, b) for b in batches]
-    forced = {k: float(np.mean([f[k] for f in forced])) for k in forced[0]}
-
-    report = {}
-    for mode in BENCHMARK_MODES:
-        baseline = "plain_sampled" if mode.endswith("sampled") else "plain"
-        results = Result([], 0, sum((r[mode]["result"].accepted for r in rows), []),
-                         overlaps=sum((r[mode]["result"].overlaps or [] for r in rows), []))
-        report[mode] = {
-            "tokens_per_sec": float(np.median([r[mode]["tps"] for r in rows])),
-            "speedup": float(np.median([r[mode]["tps"] / r[baseline]["tps"] for r in rows])),
-            "mean_accepted": results.mean_accepted,
-            "output_compression_ratio": float(np.median([r[mode]["ratio"] for r in rows])),
-        }
-        if mode == "chain":
-            report[mode]["acceptance"] = results.acceptance(model.n_tokens)
-        if mode == "chain_sampled":
-            report[mode]["alpha"] = results.alpha()
-            report[mode]["alpha_predicted_mean_accepted"] = results.predicted_mean_accepted()
-    return {
-        "prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens, "cache_len": cache_len,
-        "temperature": temperature, "tree_size": tree.size - 1, "tree_paths": tree.to_json(), **report,
-        "truth_compression_ratio": float(np.median([r["truth_ratio"] for r in rows])),
-        "teacher_forced_mean_accepted": forced.pop("mean_accepted"), "teacher_forced_acceptance": forced,
-    }
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = ArgumentParser(prog="python -m mtp_jax.generate", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True, help="a training workdir (its newest checkpoint is used)")
-    p.add_argument("--prompt", help="text to continue (required unless --benchmark)")
+    p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max_new_tokens", type=int, default=128, help="tokens to generate at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
     p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
@@ -526,47 +333,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cache_len", type=int, default=0,
                    help="KV-cache positions, prompt included (0: the seq_len the model was trained on)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--benchmark", action="store_true",
-                   help="time plain, chain and tree decoding (greedy) and plain and chain sampling "
-                        "(--temperature, default 0.8) on validation prompts")
-    p.add_argument("--prompts", type=int, default=10, help="benchmark: number of validation prompts")
-    p.add_argument("--prompt_len", type=int, default=128, help="benchmark: tokens per prompt")
     args = p.parse_args(argv)
-    if not args.benchmark and args.prompt is None:
-        fail("--prompt is required (or pass --benchmark)")
-    if args.tree_size and not (args.speculative or args.benchmark):
+    if args.tree_size and not args.speculative:
         fail("--tree_size is a shape for --speculative decoding: add --speculative (or drop --tree_size)")
-    if args.tree_size and args.temperature > 0 and not args.benchmark:
+    if args.tree_size and args.temperature > 0:
         fail("tree verification is greedy: drop --tree_size (sampled drafts are verified as a chain) or --temperature")
     if args.tree_size < 0:
         fail(f"--tree_size={args.tree_size} must be >= 0")
-    for name in ("max_new_tokens", "prompts", "prompt_len"):
-        if getattr(args, name) < 1:
-            fail(f"--{name}={getattr(args, name)} must be >= 1")
+    if args.max_new_tokens < 1:
+        fail(f"--max_new_tokens={args.max_new_tokens} must be >= 1")
     if not 0 < args.top_p <= 1 or args.top_k < 0 or args.temperature < 0 or args.cache_len < 0:
         fail("need --temperature >= 0, --top_k >= 0, 0 < --top_p <= 1 and --cache_len >= 0")
     return args
 
 
 def run(args: argparse.Namespace) -> dict:
-    from mtp_jax import data as data_lib
-
-    model, config, data = load(args.workdir)
-    cache_len = args.cache_len or config.seq_len
-    if args.benchmark:
-        if model.n_tokens == 1:
-            raise UserError("the model has no extra heads to draft with (it was trained with mtp_n_tokens=1): "
-                            "benchmark a model trained with --config.use_mtp=True --config.mtp_n_tokens=4")
-        if args.prompt_len >= cache_len:
-            raise UserError(f"--prompt_len={args.prompt_len} must be below the cache of {cache_len} positions")
-        tree = build_tree(model, config, data, args.tree_size or BENCHMARK_TREE_SIZE)
-        return benchmark(model, config, data, prompts=args.prompts, prompt_len=args.prompt_len,
-                         new_tokens=min(args.max_new_tokens, cache_len - args.prompt_len), cache_len=cache_len,
-                         tree=tree, temperature=args.temperature or 0.8)
-    tokenizer = data_lib.load_tokenizer(data.directory)
+    trained = workdir.load(args.workdir)
+    model, tokenizer = trained.model, trained.tokenizer()
     prompt = tokenizer.encode(args.prompt)
-    generator = Generator(model, cache_len)
-    tree = build_tree(model, config, data, args.tree_size) if args.tree_size and model.n_tokens > 1 else None
+    generator = Generator(model, args.cache_len or trained.config.seq_len)
+    tree = None
+    if args.tree_size and model.n_predict > 1:
+        tree = build_tree(model, trained.config, trained.data().val, args.tree_size)
     begin = time.perf_counter()
     if args.speculative:
         result = generator.speculative(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
@@ -578,7 +366,7 @@ def run(args: argparse.Namespace) -> dict:
     out = {"text": tokenizer.decode(result.tokens), "new_tokens": len(result.tokens), "seconds": seconds,
            "tokens_per_sec": len(result.tokens) / seconds, "forward_passes": result.forward_passes,
            "mean_accepted": result.mean_accepted,
-           "acceptance": result.acceptance(model.n_tokens) if args.speculative else []}
+           "acceptance": result.acceptance(model.n_predict) if args.speculative else []}
     if tree is not None:
         out["tree"] = tree.to_json()
     if args.speculative and args.temperature > 0:
@@ -592,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         out = run(args)
     except UserError as e:
         fail(str(e))
-    if args.json or args.benchmark:
+    if args.json:
         print(json.dumps(out))
         return
     print(args.prompt + out["text"])

@@ -1,7 +1,7 @@
 """Entry point: `python -m mtp_jax.main --config=configs/mtp3.py[:preset] --workdir=DIR [--config.KEY=V …]`.
 
-Sets up the JAX runtime (CPU device count, multi-process initialisation) before any computation,
-then hands over to train.run. Bad input ends here as one line on stderr and exit status 2.
+Sets up the JAX runtime (CPU device count, multi-process initialisation) before any computation
+(importing JAX computes nothing), then hands over to train.run. Bad input ends here as one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 import pathlib
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mtp_jax import train
 from mtp_jax.cli import fail, new_folders, parse_flags, remove_empty
+from mtp_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
                                           lock_config=True)
@@ -28,8 +31,6 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
 
 def init_runtime() -> None:
     """Configure JAX before its first computation: device count and distributed initialisation."""
-    import jax
-
     if _CPU_DEVICES.value:
         jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
     if _COORDINATOR.value:
@@ -50,20 +51,21 @@ def main(argv) -> None:
         fail(f"unexpected arguments {argv[1:]}: flags look like --config=configs/mtp3.py --workdir=DIR")
     if _CONFIG.value is None or _WORKDIR.value is None:
         fail("--config and --workdir are required, e.g. --config=configs/mtp3.py --workdir=runs/mtp3")
-    from mtp_jax.errors import UserError
-
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and JAX log every save at INFO
     created = new_folders(pathlib.Path(_WORKDIR.value))
     try:
         init_runtime()
-        from mtp_jax import train
-
         train.run(_CONFIG.value, _WORKDIR.value)
     except UserError as e:
         remove_empty(created)  # a refused run leaves no new empty workdir behind
         fail(str(e))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `mtp-train` console command."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -8,6 +8,7 @@ import pathlib
 import sys
 
 from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 
 class MetricWriter:
@@ -66,5 +67,4 @@ def read_metrics(workdir) -> list[dict]:
 
 def log(message: str) -> None:
     """A console line that does not tear a progress bar."""
-    from tqdm import tqdm
     tqdm.write(message, file=sys.stderr)

@@ -58,7 +58,8 @@ class ModelShape:
                                              if f.name != "vocab_size"})
 
 
-def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, std: float) -> nnx.Param:
+def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, std: float) -> nnx.Param:
+    """A parameter drawn from N(0, std²) with its logical axis names (sharding.LOGICAL_RULES)."""
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
 
 
@@ -122,11 +123,11 @@ class Attention(nnx.Module):
     def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
         d, n, h, pd = shape.d_model, shape.n_heads, shape.head_dim, jnp.dtype(shape.param_dtype)
         std, kv = 0.02, shape.kv_heads
-        self.wq = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std)
-        self.wk = _param(rngs, (d, kv, h), ("embed", "heads", "head_dim"), pd, std)
-        self.wv = _param(rngs, (d, kv, h), ("embed", "heads", "head_dim"), pd, std)
+        self.wq = normal_param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd, std)
+        self.wk = normal_param(rngs, (d, kv, h), ("embed", "heads", "head_dim"), pd, std)
+        self.wv = normal_param(rngs, (d, kv, h), ("embed", "heads", "head_dim"), pd, std)
         # GPT-2's residual scaling keeps the residual stream's variance flat with depth.
-        self.wo = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd, std / math.sqrt(2 * shape.n_layers))
+        self.wo = normal_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd, std / math.sqrt(2 * shape.n_layers))
         self.dtype, self.theta = jnp.dtype(shape.dtype), shape.rope_theta
         self.implementation, self.block_size = shape.attention, shape.attention_block_size
 
@@ -173,9 +174,9 @@ class MLP(nnx.Module):
 
     def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
         d, m, pd = shape.d_model, shape.mlp_dim, jnp.dtype(shape.param_dtype)
-        self.w_gate = _param(rngs, (d, m), ("embed", "mlp"), pd, 0.02)
-        self.w_up = _param(rngs, (d, m), ("embed", "mlp"), pd, 0.02)
-        self.w_down = _param(rngs, (m, d), ("mlp", "embed"), pd, 0.02 / math.sqrt(2 * shape.n_layers))
+        self.w_gate = normal_param(rngs, (d, m), ("embed", "mlp"), pd, 0.02)
+        self.w_up = normal_param(rngs, (d, m), ("embed", "mlp"), pd, 0.02)
+        self.w_down = normal_param(rngs, (m, d), ("mlp", "embed"), pd, 0.02 / math.sqrt(2 * shape.n_layers))
         self.dtype = jnp.dtype(shape.dtype)
 
     def __call__(self, x: Array) -> Array:
@@ -220,14 +221,14 @@ class Decoder(nnx.Module):
     def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs, stacked_layers: int = 0):
         pd = jnp.dtype(shape.param_dtype)
         self.shape, self.n_stacked = shape, stacked_layers
-        self.embedding = _param(rngs, (shape.vocab_size, shape.d_model), ("vocab", "embed"), pd, 0.02)
+        self.embedding = normal_param(rngs, (shape.vocab_size, shape.d_model), ("vocab", "embed"), pd, 0.02)
         blocks = [Block(shape, rngs=rngs) for _ in range(shape.n_layers)]
         if stacked_layers:
             self.layer_stack = stack_modules(blocks[:stacked_layers])
         self.blocks = nnx.List(blocks[stacked_layers:])
         self.final_norm = RMSNorm(shape.d_model, param_dtype=pd)
         if not shape.tie_embeddings:
-            self.unembedding = _param(rngs, (shape.d_model, shape.vocab_size), ("embed", "vocab"), pd, 0.02)
+            self.unembedding = normal_param(rngs, (shape.d_model, shape.vocab_size), ("embed", "vocab"), pd, 0.02)
 
     def embed(self, tokens: Array) -> Array:
         """tokens: [B, T] int → [B, T, D] in the compute dtype."""

@@ -1,6 +1,6 @@
 """Multi-Token Prediction: the extra heads, their targets, per-head losses and loss weights.
 
-The contract (DESIGN.md §4): a training window holds T + n tokens; inputs are x[:, :T]; head k
+The contract: a training window holds T + n tokens; inputs are x[:, :T]; head k
 (k = 1 … n) at position t predicts x[t + k], i.e. its targets are x[:, k : T + k], so every head
 sees exactly B × T targets. Head 1 is the ordinary next-token head, and with n = 1 the model's
 parameters and loss are exactly the baseline's.
@@ -8,7 +8,7 @@ parameters and loss are exactly the baseline's.
     total = L_1 + mtp_weight * sum_{k >= 2} w_k * L_k
 
 Head types:
-  'linear'     (the seed's)        head k >= 2 is its own Dense(d_model -> vocab) on the trunk's
+  'linear'     (Stern et al. 2018) head k >= 2 is its own Dense(d_model -> vocab) on the trunk's
                                    final normed hidden state.
   'parallel'   (Meta, 2404.19737)  the trunk is the first n_layers - 1 blocks; head k is one more
                                    block on the trunk output (head 1's is the model's last layer),
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtp_jax.model import Block, Decoder, ModelShape, RMSNorm, _param
+from mtp_jax.model import Block, Decoder, ModelShape, RMSNorm, normal_param
 
 Array = jax.Array
 
@@ -35,7 +35,7 @@ HEAD_TYPES = ("linear", "parallel", "sequential")
 WEIGHT_SCHEMES = ("geometric", "uniform", "mean")
 
 
-def n_tokens(config) -> int:
+def n_predict(config) -> int:
     """How many tokens the model predicts per position (1 = plain next-token prediction)."""
     return config.mtp_n_tokens if config.use_mtp else 1
 
@@ -53,7 +53,7 @@ def auxiliary_weights(scheme: str, n: int) -> tuple[float, ...]:
 
 def loss_weights(config) -> tuple[float, ...]:
     """The weight of each head's loss in the total: (1, mtp_weight * w_2, …, mtp_weight * w_n)."""
-    n = n_tokens(config)
+    n = n_predict(config)
     return (1.0,) + tuple(config.mtp_weight * w for w in auxiliary_weights(config.mtp_loss_weights, n))
 
 
@@ -65,7 +65,7 @@ class SequentialModule(nnx.Module):
         pd = jnp.dtype(shape.param_dtype)
         self.hidden_norm = RMSNorm(shape.d_model, param_dtype=pd)
         self.embed_norm = RMSNorm(shape.d_model, param_dtype=pd)
-        self.merge = _param(rngs, (2 * shape.d_model, shape.d_model), ("merge", "embed"), pd, 0.02)
+        self.merge = normal_param(rngs, (2 * shape.d_model, shape.d_model), ("merge", "embed"), pd, 0.02)
         self.block = Block(shape, rngs=rngs)
         self.dtype = jnp.dtype(shape.dtype)
 
@@ -82,11 +82,11 @@ class MTPModel(nnx.Module):
         # model.scan_layers stacks the trunk's layers (not head 1's own block of 'parallel' heads).
         trunk = shape.n_layers - 1 if head_type == "parallel" else shape.n_layers
         self.decoder = Decoder(shape, rngs=rngs, stacked_layers=trunk if shape.scan_layers else 0)
-        self.n_tokens, self.head_type = n, head_type
+        self.n_predict, self.head_type = n, head_type
         if n > 1:
             pd = jnp.dtype(shape.param_dtype)
             make = {
-                "linear": lambda: _param(rngs, (shape.d_model, shape.vocab_size), ("embed", "vocab"), pd, 0.02),
+                "linear": lambda: normal_param(rngs, (shape.d_model, shape.vocab_size), ("embed", "vocab"), pd, 0.02),
                 "parallel": lambda: Block(shape, rngs=rngs),
                 "sequential": lambda: SequentialModule(shape, rngs=rngs),
             }[head_type]
@@ -122,10 +122,47 @@ class MTPModel(nnx.Module):
             return self.heads[k - 2][...].astype(self.decoder.shape.dtype)
         return self.decoder.unembedding_matrix()
 
+    def hidden_states(self, tokens: Array, t: int, heads: int | None = None):
+        """Yields head k's hidden state before the final norm, [B, t, D], for k = 1 … heads (default
+        n), with the true tokens as context: the trunk reads tokens[:, :t] and 'sequential' module
+        k reads x[t + k - 1], tokens[:, k - 1 : t + k - 1]. tokens: [B, >= t + heads - 1].
+
+        A generator, so that a caller that reduces each head's state at once (the loss) keeps one
+        head's activations alive at a time."""
+        positions = jnp.broadcast_to(jnp.arange(t), (tokens.shape[0], t))
+        h_trunk, _ = self.trunk(tokens[:, :t], positions)
+        h = h_trunk
+        for k in range(1, (heads or self.n_predict) + 1):
+            h, _ = self.head_hidden(k, h_trunk, h, tokens[:, k - 1:t + k - 1], positions)
+            yield h
+
+    def logits(self, k: int, h: Array) -> Array:
+        """Head k's float32 logits [..., V] from its hidden state [..., D]."""
+        return jnp.dot(self.decoder.final_norm(h), self.head_matrix(k), preferred_element_type=jnp.float32)
+
+    def greedy(self, k: int, h: Array, chunk_size: int = 0) -> Array:
+        """Head k's argmax [B, T] from its hidden state [B, T, D], chunk_size positions at a time so
+        that at most [B, chunk_size, V] logits exist at once (0: all positions together)."""
+        b, t, _ = h.shape
+        greedy = jax.lax.map(lambda x: jnp.argmax(self.logits(k, x), axis=-1), position_chunks(h, chunk_size))
+        return greedy.swapaxes(0, 1).reshape(b, -1)[:, :t]
+
 
 def build_model(config, vocab_size: int, *, seed: int) -> MTPModel:
     shape = ModelShape.from_config(config.model, vocab_size)
-    return MTPModel(shape, n_tokens(config), config.mtp_head_type, rngs=nnx.Rngs(params=seed))
+    return MTPModel(shape, n_predict(config), config.mtp_head_type, rngs=nnx.Rngs(params=seed))
+
+
+def position_chunks(x: Array, chunk_size: int, fill=0) -> Array:
+    """x [B, T, ...] → [n_chunks, B, c, ...], c = chunk_size positions per chunk (all T when
+    chunk_size is 0 or >= T), the last chunk padded with `fill`. Chunks run along positions so
+    that the batch axis keeps its sharding."""
+    b, t = x.shape[:2]
+    c = chunk_size if 0 < chunk_size < t else t
+    pad = (-t) % c
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+    return x.reshape(b, -1, c, *x.shape[2:]).swapaxes(0, 1)
 
 
 @jax.checkpoint
@@ -149,19 +186,12 @@ def cross_entropy(h: Array, w: Array, targets: Array, chunk_size: int = 0,
     h: [B, T, D], w: [D, V], targets: [B, T]. With 0 < chunk_size < T the positions are processed
     chunk_size at a time in a scan, so at most [B, chunk_size, V] logits exist at once.
     mask: [B, T], nonzero where a target counts; the means are then over those targets only."""
-    b, t, d = h.shape
+    b, t, _ = h.shape
     count = b * t
     if mask is not None:
         targets = jnp.where(mask > 0, targets, -1)
         count = jnp.maximum(jnp.sum(mask > 0, dtype=jnp.float32), 1.0)
-    c = chunk_size if 0 < chunk_size < t else t
-    pad = (-t) % c
-    if pad:
-        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=-1)
-    # [n_chunks, B, c, ...]: chunk along positions so the batch axis keeps its sharding.
-    h_chunks = h.reshape(b, -1, c, d).swapaxes(0, 1)
-    t_chunks = targets.reshape(b, -1, c).swapaxes(0, 1)
+    h_chunks, t_chunks = position_chunks(h, chunk_size), position_chunks(targets, chunk_size, fill=-1)
 
     def accumulate(totals, chunk):
         nll, correct = _chunk_stats(w, *chunk)
@@ -172,25 +202,38 @@ def cross_entropy(h: Array, w: Array, targets: Array, chunk_size: int = 0,
     return nll / count, correct / count
 
 
+def document_mask(window: Array, eot_id: int, k: int, t: int) -> Array:
+    """[B, t] bool: whether head k's target at each position p < t lies in the document of the
+    position's next token, i.e. no end-of-text token is among window[:, p + 1 … p + k - 1]."""
+    ends = jnp.cumsum(window == eot_id, axis=1)  # [B, T + n]: end-of-text tokens up to each position
+    return ends[:, k - 1:t + k - 1] == ends[:, :t]
+
+
+def _target_mask(mask: Array | None, window: Array, eot_id: int | None, k: int, t: int) -> Array | None:
+    """Head k's [B, t] target mask: a task's (mask[t + k]) and, given eot_id, document_mask."""
+    head = None if mask is None else mask[:, k:t + k]
+    if eot_id is None:
+        return head
+    same = document_mask(window, eot_id, k, t)
+    return same if head is None else (head > 0) & same
+
+
 def mtp_loss(model: MTPModel, window: Array, weights: tuple[float, ...], chunk_size: int = 0,
-             mask: Array | None = None, inputs: Array | None = None):
+             mask: Array | None = None, inputs: Array | None = None, eot_id: int | None = None):
     """window: [B, T + n] int tokens → (total loss, {'loss_k', 'accuracy_k', 'total_loss'}).
 
     weights: each head's weight in the total, n floats or an [n] array traced from the step.
     mask: [B, T + n], nonzero on tokens that are targets (a task's answers): head k's target at
     t is window[t + k], so its mask there is mask[t + k], and each L_k is the mean over its
     unmasked targets. inputs: [B, T + n] tokens the model reads instead of window (a task's
-    teacherless variant hides the answers); the targets stay window's."""
-    n = model.n_tokens
-    t = window.shape[1] - n
+    teacherless variant hides the answers); the targets stay window's. eot_id: the end-of-text id
+    of data.document_mask, which also drops every target in a later document (document_mask)."""
+    t = window.shape[1] - model.n_predict
     inputs = window if inputs is None else inputs
-    positions = jnp.broadcast_to(jnp.arange(t), (window.shape[0], t))
-    h_trunk, _ = model.trunk(inputs[:, :t], positions)
-    h_prev, total, metrics = h_trunk, jnp.zeros((), jnp.float32), {}
-    for k in range(1, n + 1):
-        h_prev, _ = model.head_hidden(k, h_trunk, h_prev, inputs[:, k - 1:t + k - 1], positions)
-        loss, accuracy = cross_entropy(model.decoder.final_norm(h_prev), model.head_matrix(k),
-                                       window[:, k:t + k], chunk_size, None if mask is None else mask[:, k:t + k])
+    total, metrics = jnp.zeros((), jnp.float32), {}
+    for k, h in enumerate(model.hidden_states(inputs, t), 1):
+        loss, accuracy = cross_entropy(model.decoder.final_norm(h), model.head_matrix(k), window[:, k:t + k],
+                                       chunk_size, _target_mask(mask, window, eot_id, k, t))
         total = total + weights[k - 1] * loss
         metrics[f"loss_{k}"], metrics[f"accuracy_{k}"] = loss, accuracy
     metrics["total_loss"] = total

@@ -26,7 +26,7 @@ import math
 
 import jax.numpy as jnp
 
-from mtp_jax.mtp import auxiliary_weights, n_tokens
+from mtp_jax.mtp import auxiliary_weights, n_predict
 
 WEIGHT_SCHEDULES = ("constant", "stepped", "linear", "cosine")
 CURRICULA = ("none", "forward", "reverse")
@@ -69,7 +69,7 @@ def head_weights(config, step, steps: int):
 
     The products mtp_weight * w_k are rounded to float32 from Python's doubles, as a fixed tuple
     of weights would be, so a constant schedule gives the losses of fixed weights bit for bit."""
-    n = n_tokens(config)
+    n = n_predict(config)
     w = auxiliary_weights(config.mtp_loss_weights, n)
     t = weight_progress(config.mtp_weight_schedule, step, steps, config.mtp_weight_switch)
     initial = jnp.asarray((1.0,) + tuple(config.mtp_weight * x for x in w), jnp.float32)

@@ -276,3 +276,9 @@ def pack(problems: list[Problem], length: int) -> tuple[np.ndarray, np.ndarray]:
 def model_inputs(window: np.ndarray, mask: np.ndarray, teacherless: bool) -> np.ndarray:
     """The tokens the model reads for a window: the window, or with answers hidden (teacherless)."""
     return np.where(mask > 0, ord(HIDDEN), window).astype(window.dtype) if teacherless else window
+
+
+def batch_rows(window: np.ndarray, mask: np.ndarray | None, teacherless: bool) -> tuple[np.ndarray, ...]:
+    """The arrays a step reads for rows of windows: (window,) for text; (window, loss mask, model
+    inputs) for a task (mtp.mtp_loss)."""
+    return (window,) if mask is None else (window, mask, model_inputs(window, mask, teacherless))

@@ -28,23 +28,26 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mtp_jax import data as data_lib
-from mtp_jax import evaluate as evaluate_lib
 from mtp_jax import hf, sharding, tasks
 from mtp_jax.checkpoint import Checkpointer, abstract_like, check_writable
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
+from mtp_jax.evaluate import Evaluator
+from mtp_jax.generate import sample
 from mtp_jax.metrics import MetricWriter, log
-from mtp_jax.mtp import build_model, mtp_loss, n_tokens
+from mtp_jax.mtp import build_model, mtp_loss, n_predict
 from mtp_jax.schedules import head_weights, mtp_weight
+from mtp_jax.workdir import save_run_files
 
-# Config fields that fix the shape of the parameters (or of the optimizer state, 'train'): a
+# Config fields that fix the shape of the parameters (or of the optimizer state, 'trainable'): a
 # checkpoint only restores if they match.
 MODEL_SIGNATURE = ("use_mtp", "mtp_n_tokens", "mtp_head_type", "model.d_model", "model.n_layers",
                    "model.n_heads", "model.mlp_dim", "model.tie_embeddings", "model.param_dtype",
-                   "model.n_kv_heads", "train",
+                   "model.n_kv_heads", "trainable",
                    "model.scan_layers")  # stacked and per-layer parameters are different trees
 # What a signature field meant in a workdir saved before the field existed.
-SIGNATURE_DEFAULTS = {"model.n_kv_heads": 0, "train": "all", "model.scan_layers": False}
+SIGNATURE_DEFAULTS = {"model.n_kv_heads": 0, "trainable": "all", "model.scan_layers": False}
+RENAMED_FIELDS = {"trainable": "train"}  # a field's name in workdirs saved before it was renamed
 
 
 def itstime(step: int, every: int, total: int) -> bool:
@@ -54,7 +57,7 @@ def itstime(step: int, every: int, total: int) -> bool:
 
 def total_steps(config, data) -> int:
     if config.num_epochs > 0:
-        per_epoch = data_lib.steps_per_epoch(len(data.train), window_len=config.seq_len + n_tokens(config),
+        per_epoch = data_lib.steps_per_epoch(data_lib.lengths(data.train), window_len=config.seq_len + n_predict(config),
                                              batch_size=config.batch_size, align=data.example_len)
         return config.num_epochs * per_epoch
     return config.num_train_steps
@@ -80,15 +83,15 @@ def make_optimizer(config, steps: int):
     return schedule, tx
 
 
-def trainable(params: dict, train: str) -> dict:
+def trainable_part(params: dict, trainable: str) -> dict:
     """The part of the parameters the optimizer updates (and holds state for): all of them, or
-    under train='heads' only `heads` (heads 2 … n; for 'parallel' heads head 1's block is the
+    under trainable='heads' only `heads` (heads 2 … n; for 'parallel' heads head 1's block is the
     decoder's last layer, so it stays frozen with the rest of the decoder)."""
-    return {"heads": params["heads"]} if train == "heads" else params
+    return {"heads": params["heads"]} if trainable == "heads" else params
 
 
-def train_step(graphdef, tx, schedule, weights_at, chunk_size, compute_shardings, train, state, window, mask=None,
-               inputs=None):
+def train_step(graphdef, tx, schedule, weights_at, chunk_size, compute_shardings, trainable, eot_id, state,
+               window, mask=None, inputs=None):
     """One optimizer step. A non-finite loss or gradient leaves the parameters untouched and is
     counted, so no NaN ever reaches the parameters (or a checkpoint); nan_policy decides on the
     host whether the run stops. weights_at(step) gives each head's loss weight [n] (schedules.py).
@@ -102,9 +105,9 @@ def train_step(graphdef, tx, schedule, weights_at, chunk_size, compute_shardings
 
     def loss_fn(trained):
         params = jax.lax.with_sharding_constraint({**state["params"], **trained}, compute_shardings)
-        return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size, mask, inputs)
+        return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size, mask, inputs, eot_id)
 
-    trained = trainable(state["params"], train)
+    trained = trainable_part(state["params"], trainable)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state["opt_state"], trained)
@@ -139,10 +142,12 @@ class TrainSetup:
     step_fn: jax.stages.Compiled
 
 
-def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int = 1) -> TrainSetup:
+def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int = 1,
+                    eot_id: int | None = None) -> TrainSetup:
     """Model, optimizer and shardings for `config`, and the train step compiled once for `mesh`.
 
-    batch_arrays: 1 (window) for text, 3 (window, mask, inputs; all [B, T + n]) for a task."""
+    batch_arrays: 1 (window) for text, 3 (window, mask, inputs; all [B, T + n]) for a task.
+    eot_id: data.document_mask's end-of-text id (data.document_eot_id), None when off."""
     def make_model():
         return build_model(config, vocab_size, seed=config.seed)
 
@@ -152,7 +157,7 @@ def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int
 
     def init_state():
         params = nnx.to_pure_dict(nnx.split(make_model(), nnx.Param)[1])
-        return {"params": params, "opt_state": tx.init(trainable(params, config.train)),
+        return {"params": params, "opt_state": tx.init(trainable_part(params, config.trainable)),
                 "step": jnp.zeros((), jnp.int32), "nonfinite_steps": jnp.zeros((), jnp.int32),
                 "first_nonfinite_step": -jnp.ones((), jnp.int32)}
 
@@ -163,20 +168,16 @@ def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
 
     batch_sharding = sharding.batch_sharding(mesh)
-    abstract_batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + n_tokens(config)), jnp.int32,
+    abstract_batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + n_predict(config)), jnp.int32,
                                           sharding=batch_sharding)
     step_fn = jax.jit(
         functools.partial(train_step, graphdef, tx, schedule, functools.partial(head_weights, config, steps=steps),
-                          config.loss_chunk_size, sharding.compute_shardings(param_shardings), config.train),
+                          config.loss_chunk_size, sharding.compute_shardings(param_shardings), config.trainable,
+                          eot_id),
         in_shardings=(state_shardings,) + (batch_sharding,) * batch_arrays, out_shardings=(state_shardings, None),
         donate_argnums=0,
     ).lower(abstract_state, *(abstract_batch,) * batch_arrays).compile()
     return TrainSetup(graphdef, init_state, abstract_state, state_shardings, param_shardings, n_params, step_fn)
-
-
-def eval_step(graphdef, chunk_size, compute_shardings, params, weights, window, mask=None, inputs=None):
-    params = jax.lax.with_sharding_constraint(params, compute_shardings)  # see sharding.compute_shardings
-    return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size, mask, inputs)[1]
 
 
 def check_workdir(workdir: pathlib.Path, config, vocab_size: int, has_checkpoints: bool) -> None:
@@ -186,8 +187,11 @@ def check_workdir(workdir: pathlib.Path, config, vocab_size: int, has_checkpoint
         return
     saved = json.loads(saved_path.read_text())
     ours = json.loads(config.to_json_best_effort())
+
     def get(c, key):
         value = functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, key.split("."), c)
+        if value is None and key in RENAMED_FIELDS:
+            value = c.get(RENAMED_FIELDS[key])
         return SIGNATURE_DEFAULTS.get(key) if value is None else value
 
     diffs = [f"{key} {get(saved, key)!r} -> {get(ours, key)!r}" for key in MODEL_SIGNATURE
@@ -213,19 +217,17 @@ def fetch(tree) -> dict:
 
 def run(config, workdir, devices=None) -> dict:
     """Train (or resume) to the end on `devices` (default: all); returns the final metrics."""
-    workdir = pathlib.Path(workdir)
-    is_main = jax.process_index() == 0
+    workdir, is_main = pathlib.Path(workdir), jax.process_index() == 0
     if config.init_from:
         config = hf.configure(config)  # the model's shape is the folder's
     validate(config)
-    n = n_tokens(config)
-    window = config.seq_len + n
-
     check_writable(workdir)  # before the data and the compile, not at the first save
 
     # ----------------------------------------------------------------------------- Data
     data = data_lib.prepare(config.data, show_progress=is_main and sys.stderr.isatty())
-    data_lib.check_fits(data, window)
+    window_len = config.seq_len + n_predict(config)
+    data_lib.check_fits(data, window_len)
+    eot_id = data_lib.document_eot_id(config.data, data)  # data.document_mask's; None when off
     # Read and checked before anything is written; used only if there is no checkpoint to resume.
     imported = hf.read_for_training(config, data) if config.init_from else None
     steps = total_steps(config, data)
@@ -233,124 +235,49 @@ def run(config, workdir, devices=None) -> dict:
     # ----------------------------------------------------------------------------- Mesh
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch(config.batch_size, mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
-
-    # A task's batch is (window, loss mask, model inputs), all at the same aligned starts.
-    is_task = data.train_mask is not None
-    batch_arrays = 3 if is_task else 1
-
-    def to_batch(rows_of: Callable[[np.ndarray], np.ndarray], tokens, mask) -> tuple:
-        """This process's rows of tokens (and of the mask) → the step's global batch arrays."""
-        local = (rows_of(tokens),)
-        if is_task:
-            local_mask = rows_of(mask)
-            local += (local_mask, tasks.model_inputs(local[0], local_mask, config.data.task.teacherless))
-        return tuple(sharding.global_batch(a, mesh) for a in local)
 
     # ----------------------------------------------------------------------------- Model, optimizer, step
-    setup = make_train_step(config, data.vocab_size, mesh, steps, batch_arrays)
-    graphdef, init_state, step_fn = setup.graphdef, setup.init_state, setup.step_fn
-    abstract_state, state_shardings = setup.abstract_state, setup.state_shardings
-    n_params, memory = setup.n_params, step_fn.memory_analysis()
-    local_rows = config.batch_size // jax.process_count()
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef, config.loss_chunk_size,
-                                        sharding.compute_shardings(setup.param_shardings)),
-                      in_shardings=(setup.param_shardings, None) + (batch_sharding,) * batch_arrays)
+    # A task's batch is (window, loss mask, model inputs), all at the same aligned starts.
+    setup = make_train_step(config, data.vocab_size, mesh, steps, batch_arrays=1 if data.train_mask is None else 3,
+                            eot_id=eot_id)
 
     # ----------------------------------------------------------------------------- Restore or init
     checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
     check_workdir(workdir, config, data.vocab_size, checkpointer.latest_step() is not None)
-    start, state = checkpointer.restore_newest_good(abstract_state)
+    start, state = checkpointer.restore_newest_good(setup.abstract_state)
     if start is None:
-        state = jax.jit(init_state, out_shardings=state_shardings)()
-        start = 0
-        if imported is not None:
-            state["params"] = hf.with_imported(state["params"], imported)
-            log(f"initialised {'the trunk and the heads' if 'heads' in imported else 'the trunk'} from "
-                f"{config.init_from}")
+        start, state = 0, init_state(setup, imported, config.init_from)
     else:
         log(f"resumed from {workdir / 'checkpoints'} at step {start}")
     del imported  # the host copy of an init_from model
     if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        saved = json.loads(config.to_json_best_effort())
-        (workdir / "config.json").write_text(json.dumps({**saved, "vocab_size": data.vocab_size}, indent=2))
+        save_run_files(workdir, config, data)
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
     if start == 0:
         # The training set's size turns steps into epochs (where a data-constrained run overfits).
-        writer.write(0, {"model/param_count": n_params, "data/train_tokens": len(data.train)})
+        writer.write(0, {"model/param_count": setup.n_params, "data/train_tokens": len(data.train)})
     if is_main:
-        mesh_desc = ", ".join(f"{a}={s}" for a, s in mesh.shape.items())
-        log(f"{n_params / 1e6:.2f}M parameters, {n} head(s) ({config.mtp_head_type}), mesh {mesh_desc}, "
-            f"{steps} steps of {config.batch_size}x{config.seq_len} tokens")
-        if memory is not None:
-            log(f"compiled train step needs {memory_per_device(memory) / 2**20:.1f} MiB per device: state and batch "
-                f"{memory.argument_size_in_bytes / 2**20:.1f} MiB, "
-                f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB")
+        log_setup(config, setup, mesh, steps)
 
     # ----------------------------------------------------------------------------- Evaluation
-    eval_at = functools.partial(data_lib.eval_windows, window_len=window, batch_size=config.batch_size,
-                                num_batches=config.eval_batches, align=data.example_len)
-    eval_windows = eval_at(data.val)
-    eval_masks = eval_at(data.val_mask) if is_task else [None] * len(eval_windows)
-    rows = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
-    probes = evaluate_lib.training_probes(config, data)  # prepared now: a bad setting fails before training
-
-    def evaluate(step: int) -> dict:
-        totals, weights = None, np.asarray(head_weights(config, step, steps))  # total_loss as trained at `step`
-        for batch, mask in zip(eval_windows, eval_masks):
-            m = eval_fn(state["params"], weights, *to_batch(lambda a: a[rows], batch, mask))
-            totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
-        result = {f"eval/{k}": v / len(eval_windows) for k, v in fetch(totals).items()}
-        if data.bytes_per_token:
-            result["eval/bits_per_byte"] = result["eval/loss_1"] / math.log(2) / data.bytes_per_token
-        if n > 1:  # how well the heads would draft for self-speculative decoding
-            from mtp_jax.generate import teacher_forced_acceptance
-
-            per_batch = jax.device_get([teacher_forced_acceptance(graphdef, config.loss_chunk_size, state["params"],
-                                                                  sharding.global_batch(batch[rows], mesh))
-                                        for batch in eval_windows])
-            result.update({f"generate/{k}": float(np.mean([b[k] for b in per_batch])) for k in per_batch[0]})
-        result.update(probes(graphdef, state["params"], lambda batch: sharding.global_batch(batch[rows], mesh)))
-        if is_task:
-            params = (multihost_utils.process_allgather(state["params"], tiled=True) if jax.process_count() > 1
-                      else jax.device_get(state["params"]))
-            result.update({f"eval/{k}": v for k, v in evaluate_lib.task_accuracy(nnx.merge(graphdef, params), config).items()})
-        return result
+    evaluator = Evaluator(config, data, setup.graphdef, mesh, param_shardings=setup.param_shardings, steps=steps)
 
     # ----------------------------------------------------------------------------- Loop
-    tokens_per_step = config.batch_size * config.seq_len
     bar = tqdm(total=steps, initial=start, disable=not (is_main and sys.stderr.isatty()), unit="step",
                dynamic_ncols=True)
-    last_time, last_step, final_eval, last_scalars = time.perf_counter(), start, {}, {}
-    stop, stopping = StopRequest(), False
+    timer, stop = StepTimer(start, config.batch_size * config.seq_len), StopRequest()
+    final_eval, last_scalars, stopping, done = {}, {}, False, start
     for step in range(start, steps):
-        local_rows_at = functools.partial(
-            data_lib.local_batch, window_len=window, batch_size=config.batch_size, seed=config.seed, step=step,
-            process_index=jax.process_index(), process_count=jax.process_count(), num_epochs=config.num_epochs,
-            align=data.example_len)
-        state, metrics = step_fn(state, *to_batch(local_rows_at, data.train, data.train_mask))
+        state, metrics = setup.step_fn(state, *train_batch(config, data, mesh, step))
         done = step + 1
         bar.update(1)
         if itstime(done, config.log_every, steps):
-            scalars = fetch(metrics)  # waits for the step: the timing below is synchronised
-            now = time.perf_counter()
-            step_time = (now - last_time) / (done - last_step)
-            last_time, last_step = now, done
-            scalars = {f"train/{k}": v for k, v in scalars.items()}
-            if n > 1:
-                scalars["train/mtp_weight"] = float(mtp_weight(config, step, steps))
-            scalars.update({"train/step_time_s": step_time, "train/tokens_per_sec": tokens_per_step / step_time,
-                            "train/tokens_seen": done * tokens_per_step})
-            check_finite(state, config.nan_policy, checkpointer, scalars)
-            writer.write(done, scalars)
-            last_scalars = scalars
-            bar.set_postfix(loss_1=f"{scalars['train/loss_1']:.3f}", tok_s=f"{scalars['train/tokens_per_sec']:.0f}")
-            if bar.disable and is_main:
-                log(f"step {done}/{steps}  loss_1 {scalars['train/loss_1']:.4f}  total {scalars['train/total_loss']:.4f}"
-                    f"  {scalars['train/tokens_per_sec']:.0f} tok/s")
+            last_scalars = train_scalars(config, fetch(metrics), timer, step, steps)  # waits for the step
+            check_finite(state, config.nan_policy, checkpointer, last_scalars)
+            writer.write(done, last_scalars)
+            report_progress(bar, is_main, done, steps, last_scalars)
         if itstime(done, config.eval_every, steps):
-            final_eval = evaluate(done)
+            final_eval = evaluator(state["params"], done)
             writer.write(done, final_eval)
             if is_main:
                 log(f"eval at step {done}: " + "  ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in final_eval.items()
@@ -364,26 +291,86 @@ def run(config, workdir, devices=None) -> dict:
     stop.release()
     bar.close()
     checkpointer.wait()
+    checkpointer.close()
     if stopping:
-        checkpointer.close()
         writer.close()
         log(f"stopped by {stop.signal} after step {done}: checkpoint saved in {workdir / 'checkpoints'}; "
             "rerun the same command to continue")
         return last_scalars
-    checkpointer.close()
     if not final_eval:  # resumed a run that had already finished: evaluate the restored state
-        final_eval = evaluate(steps)
+        final_eval = evaluator(state["params"], steps)
         writer.write(steps, final_eval)
     writer.close()
     if is_main:
         print_summary(config, workdir, final_eval, last_scalars)
         if config.sample_tokens > 0 and data.meta.get("tokenizer") in ("byte", "bpe"):
-            print_sample(config, data.directory, nnx.merge(graphdef, jax.device_get(state["params"])))
+            print_sample(config, data.directory, nnx.merge(setup.graphdef, jax.device_get(state["params"])))
     return {**final_eval, **last_scalars}
 
 
+def init_state(setup: TrainSetup, imported: dict | None, init_from: str) -> dict:
+    """A fresh train state on the mesh, with an init_from model's arrays in place of its own."""
+    state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
+    if imported is not None:
+        state["params"] = hf.with_imported(state["params"], imported)
+        log(f"initialised {'the trunk and the heads' if 'heads' in imported else 'the trunk'} from {init_from}")
+    return state
+
+
+def train_batch(config, data: data_lib.TokenData, mesh, step: int) -> tuple[jax.Array, ...]:
+    """The global batch of `step`, built from this process's rows: (window,) for text, (window,
+    loss mask, model inputs) for a task; each [B, T + n]."""
+    rows_of = functools.partial(
+        data_lib.local_batch, window_len=config.seq_len + n_predict(config), batch_size=config.batch_size,
+        seed=config.seed, step=step, process_index=jax.process_index(), process_count=jax.process_count(),
+        num_epochs=config.num_epochs, align=data.example_len)
+    mask = None if data.train_mask is None else rows_of(data.train_mask)
+    return tuple(sharding.global_batch(a, mesh)
+                 for a in tasks.batch_rows(rows_of(data.train), mask, config.data.task.teacherless))
+
+
+class StepTimer:
+    """Seconds per step since the previous reading (the host has waited for the step)."""
+
+    def __init__(self, step: int, tokens_per_step: int):
+        self.time, self.step, self.tokens_per_step = time.perf_counter(), step, tokens_per_step
+
+    def read(self, done: int) -> float:
+        now = time.perf_counter()
+        seconds, self.time, self.step = (now - self.time) / (done - self.step), now, done
+        return seconds
+
+
+def train_scalars(config, metrics: dict, timer: StepTimer, step: int, steps: int) -> dict:
+    """The train/… scalars logged after `step` from the step's metrics."""
+    step_time = timer.read(step + 1)
+    scalars = {f"train/{k}": v for k, v in metrics.items()}
+    if n_predict(config) > 1:
+        scalars["train/mtp_weight"] = float(mtp_weight(config, step, steps))
+    scalars.update({"train/step_time_s": step_time, "train/tokens_per_sec": timer.tokens_per_step / step_time,
+                    "train/tokens_seen": (step + 1) * timer.tokens_per_step})
+    return scalars
+
+
+def report_progress(bar: tqdm, is_main: bool, done: int, steps: int, scalars: dict) -> None:
+    bar.set_postfix(loss_1=f"{scalars['train/loss_1']:.3f}", tok_s=f"{scalars['train/tokens_per_sec']:.0f}")
+    if bar.disable and is_main:
+        log(f"step {done}/{steps}  loss_1 {scalars['train/loss_1']:.4f}  total {scalars['train/total_loss']:.4f}"
+            f"  {scalars['train/tokens_per_sec']:.0f} tok/s")
+
+
+def log_setup(config, setup: TrainSetup, mesh, steps: int) -> None:
+    mesh_desc = ", ".join(f"{a}={s}" for a, s in mesh.shape.items())
+    log(f"{setup.n_params / 1e6:.2f}M parameters, {n_predict(config)} head(s) ({config.mtp_head_type}), mesh "
+        f"{mesh_desc}, {steps} steps of {config.batch_size}x{config.seq_len} tokens")
+    memory = setup.step_fn.memory_analysis()
+    if memory is not None:
+        log(f"compiled train step needs {memory_per_device(memory) / 2**20:.1f} MiB per device: state and batch "
+            f"{memory.argument_size_in_bytes / 2**20:.1f} MiB, temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB")
+
+
 def print_summary(config, workdir: pathlib.Path, final_eval: dict, train_scalars: dict) -> None:
-    n = n_tokens(config)
+    n = n_predict(config)
     lines = [f"{'head':>6} {'predicts':>9} {'eval loss':>10} {'accuracy':>9}"]
     lines += [f"{k:>6} {'t+' + str(k):>9} {final_eval[f'eval/loss_{k}']:>10.4f} {final_eval[f'eval/accuracy_{k}']:>9.3f}"
               for k in range(1, n + 1)]
@@ -400,11 +387,9 @@ def print_summary(config, workdir: pathlib.Path, final_eval: dict, train_scalars
 
 
 def print_sample(config, data_dir: pathlib.Path, model) -> None:
-    from mtp_jax import generate  # decoding is only needed here, at the very end
-
     tokenizer = data_lib.load_tokenizer(data_dir)
     prompt = tokenizer.encode(config.sample_prompt)
-    ids = generate.sample(model, prompt, max_new_tokens=config.sample_tokens, temperature=0.8, seed=0)
+    ids = sample(model, prompt, max_new_tokens=config.sample_tokens, temperature=0.8, seed=0)
     print("== sample (temperature 0.8) " + "=" * 23 + f"\n{config.sample_prompt}{tokenizer.decode(ids)}", flush=True)
 
 

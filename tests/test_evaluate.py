@@ -1,5 +1,6 @@
-"""Probes on a model (mtp_jax/evaluate.py): identifier renaming, which tokens the induction probe
-scores and how, the parse rate, and the command line on a trained checkpoint."""
+"""Probes on a model (mtp_jax/probes.py, run by mtp_jax/evaluate.py): identifier renaming, which
+tokens the induction probe scores and how, the parse rate, and the command line on a trained
+checkpoint, which reproduces what the training run's Evaluator logged."""
 
 import io
 import json
@@ -15,7 +16,7 @@ import pytest
 from flax import nnx
 
 from mtp_jax import data as data_lib
-from mtp_jax import evaluate, generate, train
+from mtp_jax import evaluate, generate, probes, train
 from mtp_jax.errors import UserError
 from mtp_jax.metrics import read_metrics
 from mtp_jax.mtp import MTPModel
@@ -65,7 +66,7 @@ def bpe(tmp_path_factory):
 
 
 def test_renaming_keeps_the_files_own_names_and_renames_the_rest():
-    renamed = evaluate.rename_identifiers(SOURCE, data_lib.ByteTokenizer(), seed=0)
+    renamed = probes.rename_identifiers(SOURCE, data_lib.ByteTokenizer(), seed=0)
     assert set(renamed.mapping) == {"Counter", "Base", "helper", "items", "result", "item", "counter", "total"}
     # Kept: imports (os, path, join, collections, OrderedDict, od), attributes and class members
     # (count, bump, limit), keyword arguments (amount, key), f-string names (key), self, builtins.
@@ -78,37 +79,37 @@ def test_renaming_keeps_the_files_own_names_and_renames_the_rest():
                          ids=["handmade", "textwrap", "json.decoder"])
 def test_renaming_is_consistent_valid_and_deterministic(source, bpe):
     for tokenizer in (data_lib.ByteTokenizer(), bpe):
-        renamed = evaluate.rename_identifiers(source, tokenizer, seed=1)
-        assert evaluate.parses(renamed.source)
+        renamed = probes.rename_identifiers(source, tokenizer, seed=1)
+        assert probes.parses(renamed.source)
         # Token for token, the same old name became the same new name and nothing else moved.
         assert names(renamed.source) == [renamed.mapping.get(n, n) for n in names(source)]
         new = set(renamed.mapping.values())
         assert len(new) == len(renamed.mapping) and not new & set(names(source))
         assert tokenizer.decode(tokenizer.encode(renamed.source)) == renamed.source
-        _, starts = evaluate.encode_with_starts(tokenizer, renamed.source)
+        _, starts = probes.encode_with_starts(tokenizer, renamed.source)
         for start, end, name in renamed.spans:
             assert renamed.source[start:end] == name
             first = np.searchsorted(starts, start, side="right") - 1
             assert np.searchsorted(starts, end) - first >= 2, name  # >= 2 tokens where it stands
-        assert evaluate.rename_identifiers(source, tokenizer, seed=1) == renamed
-        assert evaluate.rename_identifiers(source, tokenizer, seed=2).mapping != renamed.mapping
+        assert probes.rename_identifiers(source, tokenizer, seed=1) == renamed
+        assert probes.rename_identifiers(source, tokenizer, seed=2).mapping != renamed.mapping
 
 
 def test_copy_targets_are_the_tokens_after_the_first_of_each_repeat():
     # One token per character: 'abc' at 0, 6 and 20, 'de' at 10 and 14.
     spans = [(0, 3, "abc"), (6, 9, "abc"), (10, 12, "de"), (14, 16, "de"), (20, 23, "abc")]
-    assert evaluate.copy_targets(np.arange(30), spans).tolist() == [7, 8, 15, 21, 22]
+    assert probes.copy_targets(np.arange(30), spans).tolist() == [7, 8, 15, 21, 22]
     # BPE: the token holding a name's first letter starts at the space before it (offset 4).
-    assert evaluate.copy_targets(np.array([0, 2, 4, 7, 9]), [(0, 4, "nm"), (5, 9, "nm")]).tolist() == [3]
+    assert probes.copy_targets(np.array([0, 2, 4, 7, 9]), [(0, 4, "nm"), (5, 9, "nm")]).tolist() == [3]
 
 
 def test_induction_windows_score_repeats_inside_the_window():
     """Byte tokens: the scored mask equals one recomputed from the renamed text's occurrences."""
     source = "".join(f"def func{i}(alpha, beta):\n    gamma = alpha + beta * {i}\n    return gamma + alpha\n\n"
                      for i in range(6))
-    probe = evaluate.induction_set([(pathlib.Path("m.py"), source)], data_lib.ByteTokenizer(), seq_len=63,
+    probe = probes.induction_set([(pathlib.Path("m.py"), source)], data_lib.ByteTokenizer(), seq_len=63,
                                    num_windows=3)
-    renamed = evaluate.rename_identifiers(source, data_lib.ByteTokenizer(), seed=0)
+    renamed = probes.rename_identifiers(source, data_lib.ByteTokenizer(), seed=0)
     text = renamed.source.encode()
     assert probe.windows.shape == (3, 64) and probe.windows.flatten().tolist() == list(text[:192])
     for w in range(3):
@@ -133,7 +134,7 @@ def test_head1_copy_hits_count_head_1_argmax_at_scored_positions():
     predicted = full_forward_logits(model, window)[:-1].argmax(-1)  # position t predicts token t + 1
     expected = int(np.sum((predicted == np.asarray(window[1:])) & scored))
     graphdef, params = nnx.split(model, nnx.Param)
-    hits, total = evaluate.head1_copy_hits(graphdef, 16, params, jnp.asarray([window]), jnp.asarray([scored]))
+    hits, total = probes.head1_copy_hits(graphdef, 16, params, jnp.asarray([window]), jnp.asarray([scored]))
     assert (int(hits), int(total)) == (expected, 8) and expected >= 4
 
 
@@ -141,33 +142,33 @@ def test_parse_share_of_good_broken_and_mixed_code():
     prefix = "import os\n\n"
     good = ["def f(x):\n    return x\n", "x = 1\ny = (", "class A:\n    pass\n\nz = A()\n"]
     broken = ["def f(x)\n    return x\n", "x = (1,\n", "return 1\n", "x = 1", "def g():\n"]
-    assert evaluate.parse_share([prefix] * 3, good) == 1.0
+    assert probes.parse_share([prefix] * 3, good) == 1.0
     # 'return 1' parses (ast.parse) but does not compile outside a function; 'x = 1' has no complete line.
-    assert evaluate.parse_share([prefix] * 5, broken) == 0.0
-    assert evaluate.parse_share([prefix] * 4, [good[0], broken[0], good[1], broken[2]]) == 0.5
+    assert probes.parse_share([prefix] * 5, broken) == 0.0
+    assert probes.parse_share([prefix] * 4, [good[0], broken[0], good[1], broken[2]]) == 0.5
 
 
 def test_parse_prompts_end_at_top_level_statements_with_parsing_truths():
     text = "".join(f"@decorate\ndef f{i}(x):\n    y = x * {i}\n    return y\n\n\n" for i in range(12))
     tokenizer = data_lib.ByteTokenizer()
-    prompts = evaluate.parse_prompts([(pathlib.Path(f"m{i}.py"), text) for i in range(3)], tokenizer,
+    prompts = probes.parse_prompts([(pathlib.Path(f"m{i}.py"), text) for i in range(3)], tokenizer,
                                      num_prompts=3, prompt_tokens=40, new_tokens=50)
     for p in prompts:
         assert text.startswith(p.prefix) and text[len(p.prefix):].startswith("@decorate\ndef f")
         assert p.prompt == tokenizer.encode(p.prefix)[-40:]
         assert p.truth == text[len(p.prefix):len(p.prefix) + 50]
-        assert evaluate.continuation_parses(p.prefix, p.truth)
+        assert probes.continuation_parses(p.prefix, p.truth)
     with pytest.raises(UserError, match="fewer than the 4 asked for"):
-        evaluate.parse_prompts([(pathlib.Path("m.py"), text)] * 3, tokenizer, num_prompts=4, prompt_tokens=40,
+        probes.parse_prompts([(pathlib.Path("m.py"), text)] * 3, tokenizer, num_prompts=4, prompt_tokens=40,
                                new_tokens=50)
 
 
 def test_probes_need_python_files(tmp_path):
     (tmp_path / "notes.txt").write_text("plain text\n" * 100)
     config = load_config("base", "tiny", {"data.source": str(tmp_path / "notes.txt")})
-    assert evaluate.validation_python_files(config.data) == []
+    assert probes.validation_python_files(config.data) == []
     with pytest.raises(UserError, match="needs Python files in the validation split"):
-        evaluate.induction_probe(None, config, None)
+        probes.python_files(config.data, "induction")
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 against plain greedy decoding (token for token), teacher-forced acceptance, and the CLI."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp_jax import generate, train
+from mtp_jax import export, generate, train, workdir
+from mtp_jax.acceptance import build_tree, teacher_forced_acceptance
 from mtp_jax.errors import UserError
 from mtp_jax.model import ModelShape
 from mtp_jax.mtp import HEAD_TYPES, MTPModel
@@ -125,13 +127,14 @@ def test_speculative_accepts_drafts_of_heads_that_copy_head_1():
 
 
 def test_speculative_equals_greedy_trained(trained):
-    model, config, data = generate.load(trained[0])
+    loaded = workdir.load(trained[0])
+    model = loaded.model
     prompts = [list(b"def f1"), list(b"    return x"), list(b"\n\ndef f3")]
     generator = generate.Generator(model, 32)
     accepted = assert_speculative_matches_greedy(generator, prompts, (3, 16, 32))
     assert np.mean(accepted) > 0  # the trained heads do get drafts accepted
     # The tree built from the heads' measured per-rank acceptance (Medusa's construction).
-    tree = generate.build_tree(model, config, data, 6)
+    tree = build_tree(model, loaded.config, loaded.data().val, 6)
     assert tree.size == 7 and not tree.is_chain and tree.max_depth <= 2
     in_tree = assert_speculative_matches_greedy(generator, prompts, (3, 16, 32), tree=tree)
     assert np.mean(in_tree) > np.mean(accepted)
@@ -141,7 +144,7 @@ def test_teacher_forced_acceptance_matches_numpy():
     model = random_model("sequential", n=3, seed=1)
     window = jax.random.randint(jax.random.key(0), (2, 13), 0, 256)
     graphdef, params = nnx.split(model, nnx.Param)
-    got = generate.teacher_forced_acceptance(graphdef, 4, params, window)
+    got = teacher_forced_acceptance(graphdef, 4, params, window)
     # Reference: each head's argmax from the (uncached) training forward, compared in numpy.
     t = 10
     positions = jnp.broadcast_to(jnp.arange(t), (2, t))
@@ -187,6 +190,32 @@ def test_cli_sampled_speculative_reports_alpha(trained, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["new_tokens"] == 12 and len(out["alpha"]) == 2 and out["alpha"][0] is not None
     assert 0 <= out["alpha"][0] <= 1 and 1 <= out["alpha_predicted_mean_accepted"] <= 3
+
+
+def test_generate_and_export_need_neither_the_corpus_nor_its_cache(trained, tmp_path, capsys):
+    run_dir, _ = trained
+    argv = [f"--workdir={run_dir}", "--prompt=def f1", "--max_new_tokens=12", "--json"]
+    generate.main(argv)
+    expected = json.loads(capsys.readouterr().out)["text"]
+    root = run_dir.parent
+    moved = [(root / name, tmp_path / name) for name in ("cache", "corpus.txt")]
+    for here, away in moved:
+        here.rename(away)
+    try:
+        generate.main(argv)
+        assert json.loads(capsys.readouterr().out)["text"] == expected
+        folder = export.export(str(run_dir), str(tmp_path / "hf"))
+        assert json.loads((folder / "config.json").read_text())["vocab_size"] == 256
+        assert (folder / "model.safetensors").stat().st_size > 0
+    finally:
+        for here, away in moved:
+            away.rename(here)
+    # A workdir written before it kept its tokenizer reads it from the data cache instead.
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    shutil.rmtree(old / workdir.DATA)
+    generate.main([f"--workdir={old}", *argv[1:]])
+    assert json.loads(capsys.readouterr().out)["text"] == expected
 
 
 def cli_error(capsys, argv) -> str:

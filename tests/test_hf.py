@@ -16,6 +16,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mtp_jax import export, generate, hf, sharding, train
+from mtp_jax import workdir as workdir_lib
 from mtp_jax.checkpoint import Checkpointer
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import HEAD_TYPES, MTPModel, build_model, mtp_loss
@@ -150,7 +151,7 @@ def periodic_windows(steps: int, batch: int, length: int) -> np.ndarray:
 
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
 def test_heads_only_training_freezes_all_but_heads_and_the_heads_learn(head_type):
-    config = config_for(3, head_type, train="heads", learning_rate=1e-2, warmup_steps=1, batch_size=8)
+    config = config_for(3, head_type, trainable="heads", learning_rate=1e-2, warmup_steps=1, batch_size=8)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])  # one device: the fastest compile
     setup = train.make_train_step(config, VOCAB, mesh, 12)
     state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
@@ -184,7 +185,7 @@ def tiny_run_config(corpus, **overrides):
 
 
 def saved_params(workdir) -> dict:
-    return generate.load(str(workdir))[0]
+    return workdir_lib.load(workdir).model
 
 
 def test_init_from_a_transformers_folder_trains_heads_then_exports_them(corpus, tmp_path):
@@ -192,7 +193,7 @@ def test_init_from_a_transformers_folder_trains_heads_then_exports_them(corpus, 
     the exported folder holds the untouched trunk plus the heads; a resume ignores init_from."""
     folder = llama_folder(tmp_path / "llama")
     workdir = tmp_path / "run"
-    train.run(tiny_run_config(corpus, train="heads", init_from=str(folder)), workdir)
+    train.run(tiny_run_config(corpus, trainable="heads", init_from=str(folder)), workdir)
     model = saved_params(workdir)
     reference = import_model(folder)
     jax.tree.map(np.testing.assert_array_equal, params_of(model)["decoder"], params_of(reference)["decoder"])
@@ -205,7 +206,7 @@ def test_init_from_a_transformers_folder_trains_heads_then_exports_them(corpus, 
 
     # Resuming with more steps: the checkpoint wins over init_from (here another model of that shape).
     other = llama_folder(tmp_path / "other", seed=1)
-    train.run(tiny_run_config(corpus, train="heads", init_from=str(other), num_train_steps=9), workdir)
+    train.run(tiny_run_config(corpus, trainable="heads", init_from=str(other), num_train_steps=9), workdir)
     assert Checkpointer(workdir / "checkpoints", 3).latest_step() == 9
     resumed = params_of(saved_params(workdir))
     jax.tree.map(np.testing.assert_array_equal, resumed["decoder"], params_of(model)["decoder"])

@@ -27,7 +27,7 @@ def split(model):
 
 def head_logits(model: MTPModel, window) -> list[np.ndarray]:
     """Every head's logits at once, [B, T, V] each: the naive computation the loss must match."""
-    n = model.n_tokens
+    n = model.n_predict
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     h_trunk, _ = model.trunk(window[:, :T], positions)
     h, out = h_trunk, []

@@ -27,7 +27,7 @@ def forward_logits(graphdef, params, tokens):
     model = nnx.merge(graphdef, params)
     decoder = model.decoder
     h, _ = decoder.run_blocks(decoder.embed(tokens), jnp.arange(tokens.shape[1])[None], range(decoder.shape.n_layers))
-    return generate._head_logits(model, 1, h)
+    return model.logits(1, h)
 
 
 def test_tree_build_takes_the_likeliest_paths_parents_first():
@@ -59,7 +59,7 @@ def test_tree_attention_equals_each_path_run_as_a_sequence():
         _, caches = decoder.run_blocks(decoder.embed(prompt), jnp.arange(base)[None], layers, caches, 0)
         h, _ = decoder.run_blocks(decoder.embed(block[None]), base + jnp.asarray(TREE.depths)[None], layers, caches,
                                   base, mask=TREE.mask(base, slots))
-        return generate._head_logits(model, 1, h[0])  # [size, V]
+        return model.logits(1, h[0])  # [size, V]
 
     # Every root-to-node path after the prompt, padded at the end (causality: padding is not read).
     paths = [np.asarray(speculative.path_to(TREE, jnp.int32(i)))[:TREE.depths[i] + 1] for i in range(TREE.size)]

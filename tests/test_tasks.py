@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from mtp_jax import config as config_lib
-from mtp_jax import data, evaluate, generate, tasks, train
+from mtp_jax import data, evaluate, generate, tasks, train, workdir
 from mtp_jax.errors import UserError
 from mtp_jax.metrics import read_metrics
 from mtp_jax.model import ModelShape
@@ -286,13 +286,13 @@ def test_teacherless_inputs_hide_exactly_the_answer():
 def test_greedy_answers_are_the_kv_cache_decodes_and_teacherless_is_one_forward_pass():
     model = MTPModel(SHAPE, 2, "linear", rngs=nnx.Rngs(params=2))
     problems = tasks.held_out(PATHSTAR, 3, split_seed=0)["d3_l4"]
-    answers = evaluate._greedy_answers(model, problems)
     generator = generate.Generator(model, 100)  # one compiled program: every prompt pads to 100
+    answers = evaluate.greedy_answers(generator, problems)
     for p, answer in zip(problems, answers):
         ids = generator.generate(list(p.prompt.encode()), len(p.answer) + 1).tokens
         assert answer == bytes(ids).decode("latin-1")
     # Teacherless: the answer's j-th token is head 1's greedy choice after prompt + j '$'s.
-    hidden = evaluate._teacherless_answers(model, problems)
+    hidden = evaluate.teacherless_answers(model, problems)
     for p, answer in zip(problems, hidden):
         assert len(answer) == len(p.answer) + 1
         for j in (0, 5, len(p.answer)):
@@ -305,13 +305,13 @@ def test_task_accuracy_is_exact_match_broken_down_by_difficulty(monkeypatch):
     problems = {"m1": problems["m1"], "m6": problems["m6"]}
     right = {p.prompt for p in problems["m1"][:3] + problems["m6"][:1]}
 
-    def fake_decode(model, flat):  # right answers; wrong ones: a digit off, or no '\n' after it
+    def fake_decode(generator, flat):  # right answers; wrong ones: a digit off, or no '\n' after it
         return [p.answer + "\n" if p.prompt in right else (p.answer + " ", "0" + p.answer[1:] + "\n")[i % 2]
                 for i, p in enumerate(flat)]
 
-    monkeypatch.setattr(evaluate, "_greedy_answers", fake_decode)
+    monkeypatch.setattr(evaluate, "greedy_answers", fake_decode)
     config = ml_collections.ConfigDict({"data": task_config("task:polyarith")})
-    result = evaluate.task_accuracy(None, config, problems)
+    result = evaluate.task_accuracy(None, config, problems, generator="unused")
     assert result == {"task_accuracy": 4 / 8, "task_accuracy_m1": 3 / 4, "task_accuracy_m6": 1 / 4}
 
 
@@ -345,8 +345,8 @@ def test_a_task_trains_sharded_resumes_exactly_and_logs_task_accuracy(tmp_path):
     np.testing.assert_allclose([again[s] for s in range(5, 9)], [losses[s] for s in range(5, 9)], rtol=1e-6)
 
     # On any checkpoint: the restored model scores what training logged at its last evaluation.
-    model, saved, _ = generate.load(str(tmp_path / "run"))
-    assert evaluate.task_accuracy(model, saved) == {k[len("eval/"):]: final[k] for k in accuracy_keys}
+    loaded = workdir.load(tmp_path / "run")
+    assert evaluate.task_accuracy(loaded.model, loaded.config) == {k[len("eval/"):]: final[k] for k in accuracy_keys}
 
 
 def test_bad_task_parameters_get_one_line(tmp_path):

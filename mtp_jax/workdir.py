@@ -1,0 +1,92 @@
+"""What a training workdir holds, and loading a trained model from it.
+
+    workdir/config.json          the resolved config, plus the data's vocab_size
+    workdir/data/meta.json       the data's metadata: tokenizer, vocabulary, token counts, source
+    workdir/data/tokenizer.json  a BPE tokenizer (a byte-level model needs none)
+    workdir/checkpoints/<step>   orbax checkpoints of the train state
+    workdir/metrics.jsonl, workdir/tensorboard/
+
+The trainer writes config.json and data/ before the first step, so `generate`, `evaluate` and
+`export` read a model's tokenizer from its workdir, not from the corpus or its data cache.
+Workdirs written before data/ existed fall back to preparing the data from config.data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import shutil
+import sys
+
+import jax
+import ml_collections
+from flax import nnx
+
+from mtp_jax import data as data_lib
+from mtp_jax.checkpoint import Checkpointer
+from mtp_jax.errors import UserError
+from mtp_jax.mtp import MTPModel, build_model
+
+DATA = "data"  # the workdir's copy of the data's metadata and tokenizer
+TOKENIZER_FILES = ("meta.json", "tokenizer.json")
+
+
+def save_run_files(workdir: pathlib.Path, config, data: data_lib.TokenData) -> None:
+    """config.json and data/ (process 0's job): what loading the workdir needs besides checkpoints."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    saved = json.loads(config.to_json_best_effort())
+    (workdir / "config.json").write_text(json.dumps({**saved, "vocab_size": data.vocab_size}, indent=2))
+    (workdir / DATA).mkdir(exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (data.directory / name).is_file():
+            shutil.copyfile(data.directory / name, workdir / DATA / name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Trained:
+    """A workdir's newest checkpoint, restored onto one device."""
+
+    model: MTPModel
+    config: ml_collections.ConfigDict
+    step: int
+    data_dir: pathlib.Path  # holds meta.json (and tokenizer.json): the workdir's data/, or the data cache
+
+    @property
+    def meta(self) -> dict:
+        return json.loads((self.data_dir / "meta.json").read_text())
+
+    def tokenizer(self) -> data_lib.Tokenizer:
+        return data_lib.load_tokenizer(self.data_dir)
+
+    def data(self) -> data_lib.TokenData:
+        """The prepared corpus (its validation split fits trees and feeds benchmarks): this one
+        needs the corpus, or its data cache."""
+        return data_lib.prepare(self.config.data, show_progress=sys.stderr.isatty())
+
+
+def load(workdir: str | pathlib.Path) -> Trained:
+    """The newest checkpoint in workdir, with its config and tokenizer."""
+    workdir = pathlib.Path(workdir)
+    checkpoints, config_path = workdir / "checkpoints", workdir / "config.json"
+    checkpointer = Checkpointer(checkpoints, keep=1) if checkpoints.is_dir() else None
+    step = checkpointer.latest_step() if checkpointer else None
+    if step is None or not config_path.is_file():
+        raise UserError(f"no checkpoint in {workdir}: train one first with "
+                        f"python -m mtp_jax.main --config=configs/mtp4.py --workdir={workdir}")
+    saved = json.loads(config_path.read_text())
+    config = ml_collections.ConfigDict(saved)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, saved["vocab_size"], seed=0)))
+    # The whole train state onto one device, as saved (so that its fingerprint can be checked).
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.manager.item_metadata(step)["state"])
+    try:
+        params = checkpointer.restore(step, target)["params"]
+    except Exception as e:  # noqa: BLE001 — orbax raises many types for damaged or foreign files
+        raise UserError(f"checkpoint {checkpoints / str(step)} does not load ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}): retrain, or remove it to use the previous one") from None
+    data_dir = workdir / DATA
+    if not (data_dir / "meta.json").is_file():  # written before workdirs kept their tokenizer
+        data_dir = data_lib.prepare(config.data, show_progress=sys.stderr.isatty()).directory
+    return Trained(nnx.merge(graphdef, params), config, step, data_dir)
