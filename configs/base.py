@@ -1,6 +1,6 @@
 """Every field of an mtp_jax run, with one line each on what it means.
 
-`--config=configs/base.py:PRESET` picks a size preset (tiny, micro, nano, nano_125m, 350m, 1b); any field
+`--config=configs/base.py:PRESET` picks a size preset (tiny, micro, nano, nano_125m, 350m, 1b, 8b); any field
 can be overridden with `--config.FIELD=VALUE` (e.g. `--config.model.d_model=512`). An unknown
 field is an error. The other files in configs/ start from this one and turn MTP on or off.
 """
@@ -24,6 +24,7 @@ class Preset(NamedTuple):
     tokenizer: str = "byte"
     vocab_size: int = 256
     tie_embeddings: bool = False
+    n_kv_heads: int = 0  # key/value heads (grouped-query attention); 0: as many as n_heads
 
 
 GPT2_BPE = dict(tokenizer="bpe", vocab_size=50_304, tie_embeddings=True)  # GPT-2's vocabulary, padded to 64
@@ -45,6 +46,10 @@ PRESETS = {
                    num_train_steps=50_000, learning_rate=3e-4, **GPT2_BPE),
     "1b": Preset(d_model=2048, n_layers=22, n_heads=16, mlp_dim=5632, seq_len=2048, batch_size=128,
                  num_train_steps=100_000, learning_rate=2e-4, **GPT2_BPE),
+    # Llama-3-8B's shape (grouped-query attention, untied 128K vocabulary) at T = 8192: the scale of
+    # the TPU compile results (experiments/results/tpu_aot).
+    "8b": Preset(d_model=4096, n_layers=32, n_heads=32, mlp_dim=14336, seq_len=8192, batch_size=256,
+                 num_train_steps=100_000, learning_rate=3e-4, tokenizer="bpe", vocab_size=128_256, n_kv_heads=8),
 }
 
 
@@ -109,7 +114,7 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.model.d_model = p.d_model             # residual stream width
     c.model.n_layers = p.n_layers       # transformer blocks
     c.model.n_heads = p.n_heads         # attention heads (d_model must divide by it)
-    c.model.n_kv_heads = 0          # key/value heads, grouped-query attention (0: n_heads; must divide it)
+    c.model.n_kv_heads = p.n_kv_heads  # key/value heads, grouped-query attention (0: n_heads; must divide it)
     c.model.mlp_dim = p.mlp_dim           # hidden width of the gated MLP
     c.model.tie_embeddings = p.tie_embeddings    # unembedding = embedding transposed
     c.model.dtype = "float32"       # compute dtype: 'float32' or 'bfloat16'
