@@ -11,7 +11,7 @@ TRUNK=${TRUNK:-$R/baseline}
 [ -d "$TRUNK/checkpoints" ] || python -m mtp_jax.main --config=configs/baseline.py --workdir="$TRUNK"
 [ -d "$R/baseline_hf" ] || python -m mtp_jax.export --workdir="$TRUNK" --out="$R/baseline_hf"
 /usr/bin/time -f "heads-only training wall %e s" python -m mtp_jax.main --config=configs/mtp4.py \
-  --workdir="$R/heads_$HEAD" --config.init_from="$R/baseline_hf" --config.train=heads \
+  --workdir="$R/heads_$HEAD" --config.init_from="$R/baseline_hf" --config.trainable=heads \
   --config.mtp_head_type="$HEAD" --config.num_train_steps="$STEPS" --config.sample_tokens=0
 python -m mtp_jax.export --workdir="$R/heads_$HEAD" --out="$R/heads_${HEAD}_hf"
 python - "$R/baseline_hf" "$R/heads_${HEAD}_hf" <<'PYEOF'
@@ -20,5 +20,5 @@ a, b = (s.load_file(f"{d}/model.safetensors") for d in sys.argv[1:])
 same = all(a[k].tobytes() == b[k].tobytes() for k in a)
 print(f"trunk tensors byte-identical to the imported model's: {same} ({len(a)} tensors); head tensors added: {len(b) - len(a)}")
 PYEOF
-python -m mtp_jax.generate --workdir="$R/heads_$HEAD" --benchmark --prompts=10 --prompt_len=128 \
-  --max_new_tokens=128 --json > "$R/heads_${HEAD}_benchmark.json"
+python benchmarks/decoding.py --workdir="$R/heads_$HEAD" --prompts=10 --prompt_len=128 \
+  --max_new_tokens=128 > "$R/heads_${HEAD}_benchmark.json"
