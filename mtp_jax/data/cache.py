@@ -3,7 +3,8 @@
 `prepare` turns a source (see sources.py) into `train.bin` / `val.bin` (flat little-endian ids)
 plus `meta.json` in a cache directory named after the source, its settings and a hash of both,
 and memory-maps them; a task also writes `train_mask.bin` / `val_mask.bin` (uint8, 1 where a
-token is a loss target). A build happens in a temporary directory that is renamed into place
+token is a loss target). Token shards are not copied: their cache directory records that their
+headers and ids were checked (once), and the shards are mapped where they lie. A build happens in a temporary directory that is renamed into place
 only when complete, so concurrent runs and killed builds never leave a half-written cache.
 """
 
@@ -26,6 +27,7 @@ import numpy as np
 import tqdm
 
 from mtp_jax import tasks
+from mtp_jax.data import shards as shards_lib
 from mtp_jax.data import tokenizer as tokenizer_lib
 from mtp_jax.data.sources import (TOKEN_DTYPES, Document, Source, check_settings, read_text, resolve_source,
                                   split_documents, val_count)
@@ -41,8 +43,8 @@ _CHUNK_TOKENS = 1 << 24  # tokens per read when copying / scanning a token file
 
 @dataclasses.dataclass(frozen=True, eq=False)  # eq on arrays would be ambiguous
 class TokenData:
-    train: np.ndarray  # [n_train_tokens] memmap of train.bin
-    val: np.ndarray  # [n_val_tokens] memmap of val.bin
+    train: np.ndarray | shards_lib.ShardedTokens  # [n_train_tokens] memmap of train.bin, or the shards
+    val: np.ndarray | shards_lib.ShardedTokens  # [n_val_tokens]
     meta: dict
     directory: pathlib.Path
     train_mask: np.ndarray | None = None  # [n_train_tokens] uint8 loss mask of a task; None: all targets
@@ -63,6 +65,30 @@ class TokenData:
         if self.meta["val_bytes"] is None or not self.meta["n_val_tokens"]:
             return None
         return self.meta["val_bytes"] / self.meta["n_val_tokens"]
+
+    @property
+    def eot_id(self) -> int | None:
+        """The id that ends each document, if the data has one (bytes do not)."""
+        if "eot_id" in self.meta:
+            return self.meta["eot_id"]
+        if self.meta["tokenizer"] == "bpe":
+            return tokenizer_lib.bpe_eot_id(self.directory)
+        return None
+
+
+def document_eot_id(data_cfg: Any, data: TokenData) -> int | None:
+    """The end-of-text id past which data.document_mask hides each head's targets; None when off."""
+    if not data_cfg.get("document_mask", False):
+        return None
+    eot_id = int(data_cfg.get("eot_id", -1))
+    eot_id = data.eot_id if eot_id < 0 else eot_id
+    if eot_id is None:
+        raise UserError(f"data.document_mask=True needs the id that ends a document, and {data.meta['source']} "
+                        "records none: set data.eot_id (50256 for GPT-2 shards; byte-tokenized text has none)")
+    if eot_id >= data.vocab_size:
+        raise UserError(f"data.eot_id={eot_id} is not below vocab_size={data.vocab_size}: set the id that ends a "
+                        "document in this vocabulary")
+    return eot_id
 
 
 def prepare(data_cfg: Any, *, show_progress: bool = True) -> TokenData:
@@ -94,7 +120,9 @@ def prepare(data_cfg: Any, *, show_progress: bool = True) -> TokenData:
     )
     tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable by others
     try:
-        if source.kind == "bin":
+        if source.kind == "shards":
+            meta = _build_shard_record(source, settings, tmp, show_progress)
+        elif source.kind == "bin":
             meta = _build_from_tokens(source, settings, tmp)
         elif source.kind == "task":
             meta = _build_task(data_cfg, source, settings, tmp)
@@ -135,8 +163,11 @@ def _out_dtype(vocab_size: int) -> str:
 def _build_from_tokens(source: Source, settings: dict, out: pathlib.Path) -> dict:
     """Copies a token file into train.bin (first tokens) and val.bin (last fraction)."""
     path, vocab_size = source.paths[0], settings["vocab_size"]
-    in_dtype = np.dtype(TOKEN_DTYPES[settings["token_dtype"]])
-    size = path.stat().st_size
+    in_dtype, offset = np.dtype(TOKEN_DTYPES[settings["token_dtype"]]), 0
+    if shards_lib.has_header(path):  # an llm.c shard: its header says the dtype and the count
+        shard = shards_lib.read_shard(path, in_dtype.str)
+        in_dtype, offset = np.dtype(shard.dtype), shard.offset
+    size = path.stat().st_size - offset
     if size % in_dtype.itemsize:
         raise UserError(
             f"token file {path} has {size} bytes, not a multiple of {in_dtype.itemsize} "
@@ -144,7 +175,7 @@ def _build_from_tokens(source: Source, settings: dict, out: pathlib.Path) -> dic
         )
     if size == 0:
         raise UserError(f"token file {path} is empty: pass a file with tokens")
-    tokens = np.memmap(path, dtype=in_dtype, mode="r")
+    tokens = np.memmap(path, dtype=in_dtype, mode="r", offset=offset)
     top = max(int(tokens[i : i + _CHUNK_TOKENS].max()) for i in range(0, len(tokens), _CHUNK_TOKENS))
     if top >= vocab_size:
         raise UserError(
@@ -162,6 +193,35 @@ def _build_from_tokens(source: Source, settings: dict, out: pathlib.Path) -> dic
     return _meta(
         settings, source, dtype, n_train_tokens=len(tokens) - n_val, n_val_tokens=n_val,
         n_train_docs=None, n_val_docs=None, val_bytes=None, checksums=checksums,
+    )
+
+
+def _build_shard_record(source: Source, settings: dict, out: pathlib.Path, show_progress: bool) -> dict:
+    """Checks token shards (headers, one format, every id below vocab_size) and returns the meta
+    that maps them; copies the tokenizer of shards made by mtp_jax.prepare."""
+    headerless = TOKEN_DTYPES[settings["token_dtype"]]
+    shards = {"train": [shards_lib.read_shard(p, headerless) for p in source.paths],
+              "val": [shards_lib.read_shard(pathlib.Path(p), headerless) for p in settings["val_paths"]]}
+    shards_lib.check_same_format(shards["train"] + shards["val"])
+    every = shards["train"] + shards["val"]
+    with tqdm.tqdm(total=sum(s.num_tokens * np.dtype(s.dtype).itemsize for s in every), unit="B", unit_scale=True,
+                   desc="checking shards", disable=not show_progress) as bar:
+        for shard in every:
+            shards_lib.check_ids(shard, settings["vocab_size"], bar.update)
+    made_by = source.paths[0].parent / "meta.json"
+    made = json.loads(made_by.read_text()) if made_by.is_file() else {}
+    n_tokens = {split: sum(s.num_tokens for s in shards[split]) for split in shards}
+    tokenizer = made.get("tokenizer")
+    if tokenizer == "bpe":
+        shutil.copyfile(made_by.parent / "tokenizer.json", out / "tokenizer.json")
+    # The validation text's size, when these are the validation shards prepare counted it for.
+    val_bytes = made.get("val_bytes") if made.get("n_val_tokens") == n_tokens["val"] else None
+    return dict(
+        format_version=FORMAT_VERSION, tokenizer=tokenizer, vocab_size=settings["vocab_size"],
+        dtype=np.dtype(every[0].dtype).name, n_train_tokens=n_tokens["train"], n_val_tokens=n_tokens["val"],
+        n_train_docs=made.get("n_train_docs"), n_val_docs=made.get("n_val_docs"), val_bytes=val_bytes,
+        eot_id=made.get("eot_id"), source=source.description, val_source=settings["val_source"],
+        shards={split: [[str(s.path), s.offset, s.dtype, s.num_tokens] for s in shards[split]] for split in shards},
     )
 
 
@@ -275,6 +335,13 @@ def cache_problem(directory: pathlib.Path) -> str | None:
         return "meta.json is not valid JSON"
     if meta.get("format_version") != FORMAT_VERSION:
         return f"format_version={meta.get('format_version')} is not {FORMAT_VERSION}"
+    if "shards" in meta:
+        for split in ("train", "val"):
+            for path, offset, dtype, num_tokens in meta["shards"][split]:
+                size = pathlib.Path(path).stat().st_size if pathlib.Path(path).is_file() else None
+                if size != offset + num_tokens * np.dtype(dtype).itemsize:
+                    return f"the shard {path} has changed or gone"
+        return None
     itemsize = np.dtype(meta["dtype"]).itemsize
     for split in ("train", "val"):
         path = directory / f"{split}.bin"
@@ -328,6 +395,11 @@ def publish(tmp: pathlib.Path, final: pathlib.Path) -> None:
 
 def _load(directory: pathlib.Path) -> TokenData:
     meta = json.loads((directory / "meta.json").read_text())
+    if "shards" in meta:
+        train, val = (shards_lib.ShardedTokens([shards_lib.Shard(pathlib.Path(path), offset, dtype, n)
+                                                for path, offset, dtype, n in meta["shards"][split]])
+                      for split in ("train", "val"))
+        return TokenData(train=train, val=val, meta=meta, directory=directory)
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
 
     def tokens(split: str, suffix: str = "", dtype: np.dtype = dtype) -> np.ndarray:

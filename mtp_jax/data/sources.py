@@ -1,8 +1,8 @@
 """What a `data.source` names, and the settings that go with it.
 
 A source is the Python standard library (or one package of it), a directory, a glob, a text
-file, a JSONL file with a 'text' field per line, a file of token ids, or a synthetic task of
-mtp_jax.tasks. `resolve_source` turns the string into a `Source`; `check_settings` validates
+file, a JSONL file with a 'text' field per line, a file of token ids, a glob of token shards
+(every match a .bin file; shards.py), or a synthetic task of mtp_jax.tasks. `resolve_source` turns the string into a `Source`; `check_settings` validates
 the rest of the data config against it; `split_documents` yields the train and validation
 documents of a text source.
 """
@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from mtp_jax import tasks
+from mtp_jax.data import shards as shards_lib
 from mtp_jax.data.tokenizer import BPE_MIN_VOCAB, BYTE_VOCAB, EOT
 from mtp_jax.errors import UserError
 
@@ -31,10 +32,10 @@ Document = pathlib.Path | str  # a file to read, or text already in memory
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    kind: str  # 'files' | 'jsonl' | 'text' | 'bin' | 'task'
+    kind: str  # 'files' | 'jsonl' | 'text' | 'bin' | 'shards' | 'task'
     name: str  # human part of the cache directory name
     description: str
-    paths: tuple[pathlib.Path, ...]  # 'files': the corpus files in split order; else the one file
+    paths: tuple[pathlib.Path, ...]  # 'files', 'shards': the files in order; else the one file
     fingerprint: tuple  # cheap identity of the contents: (path, size, mtime_ns) per file
 
 
@@ -77,6 +78,9 @@ def resolve_source(source: str) -> Source:
         files = [p for p in files if p.is_file()]
         if not files:
             raise UserError(f"data.source={source!r} matches no files: fix the glob pattern")
+        if all(p.suffix == ".bin" for p in files):
+            shards = _files_source(path.stem, f"shards:{source}", pathlib.Path("/"), [p.resolve() for p in files])
+            return dataclasses.replace(shards, kind="shards")
         return _files_source("glob", f"glob:{source}", pathlib.Path("/"), [p.resolve() for p in files])
     if path.is_symlink():
         raise UserError(f"data.source={source!r} is a broken symlink or a symlink loop: point it at the data")
@@ -111,13 +115,21 @@ def check_settings(cfg: Any, source: Source) -> dict:
         raise UserError(f"data.val_fraction={val_fraction} must be in (0, 1): use e.g. 0.02")
     settings = dict(val_fraction=val_fraction, split_seed=int(cfg.split_seed))
     vocab_size = int(cfg.vocab_size)
+    val_source = str(cfg.get("val_source") or "")
+    if source.kind == "shards":
+        return _shard_settings(cfg, source, val_source, vocab_size)
+    if val_source:
+        raise UserError(f"data.val_source={val_source!r} is only for a glob of token shards, and data.source="
+                        f"{cfg.source!r} is not one: leave data.val_source empty (data.val_fraction is held out)")
     if source.kind == "task":
         return dict(settings, **_task_settings(cfg, vocab_size))
     if source.kind == "bin":
         dtype = str(cfg.token_dtype)
         if dtype not in TOKEN_DTYPES:
             raise UserError(f"data.token_dtype={dtype!r} is not supported: use 'uint32' or 'uint16'")
-        vocab_size = _token_file_vocab(source.paths[0], vocab_size, dtype)
+        # An llm.c header names its own dtype; data.token_dtype is for flat files.
+        vocab_size = _token_file_vocab(source.paths[0], vocab_size,
+                                       None if shards_lib.has_header(source.paths[0]) else dtype)
         return dict(settings, tokenizer=None, vocab_size=vocab_size, token_dtype=dtype)
     tokenizer = str(cfg.tokenizer)
     if tokenizer == "byte":
@@ -137,11 +149,11 @@ def check_settings(cfg: Any, source: Source) -> dict:
     return dict(settings, tokenizer=tokenizer, vocab_size=vocab_size)
 
 
-def _token_file_vocab(path: pathlib.Path, vocab_size: int, dtype: str) -> int:
+def _token_file_vocab(path: pathlib.Path, vocab_size: int, dtype: str | None) -> int:
     """vocab_size for a token file: the given one or meta.json's, which must not contradict."""
     meta_path = path.parent / "meta.json"
     meta = _read_token_meta(meta_path) if meta_path.is_file() else {}
-    if "dtype" in meta and meta["dtype"] != dtype:
+    if dtype is not None and "dtype" in meta and meta["dtype"] != dtype:
         raise UserError(
             f"{meta_path} says dtype={meta['dtype']!r} but data.token_dtype={dtype!r}: "
             "set data.token_dtype to match the token file"
@@ -158,6 +170,28 @@ def _token_file_vocab(path: pathlib.Path, vocab_size: int, dtype: str) -> int:
             "set data.vocab_size"
         )
     return int(vocab_size)
+
+
+def _shard_settings(cfg: Any, source: Source, val_source: str, vocab_size: int) -> dict:
+    if not val_source:
+        raise UserError(f"data.source={cfg.source!r} is a glob of token shards: name the validation shards with "
+                        "data.val_source (e.g. 'DIR/val_*.bin')")
+    val = resolve_source(val_source)
+    if val.kind not in ("shards", "bin"):
+        raise UserError(f"data.val_source={val_source!r} is not token shards: pass a glob of .bin shards or a .bin file")
+    dtype = str(cfg.token_dtype)
+    if dtype not in TOKEN_DTYPES:
+        raise UserError(f"data.token_dtype={dtype!r} is not supported: use 'uint32' or 'uint16'")
+    meta_path = source.paths[0].parent / "meta.json"  # mtp_jax.prepare writes one beside its shards
+    known = _read_token_meta(meta_path).get("vocab_size", 0) if meta_path.is_file() else 0
+    if vocab_size and vocab_size < known:
+        raise UserError(f"data.vocab_size={vocab_size} is smaller than the shards' vocabulary ({known}, {meta_path}): "
+                        f"use at least {known} (or 0 to read it)")
+    if not (vocab_size or known):
+        raise UserError(f"data.vocab_size=0 and no vocab_size in {meta_path} for the shards {cfg.source!r}: set "
+                        "data.vocab_size (50304 for GPT-2 shards: 50257 padded to a multiple of 64)")
+    return dict(tokenizer=None, vocab_size=vocab_size or known, token_dtype=dtype, val_source=val.description,
+                val_paths=[str(p) for p in val.paths], val_fingerprint=val.fingerprint)
 
 
 def _read_token_meta(meta_path: pathlib.Path) -> dict:

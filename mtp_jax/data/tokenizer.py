@@ -72,6 +72,11 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     )
 
 
+def bpe_eot_id(directory: str | os.PathLike) -> int:
+    """The <|endoftext|> id of the BPE tokenizer in a prepared cache `directory`."""
+    return tokenizers.Tokenizer.from_file(str(pathlib.Path(directory) / "tokenizer.json")).token_to_id(EOT)
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool, length: int) -> tokenizers.Tokenizer:
     """A byte-level BPE with <|endoftext|> as its one special token, trained on `texts`
     (`length` of them, for the progress bar)."""

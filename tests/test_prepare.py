@@ -1,0 +1,157 @@
+"""python -m mtp_jax.prepare: text, JSONL and parquet -> llm.c shards, in parallel, resumable."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+import tokenizers
+
+from mtp_jax import prepare as prepare_lib
+from mtp_jax import train
+from mtp_jax.data import shards
+from mtp_jax.errors import UserError
+from mtp_jax.metrics import read_metrics
+from tests.util import load_config
+
+DOCS = [f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (1 + i % 7) for i in range(60)]
+
+
+def write_jsonl(path: pathlib.Path, docs=DOCS, field: str = "text") -> pathlib.Path:
+    path.mkdir(parents=True, exist_ok=True)
+    half = len(docs) // 2  # two files, so the order across files counts
+    for i, part in enumerate((docs[:half], docs[half:])):
+        (path / f"part{i}.jsonl").write_text("".join(json.dumps({field: d, "id": j}) + "\n" for j, d in enumerate(part)))
+    return path
+
+
+def settings(source, out, **kw) -> prepare_lib.Settings:
+    kw = {"tokenizer": "byte", "shard_tokens": 1000, "val_docs": 5, **kw}
+    return prepare_lib.Settings(source=str(source), out=out, **kw)
+
+
+def read_shards(paths) -> list[np.ndarray]:
+    """Each shard's ids, read by the header layout llm.c documents (not by mtp_jax)."""
+    out = []
+    for path in paths:
+        raw = pathlib.Path(path).read_bytes()
+        magic, version, n = np.frombuffer(raw[:12], "<i4")
+        assert (magic, version) == (20240520, 1)
+        ids = np.frombuffer(raw[1024:], "<u2")
+        assert len(ids) == n
+        out.append(ids)
+    return out
+
+
+def shard_bytes(out: pathlib.Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.bin"))}
+
+
+def test_byte_shards_hold_every_document_in_order_split_at_val_docs(tmp_path):
+    meta = prepare_lib.prepare(settings(write_jsonl(tmp_path / "src") / "*.jsonl", tmp_path / "out"),
+                               show_progress=False)
+    train_ids = read_shards(sorted((tmp_path / "out").glob("train_*.bin")))
+    val_ids = read_shards(sorted((tmp_path / "out").glob("val_*.bin")))
+    assert [len(s) for s in train_ids[:-1]] == [1000] * (len(train_ids) - 1) and 0 < len(train_ids[-1]) <= 1000
+    assert bytes(np.concatenate(val_ids).astype(np.uint8)).decode() == "".join(DOCS[:5])
+    assert bytes(np.concatenate(train_ids).astype(np.uint8)).decode() == "".join(DOCS[5:])
+    assert (meta["n_val_docs"], meta["n_train_docs"], meta["eot_id"], meta["vocab_size"]) == (5, 55, None, 256)
+    assert meta["val_bytes"] == meta["n_val_tokens"] == sum(len(d) for d in DOCS[:5])
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
+
+
+def test_bpe_shards_end_each_document_with_endoftext_and_two_workers_write_the_same(tmp_path):
+    source = write_jsonl(tmp_path / "src") / "*.jsonl"
+    one = prepare_lib.prepare(settings(source, tmp_path / "one", tokenizer="bpe", vocab_size=300), show_progress=False)
+    two = prepare_lib.prepare(settings(source, tmp_path / "two", tokenizer="bpe", vocab_size=300, workers=2),
+                              show_progress=False)
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
+    assert one == two
+    tok = tokenizers.Tokenizer.from_file(str(tmp_path / "one" / "tokenizer.json"))
+    eot = tok.token_to_id("<|endoftext|>")
+    assert one["eot_id"] == eot and one["tokenizer"] == "bpe"
+    expected = np.concatenate([tok.encode(d).ids + [eot] for d in DOCS[5:]])
+    assert np.array_equal(np.concatenate(read_shards(sorted((tmp_path / "one").glob("train_*.bin")))), expected)
+
+
+def test_resume_after_an_interruption_mid_shard_writes_the_same_shards(tmp_path, monkeypatch):
+    source = write_jsonl(tmp_path / "src") / "*.jsonl"
+    prepare_lib.prepare(settings(source, tmp_path / "whole", shard_tokens=700), show_progress=False)
+    real_write, calls = prepare_lib.ShardWriter.write, []
+
+    def killed_mid_shard(self, split, doc, offset):
+        calls.append(split)
+        if len(calls) == 4:  # the fourth shard: half written to its temporary name, then killed
+            (self.out / f".{split}_{len(self.progress['shards'][split]):06d}.bin.tmp").write_bytes(b"\x01" * 99)
+            raise KeyboardInterrupt
+        real_write(self, split, doc, offset)
+
+    monkeypatch.setattr(prepare_lib.ShardWriter, "write", killed_mid_shard)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_lib.prepare(settings(source, tmp_path / "resumed", shard_tokens=700), show_progress=False)
+    monkeypatch.undo()
+    assert len(list((tmp_path / "resumed").glob("*.bin"))) == 3
+    prepare_lib.prepare(settings(source, tmp_path / "resumed", shard_tokens=700), show_progress=False)
+    assert shard_bytes(tmp_path / "resumed") == shard_bytes(tmp_path / "whole")
+    assert (json.loads((tmp_path / "resumed" / "meta.json").read_text())
+            == json.loads((tmp_path / "whole" / "meta.json").read_text()))
+
+
+def test_parquet_rows_are_documents_like_jsonl_lines(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"id": list(range(60)), "content": DOCS}), tmp_path / "pq" / "a.parquet", row_group_size=7)
+    prepare_lib.prepare(settings(tmp_path / "pq" / "*.parquet", tmp_path / "from_parquet", text_field="content"),
+                        show_progress=False)
+    prepare_lib.prepare(settings(write_jsonl(tmp_path / "src") / "*.jsonl", tmp_path / "from_jsonl"),
+                        show_progress=False)
+    assert shard_bytes(tmp_path / "from_parquet") == shard_bytes(tmp_path / "from_jsonl")
+    with pytest.raises(UserError, match=r"a.parquet has no column 'text' \(it has id, content\): pass --text_field"):
+        prepare_lib.prepare(settings(tmp_path / "pq" / "*.parquet", tmp_path / "no_column"), show_progress=False)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("empty glob", "matches no files: fix the glob pattern"),
+    ("bad line", "part1.jsonl:3 is not a JSON object with a 'text' field"),
+    ("too few documents", "has 60 documents, no more than --val_docs=60"),
+    ("foreign out", "exists and was not written by prepare"),
+    ("bad tokenizer", "--tokenizer='wordpiece' is not 'byte', 'bpe' or an existing tokenizer.json"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, message):
+    src = write_jsonl(tmp_path / "src")
+    out = tmp_path / "out"
+    args = [f"--source={src / '*.jsonl'}", "--tokenizer=byte", f"--out={out}"]
+    if case == "empty glob":
+        args[0] = f"--source={src / '*.parquet'}"
+    elif case == "bad line":
+        (src / "part1.jsonl").write_text("\n".join((src / "part1.jsonl").read_text().splitlines()[:2] + ["{bad"]))
+    elif case == "too few documents":
+        args.append("--val_docs=60")
+    elif case == "foreign out":
+        out.mkdir()
+        (out / "mine.txt").write_text("keep me")
+    elif case == "bad tokenizer":
+        args[1] = "--tokenizer=wordpiece"
+    with pytest.raises(SystemExit) as e:
+        prepare_lib.main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    if case == "foreign out":
+        assert (out / "mine.txt").read_text() == "keep me" and [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_prepared_shards_train_with_the_document_mask(tmp_path):
+    out = tmp_path / "shards"
+    meta = prepare_lib.prepare(settings(write_jsonl(tmp_path / "src") / "*.jsonl", out, tokenizer="bpe",
+                                        vocab_size=300, shard_tokens=2000, val_docs=10), show_progress=False)
+    config = load_config("mtp3", "tiny", {
+        "data.source": str(out / "train_*.bin"), "data.val_source": str(out / "val_*.bin"), "data.vocab_size": 0,
+        "data.document_mask": True, "data.cache_dir": str(tmp_path / "cache"), "num_train_steps": 3,
+        "eval_batches": 1, "sample_tokens": 0, "log_every": 1})
+    final = train.run(config, tmp_path / "run")
+    assert meta["vocab_size"] == 300
+    assert np.isfinite(final["eval/loss_3"])
+    assert [e["step"] for e in read_metrics(tmp_path / "run") if "train/loss_1" in e] == [1, 2, 3]
+    assert shards.has_header(out / "train_000000.bin")
