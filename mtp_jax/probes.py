@@ -73,12 +73,6 @@ def parses(source: str) -> bool:
     return True
 
 
-def need_python_files(files: list, probe: str, data_cfg) -> None:
-    if not files:
-        raise UserError(f"the {probe} probe needs Python files in the validation split, and data.source="
-                        f"{data_cfg.source!r} has none: use it on a model trained on 'stdlib' or on .py files")
-
-
 # ---------------------------------------------------------------------------------------------
 # Induction probe: identifiers renamed to random names, accuracy on copying them
 # ---------------------------------------------------------------------------------------------
@@ -193,8 +187,8 @@ def copy_targets(token_starts: np.ndarray, spans: list[tuple[int, int, str]]) ->
 def encode_with_starts(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
     """Token ids [N] of `text` and the character offset where each token starts [N]."""
     if isinstance(tokenizer, data_lib.BpeTokenizer):
-        encoding = tokenizer._tokenizer.encode(text)
-        return np.asarray(encoding.ids, np.int64), np.asarray([s for s, _ in encoding.offsets], np.int64)
+        ids, starts = tokenizer.encode_with_starts(text)
+        return np.asarray(ids, np.int64), np.asarray(starts, np.int64)
     raw = text.encode("utf-8")
     # Byte i starts inside the character whose first byte is the last one at or before i.
     char_of_byte = np.cumsum([(b & 0xC0) != 0x80 for b in raw]) - 1
@@ -356,5 +350,7 @@ def parse_rate_inputs(config, files, tokenizer) -> list[ParsePrompt]:
 def python_files(data_cfg, probe: str) -> list[tuple[pathlib.Path, str]]:
     """validation_python_files, refusing a corpus without any (`probe` names who asks)."""
     files = validation_python_files(data_cfg)
-    need_python_files(files, probe, data_cfg)
+    if not files:
+        raise UserError(f"the {probe} probe needs Python files in the validation split, and data.source="
+                        f"{data_cfg.source!r} has none: use it on a model trained on 'stdlib' or on .py files")
     return files

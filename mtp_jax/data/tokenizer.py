@@ -48,6 +48,11 @@ class BpeTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text).ids
 
+    def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
+        """Token ids of `text` and the character offset where each token starts."""
+        encoding = self._tokenizer.encode(text)
+        return encoding.ids, [start for start, _ in encoding.offsets]
+
     def decode(self, ids: Iterable[int]) -> str:
         # Keep <|endoftext|> visible: it marks where one sampled document ends.
         return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
