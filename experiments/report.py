@@ -309,8 +309,10 @@ def pairing(setting: Setting, baseline: Setting) -> tuple[bool, str]:
     """Whether a setting's seeds pair with the baseline's (the same seeds, each pair's runs reading
     the same batches), and why (or why not) in words."""
     mine, theirs = ({r.config["seed"]: r for r in s.runs} for s in (setting, baseline))
-    if set(mine) != set(theirs) or len(mine) < 2:
+    if set(mine) != set(theirs):
         return False, "unpaired: the settings ran different seeds"
+    if len(mine) < 2:
+        return False, "unpaired: one seed"
     overlaps = [batch_overlap(mine[s], theirs[s]) for s in sorted(mine)]
     if any(o is None for o in overlaps):
         return False, "unpaired: the batches cannot be recomputed (a task, or no logged training-set size)"
