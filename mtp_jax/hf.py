@@ -1,6 +1,7 @@
 """The one mapping between our parameter tree and the Hugging Face Llama layout, and the folder
 that holds it. `export.py` writes such folders; `--config.init_from` (train.py) reads them, ours or
-any saved by transformers' `save_pretrained` for a `LlamaForCausalLM`.
+any saved by transformers' `save_pretrained` for a `LlamaForCausalLM`. hf_files.py reads the
+folder's files, checking each before use, and writes them.
 
 A folder holds
   config.json              LlamaForCausalLM's config: transformers loads the folder with no code of ours
@@ -35,40 +36,26 @@ does, with the same frequencies theta^(-2i/H) (tests/test_hf.py checks the logit
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import pathlib
-import re
-import shutil
-import tempfile
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import safetensors.numpy
 import tokenizers
 from flax import nnx
-from safetensors import SafetensorError
 
-from mtp_jax.cli import new_folders, remove_empty
 from mtp_jax.data import EOT
 from mtp_jax.errors import UserError
+from mtp_jax.hf_files import (MTP_FILE, RESAVE, Folder, Tensor, read_headers, read_json, tokenizer_problem,
+                              weight_files, write_atomically)
 from mtp_jax.mtp import HEAD_TYPES, build_model, loss_weights
 
 FORMAT = 1  # mtp_jax.json's format version
 NORM_EPS = 1e-6  # model.RMSNorm's epsilon
-WEIGHTS, INDEX, MTP_FILE = "model.safetensors", "model.safetensors.index.json", "mtp_jax.json"
-RESAVE = "save the folder again (python -m mtp_jax.export or transformers' save_pretrained)"
 # config.json's sizes, each a positive integer.
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-# safetensors' dtypes: bytes per element; weights import from the float ones.
-_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-FLOAT_DTYPES = {"F16": np.dtype("<f2"), "BF16": np.dtype(jnp.bfloat16), "F32": np.dtype("<f4"),
-                "F64": np.dtype("<f8")}
-
 # One decoder layer: (HF name under the layer's prefix, path under our block, layout). Layouts:
 # 'same' is stored as is; 'linear' is a Linear weight whose first dimension is its input and
 # 'linear2' one whose first two are ([N, H, D] → [D, N·H]); 'merge' is eh_proj (see above).
@@ -239,41 +226,8 @@ def _positive_number(value) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading a folder: every file checked before use
+# Reading a folder
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Tensor:
-    """Where a safetensors header puts one tensor, checked to lie inside its file."""
-    file: pathlib.Path
-    dtype: str  # safetensors' name for it: F32, BF16, ...
-    shape: tuple[int, ...]
-    begin: int  # byte offsets in the file
-    end: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Folder:
-    path: pathlib.Path
-    config: dict  # config.json
-    fields: dict  # config.model's shape fields from it (model_fields)
-    mtp: dict  # mtp_jax.json ({} for a folder transformers saved)
-    heads: tuple[int, str] | None  # (n, head type) of the heads the folder holds (mtp_heads)
-    tensors: dict[str, Tensor]  # every tensor of its weight files, from their headers
-
-    def read(self, name: str) -> np.ndarray:
-        """Tensor `name` as the header describes it (a float type; its bytes read only now)."""
-        tensor = self.tensors[name]
-        if tensor.dtype not in FLOAT_DTYPES:
-            raise UserError(f"tensor {name} in {tensor.file} is {tensor.dtype}: only float tensors "
-                            f"({', '.join(FLOAT_DTYPES)}) import; save the model in float32 or bfloat16")
-        with tensor.file.open("rb") as f:
-            f.seek(tensor.begin)
-            data = f.read(tensor.end - tensor.begin)
-        if len(data) != tensor.end - tensor.begin:
-            raise _damaged(tensor.file, "became shorter while it was read")
-        return np.frombuffer(data, FLOAT_DTYPES[tensor.dtype]).reshape(tensor.shape)
 
 
 def open_folder(path: str | os.PathLike) -> Folder:
@@ -289,19 +243,9 @@ def open_folder(path: str | os.PathLike) -> Folder:
     config = read_json(path / "config.json")
     fields = model_fields(config, str(path / "config.json"))
     files = weight_files(path)
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise UserError(f"{path} has no weights ({', '.join(missing)} missing): save them as safetensors "
-                        "(save_pretrained's default; pytorch_model.bin is not read)")
     mtp = read_json(path / MTP_FILE) if (path / MTP_FILE).is_file() else {}
     heads = mtp_heads(mtp, str(path / MTP_FILE))
-    tensors: dict[str, Tensor] = {}
-    for file in files:
-        for name, tensor in read_header(file).items():
-            if name in tensors:
-                raise UserError(f"{path} holds tensor {name!r:.80} twice ({tensors[name].file.name} and {file.name}): "
-                                f"its weight files do not belong together; {RESAVE}")
-            tensors[name] = tensor
+    tensors = read_headers(path, files)
     # The layers config.json claims, found in the headers before a model of them is built.
     check_tensor(path, tensors, f"model.layers.{fields['n_layers'] - 1}.mlp.gate_proj.weight",
                  (fields["mlp_dim"], fields["d_model"]))
@@ -316,117 +260,6 @@ def check_tensor(path: pathlib.Path, tensors: dict[str, Tensor], name: str, shap
     if tensors[name].shape != tuple(shape):
         raise UserError(f"tensor {name} in {path} has shape {list(tensors[name].shape)} but its config.json "
                         f"implies {list(shape)}: the weights and the config do not belong together")
-
-
-def weight_files(path: pathlib.Path) -> tuple[pathlib.Path, ...]:
-    """The safetensors files of the folder: those its index names, or model.safetensors."""
-    if not (path / INDEX).is_file():
-        return (path / WEIGHTS,)
-    weight_map = read_json(path / INDEX).get("weight_map")
-    if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
-        raise UserError(f"{path / INDEX} has no weight_map from tensor names to file names: {RESAVE}")
-    names = sorted(set(weight_map.values()))
-    outside = [name for name in names if name in ("", ".", "..") or pathlib.PurePath(name).name != name]
-    if outside:
-        raise UserError(f"{path / INDEX} names weight files outside the folder ({outside[0]!r:.80}): only files "
-                        f"in the folder are read; {RESAVE}")
-    return tuple(path / name for name in names)
-
-
-def read_json(file: pathlib.Path) -> dict:
-    """The JSON object in `file`; one line naming the file when it cannot be read, is not JSON, or
-    holds something other than an object."""
-    try:
-        value = json.loads(file.read_bytes())
-    except OSError as e:
-        raise UserError(f"cannot read {file} ({e.strerror or e}): check that it is a readable file") from None
-    except (ValueError, RecursionError) as e:  # not JSON, or not UTF-8; nested too deeply to parse
-        raise UserError(f"{file} is not JSON ({' '.join(str(e).split())[:120]}): {RESAVE}") from None
-    if not isinstance(value, dict):
-        kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(value),
-                                                                                                 "a number")
-        raise UserError(f"{file} holds {kind}, not a JSON object: {RESAVE}")
-    return value
-
-
-def read_header(file: pathlib.Path) -> dict[str, Tensor]:
-    """The tensors a safetensors file's header describes, every claim checked against the file's
-    size before anything is read or allocated from it."""
-    try:
-        size = file.stat().st_size
-        if size < 8:
-            raise _damaged(file, f"has {size} bytes, fewer than the 8 that give its header's length")
-        with file.open("rb") as f:
-            length = int.from_bytes(f.read(8), "little")
-            if length > size - 8:
-                raise _damaged(file, f"claims a header of {length} bytes but holds {size - 8} after the length")
-            raw = f.read(length)
-    except OSError as e:
-        raise UserError(f"cannot read {file} ({e.strerror or e}): check that it is a readable file") from None
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise _damaged(file, "has a header that is not JSON") from None
-    if not isinstance(header, dict):
-        raise _damaged(file, "has a header that is not a JSON object")
-    start, tensors = 8 + length, {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and _sizes(info.get("shape"))
-                and _sizes(info.get("data_offsets")) and len(info["data_offsets"]) == 2):
-            raise _damaged(file, f"describes tensor {name!r:.80} without a dtype, a shape and two offsets")
-        begin, end = info["data_offsets"]
-        if not begin <= end <= size - start:
-            raise _damaged(file, f"puts tensor {name!r:.80} at bytes {begin} to {end} of its data, which holds "
-                                 f"{size - start} bytes")
-        item = _ITEM_BYTES.get(info["dtype"])
-        if item is not None and math.prod(info["shape"]) * item != end - begin:
-            raise _damaged(file, f"gives tensor {name!r:.80} ({info['dtype']}, shape {info['shape']}) "
-                                 f"{end - begin} bytes")
-        tensors[name] = Tensor(file, info["dtype"], tuple(info["shape"]), start + begin, start + end)
-    return tensors
-
-
-def _sizes(value) -> bool:
-    """A JSON list of non-negative integers (a shape, or offsets)."""
-    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
-
-
-def _damaged(file: pathlib.Path, problem: str) -> UserError:
-    return UserError(f"{file} {problem}: the file is truncated or not safetensors; copy or save it again")
-
-
-def tokenizer_problem(folder: Folder, data) -> str | None:
-    """Why the data's tokenizer cannot feed the folder's model, or None."""
-    vocab = folder.config["vocab_size"]
-    ours = data.meta.get("tokenizer")
-    tokenizer_file = folder.path / "tokenizer.json"
-    theirs = "bpe" if tokenizer_file.is_file() else folder.mtp.get("tokenizer")
-    if tokenizer_file.is_file():
-        tokenizer = read_tokenizer(tokenizer_file)
-        if tokenizer.get_vocab_size() != vocab:
-            return (f"the tokenizer in {folder.path} has {tokenizer.get_vocab_size()} tokens but its config.json's "
-                    f"vocab_size is {vocab}: the folder's tokenizer does not belong to its model")
-        same = ours == "bpe" and read_tokenizer(data.directory / "tokenizer.json").get_vocab() == tokenizer.get_vocab()
-        if not same:
-            return (f"the tokenizer in {folder.path} differs from the data's ({ours!r}, vocabulary "
-                    f"{data.vocab_size}): set --config.data.tokenizer and data.vocab_size as the model was trained")
-    elif theirs is not None and theirs != ours:
-        return (f"the model in {folder.path} reads {theirs!r} tokens but the data's tokenizer is {ours!r}: "
-                f"set --config.data.tokenizer={theirs}")
-    if vocab != data.vocab_size:
-        return (f"the model in {folder.path} has a vocabulary of {vocab} but the data's {ours!r} tokenizer has "
-                f"{data.vocab_size}: set --config.data.tokenizer and data.vocab_size to the model's")
-    return None
-
-
-def read_tokenizer(file: pathlib.Path) -> tokenizers.Tokenizer:
-    try:
-        return tokenizers.Tokenizer.from_file(str(file))
-    except Exception as e:  # noqa: BLE001 — the tokenizers library raises plain Exceptions
-        raise UserError(f"{file} is not a tokenizer the tokenizers library reads "
-                        f"({' '.join(str(e).split())[:120]}): {RESAVE}") from None
 
 
 def configure(config):
@@ -492,75 +325,30 @@ def with_imported(params: dict, loaded: dict) -> dict:
 
 def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pathlib.Path | None,
                  tokenizer: str | None) -> None:
-    """Writes the folder for `params` (pure dict) atomically: built beside `out`, renamed into
-    place, so a failure leaves nothing at `out`, nor a parent folder it made. Its files get the
-    modes the user's umask gives new files. An `out` that cannot be written (under a file, in a
-    folder without write permission, on a disk without room) is one line."""
-    out = pathlib.Path(out)
+    """Writes the folder for `params` (pure dict): its tensors, config.json, mtp_jax.json and the
+    tokenizer's files, atomically (hf_files.write_atomically: a failure leaves nothing at `out`)."""
     weights, head_type = list(loss_weights(config)), config.mtp_head_type
     n = len(weights)  # one weight per token predicted
-    tensors = {name: to_hf(np.asarray(_get(params, path), np.float32), kind)
-               for name, path, kind in layout(shape.n_layers, shape.tie_embeddings, n, head_type)}
+    rows = layout(shape.n_layers, shape.tie_embeddings, n, head_type)
+    tensors = {name: to_hf(np.asarray(_get(params, path), np.float32), kind) for name, path, kind in rows}
     eos = (tokenizers.Tokenizer.from_file(str(data_dir / "tokenizer.json")).token_to_id(EOT)
            if tokenizer == "bpe" else None)
     mtp = {"format": FORMAT, "use_mtp": n > 1, "mtp_n_tokens": n, "mtp_head_type": head_type,
            "mtp_weight": config.mtp_weight, "mtp_loss_weights": config.mtp_loss_weights,
            "loss_weights": weights, "tokenizer": tokenizer,
-           "heads": [name for name, path, _ in layout(shape.n_layers, shape.tie_embeddings, n, head_type)
-                     if path[0] == "heads"]}
-    made, tmp, done = new_folders(out.parent), None, False
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-        need, free = sum(t.nbytes for t in tensors.values()), shutil.disk_usage(tmp).free
-        if need > free:
-            raise UserError(f"cannot write {out}: its weights need {need / 2**20:.1f} MiB and the disk has "
-                            f"{free / 2**20:.1f} MiB free; free space or choose a folder on another disk "
-                            "(nothing was written)")
-        safetensors.numpy.save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(llama_config(shape, config.seq_len, eos), indent=2) + "\n")
-        (tmp / MTP_FILE).write_text(json.dumps(mtp, indent=2) + "\n")
-        if tokenizer == "bpe":
-            shutil.copyfile(data_dir / "tokenizer.json", tmp / "tokenizer.json")
-            (tmp / "tokenizer_config.json").write_text(json.dumps(
-                {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT}, indent=2) + "\n")
-        elif tokenizer == "byte":
-            (tmp / "TOKENIZER.md").write_text(BYTE_NOTE)
-        mask = umask()  # safetensors writes its file 0600; mkdtemp makes its folder 0700
-        for file in tmp.iterdir():
-            file.chmod(0o666 & ~mask)
-        tmp.chmod(0o777 & ~mask)
-        if out.exists():
-            out.rmdir()  # empty (export checks): rename cannot replace a directory
-        tmp.rename(out)
-        done = True
-    except (OSError, SafetensorError) as e:
-        raise UserError(f"cannot write {out}: {write_problem(out, e)} (nothing was written)") from None
-    finally:
-        if not done:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-            remove_empty(made)
+           "heads": [name for name, path, _ in rows if path[0] == "heads"]}
+    texts = {"config.json": _json_text(llama_config(shape, config.seq_len, eos)), MTP_FILE: _json_text(mtp)}
+    copies = {}
+    if tokenizer == "bpe":
+        copies["tokenizer.json"] = data_dir / "tokenizer.json"
+        texts["tokenizer_config.json"] = _json_text({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT})
+    elif tokenizer == "byte":
+        texts["TOKENIZER.md"] = BYTE_NOTE
+    write_atomically(pathlib.Path(out), tensors, texts, copies)
 
 
-def write_problem(out: pathlib.Path, error: Exception) -> str:
-    """Why writing `out` failed, and the fix, from the error of the write."""
-    above = next(parent for parent in out.parents if parent.exists())
-    if not above.is_dir():
-        return f"{above} is a file, not a folder; choose a path in a folder"
-    if isinstance(error, OSError):
-        reason = error.strerror or str(error)
-    else:  # safetensors reports an I/O error as 'Error while serializing: I/O error: <reason> (os error N) …'
-        found = re.search(r"I/O error: (.+?) \(os error", str(error))
-        reason = found.group(1) if found else " ".join(str(error).split())[:160]
-    return f"{reason}; choose a folder you can write to, on a disk with room for the model"
-
-
-def umask() -> int:
-    """The process's umask (read by setting it, then restoring it)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _json_text(value: dict) -> str:
+    return json.dumps(value, indent=2) + "\n"
 
 
 BYTE_NOTE = """# Tokenizer: UTF-8 bytes

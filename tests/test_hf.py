@@ -1,6 +1,6 @@
-"""Hugging Face interop (hf.py, export.py, --config.init_from), grouped-query attention and
-heads-only training: logits against transformers' LlamaForCausalLM, byte-exact round trips,
-frozen parameters, and bad folders. No network: transformers models are built from a config."""
+"""Hugging Face interop (hf.py, hf_files.py, export.py, --config.init_from), grouped-query
+attention and heads-only training: logits against transformers' LlamaForCausalLM, byte-exact round
+trips, frozen parameters, and bad folders. No network: transformers models are built from a config."""
 
 import json
 import re
@@ -15,7 +15,7 @@ import safetensors.numpy
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from mtp_jax import export, generate, hf, sharding, train
+from mtp_jax import export, generate, hf, hf_files, sharding, train
 from mtp_jax import workdir as workdir_lib
 from mtp_jax.checkpoint import Checkpointer
 from mtp_jax.errors import UserError
@@ -97,14 +97,14 @@ def test_export_loads_in_transformers_and_round_trips_byte_exact_with_heads(tmp_
     imported = import_model(first, 3, head_type)
     jax.tree.map(np.testing.assert_array_equal, params_of(imported), params_of(model))  # heads included
     second = export_model(imported, config, tmp_path / "second")
-    a, b = (safetensors.numpy.load_file(f / hf.WEIGHTS) for f in (first, second))
+    a, b = (safetensors.numpy.load_file(f / hf_files.WEIGHTS) for f in (first, second))
     assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)
-    assert (first / hf.WEIGHTS).read_bytes() == (second / hf.WEIGHTS).read_bytes()
-    mtp = json.loads((first / hf.MTP_FILE).read_text())
+    assert (first / hf_files.WEIGHTS).read_bytes() == (second / hf_files.WEIGHTS).read_bytes()
+    mtp = json.loads((first / hf_files.MTP_FILE).read_text())
     assert (mtp["mtp_head_type"], mtp["mtp_n_tokens"], mtp["loss_weights"]) == (head_type, 3, [1.0, 0.1, 0.05])
     assert set(mtp["heads"]) == set(a) - set(safetensors.numpy.load_file(
         export_model(MTPModel(model.decoder.shape, 1, head_type, rngs=nnx.Rngs(0)), config_for(),
-                     tmp_path / "trunk") / hf.WEIGHTS))
+                     tmp_path / "trunk") / hf_files.WEIGHTS))
 
 
 def test_n_kv_heads_equal_to_n_heads_is_the_model_without_it():
@@ -201,7 +201,8 @@ def test_init_from_a_transformers_folder_trains_heads_then_exports_them(corpus, 
     out = tmp_path / "exported"
     export.main([f"--workdir={workdir}", f"--out={out}"])
     np.testing.assert_allclose(transformers_logits(out, TOKENS), transformers_logits(folder, TOKENS), atol=1e-5)
-    assert json.loads((out / hf.MTP_FILE).read_text())["heads"] == ["extra_heads.0.weight", "extra_heads.1.weight"]
+    heads = json.loads((out / hf_files.MTP_FILE).read_text())["heads"]
+    assert heads == ["extra_heads.0.weight", "extra_heads.1.weight"]
     jax.tree.map(np.testing.assert_array_equal, params_of(import_model(out, 3, "linear")), params_of(model))
 
     # Resuming with more steps: the checkpoint wins over init_from (here another model of that shape).
@@ -218,7 +219,7 @@ def bad_folder(tmp_path, case: str):
     if case == "no config":
         (folder / "config.json").unlink()
     elif case == "no weights":
-        (folder / hf.WEIGHTS).unlink()
+        (folder / hf_files.WEIGHTS).unlink()
     elif case == "architecture":
         (folder / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForCausalLM"]}))
     elif case == "shape":

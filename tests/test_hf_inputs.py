@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 from safetensors import SafetensorError
 
-from mtp_jax import hf
+from mtp_jax import hf, hf_files
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import build_model
 from tests.util import ROOT, load_config
@@ -70,7 +70,7 @@ def edit_header(file, edit):
 
 
 def damage(folder, case: str) -> None:
-    weights, config, mtp = folder / hf.WEIGHTS, folder / "config.json", folder / hf.MTP_FILE
+    weights, config, mtp = folder / hf_files.WEIGHTS, folder / "config.json", folder / hf_files.MTP_FILE
     norm = "model.norm.weight"
     if case == "truncated":
         weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
@@ -113,25 +113,27 @@ def damage(folder, case: str) -> None:
     elif case == "newer format":
         edit_json(mtp, lambda m: {**m, "format": hf.FORMAT + 1})
     elif case == "index not JSON":
-        (folder / hf.INDEX).write_text("weight_map: model.safetensors")
+        (folder / hf_files.INDEX).write_text("weight_map: model.safetensors")
     elif case == "index without weight_map":
-        (folder / hf.INDEX).write_text(json.dumps({"metadata": {}}))
+        (folder / hf_files.INDEX).write_text(json.dumps({"metadata": {}}))
     elif case == "index outside the folder":
-        (folder / hf.INDEX).write_text(json.dumps({"weight_map": {norm: "../" + hf.WEIGHTS}}))
+        (folder / hf_files.INDEX).write_text(json.dumps({"weight_map": {norm: "../" + hf_files.WEIGHTS}}))
     else:
         raise AssertionError(case)
 
 
 # Each damaged file, and what its one line says (the file it names is checked too).
 HOSTILE = {
-    "truncated": (hf.WEIGHTS, "of its data, which holds"),
-    "header length 2^62": (hf.WEIGHTS, f"claims a header of {2**62} bytes but holds"),
-    "offsets beyond the file": (hf.WEIGHTS, f"puts tensor 'model.norm.weight' at bytes 0 to {2**60} of its data"),
-    "shape larger than its bytes": (hf.WEIGHTS, "gives tensor 'model.norm.weight' (F32, shape [16, 16]) 64 bytes"),
-    "empty": (hf.WEIGHTS, "has 0 bytes, fewer than the 8 that give its header's length"),
-    "header not JSON": (hf.WEIGHTS, "has a header that is not JSON"),
-    "integer tensor": (hf.WEIGHTS, "is I32: only float tensors (F16, BF16, F32, F64) import"),
-    "NaN weights": (hf.WEIGHTS, "holds NaN or infinite values"),
+    "truncated": (hf_files.WEIGHTS, "of its data, which holds"),
+    "header length 2^62": (hf_files.WEIGHTS, f"claims a header of {2**62} bytes but holds"),
+    "offsets beyond the file": (hf_files.WEIGHTS,
+                                f"puts tensor 'model.norm.weight' at bytes 0 to {2**60} of its data"),
+    "shape larger than its bytes": (hf_files.WEIGHTS,
+                                    "gives tensor 'model.norm.weight' (F32, shape [16, 16]) 64 bytes"),
+    "empty": (hf_files.WEIGHTS, "has 0 bytes, fewer than the 8 that give its header's length"),
+    "header not JSON": (hf_files.WEIGHTS, "has a header that is not JSON"),
+    "integer tensor": (hf_files.WEIGHTS, "is I32: only float tensors (F16, BF16, F32, F64) import"),
+    "NaN weights": (hf_files.WEIGHTS, "holds NaN or infinite values"),
     "config not JSON": ("config.json", "is not JSON (Expecting property name enclosed in double quotes"),
     "config a list": ("config.json", "holds an array, not a JSON object"),
     "no hidden_size": ("config.json", "lacks hidden_size"),
@@ -139,12 +141,12 @@ HOSTILE = {
     "kv heads not dividing": ("config.json", "sets num_key_value_heads=3, which does not divide"),
     "a billion layers": ("", f"has no tensor model.layers.{10**9 - 1}.mlp.gate_proj.weight, which its config.json"),
     "architectures not a list": ("config.json", "sets architectures=7, which is not a list of class names"),
-    "mtp_jax.json not JSON": (hf.MTP_FILE, "is not JSON"),
-    "unknown head type": (hf.MTP_FILE, "sets mtp_head_type='diagonal', which is not one of"),
-    "newer format": (hf.MTP_FILE, f"has format {hf.FORMAT + 1} and this mtp_jax reads format {hf.FORMAT}"),
-    "index not JSON": (hf.INDEX, "is not JSON (Expecting value: line 1 column 1"),
-    "index without weight_map": (hf.INDEX, "has no weight_map from tensor names to file names"),
-    "index outside the folder": (hf.INDEX, "names weight files outside the folder ('../model.safetensors')"),
+    "mtp_jax.json not JSON": (hf_files.MTP_FILE, "is not JSON"),
+    "unknown head type": (hf_files.MTP_FILE, "sets mtp_head_type='diagonal', which is not one of"),
+    "newer format": (hf_files.MTP_FILE, f"has format {hf.FORMAT + 1} and this mtp_jax reads format {hf.FORMAT}"),
+    "index not JSON": (hf_files.INDEX, "is not JSON (Expecting value: line 1 column 1"),
+    "index without weight_map": (hf_files.INDEX, "has no weight_map from tensor names to file names"),
+    "index outside the folder": (hf_files.INDEX, "names weight files outside the folder ('../model.safetensors')"),
 }
 
 
@@ -164,7 +166,7 @@ def test_a_truncated_file_is_refused_with_the_bytes_it_holds(good, tmp_path):
     the line names the first tensor past the end, where the header puts it and the bytes there are."""
     folder = shutil.copytree(good, tmp_path / "folder")
     damage(folder, "truncated")
-    raw = (folder / hf.WEIGHTS).read_bytes()
+    raw = (folder / hf_files.WEIGHTS).read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
     offsets = {name: info["data_offsets"] for name, info in json.loads(raw[8:8 + header_len]).items()
                if name != "__metadata__"}
@@ -182,7 +184,7 @@ def test_a_tokenizer_json_that_is_not_a_tokenizer_is_one_line(good, tmp_path):
     (folder / "tokenizer.json").write_text('{"model": 1}')
     data = types.SimpleNamespace(meta={"tokenizer": "bpe"}, directory=tmp_path, vocab_size=VOCAB)
     with pytest.raises(UserError, match="is not a tokenizer the tokenizers library reads") as error:
-        hf.tokenizer_problem(hf.open_folder(folder), data)
+        hf_files.tokenizer_problem(hf.open_folder(folder), data)
     assert "\n" not in str(error.value) and str(folder / "tokenizer.json") in str(error.value)
 
 
@@ -223,7 +225,7 @@ def test_out_in_an_unwritable_folder_is_refused_and_makes_nothing(model, tmp_pat
 def test_a_full_disk_is_refused_before_writing_and_while_writing(model, tmp_path, monkeypatch):
     out = tmp_path / "new" / "out"
     need = sum(np.asarray(x).size * 4 for x in jax.tree.leaves(model[1]))
-    monkeypatch.setattr(hf.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=need - 1))
+    monkeypatch.setattr(hf_files.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=need - 1))
     with pytest.raises(UserError, match=re.escape(f"its weights need {need / 2**20:.1f} MiB and the disk has")):
         write(model, out)
     monkeypatch.undo()
@@ -232,7 +234,7 @@ def test_a_full_disk_is_refused_before_writing_and_while_writing(model, tmp_path
         raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path '
                               f'"{path.parent / ".tmpX"}"')
 
-    monkeypatch.setattr(hf.safetensors.numpy, "save_file", full)
+    monkeypatch.setattr(hf_files.safetensors.numpy, "save_file", full)
     with pytest.raises(UserError, match=re.escape(f"cannot write {out}: No space left on device; choose a folder")):
         write(model, out)
     assert list(tmp_path.iterdir()) == []  # neither the folder, nor its parent, nor a half-written copy
@@ -247,7 +249,7 @@ def test_exported_files_have_the_modes_the_umask_gives(model, tmp_path, mask, fi
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == folder_mode
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
-    assert hf.WEIGHTS in modes and set(modes.values()) == {file_mode}, modes
+    assert hf_files.WEIGHTS in modes and set(modes.values()) == {file_mode}, modes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +262,7 @@ def test_refused_init_from_exits_2_in_one_line_and_leaves_no_workdir(good, tmp_p
     """A folder refused once the data is read, when the workdir (two new folders deep) exists:
     the run removes what it made."""
     bpe = shutil.copytree(good, tmp_path / "bpe")
-    edit_json(bpe / hf.MTP_FILE, lambda m: {**m, "tokenizer": "bpe"})
+    edit_json(bpe / hf_files.MTP_FILE, lambda m: {**m, "tokenizer": "bpe"})
     (tmp_path / "corpus.txt").write_text("".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(300)))
     result = subprocess.run([sys.executable, "-m", "mtp_jax.main", "--config=configs/mtp3.py:tiny",
                              f"--workdir={tmp_path / 'new' / 'run'}", f"--config.init_from={bpe}",
