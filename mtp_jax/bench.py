@@ -1,6 +1,7 @@
 """What a train step costs: parameters, FLOPs, compiled memory, step time, tokens/s and MFU.
 
     python -m mtp_jax.bench --config=configs/mtp3.py:nano [--config.KEY=V …] [--json] [--sweep] [--compile_only]
+    python -m mtp_jax.bench --config=configs/mtp4.py:1b --topology=v5p:4x4x4 [--search_mesh] [--json]
 
 It compiles the real train step (`train.make_train_step`, the one `main` runs) on all local
 devices, feeds it fresh random windows (no data is read), and times steps one by one with
@@ -15,19 +16,35 @@ backward, no recomputation), the numerator of MFU.
 
 `--sweep` runs the baseline and n = 2, 3, 4 of every head type in one process and prints each as a
 ratio to the baseline; `--json` prints one JSON object per configuration instead of a table.
+
+`--topology` compiles the same step for a TPU slice that need not be attached (libtpu describes its
+chips: `pip install -e '.[tpu]'`), on abstract inputs, and reports per chip what the step needs
+(parameters, optimizer state, temporaries, against the chip's HBM), the bytes each kind of
+collective moves, and a roofline step time, tokens/s and MFU (mtp_jax/tpu.py). A configuration
+that does not fit ends with one `error:` line naming the fields that lower its memory.
+`--search_mesh` compiles every (data, fsdp, tensor) mesh that the chips and the model's shapes
+allow and ranks them by predicted step time.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
 
+import jax
+import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from mtp_jax import sharding, tpu
 from mtp_jax.cli import fail, parse_flags
+from mtp_jax.config import validate
+from mtp_jax.errors import UserError
+from mtp_jax.mtp import HEAD_TYPES, n_predict
+from mtp_jax.train import make_train_step, memory_per_device
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
                                           lock_config=False)
@@ -36,6 +53,10 @@ _SWEEP = flags.DEFINE_bool("sweep", False, "Baseline and n = 2, 3, 4 for every h
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Report compile-time figures only; run no step.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per configuration (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps before timing.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "Compile for this TPU topology (v5p:4x4x4, or an accelerator "
+                                "type: v5p-128) on abstract inputs and report per chip; no step runs.")
+_SEARCH_MESH = flags.DEFINE_bool("search_mesh", False, "With --topology: every (data, fsdp, tensor) mesh the shapes "
+                                 "allow, ranked by predicted step time.")
 _XLA_FLOPS = flags.DEFINE_bool("xla_flops", True, "Cost a chunked loss's step from its loop-free twin "
                                "(a second compilation); False reports the chunked step's own count.")
 
@@ -48,31 +69,29 @@ def vocab_size(config) -> int:
 
 
 def config_name(config) -> str:
-    from mtp_jax.mtp import n_tokens
-
-    n = n_tokens(config)
+    n = n_predict(config)
     return f"{config.preset} baseline" if n == 1 else f"{config.preset} {config.mtp_head_type} n={n}"
 
 
-def model_flops(config, vocab: int) -> float:
+def model_flops(config, vocab: int, *, recomputed: bool = False) -> float:
     """Analytic FLOPs of one train step: 3x (forward + backward) the forward matmuls, attention's
-    QK^T and AV counted over all T keys (what a dense causal kernel computes)."""
-    from mtp_jax.mtp import n_tokens
-
-    m, n, t = config.model, n_tokens(config), config.seq_len
+    QK^T and AV counted over all T keys (what a dense causal kernel computes). recomputed=True adds
+    what model.remat recomputes (the trunk blocks' forward pass once more): the work the hardware
+    does, where the default is the model's, the numerator of MFU."""
+    m, n, t = config.model, n_predict(config), config.seq_len
     d = m.d_model
+    d_kv = d * (m.n_kv_heads or m.n_heads) // m.n_heads  # grouped-query attention's keys and values
+    block = 2 * (2 * d * d + 2 * d * d_kv + 3 * d * m.mlp_dim + 2 * t * d)  # per token
     blocks = m.n_layers + {"linear": 0, "parallel": n - 1, "sequential": n - 1}[config.mtp_head_type]
     merges = n - 1 if config.mtp_head_type == "sequential" else 0
-    per_token = 2 * (blocks * (4 * d * d + 3 * d * m.mlp_dim + 2 * t * d) + merges * 2 * d * d + n * d * vocab)
-    return 3.0 * per_token * config.batch_size * t
+    per_token = blocks * block + 2 * (merges * 2 * d * d + n * d * vocab)
+    recompute = m.n_layers * block if recomputed and m.remat else 0
+    return (3.0 * per_token + recompute) * config.batch_size * t
 
 
 def measure_peak_flops(dtype: str, size: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of the fastest of `repeats` [size, size] @ [size, size] matmuls in `dtype`."""
-    import jax
-    import jax.numpy as jnp
-
-    a, b = (jax.random.normal(jax.random.key(i), (size, size), jnp.float32).astype(dtype) for i in (0, 1))
+    a, b = (jax.random.normal(jax.random.key(i), (size, size), np.float32).astype(dtype) for i in (0, 1))
     matmul = jax.jit(lambda x, y: x @ y)
     matmul(a, b).block_until_ready()
     best = float("inf")
@@ -95,10 +114,6 @@ def bench_config(config, *, compile_only: bool, steps: int, warmup: int, peak: f
     """Compile (and unless compile_only, time) the train step of one configuration. twin_flops=False
     skips the loop-free twin's compilation (flops_per_step then counts a chunked loss's scan
     body once)."""
-    from mtp_jax import sharding
-    from mtp_jax.config import validate
-    from mtp_jax.train import make_train_step
-
     validate(config)
     vocab = vocab_size(config)
     mesh = sharding.make_mesh(config.mesh)
@@ -140,13 +155,7 @@ def make_stepper(config, setup, mesh, n_steps: int):
 
     The windows are made on the device before any timing, so no host copy is timed; the step is
     synchronised with block_until_ready. A non-finite loss raises."""
-    import jax
-    import numpy as np
-
-    from mtp_jax import sharding
-    from mtp_jax.mtp import n_tokens
-
-    shape = (n_steps, config.batch_size, config.seq_len + n_tokens(config))
+    shape = (n_steps, config.batch_size, config.seq_len + n_predict(config))
     spec = jax.sharding.PartitionSpec(None, *sharding.batch_sharding(mesh).spec)
     windows = jax.jit(lambda key: jax.random.randint(key, shape, 0, vocab_size(config)),
                       out_shardings=jax.sharding.NamedSharding(mesh, spec))(jax.random.key(config.seed))
@@ -170,8 +179,6 @@ def make_stepper(config, setup, mesh, n_steps: int):
 
 def sweep_configs(config) -> list:
     """The baseline, then n = 2, 3, 4 for each head type, all otherwise equal to `config`."""
-    from mtp_jax.mtp import HEAD_TYPES
-
     def variant(use_mtp: bool, n: int, head_type: str):
         c = config.copy_and_resolve_references()
         c.use_mtp, c.mtp_n_tokens, c.mtp_head_type = use_mtp, n, head_type
@@ -199,15 +206,178 @@ def table(results: list[dict], peak: float | None) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ TPU topologies
+LOWER_MEMORY = ("mesh.fsdp (parameters and optimizer state over more chips), model.remat=True, loss_chunk_size, "
+                "batch_size, model.scan_layers=True")
+
+
+def bytes_per_chip(tree) -> int:
+    """Bytes of one chip's shards of a tree of sharded ShapeDtypeStructs."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def topology_config(config, topology: str, devices) -> dict:
+    """Compile the train step of `config` for `topology` (its chips as `devices`) on abstract inputs,
+    and report what it needs per chip and how fast the roofline says it runs (mtp_jax/tpu.py)."""
+    chip, vocab = tpu.chip_of(topology), vocab_size(config)
+    with tpu.traced_for("tpu"):
+        validate(config)
+        mesh = sharding.make_mesh(config.mesh, devices)
+        sharding.check_batch(config.batch_size, mesh)
+        start, start_cpu = time.perf_counter(), time.process_time()
+        try:
+            setup = make_train_step(config, vocab, mesh, config.num_train_steps)
+        except jax.errors.JaxRuntimeError as e:
+            temporaries = tpu.out_of_memory(str(e))
+            if temporaries is None:
+                raise
+            # The compiler stops once the temporaries alone exceed the chip: a floor on the need.
+            return {"name": config_name(config), "topology": topology, "chips": mesh.size, "mesh": dict(mesh.shape),
+                    "bytes_per_chip": temporaries, "chip_hbm_bytes": chip.hbm_bytes, "fits": False,
+                    "refused_by_compiler": True, "step_time_s": None, "compile_s": time.perf_counter() - start,
+                    "compile_cpu_s": time.process_time() - start_cpu}
+        compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
+    chips, memory = mesh.size, setup.step_fn.memory_analysis()
+    cost = setup.step_fn.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    found = tpu.collectives(setup.step_fn.as_text())
+    by_kind = tpu.collective_bytes(found)
+    needed = memory_per_device(memory)
+    # XLA counts a loop's body once (scanned layers, a chunked loss), so its bytes accessed is a
+    # floor; the state is read and written at least once in any case.
+    hbm = max(float(cost.get("bytes accessed", 0.0)),
+              memory.argument_size_in_bytes + memory.output_size_in_bytes)
+    model = model_flops(config, vocab)
+    roof = tpu.roofline(chip, model_flops(config, vocab, recomputed=True) / chips, hbm, sum(by_kind.values()))
+    return {
+        "name": config_name(config), "topology": topology, "chips": chips, "mesh": dict(mesh.shape),
+        "params": setup.n_params,
+        "param_bytes_per_chip": bytes_per_chip(setup.abstract_state["params"]),
+        "opt_state_bytes_per_chip": bytes_per_chip(setup.abstract_state["opt_state"]),
+        "temp_bytes_per_chip": memory.temp_size_in_bytes,
+        "bytes_per_chip": needed, "chip_hbm_bytes": chip.hbm_bytes, "fits": needed <= chip.hbm_bytes,
+        "xla_flops_per_step": float(cost.get("flops", 0.0)) * chips,  # loop bodies once, as above
+        "model_flops_per_step": model,
+        "hbm_bytes_per_chip": hbm,
+        "collective_bytes_per_chip": by_kind,
+        "largest_collective": None if not found else {"op": found[0].op, "bytes": found[0].bytes,
+                                                      "count": found[0].count, "from": found[0].name},
+        **roof,
+        "tokens_per_sec_per_chip": config.batch_size * config.seq_len / roof["step_time_s"] / chips,
+        "mfu": model / chips / roof["step_time_s"] / chip.peak_flops,
+        "refused_by_compiler": False,
+        "compile_s": compile_s, "compile_cpu_s": compile_cpu_s,  # wall time; CPU time of all this process's threads
+    }
+
+
+def divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def mesh_candidates(config, chips: int) -> list[tuple[int, int, int]]:
+    """Every (data, fsdp, tensor) with product `chips` that the model's shapes allow: tensor
+    divides the heads, key/value heads, MLP width and vocabulary, and data x fsdp the batch."""
+    m = config.model
+    widths = (m.n_heads, m.n_kv_heads or m.n_heads, m.mlp_dim, vocab_size(config))
+    return [(data, chips // tensor // data, tensor)
+            for tensor in divisors(chips) if not any(w % tensor for w in widths)
+            for data in divisors(chips // tensor) if config.batch_size % (chips // tensor) == 0]
+
+
+def with_mesh(config, data: int, fsdp: int, tensor: int):
+    c = config.copy_and_resolve_references()
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
+    return c
+
+
+def search_mesh(config, topology: str, devices, candidates=None, report=None) -> list[dict]:
+    """topology_config for each mesh of `candidates` (default: all mesh_candidates), those that fit
+    first, each group by predicted step time; `report(result)` is called as each one compiles."""
+    candidates = mesh_candidates(config, len(devices)) if candidates is None else candidates
+    if not candidates:
+        raise UserError(f"no (data, fsdp, tensor) mesh of {len(devices)} chips suits batch_size="
+                        f"{config.batch_size}: data x fsdp must divide the batch (the rest is tensor parallel, "
+                        "which must divide the heads, MLP and vocabulary); raise batch_size")
+    results = []
+    for mesh in candidates:
+        results.append(topology_config(with_mesh(config, *mesh), topology, devices))
+        if report is not None:
+            report(results[-1])
+    return sorted(results, key=lambda r: (not r["fits"], r["step_time_s"] or math.inf))
+
+
+def too_large(result: dict) -> str:
+    mesh = " ".join(f"{a}={s}" for a, s in result["mesh"].items())
+    more_than = "more than " if result["refused_by_compiler"] else ""
+    return (f"{result['name']} needs {more_than}{result['bytes_per_chip'] / tpu.GiB:.1f} GiB per chip on "
+            f"{result['topology']} with mesh {mesh}, and a {result['topology'].split(':')[0]} chip has "
+            f"{result['chip_hbm_bytes'] / tpu.GiB:.0f} GiB: lower it with {LOWER_MEMORY}")
+
+
+def topology_table(results: list[dict]) -> str:
+    """Per chip: memory against the chip's, collective bytes, the roofline's step time and MFU."""
+    gib = lambda b: f"{b / tpu.GiB:.2f}"  # noqa: E731
+    lines = [f"{'config':<22} {'data,fsdp,tensor':>16} {'param':>6} {'opt':>6} {'temp':>6} {'total GiB':>10} "
+             f"{'fits':>4} {'AG GB':>6} {'RS GB':>6} {'AR GB':>6} {'A2A GB':>6} {'comp ms':>8} {'ICI ms':>7} "
+             f"{'step ms':>8} {'tok/s/chip':>10} {'MFU':>6}"]
+    for r in results:
+        if r["refused_by_compiler"]:
+            lines.append(f"{r['name']:<22} {','.join(str(s) for s in r['mesh'].values()):>16} "
+                         f"{'temporaries alone > ' + gib(r['bytes_per_chip']) + ' GiB: refused by the compiler':>50}")
+            continue
+        coll = r["collective_bytes_per_chip"]
+        lines.append(
+            f"{r['name']:<22} {','.join(str(s) for s in r['mesh'].values()):>16} {gib(r['param_bytes_per_chip']):>6} "
+            f"{gib(r['opt_state_bytes_per_chip']):>6} {gib(r['temp_bytes_per_chip']):>6} "
+            f"{gib(r['bytes_per_chip']) + '/' + format(r['chip_hbm_bytes'] / tpu.GiB, '.0f'):>10} "
+            f"{'yes' if r['fits'] else 'NO':>4} "
+            + " ".join(f"{coll[op] / 1e9:>6.2f}" for op in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all"))
+            + f" {1e3 * r['compute_s']:>8.1f} {1e3 * r['ici_s']:>7.1f} {1e3 * r['step_time_s']:>8.1f} "
+            f"{r['tokens_per_sec_per_chip']:>10.0f} {100 * r['mfu']:>5.1f}%")
+    return "\n".join(lines)
+
+
+def main_topology(configs: list, name: str, search: bool, as_json: bool) -> None:
+    """Compile each config for the topology (on each mesh, if search), print, and end with one error
+    line if one of them fits on no mesh."""
+    topology = tpu.topology_name(name)
+    devices = tpu.devices(topology)
+    show = (lambda r: print(json.dumps(r), flush=True)) if as_json else None
+    results, too_large_ones = [], []
+    for config in configs:
+        if search:
+            found = search_mesh(config, topology, devices, report=show)
+        else:
+            found = [topology_config(config, topology, devices)]
+            if show:
+                show(found[0])
+        results += found
+        if not found[0]["fits"]:
+            too_large_ones.append(min(found, key=lambda r: r["bytes_per_chip"]))
+    if not as_json:
+        print(f"{topology}: {len(devices)} chips; per chip, roofline step time (mtp_jax/tpu.py)")
+        print(topology_table(results))
+    if too_large_ones:
+        fail(too_large(too_large_ones[0]))
+
+
 def main(argv) -> None:
     if len(argv) > 1 or _CONFIG.value is None:
         fail("usage: python -m mtp_jax.bench --config=configs/mtp3.py:PRESET [--config.KEY=V …] "
-             "[--json] [--sweep] [--compile_only]")
-    import jax
-
-    from mtp_jax.errors import UserError
-
+             "[--json] [--sweep] [--compile_only] [--topology=v5p:4x4x4 [--search_mesh]]")
     config = _CONFIG.value
+    if _TOPOLOGY.value is not None:
+        # Only the host's CPU runs here, even on a TPU VM whose chips are busy: libtpu describes
+        # the topology's chips without opening them.
+        jax.config.update("jax_platforms", "cpu")
+        try:
+            main_topology(sweep_configs(config) if _SWEEP.value else [config], _TOPOLOGY.value, _SEARCH_MESH.value,
+                          _JSON.value)
+        except UserError as e:
+            fail(str(e))
+        return
+    if _SEARCH_MESH.value:
+        fail("--search_mesh compiles for a TPU topology: add --topology=NAME (e.g. v5p:4x4x4 or v5e-256)")
     configs = sweep_configs(config) if _SWEEP.value else [config]
     peak = None if _COMPILE_ONLY.value else measure_peak_flops(config.model.dtype)
     if peak is not None:
@@ -226,5 +396,10 @@ def main(argv) -> None:
         print(table(results, peak))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `mtp-bench` console command."""
     app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -13,6 +13,7 @@ import math
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mtp_jax.errors import UserError
@@ -48,8 +49,14 @@ def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(mesh_cfg, len(devices))
     # Auto axes: GSPMD propagates shardings through the step (make_mesh defaults to Explicit).
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-                         devices=devices)
+    axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
+    except NotImplementedError:
+        # make_mesh maps each mesh axis onto whole axes of a TPU torus; a shape that must split
+        # one (data 1, fsdp 32, tensor 2 on v5p's 4x4x4) is laid out by splitting it.
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return jax.sharding.Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -1,0 +1,205 @@
+"""Regenerates results.json and results.md: the train step compiled ahead of time for TPU pods.
+
+    python experiments/results/tpu_aot/run.py [--only=PRESET,…] [--topologies=v5e-256,…] [--render]
+
+For each preset (nano_125m, 350m, 1b, 8b), MTP setting (baseline, linear n = 4, parallel n = 4,
+sequential n = 2) and topology (v5e-256, v5p-128, v6e-256), `mtp_jax.bench.topology_config` compiles
+the real train step for the topology's chips on abstract inputs (libtpu; no TPU attached) in
+bfloat16 compute with float32 parameters and scanned layers, and records what it needs per chip
+and the roofline's step time (mtp_jax/tpu.py).
+
+Mesh: the baseline tries the fsdp-major meshes (data 1, tensor as small as the batch allows, then
+twice that) and keeps the fastest that fits; each MTP setting starts from its baseline's mesh and
+moves on to the other only if it does not fit there. Where no mesh fits, the row is compiled once
+more with model.remat=True. A batch smaller than the chips can split (nano_125m's 32 sequences
+over 256 chips with at most 4-way tensor parallelism) is raised to one sequence per chip, and the
+row says so.
+
+Rows already in results.json are kept (the script resumes); --render only rewrites results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import runpy
+import time
+
+import jax
+
+from mtp_jax import bench, tpu
+from mtp_jax.machine import cpu_model
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+PRESETS = ("1b", "8b", "350m", "nano_125m")  # in the order they are compiled
+SETTINGS = {  # name: (use_mtp, mtp_n_tokens, mtp_head_type)
+    "baseline": (False, 1, "linear"),
+    "linear n=4": (True, 4, "linear"),
+    "parallel n=4": (True, 4, "parallel"),
+    "sequential n=2": (True, 2, "sequential"),
+}
+TOPOLOGIES = ("v5e-256", "v5p-128", "v6e-256")
+
+
+def config_for(preset: str, setting: str, batch_size: int | None = None):
+    config = runpy.run_path(str(ROOT / "configs" / "base.py"))["get_config"](preset)
+    config.use_mtp, config.mtp_n_tokens, config.mtp_head_type = SETTINGS[setting]
+    config.model.dtype = "bfloat16"
+    config.model.scan_layers = True
+    if batch_size is not None:
+        config.batch_size = batch_size
+    return config
+
+
+def fsdp_major(config, chips: int, count: int = 2) -> list[tuple[int, int, int]]:
+    """The first `count` data=1 meshes by tensor size, or [] if the batch divides over none."""
+    return sorted((m for m in bench.mesh_candidates(config, chips) if m[0] == 1), key=lambda m: m[2])[:count]
+
+
+def compile_row(config, topology: str, devices, meshes: list[tuple[int, int, int]], keep_first_fit: bool) -> dict:
+    """Compile on each mesh in turn; stop at the first that fits if keep_first_fit, else keep the
+    fastest that fits. If none fits, once more with remat on the first mesh."""
+    tried = []
+    for mesh in meshes:
+        tried.append(bench.topology_config(bench.with_mesh(config, *mesh), topology, devices))
+        tried[-1]["load_average"] = os.getloadavg()[0]
+        print(f"  {tried[-1]['name']} mesh {mesh}: {tried[-1]['bytes_per_chip'] / tpu.GiB:.1f} GiB, "
+              f"{tried[-1]['step_time_s']} s, compiled in {tried[-1]['compile_s']:.0f} s", flush=True)
+        if tried[-1]["fits"] and keep_first_fit:
+            break
+    fitting = [r for r in tried if r["fits"]]
+    if not fitting:
+        remat = config.copy_and_resolve_references()
+        remat.model.remat = True
+        tried.append(bench.topology_config(bench.with_mesh(remat, *meshes[0]), topology, devices))
+        tried[-1]["load_average"] = os.getloadavg()[0]
+        tried[-1]["remat"] = True
+        fitting = [r for r in tried[-1:] if r["fits"]]
+    best = min(fitting, key=lambda r: r["step_time_s"]) if fitting else min(tried, key=lambda r: r["bytes_per_chip"])
+    return {**best, "remat": best.get("remat", False), "tried": [
+        {"mesh": r["mesh"], "remat": r.get("remat", False), "bytes_per_chip": r["bytes_per_chip"], "fits": r["fits"],
+         "step_time_s": r["step_time_s"], "compile_s": r["compile_s"]} for r in tried]}
+
+
+def run(presets, topologies, results: dict, save, baseline_meshes: int = 2) -> None:
+    chips_of = {name: tpu.devices(tpu.topology_name(name)) for name in topologies}
+    for preset in presets:
+        for name in topologies:
+            topology, devices = tpu.topology_name(name), chips_of[name]
+            base_mesh = None
+            for setting in SETTINGS:
+                key = f"{name} {preset} {setting}"
+                config = config_for(preset, setting)
+                meshes = fsdp_major(config, len(devices), baseline_meshes)
+                if not meshes:  # raise the batch to one sequence per chip
+                    config = config_for(preset, setting, batch_size=len(devices))
+                    meshes = fsdp_major(config, len(devices), baseline_meshes)
+                if key in results:
+                    base_mesh = base_mesh or tuple(results[key]["mesh"].values())
+                    continue
+                print(f"{key}: batch {config.batch_size}", flush=True)
+                if setting == "baseline":
+                    row = compile_row(config, topology, devices, meshes, keep_first_fit=False)
+                    base_mesh = tuple(row["mesh"].values())
+                else:
+                    order = [base_mesh] + [m for m in meshes if m != base_mesh] if base_mesh else meshes
+                    row = compile_row(config, topology, devices, order, keep_first_fit=True)
+                results[key] = {**row, "accelerator_type": name, "preset": preset, "setting": setting,
+                                "batch_size": config.batch_size, "seq_len": config.seq_len}
+                save()
+
+
+def render(results: dict, meta: dict) -> str:
+    lines = [
+        "# Train steps compiled for TPU pods ahead of time",
+        "",
+        "`python experiments/results/tpu_aot/run.py` (this directory's run.py) compiles the real train step",
+        "(`train.make_train_step`, what `main` runs) for each topology's chips on a CPU-only machine with",
+        "libtpu, on abstract inputs, in bfloat16 compute with float32 parameters and optimizer state, scanned",
+        "layers, the presets' batch and sequence length and 'auto' attention (blockwise on TPU). One row",
+        "is `python -m mtp_jax.bench --config=configs/base.py:PRESET --topology=TOPOLOGY "
+        "--config.model.dtype=bfloat16 --config.model.scan_layers=True --config.mesh.data=… "
+        "--config.mesh.fsdp=… --config.mesh.tensor=…` (plus the MTP setting).",
+        "",
+        f"JAX {meta['jax']}, libtpu {meta['libtpu']}, Python {meta['python']}; compiled on {meta['cpu']} "
+        f"({meta['cores']} cores, shared with other work: the load average at each compile is in "
+        "results.json).",
+        "",
+        "Memory is the compiler's per-chip figure (state, batch and temporaries; the donated state counted "
+        "once). Step time is the roofline of mtp_jax/tpu.py: max(FLOPs / peak, HBM bytes / bandwidth) + "
+        "collective bytes / ICI bandwidth, with the analytic FLOPs (recomputation included), no overlap of "
+        "collectives with compute, and the chip figures of its table. MFU = model FLOPs / chips / step "
+        "time / peak. Δ columns compare each MTP setting with its baseline on the same topology.",
+        "",
+    ]
+    for name in TOPOLOGIES:
+        rows = [r for r in results.values() if r["accelerator_type"] == name]
+        if not rows:
+            continue
+        chip = tpu.chip_of(tpu.topology_name(name))
+        lines += [f"## {name} ({tpu.topology_name(name)}, {rows[0]['chips']} chips, {chip.hbm_bytes / tpu.GiB:.0f} GiB "
+                  "each)", "",
+                  "| preset | setting | batch | mesh d,f,t | remat | GiB/chip | fits | step ms | ICI ms "
+                  "| tok/s/chip | MFU | Δ step | Δ memory | largest collective | compile s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for preset in PRESETS:
+            base = results.get(f"{name} {preset} baseline")
+            for setting in SETTINGS:
+                r = results.get(f"{name} {preset} {setting}")
+                if r is None:
+                    continue
+                delta = lambda key: ("" if base is None or setting == "baseline"  # noqa: E731
+                                     else f"{100 * (r[key] / base[key] - 1):+.1f} %")
+                if r.get("refused_by_compiler"):
+                    lines.append(f"| {preset} | {setting} | {r['batch_size']} × {r['seq_len']} | "
+                                 f"{','.join(str(s) for s in r['mesh'].values())} | {'yes' if r['remat'] else 'no'} | "
+                                 f"> {r['bytes_per_chip'] / tpu.GiB:.0f} (temporaries; the compiler refuses) | **no** "
+                                 "| | | | | | | | |")
+                    continue
+                largest = r["largest_collective"]
+                lines.append(
+                    f"| {preset} | {setting} | {r['batch_size']} × {r['seq_len']} | "
+                    f"{','.join(str(s) for s in r['mesh'].values())} | {'yes' if r['remat'] else 'no'} | "
+                    f"{r['bytes_per_chip'] / tpu.GiB:.1f} | {'yes' if r['fits'] else '**no**'} | "
+                    f"{1e3 * r['step_time_s']:.0f} | {1e3 * r['ici_s']:.0f} | {r['tokens_per_sec_per_chip']:.0f} | "
+                    f"{100 * r['mfu']:.1f} % | {delta('step_time_s')} | {delta('bytes_per_chip')} | "
+                    + (f"{largest['op']} {largest['bytes'] / 1e9:.2f} GB ×{largest['count']}" if largest else "-")
+                    + f" | {sum(t['compile_s'] for t in r['tried']):.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(PRESETS), help="comma-separated presets")
+    parser.add_argument("--topologies", default=",".join(TOPOLOGIES), help="comma-separated accelerator types")
+    parser.add_argument("--render", action="store_true", help="only rewrite results.md from results.json")
+    parser.add_argument("--baseline_meshes", type=int, default=2, help="fsdp-major meshes a baseline tries")
+    args = parser.parse_args()
+    jax.config.update("jax_platforms", "cpu")
+    path = HERE / "results.json"
+    stored = json.loads(path.read_text()) if path.exists() else {}
+    results = stored.get("rows", {})
+    meta = stored.get("meta") or {"jax": jax.__version__, "libtpu": importlib.metadata.version("libtpu"),
+                                  "python": platform.python_version(), "cpu": cpu_model(), "cores": os.cpu_count()}
+
+    def save():  # merged with rows another run (of other topologies) may have written meanwhile
+        if path.exists():
+            results.update({k: v for k, v in json.loads(path.read_text())["rows"].items() if k not in results})
+        path.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))
+        (HERE / "results.md").write_text(render(results, meta))
+
+    if not args.render:
+        start = time.perf_counter()
+        run(args.only.split(","), args.topologies.split(","), results, save, args.baseline_meshes)
+        print(f"done in {time.perf_counter() - start:.0f} s")
+    save()
+
+
+if __name__ == "__main__":
+    main()

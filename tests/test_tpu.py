@@ -1,0 +1,180 @@
+"""Compiling for TPU topologies from this machine (mtp_jax/tpu.py, mtp_jax.bench --topology).
+
+The HLO reading, the names and the roofline are tested everywhere; the compiles run where libtpu
+imports (`pip install -e '.[tpu]'`) and are skipped otherwise."""
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtp_jax import bench, sharding, tpu
+from mtp_jax.errors import UserError
+from tests.util import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed (pip install -e '.[tpu]')")
+
+# A while loop of 12 trips (lax.scan's lowering) around an all-gather over 4 devices, and in the
+# entry an asynchronous two-result all-reduce over pairs and a reduce-scatter over groups of 4.
+HLO = """\
+HloModule jit_train_step, entry_computation_layout={()->()}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}
+
+%body (p: (s32[], bf16[1024,768])) -> (s32[], bf16[1024,768]) {
+  %p = (s32[], bf16[1024,768]) parameter(0)
+  %w = bf16[256,768]{1,0:T(8,128)(2,1)} get-tuple-element(%p), index=1
+  %all-gather.3 = bf16[1024,768]{1,0:T(8,128)(2,1)} all-gather(%w), channel_id=1, replica_groups=mesh['axis_0'=2,'axis_1'=4,'axis_2'=1] {'axis_1'}, dimensions={0}, metadata={op_name="jit(train_step)/while/body/all_gather"}
+  ROOT %t = (s32[], bf16[1024,768]) tuple(%i, %all-gather.3)
+}
+
+%cond (c: (s32[], bf16[1024,768])) -> pred[] {
+  %c = (s32[], bf16[1024,768]) parameter(0)
+  %constant.7 = s32[]{:T(128)} constant(12)
+  %i = s32[]{:T(128)} get-tuple-element(%c), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i, %constant.7), direction=LT
+}
+
+ENTRY %main (a: f32[1000], b: f32[24]) -> f32[250] {
+  %a = f32[1000]{0} parameter(0)
+  %b = f32[24]{0} parameter(1)
+  %loop = (s32[], bf16[1024,768]) while(%init), condition=%cond, body=%body
+  %all-reduce-start.1 = (f32[1000]{0}, f32[24]{0}) all-reduce-start(%a, %b), channel_id=2, replica_groups={{0,1},{2,3},{4,5},{6,7}}, to_apply=%add
+  %all-reduce-done.1 = (f32[1000]{0}, f32[24]{0}) all-reduce-done(%all-reduce-start.1)
+  ROOT %reduce-scatter.2 = f32[250]{0} reduce-scatter(%a), channel_id=3, replica_groups=[2,4]<=[8], dimensions={0}, to_apply=%add
+}
+"""
+
+
+def test_collective_bytes_follow_the_ring_algorithm_and_loop_trip_counts():
+    found = {c.op: c for c in tpu.collectives(HLO)}
+    gathered = 1024 * 768 * 2
+    assert found["all-gather"].count == 12
+    assert found["all-gather"].bytes == 12 * gathered * 3 / 4
+    assert found["all-reduce"].bytes == 2 * (1000 + 24) * 4 * 1 / 2
+    assert found["reduce-scatter"].bytes == 250 * 4 * 3
+    assert tpu.collective_bytes(list(found.values()))["all-to-all"] == 0
+
+
+def test_accelerator_types_name_their_topologies_and_unknown_names_list_the_known_ones():
+    assert tpu.topology_name("v5p-128") == "v5p:4x4x4"  # v5p counts TensorCores, two per chip
+    assert tpu.topology_name("v5e-256") == "v5e:16x16"
+    assert tpu.topology_name("v4:4x4x8") == "v4:4x4x8"
+    for bad in ("v5e:4x4x4", "v7:2x2", "tpu"):
+        with pytest.raises(UserError, match=r"unknown topology.*v5e-\{1,4,.*,256\}"):
+            tpu.topology_name(bad)
+
+
+def test_roofline_adds_the_collectives_to_the_slower_of_compute_and_memory():
+    chip = tpu.CHIPS["v5p"]
+    r = tpu.roofline(chip, flops=459e12, hbm_bytes=2765e9 / 2, ici_bytes=600e9)
+    assert r["compute_s"] == pytest.approx(1.0) and r["hbm_s"] == pytest.approx(0.5)
+    assert r["ici_s"] == pytest.approx(1.0)  # 600 GB over half the 1200 GB/s bidirectional
+    assert r["step_time_s"] == pytest.approx(2.0) and r["bound"] == "compute"
+
+
+def test_analytic_flops_count_grouped_query_attention_and_remat():
+    config = load_config("baseline")
+    full = bench.model_flops(config, 256)
+    config.model.n_kv_heads = config.model.n_heads // 2
+    d, tokens, layers = config.model.d_model, config.batch_size * config.seq_len, config.model.n_layers
+    # Keys and values at half width: 2 x d x d/2 fewer multiply-adds per token, layer and projection.
+    assert full - bench.model_flops(config, 256) == 3 * 2 * 2 * d * (d // 2) * layers * tokens
+    # model.remat recomputes the trunk blocks' forward pass: a third of what the blocks cost a step.
+    config.model.remat = True
+    no_blocks = config.copy_and_resolve_references()
+    no_blocks.model.n_layers = 0
+    blocks = bench.model_flops(config, 256) - bench.model_flops(no_blocks, 256)
+    assert bench.model_flops(config, 256, recomputed=True) - bench.model_flops(config, 256) == pytest.approx(blocks / 3)
+
+
+def run_bench(*args, env_prefix=()):
+    return subprocess.run([sys.executable, *env_prefix, "-m", "mtp_jax.bench", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def one_error_line(proc) -> str:
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return errors[0]
+
+
+def test_unknown_topology_is_one_line_listing_the_known_ones():
+    line = one_error_line(run_bench("--config=configs/mtp3.py:tiny", "--topology=v5x:2x2"))
+    assert "unknown topology 'v5x:2x2'" in line and "v5p-{2,8," in line and "v6e-{1,4," in line
+
+
+def test_missing_libtpu_names_the_extra_to_install():
+    hide_libtpu = ("-c", "import runpy, sys; sys.modules['libtpu'] = None; "
+                   "runpy.run_module('mtp_jax.bench', run_name='__main__')")
+    proc = subprocess.run([sys.executable, *hide_libtpu, "--config=configs/mtp3.py:tiny", "--topology=v5e:2x2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert "pip install -e '.[tpu]'" in one_error_line(proc)
+
+
+@pytest.fixture(scope="module")
+def v5e_2x2():
+    return tpu.devices("v5e:2x2")
+
+
+def small(name: str, **mesh):
+    """A config small enough to compile in seconds but where matmuls dominate the FLOPs."""
+    config = load_config(name)
+    config.model.d_model, config.model.mlp_dim = 256, 1024
+    for axis, size in mesh.items():
+        config.mesh[axis] = size
+    return config
+
+
+@needs_libtpu
+def test_per_chip_parameter_bytes_are_the_parameters_over_their_shards(v5e_2x2):
+    result = bench.topology_config(small("mtp4", data=1, fsdp=2, tensor=2), "v5e:2x2", v5e_2x2)
+    assert result["chips"] == 4 and result["fits"]
+    # float32 parameters split over fsdp x tensor = 4; only the norm scales are replicated.
+    assert result["param_bytes_per_chip"] == pytest.approx(4 * result["params"] / 4, rel=0.03)
+    assert result["opt_state_bytes_per_chip"] == pytest.approx(2 * result["param_bytes_per_chip"], rel=0.01)
+    assert result["collective_bytes_per_chip"]["all-gather"] > 0  # fsdp gathers the weights
+
+
+@needs_libtpu
+def test_linear_heads_cost_more_xla_flops_than_the_baseline_by_the_analytic_ratio(v5e_2x2):
+    base, mtp = (bench.topology_config(small(name, data=4), "v5e:2x2", v5e_2x2) for name in ("baseline", "mtp4"))
+    analytic = mtp["model_flops_per_step"] / base["model_flops_per_step"]
+    assert analytic > 1.05
+    assert mtp["xla_flops_per_step"] / base["xla_flops_per_step"] == pytest.approx(analytic, rel=0.05)
+
+
+@needs_libtpu
+def test_too_large_a_configuration_is_refused_with_one_line_naming_what_lowers_it():
+    # 64 x 2**26 x 3 MLP weights per layer, replicated on every chip (data parallel): the compiler
+    # itself refuses temporaries beyond the chip, so the need is given as a floor.
+    proc = run_bench("--config=configs/baseline.py:tiny", "--topology=v5e:2x2", f"--config.model.mlp_dim={2**26}")
+    line = one_error_line(proc)
+    needed = float(re.search(r"needs more than ([\d.]+) GiB per chip", line)[1])
+    assert needed > 16 and "a v5e chip has 16 GiB" in line
+    assert all(field in line for field in ("mesh.fsdp", "model.remat", "loss_chunk_size", "batch_size"))
+
+
+def test_a_compiled_step_over_the_chips_memory_is_described_with_what_it_needs():
+    result = {"name": "1b linear n=4", "topology": "v5e:16x16", "mesh": {"data": 1, "fsdp": 128, "tensor": 2},
+              "bytes_per_chip": 21.5 * tpu.GiB, "chip_hbm_bytes": tpu.CHIPS["v5e"].hbm_bytes,
+              "refused_by_compiler": False}
+    assert bench.too_large(result).startswith("1b linear n=4 needs 21.5 GiB per chip on v5e:16x16 with mesh "
+                                              "data=1 fsdp=128 tensor=2, and a v5e chip has 16 GiB: lower it with "
+                                              "mesh.fsdp")
+
+
+@needs_libtpu
+def test_a_mesh_that_splits_a_torus_axis_is_laid_out_on_the_pod():
+    # 32 x 2 on v5p's 4x4x4 torus cuts one of its axes in two, which jax.make_mesh alone refuses.
+    mesh = sharding.make_mesh(load_config(overrides={"mesh.data": 1, "mesh.fsdp": 32, "mesh.tensor": 2}).mesh,
+                              tpu.devices("v5p:4x4x4"))
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "tensor": 2} and len(set(mesh.devices.flat)) == 64
