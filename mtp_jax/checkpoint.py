@@ -4,8 +4,9 @@ A checkpoint is only trusted if it restores, its arrays hash to the fingerprint 
 them, they are all finite and its step counter matches its directory. Orbax writes each step in a
 temporary directory and renames it when complete, so a kill -9 mid-save leaves no half-written
 step behind; the fingerprint catches what orbax cannot (bytes changed inside a data file read
-back without error). A checkpoint that fails is moved to `unusable_checkpoints/` beside the
-checkpoint directory, never deleted, and the previous one is tried.
+back without error). Training moves a checkpoint that fails to `unusable_checkpoints/` beside the
+checkpoint directory, never deleting it, and tries the previous one; the commands that only read a
+workdir (generate, evaluate, export) skip it the same way but leave it where it is.
 """
 
 from __future__ import annotations
@@ -28,16 +29,21 @@ UNUSABLE = "unusable_checkpoints"
 class Checkpointer:
     """A thin wrapper over ocp.CheckpointManager for one pytree (the train state)."""
 
-    def __init__(self, directory: pathlib.Path, keep: int):
+    def __init__(self, directory: pathlib.Path, keep: int | None, *, read_only: bool = False):
+        """read_only: for the commands that only load a model (generate, evaluate, export), which may
+        run while training writes to the same directory: nothing is saved, deleted or moved, and a
+        save in progress (a temporary directory) is left alone."""
         self.directory = pathlib.Path(directory).absolute()
         self.unusable = self.directory.with_name(UNUSABLE)
+        self.read_only = read_only
+        options = (ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False) if read_only else
+                   ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                                cleanup_tmp_directories=True))  # leftovers of kill -9
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory,
                 item_handlers={"state": ocp.StandardCheckpointHandler(), "fingerprint": ocp.JsonCheckpointHandler()},
-                options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                                     cleanup_tmp_directories=True),  # leftovers of kill -9
-            )
+                options=options)
         except OSError as e:
             raise UserError(f"cannot create the checkpoint directory {self.directory} ({e.strerror or e}): "
                             "pass a --workdir on a writable disk") from None
@@ -77,9 +83,14 @@ class Checkpointer:
                             f"or fix the directory's permissions; the newest complete checkpoint is step "
                             f"{newest}") from None
 
-    def restore(self, step: int, abstract_state):
+    def restore(self, step: int, abstract_state=None):
         """Restores onto the shardings of abstract_state (ShapeDtypeStructs with .sharding), so a
-        checkpoint written on one mesh loads onto another. Raises on any sign of damage."""
+        checkpoint written on one mesh loads onto another; None: the state as saved (shapes from the
+        checkpoint's own metadata) onto this process's first device. Raises on any sign of damage."""
+        if abstract_state is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract_state = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                          self.manager.item_metadata(step)["state"])
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), fingerprint=ocp.args.JsonRestore()))
         state, saved = restored["state"], np.asarray(restored["fingerprint"], np.uint32)
@@ -94,12 +105,15 @@ class Checkpointer:
             raise ValueError(f"its step counter is {int(jax.device_get(state['step']))}, not {step}")
         return state
 
-    def restore_newest_good(self, abstract_state):
-        """(step, state) of the newest checkpoint that restores cleanly, or (None, None) for a fresh run.
+    def restore_newest_good(self, abstract_state=None):
+        """(step, state) of the newest checkpoint that restores cleanly (see restore for
+        abstract_state), or (None, None) when there is none to restore.
 
-        Each damaged checkpoint is reported in one line and moved aside. If checkpoints were
-        moved aside (now or by an earlier run) and none is left, raises rather than letting the
-        run start over in a workdir that holds its earlier work."""
+        Each damaged checkpoint is reported in one line and (unless read_only) moved aside. If
+        checkpoints were moved aside (now or by an earlier run) and none is left, raises rather
+        than letting the run start over in a workdir that holds its earlier work; read_only, raises
+        when every checkpoint is damaged."""
+        damaged = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 state, problem = self.restore(step, abstract_state), None
@@ -107,10 +121,15 @@ class Checkpointer:
                 state, problem = None, _first_line(e)
             if _all_processes_agree(problem is None):
                 return step, state
-            moved = self._move_aside(step)
+            damaged.append(str(step))
+            where = "" if self.read_only else f"moved it to {self._move_aside(step)}, "
             if jax.process_index() == 0:
                 log(f"checkpoint {self.directory / str(step)} is unusable ({problem or 'damaged on another process'}); "
-                    f"moved it to {moved}, trying the previous one")
+                    f"{where}trying the previous one")
+        if damaged and self.read_only:
+            raise UserError(f"no usable checkpoint in {self.directory}: step{'s' * (len(damaged) > 1)} "
+                            f"{', '.join(damaged)} {'are' if len(damaged) > 1 else 'is'} damaged (see above); "
+                            "train the model again, in a new --workdir")
         if self.unusable.is_dir() and any(self.unusable.iterdir()):
             raise UserError(f"no usable checkpoint in {self.directory}; the damaged ones are in {self.unusable}: "
                             f"to start over, use a new --workdir (or delete {self.directory.parent})")
@@ -187,5 +206,9 @@ def _is_write_error(error: BaseException) -> bool:
 
 
 def _first_line(error: BaseException) -> str:
+    """The innermost cause's type and first line: orbax wraps tensorstore's errors (which name
+    the file and the byte range that failed) in messages that print a bound method's repr."""
+    while error.__cause__ is not None:
+        error = error.__cause__
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0][:200] if text else ''}"

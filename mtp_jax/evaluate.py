@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from mtp_jax import data as data_lib
 from mtp_jax import probes, sharding, tasks, workdir
 from mtp_jax.acceptance import teacher_forced_acceptance
-from mtp_jax.cli import ArgumentParser, fail
+from mtp_jax.cli import ArgumentParser, fail, use_compilation_cache
 from mtp_jax.errors import UserError
 from mtp_jax.generate import Generator
 from mtp_jax.metrics import log
@@ -220,12 +220,17 @@ def parse_rate_probe(trained: workdir.Trained) -> dict:
                              new_tokens=config.parse_rate_tokens)
 
 
+def task_probe(trained: workdir.Trained) -> dict:
+    source = str(trained.config.data.source)
+    if tasks.task_name(source) is None:
+        named = " or ".join(repr(f"task:{name}") for name in tasks.TASKS)
+        raise UserError(f"--probe=task measures a model trained on a task (data.source={named}), and this one "
+                        f"was trained on data.source={source!r}: use --probe=induction or --probe=parse_rate")
+    return task_accuracy(trained.model, trained.config)
+
+
 # name -> Trained -> {metric: value}; sizes come from the config's probe fields.
-PROBES = {
-    "induction": induction_probe,
-    "parse_rate": parse_rate_probe,
-    "task": lambda trained: task_accuracy(trained.model, trained.config),
-}
+PROBES = {"induction": induction_probe, "parse_rate": parse_rate_probe, "task": task_probe}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,11 +266,12 @@ def run(args: argparse.Namespace) -> dict:
     # The flags, not the fields saved with the run (0 there means "off during training").
     config.induction_batches, config.parse_rate_prompts = args.induction_batches, args.parse_rate_prompts
     config.parse_rate_tokens = tokens
-    return {"probe": args.probe, "workdir": str(args.workdir), **PROBES[args.probe](trained)}
+    return {"probe": args.probe, "workdir": str(args.workdir), "step": trained.step, **PROBES[args.probe](trained)}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    use_compilation_cache()
     try:
         out = run(args)
     except UserError as e:

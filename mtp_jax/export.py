@@ -3,8 +3,8 @@
     python -m mtp_jax.export --workdir=DIR --out=DIR
 
 `transformers.LlamaForCausalLM.from_pretrained(OUT)` loads the result with no code of ours (its
-logits are head 1's); `--config.init_from=OUT` reads it back, heads and all. The newest checkpoint
-of the workdir is exported; --out must not exist or be empty.
+logits are head 1's); `--config.init_from=OUT` reads it back, heads and all. The workdir's newest
+checkpoint that loads is exported (workdir.load); --out must not exist or be empty.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 from flax import nnx
 
 from mtp_jax import hf, workdir
-from mtp_jax.cli import ArgumentParser, fail
+from mtp_jax.cli import ArgumentParser, fail, use_compilation_cache
 from mtp_jax.errors import UserError
 
 
@@ -28,8 +28,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def export(run_dir: str, out: str) -> pathlib.Path:
-    """Writes the folder; returns its path. Refuses a non-empty --out before reading anything."""
+def export(run_dir: str, out: str) -> tuple[pathlib.Path, int]:
+    """Writes the folder; returns its path and the step exported. Refuses a non-empty --out before
+    reading anything."""
     out_path = pathlib.Path(out).expanduser()
     if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
         raise UserError(f"--out={out} already exists and is not empty: pass a new folder (nothing was overwritten)")
@@ -38,17 +39,18 @@ def export(run_dir: str, out: str) -> pathlib.Path:
     tokenizer = trained.meta.get("tokenizer")  # 'byte', 'bpe', or None for a token-file dataset
     hf.write_folder(out_path, params, trained.model.decoder.shape, trained.config, data_dir=trained.data_dir,
                     tokenizer=tokenizer)
-    return out_path
+    return out_path, trained.step
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    use_compilation_cache()
     try:
-        out = export(args.workdir, args.out)
+        out, step = export(args.workdir, args.out)
     except UserError as e:
         fail(str(e))
-    print(f"wrote {out} (load it with transformers.LlamaForCausalLM.from_pretrained, or train from it with "
-          f"--config.init_from={out})")
+    print(f"wrote {out} from step {step} of {args.workdir} (load it with "
+          f"transformers.LlamaForCausalLM.from_pretrained, or train from it with --config.init_from={out})")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ from flax import nnx
 
 from mtp_jax import speculative, workdir
 from mtp_jax.acceptance import build_tree
-from mtp_jax.cli import ArgumentParser, fail
+from mtp_jax.cli import ArgumentParser, fail, use_compilation_cache
 from mtp_jax.errors import UserError
+from mtp_jax.metrics import log
 from mtp_jax.mtp import MTPModel
 from mtp_jax.speculative import Tree
 
@@ -218,6 +219,8 @@ class Result:
     accepted: list[int]  # per verify pass, how many drafts were accepted (empty for plain decoding)
     logprobs: list[float] | None = None  # head 1's log-probability of each new token (plain decoding)
     overlaps: list[list[float]] | None = None  # per verify pass and draft position, Σ_x min(p, q) (sampling)
+    compile_seconds: float = 0.0  # compiling its program, or loading it from the compilation cache (0: done before)
+    decode_seconds: float = 0.0  # running the program and reading its output
 
     @property
     def mean_accepted(self) -> float:
@@ -245,14 +248,17 @@ class Generator:
     """Compiled decoding of one model with a KV cache of `capacity` positions (prompt + output).
 
     Each mode is one compiled program per prompt-length bucket: prefill and every decoding step
-    run on the device, and the host only reads the result."""
+    run on the device, and the host only reads the result. Programs are compiled ahead of their
+    first run, so a Result reports compiling and decoding apart."""
 
     def __init__(self, model: MTPModel, capacity: int):
         self.model, self.capacity, self.n = model, capacity, model.n_predict
         self.graphdef, self.params = nnx.split(model)
-        self._plain = jax.jit(functools.partial(_decode_plain, self.graphdef, capacity), static_argnums=0)
-        self._speculative = jax.jit(functools.partial(_decode_speculative, self.graphdef, capacity),
-                                    static_argnums=(0, 1))
+        self._programs = {
+            "plain": jax.jit(functools.partial(_decode_plain, self.graphdef, capacity), static_argnums=0),
+            "speculative": jax.jit(functools.partial(_decode_speculative, self.graphdef, capacity),
+                                   static_argnums=(0, 1))}
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}  # (mode, static args, prompt shape) -> program
 
     def use(self, params) -> None:
         """Decode with `params` (of the same model graph) from now on: the compiled programs stay."""
@@ -260,7 +266,17 @@ class Generator:
 
     def compilations(self) -> int:
         """How many programs have been compiled so far (one per mode and prompt bucket)."""
-        return self._plain._cache_size() + self._speculative._cache_size()
+        return len(self._compiled)
+
+    def _run(self, mode: str, static: tuple, prompt: jax.Array, *args) -> tuple[tuple, float, float]:
+        """(outputs on the host, seconds compiling, seconds running) of mode's program for
+        `static` and the prompt's bucket, compiled at its first use."""
+        key, begin = (mode, static, prompt.shape), time.perf_counter()
+        if key not in self._compiled:
+            self._compiled[key] = self._programs[mode].lower(*static, self.params, prompt, *args).compile()
+        compiled = time.perf_counter()
+        outputs = jax.device_get(self._compiled[key](self.params, prompt, *args))
+        return outputs, compiled - begin, time.perf_counter() - compiled
 
     def _prompt(self, prompt: list[int], max_new_tokens: int) -> tuple[jax.Array, int]:
         """The prompt [1, P] padded to a power of two (so prompts of similar length share one
@@ -278,8 +294,10 @@ class Generator:
         """Plain decoding: one forward pass per token, until max_new_tokens or the cache's end."""
         padded, limit = self._prompt(prompt, max_new_tokens)
         settings = (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
-        tokens, logprobs = self._plain(settings, self.params, padded, len(prompt), limit, jax.random.key(seed))
-        return Result(np.asarray(tokens)[:limit].tolist(), limit, [], np.asarray(logprobs)[:limit].tolist())
+        (tokens, logprobs), compiling, decoding = self._run("plain", (settings,), padded, len(prompt), limit,
+                                                            jax.random.key(seed))
+        return Result(tokens[:limit].tolist(), limit, [], logprobs[:limit].tolist(), compile_seconds=compiling,
+                      decode_seconds=decoding)
 
     def speculative(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                     top_p: float = 1.0, seed: int = 0, tree: Tree | None = None) -> Result:
@@ -298,10 +316,10 @@ class Generator:
             raise UserError(f"the tree is {tree.max_depth} drafts deep but the model has {self.n - 1} draft heads")
         padded, limit = self._prompt(prompt, max_new_tokens)
         settings = (("temperature", temperature), ("top_k", top_k), ("top_p", top_p))
-        tokens, passes, accepted, overlaps = jax.device_get(
-            self._speculative(tree, settings, self.params, padded, len(prompt), limit, jax.random.key(seed)))
+        (tokens, passes, accepted, overlaps), compiling, decoding = self._run(
+            "speculative", (tree, settings), padded, len(prompt), limit, jax.random.key(seed))
         return Result(tokens[:limit].tolist(), 1 + int(passes), accepted[:passes].tolist(),
-                      overlaps=overlaps[:passes].tolist())
+                      overlaps=overlaps[:passes].tolist(), compile_seconds=compiling, decode_seconds=decoding)
 
 
 def sample(model: MTPModel, prompt: list[int], *, max_new_tokens: int, temperature: float = 0.0,
@@ -348,25 +366,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> dict:
+    """Decodes the prompt as the flags say. A --max_new_tokens past the cache's end, or a
+    --tree_size larger than the heads' candidates can fill, is cut to what fits, with a notice."""
     trained = workdir.load(args.workdir)
     model, tokenizer = trained.model, trained.tokenizer()
     prompt = tokenizer.encode(args.prompt)
     generator = Generator(model, args.cache_len or trained.config.seq_len)
+    room = generator.capacity - len(prompt)
+    if 0 < room < args.max_new_tokens:
+        log(f"--max_new_tokens={args.max_new_tokens} does not fit: the cache's {generator.capacity} positions hold "
+            f"the {len(prompt)}-token prompt and {room} new tokens, so at most {room} are generated "
+            "(--cache_len sets the cache's size)")
     tree = None
     if args.tree_size and model.n_predict > 1:
         tree = build_tree(model, trained.config, trained.data().val, args.tree_size)
-    begin = time.perf_counter()
+        if len(tree.paths) < args.tree_size:
+            log(f"--tree_size={args.tree_size} is more than the {model.n_predict - 1} draft heads' candidates can "
+                f"fill: using the {len(tree.paths)}-node tree of all of them")
     if args.speculative:
         result = generator.speculative(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                        args.seed, tree)
     else:
         result = generator.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                                     args.seed)
-    seconds = time.perf_counter() - begin  # includes compiling the two steps
-    out = {"text": tokenizer.decode(result.tokens), "new_tokens": len(result.tokens), "seconds": seconds,
-           "tokens_per_sec": len(result.tokens) / seconds, "forward_passes": result.forward_passes,
-           "mean_accepted": result.mean_accepted,
-           "acceptance": result.acceptance(model.n_predict) if args.speculative else []}
+    out = {"text": tokenizer.decode(result.tokens), "new_tokens": len(result.tokens),
+           "compile_seconds": result.compile_seconds, "decode_seconds": result.decode_seconds,
+           "tokens_per_sec": len(result.tokens) / result.decode_seconds,  # decoding only, compiling apart
+           "forward_passes": result.forward_passes, "mean_accepted": result.mean_accepted,
+           "acceptance": result.acceptance(model.n_predict) if args.speculative else [], "step": trained.step}
     if tree is not None:
         out["tree"] = tree.to_json()
     if args.speculative and args.temperature > 0:
@@ -376,6 +403,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    use_compilation_cache()
     try:
         out = run(args)
     except UserError as e:
@@ -384,7 +412,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(out))
         return
     print(args.prompt + out["text"])
-    print(f"{out['new_tokens']} tokens in {out['seconds']:.2f} s ({out['tokens_per_sec']:.1f} tokens/s), "
+    print(f"step {out['step']}: {out['new_tokens']} tokens in {out['decode_seconds']:.2f} s "
+          f"({out['tokens_per_sec']:.1f} tokens/s; compiling took {out['compile_seconds']:.2f} s more), "
           f"{out['forward_passes']} forward passes, {out['mean_accepted']:.2f} tokens per pass", file=sys.stderr)
 
 

@@ -14,7 +14,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mtp_jax import train
-from mtp_jax.cli import fail, new_folders, parse_flags, remove_empty
+from mtp_jax.cli import fail, new_folders, parse_flags, remove_empty, use_compilation_cache
 from mtp_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
@@ -53,6 +53,7 @@ def main(argv) -> None:
         fail("--config and --workdir are required, e.g. --config=configs/mtp3.py --workdir=runs/mtp3")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and JAX log every save at INFO
+    use_compilation_cache()
     created = new_folders(pathlib.Path(_WORKDIR.value))
     try:
         init_runtime()

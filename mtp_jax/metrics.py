@@ -7,7 +7,6 @@ import math
 import pathlib
 import sys
 
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 
@@ -26,6 +25,10 @@ class MetricWriter:
         self.path = pathlib.Path(workdir) / "metrics.jsonl"
         self._drop_after(resume_step)
         self.file = self.path.open("a")
+        # Imported here: tensorboardX imports torch where it is installed (the [bench] and [hf]
+        # extras), seconds that generate, evaluate and export, which only log lines, need not pay.
+        from tensorboardX import SummaryWriter
+
         self.tensorboard = SummaryWriter(str(pathlib.Path(workdir) / "tensorboard"), flush_secs=30)
 
     def _drop_after(self, step: int) -> None:

@@ -19,13 +19,13 @@ import pathlib
 import shutil
 import sys
 
-import jax
 import ml_collections
 from flax import nnx
 
 from mtp_jax import data as data_lib
 from mtp_jax.checkpoint import Checkpointer
 from mtp_jax.errors import UserError
+from mtp_jax.metrics import log
 from mtp_jax.mtp import MTPModel, build_model
 
 DATA = "data"  # the workdir's copy of the data's metadata and tokenizer
@@ -66,27 +66,31 @@ class Trained:
 
 
 def load(workdir: str | pathlib.Path) -> Trained:
-    """The newest checkpoint in workdir, with its config and tokenizer."""
+    """The newest checkpoint in workdir that restores and matches its fingerprint, with its config
+    and tokenizer. Damaged ones are reported, skipped and left in place; Trained.step says which
+    step was loaded (the commands print it)."""
     workdir = pathlib.Path(workdir)
     checkpoints, config_path = workdir / "checkpoints", workdir / "config.json"
-    checkpointer = Checkpointer(checkpoints, keep=1) if checkpoints.is_dir() else None
-    step = checkpointer.latest_step() if checkpointer else None
-    if step is None or not config_path.is_file():
+    checkpointer = Checkpointer(checkpoints, keep=None, read_only=True) if checkpoints.is_dir() else None
+    newest = checkpointer.latest_step() if checkpointer else None
+    if newest is None or not config_path.is_file():
         raise UserError(f"no checkpoint in {workdir}: train one first with "
                         f"python -m mtp_jax.main --config=configs/mtp4.py --workdir={workdir}")
-    saved = json.loads(config_path.read_text())
-    config = ml_collections.ConfigDict(saved)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, saved["vocab_size"], seed=0)))
-    # The whole train state onto one device, as saved (so that its fingerprint can be checked).
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          checkpointer.manager.item_metadata(step)["state"])
     try:
-        params = checkpointer.restore(step, target)["params"]
-    except Exception as e:  # noqa: BLE001 — orbax raises many types for damaged or foreign files
-        raise UserError(f"checkpoint {checkpoints / str(step)} does not load ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:200]}): retrain, or remove it to use the previous one") from None
+        saved = json.loads(config_path.read_text())
+        config = ml_collections.ConfigDict(saved)
+        vocab_size = int(saved["vocab_size"])
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise UserError(f"{config_path} is not the config training writes ({type(e).__name__}: {e}): "
+                        "restore it from a copy, or train again") from None
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, vocab_size, seed=0)))
+    try:  # the whole train state as saved, onto one device (so that its fingerprint can be checked)
+        step, state = checkpointer.restore_newest_good()
+    finally:
+        checkpointer.close()
+    if step != newest:  # after the lines that say why each newer one was skipped
+        log(f"using step {step} of {checkpoints}, the newest checkpoint that loads")
     data_dir = workdir / DATA
     if not (data_dir / "meta.json").is_file():  # written before workdirs kept their tokenizer
         data_dir = data_lib.prepare(config.data, show_progress=sys.stderr.isatty()).directory
-    return Trained(nnx.merge(graphdef, params), config, step, data_dir)
+    return Trained(nnx.merge(graphdef, state["params"]), config, step, data_dir)

@@ -204,7 +204,7 @@ def test_generate_and_export_need_neither_the_corpus_nor_its_cache(trained, tmp_
     try:
         generate.main(argv)
         assert json.loads(capsys.readouterr().out)["text"] == expected
-        folder = export.export(str(run_dir), str(tmp_path / "hf"))
+        folder, _ = export.export(str(run_dir), str(tmp_path / "hf"))
         assert json.loads((folder / "config.json").read_text())["vocab_size"] == 256
         assert (folder / "model.safetensors").stat().st_size > 0
     finally:

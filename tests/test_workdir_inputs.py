@@ -1,0 +1,215 @@
+"""Broken workdirs and out-of-range requests for the commands that load a trained model
+(generate, evaluate, export): a damaged newest checkpoint is skipped for the previous good one
+and left where it is, no loadable checkpoint is one `error:` line, limits that cut a request say
+so, and what they compile is kept in a compilation cache across invocations. One tiny trained
+workdir (checkpoints at steps 2 and 4) is copied and damaged here."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+
+from mtp_jax import evaluate, export, generate, train, workdir
+from tests.util import ROOT, load_config
+
+N = 3  # heads: two draft heads of 8 candidates each
+PROMPT = "def "  # 4 byte tokens
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    corpus = root / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(300)))
+    config = load_config("base", overrides={
+        "use_mtp": True, "mtp_n_tokens": N, "mtp_head_type": "linear", "num_train_steps": 4, "log_every": 4,
+        "eval_every": 4, "checkpoint_every": 2, "eval_batches": 1, "sample_tokens": 0, "model.d_model": 32,
+        "model.n_layers": 1, "model.n_heads": 2, "model.mlp_dim": 64, "data.source": str(corpus),
+        "data.cache_dir": str(root / "cache"), "data.val_fraction": 0.1})
+    train.run(config, root / "run")
+    return root / "run"
+
+
+def saved_params(run: pathlib.Path, step: int):
+    """A checkpoint's params as orbax reads them with no code of ours."""
+    return ocp.StandardCheckpointer().restore(run / "checkpoints" / str(step) / "state")["params"]
+
+
+def flat(tree) -> dict:
+    """{'decoder/blocks/0/…': array}: orbax gives a list's items string keys, nnx integer ones."""
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(x)
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def digest(folder: pathlib.Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def truncate(path: pathlib.Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+DAMAGE = {  # what is cut in a checkpoint's state/ folder
+    "_METADATA truncated": lambda state: truncate(state / "_METADATA"),
+    "manifest.ocdbt truncated": lambda state: truncate(state / "manifest.ocdbt"),
+    "largest data file truncated": lambda state: truncate(
+        max((p for p in (state / "ocdbt.process_0").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)),
+}
+
+
+def damaged_copy(trained, tmp_path, how: str, steps=(4,)) -> pathlib.Path:
+    run = shutil.copytree(trained, tmp_path / "run")
+    for step in steps:
+        DAMAGE[how](run / "checkpoints" / str(step) / "state")
+    return run
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_loading_skips_a_damaged_newest_checkpoint_for_the_previous_one_and_leaves_it(trained, tmp_path, capsys,
+                                                                                       how):
+    run = damaged_copy(trained, tmp_path, how)
+    before = digest(run)
+    loaded = workdir.load(run)
+    assert loaded.step == 2
+    params = jax.device_get(nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
+    expected = flat(saved_params(trained, 2))
+    assert flat(params).keys() == expected.keys()
+    for name, array in flat(params).items():
+        np.testing.assert_array_equal(array, expected[name], err_msg=name)
+    assert not all(np.array_equal(a, b) for a, b in zip(flat(params).values(), flat(saved_params(trained, 4)).values()))
+    err = capsys.readouterr().err
+    unusable = [line for line in err.splitlines() if "is unusable" in line]
+    assert len(unusable) == 1 and f"checkpoint {run / 'checkpoints' / '4'} is unusable (" in unusable[0], err
+    assert f"using step 2 of {run / 'checkpoints'}, the newest checkpoint that loads" in err
+    assert "<bound method" not in err
+    assert digest(run) == before  # a command that reads a workdir moves and deletes nothing
+
+
+def test_a_save_in_progress_is_left_alone_by_a_reader(trained, tmp_path):
+    """Training may be writing its next checkpoint (a temporary folder) while generate loads."""
+    run = shutil.copytree(trained, tmp_path / "run")
+    saving = run / "checkpoints" / "6.orbax-checkpoint-tmp-1234567890"
+    (saving / "state").mkdir(parents=True)
+    (saving / "state" / "_METADATA").write_text("{}")
+    assert workdir.load(run).step == 4
+    assert (saving / "state" / "_METADATA").read_text() == "{}"
+
+
+@pytest.mark.parametrize("command", ["generate", "evaluate", "export"])
+def test_no_loadable_checkpoint_is_one_line_and_exit_2(trained, tmp_path, capsys, command):
+    run = damaged_copy(trained, tmp_path, "largest data file truncated", steps=(4, 2))
+    out = tmp_path / "exported"
+    argv = {"generate": ["--prompt", PROMPT], "evaluate": ["--probe=induction"], "export": [f"--out={out}"]}[command]
+    main = {"generate": generate.main, "evaluate": evaluate.main, "export": export.main}[command]
+    with pytest.raises(SystemExit) as exit_:
+        main([f"--workdir={run}", *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(error_lines(err)) == 1, err
+    assert error_lines(err)[0] == (f"error: no usable checkpoint in {run / 'checkpoints'}: steps 4, 2 are damaged "
+                                   "(see above); train the model again, in a new --workdir")
+    assert len([line for line in err.splitlines() if "is unusable" in line]) == 2 and "<bound method" not in err
+    assert not out.exists() and sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
+
+
+def run_generate(capsys, *flags) -> tuple[dict, str]:
+    generate.main([*flags, "--json"])
+    captured = capsys.readouterr()
+    return json.loads(captured.out), captured.err
+
+
+def test_max_new_tokens_past_the_cache_is_cut_with_a_notice(trained, capsys):
+    out, err = run_generate(capsys, f"--workdir={trained}", f"--prompt={PROMPT}", "--max_new_tokens=100000")
+    room = 32 - len(PROMPT)  # the cache holds seq_len = 32 positions
+    assert out["new_tokens"] == room and out["step"] == 4
+    assert (f"--max_new_tokens=100000 does not fit: the cache's 32 positions hold the 4-token prompt and {room} new "
+            f"tokens, so at most {room} are generated") in err
+    assert out["compile_seconds"] > 0 and out["decode_seconds"] > 0
+    assert out["tokens_per_sec"] == room / out["decode_seconds"]  # decoding alone, compiling apart
+
+
+def test_tree_size_past_the_heads_candidates_uses_all_of_them_with_a_notice(trained, capsys):
+    out, err = run_generate(capsys, f"--workdir={trained}", f"--prompt={PROMPT}", "--max_new_tokens=8",
+                            "--speculative", "--tree_size=1000000")
+    every = sum(8 ** depth for depth in range(1, N))  # 8 candidates per head, one head per depth
+    assert every == 72 and len(out["tree"]) == every and out["new_tokens"] == 8
+    assert f"--tree_size=1000000 is more than the {N - 1} draft heads' candidates can fill: using the {every}-node " \
+           "tree of all of them" in err
+
+
+def test_task_probe_on_a_model_trained_on_text_is_refused_in_one_line(trained, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        evaluate.main([f"--workdir={trained}", "--probe=task"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and error_lines(err) == [
+        f"error: --probe=task measures a model trained on a task (data.source='task:polyarith' or 'task:pathstar'), "
+        f"and this one was trained on data.source={str(trained.parent / 'corpus.txt')!r}: use --probe=induction or "
+        "--probe=parse_rate"]
+
+
+def test_the_commands_keep_the_test_sessions_compilation_cache(trained, capsys):
+    """tests/conftest.py sets JAX's cache through its environment variables: the commands use them."""
+    run_generate(capsys, f"--workdir={trained}", f"--prompt={PROMPT}", "--max_new_tokens=2")
+    assert jax.config.jax_compilation_cache_dir == os.environ["JAX_COMPILATION_CACHE_DIR"]
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
+
+
+# The cache as a user gets it: no JAX_* variables, HOME a fresh folder. The child reports how many
+# programs asked the cache and how many it found there.
+COUNTING = """
+import atexit, collections, sys
+import jax
+from mtp_jax import generate
+events = collections.Counter()
+jax.monitoring.register_event_listener(lambda name, **kw: events.update([name]))
+atexit.register(lambda: print("CACHE", events["/jax/compilation_cache/compile_requests_use_cache"],
+                              events["/jax/compilation_cache/cache_hits"], file=sys.stderr))
+generate.main(sys.argv[1:])
+"""
+
+
+def user_env(home: pathlib.Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    return {**env, "HOME": str(home), **extra}
+
+
+@pytest.mark.slow
+def test_a_second_generate_loads_every_program_from_the_default_cache(trained, tmp_path):
+    counts = []
+    for _ in range(2):
+        result = subprocess.run([sys.executable, "-c", COUNTING, f"--workdir={trained}", f"--prompt={PROMPT}",
+                                 "--max_new_tokens=4", "--speculative", "--json"], cwd=ROOT, env=user_env(tmp_path),
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        counts.append([int(x) for x in result.stderr.split("CACHE ")[1].split()])
+    (asked, found), (asked_again, found_again) = counts
+    assert asked > 0 and found == 0 and asked_again == found_again == asked, counts
+    assert any((tmp_path / ".cache" / "mtp_jax" / "jax_compilation").iterdir())
+
+
+def cache_settings(env: dict) -> list[str]:
+    code = ("import jax; from mtp_jax import cli; cli.use_compilation_cache(); "
+            "print(jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
+@pytest.mark.slow
+def test_the_cache_moves_with_its_variable_and_turns_off(tmp_path):
+    assert cache_settings(user_env(tmp_path, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "here"))) == [
+        "True", str(tmp_path / "here")]
+    assert cache_settings(user_env(tmp_path, JAX_ENABLE_COMPILATION_CACHE="false")) == ["False", "None"]
+    assert not (tmp_path / ".cache").exists()
