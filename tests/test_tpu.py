@@ -3,6 +3,7 @@
 The HLO reading, the names and the roofline are tested everywhere; the compiles run where libtpu
 imports (`pip install -e '.[tpu]'`) and are skipped otherwise."""
 import importlib.util
+import math
 import re
 import subprocess
 import sys
@@ -96,8 +97,19 @@ def test_analytic_flops_count_grouped_query_attention_and_remat():
     assert bench.model_flops(config, 256, recomputed=True) - bench.model_flops(config, 256) == pytest.approx(blocks / 3)
 
 
-def run_bench(*args, env_prefix=()):
-    return subprocess.run([sys.executable, *env_prefix, "-m", "mtp_jax.bench", *args], cwd=ROOT,
+def test_mesh_search_covers_every_factorisation_the_batch_and_the_heads_allow():
+    config = load_config("baseline", preset="1b")  # batch 128, 16 heads
+    meshes = bench.mesh_candidates(config, 256)
+    # Tensor parallelism takes what the batch cannot (256 / 128 = 2 at least) up to the 16 heads;
+    # data x fsdp is every split of the rest.
+    expected = {(data, 256 // t // data, t) for t in (2, 4, 8, 16) for data in (1, 2, 4, 8, 16, 32, 64, 128)
+                if 256 // t % data == 0}
+    assert set(meshes) == expected and len(meshes) == len(expected) == 26
+    assert all(math.prod(m) == 256 for m in meshes)
+
+
+def run_bench(*args):
+    return subprocess.run([sys.executable, "-m", "mtp_jax.bench", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
 
 

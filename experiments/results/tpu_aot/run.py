@@ -114,6 +114,34 @@ def run(presets, topologies, results: dict, save, baseline_meshes: int = 2) -> N
                 save()
 
 
+def key_numbers(results: dict) -> list[str]:
+    """The answers the table exists for, in words, and what is not compiled yet."""
+    lines = ["## Key numbers", ""]
+    gib = lambda r: f"{r['bytes_per_chip'] / tpu.GiB:.1f} GiB"  # noqa: E731
+    mesh = lambda r: "data {} × fsdp {} × tensor {}".format(*r["mesh"].values())  # noqa: E731
+    for key, r in results.items():
+        if r.get("refused_by_compiler"):
+            lines.append(f"- {key}: does not fit (temporaries alone over {gib(r)}).")
+            continue
+        split = (f"compute {1e3 * r['compute_s']:.0f} ms, HBM {1e3 * r['hbm_s']:.0f} ms, "
+                 f"collectives {1e3 * r['ici_s']:.0f} ms")
+        largest = r["largest_collective"]
+        lines.append(f"- {key}: {'fits' if r['fits'] else '**does not fit**'} at {gib(r)} per chip with "
+                     f"{mesh(r)}{' and remat' if r['remat'] else ''}; roofline {1e3 * r['step_time_s']:.0f} ms "
+                     f"({split}), MFU {100 * r['mfu']:.0f} %; largest collective {largest['op']} "
+                     f"{largest['bytes'] / 1e9:.2f} GB per chip per step ({largest['count']} × in "
+                     f"`{largest['from'].split('/')[-1]}` of {'the layer loop' if 'while' in largest['from'] else 'the step'})"
+                     f"; this mesh compiled in {r['compile_s']:.0f} s wall"
+                     + (f" ({r['compile_cpu_s']:.0f} CPU-seconds)" if "compile_cpu_s" in r else "")
+                     + f" at load average {r['load_average']:.0f} on the 2 cores.")
+    missing = [f"{name} {preset} {setting}" for preset in PRESETS for name in TOPOLOGIES for setting in SETTINGS
+               if f"{name} {preset} {setting}" not in results]
+    if missing:
+        lines += ["", f"Not compiled yet ({len(missing)} rows; `run.py` resumes where results.json stops): "
+                  + ", ".join(missing) + "."]
+    return lines
+
+
 def render(results: dict, meta: dict) -> str:
     lines = [
         "# Train steps compiled for TPU pods ahead of time",
@@ -137,6 +165,7 @@ def render(results: dict, meta: dict) -> str:
         "time / peak. Δ columns compare each MTP setting with its baseline on the same topology.",
         "",
     ]
+    lines += key_numbers(results) + [""]
     for name in TOPOLOGIES:
         rows = [r for r in results.values() if r["accelerator_type"] == name]
         if not rows:
@@ -145,7 +174,7 @@ def render(results: dict, meta: dict) -> str:
         lines += [f"## {name} ({tpu.topology_name(name)}, {rows[0]['chips']} chips, {chip.hbm_bytes / tpu.GiB:.0f} GiB "
                   "each)", "",
                   "| preset | setting | batch | mesh d,f,t | remat | GiB/chip | fits | step ms | ICI ms "
-                  "| tok/s/chip | MFU | Δ step | Δ memory | largest collective | compile s |",
+                  "| tok/s/chip | MFU | Δ step | Δ memory | largest collective | compile s (all tried) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for preset in PRESETS:
             base = results.get(f"{name} {preset} baseline")
