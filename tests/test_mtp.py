@@ -1,4 +1,4 @@
-"""The MTP contract (DESIGN.md §4): offsets, per-head losses, weights, n = 1 == baseline, remat == naive."""
+"""The MTP contract: offsets, per-head losses, weights, n = 1 == baseline, remat == naive."""
 
 import dataclasses
 
