@@ -126,11 +126,12 @@ def key_numbers(results: dict) -> list[str]:
         split = (f"compute {1e3 * r['compute_s']:.0f} ms, HBM {1e3 * r['hbm_s']:.0f} ms, "
                  f"collectives {1e3 * r['ici_s']:.0f} ms")
         largest = r["largest_collective"]
+        where = "the layer loop" if "while" in largest["from"] else "the step"
         lines.append(f"- {key}: {'fits' if r['fits'] else '**does not fit**'} at {gib(r)} per chip with "
-                     f"{mesh(r)}{' and remat' if r['remat'] else ''}; roofline {1e3 * r['step_time_s']:.0f} ms "
-                     f"({split}), MFU {100 * r['mfu']:.0f} %; largest collective {largest['op']} "
-                     f"{largest['bytes'] / 1e9:.2f} GB per chip per step ({largest['count']} × in "
-                     f"`{largest['from'].split('/')[-1]}` of {'the layer loop' if 'while' in largest['from'] else 'the step'})"
+                     f"{mesh(r)}{' and remat' if r['remat'] else ''} ({len(r['tried'])} mesh(es) compiled); "
+                     f"roofline {1e3 * r['step_time_s']:.0f} ms ({split}), MFU {100 * r['mfu']:.0f} %; largest "
+                     f"collective {largest['op']} {largest['bytes'] / 1e9:.2f} GB per chip per step "
+                     f"({largest['count']} × in `{largest['from'].split('/')[-1]}` of {where})"
                      f"; this mesh compiled in {r['compile_s']:.0f} s wall"
                      + (f" ({r['compile_cpu_s']:.0f} CPU-seconds)" if "compile_cpu_s" in r else "")
                      + f" at load average {r['load_average']:.0f} on the 2 cores.")
