@@ -1,7 +1,12 @@
 """python -m mtp_jax.prepare: text, JSONL and parquet -> llm.c shards, in parallel, resumable."""
 
 import json
+import os
 import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -12,7 +17,7 @@ from mtp_jax import train
 from mtp_jax.data import shards
 from mtp_jax.errors import UserError
 from mtp_jax.metrics import read_metrics
-from tests.util import load_config
+from tests.util import ROOT, load_config
 
 DOCS = [f"document {i}: " + "the quick brown fox jumps over the lazy dog. " * (1 + i % 7) for i in range(60)]
 
@@ -95,6 +100,30 @@ def test_resume_after_an_interruption_mid_shard_writes_the_same_shards(tmp_path,
     assert shard_bytes(tmp_path / "resumed") == shard_bytes(tmp_path / "whole")
     assert (json.loads((tmp_path / "resumed" / "meta.json").read_text())
             == json.loads((tmp_path / "whole" / "meta.json").read_text()))
+
+
+def test_resume_after_kill_9_mid_run_writes_the_same_shards(tmp_path):
+    """The real interruption: the command's process group is killed with SIGKILL once its first
+    shards are on disk, then the same command is run again."""
+    docs = [f"doc {i} " + "x = [i * i for i in range(10)]\n" * (50 + i % 40) for i in range(4000)]
+    source = write_jsonl(tmp_path / "src", docs) / "*.jsonl"
+    command = [sys.executable, "-m", "mtp_jax.prepare", f"--source={source}", "--tokenizer=byte",
+               "--shard_tokens=20000", "--val_docs=5", "--workers=2"]
+    subprocess.run(command + [f"--out={tmp_path / 'whole'}"], check=True, cwd=ROOT, capture_output=True)
+    total = len(shard_bytes(tmp_path / "whole"))
+    resumed = tmp_path / "resumed"
+    process = subprocess.Popen(command + [f"--out={resumed}"], cwd=ROOT, start_new_session=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list(resumed.glob("train_*.bin"))) < 3 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert 0 < len(list(resumed.glob("*.bin"))) < total  # killed mid-run, not after it
+    subprocess.run(command + [f"--out={resumed}"], check=True, cwd=ROOT, capture_output=True)
+    assert shard_bytes(resumed) == shard_bytes(tmp_path / "whole")
+    assert json.loads((resumed / "meta.json").read_text()) == json.loads((tmp_path / "whole" / "meta.json").read_text())
+    assert not list(resumed.glob(".*"))  # no temporary file left behind
 
 
 def test_parquet_rows_are_documents_like_jsonl_lines(tmp_path):
