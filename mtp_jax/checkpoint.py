@@ -11,6 +11,7 @@ workdir (generate, evaluate, export) skip it the same way but leave it where it 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import pathlib
 
@@ -24,6 +25,7 @@ from mtp_jax.errors import UserError
 from mtp_jax.metrics import log
 
 UNUSABLE = "unusable_checkpoints"
+MODEL_PARTS = ("params", "step")  # what restore reads for a command that only uses the model
 
 
 class Checkpointer:
@@ -42,7 +44,8 @@ class Checkpointer:
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory,
-                item_handlers={"state": ocp.StandardCheckpointHandler(), "fingerprint": ocp.JsonCheckpointHandler()},
+                item_handlers={"state": ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler(),
+                               "fingerprint": ocp.JsonCheckpointHandler()},  # the former can restore a part
                 options=options)
         except OSError as e:
             raise UserError(f"cannot create the checkpoint directory {self.directory} ({e.strerror or e}): "
@@ -84,25 +87,33 @@ class Checkpointer:
                             f"{newest}") from None
 
     def restore(self, step: int, abstract_state=None):
-        """Restores onto the shardings of abstract_state (ShapeDtypeStructs with .sharding), so a
-        checkpoint written on one mesh loads onto another; None: the state as saved (shapes from the
-        checkpoint's own metadata) onto this process's first device. Raises on any sign of damage."""
-        if abstract_state is None:
-            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            abstract_state = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                          self.manager.item_metadata(step)["state"])
+        """Restores the whole state onto the shardings of abstract_state (ShapeDtypeStructs with
+        .sharding), so a checkpoint written on one mesh loads onto another. A read-only checkpointer
+        (abstract_state None) restores only the parameters and the step counter, as saved, onto
+        this process's first device: the optimizer state is not read, and the fingerprint is checked
+        on the host (no program to compile), all that a command using the model needs. Raises on
+        any sign of damage."""
+        if self.read_only:
+            return self._restore_model(step)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract_state), fingerprint=ocp.args.JsonRestore()))
-        state, saved = restored["state"], np.asarray(restored["fingerprint"], np.uint32)
+        state = restored["state"]
         sums, finite = (np.asarray(x) for x in jax.device_get(fingerprint(state)))
-        # Compared as multisets of rows: a restore target built from orbax's metadata (as
-        # generate.py does) may order the leaves differently from the train state.
-        if sorted(map(tuple, saved.tolist())) != sorted(map(tuple, sums.tolist())):
-            raise ValueError("its arrays do not match the fingerprint saved with them")
-        if not finite:
-            raise ValueError("it holds non-finite values")
-        if int(jax.device_get(state["step"])) != step:
-            raise ValueError(f"its step counter is {int(jax.device_get(state['step']))}, not {step}")
+        _check(state, step, _rows(restored["fingerprint"]), sums.tolist(), bool(finite), whole=True)
+        return state
+
+    def _restore_model(self, step: int) -> dict:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        saved = self.manager.item_metadata(step)["state"]
+        target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved[key])
+                  for key in MODEL_PARTS}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target),
+                                         partial_restore=True),
+            fingerprint=ocp.args.JsonRestore()))
+        state = restored["state"]
+        sums, finite = host_fingerprint(state)
+        _check(state, step, _rows(restored["fingerprint"]), sums, finite, whole=False)
         return state
 
     def restore_newest_good(self, abstract_state=None):
@@ -188,6 +199,40 @@ def fingerprint(tree):
     leaves = jax.tree.leaves(tree)
     finite = jnp.all(jnp.stack([jnp.isfinite(x).all() for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]))
     return jnp.stack([sums(x) for x in leaves]), finite
+
+
+def host_fingerprint(tree) -> tuple[list[tuple[int, int]], bool]:
+    """fingerprint's rows and finiteness, computed with NumPy on arrays in host memory: the same
+    wrapping uint32 arithmetic, so the rows are equal."""
+    rows, finite = [], True
+    for x in jax.tree.leaves(tree):
+        x = np.ascontiguousarray(np.asarray(x)).reshape(-1)
+        if x.dtype == np.bool_:
+            x = x.astype(np.uint8)
+        if jnp.issubdtype(x.dtype, jnp.floating):  # bfloat16 too, which NumPy does not call floating
+            finite = finite and bool(np.isfinite(x.astype(np.float32)).all())
+        bits = x.view(f"uint{8 * x.dtype.itemsize}").astype(np.uint32)
+        weights = np.arange(bits.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+        rows.append((int(bits.sum(dtype=np.uint32)), int((bits * weights).sum(dtype=np.uint32))))
+    return rows, finite
+
+
+def _rows(saved) -> collections.Counter:
+    return collections.Counter(map(tuple, np.asarray(saved, np.uint32).tolist()))
+
+
+def _check(state, step: int, saved: collections.Counter, sums: list, finite: bool, whole: bool) -> None:
+    """Raises unless the restored arrays' fingerprint rows are the saved ones (whole: all of them;
+    else a part of them), all finite, and the step counter is the directory's. Rows are compared as
+    multisets: a restore target built from orbax's metadata may order the leaves differently from
+    the train state."""
+    restored = collections.Counter(map(tuple, sums))
+    if (restored != saved) if whole else (restored - saved):
+        raise ValueError("its arrays do not match the fingerprint saved with them")
+    if not finite:
+        raise ValueError("it holds non-finite values")
+    if int(jax.device_get(state["step"])) != step:
+        raise ValueError(f"its step counter is {int(jax.device_get(state['step']))}, not {step}")
 
 
 def _all_processes_agree(ok: bool) -> bool:

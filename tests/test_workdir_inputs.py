@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from mtp_jax import evaluate, export, generate, train, workdir
+from mtp_jax import checkpoint, evaluate, export, generate, train, workdir
 from tests.util import ROOT, load_config
 
 N = 3  # heads: two draft heads of 8 candidates each
@@ -53,8 +53,8 @@ def digest(folder: pathlib.Path) -> dict:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def truncate(path: pathlib.Path) -> None:
-    os.truncate(path, path.stat().st_size // 2)
+def truncate(path: pathlib.Path, keep: float = 0.5) -> None:
+    os.truncate(path, int(path.stat().st_size * keep))
 
 
 def data_files(state: pathlib.Path) -> list[pathlib.Path]:
@@ -64,8 +64,9 @@ def data_files(state: pathlib.Path) -> list[pathlib.Path]:
 DAMAGE = {  # what is cut in a checkpoint's state/ folder
     "_METADATA truncated": lambda state: truncate(state / "_METADATA"),
     "manifest.ocdbt truncated": lambda state: truncate(state / "manifest.ocdbt"),
-    # Every data file: which one holds the parameters differs between runs and orbax versions.
-    "data files truncated": lambda state: [truncate(p) for p in data_files(state)],
+    # Every data file emptied: which one holds the parameters, and where in it, differs between runs
+    # and orbax versions (a file cut to half its size may still hold all of them).
+    "data files emptied": lambda state: [truncate(p, keep=0) for p in data_files(state)],
 }
 
 
@@ -113,7 +114,7 @@ def test_a_save_in_progress_is_left_alone_by_a_reader(trained, tmp_path):
 
 @pytest.mark.parametrize("command", ["generate", "evaluate", "export"])
 def test_no_loadable_checkpoint_is_one_line_and_exit_2(trained, tmp_path, capsys, command):
-    run = damaged_copy(trained, tmp_path, "data files truncated", steps=(4, 2))
+    run = damaged_copy(trained, tmp_path, "data files emptied", steps=(4, 2))
     out = tmp_path / "exported"
     argv = {"generate": ["--prompt", PROMPT], "evaluate": ["--probe=induction"], "export": [f"--out={out}"]}[command]
     main = {"generate": generate.main, "evaluate": evaluate.main, "export": export.main}[command]
@@ -217,3 +218,40 @@ def test_the_cache_moves_with_its_variable_and_turns_off(tmp_path):
         "True", str(tmp_path / "here")]
     assert cache_settings(user_env(tmp_path, JAX_ENABLE_COMPILATION_CACHE="false")) == ["False", "None"]
     assert not (tmp_path / ".cache").exists()
+
+
+def test_the_host_fingerprint_equals_the_device_fingerprint_for_every_dtype():
+    """Loading a model checks its parameters with NumPy, training checks the whole state on device:
+    both must give the same rows, or every load would be refused."""
+    rng = np.random.default_rng(0)
+    tree = {"f32": rng.normal(size=(3, 1000)).astype(np.float32),
+            "bf16": rng.normal(size=(77,)).astype(jax.numpy.bfloat16),
+            "i32": rng.integers(-2**31, 2**31 - 1, size=(5, 7), dtype=np.int32),
+            "u8": rng.integers(0, 255, size=(9,), dtype=np.uint8), "flag": np.array([True, False, True]),
+            "step": np.int32(12)}
+    rows, finite = checkpoint.host_fingerprint(tree)
+    device_rows, device_finite = checkpoint.fingerprint(tree)
+    assert rows == [tuple(r) for r in np.asarray(device_rows).tolist()] and finite == bool(device_finite) is True
+    tree["f32"][1, 2] = np.inf
+    assert checkpoint.host_fingerprint(tree)[1] is False
+
+
+def test_loading_a_model_reads_only_its_parameters_and_still_catches_a_changed_one(trained, tmp_path, monkeypatch):
+    """generate, evaluate and export restore the parameters and step counter only; a parameter
+    that differs from the fingerprint saved with it (here: changed after reading) is refused."""
+    loaded = workdir.load(trained)
+    state_keys = set(ocp.StandardCheckpointer().metadata(trained / "checkpoints" / "4" / "state").item_metadata.tree)
+    assert {"opt_state", "params", "step"} <= state_keys
+    real_restore, skipped = ocp.CheckpointManager.restore, []
+
+    def one_word_changed(self, step, args=None):
+        restored = real_restore(self, step, args=args)
+        skipped.append("opt_state" not in restored["state"])
+        if step == 4:
+            bias = restored["state"]["params"]["decoder"]["final_norm"]["scale"]
+            restored["state"]["params"]["decoder"]["final_norm"]["scale"] = bias.at[0].add(1.0)
+        return restored
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", one_word_changed)
+    assert workdir.load(trained).step == 2  # step 4's changed word is caught; step 2 loads
+    assert loaded.step == 4 and skipped == [True, True]  # the optimizer state never read
