@@ -8,7 +8,8 @@ metric, their difference ± its standard error (paired by seed where the seeds p
 side (over all pooled sets, for a pooled experiment), the power at the difference found and the
 verdict, all as experiments/report.py (report.comparisons, or --pool) computed them. A "better" or
 "worse" verdict with less than 80 % power is marked underpowered: as many fresh seeds would miss it
-more often than one time in five. Picking the best of several MTP settings on the metric it is
+more often than one time in five; one from a single sweep is marked "one set of seeds": it has not
+been seen again on fresh seeds (`report.py --pool` joins a rerun to it). Picking the best of several MTP settings on the metric it is
 judged by favours MTP a little; with one MTP setting per experiment (as in every experiment so far)
 there is nothing to pick.
 """
@@ -40,7 +41,7 @@ ROWS = (
     ("reproduction_pooled", "eval/loss_1",
      "4.2 epochs of `stdlib/email`, 3.5 M parameters (the reproduction command): head-1 validation loss"),
     ("overfitting", "min_eval/loss_1",
-     "10 epochs of `stdlib/email`, 3.5 M parameters (one set of seeds, not rerun): lowest head-1 validation loss"),
+     "10 epochs of `stdlib/email`, 3.5 M parameters: lowest head-1 validation loss"),
     ("overfitting", "min_eval/loss_1_epoch", "the same: epoch of the lowest loss (later: overfits later)"),
     ("schedules", "eval/bits_per_byte", "forward curriculum vs constant weights, n = 4: bits per byte",
      "curriculum=forward"),
@@ -88,8 +89,13 @@ def table(results_dir: pathlib.Path, rows=ROWS) -> str:
         paired = ", paired" if c.get("paired") else ""
         se = f" ± {c['standard_error']:.4f}" if c["standard_error"] is not None else ""
         p = power(c)
-        # A verdict that as many fresh seeds would miss more often than one time in five.
-        weak = " (underpowered)" if p is not None and p < 0.8 and not c["verdict"].startswith(("no ", "equal")) else ""
+        marks = []
+        if not c["verdict"].startswith(("no ", "equal", "one seed")):
+            if p is not None and p < 0.8:  # as many fresh seeds would miss it more often than one time in five
+                marks.append("underpowered")
+            if not summary.get("pooled_from"):  # never seen again on fresh seeds
+                marks.append("one set of seeds")
+        weak = f" ({'; '.join(marks)})" if marks else ""
         lines.append(f"| {about} ({link}) | `{summary['baseline']}`: {c['baseline']:.4f} "
                      f"| `{c['setting']}`: {c['value']:.4f} "
                      f"| {c['difference']:+.4f}{se}{paired} | {seeds}{sets} "

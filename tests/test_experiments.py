@@ -427,18 +427,19 @@ def test_verdicts_table_takes_the_best_mtp_setting_and_says_what_was_not_run(syn
                         "`mtp_n_tokens=2`: 1.7000 | -0.4000 ± 0.2236 | 2 | 42% | no difference (< 2 s.e.) |")
     assert "| not logged |" in lines[3] and lines[4] == "| never run (missing) | not run | | | | | |"
     # n=3's +0.35 ± 0.1118 is beyond 2 s.e. but with Φ(3.13 - 2) = 87 % power: not underpowered.
-    assert "| `mtp_n_tokens=3`: 2.4500 | +0.3500 ± 0.1118 | 2 | 87% | MTP worse |" in lines[5]
+    assert "| `mtp_n_tokens=3`: 2.4500 | +0.3500 ± 0.1118 | 2 | 87% | MTP worse (one set of seeds) |" in lines[5]
 
 
-def test_verdicts_table_marks_underpowered_verdicts_and_names_pooled_sets(tmp_path):
+def test_verdicts_table_marks_underpowered_and_unreplicated_verdicts_and_names_pooled_sets(tmp_path):
     reported_sweep(tmp_path, "first", (0, 1, 2))
     reported_sweep(tmp_path, "second", (5, 6))
     pool.main(tmp_path / "results", ["first", "second"], "both")
     rows = (("first", "eval/loss_1", "one set"), ("both", "eval/loss_1", "pooled"))
     one_set, pooled = verdicts.table(tmp_path / "results", rows).splitlines()[2:]
     # Paired -0.0833 ± 0.0120 (3 pairs): power Φ(6.93 - 2) ≈ 100 %.
-    assert "| -0.0833 ± 0.0120, paired | 3 | 100% | MTP better |" in one_set
+    assert "| -0.0833 ± 0.0120, paired | 3 | 100% | MTP better (one set of seeds) |" in one_set
     assert "[both](experiments/results/both/pooled.md)" in pooled and "| 5 in 2 sets |" in pooled
+    assert "one set of seeds" not in pooled
     # A verdict just past 2 s.e. has barely more than 50 % power: marked.
     weak = {"name": "weak", "baseline": "b", "pooled_from": None, "runs": [{"seed": 0}, {"seed": 1}],
             "comparisons": [{"setting": "s", "metric": "m", "higher_is_better": False, "baseline": 1.0,
@@ -446,4 +447,4 @@ def test_verdicts_table_marks_underpowered_verdicts_and_names_pooled_sets(tmp_pa
     (tmp_path / "results" / "weak").mkdir()
     (tmp_path / "results" / "weak" / "runs.json").write_text(json.dumps(weak))
     (line,) = verdicts.table(tmp_path / "results", (("weak", "m", "weak"),)).splitlines()[2:]
-    assert line.endswith("| 2 | 59% | MTP better (underpowered) |")  # Φ(2.222 - 2) = 0.588
+    assert line.endswith("| 2 | 59% | MTP better (underpowered; one set of seeds) |")  # Φ(2.222 - 2) = 0.588
