@@ -2,6 +2,7 @@
 
     python -m mtp_jax.bench --config=configs/mtp3.py:nano [--config.KEY=V …] [--json] [--sweep] [--compile_only]
     python -m mtp_jax.bench --config=configs/mtp4.py:1b --topology=v5p:4x4x4 [--search_mesh] [--json]
+    python -m mtp_jax.bench --config=configs/mtp4.py:1b --topology=v5e:1x1 --decode=1,16,64,256
 
 It compiles the real train step (`train.make_train_step`, the one `main` runs) on all local
 devices, feeds it fresh random windows (no data is read), and times steps one by one with
@@ -24,6 +25,13 @@ collective moves, and a roofline step time, tokens/s and MFU (mtp_jax/tpu.py). A
 that does not fit ends with one `error:` line naming the fields that lower its memory.
 `--search_mesh` compiles every (data, fsdp, tensor) mesh that the chips and the model's shapes
 allow and ranks them by predicted step time.
+
+`--topology … --decode=SIZES` costs decoding instead, on the topology's first chip: one plain
+decoding step at each batch in SIZES, and one greedy verify pass of the draft chain and of a tree
+of each size, each at a full KV cache of seq_len positions (`generate.one_pass`, the bodies of
+generate's device loops). Decoding one sequence is memory-bound: a pass reads every parameter and
+the cache whatever its number of tokens, so a verify pass costs about a plain step until its
+tokens' FLOPs outweigh those reads.
 """
 
 from __future__ import annotations
@@ -33,17 +41,20 @@ import math
 import statistics
 import sys
 import time
+import warnings
 
 import jax
 import numpy as np
 from absl import app, flags
+from flax import nnx
 from ml_collections import config_flags
 
-from mtp_jax import sharding, tpu
+from mtp_jax import generate, sharding, tpu
 from mtp_jax.cli import fail, parse_flags
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
-from mtp_jax.mtp import HEAD_TYPES, n_predict
+from mtp_jax.mtp import HEAD_TYPES, build_model, n_predict
+from mtp_jax.speculative import Tree
 from mtp_jax.train import make_train_step, memory_per_device
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
@@ -57,6 +68,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "Compile for this TPU topology
                                 "type: v5p-128) on abstract inputs and report per chip; no step runs.")
 _SEARCH_MESH = flags.DEFINE_bool("search_mesh", False, "With --topology: every (data, fsdp, tensor) mesh the shapes "
                                  "allow, ranked by predicted step time.")
+_DECODE = flags.DEFINE_list("decode", None, "With --topology: cost one decoding step on the topology's first chip "
+                            "instead of the train step: plain decoding at each of these batches, the draft "
+                            "chain, and a verify tree of each of these sizes (e.g. 1,16,64,256).")
 _XLA_FLOPS = flags.DEFINE_bool("xla_flops", True, "Cost a chunked loss's step from its loop-free twin "
                                "(a second compilation); False reports the chunked step's own count.")
 
@@ -361,6 +375,106 @@ def main_topology(configs: list, name: str, search: bool, as_json: bool) -> None
         fail(too_large(too_large_ones[0]))
 
 
+# ------------------------------------------------------------------------------------------ decoding on one chip
+def decode_passes(config, sizes: list[int]) -> list[tuple[str, Tree | None, int]]:
+    """(name, tree or None, batch) of each decoding step to cost: plain decoding at each batch in
+    `sizes`, then (a model with draft heads) the chain of its n - 1 drafts and a tree of each size
+    in `sizes` above n - 1 (drafted nodes, the root excluded, as generate --tree_size). A tree's
+    shape is Medusa's construction under acceptance halving with each rank: with linear or
+    parallel heads a pass costs what its size costs, whatever the shape."""
+    passes = [(f"plain, batch {b}", None, b) for b in sizes]
+    n = n_predict(config)
+    if n > 1:
+        passes.append((f"verify chain of {n - 1}", Tree.chain(n - 1), 1))
+        acceptance = np.tile(0.5 ** np.arange(1, max(sizes) + 1), (n - 1, 1))
+        passes += [(f"verify tree of {s}", Tree.build(acceptance, s), 1) for s in sizes if s > n - 1]
+    return passes
+
+
+def decode_config(config, topology: str, devices, name: str, tree: Tree | None, batch: int) -> dict:
+    """Compile one decoding step (generate.one_pass: plain, or a greedy verify pass of `tree`) for
+    the first chip of `topology`, at a full cache of seq_len positions, on abstract inputs, and
+    report its memory and the roofline's time (no collectives: one chip)."""
+    chip, vocab = tpu.chip_of(topology), vocab_size(config)
+    config = config.copy_and_resolve_references()
+    config.model.scan_layers = False  # XLA's cost analysis counts a loop's body once: unrolled, it counts all
+    on_chip = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices[:1]), ("chip",)),
+                                         jax.sharding.PartitionSpec())
+    with tpu.traced_for("tpu"):
+        validate(config)
+        model = nnx.eval_shape(lambda: build_model(config, vocab, seed=0))
+        step, inputs = generate.one_pass(model, config.seq_len, tree, batch)
+        inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_chip), inputs)
+        start, compiled, refused = time.perf_counter(), None, None
+        try:
+            with warnings.catch_warnings():  # the state's scalars (position, counters) have no buffer to reuse
+                warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+                compiled = jax.jit(step, donate_argnums=1).lower(*inputs).compile()
+        except jax.errors.JaxRuntimeError as e:
+            refused = tpu.out_of_memory(str(e))
+            if refused is None:
+                raise
+        compile_s = time.perf_counter() - start
+    tokens = batch if tree is None else tree.size
+    row = {"name": config_name(config), "topology": topology, "pass": name, "batch": batch, "tokens": tokens,
+           "cache_len": config.seq_len, "chip_hbm_bytes": chip.hbm_bytes, "compile_s": compile_s}
+    if compiled is None:  # the compiler stops once the temporaries alone exceed the chip
+        return {**row, "fits": False, "bytes_per_chip": refused, "step_time_s": None}
+    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    needed = memory_per_device(memory)
+    flops = float(cost.get("flops", 0.0))
+    # HBM bytes: every argument the step uses (parameters, caches) read once, the cache's new slots
+    # written in place. XLA's "bytes accessed" is not used: on TPU it also counts the weights'
+    # prefetch into on-chip memory and the reads from there (4-5x the parameters for 1b).
+    hbm = memory.argument_size_in_bytes
+    roof = tpu.roofline(chip, flops, hbm, 0.0)
+    return {**row, "fits": needed <= chip.hbm_bytes, "bytes_per_chip": needed,
+            "param_bytes": bytes_per_chip(inputs[0]), "flops": flops, "hbm_bytes": hbm,
+            "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0)), **roof}
+
+
+def decode_table(results: list[dict]) -> str:
+    gib = lambda b: f"{b / tpu.GiB:.2f}"  # noqa: E731
+    lines = [f"{'config':<22} {'pass':<22} {'tokens':>6} {'GiB':>6} {'fits':>4} {'GFLOP':>8} {'HBM GB':>7} "
+             f"{'comp ms':>8} {'HBM ms':>7} {'pass ms':>8} {'bound':>7}"]
+    for r in results:
+        if r["step_time_s"] is None:
+            lines.append(f"{r['name']:<22} {r['pass']:<22} {r['tokens']:>6} > {gib(r['bytes_per_chip'])} GiB: "
+                         "refused by the compiler")
+            continue
+        lines.append(f"{r['name']:<22} {r['pass']:<22} {r['tokens']:>6} {gib(r['bytes_per_chip']):>6} "
+                     f"{'yes' if r['fits'] else 'NO':>4} {r['flops'] / 1e9:>8.1f} {r['hbm_bytes'] / 1e9:>7.2f} "
+                     f"{1e3 * r['compute_s']:>8.2f} {1e3 * r['hbm_s']:>7.2f} {1e3 * r['step_time_s']:>8.2f} "
+                     f"{r['bound']:>7}")
+    return "\n".join(lines)
+
+
+def main_decode(config, name: str, sizes: list[int], as_json: bool) -> None:
+    topology = tpu.topology_name(name)
+    devices = tpu.devices(topology)
+    results = []
+    for pass_name, tree, batch in decode_passes(config, sizes):
+        results.append(decode_config(config, topology, devices, pass_name, tree, batch))
+        if as_json:
+            print(json.dumps(results[-1]), flush=True)
+    if not as_json:
+        print(f"{topology}: one chip, one decoding step at a cache of {config.seq_len} positions; roofline time "
+              "(mtp_jax/tpu.py), HBM bytes = the parameters and caches the step reads, once")
+        print(decode_table(results))
+
+
+def decode_sizes(values: list[str]) -> list[int]:
+    try:
+        sizes = [int(v) for v in values]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--decode={','.join(values)} must list positive integers (batches and tree sizes), "
+                        "e.g. --decode=1,16,64,256")
+    return sizes
+
+
 def main(argv) -> None:
     if len(argv) > 1 or _CONFIG.value is None:
         fail("usage: python -m mtp_jax.bench --config=configs/mtp3.py:PRESET [--config.KEY=V …] "
@@ -371,11 +485,16 @@ def main(argv) -> None:
         # the topology's chips without opening them.
         jax.config.update("jax_platforms", "cpu")
         try:
+            if _DECODE.value:
+                main_decode(config, _TOPOLOGY.value, decode_sizes(_DECODE.value), _JSON.value)
+                return
             main_topology(sweep_configs(config) if _SWEEP.value else [config], _TOPOLOGY.value, _SEARCH_MESH.value,
                           _JSON.value)
         except UserError as e:
             fail(str(e))
         return
+    if _DECODE.value:
+        fail("--decode compiles for a TPU chip: add --topology=NAME (e.g. v5e:1x1 or v5p:1x1x1)")
     if _SEARCH_MESH.value:
         fail("--search_mesh compiles for a TPU topology: add --topology=NAME (e.g. v5p:4x4x4 or v5e-256)")
     configs = sweep_configs(config) if _SWEEP.value else [config]

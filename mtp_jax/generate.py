@@ -149,9 +149,8 @@ def _decode_speculative(graphdef, capacity, tree: Tree, settings, params, prompt
     [capacity] and each draft position's Σ_x min(p, q) [capacity, n - 1] (sampling; the first
     `passes` rows are valid)."""
     model, settings = nnx.merge(graphdef, params), dict(settings)
-    n, size, sampled = model.n_predict, tree.size, settings["temperature"] > 0
     # A verify pass at the last committed position writes tree.size slots from it.
-    caches = init_caches(model, 1, capacity + size, all_heads=True)
+    caches = init_caches(model, 1, capacity + tree.size, all_heads=True)
 
     def commit_prompt(logits, key):
         token = choose(logits[length - 1][None], key, **settings)[0]
@@ -164,39 +163,80 @@ def _decode_speculative(graphdef, capacity, tree: Tree, settings, params, prompt
     def more(carry):  # a pass pays only if at least two tokens are still wanted
         return carry[0] + 1 < limit
 
-    def verify(carry):
-        count, passes, block, q, caches, tokens, accepted, overlaps = carry
-        base = length + count
-
-        def commit(logits, key):  # logits [size, V]: head 1 after each node
-            if sampled:
-                p = jax.nn.softmax(speculative.filter_logits(logits, **settings), axis=-1)
-                a, token, overlap = speculative.accept_sampled(block, p, q, key)
-                path = jnp.arange(size)
-            else:
-                path, a = speculative.accept_greedy(tree, block, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-                token, overlap = jnp.argmax(logits[path[-1]]).astype(jnp.int32), jnp.zeros(n - 1)
-            # After each accepted node, the next node on the path (then the certain token).
-            successors = jnp.full(size, token)
-            for d in range(tree.max_depth):
-                successors = successors.at[path[d]].set(jnp.where(d < a, block[path[d + 1]], token))
-            return path[a], successors, token, (path, a, overlap)
-
-        mask = None if tree.is_chain else tree.mask(base, caches[0]["k"].shape[1])
-        positions = base + jnp.asarray(tree.depths)[None]
-        next_block, q, caches, (path, a, overlap) = _speculate(
-            model, tree, settings, block[None], positions, caches, base, mask, jax.random.fold_in(key, base), commit)
-        if not tree.is_chain:
-            caches = speculative.compact(caches, base, path)
-        # Commit the path (its tail past the accepted drafts is overwritten by the next pass).
-        tokens = jax.lax.dynamic_update_slice(tokens, block[path[:tree.max_depth + 1]], (count,))
-        return (count + a + 1, passes + 1, next_block, q, caches, tokens, accepted.at[passes].set(a),
-                overlaps.at[passes].set(overlap))
-
     carry = (jnp.int32(0), jnp.int32(0), block, q, caches, jnp.zeros(capacity + tree.max_depth + 1, jnp.int32),
-             jnp.full(capacity, -1, jnp.int32), jnp.zeros((capacity, n - 1), jnp.float32))
-    count, passes, block, _, _, tokens, accepted, overlaps = jax.lax.while_loop(more, verify, carry)
+             jnp.full(capacity, -1, jnp.int32), jnp.zeros((capacity, model.n_predict - 1), jnp.float32))
+    count, passes, block, _, _, tokens, accepted, overlaps = jax.lax.while_loop(
+        more, lambda carry: _verify_pass(model, tree, settings, length, key, carry), carry)
     return jax.lax.dynamic_update_slice(tokens, block[:1], (count,)), passes, accepted, overlaps
+
+
+def _verify_pass(model: MTPModel, tree: Tree, settings: dict, length, key, carry):
+    """One verify pass of self-speculative decoding (the device loop's body): run the block
+    drafted last time through the trunk and every head, accept its longest agreeing path (greedy)
+    or rejection-sample a chain (sampling), commit it, and draft the next block. carry: (tokens
+    committed, passes, block [tree.size], the drafts' distributions q, caches, tokens, accepted,
+    overlaps)."""
+    count, passes, block, q, caches, tokens, accepted, overlaps = carry
+    n, size, sampled = model.n_predict, tree.size, settings["temperature"] > 0
+    base = length + count
+
+    def commit(logits, key):  # logits [size, V]: head 1 after each node
+        if sampled:
+            p = jax.nn.softmax(speculative.filter_logits(logits, **settings), axis=-1)
+            a, token, overlap = speculative.accept_sampled(block, p, q, key)
+            path = jnp.arange(size)
+        else:
+            path, a = speculative.accept_greedy(tree, block, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+            token, overlap = jnp.argmax(logits[path[-1]]).astype(jnp.int32), jnp.zeros(n - 1)
+        # After each accepted node, the next node on the path (then the certain token).
+        successors = jnp.full(size, token)
+        for d in range(tree.max_depth):
+            successors = successors.at[path[d]].set(jnp.where(d < a, block[path[d + 1]], token))
+        return path[a], successors, token, (path, a, overlap)
+
+    mask = None if tree.is_chain else tree.mask(base, caches[0]["k"].shape[1])
+    positions = base + jnp.asarray(tree.depths)[None]
+    next_block, q, caches, (path, a, overlap) = _speculate(
+        model, tree, settings, block[None], positions, caches, base, mask, jax.random.fold_in(key, base), commit)
+    if not tree.is_chain:
+        caches = speculative.compact(caches, base, path)
+    # Commit the path (its tail past the accepted drafts is overwritten by the next pass).
+    tokens = jax.lax.dynamic_update_slice(tokens, block[path[:tree.max_depth + 1]], (count,))
+    return (count + a + 1, passes + 1, next_block, q, caches, tokens, accepted.at[passes].set(a),
+            overlaps.at[passes].set(overlap))
+
+
+def one_pass(model: MTPModel, capacity: int, tree: Tree | None = None, batch: int = 1):
+    """(function, abstract arguments) of one decoding step at a cache of `capacity` positions: plain
+    decoding's single-token step for `batch` sequences (tree None), or one greedy verify pass of
+    `tree` (the speculative loop's body). The function takes (params, state) and donates the state
+    (caches included), as the device loops update it in place; bench compiles it for a TPU chip to
+    cost one step of each kind."""
+    graphdef, params = nnx.split(model)
+    greedy = (("temperature", 0.0), ("top_k", 0), ("top_p", 1.0))
+    token = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
+    index = jax.ShapeDtypeStruct((), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    if tree is None:
+        caches = jax.eval_shape(lambda: init_caches(model, batch, capacity, all_heads=False))
+
+        def plain(params, state):
+            token, caches, index, key = state
+            return _plain_step(nnx.merge(graphdef, params), token, caches, index, 0, key, dict(greedy))
+
+        return plain, (params, (token, caches, index, key))
+    n = model.n_predict
+    caches = jax.eval_shape(lambda: init_caches(model, 1, capacity + tree.size, all_heads=True))
+    carry = (index, index, jax.ShapeDtypeStruct((tree.size,), jnp.int32),
+             jax.ShapeDtypeStruct((n - 1, model.decoder.shape.vocab_size), jnp.float32), caches,
+             jax.ShapeDtypeStruct((capacity + tree.max_depth + 1,), jnp.int32),
+             jax.ShapeDtypeStruct((capacity,), jnp.int32), jax.ShapeDtypeStruct((capacity, n - 1), jnp.float32))
+
+    def verify(params, state):
+        carry, length, key = state
+        return _verify_pass(nnx.merge(graphdef, params), tree, dict(greedy), length, key, carry)
+
+    return verify, (params, (carry, index, key))
 
 
 def choose(logits: jax.Array, key: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0) -> jax.Array:

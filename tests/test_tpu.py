@@ -190,3 +190,39 @@ def test_a_mesh_that_splits_a_torus_axis_is_laid_out_on_the_pod():
     mesh = sharding.make_mesh(load_config(overrides={"mesh.data": 1, "mesh.fsdp": 32, "mesh.tensor": 2}).mesh,
                               tpu.devices("v5p:4x4x4"))
     assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "tensor": 2} and len(set(mesh.devices.flat)) == 64
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--decode=1,16"], "--decode compiles for a TPU chip: add --topology=NAME"),
+    (["--topology=v5e:1x1", "--decode=1,x"], "--decode=1,x must list positive integers"),
+])
+def test_bad_decode_flags_are_one_line(flags, message):
+    assert message in one_error_line(run_bench("--config=configs/mtp4.py:tiny", *flags))
+
+
+@needs_libtpu
+def test_a_decoding_step_reads_the_parameters_and_cache_once_and_a_verify_pass_adds_flops_not_bytes():
+    """On one chip, at a full cache: plain decoding's floor is the bfloat16 parameters it uses plus
+    the KV cache; a verify pass reads those and the draft heads (its cache has a few more slots),
+    and each token more in a pass costs one token's matmuls (trunk and head 1) and attention."""
+    config = small("mtp4")
+    config.model.dtype = config.model.param_dtype = "bfloat16"
+    devices = tpu.devices("v5e:1x1")
+    passes = bench.decode_passes(config, [1, 16])
+    assert [(name, None if tree is None else tree.size, batch) for name, tree, batch in passes] == [
+        ("plain, batch 1", None, 1), ("plain, batch 16", None, 16), ("verify chain of 3", 4, 1),
+        ("verify tree of 16", 17, 1)]
+    plain, _, chain, tree = (bench.decode_config(config, "v5e:1x1", devices, *p) for p in passes)
+    m, vocab, d = config.model, bench.vocab_size(config), config.model.d_model
+    # Layers, embedding and unembedding (untied), the 3 draft heads' [D, V] matrices; norms aside.
+    params = 2 * (m.n_layers * (4 * d**2 + 3 * d * m.mlp_dim) + (2 + 3) * vocab * d)
+    cache = m.n_layers * 2 * config.seq_len * d * 2  # keys and values, bfloat16
+    heads = 2 * 3 * d * vocab  # the draft heads: plain decoding never reads them (jit drops them)
+    assert not m.tie_embeddings and plain["param_bytes"] == pytest.approx(params, rel=0.02)
+    assert plain["hbm_bytes"] == pytest.approx(plain["param_bytes"] - heads + cache, rel=0.02)
+    assert chain["hbm_bytes"] == pytest.approx(plain["hbm_bytes"] + heads, rel=0.02)  # + 4 slots, counters
+    per_token = 2 * (m.n_layers * (4 * d**2 + 3 * d * m.mlp_dim) + d * vocab) + 4 * m.n_layers * config.seq_len * d
+    assert (tree["flops"] - chain["flops"]) / (17 - 4) == pytest.approx(per_token, rel=0.1)
+    assert plain["bound"] == chain["bound"] == tree["bound"] == "memory"
+    # Memory-bound: 17 tokens for the draft heads' bytes more.
+    assert tree["step_time_s"] == pytest.approx(plain["step_time_s"] * (1 + heads / plain["hbm_bytes"]), rel=0.02)
