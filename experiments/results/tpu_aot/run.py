@@ -165,6 +165,8 @@ def render(results: dict, meta: dict) -> str:
         "collectives with compute, and the chip figures of its table. MFU = model FLOPs / chips / step "
         "time / peak. Δ columns compare each MTP setting with its baseline on the same topology.",
         "",
+        "Decoding (a plain step and the speculative verify passes on one chip): [decode.md](decode.md).",
+        "",
     ]
     lines += key_numbers(results) + [""]
     for name in TOPOLOGIES:
