@@ -84,7 +84,7 @@ def load(workdir: str | pathlib.Path) -> Trained:
         raise UserError(f"{config_path} is not the config training writes ({type(e).__name__}: {e}): "
                         "restore it from a copy, or train again") from None
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, vocab_size, seed=0)))
-    try:  # the whole train state as saved, onto one device (so that its fingerprint can be checked)
+    try:  # the parameters and step counter as saved, onto one device, checked against their fingerprint
         step, state = checkpointer.restore_newest_good()
     finally:
         checkpointer.close()
