@@ -129,10 +129,17 @@ def pool(sets: list[dict]) -> dict:
             "comparisons": comparisons, "runs": runs}
 
 
+def budget(runs: list[dict]) -> str:
+    """The training budget the pooled runs share (one command: the same steps and tokens for all)."""
+    budgets = sorted({(r["steps"], r["tokens"]) for r in runs})
+    return "; ".join(f"{steps} steps, {tokens / 1e6:.2f} M tokens" for steps, tokens in budgets)
+
+
 def pooled_markdown(name: str, summary: dict) -> str:
     out = [f"# {name}", "",
            f"The sweeps {', '.join(f'[{n}](../{n}/results.md)' for n in summary['pooled_from'])} ran one command "
-           "with disjoint seeds; here each set's comparison with the baseline "
+           f"with disjoint seeds (every training {budget(summary['runs'])}; each set's results.md gives the model, "
+           "data and wall time); here each set's comparison with the baseline "
            f"(`{summary['baseline']}`) and the comparison over all their seeds. Paired where every set's seeds pair "
            "(the same trunk initialisation and batches per seed), unpaired otherwise; a verdict needs the difference "
            "beyond two standard errors. Power: the probability that as many fresh seeds reach a verdict if the "
