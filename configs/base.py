@@ -67,6 +67,8 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.mtp_weight = 0.2              # scale of the auxiliary heads' losses in the total
     c.mtp_loss_weights = "geometric"  # w_k: 'geometric' (0.5**(k-1)), 'uniform', 'mean', or "w2,w3,…"
     c.mtp_head_type = "linear"      # 'linear' (a Dense per head), 'parallel' (Meta), 'sequential' (DeepSeek-V3)
+    c.mtp_targets = "data"          # heads k >= 2 learn 'data' (x[t+k]) or 'model' (head 1's argmax at t+k-1)
+    c.mtp_draft_vocab = 0           # > 0: heads k >= 2 output only this many tokens, the most frequent (0: all)
     # Schedules, functions of the step (mtp_jax/schedules.py): mtp_weight moves to mtp_weight_final.
     c.mtp_weight_schedule = "constant"  # 'constant', 'stepped' (jump at the switch), 'linear' or 'cosine' (from it)
     c.mtp_weight_final = 0.1        # mtp_weight after the schedule (DeepSeek-V3: 0.3 -> 0.1)
@@ -93,6 +95,7 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     # Starting from another model (README "Heads for an existing model").
     c.trainable = "all"             # what the optimizer updates: 'all', or 'heads' (heads 2 … n; the rest frozen)
     c.init_from = ""                # a Hugging Face Llama folder to start from ('': random init; a resume ignores it)
+    c.trunk_cache = False           # trainable='heads' in epochs: run the frozen trunk once per window, keep its outputs
 
     # Logging, evaluation, checkpoints.
     c.log_every = max(steps // 30, 1)   # train metrics every this many steps

@@ -7,7 +7,7 @@ import jax
 from mtp_jax import tasks
 from mtp_jax.attention import NAMES as ATTENTION_NAMES
 from mtp_jax.errors import UserError
-from mtp_jax.mtp import HEAD_TYPES, WEIGHT_SCHEMES, n_predict
+from mtp_jax.mtp import HEAD_TYPES, TARGETS, WEIGHT_SCHEMES, n_predict
 from mtp_jax.schedules import CURRICULA, WEIGHT_SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
@@ -62,6 +62,16 @@ def validate(config) -> None:
          f"nan_policy={config.nan_policy!r} is unknown: choose one of {', '.join(NAN_POLICIES)}")
     need(config.trainable in TRAINABLE,
          f"trainable={config.trainable!r} is unknown: choose one of {', '.join(TRAINABLE)}")
+    need(config.mtp_targets in TARGETS,
+         f"mtp_targets={config.mtp_targets!r} is unknown: choose one of {', '.join(TARGETS)}")
+    need(config.mtp_draft_vocab >= 0, f"mtp_draft_vocab={config.mtp_draft_vocab} must be >= 0 (0: all tokens)")
+    need(config.mtp_draft_vocab == 0 or config.mtp_head_type != "linear",
+         "mtp_draft_vocab restricts the shared unembedding, which 'linear' heads do not use: choose "
+         "mtp_head_type='medusa' (or 'parallel', 'sequential'), or set mtp_draft_vocab=0")
+    need(not config.trunk_cache or (config.trainable == "heads" and config.num_epochs >= 1
+                                    and tasks.task_name(str(config.data.source)) is None),
+         "trunk_cache=True keeps a frozen trunk's outputs for the next epoch's visit of each text window: it needs "
+         "trainable='heads', num_epochs >= 1 and a text source (or set trunk_cache=False)")
     need(config.trainable != "heads" or n > 1, "trainable='heads' trains heads 2 … n but the model has none: "
          "set --config.use_mtp=True --config.mtp_n_tokens=4")
     m = config.model

@@ -32,9 +32,10 @@ from mtp_jax.mtp import MTPModel, mtp_loss, n_predict
 from mtp_jax.schedules import head_weights
 
 
-def eval_step(graphdef, chunk_size, compute_shardings, eot_id, params, weights, window, mask=None, inputs=None):
+def eval_step(graphdef, chunk_size, compute_shardings, eot_id, targets, params, weights, window, mask=None,
+              inputs=None):
     params = jax.lax.with_sharding_constraint(params, compute_shardings)  # see sharding.compute_shardings
-    return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size, mask, inputs, eot_id)[1]
+    return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size, mask, inputs, eot_id, targets)[1]
 
 
 class Evaluator:
@@ -64,7 +65,7 @@ class Evaluator:
         batch_arrays = 1 if data.val_mask is None else 3
         self.losses = jax.jit(functools.partial(eval_step, graphdef, config.loss_chunk_size,
                                                 sharding.compute_shardings(param_shardings),
-                                                data_lib.document_eot_id(config.data, data)),
+                                                data_lib.document_eot_id(config.data, data), config.get("mtp_targets", "data")),
                               in_shardings=(param_shardings, None) + (sharding.batch_sharding(mesh),) * batch_arrays)
         self.induction, self.prompts, self.tokenizer = self.probe_inputs(config, data)
         self.problems = held_out_problems(config) if data.val_mask is not None else None

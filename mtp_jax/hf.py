@@ -24,6 +24,7 @@ are [out, in], ours [in, out]:
 The heads, which transformers ignores:
   linear      extra_heads.{i}.weight                [V, D]      (Meta's multi-token models' name)
   parallel    extra_heads.{i}.<a layer's names>     one decoder layer each, named as model.layers.{l}
+  medusa      extra_heads.{i}.linear.{weight,bias}  [D, D], [D]: the residual block (Medusa's ResBlock)
   sequential  model.layers.{L+i}.<a layer's names>, .enorm.weight, .hnorm.weight [D] and
               .eh_proj.weight [D, 2D]: DeepSeek-V3's MTP modules. As there, eh_proj reads
               [enorm(embedding); hnorm(hidden)] (our `merge` reads the halves the other way round).
@@ -89,6 +90,9 @@ def layout(n_layers: int, tie_embeddings: bool, n: int, head_type: str, heads: b
             rows.append((f"extra_heads.{i}.weight", ("heads", i), "linear"))
         elif head_type == "parallel":
             rows += layer(f"extra_heads.{i}", ("heads", i))
+        elif head_type == "medusa":  # Medusa's ResBlock names; its output is the shared unembedding
+            rows += [(f"extra_heads.{i}.linear.weight", ("heads", i, "w"), "linear"),
+                     (f"extra_heads.{i}.linear.bias", ("heads", i, "b"), "same")]
         else:
             prefix = f"model.layers.{n_layers + i}"
             rows += [(f"{prefix}.enorm.weight", ("heads", i, "embed_norm", "scale"), "same"),
@@ -303,7 +307,19 @@ def read_params(folder: Folder, like: dict, n: int, head_type: str) -> dict:
                             "weights are damaged; import a folder saved from a model whose weights are finite")
         target = _get(like, path)
         _set(out, path, from_hf(value, kind, target.shape).astype(target.dtype))
+    if "draft_vocab" in like and heads is not None:
+        out["draft_vocab"] = draft_vocab(folder, like["draft_vocab"].shape[0], like["decoder"]["embedding"].shape[0])
     return out
+
+
+def draft_vocab(folder: Folder, size: int, vocab_size: int) -> np.ndarray:
+    """The heads' draft vocabulary from mtp_jax.json, checked: `size` distinct ids below vocab_size."""
+    ids = folder.mtp.get("draft_vocab")
+    if not (isinstance(ids, list) and len(ids) == size and len(set(ids)) == size
+            and all(type(i) is int and 0 <= i < vocab_size for i in ids)):
+        raise UserError(f"{folder.path / MTP_FILE} does not list the heads' {size} draft token ids (draft_vocab): "
+                        f"set --config.mtp_draft_vocab to the exported heads' size, or export the model again")
+    return np.asarray(ids, np.int32)
 
 
 def with_imported(params: dict, loaded: dict) -> dict:
@@ -337,6 +353,8 @@ def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pa
            "mtp_weight": config.mtp_weight, "mtp_loss_weights": config.mtp_loss_weights,
            "loss_weights": weights, "tokenizer": tokenizer,
            "heads": [name for name, path, _ in rows if path[0] == "heads"]}
+    if "draft_vocab" in params:  # the token ids the heads output (mtp.MTPModel.draft_vocab)
+        mtp["draft_vocab"] = np.asarray(params["draft_vocab"]).tolist()
     texts = {"config.json": _json_text(llama_config(shape, config.seq_len, eos)), MTP_FILE: _json_text(mtp)}
     copies = {}
     if tokenizer == "bpe":

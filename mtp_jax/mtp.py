@@ -15,6 +15,17 @@ Head types:
                                    then the shared final norm and unembedding.
   'sequential' (DeepSeek-V3)       h_k = Block_k(M_k [RMSNorm(h_{k-1}); RMSNorm(Emb(x[t+k-1]))]),
                                    shared embedding, final norm and unembedding; h_1 = trunk output.
+  'medusa'     (Cai et al. 2024)   u = FinalNorm(h_trunk), head k reads u + SiLU(u W_k + b_k) with the
+                                   shared unembedding (W_k starts at zero: a fresh head repeats head 1).
+
+Targets (mtp_targets): 'data', head k learns x[t + k]; 'model' (self-distillation, as in
+Medusa-2 and FastMTP), head k >= 2 learns head 1's own argmax at t + k - 1, the token greedy
+speculative decoding accepts there, taken from the same forward pass (model_targets).
+
+Draft vocabulary (mtp_draft_vocab = K > 0, FR-Spec / EAGLE-3): heads 2 … n output only K token
+ids, the training split's most frequent (`draft_vocab`, saved with the parameters), through
+those K columns of the shared unembedding; a draft then reads [D, K] instead of [D, V], and the
+other tokens get logit -inf (their targets leave the heads' losses).
 
 Memory: each head's cross-entropy is rematerialised (and optionally chunked over positions), so
 the [B, T, V] logits of a head are never kept for the backward pass and only one head's (or one
@@ -22,6 +33,8 @@ chunk's) logits exist at a time.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +44,16 @@ from mtp_jax.model import Block, Decoder, ModelShape, RMSNorm, normal_param
 
 Array = jax.Array
 
-HEAD_TYPES = ("linear", "parallel", "sequential")
+HEAD_TYPES = ("linear", "parallel", "sequential", "medusa")
 WEIGHT_SCHEMES = ("geometric", "uniform", "mean")
+TARGETS = ("data", "model")
+
+
+class TrunkOutputs(NamedTuple):
+    """What a frozen trunk gives the heads for a batch of inputs [B, T] (trunk_cache.py)."""
+
+    hidden: Array  # [B, T, D] the trunk's final hidden state, before the final norm
+    greedy: Array  # [B, T] int32 head 1's argmax at each position (the self-distillation targets)
 
 
 def n_predict(config) -> int:
@@ -75,10 +96,27 @@ class SequentialModule(nnx.Module):
         return self.block(x @ self.merge[...].astype(self.dtype), positions, cache, cache_index, mask)
 
 
-class MTPModel(nnx.Module):
-    """The decoder plus n - 1 extra heads of one type. With n = 1 it holds exactly the decoder."""
+class MedusaBlock(nnx.Module):
+    """Medusa's residual block on the normalised hidden state u: u + SiLU(u W + b). W and b start at
+    zero, so a fresh head predicts what head 1 does and training moves it from there."""
 
-    def __init__(self, shape: ModelShape, n: int, head_type: str, *, rngs: nnx.Rngs):
+    def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
+        pd, d = jnp.dtype(shape.param_dtype), shape.d_model
+        self.w = nnx.Param(jnp.zeros((d, d), pd), axes=("merge", "embed"))
+        self.b = nnx.Param(jnp.zeros((d,), pd), axes=("norm",))
+        self.dtype = jnp.dtype(shape.dtype)
+
+    def __call__(self, u: Array) -> Array:
+        return u + jax.nn.silu(u @ self.w[...].astype(self.dtype) + self.b[...].astype(self.dtype))
+
+
+class MTPModel(nnx.Module):
+    """The decoder plus n - 1 extra heads of one type. With n = 1 it holds exactly the decoder.
+
+    draft_vocab = K > 0 restricts heads 2 … n to K token ids (initially 0 … K-1; training sets
+    the most frequent, train.init_state)."""
+
+    def __init__(self, shape: ModelShape, n: int, head_type: str, *, rngs: nnx.Rngs, draft_vocab: int = 0):
         # model.scan_layers stacks the trunk's layers (not head 1's own block of 'parallel' heads).
         trunk = shape.n_layers - 1 if head_type == "parallel" else shape.n_layers
         self.decoder = Decoder(shape, rngs=rngs, stacked_layers=trunk if shape.scan_layers else 0)
@@ -89,8 +127,11 @@ class MTPModel(nnx.Module):
                 "linear": lambda: normal_param(rngs, (shape.d_model, shape.vocab_size), ("embed", "vocab"), pd, 0.02),
                 "parallel": lambda: Block(shape, rngs=rngs),
                 "sequential": lambda: SequentialModule(shape, rngs=rngs),
+                "medusa": lambda: MedusaBlock(shape, rngs=rngs),
             }[head_type]
             self.heads = nnx.List([make() for _ in range(2, n + 1)])
+        if draft_vocab:
+            self.draft_vocab = nnx.Param(jnp.arange(draft_vocab, dtype=jnp.int32), axes=("draft",))
 
     @property
     def trunk_layers(self) -> range:
@@ -109,7 +150,7 @@ class MTPModel(nnx.Module):
 
         h_prev is head k-1's hidden state and next_tokens is x[t + k - 1]; only the
         'sequential' head reads them."""
-        if self.head_type == "linear" or (self.head_type == "sequential" and k == 1):
+        if self.head_type in ("linear", "medusa") or (self.head_type == "sequential" and k == 1):
             return h_trunk, cache
         if self.head_type == "parallel":
             block = self.decoder.block(self.decoder.shape.n_layers - 1) if k == 1 else self.heads[k - 2]
@@ -122,23 +163,61 @@ class MTPModel(nnx.Module):
             return self.heads[k - 2][...].astype(self.decoder.shape.dtype)
         return self.decoder.unembedding_matrix()
 
-    def hidden_states(self, tokens: Array, t: int, heads: int | None = None):
+    def hidden_states(self, tokens: Array, t: int, heads: int | None = None, h_trunk: Array | None = None):
         """Yields head k's hidden state before the final norm, [B, t, D], for k = 1 … heads (default
         n), with the true tokens as context: the trunk reads tokens[:, :t] and 'sequential' module
         k reads x[t + k - 1], tokens[:, k - 1 : t + k - 1]. tokens: [B, >= t + heads - 1].
+        h_trunk, the trunk's output for tokens[:, :t] when it is known (TrunkOutputs), skips the trunk.
 
         A generator, so that a caller that reduces each head's state at once (the loss) keeps one
         head's activations alive at a time."""
         positions = jnp.broadcast_to(jnp.arange(t), (tokens.shape[0], t))
-        h_trunk, _ = self.trunk(tokens[:, :t], positions)
+        if h_trunk is None:
+            h_trunk, _ = self.trunk(tokens[:, :t], positions)
         h = h_trunk
         for k in range(1, (heads or self.n_predict) + 1):
             h, _ = self.head_hidden(k, h_trunk, h, tokens[:, k - 1:t + k - 1], positions)
             yield h
 
+    def output(self, k: int, h: Array) -> tuple[Array, Array]:
+        """Head k's logits as (x [..., D], w [D, V or K]): x @ w over its output vocabulary (all V
+        tokens, or the draft vocabulary's K for k >= 2). x is the final norm of h, which a
+        'medusa' head passes through its residual block."""
+        x = self.decoder.final_norm(h)
+        if k == 1:
+            return x, self.head_matrix(1)
+        if self.head_type == "medusa":
+            x = self.heads[k - 2](x)
+        w = self.head_matrix(k)
+        return x, (w if self.drafts_all_tokens else jnp.take(w, self.draft_vocab[...], axis=1))
+
+    @property
+    def drafts_all_tokens(self) -> bool:
+        return not hasattr(self, "draft_vocab")
+
     def logits(self, k: int, h: Array) -> Array:
-        """Head k's float32 logits [..., V] from its hidden state [..., D]."""
-        return jnp.dot(self.decoder.final_norm(h), self.head_matrix(k), preferred_element_type=jnp.float32)
+        """Head k's float32 logits [..., V] from its hidden state [..., D] (-inf outside a draft
+        vocabulary)."""
+        logits = jnp.dot(*self.output(k, h), preferred_element_type=jnp.float32)
+        if k == 1 or self.drafts_all_tokens:
+            return logits
+        full = jnp.full(logits.shape[:-1] + (self.decoder.shape.vocab_size,), -jnp.inf, logits.dtype)
+        return full.at[..., self.draft_vocab[...]].set(logits)
+
+    def output_targets(self, k: int, targets: Array) -> Array:
+        """Token ids [...] → head k's output columns (-1 for a target outside its vocabulary)."""
+        if k == 1 or self.drafts_all_tokens:
+            return targets
+        column = jnp.full((self.decoder.shape.vocab_size,), -1, jnp.int32)
+        column = column.at[self.draft_vocab[...]].set(jnp.arange(self.draft_vocab.shape[0], dtype=jnp.int32))
+        return jnp.where(targets >= 0, column[jnp.maximum(targets, 0)], -1)
+
+    def trunk_outputs(self, tokens: Array, chunk_size: int = 0) -> TrunkOutputs:
+        """The trunk's output for tokens [B, T] and head 1's argmax after each position."""
+        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        h_trunk, _ = self.trunk(tokens, positions)
+        h_1, _ = self.head_hidden(1, h_trunk, h_trunk, tokens, positions)
+        return TrunkOutputs(h_trunk, self.greedy(1, h_1, chunk_size).astype(jnp.int32))
 
     def greedy(self, k: int, h: Array, chunk_size: int = 0) -> Array:
         """Head k's argmax [B, T] from its hidden state [B, T, D], chunk_size positions at a time so
@@ -150,7 +229,15 @@ class MTPModel(nnx.Module):
 
 def build_model(config, vocab_size: int, *, seed: int) -> MTPModel:
     shape = ModelShape.from_config(config.model, vocab_size)
-    return MTPModel(shape, n_predict(config), config.mtp_head_type, rngs=nnx.Rngs(params=seed))
+    n = n_predict(config)
+    return MTPModel(shape, n, config.mtp_head_type, rngs=nnx.Rngs(params=seed),
+                    draft_vocab=config.get("mtp_draft_vocab", 0) if n > 1 else 0)
+
+
+def model_targets(greedy: Array, k: int) -> Array:
+    """Head k's self-distillation targets [B, T] from head 1's argmax greedy [B, T]: greedy[t + k - 1],
+    or -1 (no target) where t + k - 1 lies past the window."""
+    return jnp.pad(greedy[:, k - 1:], ((0, 0), (0, k - 1)), constant_values=-1)
 
 
 def position_chunks(x: Array, chunk_size: int, fill=0) -> Array:
@@ -219,7 +306,8 @@ def _target_mask(mask: Array | None, window: Array, eot_id: int | None, k: int, 
 
 
 def mtp_loss(model: MTPModel, window: Array, weights: tuple[float, ...], chunk_size: int = 0,
-             mask: Array | None = None, inputs: Array | None = None, eot_id: int | None = None):
+             mask: Array | None = None, inputs: Array | None = None, eot_id: int | None = None,
+             targets: str = "data", trunk: TrunkOutputs | None = None):
     """window: [B, T + n] int tokens → (total loss, {'loss_k', 'accuracy_k', 'total_loss'}).
 
     weights: each head's weight in the total, n floats or an [n] array traced from the step.
@@ -227,13 +315,23 @@ def mtp_loss(model: MTPModel, window: Array, weights: tuple[float, ...], chunk_s
     t is window[t + k], so its mask there is mask[t + k], and each L_k is the mean over its
     unmasked targets. inputs: [B, T + n] tokens the model reads instead of window (a task's
     teacherless variant hides the answers); the targets stay window's. eot_id: the end-of-text id
-    of data.document_mask, which also drops every target in a later document (document_mask)."""
+    of data.document_mask, which also drops every target in a later document (document_mask).
+    targets: 'data' or 'model' (heads k >= 2 learn head 1's argmax at t + k - 1, model_targets).
+    trunk: the trunk's outputs for inputs[:, :T] when known (a frozen trunk's, trunk_cache.py):
+    the loss then skips the trunk and is otherwise the same."""
     t = window.shape[1] - model.n_predict
     inputs = window if inputs is None else inputs
+    greedy = None if trunk is None else trunk.greedy
     total, metrics = jnp.zeros((), jnp.float32), {}
-    for k, h in enumerate(model.hidden_states(inputs, t), 1):
-        loss, accuracy = cross_entropy(model.decoder.final_norm(h), model.head_matrix(k), window[:, k:t + k],
-                                       chunk_size, _target_mask(mask, window, eot_id, k, t))
+    for k, h in enumerate(model.hidden_states(inputs, t, h_trunk=None if trunk is None else trunk.hidden), 1):
+        if k == 1 and targets == "model" and greedy is None:
+            greedy = jax.lax.stop_gradient(model.greedy(1, h, chunk_size)).astype(jnp.int32)
+        head_targets = model_targets(greedy, k) if k > 1 and targets == "model" else window[:, k:t + k]
+        head_targets = model.output_targets(k, head_targets)
+        head_mask = _target_mask(mask, window, eot_id, k, t)
+        if k > 1 and (targets == "model" or not model.drafts_all_tokens):  # some targets may be missing (-1)
+            head_mask = (head_targets >= 0) if head_mask is None else (head_mask > 0) & (head_targets >= 0)
+        loss, accuracy = cross_entropy(*model.output(k, h), head_targets, chunk_size, head_mask)
         total = total + weights[k - 1] * loss
         metrics[f"loss_{k}"], metrics[f"accuracy_{k}"] = loss, accuracy
     metrics["total_loss"] = total

@@ -28,6 +28,7 @@ LOGICAL_RULES = {
     "mlp": "tensor",
     "merge": None,
     "norm": None,
+    "draft": None,  # a draft vocabulary's token ids (mtp.MTPModel.draft_vocab)
     "layers": None,  # the leading axis of stacked layers (model.scan_layers)
 }
 

