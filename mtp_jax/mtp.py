@@ -50,10 +50,11 @@ TARGETS = ("data", "model")
 
 
 class TrunkOutputs(NamedTuple):
-    """What a frozen trunk gives the heads for a batch of inputs [B, T] (trunk_cache.py)."""
+    """What a frozen trunk (and head 1) gives the heads for a window's inputs [B, T] (trunk_cache.py)."""
 
     hidden: Array  # [B, T, D] the trunk's final hidden state, before the final norm
     greedy: Array  # [B, T] int32 head 1's argmax at each position (the self-distillation targets)
+    nll: Array  # [B, T] float32 head 1's cross-entropy against the next token (its loss, already known)
 
 
 def n_predict(config) -> int:
@@ -212,12 +213,24 @@ class MTPModel(nnx.Module):
         column = column.at[self.draft_vocab[...]].set(jnp.arange(self.draft_vocab.shape[0], dtype=jnp.int32))
         return jnp.where(targets >= 0, column[jnp.maximum(targets, 0)], -1)
 
-    def trunk_outputs(self, tokens: Array, chunk_size: int = 0) -> TrunkOutputs:
-        """The trunk's output for tokens [B, T] and head 1's argmax after each position."""
-        positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        h_trunk, _ = self.trunk(tokens, positions)
-        h_1, _ = self.head_hidden(1, h_trunk, h_trunk, tokens, positions)
-        return TrunkOutputs(h_trunk, self.greedy(1, h_1, chunk_size).astype(jnp.int32))
+    def trunk_outputs(self, window: Array, chunk_size: int = 0) -> TrunkOutputs:
+        """The trunk's output for the inputs of window [B, T + n], and head 1's argmax and loss after
+        each position, chunk_size positions at a time (as greedy)."""
+        t = window.shape[1] - self.n_predict
+        positions = jnp.broadcast_to(jnp.arange(t), (window.shape[0], t))
+        h_trunk, _ = self.trunk(window[:, :t], positions)
+        h_1, _ = self.head_hidden(1, h_trunk, h_trunk, window[:, :t], positions)
+
+        def stats(chunk):
+            h, targets = chunk
+            logits = self.logits(1, h)
+            target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32), jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+        greedy, nll = jax.lax.map(stats, (position_chunks(h_1, chunk_size), position_chunks(window[:, 1:t + 1],
+                                                                                           chunk_size)))
+        unchunk = lambda x: x.swapaxes(0, 1).reshape(window.shape[0], -1)[:, :t]  # noqa: E731
+        return TrunkOutputs(h_trunk, unchunk(greedy), unchunk(nll))
 
     def greedy(self, k: int, h: Array, chunk_size: int = 0) -> Array:
         """Head k's argmax [B, T] from its hidden state [B, T, D], chunk_size positions at a time so
@@ -327,6 +340,10 @@ def mtp_loss(model: MTPModel, window: Array, weights: tuple[float, ...], chunk_s
         if k == 1 and targets == "model" and greedy is None:
             greedy = jax.lax.stop_gradient(model.greedy(1, h, chunk_size)).astype(jnp.int32)
         head_targets = model_targets(greedy, k) if k > 1 and targets == "model" else window[:, k:t + k]
+        if k == 1 and trunk is not None:  # head 1 is frozen: its loss came with the trunk's outputs
+            metrics["loss_1"], metrics["accuracy_1"] = jnp.mean(trunk.nll), jnp.mean(trunk.greedy == head_targets)
+            total = total + weights[0] * metrics["loss_1"]
+            continue
         head_targets = model.output_targets(k, head_targets)
         head_mask = _target_mask(mask, window, eot_id, k, t)
         if k > 1 and (targets == "model" or not model.drafts_all_tokens):  # some targets may be missing (-1)

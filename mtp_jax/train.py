@@ -154,7 +154,7 @@ def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int
 
     batch_arrays: 1 (window) for text, 3 (window, mask, inputs; all [B, T + n]) for a task.
     eot_id: data.document_mask's end-of-text id (data.document_eot_id), None when off.
-    With config.trunk_cache the step also takes trunk=TrunkOutputs (hidden [B, T, D], greedy [B, T])."""
+    With config.trunk_cache the step also takes the frozen trunk's TrunkOutputs."""
     def make_model():
         return build_model(config, vocab_size, seed=config.seed)
 
@@ -185,8 +185,9 @@ def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int
         rows = (config.batch_size, config.seq_len)
         batch += (TrunkOutputs(
             jax.ShapeDtypeStruct(rows + (config.model.d_model,), jnp.dtype(config.model.dtype), sharding=batch_sharding),
-            jax.ShapeDtypeStruct(rows, jnp.int32, sharding=batch_sharding)),)
-        batch_shardings += (TrunkOutputs(batch_sharding, batch_sharding),)
+            jax.ShapeDtypeStruct(rows, jnp.int32, sharding=batch_sharding),
+            jax.ShapeDtypeStruct(rows, jnp.float32, sharding=batch_sharding)),)
+        batch_shardings += (TrunkOutputs(*(batch_sharding,) * 3),)
         step = functools.partial(_with_trunk, step)
     step_fn = jax.jit(step, in_shardings=(state_shardings, *batch_shardings), out_shardings=(state_shardings, None),
                       donate_argnums=0).lower(abstract_state, *batch).compile()

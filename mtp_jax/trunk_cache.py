@@ -2,13 +2,12 @@
 
 With trainable='heads' the trunk is frozen, so what it computes for a training window never
 changes; in epoch mode (num_epochs > 0) every epoch revisits the same windows. The trunk then
-runs over each window once, the first time a batch draws it, and its final hidden state and head
-1's argmax (the self-distillation targets, mtp.model_targets) are kept in host memory; every
-later visit trains the heads on them alone, skipping the trunk's forward pass. Only heads that
-read nothing but the trunk's final hidden state can train this way (heads.Head.reads_trunk_only).
-
-The step with cached outputs computes the same loss and gradients as the step through the
-frozen trunk (tests/test_trunk_cache.py): the cached values are that trunk's outputs.
+runs over each window once, the first time a batch draws it, and its final hidden state, head
+1's argmax (the self-distillation targets, mtp.model_targets) and head 1's loss are kept in host
+memory; every later visit trains the heads on them alone, skipping the trunk's forward pass and
+head 1's logits. Every head type reads only the trunk's output and the window's tokens, so every
+one can train this way; the cached outputs give the same loss and gradients as the step through
+the frozen trunk (tests/test_draft_heads.py). Memory: 4·(D + 2) bytes per training token.
 """
 
 from __future__ import annotations
@@ -29,8 +28,7 @@ from mtp_jax.mtp import TrunkOutputs, n_predict
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def trunk_outputs(graphdef, chunk_size: int, params, window: jax.Array) -> TrunkOutputs:
     """The frozen trunk's outputs for the inputs of window [B, T + n]."""
-    model = nnx.merge(graphdef, params)
-    return model.trunk_outputs(window[:, :window.shape[1] - model.n_predict], chunk_size)
+    return nnx.merge(graphdef, params).trunk_outputs(window, chunk_size)
 
 
 class TrunkCache:
@@ -42,7 +40,7 @@ class TrunkCache:
         self.config, self.graphdef, self.mesh = config, graphdef, mesh
         self.pieces = data_lib.lengths(data.train)
         self.align = data.example_len
-        self.rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # window start -> (hidden [T, D], greedy [T])
+        self.rows: dict[int, TrunkOutputs] = {}  # window start -> its row of each output
         self.computed = 0  # windows run through the trunk so far
 
     def batch(self, params, step: int, window: jax.Array) -> TrunkOutputs:
@@ -57,7 +55,7 @@ class TrunkCache:
             fresh = trunk_outputs(self.graphdef, config.loss_chunk_size, params, window)
             fresh = multihost_utils.global_array_to_host_local_array(fresh, self.mesh, P(sharding.BATCH_AXES))
             for i, s in enumerate(local):
-                self.rows[s] = (np.asarray(fresh.hidden[i]), np.asarray(fresh.greedy[i]))
+                self.rows[s] = TrunkOutputs(*(np.asarray(column[i]) for column in fresh))
             self.computed += len(local)
-        hidden, greedy = (np.stack(column) for column in zip(*(self.rows[s] for s in local)))
-        return TrunkOutputs(sharding.global_batch(hidden, self.mesh), sharding.global_batch(greedy, self.mesh))
+        return TrunkOutputs(*(sharding.global_batch(np.stack(column), self.mesh)
+                              for column in zip(*(self.rows[s] for s in local))))
