@@ -46,19 +46,34 @@ import numpy as np
 import tokenizers
 from flax import nnx
 
+from mtp_jax import gguf
 from mtp_jax.data import EOT
 from mtp_jax.errors import UserError
-from mtp_jax.hf_files import (MTP_FILE, RESAVE, Folder, Tensor, read_headers, read_json, tokenizer_problem,
-                              weight_files, write_atomically)
+from mtp_jax.hf_files import (
+    MTP_FILE,
+    RESAVE,
+    Folder,
+    Tensor,
+    read_headers,
+    read_json,
+    tokenizer_problem,
+    weight_files,
+    write_atomically,
+)
 from mtp_jax.mtp import HEAD_TYPES, build_model, loss_weights
 
 FORMAT = 1  # mtp_jax.json's format version
-NORM_EPS = 1e-6  # model.RMSNorm's epsilon
+NORM_EPS = 1e-6  # rms_norm_eps where a config.json leaves it out (LlamaConfig's default)
+# The architectures that map onto this model (class name: model_type). They differ in a few fields
+# of config.json, which model_fields reads: Qwen2 has query, key and value biases; Mistral may
+# have a sliding window, imported only where it covers seq_len (attention_window).
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 # config.json's sizes, each a positive integer.
 _SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # One decoder layer: (HF name under the layer's prefix, path under our block, layout). Layouts:
 # 'same' is stored as is; 'linear' is a Linear weight whose first dimension is its input and
-# 'linear2' one whose first two are ([N, H, D] → [D, N·H]); 'merge' is eh_proj (see above).
+# 'linear2' one whose first two are ([N, H, D] → [D, N·H]); 'flat' is stored flattened ([N, H] →
+# [N·H]); 'merge' is eh_proj (see above).
 _LAYER = (
     ("input_layernorm.weight", ("attn_norm", "scale"), "same"),
     ("self_attn.q_proj.weight", ("attn", "wq"), "linear"),
@@ -70,13 +85,14 @@ _LAYER = (
     ("mlp.up_proj.weight", ("mlp", "w_up"), "linear"),
     ("mlp.down_proj.weight", ("mlp", "w_down"), "linear"),
 )
+_BIASES = tuple((f"self_attn.{x}_proj.bias", ("attn", f"b{x}"), "flat") for x in "qkv")  # model.qkv_bias
 
 
-def layout(n_layers: int, tie_embeddings: bool, n: int, head_type: str, heads: bool = True):
+def layout(n_layers: int, tie_embeddings: bool, n: int, head_type: str, heads: bool = True, qkv_bias: bool = False):
     """[(HF tensor name, path in our parameter tree, layout)] for a model; heads=False: the
     trunk only (embedding, layers, final norm, unembedding)."""
     def layer(prefix: str, path: tuple):
-        return [(f"{prefix}.{name}", path + sub, kind) for name, sub, kind in _LAYER]
+        return [(f"{prefix}.{name}", path + sub, kind) for name, sub, kind in _LAYER + (_BIASES if qkv_bias else ())]
 
     rows = [("model.embed_tokens.weight", ("decoder", "embedding"), "same")]
     for i in range(n_layers):
@@ -102,6 +118,8 @@ def to_hf(x: np.ndarray, kind: str) -> np.ndarray:
     """Our array → the HF tensor (an exact permutation of its elements)."""
     if kind == "same":
         return x
+    if kind == "flat":
+        return x.reshape(-1)
     if kind == "merge":  # ours: [hidden; embedding] rows; DeepSeek's eh_proj: [embedding; hidden] columns
         x = np.concatenate(np.split(x, 2)[::-1])
     n_in = 2 if kind == "linear2" else 1
@@ -110,7 +128,7 @@ def to_hf(x: np.ndarray, kind: str) -> np.ndarray:
 
 def from_hf(y: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
     """The HF tensor → our array of `shape` (the inverse of to_hf)."""
-    if kind == "same":
+    if kind in ("same", "flat"):
         return y.reshape(shape)
     x = y.T.reshape(shape)
     return np.concatenate(np.split(x, 2)[::-1]) if kind == "merge" else x
@@ -120,6 +138,8 @@ def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape to_hf gives an array of our `shape`."""
     if kind == "same":
         return tuple(shape)
+    if kind == "flat":
+        return (math.prod(shape),)
     n_in = 2 if kind == "linear2" else 1
     return math.prod(shape[n_in:]), math.prod(shape[:n_in])
 
@@ -129,35 +149,51 @@ def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 # ---------------------------------------------------------------------------------------------
 
 
-def llama_config(shape, max_positions: int, eos_token_id: int | None) -> dict:
-    """config.json for LlamaForCausalLM from our ModelShape."""
+def hf_config(shape, max_positions: int, eos_token_id: int | None) -> dict:
+    """config.json from our ModelShape: a LlamaForCausalLM, or a Qwen2ForCausalLM when the
+    attention has query, key and value biases (transformers' Llama would add one to o_proj too)."""
+    rope = {"rope_type": "default" if shape.rope_scaling == "none" else shape.rope_scaling,
+            "rope_theta": shape.rope_theta}
+    if shape.rope_scaling != "none":
+        rope["factor"] = shape.rope_factor
+    if shape.rope_scaling == "llama3":
+        rope.update(low_freq_factor=shape.rope_low_freq_factor, high_freq_factor=shape.rope_high_freq_factor,
+                    original_max_position_embeddings=shape.rope_original_context)
+    arch, model_type = ("Qwen2ForCausalLM", "qwen2") if shape.qkv_bias else ("LlamaForCausalLM", "llama")
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "architectures": [arch], "model_type": model_type,
         "vocab_size": shape.vocab_size, "hidden_size": shape.d_model, "intermediate_size": shape.mlp_dim,
         "num_hidden_layers": shape.n_layers, "num_attention_heads": shape.n_heads,
         "num_key_value_heads": shape.kv_heads, "head_dim": shape.head_dim, "hidden_act": "silu",
-        "rms_norm_eps": NORM_EPS, "tie_word_embeddings": shape.tie_embeddings,
-        # Both spellings: transformers >= 5 reads rope_parameters, older versions rope_theta.
-        "rope_theta": shape.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": shape.rope_theta},
+        "rms_norm_eps": shape.norm_eps, "tie_word_embeddings": shape.tie_embeddings,
+        # Both spellings: transformers >= 5 reads rope_parameters, older versions rope_theta (and rope_scaling).
+        "rope_theta": shape.rope_theta, "rope_parameters": rope,
+        **({"rope_scaling": rope} if shape.rope_scaling != "none" else {}),
         "attention_bias": False, "mlp_bias": False, "max_position_embeddings": max_positions,
         "bos_token_id": None, "eos_token_id": eos_token_id, "torch_dtype": "float32", "dtype": "float32",
     }
 
 
 def model_fields(hf: dict, where: str) -> dict:
-    """config.model's shape fields from a LlamaForCausalLM config.json, every value they come from
-    checked; refuses, by name, what is missing or malformed and what our model does not implement."""
+    """config.model's shape fields from a config.json of one of ARCHITECTURES, every value they
+    come from checked; refuses, by name, what is missing or malformed and what our model does not
+    implement. This is the one place that reads an architecture's fields."""
     def need(ok: bool, problem: str) -> None:
         if not ok:
-            raise UserError(f"{where} {problem}: it is not a Llama config this model can take; {RESAVE}")
+            raise UserError(f"{where} {problem}: it is not a config this model can take; {RESAVE}")
+
+    def unsupported(name: str, value, ours) -> None:
+        if value != ours:
+            raise UserError(f"{where} sets {name}={value!r:.80}, which this model does not implement (it has "
+                            f"{name}={ours!r}): only {', '.join(ARCHITECTURES)} layers import")
 
     archs = hf.get("architectures")
     need(archs is None or (isinstance(archs, list) and all(isinstance(a, str) for a in archs)),
          f"sets architectures={archs!r}, which is not a list of class names")
-    arch = (archs or [hf.get("model_type", "?")])[0]
-    if arch != "LlamaForCausalLM":
-        raise UserError(f"{where} describes a {arch!s:.80}, not a LlamaForCausalLM: only the Llama architecture "
-                        "maps onto this model")
+    arch = architecture(hf)
+    if arch not in ARCHITECTURES:
+        raise UserError(f"{where} describes a {arch!s:.80}, which does not map onto this model: it imports "
+                        f"{', '.join(ARCHITECTURES)}")
     for name in _SIZES:
         need(name in hf, f"lacks {name}")
         need(_positive_int(hf[name]), f"sets {name}={hf[name]!r:.80}, which is not a positive integer")
@@ -166,29 +202,68 @@ def model_fields(hf: dict, where: str) -> dict:
     kv_heads = heads if kv_heads is None else kv_heads
     need(_positive_int(kv_heads) and heads % kv_heads == 0,
          f"sets num_key_value_heads={kv_heads!r:.80}, which does not divide num_attention_heads={heads}")
-    need(d % (2 * heads) == 0, f"sets hidden_size={d} and num_attention_heads={heads}: this model needs an even "
-         "head size (hidden_size a multiple of 2 x num_attention_heads)")
-    rope = hf.get("rope_parameters") or {}
-    need(isinstance(rope, dict), f"sets rope_parameters={rope!r:.80}, which is not an object")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
-    need(_positive_number(theta), f"sets rope_theta={theta!r:.80}, which is not a positive number")
+    head_dim = hf.get("head_dim") or d // heads
+    need(_positive_int(head_dim) and head_dim % 2 == 0 and (hf.get("head_dim") or d % heads == 0),
+         f"sets head_dim={head_dim!r:.80} (hidden_size={d}, num_attention_heads={heads}): this model needs an "
+         "even head size")
+    eps = hf.get("rms_norm_eps", NORM_EPS)
+    need(_positive_number(eps), f"sets rms_norm_eps={eps!r:.80}, which is not a positive number")
     tie = hf.get("tie_word_embeddings")
     need(tie is None or isinstance(tie, bool), f"sets tie_word_embeddings={tie!r:.80}, which is not true or false")
-    unsupported = {
-        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (hf.get("attention_bias", False), False),
-        "mlp_bias": (hf.get("mlp_bias", False), False),
-        "rope_scaling": (hf.get("rope_scaling"), None),
-        "rope_parameters.rope_type": (rope.get("rope_type", "default"), "default"),
-        "rms_norm_eps": (hf.get("rms_norm_eps", NORM_EPS), NORM_EPS),
-        "head_dim": (hf.get("head_dim") or d // heads, d // heads),
-    }
-    for name, (value, ours) in unsupported.items():
-        if value != ours:
-            raise UserError(f"{where} sets {name}={value!r:.80}, which this model does not implement (it has "
-                            f"{name}={ours!r}): only plain Llama layers import")
+    unsupported("hidden_act", hf.get("hidden_act", "silu"), "silu")
+    unsupported("mlp_bias", hf.get("mlp_bias", False), False)
+    if arch != "Qwen2ForCausalLM":  # Llama's attention_bias adds an o_proj bias as well
+        unsupported("attention_bias", hf.get("attention_bias", False), False)
     return {"d_model": d, "n_layers": hf["num_hidden_layers"], "n_heads": heads, "n_kv_heads": kv_heads,
-            "mlp_dim": hf["intermediate_size"], "tie_embeddings": bool(tie), "rope_theta": float(theta)}
+            "mlp_dim": hf["intermediate_size"], "tie_embeddings": bool(tie), "norm_eps": float(eps),
+            "head_dim": 0 if head_dim * heads == d else head_dim, "qkv_bias": arch == "Qwen2ForCausalLM",
+            **rope_fields(hf, where, need)}
+
+
+def rope_fields(hf: dict, where: str, need) -> dict:
+    """config.model's rope fields from rope_parameters (transformers >= 5) or rope_theta and
+    rope_scaling (earlier versions); refuses a rope type other than default, linear and llama3."""
+    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    need(all(isinstance(hf.get(k) or {}, dict) for k in ("rope_scaling", "rope_parameters")),
+         f"sets rope_parameters={hf.get('rope_parameters')!r:.80}, which is not an object")
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
+    need(_positive_number(theta), f"sets rope_theta={theta!r:.80}, which is not a positive number")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise UserError(f"{where} sets rope_type={kind!r:.80}, which this model does not implement: it imports "
+                        "the rope types default, linear and llama3")
+    fields = {"rope_theta": float(theta), "rope_scaling": "none" if kind == "default" else kind}
+    if kind == "default":
+        return fields
+    names = {"rope_factor": "factor"}
+    if kind == "llama3":
+        names.update(rope_low_freq_factor="low_freq_factor", rope_high_freq_factor="high_freq_factor",
+                     rope_original_context="original_max_position_embeddings")
+    for ours, theirs in names.items():
+        value = rope.get(theirs)
+        need(_positive_number(value), f"sets rope_parameters.{theirs}={value!r:.80}, which is not a positive number")
+        fields[ours] = int(value) if ours == "rope_original_context" else float(value)
+    if kind == "llama3":
+        need(fields["rope_high_freq_factor"] > fields["rope_low_freq_factor"],
+             "sets rope_parameters.high_freq_factor no larger than low_freq_factor")
+    return fields
+
+
+def attention_window(hf: dict) -> int | None:
+    """The sliding window of the config's attention layers, or None when they read every position
+    (Mistral's sliding_window; Qwen2's when use_sliding_window)."""
+    window = hf.get("sliding_window")
+    uses = hf.get("use_sliding_window", True) if architecture(hf) == "Qwen2ForCausalLM" else True
+    return window if uses and _positive_int(window) else None
+
+
+def architecture(hf: dict) -> str:
+    """The class a config.json names (its first architecture, else its model_type's class)."""
+    archs = hf.get("architectures")
+    if isinstance(archs, list) and archs and isinstance(archs[0], str):
+        return archs[0]
+    model_type = hf.get("model_type")
+    return next((arch for arch, name in ARCHITECTURES.items() if name == model_type), str(model_type or "?"))
 
 
 def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
@@ -234,9 +309,15 @@ def open_folder(path: str | os.PathLike) -> Folder:
     """Reads and checks config.json, mtp_jax.json, the index and every weight file's header; one
     line naming the file and what is wrong if any is missing or malformed. No tensor is read."""
     path = pathlib.Path(path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        config, tensors = gguf.read_model(path)
+        fields = model_fields(config, str(path))
+        check_tensor(path, tensors, f"model.layers.{fields['n_layers'] - 1}.mlp.gate_proj.weight",
+                     (fields["mlp_dim"], fields["d_model"]))
+        return Folder(path, config, fields, {}, None, tensors)
     if not path.is_dir():
-        raise UserError(f"init_from={str(path)!r} is not a folder: pass one written by python -m mtp_jax.export "
-                        "or by transformers' save_pretrained")
+        raise UserError(f"init_from={str(path)!r} is neither a folder nor a .gguf file: pass a folder written by "
+                        "python -m mtp_jax.export or by transformers' save_pretrained, or a GGUF file")
     if not (path / "config.json").is_file():
         raise UserError(f"{path} has no config.json: pass a folder written by python -m mtp_jax.export or by "
                         "transformers' save_pretrained")
@@ -292,7 +373,8 @@ def read_params(folder: Folder, like: dict, n: int, head_type: str) -> dict:
     if heads is not None and n > 1 and heads != (n, head_type):
         raise UserError(f"{folder.path} holds n={heads[0]} {heads[1]!r} heads but the config asks for n={n} "
                         f"{head_type!r}: set --config.mtp_n_tokens={heads[0]} --config.mtp_head_type={heads[1]}")
-    rows = layout(folder.fields["n_layers"], folder.fields["tie_embeddings"], n, head_type, heads is not None)
+    rows = layout(folder.fields["n_layers"], folder.fields["tie_embeddings"], n, head_type, heads is not None,
+                  folder.fields["qkv_bias"])
     for name, path, kind in rows:
         check_tensor(folder.path, folder.tensors, name, hf_shape(kind, _get(like, path).shape))
     out: dict = {}
@@ -329,7 +411,7 @@ def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pa
     tokenizer's files, atomically (hf_files.write_atomically: a failure leaves nothing at `out`)."""
     weights, head_type = list(loss_weights(config)), config.mtp_head_type
     n = len(weights)  # one weight per token predicted
-    rows = layout(shape.n_layers, shape.tie_embeddings, n, head_type)
+    rows = layout(shape.n_layers, shape.tie_embeddings, n, head_type, qkv_bias=shape.qkv_bias)
     tensors = {name: to_hf(np.asarray(_get(params, path), np.float32), kind) for name, path, kind in rows}
     eos = (tokenizers.Tokenizer.from_file(str(data_dir / "tokenizer.json")).token_to_id(EOT)
            if tokenizer == "bpe" else None)
@@ -337,7 +419,7 @@ def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pa
            "mtp_weight": config.mtp_weight, "mtp_loss_weights": config.mtp_loss_weights,
            "loss_weights": weights, "tokenizer": tokenizer,
            "heads": [name for name, path, _ in rows if path[0] == "heads"]}
-    texts = {"config.json": _json_text(llama_config(shape, config.seq_len, eos)), MTP_FILE: _json_text(mtp)}
+    texts = {"config.json": _json_text(hf_config(shape, config.seq_len, eos)), MTP_FILE: _json_text(mtp)}
     copies = {}
     if tokenizer == "bpe":
         copies["tokenizer.json"] = data_dir / "tokenizer.json"
