@@ -1,10 +1,12 @@
 """The one mapping between our parameter tree and the Hugging Face Llama layout, and the folder
 that holds it. `export.py` writes such folders; `--config.init_from` (train.py) reads them, ours or
-any saved by transformers' `save_pretrained` for a `LlamaForCausalLM`. hf_files.py reads the
-folder's files, checking each before use, and writes them.
+any saved by transformers' `save_pretrained` for a Llama, Mistral or Qwen2 model (hf_config.py
+reads their config.json), or a llama.cpp GGUF file, which gguf.py presents under the same names.
+hf_files.py reads the folder's files, checking each before use, and writes them.
 
 A folder holds
-  config.json              LlamaForCausalLM's config: transformers loads the folder with no code of ours
+  config.json              a LlamaForCausalLM's config (Qwen2ForCausalLM's for a model with query, key and
+                           value biases): transformers loads the folder with no code of ours
   model.safetensors        every tensor, float32 (a transformers folder may shard them, with an index)
   mtp_jax.json             what transformers cannot express: head type, n, loss weights, tokenizer
   tokenizer.json           BPE models (with tokenizer_config.json); byte-level models get TOKENIZER.md
@@ -17,6 +19,7 @@ are [out, in], ours [in, out]:
   model.layers.{l}.self_attn.q_proj.weight          [N·H, D]    blocks[l].attn.wq [D, N, H]
   model.layers.{l}.self_attn.{k,v}_proj.weight      [N_kv·H, D] blocks[l].attn.wk, wv [D, N_kv, H]
   model.layers.{l}.self_attn.o_proj.weight          [D, N·H]    blocks[l].attn.wo [N, H, D]
+  model.layers.{l}.self_attn.{q,k,v}_proj.bias      [N·H], …    blocks[l].attn.bq, bk, bv [N, H], … (qkv_bias)
   model.layers.{l}.post_attention_layernorm.weight  [D]         blocks[l].mlp_norm.scale
   model.layers.{l}.mlp.{gate,up,down}_proj.weight   [M, D], [M, D], [D, M]   blocks[l].mlp.w_*
   model.norm.weight                                 [D]         decoder.final_norm.scale (every head's)
@@ -46,30 +49,16 @@ import numpy as np
 import tokenizers
 from flax import nnx
 
+from mtp_jax import data as data_lib
 from mtp_jax import gguf
-from mtp_jax.data import EOT
+from mtp_jax.data.tokenizer import BYTE_VOCAB, EOT, read_given
 from mtp_jax.errors import UserError
-from mtp_jax.hf_files import (
-    MTP_FILE,
-    RESAVE,
-    Folder,
-    Tensor,
-    read_headers,
-    read_json,
-    tokenizer_problem,
-    weight_files,
-    write_atomically,
-)
+from mtp_jax.hf_config import attention_window, config_json, model_fields, positive_int
+from mtp_jax.hf_files import (MTP_FILE, Folder, Tensor, read_headers, read_json, tokenizer_problem, weight_files,
+                              write_atomically)
 from mtp_jax.mtp import HEAD_TYPES, build_model, loss_weights
 
 FORMAT = 1  # mtp_jax.json's format version
-NORM_EPS = 1e-6  # rms_norm_eps where a config.json leaves it out (LlamaConfig's default)
-# The architectures that map onto this model (class name: model_type). They differ in a few fields
-# of config.json, which model_fields reads: Qwen2 has query, key and value biases; Mistral may
-# have a sliding window, imported only where it covers seq_len (attention_window).
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
-# config.json's sizes, each a positive integer.
-_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # One decoder layer: (HF name under the layer's prefix, path under our block, layout). Layouts:
 # 'same' is stored as is; 'linear' is a Linear weight whose first dimension is its input and
 # 'linear2' one whose first two are ([N, H, D] → [D, N·H]); 'flat' is stored flattened ([N, H] →
@@ -145,125 +134,8 @@ def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# config.json ↔ config.model
+# mtp_jax.json
 # ---------------------------------------------------------------------------------------------
-
-
-def hf_config(shape, max_positions: int, eos_token_id: int | None) -> dict:
-    """config.json from our ModelShape: a LlamaForCausalLM, or a Qwen2ForCausalLM when the
-    attention has query, key and value biases (transformers' Llama would add one to o_proj too)."""
-    rope = {"rope_type": "default" if shape.rope_scaling == "none" else shape.rope_scaling,
-            "rope_theta": shape.rope_theta}
-    if shape.rope_scaling != "none":
-        rope["factor"] = shape.rope_factor
-    if shape.rope_scaling == "llama3":
-        rope.update(low_freq_factor=shape.rope_low_freq_factor, high_freq_factor=shape.rope_high_freq_factor,
-                    original_max_position_embeddings=shape.rope_original_context)
-    arch, model_type = ("Qwen2ForCausalLM", "qwen2") if shape.qkv_bias else ("LlamaForCausalLM", "llama")
-    return {
-        "architectures": [arch], "model_type": model_type,
-        "vocab_size": shape.vocab_size, "hidden_size": shape.d_model, "intermediate_size": shape.mlp_dim,
-        "num_hidden_layers": shape.n_layers, "num_attention_heads": shape.n_heads,
-        "num_key_value_heads": shape.kv_heads, "head_dim": shape.head_dim, "hidden_act": "silu",
-        "rms_norm_eps": shape.norm_eps, "tie_word_embeddings": shape.tie_embeddings,
-        # Both spellings: transformers >= 5 reads rope_parameters, older versions rope_theta (and rope_scaling).
-        "rope_theta": shape.rope_theta, "rope_parameters": rope,
-        **({"rope_scaling": rope} if shape.rope_scaling != "none" else {}),
-        "attention_bias": False, "mlp_bias": False, "max_position_embeddings": max_positions,
-        "bos_token_id": None, "eos_token_id": eos_token_id, "torch_dtype": "float32", "dtype": "float32",
-    }
-
-
-def model_fields(hf: dict, where: str) -> dict:
-    """config.model's shape fields from a config.json of one of ARCHITECTURES, every value they
-    come from checked; refuses, by name, what is missing or malformed and what our model does not
-    implement. This is the one place that reads an architecture's fields."""
-    def need(ok: bool, problem: str) -> None:
-        if not ok:
-            raise UserError(f"{where} {problem}: it is not a config this model can take; {RESAVE}")
-
-    def unsupported(name: str, value, ours) -> None:
-        if value != ours:
-            raise UserError(f"{where} sets {name}={value!r:.80}, which this model does not implement (it has "
-                            f"{name}={ours!r}): only {', '.join(ARCHITECTURES)} layers import")
-
-    archs = hf.get("architectures")
-    need(archs is None or (isinstance(archs, list) and all(isinstance(a, str) for a in archs)),
-         f"sets architectures={archs!r}, which is not a list of class names")
-    arch = architecture(hf)
-    if arch not in ARCHITECTURES:
-        raise UserError(f"{where} describes a {arch!s:.80}, which does not map onto this model: it imports "
-                        f"{', '.join(ARCHITECTURES)}")
-    for name in _SIZES:
-        need(name in hf, f"lacks {name}")
-        need(_positive_int(hf[name]), f"sets {name}={hf[name]!r:.80}, which is not a positive integer")
-    d, heads = hf["hidden_size"], hf["num_attention_heads"]
-    kv_heads = hf.get("num_key_value_heads")
-    kv_heads = heads if kv_heads is None else kv_heads
-    need(_positive_int(kv_heads) and heads % kv_heads == 0,
-         f"sets num_key_value_heads={kv_heads!r:.80}, which does not divide num_attention_heads={heads}")
-    head_dim = hf.get("head_dim") or d // heads
-    need(_positive_int(head_dim) and head_dim % 2 == 0 and (hf.get("head_dim") or d % heads == 0),
-         f"sets head_dim={head_dim!r:.80} (hidden_size={d}, num_attention_heads={heads}): this model needs an "
-         "even head size")
-    eps = hf.get("rms_norm_eps", NORM_EPS)
-    need(_positive_number(eps), f"sets rms_norm_eps={eps!r:.80}, which is not a positive number")
-    tie = hf.get("tie_word_embeddings")
-    need(tie is None or isinstance(tie, bool), f"sets tie_word_embeddings={tie!r:.80}, which is not true or false")
-    unsupported("hidden_act", hf.get("hidden_act", "silu"), "silu")
-    unsupported("mlp_bias", hf.get("mlp_bias", False), False)
-    if arch != "Qwen2ForCausalLM":  # Llama's attention_bias adds an o_proj bias as well
-        unsupported("attention_bias", hf.get("attention_bias", False), False)
-    return {"d_model": d, "n_layers": hf["num_hidden_layers"], "n_heads": heads, "n_kv_heads": kv_heads,
-            "mlp_dim": hf["intermediate_size"], "tie_embeddings": bool(tie), "norm_eps": float(eps),
-            "head_dim": 0 if head_dim * heads == d else head_dim, "qkv_bias": arch == "Qwen2ForCausalLM",
-            **rope_fields(hf, where, need)}
-
-
-def rope_fields(hf: dict, where: str, need) -> dict:
-    """config.model's rope fields from rope_parameters (transformers >= 5) or rope_theta and
-    rope_scaling (earlier versions); refuses a rope type other than default, linear and llama3."""
-    rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    need(all(isinstance(hf.get(k) or {}, dict) for k in ("rope_scaling", "rope_parameters")),
-         f"sets rope_parameters={hf.get('rope_parameters')!r:.80}, which is not an object")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
-    need(_positive_number(theta), f"sets rope_theta={theta!r:.80}, which is not a positive number")
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("default", "linear", "llama3"):
-        raise UserError(f"{where} sets rope_type={kind!r:.80}, which this model does not implement: it imports "
-                        "the rope types default, linear and llama3")
-    fields = {"rope_theta": float(theta), "rope_scaling": "none" if kind == "default" else kind}
-    if kind == "default":
-        return fields
-    names = {"rope_factor": "factor"}
-    if kind == "llama3":
-        names.update(rope_low_freq_factor="low_freq_factor", rope_high_freq_factor="high_freq_factor",
-                     rope_original_context="original_max_position_embeddings")
-    for ours, theirs in names.items():
-        value = rope.get(theirs)
-        need(_positive_number(value), f"sets rope_parameters.{theirs}={value!r:.80}, which is not a positive number")
-        fields[ours] = int(value) if ours == "rope_original_context" else float(value)
-    if kind == "llama3":
-        need(fields["rope_high_freq_factor"] > fields["rope_low_freq_factor"],
-             "sets rope_parameters.high_freq_factor no larger than low_freq_factor")
-    return fields
-
-
-def attention_window(hf: dict) -> int | None:
-    """The sliding window of the config's attention layers, or None when they read every position
-    (Mistral's sliding_window; Qwen2's when use_sliding_window)."""
-    window = hf.get("sliding_window")
-    uses = hf.get("use_sliding_window", True) if architecture(hf) == "Qwen2ForCausalLM" else True
-    return window if uses and _positive_int(window) else None
-
-
-def architecture(hf: dict) -> str:
-    """The class a config.json names (its first architecture, else its model_type's class)."""
-    archs = hf.get("architectures")
-    if isinstance(archs, list) and archs and isinstance(archs[0], str):
-        return archs[0]
-    model_type = hf.get("model_type")
-    return next((arch for arch, name in ARCHITECTURES.items() if name == model_type), str(model_type or "?"))
 
 
 def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
@@ -274,7 +146,7 @@ def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
             raise UserError(f"{where} {problem}: export the model again with python -m mtp_jax.export")
 
     version = mtp.get("format", FORMAT)
-    need(_positive_int(version), f"sets format={version!r:.80}, which is not a format version")
+    need(positive_int(version), f"sets format={version!r:.80}, which is not a format version")
     if version > FORMAT:
         raise UserError(f"{where} has format {version} and this mtp_jax reads format {FORMAT}: a newer mtp_jax "
                         "wrote it; update mtp_jax")
@@ -283,21 +155,13 @@ def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
     use_mtp = mtp.get("use_mtp", False)
     need(isinstance(use_mtp, bool), f"sets use_mtp={use_mtp!r:.80}, which is not true or false")
     n = mtp.get("mtp_n_tokens", 1) if use_mtp else 1
-    need(_positive_int(n), f"sets mtp_n_tokens={n!r:.80}, which is not a positive integer")
+    need(positive_int(n), f"sets mtp_n_tokens={n!r:.80}, which is not a positive integer")
     if n == 1:
         return None
     head_type = mtp.get("mtp_head_type")
     need(head_type in HEAD_TYPES, f"sets mtp_head_type={head_type!r:.80}, which is not one of "
          f"{', '.join(HEAD_TYPES)}")
     return n, head_type
-
-
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _positive_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,12 +208,43 @@ def check_tensor(path: pathlib.Path, tensors: dict[str, Tensor], name: str, shap
 
 
 def configure(config):
-    """A copy of config whose model shape is the init_from folder's (config.json)."""
+    """A copy of config whose model shape is the init_from folder's (config.json) or GGUF file's,
+    and whose text data is tokenized with the model's tokenizer, unless data.tokenizer names one
+    (a path); refuses a model whose sliding attention window is shorter than seq_len."""
     folder = open_folder(config.init_from)
+    window = attention_window(folder.config)
+    if window is not None and window < config.seq_len:
+        raise UserError(f"{folder.path} describes attention over a sliding window of {window} tokens, shorter than "
+                        f"seq_len={config.seq_len}, and this model attends to every earlier position: set "
+                        f"--config.seq_len={window} or less")
     config = config.copy_and_resolve_references()
     for name, value in folder.fields.items():
         config.model[name] = value
+    tokenizer = None
+    if str(config.data.tokenizer) in ("byte", "bpe") and reads_text(config.data):
+        tokenizer = model_tokenizer(folder)
+    if tokenizer is not None:
+        config.data.tokenizer = tokenizer
+        config.data.vocab_size = BYTE_VOCAB if tokenizer == "byte" else folder.config["vocab_size"]
     return config
+
+
+def reads_text(data_cfg) -> bool:
+    """Whether data_cfg's source is text to tokenize (not token files or a task)."""
+    return data_lib.resolve_source(str(data_cfg.source)).kind not in ("bin", "shards", "task")
+
+
+def model_tokenizer(folder: Folder) -> str | None:
+    """data.tokenizer for the folder's model: the path of the tokenizer it comes with (a GGUF
+    file's own, or tokenizer.json), 'byte' for a byte-level model exported by mtp_jax, or None."""
+    path = folder.path if folder.path.is_file() else folder.path / "tokenizer.json"
+    if not path.is_file():
+        return "byte" if folder.mtp.get("tokenizer") == "byte" else None
+    size, vocab = read_given(path).get_vocab_size(), folder.config["vocab_size"]
+    if size > vocab:
+        raise UserError(f"the tokenizer in {path} has {size} tokens but the model's vocab_size is {vocab}: the "
+                        "tokenizer does not belong to the model")
+    return str(path)
 
 
 def read_for_training(config, data) -> dict:
@@ -419,7 +314,7 @@ def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pa
            "mtp_weight": config.mtp_weight, "mtp_loss_weights": config.mtp_loss_weights,
            "loss_weights": weights, "tokenizer": tokenizer,
            "heads": [name for name, path, _ in rows if path[0] == "heads"]}
-    texts = {"config.json": _json_text(hf_config(shape, config.seq_len, eos)), MTP_FILE: _json_text(mtp)}
+    texts = {"config.json": _json_text(config_json(shape, config.seq_len, eos)), MTP_FILE: _json_text(mtp)}
     copies = {}
     if tokenizer == "bpe":
         copies["tokenizer.json"] = data_dir / "tokenizer.json"

@@ -188,13 +188,14 @@ def tokenizer_problem(folder: Folder, data) -> str | None:
     theirs = "bpe" if tokenizer_file.is_file() else folder.mtp.get("tokenizer")
     if tokenizer_file.is_file():
         tokenizer = read_tokenizer(tokenizer_file)
-        if tokenizer.get_vocab_size() != vocab:
+        if tokenizer.get_vocab_size() > vocab:
             return (f"the tokenizer in {folder.path} has {tokenizer.get_vocab_size()} tokens but its config.json's "
                     f"vocab_size is {vocab}: the folder's tokenizer does not belong to its model")
         same = ours == "bpe" and read_tokenizer(data.directory / "tokenizer.json").get_vocab() == tokenizer.get_vocab()
         if not same:
             return (f"the tokenizer in {folder.path} differs from the data's ({ours!r}, vocabulary "
-                    f"{data.vocab_size}): set --config.data.tokenizer and data.vocab_size as the model was trained")
+                    f"{data.vocab_size}): leave data.tokenizer at 'byte' or 'bpe' (the model's own is used), or "
+                    f"set --config.data.tokenizer={tokenizer_file}")
     elif theirs is not None and theirs != ours:
         return (f"the model in {folder.path} reads {theirs!r} tokens but the data's tokenizer is {ours!r}: "
                 f"set --config.data.tokenizer={theirs}")

@@ -237,8 +237,8 @@ def bad_folder(tmp_path, case: str):
     elif case == "tokenizer":
         import tokenizers
 
-        tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1}, unk_token="a")).save(
-            str(folder / "tokenizer.json"))
+        vocab = {f"w{i}": i for i in range(VOCAB + 44)}
+        tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0")).save(str(folder / "tokenizer.json"))
     return folder
 
 
@@ -249,7 +249,7 @@ BAD = {
     "shape": "has shape [96, 64] but its config.json implies [128, 64]",
     "rope scaling": "sets rope_type='yarn', which this model does not implement",
     "vocabulary": "has a vocabulary of 300 but the data's 'byte' tokenizer has 256",
-    "tokenizer": "has 2 tokens but its config.json's vocab_size is 256",
+    "tokenizer": "has 300 tokens but the model's vocab_size is 256",
 }
 
 
