@@ -89,6 +89,10 @@ def read_model(path: pathlib.Path) -> tuple[dict, dict[str, GGUFTensor]]:
     return config, tensors
 
 
+def embeds_tokenizer(path: pathlib.Path) -> bool:
+    return "tokenizer.ggml.model" in _reader(path).fields
+
+
 def read_tokenizer(path: pathlib.Path) -> tokenizers.Tokenizer:
     """The byte-level BPE tokenizer the GGUF file `path` embeds, built as transformers' GGUF
     loader builds it: its vocabulary and merges, its control tokens special, its user-defined

@@ -238,7 +238,7 @@ def model_tokenizer(folder: Folder) -> str | None:
     """data.tokenizer for the folder's model: the path of the tokenizer it comes with (a GGUF
     file's own, or tokenizer.json), 'byte' for a byte-level model exported by mtp_jax, or None."""
     path = folder.path if folder.path.is_file() else folder.path / "tokenizer.json"
-    if not path.is_file():
+    if not path.is_file() or (path == folder.path and not gguf.embeds_tokenizer(path)):
         return "byte" if folder.mtp.get("tokenizer") == "byte" else None
     size, vocab = read_given(path).get_vocab_size(), folder.config["vocab_size"]
     if size > vocab:

@@ -15,7 +15,8 @@ from mtp_jax import workdir as workdir_lib
 from mtp_jax.data import EOT
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import HEAD_TYPES
-from tests.test_hf import corpus, config_for, export_model, head1_logits, import_model, params_of, tiny_run_config
+from tests.test_hf import corpus  # noqa: F401 (a fixture)
+from tests.test_hf import config_for, export_model, head1_logits, import_model, params_of, tiny_run_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -113,7 +114,7 @@ def test_what_the_model_does_not_implement_is_refused_by_name(tmp_path, field, v
         hf.open_folder(folder)
 
 
-def test_init_from_tokenizes_text_with_the_models_tokenizer_and_keeps_it(corpus, tmp_path):  # noqa: F811
+def test_init_from_tokenizes_text_with_the_models_tokenizer_and_keeps_it(corpus, tmp_path):  # noqa: F811 (the fixture)
     folder = save_model(tmp_path / "llama", "llama_untied")
     text = (corpus / "corpus.txt").read_text()
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
