@@ -123,6 +123,17 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"       # compute dtype: 'float32' or 'bfloat16'
     c.model.param_dtype = "float32"  # parameter (and optimizer state) dtype
     c.model.rope_theta = 10_000.0   # RoPE base period
+    # RoPE's context extension, as Hugging Face's rope_parameters (imports set these): 'none';
+    # 'linear' (frequencies / rope_factor); 'llama3' (Llama 3.1's: low frequencies / rope_factor,
+    # the band between rope_original_context / rope_low_freq_factor and / rope_high_freq_factor interpolated).
+    c.model.rope_scaling = "none"
+    c.model.rope_factor = 1.0
+    c.model.rope_low_freq_factor = 1.0
+    c.model.rope_high_freq_factor = 4.0
+    c.model.rope_original_context = 8192
+    c.model.head_dim = 0            # size of each attention head (0: d_model / n_heads)
+    c.model.qkv_bias = False        # biases on the query, key and value projections (Qwen2)
+    c.model.norm_eps = 1e-6         # RMSNorm's epsilon (Llama 2/3 and SmolLM2: 1e-5; imports set it)
     c.model.remat = False           # recompute each block in the backward pass: less memory, +1 forward
     c.model.attention = "auto"      # 'auto' (best measured per backend), 'xla', 'dot_product', 'blockwise', 'splash'
     c.model.attention_block_size = 512  # queries and keys per block of 'blockwise' attention

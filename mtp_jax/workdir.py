@@ -93,4 +93,13 @@ def load(workdir: str | pathlib.Path) -> Trained:
     data_dir = workdir / DATA
     if not (data_dir / "meta.json").is_file():  # written before workdirs kept their tokenizer
         data_dir = data_lib.prepare(config.data, show_progress=sys.stderr.isatty()).directory
-    return Trained(nnx.merge(graphdef, state["params"]), config, step, data_dir)
+    return Trained(nnx.merge(graphdef, integer_keys(state["params"])), config, step, data_dir)
+
+
+def integer_keys(tree):
+    """A restored tree with its layer indices as integers again: a read-only restore gives back
+    the keys as saved, strings, and nnx.merge pairs keys with blocks in sorted order, in which
+    '10' precedes '2' (block 2 would get layer 10 of a model with more than 10 layers)."""
+    if not isinstance(tree, dict):
+        return tree
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: integer_keys(v) for k, v in tree.items()}
