@@ -34,7 +34,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtp_jax import attention, bench, generate  # noqa: E402
-from mtp_jax.mtp import HEAD_TYPES, build_model  # noqa: E402
+from mtp_jax.heads import HEAD_TYPES  # noqa: E402
+from mtp_jax.mtp import build_model  # noqa: E402
 
 # Dense (no sparsity) peak FLOP/s per chip in bfloat16, from the vendors' data sheets; the first
 # name contained in jax's device_kind wins, so more specific names come first.

@@ -49,11 +49,11 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from mtp_jax import generate, sharding, tpu
+from mtp_jax import generate, heads, sharding, tpu
 from mtp_jax.cli import fail, parse_flags
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
-from mtp_jax.mtp import HEAD_TYPES, build_model, n_predict
+from mtp_jax.mtp import build_model, n_predict
 from mtp_jax.speculative import Tree
 from mtp_jax.train import make_train_step, memory_per_device
 
@@ -96,9 +96,8 @@ def model_flops(config, vocab: int, *, recomputed: bool = False) -> float:
     d = m.d_model
     d_kv = d * (m.n_kv_heads or m.n_heads) // m.n_heads  # grouped-query attention's keys and values
     block = 2 * (2 * d * d + 2 * d * d_kv + 3 * d * m.mlp_dim + 2 * t * d)  # per token
-    blocks = m.n_layers + {"linear": 0, "parallel": n - 1, "sequential": n - 1}[config.mtp_head_type]
-    merges = n - 1 if config.mtp_head_type == "sequential" else 0
-    per_token = blocks * block + 2 * (merges * 2 * d * d + n * d * vocab)
+    head = heads.get(config.mtp_head_type).flops_per_token(d, vocab, block)
+    per_token = m.n_layers * block + 2 * d * vocab + (n - 1) * head
     recompute = m.n_layers * block if recomputed and m.remat else 0
     return (3.0 * per_token + recompute) * config.batch_size * t
 
@@ -198,7 +197,7 @@ def sweep_configs(config) -> list:
         c.use_mtp, c.mtp_n_tokens, c.mtp_head_type = use_mtp, n, head_type
         return c
 
-    return [variant(False, 1, config.mtp_head_type)] + [variant(True, n, h) for h in HEAD_TYPES for n in SWEEP_NS]
+    return [variant(False, 1, config.mtp_head_type)] + [variant(True, n, h) for h in heads.HEAD_TYPES for n in SWEEP_NS]
 
 
 def table(results: list[dict], peak: float | None) -> str:

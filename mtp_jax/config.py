@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import jax
 
-from mtp_jax import tasks
+from mtp_jax import heads, tasks
 from mtp_jax.attention import NAMES as ATTENTION_NAMES
 from mtp_jax.errors import UserError
-from mtp_jax.mtp import HEAD_TYPES, WEIGHT_SCHEMES, n_predict
+from mtp_jax.mtp import WEIGHT_SCHEMES, n_predict
 from mtp_jax.schedules import CURRICULA, WEIGHT_SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
@@ -23,8 +23,7 @@ def validate(config) -> None:
 
     need(config.mtp_n_tokens >= 1, f"mtp_n_tokens={config.mtp_n_tokens} must be >= 1 "
          "(1 is plain next-token prediction)")
-    need(config.mtp_head_type in HEAD_TYPES,
-         f"mtp_head_type={config.mtp_head_type!r} is unknown: choose one of {', '.join(HEAD_TYPES)}")
+    head_type = heads.get(config.mtp_head_type)
     n = n_predict(config)
     scheme = config.mtp_loss_weights
     if scheme not in WEIGHT_SCHEMES:
@@ -69,8 +68,8 @@ def validate(config) -> None:
          f"model.d_model={m.d_model} must be a multiple of 2 * model.n_heads={2 * m.n_heads} (even RoPE head size)")
     need(m.n_kv_heads >= 0 and m.n_heads % (m.n_kv_heads or m.n_heads) == 0,
          f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} (0: as many as n_heads)")
-    need(m.n_layers >= (2 if config.mtp_head_type == "parallel" else 1),
-         f"model.n_layers={m.n_layers} is too small: 'parallel' heads need >= 2 (the last is head 1's)")
+    need(m.n_layers >= head_type.min_layers, f"model.n_layers={m.n_layers} is too small: "
+         f"{head_type.name!r} heads need >= {head_type.min_layers}")
     for field in ("dtype", "param_dtype"):
         need(m[field] in DTYPES, f"model.{field}={m[field]!r} is unknown: choose one of {', '.join(DTYPES)}")
     need(m.attention in ATTENTION_NAMES,

@@ -48,18 +48,13 @@ from mtp_jax.speculative import Tree
 # ---------------------------------------------------------------------------------------------
 
 
-def head_has_block(model: MTPModel, k: int) -> bool:
-    """Whether head k owns a transformer block (and so a KV cache of its own)."""
-    return model.head_type == "parallel" or (model.head_type == "sequential" and k > 1)
-
-
 def init_caches(model: MTPModel, batch: int, size: int, all_heads: bool) -> list[dict]:
     """Zeroed caches [B·N_kv, size, H]: the trunk's layers, then (all_heads) one per head block.
 
     For every head type the first n_layers entries are the decoder's layers in order, the path
     of plain decoding."""
     shape = model.decoder.shape
-    n_blocks = (len(model.trunk_layers) + sum(head_has_block(model, k) for k in range(1, model.n_predict + 1))
+    n_blocks = (len(model.trunk_layers) + sum(model.head_type.has_block(k) for k in range(1, model.n_predict + 1))
                 if all_heads else shape.n_layers)
     kv = (batch * shape.kv_heads, size, shape.head_dim)
     # Separate buffers per layer (stacked layers: one [L, ...] buffer): the steps donate (update in
@@ -111,8 +106,8 @@ def _speculate(model: MTPModel, tree: Tree, settings: dict, tokens, positions, c
     commit(head 1's logits [T, V], key) returns (last: the node after which the next certain
     token follows, successors [T]: the token committed after each node (what 'sequential'
     module 2 reads there; DeepSeek-V3's x[t + 1]), that certain token, extra outputs). Heads
-    2 … n then draft at `last`; 'sequential' module k + 1 reads module k's draft there and its
-    argmax elsewhere. Returns (the next block [tree.size], the drafts' distributions q [n - 1, V]
+    2 … n then draft at `last`; where head k + 1 reads head k's tokens (reads_previous_draft), it
+    reads head k's draft there and its argmax elsewhere. Returns (the next block [tree.size], the drafts' distributions q [n - 1, V]
     (sampling), the caches, extra)."""
     commit_key, draft_key = jax.random.split(key)
     n_trunk = model.decoder.cache_entries(model.trunk_layers)
@@ -120,7 +115,7 @@ def _speculate(model: MTPModel, tree: Tree, settings: dict, tokens, positions, c
     head_caches = iter(caches[n_trunk:])
     h, inputs, candidates, q = h_trunk, None, [], []
     for k in range(1, model.n_predict + 1):
-        cache = next(head_caches) if head_has_block(model, k) else None
+        cache = next(head_caches) if model.head_type.has_block(k) else None
         h, cache = model.head_hidden(k, h_trunk, h, inputs, positions, cache, index, mask)
         if cache is not None:
             new_caches.append(cache)
@@ -128,8 +123,8 @@ def _speculate(model: MTPModel, tree: Tree, settings: dict, tokens, positions, c
             last, successors, token, extra = commit(model.logits(1, h[0]), commit_key)
             inputs = successors[None]
             continue
-        if model.head_type == "sequential":
-            logits = model.logits(k, h[0])  # [T, V]: the next module reads every position's token
+        if model.head_type.reads_previous_draft:
+            logits = model.logits(k, h[0])  # [T, V]: the next head reads every position's token
             draft, chosen, q_k = speculative.draft(logits[last], jax.random.fold_in(draft_key, k), tree.max_rank,
                                                    **settings)
             inputs = jnp.argmax(logits, axis=-1).astype(jnp.int32).at[last].set(chosen)[None]

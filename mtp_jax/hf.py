@@ -21,7 +21,7 @@ are [out, in], ours [in, out]:
   model.layers.{l}.mlp.{gate,up,down}_proj.weight   [M, D], [M, D], [D, M]   blocks[l].mlp.w_*
   model.norm.weight                                 [D]         decoder.final_norm.scale (every head's)
   lm_head.weight                                    [V, D]      decoder.unembedding (absent when tied)
-The heads, which transformers ignores:
+The heads, which transformers ignores (each head type's hf_rows in heads.py):
   linear      extra_heads.{i}.weight                [V, D]      (Meta's multi-token models' name)
   parallel    extra_heads.{i}.<a layer's names>     one decoder layer each, named as model.layers.{l}
   sequential  model.layers.{L+i}.<a layer's names>, .enorm.weight, .hnorm.weight [D] and
@@ -46,11 +46,12 @@ import numpy as np
 import tokenizers
 from flax import nnx
 
+from mtp_jax import heads as heads_lib
 from mtp_jax.data import EOT
 from mtp_jax.errors import UserError
 from mtp_jax.hf_files import (MTP_FILE, RESAVE, Folder, Tensor, read_headers, read_json, tokenizer_problem,
                               weight_files, write_atomically)
-from mtp_jax.mtp import HEAD_TYPES, build_model, loss_weights
+from mtp_jax.mtp import build_model, loss_weights
 
 FORMAT = 1  # mtp_jax.json's format version
 NORM_EPS = 1e-6  # model.RMSNorm's epsilon
@@ -72,8 +73,8 @@ _LAYER = (
 )
 
 
-def layout(n_layers: int, tie_embeddings: bool, n: int, head_type: str, heads: bool = True):
-    """[(HF tensor name, path in our parameter tree, layout)] for a model; heads=False: the
+def layout(n_layers: int, tie_embeddings: bool, n: int, head_type: str, with_heads: bool = True):
+    """[(HF tensor name, path in our parameter tree, layout)] for a model; with_heads=False: the
     trunk only (embedding, layers, final norm, unembedding)."""
     def layer(prefix: str, path: tuple):
         return [(f"{prefix}.{name}", path + sub, kind) for name, sub, kind in _LAYER]
@@ -84,17 +85,9 @@ def layout(n_layers: int, tie_embeddings: bool, n: int, head_type: str, heads: b
     rows.append(("model.norm.weight", ("decoder", "final_norm", "scale"), "same"))
     if not tie_embeddings:
         rows.append(("lm_head.weight", ("decoder", "unembedding"), "linear"))
-    for i in range(n - 1 if heads else 0):
-        if head_type == "linear":
-            rows.append((f"extra_heads.{i}.weight", ("heads", i), "linear"))
-        elif head_type == "parallel":
-            rows += layer(f"extra_heads.{i}", ("heads", i))
-        else:
-            prefix = f"model.layers.{n_layers + i}"
-            rows += [(f"{prefix}.enorm.weight", ("heads", i, "embed_norm", "scale"), "same"),
-                     (f"{prefix}.hnorm.weight", ("heads", i, "hidden_norm", "scale"), "same"),
-                     (f"{prefix}.eh_proj.weight", ("heads", i, "merge"), "merge")]
-            rows += layer(prefix, ("heads", i, "block"))
+    head = heads_lib.get(head_type)
+    for i in range(n - 1 if with_heads else 0):
+        rows += head.hf_rows(i, n_layers, layer)
     return rows
 
 
@@ -212,8 +205,8 @@ def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
     if n == 1:
         return None
     head_type = mtp.get("mtp_head_type")
-    need(head_type in HEAD_TYPES, f"sets mtp_head_type={head_type!r:.80}, which is not one of "
-         f"{', '.join(HEAD_TYPES)}")
+    need(head_type in heads_lib.HEAD_TYPES, f"sets mtp_head_type={head_type!r:.80}, which is not one of "
+         f"{', '.join(heads_lib.HEAD_TYPES)}")
     return n, head_type
 
 

@@ -7,14 +7,7 @@ parameters and loss are exactly the baseline's.
 
     total = L_1 + mtp_weight * sum_{k >= 2} w_k * L_k
 
-Head types:
-  'linear'     (Stern et al. 2018) head k >= 2 is its own Dense(d_model -> vocab) on the trunk's
-                                   final normed hidden state.
-  'parallel'   (Meta, 2404.19737)  the trunk is the first n_layers - 1 blocks; head k is one more
-                                   block on the trunk output (head 1's is the model's last layer),
-                                   then the shared final norm and unembedding.
-  'sequential' (DeepSeek-V3)       h_k = Block_k(M_k [RMSNorm(h_{k-1}); RMSNorm(Emb(x[t+k-1]))]),
-                                   shared embedding, final norm and unembedding; h_1 = trunk output.
+Head types (what each head computes) live in heads.py.
 
 Memory: each head's cross-entropy is rematerialised (and optionally chunked over positions), so
 the [B, T, V] logits of a head are never kept for the backward pass and only one head's (or one
@@ -27,11 +20,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtp_jax.model import Block, Decoder, ModelShape, RMSNorm, normal_param
+from mtp_jax import heads
+from mtp_jax.model import Decoder, ModelShape
 
 Array = jax.Array
 
-HEAD_TYPES = ("linear", "parallel", "sequential")
 WEIGHT_SCHEMES = ("geometric", "uniform", "mean")
 
 
@@ -57,46 +50,17 @@ def loss_weights(config) -> tuple[float, ...]:
     return (1.0,) + tuple(config.mtp_weight * w for w in auxiliary_weights(config.mtp_loss_weights, n))
 
 
-class SequentialModule(nnx.Module):
-    """DeepSeek-V3's MTP module: merge the previous depth's hidden state with the embedding of
-    the token one step ahead, then one transformer block."""
-
-    def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
-        pd = jnp.dtype(shape.param_dtype)
-        self.hidden_norm = RMSNorm(shape.d_model, param_dtype=pd)
-        self.embed_norm = RMSNorm(shape.d_model, param_dtype=pd)
-        self.merge = normal_param(rngs, (2 * shape.d_model, shape.d_model), ("merge", "embed"), pd, 0.02)
-        self.block = Block(shape, rngs=rngs)
-        self.dtype = jnp.dtype(shape.dtype)
-
-    def __call__(self, h_prev: Array, next_embedding: Array, positions: Array, cache=None, cache_index=None,
-                 mask=None):
-        x = jnp.concatenate([self.hidden_norm(h_prev), self.embed_norm(next_embedding)], axis=-1)
-        return self.block(x @ self.merge[...].astype(self.dtype), positions, cache, cache_index, mask)
-
-
 class MTPModel(nnx.Module):
     """The decoder plus n - 1 extra heads of one type. With n = 1 it holds exactly the decoder."""
 
     def __init__(self, shape: ModelShape, n: int, head_type: str, *, rngs: nnx.Rngs):
+        self.head_type = heads.get(head_type)
+        self.trunk_layers = self.head_type.trunk_layers(shape.n_layers)  # the decoder layers all heads share
         # model.scan_layers stacks the trunk's layers (not head 1's own block of 'parallel' heads).
-        trunk = shape.n_layers - 1 if head_type == "parallel" else shape.n_layers
-        self.decoder = Decoder(shape, rngs=rngs, stacked_layers=trunk if shape.scan_layers else 0)
-        self.n_predict, self.head_type = n, head_type
+        self.decoder = Decoder(shape, rngs=rngs, stacked_layers=len(self.trunk_layers) if shape.scan_layers else 0)
+        self.n_predict = n
         if n > 1:
-            pd = jnp.dtype(shape.param_dtype)
-            make = {
-                "linear": lambda: normal_param(rngs, (shape.d_model, shape.vocab_size), ("embed", "vocab"), pd, 0.02),
-                "parallel": lambda: Block(shape, rngs=rngs),
-                "sequential": lambda: SequentialModule(shape, rngs=rngs),
-            }[head_type]
-            self.heads = nnx.List([make() for _ in range(2, n + 1)])
-
-    @property
-    def trunk_layers(self) -> range:
-        """The decoder layers shared by all heads (Meta's parallel heads own the last one)."""
-        layers = self.decoder.shape.n_layers
-        return range(layers - 1) if self.head_type == "parallel" else range(layers)
+            self.heads = nnx.List([self.head_type.init(shape, rngs) for _ in range(2, n + 1)])
 
     def trunk(self, tokens: Array, positions: Array, caches=None, cache_index=None, mask=None):
         """tokens: [B, T] → trunk hidden state [B, T, D] (and the trunk layers' caches)."""
@@ -107,20 +71,13 @@ class MTPModel(nnx.Module):
                     cache=None, cache_index=None, mask=None):
         """Head k's hidden state before the final norm, [B, T, D] (and its block's cache).
 
-        h_prev is head k-1's hidden state and next_tokens is x[t + k - 1]; only the
-        'sequential' head reads them."""
-        if self.head_type == "linear" or (self.head_type == "sequential" and k == 1):
-            return h_trunk, cache
-        if self.head_type == "parallel":
-            block = self.decoder.block(self.decoder.shape.n_layers - 1) if k == 1 else self.heads[k - 2]
-            return block(h_trunk, positions, cache, cache_index, mask)
-        return self.heads[k - 2](h_prev, self.decoder.embed(next_tokens), positions, cache, cache_index, mask)
+        h_prev is head k-1's hidden state and next_tokens is x[t + k - 1]; what reads them is the
+        head type's (heads.HeadType.hidden)."""
+        return self.head_type.hidden(self, k, h_trunk, h_prev, next_tokens, positions, cache, cache_index, mask)
 
     def head_matrix(self, k: int) -> Array:
         """Head k's output projection [D, V] in the compute dtype."""
-        if self.head_type == "linear" and k > 1:
-            return self.heads[k - 2][...].astype(self.decoder.shape.dtype)
-        return self.decoder.unembedding_matrix()
+        return self.head_type.matrix(self, k)
 
     def hidden_states(self, tokens: Array, t: int, heads: int | None = None):
         """Yields head k's hidden state before the final norm, [B, t, D], for k = 1 … heads (default
@@ -138,7 +95,7 @@ class MTPModel(nnx.Module):
 
     def logits(self, k: int, h: Array) -> Array:
         """Head k's float32 logits [..., V] from its hidden state [..., D]."""
-        return jnp.dot(self.decoder.final_norm(h), self.head_matrix(k), preferred_element_type=jnp.float32)
+        return self.head_type.logits(self, k, h)
 
     def greedy(self, k: int, h: Array, chunk_size: int = 0) -> Array:
         """Head k's argmax [B, T] from its hidden state [B, T, D], chunk_size positions at a time so
@@ -232,8 +189,9 @@ def mtp_loss(model: MTPModel, window: Array, weights: tuple[float, ...], chunk_s
     inputs = window if inputs is None else inputs
     total, metrics = jnp.zeros((), jnp.float32), {}
     for k, h in enumerate(model.hidden_states(inputs, t), 1):
-        loss, accuracy = cross_entropy(model.decoder.final_norm(h), model.head_matrix(k), window[:, k:t + k],
-                                       chunk_size, _target_mask(mask, window, eot_id, k, t))
+        targets = model.head_type.targets(model, k, window[:, k:t + k])
+        loss, accuracy = cross_entropy(model.decoder.final_norm(h), model.head_matrix(k), targets, chunk_size,
+                                       _target_mask(mask, window, eot_id, k, t))
         total = total + weights[k - 1] * loss
         metrics[f"loss_{k}"], metrics[f"accuracy_{k}"] = loss, accuracy
     metrics["total_loss"] = total

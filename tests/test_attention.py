@@ -15,8 +15,9 @@ from flax import nnx
 from mtp_jax import attention, generate
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
+from mtp_jax.heads import HEAD_TYPES
 from mtp_jax.model import ModelShape
-from mtp_jax.mtp import HEAD_TYPES, MTPModel, mtp_loss
+from mtp_jax.mtp import MTPModel, mtp_loss
 from tests.util import ROOT, load_config
 
 # Block sizes: 4 divides T = 12, 5 leaves a padded last block, 64 is one block (the reference).

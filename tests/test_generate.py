@@ -13,8 +13,9 @@ from flax import nnx
 from mtp_jax import export, generate, train, workdir
 from mtp_jax.acceptance import build_tree, teacher_forced_acceptance
 from mtp_jax.errors import UserError
+from mtp_jax.heads import HEAD_TYPES
 from mtp_jax.model import ModelShape
-from mtp_jax.mtp import HEAD_TYPES, MTPModel
+from mtp_jax.mtp import MTPModel
 from mtp_jax.speculative import Tree
 from tests.util import load_config
 

@@ -19,7 +19,8 @@ from mtp_jax import export, generate, hf, hf_files, sharding, train
 from mtp_jax import workdir as workdir_lib
 from mtp_jax.checkpoint import Checkpointer
 from mtp_jax.errors import UserError
-from mtp_jax.mtp import HEAD_TYPES, MTPModel, build_model, mtp_loss
+from mtp_jax.heads import HEAD_TYPES
+from mtp_jax.mtp import MTPModel, build_model, mtp_loss
 from tests.util import ROOT, load_config
 
 torch = pytest.importorskip("torch")

@@ -13,8 +13,9 @@ from flax import nnx
 
 from mtp_jax import generate, sharding, train
 from mtp_jax.errors import UserError
+from mtp_jax.heads import HEAD_TYPES
 from mtp_jax.model import ModelShape, stack_layers, unstack_layers
-from mtp_jax.mtp import HEAD_TYPES, MTPModel, mtp_loss
+from mtp_jax.mtp import MTPModel, mtp_loss
 from tests.util import load_config
 
 SHAPE = ModelShape(vocab_size=61, d_model=32, n_layers=3, n_heads=4, mlp_dim=48, attention="xla")
