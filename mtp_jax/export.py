@@ -17,7 +17,8 @@ import jax
 from flax import nnx
 
 from mtp_jax import hf, workdir
-from mtp_jax.cli import ArgumentParser, fail, use_compilation_cache
+from mtp_jax.cli import ArgumentParser, fail
+from mtp_jax.compilation_cache import use_compilation_cache
 from mtp_jax.errors import UserError
 
 

@@ -37,7 +37,8 @@ from flax import nnx
 
 from mtp_jax import speculative, workdir
 from mtp_jax.acceptance import build_tree
-from mtp_jax.cli import ArgumentParser, fail, use_compilation_cache
+from mtp_jax.cli import ArgumentParser, fail
+from mtp_jax.compilation_cache import use_compilation_cache
 from mtp_jax.errors import UserError
 from mtp_jax.metrics import log
 from mtp_jax.mtp import MTPModel
