@@ -28,7 +28,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mtp_jax import data as data_lib
-from mtp_jax import hf, sharding, tasks
+from mtp_jax import hf, sharding
+from mtp_jax.data import tasks
 from mtp_jax.checkpoint import Checkpointer, abstract_like, check_writable
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import tqdm
 
-from mtp_jax import tasks
+from mtp_jax.data import tasks
 from mtp_jax.data import shards as shards_lib
 from mtp_jax.data import tokenizer as tokenizer_lib
 from mtp_jax.data.sources import (TOKEN_DTYPES, Document, Source, check_settings, read_text, resolve_source,

@@ -2,9 +2,9 @@
 
 A source is the Python standard library (or one package of it), a directory, a glob, a text
 file, a JSONL file with a 'text' field per line, a file of token ids, a glob of token shards
-(every match a .bin file; shards.py), or a synthetic task of mtp_jax.tasks. `resolve_source` turns the string into a `Source`; `check_settings` validates
-the rest of the data config against it; `split_documents` yields the train and validation
-documents of a text source.
+(every match a .bin file; shards.py), or a synthetic task (tasks.py). `resolve_source` turns the
+string into a `Source`; `check_settings` validates the rest of the data config against it;
+`split_documents` yields the train and validation documents of a text source.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mtp_jax import tasks
+from mtp_jax.data import tasks
 from mtp_jax.data import shards as shards_lib
 from mtp_jax.data.tokenizer import BPE_MIN_VOCAB, BYTE_VOCAB, EOT
 from mtp_jax.errors import UserError
