@@ -88,7 +88,7 @@ def check(settings: Settings) -> None:
         raise UserError(f"--vocab_size={settings.vocab_size} is too small for --tokenizer=bpe: use at least "
                         f"{tokenizer_lib.BPE_MIN_VOCAB}, e.g. 8192")
     if settings.tokenizer not in ("byte", "bpe"):
-        read_tokenizer(settings.tokenizer)
+        check_tokenizer_file(settings.tokenizer)
 
 
 def brief(error: Exception) -> str:
@@ -96,8 +96,8 @@ def brief(error: Exception) -> str:
     return " ".join(str(error).split())[:160]
 
 
-def read_tokenizer(path: str) -> tokenizers.Tokenizer:
-    """The tokenizer.json at `path`; anything that is not one is a UserError."""
+def check_tokenizer_file(path: str) -> None:
+    """Raises UserError unless `path` holds a tokenizer.json that this process can read."""
     try:
         text = pathlib.Path(path).read_bytes().decode("utf-8")
     except FileNotFoundError:
@@ -106,7 +106,7 @@ def read_tokenizer(path: str) -> tokenizers.Tokenizer:
         raise UserError(f"--tokenizer={path!r} cannot be read ({getattr(e, 'strerror', None) or e}): pass a "
                         "tokenizer.json you can read") from None
     try:
-        return tokenizers.Tokenizer.from_str(text)
+        tokenizers.Tokenizer.from_str(text)
     except Exception as e:  # noqa: BLE001 — tokenizers raises a bare Exception for a file it cannot parse
         raise UserError(f"--tokenizer={path!r} is not a tokenizer.json ({brief(e)}): pass "
                         "the tokenizer.json of a Hugging Face tokenizer") from None
@@ -168,7 +168,7 @@ def _jsonl_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
     with path.open("rb") as f:
         for line_no, line in enumerate(f, 1):
             if line.strip():
-                yield jsonl_text(path, line_no, line, text_field)
+                yield jsonl_text(path, line_no, line, text_field, fix="fix that line, or pass --text_field")
 
 
 def _parquet_file(path: pathlib.Path, text_field: str):
@@ -366,7 +366,8 @@ def resumed_progress(settings: Settings, identity: dict) -> dict | None:
 
 
 def start_progress(settings: Settings, identity: dict) -> dict:
-    """A fresh progress.json in --out (made here if missing): from now on a rerun resumes here."""
+    """A fresh progress.json in --out (made here if missing): from now on a rerun resumes here
+    (the BPE training included)."""
     progress = dict(identity=identity, shards={"val": [], "train": []}, bytes={"val": 0, "train": 0},
                     cursor=[0, 0], complete=False)
     try:

@@ -205,6 +205,8 @@ def make_bad(case: str, tmp_path: pathlib.Path, flags: dict) -> None:
         jsonl_line(src, "part0.jsonl", 3, "{bad")
     elif case == "too few documents":
         flags["val_docs"] = 60
+    elif case == "no such text field":
+        flags["text_field"] = "body"
     elif case == "foreign out":
         out.mkdir()
         (out / "mine.txt").write_text("keep me")
@@ -239,6 +241,8 @@ def make_bad(case: str, tmp_path: pathlib.Path, flags: dict) -> None:
     ("empty glob", "matches no files: fix the glob pattern"),
     ("bad line", "part0.jsonl:3 is not a JSON object with a 'text' field (not JSON: "),
     ("too few documents", "has 60 documents, no more than --val_docs=60: lower --val_docs"),
+    ("no such text field", ("part0.jsonl:1 is not a JSON object with a 'body' field (its fields: 'text', 'id'): "
+                            "fix that line, or pass --text_field")),
     ("foreign out", "exists and was not written by prepare"),
     ("unknown tokenizer", "--tokenizer='wordpiece' is not 'byte', 'bpe' or an existing tokenizer.json"),
     ("binary file named .jsonl", "part1.jsonl:1 is not UTF-8 text: part1.jsonl is not JSONL"),

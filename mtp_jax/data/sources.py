@@ -262,10 +262,10 @@ _JSON_TYPES = {type(None): "null", bool: "true or false", int: "a number", float
                list: "a list", dict: "an object"}
 
 
-def jsonl_text(path: pathlib.Path, line_no: int, line: bytes, field: str) -> str:
+def jsonl_text(path: pathlib.Path, line_no: int, line: bytes, field: str, fix: str = "fix that line") -> str:
     """The text of one JSONL line: the string under `field` of the JSON object the line holds.
     Anything else (bytes that are not UTF-8, not JSON, no `field`, a value that is not a string)
-    is a UserError naming the file and line."""
+    is a UserError naming the file and line; `fix` is its advice for a line without `field`."""
     where = f"{path}:{line_no}"
     try:
         record = json.loads(line.decode("utf-8"))
@@ -277,7 +277,7 @@ def jsonl_text(path: pathlib.Path, line_no: int, line: bytes, field: str) -> str
     if not isinstance(record, dict) or field not in record:
         has = (f"its fields: {', '.join(map(repr, record)) or 'none'}" if isinstance(record, dict)
                else f"the line holds {_JSON_TYPES[type(record)]}")
-        raise UserError(f"{where} is not a JSON object with a {field!r} field ({has}): fix that line")
+        raise UserError(f"{where} is not a JSON object with a {field!r} field ({has}): {fix}")
     text = record[field]
     if not isinstance(text, str):
         raise UserError(f"{where}: its {field!r} is {_JSON_TYPES[type(text)]}, not a string: fix that line")
