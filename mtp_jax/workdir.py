@@ -93,4 +93,5 @@ def load(workdir: str | pathlib.Path) -> Trained:
     data_dir = workdir / DATA
     if not (data_dir / "meta.json").is_file():  # written before workdirs kept their tokenizer
         data_dir = data_lib.prepare(config.data, show_progress=sys.stderr.isatty()).directory
-    return Trained(nnx.merge(graphdef, state["params"]), config, step, data_dir)
+    # Orbax restores a list's indices as strings: as such, layer 10 would sort before layer 2.
+    return Trained(nnx.merge(graphdef, nnx.restore_int_paths(state["params"])), config, step, data_dir)
