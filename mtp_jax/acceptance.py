@@ -63,7 +63,8 @@ def rank_acceptance(graphdef, ranks: int, params, window: jax.Array) -> jax.Arra
 
 def tree_windows(config, val_tokens) -> np.ndarray:
     """The validation windows a tree is fitted on, [eval_batches, batch_size, seq_len + n]: those
-    evaluation uses (as a text corpus's: unaligned). Training keeps them in the workdir."""
+    evaluation uses (though not aligned to a task's packed problems). Training keeps them in the
+    workdir (workdir.VAL_WINDOWS)."""
     return data_lib.eval_windows(val_tokens, window_len=config.seq_len + n_predict(config),
                                  batch_size=config.batch_size, num_batches=config.eval_batches)
 

@@ -297,8 +297,8 @@ class Decoder(nnx.Module):
 def stack_layers(params: dict, n_stacked: int) -> dict:
     """A model's parameters as a pure dict (anything holding a 'decoder' entry, e.g. Adam's
     moments too), from the loop layout to the stacked one (Decoder's stacked_layers=n_stacked).
-    The stacks are NumPy arrays: an imported model is stacked in host memory (train.py), not on a
-    device that may not hold it whole."""
+    The stacks are NumPy arrays: an imported model is stacked in host memory (hf.read_for_training),
+    not on a device that may not hold it whole."""
     def convert(tree):
         decoder = dict(tree["decoder"])
         blocks = decoder.pop("blocks")
