@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import jax
 
-from mtp_jax import heads, tasks
+from mtp_jax import heads
 from mtp_jax.attention import NAMES as ATTENTION_NAMES
+from mtp_jax.data import tasks
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import WEIGHT_SCHEMES, n_predict
 from mtp_jax.schedules import CURRICULA, WEIGHT_SCHEDULES
