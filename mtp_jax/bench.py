@@ -28,8 +28,8 @@ allow and ranks them by predicted step time.
 
 `--topology … --decode=SIZES` costs decoding instead, on the topology's first chip: one plain
 decoding step at each batch in SIZES, and one greedy verify pass of the draft chain and of a tree
-of each size, each at a full KV cache of seq_len positions (`generate.one_pass`, the bodies of
-generate's device loops). Decoding one sequence is memory-bound: a pass reads every parameter and
+of each size, each at a full KV cache of seq_len positions (`decoding.one_pass`, the bodies of
+its device loops). Decoding one sequence is memory-bound: a pass reads every parameter and
 the cache whatever its number of tokens, so a verify pass costs about a plain step until its
 tokens' FLOPs outweigh those reads.
 """
@@ -49,7 +49,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from mtp_jax import generate, heads, sharding, tpu
+from mtp_jax import decoding, heads, sharding, tpu
 from mtp_jax.cli import fail, parse_flags
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
@@ -391,7 +391,7 @@ def decode_passes(config, sizes: list[int]) -> list[tuple[str, Tree | None, int]
 
 
 def decode_config(config, topology: str, devices, name: str, tree: Tree | None, batch: int) -> dict:
-    """Compile one decoding step (generate.one_pass: plain, or a greedy verify pass of `tree`) for
+    """Compile one decoding step (decoding.one_pass: plain, or a greedy verify pass of `tree`) for
     the first chip of `topology`, at a full cache of seq_len positions, on abstract inputs, and
     report its memory and the roofline's time (no collectives: one chip)."""
     chip, vocab = tpu.chip_of(topology), vocab_size(config)
@@ -402,7 +402,7 @@ def decode_config(config, topology: str, devices, name: str, tree: Tree | None, 
     with tpu.traced_for("tpu"):
         validate(config)
         model = nnx.eval_shape(lambda: build_model(config, vocab, seed=0))
-        step, inputs = generate.one_pass(model, config.seq_len, tree, batch)
+        step, inputs = decoding.one_pass(model, config.seq_len, tree, batch)
         inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_chip), inputs)
         start, compiled, refused = time.perf_counter(), None, None
         try:

@@ -3,6 +3,7 @@
 A head type is a class that says, for head k (k = 1 … n; head 1 is the next-token head):
   parameters       `init`: the parameters of one extra head k >= 2 (stored at heads[k - 2])
   hidden state     `hidden`: head k's hidden state before the final norm, from the trunk's
+                   output (and for chained heads, head k-1's state and the next token)
   output matrix    `matrix`: [D, V] projection after the final norm (default: the unembedding);
                    `targets` and `logits` map a smaller output (a draft vocabulary) to token ids
   own block        `has_block`: whether head k runs attention, and so keeps a KV cache of its own
@@ -88,7 +89,7 @@ class HeadType:
         return model.decoder.unembedding_matrix()
 
     def targets(self, model, k: int, targets: Array) -> Array:
-        """Head k's training targets [B, T] as indices into its output (-1: not counted)."""
+        """Head k's training targets [B, T] as indices into its output (-1: outside it, no loss)."""
         return targets
 
     def logits(self, model, k: int, h: Array) -> Array:

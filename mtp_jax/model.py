@@ -5,7 +5,7 @@ Every parameter carries logical axis names in its `axes` metadata ('vocab', 'emb
 devices or MTP: `mtp.py` composes these pieces into heads.
 
 Attention optionally reads and writes a fixed-capacity KV cache passed in and returned
-explicitly (no hidden state), which is what `generate.py` uses for decoding.
+explicitly (no hidden state), which is what `decoding.py` uses.
 """
 
 from __future__ import annotations

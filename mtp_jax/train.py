@@ -29,12 +29,12 @@ from tqdm import tqdm
 
 from mtp_jax import data as data_lib
 from mtp_jax import hf, sharding
-from mtp_jax.data import tasks
 from mtp_jax.checkpoint import Checkpointer, abstract_like, check_writable
 from mtp_jax.config import validate
+from mtp_jax.data import tasks
+from mtp_jax.decoding import sample
 from mtp_jax.errors import UserError
 from mtp_jax.evaluate import Evaluator
-from mtp_jax.generate import sample
 from mtp_jax.metrics import MetricWriter, log
 from mtp_jax.mtp import build_model, mtp_loss, n_predict
 from mtp_jax.schedules import head_weights, mtp_weight

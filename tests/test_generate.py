@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp_jax import export, generate, train, workdir
+from mtp_jax import decoding, export, generate, train, workdir
 from mtp_jax.acceptance import build_tree, teacher_forced_acceptance
 from mtp_jax.errors import UserError
 from mtp_jax.heads import HEAD_TYPES
@@ -57,7 +57,7 @@ def test_cached_decode_equals_full_recompute(head_type):
     forward pass over the whole sequence, recomputed from scratch, gives it."""
     model = random_model(head_type)
     prompt = [3, 1, 4, 1, 5, 9, 2]
-    result = generate.Generator(model, 24).generate(prompt, 12, temperature=1.0, seed=3)
+    result = decoding.Generator(model, 24).generate(prompt, 12, temperature=1.0, seed=3)
     tokens = prompt + result.tokens
     assert len(result.tokens) == 12
     logits = full_forward_logits(model, tokens)[len(prompt) - 1:-1]  # the logits each token was drawn from
@@ -66,7 +66,7 @@ def test_cached_decode_equals_full_recompute(head_type):
 
 
 def test_sampling_is_reproducible_and_seeded():
-    generator = generate.Generator(random_model("linear"), 48)
+    generator = decoding.Generator(random_model("linear"), 48)
     draw = lambda seed, **kw: generator.generate([7, 8, 9], 40, temperature=1.0, seed=seed, **kw).tokens  # noqa: E731
     assert draw(0) == draw(0)
     assert draw(0) != draw(1)
@@ -77,7 +77,7 @@ def test_sampling_is_reproducible_and_seeded():
 
 
 def test_decoding_never_recompiles_per_token():
-    generator = generate.Generator(random_model("parallel"), 64)
+    generator = decoding.Generator(random_model("parallel"), 64)
     generator.generate([1, 2, 3], 5)
     generator.speculative([1, 2, 3], 5)
     compiled = generator.compilations()
@@ -86,7 +86,7 @@ def test_decoding_never_recompiles_per_token():
     assert compiled == generator.compilations() == 2  # one program per mode (same prompt bucket)
 
 
-def assert_speculative_matches_greedy(generator: generate.Generator, prompts, lengths, tree=None) -> list[int]:
+def assert_speculative_matches_greedy(generator: decoding.Generator, prompts, lengths, tree=None) -> list[int]:
     accepted = []
     for prompt in prompts:
         for new in lengths:
@@ -108,7 +108,7 @@ def test_speculative_equals_greedy_random_weights(head_type):
     rng = np.random.default_rng(0)
     # Lengths include drafts running past max_new_tokens (1, 2) and decoding up to the cache's end.
     prompts = [rng.integers(0, 256, size).tolist() for size in (1, 30)]
-    generator = generate.Generator(random_model(head_type, n=4), 40)
+    generator = decoding.Generator(random_model(head_type, n=4), 40)
     assert_speculative_matches_greedy(generator, prompts, (1, 2, 40))
     assert_speculative_matches_greedy(generator, prompts, (1, 2, 40), tree=TREE)
 
@@ -119,7 +119,7 @@ def test_speculative_accepts_drafts_of_heads_that_copy_head_1():
     model = random_model("linear", n=3, seed=2)
     for head in model.heads:
         head[...] = model.decoder.unembedding[...]
-    generator = generate.Generator(model, 96)
+    generator = decoding.Generator(model, 96)
     accepted = assert_speculative_matches_greedy(generator, [[1, 2, 3], [200, 100]], (5, 90))
     assert 0 < np.mean(np.asarray(accepted) > 0) < 1
     shallow = Tree(tuple(path for path in TREE.paths if len(path) <= 2))  # two draft heads here
@@ -131,7 +131,7 @@ def test_speculative_equals_greedy_trained(trained):
     loaded = workdir.load(trained[0])
     model = loaded.model
     prompts = [list(b"def f1"), list(b"    return x"), list(b"\n\ndef f3")]
-    generator = generate.Generator(model, 32)
+    generator = decoding.Generator(model, 32)
     accepted = assert_speculative_matches_greedy(generator, prompts, (3, 16, 32))
     assert np.mean(accepted) > 0  # the trained heads do get drafts accepted
     # The tree built from the heads' measured per-rank acceptance (Medusa's construction).
@@ -255,4 +255,4 @@ def test_cli_errors(trained, tmp_path, capsys):
 
 def test_speculative_on_a_model_without_heads_is_refused():
     with pytest.raises(UserError, match="no extra heads"):
-        generate.Generator(MTPModel(SHAPE, 1, "linear", rngs=nnx.Rngs(params=0)), 16).speculative([1], 4)
+        decoding.Generator(MTPModel(SHAPE, 1, "linear", rngs=nnx.Rngs(params=0)), 16).speculative([1], 4)

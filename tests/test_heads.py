@@ -13,8 +13,8 @@ from flax import nnx
 from mtp_jax import bench, export, heads, hf, hf_files, train
 from mtp_jax import workdir as workdir_lib
 from mtp_jax.config import validate
+from mtp_jax.decoding import Generator
 from mtp_jax.errors import UserError
-from mtp_jax.generate import Generator
 from mtp_jax.model import normal_param
 from mtp_jax.speculative import Tree
 from tests.util import load_config

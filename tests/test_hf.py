@@ -16,7 +16,7 @@ import safetensors.numpy
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from mtp_jax import export, generate, hf, hf_files, sharding, train
+from mtp_jax import decoding, export, hf, hf_files, sharding, train
 from mtp_jax import workdir as workdir_lib
 from mtp_jax.checkpoint import Checkpointer
 from mtp_jax.errors import UserError
@@ -160,8 +160,8 @@ def test_gqa_cached_and_speculative_decoding_match_full_forward():
     full forward pass picks, and self-speculative decoding the same tokens."""
     config = config_for(2, "sequential", **{"model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 2})
     model = build_model(config, VOCAB, seed=0)
-    generator = generate.Generator(model, 32)
-    assert generate.init_caches(model, 1, 32, all_heads=True)[0]["k"].shape == (2, 32, 16)
+    generator = decoding.Generator(model, 32)
+    assert decoding.init_caches(model, 1, 32, all_heads=True)[0]["k"].shape == (2, 32, 16)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     tokens = generator.generate(prompt, 10).tokens
     # By causality, the full forward pass's argmax at each position is the greedy token after it.

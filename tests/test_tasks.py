@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from mtp_jax import config as config_lib
-from mtp_jax import data, evaluate, generate, train, workdir
+from mtp_jax import data, decoding, evaluate, train, workdir
 from mtp_jax.data import tasks
 from mtp_jax.errors import UserError
 from mtp_jax.metrics import read_metrics
@@ -287,7 +287,7 @@ def test_teacherless_inputs_hide_exactly_the_answer():
 def test_greedy_answers_are_the_kv_cache_decodes_and_teacherless_is_one_forward_pass():
     model = MTPModel(SHAPE, 2, "linear", rngs=nnx.Rngs(params=2))
     problems = tasks.held_out(PATHSTAR, 3, split_seed=0)["d3_l4"]
-    generator = generate.Generator(model, 100)  # one compiled program: every prompt pads to 100
+    generator = decoding.Generator(model, 100)  # one compiled program: every prompt pads to 100
     answers = evaluate.greedy_answers(generator, problems)
     for p, answer in zip(problems, answers):
         ids = generator.generate(list(p.prompt.encode()), len(p.answer) + 1).tokens
