@@ -40,7 +40,7 @@ from mtp_jax import workdir  # noqa: E402
 from mtp_jax.acceptance import build_tree, teacher_forced_acceptance  # noqa: E402
 from mtp_jax.cli import ArgumentParser, fail  # noqa: E402
 from mtp_jax.errors import UserError  # noqa: E402
-from mtp_jax.generate import Generator, Result  # noqa: E402
+from mtp_jax.decoding import Generator, Result  # noqa: E402
 from mtp_jax.mtp import build_model  # noqa: E402
 from mtp_jax.probes import compression_ratio  # noqa: E402
 from mtp_jax.speculative import Tree  # noqa: E402
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> dict:
     new_tokens = min(args.max_new_tokens, cache_len - args.prompt_len)
     extra = (transformers_modes(trained.config.init_from, args.dtype, new_tokens, args.prompt_lookup)
              if args.transformers else None)
-    tree = build_tree(trained.model, trained.config, trained.data().val, args.tree_size)
+    tree = build_tree(trained.model, trained.tree_windows(), args.tree_size)
     load_before = os.getloadavg()
     out = benchmark(trained, prompts=args.prompts, prompt_len=args.prompt_len, new_tokens=new_tokens,
                     cache_len=cache_len, tree=tree, temperature=args.temperature, extra_modes=extra)

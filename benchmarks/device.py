@@ -33,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mtp_jax import attention, bench, generate  # noqa: E402
-from mtp_jax.mtp import HEAD_TYPES, build_model  # noqa: E402
+from mtp_jax import attention, bench, decoding  # noqa: E402
+from mtp_jax.heads import HEAD_TYPES  # noqa: E402
+from mtp_jax.mtp import build_model  # noqa: E402
 
 # Dense (no sparsity) peak FLOP/s per chip in bfloat16, from the vendors' data sheets; the first
 # name contained in jax's device_kind wins, so more specific names come first.
@@ -99,7 +100,7 @@ def decoding_row(config, args) -> dict:
     """Greedy plain vs self-speculative decoding of random prompts, alternating which runs first."""
     config = variant(config, 4, "linear")
     model = build_model(config, bench.vocab_size(config), seed=0)
-    generator = generate.Generator(model, args.prompt_len + args.new_tokens)
+    generator = decoding.Generator(model, args.prompt_len + args.new_tokens)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, bench.vocab_size(config), args.prompt_len).tolist() for _ in range(args.prompts)]
     generator.generate(prompts[0], args.new_tokens), generator.speculative(prompts[0], args.new_tokens)  # compile

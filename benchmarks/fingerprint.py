@@ -57,7 +57,8 @@ def record(root: pathlib.Path, workdir: pathlib.Path, train_flags: list[str]) ->
         # A probe the run's data cannot serve (Python files, a task) is recorded by its error line.
         done = python(root, "mtp_jax.evaluate", [f"--workdir={workdir}", f"--probe={probe}", "--json", *flags],
                       check=False)
-        result = json.loads(done.stdout) if done.returncode == 0 else {"error": done.stderr.strip()}
+        error = done.stderr.strip().splitlines()[-1:]  # the error line, without the runtime's start-up noise
+        result = json.loads(done.stdout) if done.returncode == 0 else {"error": error}
         out[f"evaluate/{probe}"] = {k: v for k, v in result.items() if k != "workdir"}
     export = workdir.with_name(workdir.name + "_hf")
     python(root, "mtp_jax.export", [f"--workdir={workdir}", f"--out={export}"])

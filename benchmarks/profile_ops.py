@@ -73,10 +73,11 @@ def train_step_runner(config):
 def decoding_runner(workdir: str, speculative: bool):
     import numpy as np
 
-    from mtp_jax import generate
+    from mtp_jax import decoding
+    from mtp_jax import workdir as workdir_lib
 
     trained = workdir_lib.load(workdir)
-    generator = generate.Generator(trained.model, trained.config.seq_len)
+    generator = decoding.Generator(trained.model, trained.config.seq_len)
     prompt = np.asarray(trained.data().val[:128]).astype(int).tolist()
     run = (lambda: generator.speculative(prompt, 128)) if speculative else (lambda: generator.generate(prompt, 128))
     run()

@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from mtp_jax import evaluate  # noqa: E402
-from mtp_jax.generate import Generator  # noqa: E402
+from mtp_jax.decoding import Generator  # noqa: E402
 from mtp_jax.mtp import build_model  # noqa: E402
 
 

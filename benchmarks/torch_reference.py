@@ -101,37 +101,52 @@ class SequentialModule(nn.Module):
         return self.block(torch.cat([self.hidden_norm(h_prev), self.embed_norm(next_embedding)], -1) @ self.merge)
 
 
+def linear_head(model, k, h_trunk, h_prev, next_tokens):
+    """Head k's (hidden state, output matrix): the trunk's output through its own matrix."""
+    return h_trunk, model.heads[k - 2] if k > 1 else model.decoder.unembedding_matrix()
+
+
+def parallel_head(model, k, h_trunk, h_prev, next_tokens):
+    """One block on the trunk's output (head 1's: the decoder's last layer), the shared matrix."""
+    block = model.decoder.blocks[-1] if k == 1 else model.heads[k - 2]
+    return block(h_trunk), model.decoder.unembedding_matrix()
+
+
+def sequential_head(model, k, h_trunk, h_prev, next_tokens):
+    """DeepSeek-V3's module k on head k-1's state and the next token's embedding, the shared matrix."""
+    h = h_trunk if k == 1 else model.heads[k - 2](h_prev, model.decoder.embedding[next_tokens])
+    return h, model.decoder.unembedding_matrix()
+
+
+# mtp_head_type -> (one extra head's parameters, decoder layers left to head 1, head k's function)
+HEADS = {
+    "linear": (lambda shape: nn.Parameter(torch.empty(shape.d_model, shape.vocab_size)), 0, linear_head),
+    "parallel": (Block, 1, parallel_head),
+    "sequential": (SequentialModule, 0, sequential_head),
+}
+
+
 class MTPModel(nn.Module):
     """The decoder plus n - 1 heads of one type; `forward(window)` returns (total loss, per-head losses)."""
 
     def __init__(self, shape, n: int, head_type: str, weights: tuple[float, ...]):
         super().__init__()
         self.decoder = Decoder(shape)
-        self.n, self.head_type, self.weights = n, head_type, weights
+        self.n, self.weights = n, weights
+        make, self.head_layers, self.head = HEADS[head_type]
         if n > 1:
-            if head_type == "linear":
-                self.heads = nn.ParameterList(nn.Parameter(torch.empty(shape.d_model, shape.vocab_size))
-                                              for _ in range(n - 1))
-            else:
-                module = Block if head_type == "parallel" else SequentialModule
-                self.heads = nn.ModuleList(module(shape) for _ in range(n - 1))
+            extra = [make(shape) for _ in range(n - 1)]
+            self.heads = nn.ParameterList(extra) if isinstance(extra[0], nn.Parameter) else nn.ModuleList(extra)
 
     def forward(self, window):
         n, dec = self.n, self.decoder
         t = window.shape[1] - n
-        trunk_layers = len(dec.blocks) - 1 if self.head_type == "parallel" else len(dec.blocks)
         h_trunk = dec.embedding[window[:, :t]]
-        for block in dec.blocks[:trunk_layers]:
+        for block in dec.blocks[:len(dec.blocks) - self.head_layers]:
             h_trunk = block(h_trunk)
         h, total, losses = h_trunk, 0.0, []
         for k in range(1, n + 1):
-            w = dec.unembedding_matrix()
-            if self.head_type == "parallel":
-                h = (dec.blocks[-1] if k == 1 else self.heads[k - 2])(h_trunk)
-            elif self.head_type == "sequential" and k > 1:
-                h = self.heads[k - 2](h, dec.embedding[window[:, k - 1:t + k - 1]])
-            elif self.head_type == "linear" and k > 1:
-                w = self.heads[k - 2]
+            h, w = self.head(self, k, h_trunk, h, window[:, k - 1:t + k - 1])
             logits = (dec.final_norm(h) @ w).float()  # [B, T, V]
             loss = F.cross_entropy(logits.flatten(0, 1), window[:, k:t + k].flatten())
             total = total + self.weights[k - 1] * loss

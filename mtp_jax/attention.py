@@ -30,7 +30,6 @@ Array = jax.Array
 # measured here: benchmarks/device.sh compares it with the reference). TPU: 'blockwise' (not
 # measured; it bounds memory) until the splash kernel has been run on a TPU.
 AUTO = {"cpu": "xla", "gpu": "dot_product", "tpu": "blockwise"}
-NAMES = ("auto", "xla", "dot_product", "blockwise", "splash")
 
 
 def resolve(name: str) -> str:
@@ -164,3 +163,4 @@ def splash(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array,
 
 
 IMPLEMENTATIONS = {"xla": reference, "dot_product": dot_product, "blockwise": blockwise, "splash": splash}
+NAMES = ("auto", *IMPLEMENTATIONS)  # what model.attention may name

@@ -28,8 +28,8 @@ allow and ranks them by predicted step time.
 
 `--topology … --decode=SIZES` costs decoding instead, on the topology's first chip: one plain
 decoding step at each batch in SIZES, and one greedy verify pass of the draft chain and of a tree
-of each size, each at a full KV cache of seq_len positions (`generate.one_pass`, the bodies of
-generate's device loops). Decoding one sequence is memory-bound: a pass reads every parameter and
+of each size, each at a full KV cache of seq_len positions (`decoding.one_pass`, the bodies of
+its device loops). Decoding one sequence is memory-bound: a pass reads every parameter and
 the cache whatever its number of tokens, so a verify pass costs about a plain step until its
 tokens' FLOPs outweigh those reads.
 """
@@ -49,11 +49,11 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from mtp_jax import generate, sharding, tpu
+from mtp_jax import decoding, heads, sharding, tpu
 from mtp_jax.cli import fail, parse_flags
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
-from mtp_jax.mtp import HEAD_TYPES, build_model, n_predict
+from mtp_jax.mtp import build_model, n_predict
 from mtp_jax.speculative import Tree
 from mtp_jax.train import make_train_step, memory_per_device
 
@@ -96,9 +96,8 @@ def model_flops(config, vocab: int, *, recomputed: bool = False) -> float:
     d = m.d_model
     d_kv = d * (m.n_kv_heads or m.n_heads) // m.n_heads  # grouped-query attention's keys and values
     block = 2 * (2 * d * d + 2 * d * d_kv + 3 * d * m.mlp_dim + 2 * t * d)  # per token
-    blocks = m.n_layers + {"linear": 0, "parallel": n - 1, "sequential": n - 1}[config.mtp_head_type]
-    merges = n - 1 if config.mtp_head_type == "sequential" else 0
-    per_token = blocks * block + 2 * (merges * 2 * d * d + n * d * vocab)
+    head = heads.get(config.mtp_head_type).flops_per_token(d, vocab, block)
+    per_token = m.n_layers * block + 2 * d * vocab + (n - 1) * head
     recompute = m.n_layers * block if recomputed and m.remat else 0
     return (3.0 * per_token + recompute) * config.batch_size * t
 
@@ -198,7 +197,7 @@ def sweep_configs(config) -> list:
         c.use_mtp, c.mtp_n_tokens, c.mtp_head_type = use_mtp, n, head_type
         return c
 
-    return [variant(False, 1, config.mtp_head_type)] + [variant(True, n, h) for h in HEAD_TYPES for n in SWEEP_NS]
+    return [variant(False, 1, config.mtp_head_type)] + [variant(True, n, h) for h in heads.HEAD_TYPES for n in SWEEP_NS]
 
 
 def table(results: list[dict], peak: float | None) -> str:
@@ -392,7 +391,7 @@ def decode_passes(config, sizes: list[int]) -> list[tuple[str, Tree | None, int]
 
 
 def decode_config(config, topology: str, devices, name: str, tree: Tree | None, batch: int) -> dict:
-    """Compile one decoding step (generate.one_pass: plain, or a greedy verify pass of `tree`) for
+    """Compile one decoding step (decoding.one_pass: plain, or a greedy verify pass of `tree`) for
     the first chip of `topology`, at a full cache of seq_len positions, on abstract inputs, and
     report its memory and the roofline's time (no collectives: one chip)."""
     chip, vocab = tpu.chip_of(topology), vocab_size(config)
@@ -403,7 +402,7 @@ def decode_config(config, topology: str, devices, name: str, tree: Tree | None, 
     with tpu.traced_for("tpu"):
         validate(config)
         model = nnx.eval_shape(lambda: build_model(config, vocab, seed=0))
-        step, inputs = generate.one_pass(model, config.seq_len, tree, batch)
+        step, inputs = decoding.one_pass(model, config.seq_len, tree, batch)
         inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_chip), inputs)
         start, compiled, refused = time.perf_counter(), None, None
         try:

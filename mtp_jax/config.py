@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import jax
 
-from mtp_jax import tasks
+from mtp_jax import heads
 from mtp_jax.attention import NAMES as ATTENTION_NAMES
+from mtp_jax.data import tasks
 from mtp_jax.errors import UserError
 from mtp_jax.model import ROPE_SCALINGS
-from mtp_jax.mtp import HEAD_TYPES, TARGETS, WEIGHT_SCHEMES, n_predict
+from mtp_jax.mtp import TARGETS, WEIGHT_SCHEMES, n_predict
 from mtp_jax.schedules import CURRICULA, WEIGHT_SCHEDULES
 
 DTYPES = ("float32", "bfloat16")
@@ -24,8 +25,7 @@ def validate(config) -> None:
 
     need(config.mtp_n_tokens >= 1, f"mtp_n_tokens={config.mtp_n_tokens} must be >= 1 "
          "(1 is plain next-token prediction)")
-    need(config.mtp_head_type in HEAD_TYPES,
-         f"mtp_head_type={config.mtp_head_type!r} is unknown: choose one of {', '.join(HEAD_TYPES)}")
+    head_type = heads.get(config.mtp_head_type)
     n = n_predict(config)
     scheme = config.mtp_loss_weights
     if scheme not in WEIGHT_SCHEMES:
@@ -66,9 +66,9 @@ def validate(config) -> None:
     need(config.mtp_targets in TARGETS,
          f"mtp_targets={config.mtp_targets!r} is unknown: choose one of {', '.join(TARGETS)}")
     need(config.mtp_draft_vocab >= 0, f"mtp_draft_vocab={config.mtp_draft_vocab} must be >= 0 (0: all tokens)")
-    need(config.mtp_draft_vocab == 0 or config.mtp_head_type != "linear",
-         "mtp_draft_vocab restricts the shared unembedding, which 'linear' heads do not use: choose "
-         "mtp_head_type='medusa' (or 'parallel', 'sequential'), or set mtp_draft_vocab=0")
+    need(config.mtp_draft_vocab == 0 or head_type.shares_unembedding,
+         f"mtp_draft_vocab restricts the shared unembedding, which {head_type.name!r} heads do not use: choose "
+         f"another mtp_head_type, or set mtp_draft_vocab=0")
     need(not config.trunk_cache or (config.trainable == "heads" and config.num_epochs >= 1
                                     and tasks.task_name(str(config.data.source)) is None),
          "trunk_cache=True keeps a frozen trunk's outputs for the next epoch's visit of each text window: it needs "
@@ -87,8 +87,8 @@ def validate(config) -> None:
     need(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be > 0")
     need(m.n_kv_heads >= 0 and m.n_heads % (m.n_kv_heads or m.n_heads) == 0,
          f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} (0: as many as n_heads)")
-    need(m.n_layers >= (2 if config.mtp_head_type == "parallel" else 1),
-         f"model.n_layers={m.n_layers} is too small: 'parallel' heads need >= 2 (the last is head 1's)")
+    need(m.n_layers >= head_type.min_layers, f"model.n_layers={m.n_layers} is too small: "
+         f"{head_type.name!r} heads need >= {head_type.min_layers}")
     for field in ("dtype", "param_dtype"):
         need(m[field] in DTYPES, f"model.{field}={m[field]!r} is unknown: choose one of {', '.join(DTYPES)}")
     need(m.attention in ATTENTION_NAMES,

@@ -24,7 +24,7 @@ are [out, in], ours [in, out]:
   model.layers.{l}.mlp.{gate,up,down}_proj.weight   [M, D], [M, D], [D, M]   blocks[l].mlp.w_*
   model.norm.weight                                 [D]         decoder.final_norm.scale (every head's)
   lm_head.weight                                    [V, D]      decoder.unembedding (absent when tied)
-The heads, which transformers ignores:
+The heads, which transformers ignores (each head type's hf_rows in heads.py):
   linear      extra_heads.{i}.weight                [V, D]      (Meta's multi-token models' name)
   parallel    extra_heads.{i}.<a layer's names>     one decoder layer each, named as model.layers.{l}
   medusa      extra_heads.{i}.linear.{weight,bias}  [D, D], [D]: the residual block (Medusa's ResBlock)
@@ -52,12 +52,14 @@ from flax import nnx
 
 from mtp_jax import data as data_lib
 from mtp_jax import gguf
+from mtp_jax import heads as heads_lib
 from mtp_jax.data.tokenizer import BYTE_VOCAB, EOT, read_given
 from mtp_jax.errors import UserError
 from mtp_jax.hf_config import attention_window, config_json, model_fields, positive_int
 from mtp_jax.hf_files import (MTP_FILE, Folder, Tensor, read_headers, read_json, tokenizer_problem, weight_files,
                               write_atomically)
-from mtp_jax.mtp import HEAD_TYPES, build_model, loss_weights
+from mtp_jax.model import stack_layers, unstack_layers
+from mtp_jax.mtp import build_model, loss_weights
 
 FORMAT = 1  # mtp_jax.json's format version
 # One decoder layer: (HF name under the layer's prefix, path under our block, layout). Layouts:
@@ -78,8 +80,9 @@ _LAYER = (
 _BIASES = tuple((f"self_attn.{x}_proj.bias", ("attn", f"b{x}"), "flat") for x in "qkv")  # model.qkv_bias
 
 
-def layout(n_layers: int, tie_embeddings: bool, n: int, head_type: str, heads: bool = True, qkv_bias: bool = False):
-    """[(HF tensor name, path in our parameter tree, layout)] for a model; heads=False: the
+def layout(n_layers: int, tie_embeddings: bool, n: int, head_type: str, with_heads: bool = True,
+           qkv_bias: bool = False):
+    """[(HF tensor name, path in our parameter tree, layout)] for a model; with_heads=False: the
     trunk only (embedding, layers, final norm, unembedding)."""
     def layer(prefix: str, path: tuple):
         return [(f"{prefix}.{name}", path + sub, kind) for name, sub, kind in _LAYER + (_BIASES if qkv_bias else ())]
@@ -90,20 +93,9 @@ def layout(n_layers: int, tie_embeddings: bool, n: int, head_type: str, heads: b
     rows.append(("model.norm.weight", ("decoder", "final_norm", "scale"), "same"))
     if not tie_embeddings:
         rows.append(("lm_head.weight", ("decoder", "unembedding"), "linear"))
-    for i in range(n - 1 if heads else 0):
-        if head_type == "linear":
-            rows.append((f"extra_heads.{i}.weight", ("heads", i), "linear"))
-        elif head_type == "parallel":
-            rows += layer(f"extra_heads.{i}", ("heads", i))
-        elif head_type == "medusa":  # Medusa's ResBlock names; its output is the shared unembedding
-            rows += [(f"extra_heads.{i}.linear.weight", ("heads", i, "w"), "linear"),
-                     (f"extra_heads.{i}.linear.bias", ("heads", i, "b"), "same")]
-        else:
-            prefix = f"model.layers.{n_layers + i}"
-            rows += [(f"{prefix}.enorm.weight", ("heads", i, "embed_norm", "scale"), "same"),
-                     (f"{prefix}.hnorm.weight", ("heads", i, "hidden_norm", "scale"), "same"),
-                     (f"{prefix}.eh_proj.weight", ("heads", i, "merge"), "merge")]
-            rows += layer(prefix, ("heads", i, "block"))
+    head = heads_lib.get(head_type)
+    for i in range(n - 1 if with_heads else 0):
+        rows += head.hf_rows(i, n_layers, layer)
     return rows
 
 
@@ -163,8 +155,8 @@ def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
     if n == 1:
         return None
     head_type = mtp.get("mtp_head_type")
-    need(head_type in HEAD_TYPES, f"sets mtp_head_type={head_type!r:.80}, which is not one of "
-         f"{', '.join(HEAD_TYPES)}")
+    need(head_type in heads_lib.HEAD_TYPES, f"sets mtp_head_type={head_type!r:.80}, which is not one of "
+         f"{', '.join(heads_lib.HEAD_TYPES)}")
     return n, head_type
 
 
@@ -253,14 +245,18 @@ def model_tokenizer(folder: Folder) -> str | None:
 
 def read_for_training(config, data) -> dict:
     """The init_from folder's parameters for config's model (numpy, pure dict; see read_params),
-    once the data's tokenizer is known to feed it."""
+    once the data's tokenizer is known to feed it. The mapping names one layer at a time: a model
+    with model.scan_layers has its stacked layers read one by one, then stacked."""
     folder = open_folder(config.init_from)
     problem = tokenizer_problem(folder, data)
     if problem:
         raise UserError(problem)
     model = nnx.eval_shape(lambda: build_model(config, data.vocab_size, seed=0))
+    like, n_stacked = nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.decoder.n_stacked
     n = len(loss_weights(config))  # one weight per token predicted
-    return read_params(folder, nnx.to_pure_dict(nnx.state(model, nnx.Param)), n, config.mtp_head_type)
+    params = read_params(folder, jax.eval_shape(unstack_layers, like) if n_stacked else like, n,
+                         config.mtp_head_type)
+    return stack_layers(params, n_stacked) if n_stacked else params
 
 
 def read_params(folder: Folder, like: dict, n: int, head_type: str) -> dict:

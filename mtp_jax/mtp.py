@@ -7,16 +7,7 @@ parameters and loss are exactly the baseline's.
 
     total = L_1 + mtp_weight * sum_{k >= 2} w_k * L_k
 
-Head types:
-  'linear'     (Stern et al. 2018) head k >= 2 is its own Dense(d_model -> vocab) on the trunk's
-                                   final normed hidden state.
-  'parallel'   (Meta, 2404.19737)  the trunk is the first n_layers - 1 blocks; head k is one more
-                                   block on the trunk output (head 1's is the model's last layer),
-                                   then the shared final norm and unembedding.
-  'sequential' (DeepSeek-V3)       h_k = Block_k(M_k [RMSNorm(h_{k-1}); RMSNorm(Emb(x[t+k-1]))]),
-                                   shared embedding, final norm and unembedding; h_1 = trunk output.
-  'medusa'     (Cai et al. 2024)   u = FinalNorm(h_trunk), head k reads u + SiLU(u W_k + b_k) with the
-                                   shared unembedding (W_k starts at zero: a fresh head repeats head 1).
+Head types (what each head computes) live in heads.py.
 
 Targets (mtp_targets): 'data', head k learns x[t + k]; 'model' (self-distillation, as in
 Medusa-2 and FastMTP), head k >= 2 learns head 1's own argmax at t + k - 1, the token greedy
@@ -24,8 +15,8 @@ speculative decoding accepts there, taken from the same forward pass (model_targ
 
 Draft vocabulary (mtp_draft_vocab = K > 0, FR-Spec / EAGLE-3): heads 2 … n output only K token
 ids, the training split's most frequent (`draft_vocab`, saved with the parameters), through
-those K columns of the shared unembedding; a draft then reads [D, K] instead of [D, V], and the
-other tokens get logit -inf (their targets leave the heads' losses).
+those K columns of the shared unembedding (heads.HeadType.matrix); a draft then reads [D, K]
+instead of [D, V], and the other tokens get logit -inf (their targets leave the heads' losses).
 
 Memory: each head's cross-entropy is rematerialised (and optionally chunked over positions), so
 the [B, T, V] logits of a head are never kept for the backward pass and only one head's (or one
@@ -40,11 +31,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mtp_jax.model import Block, Decoder, ModelShape, RMSNorm, normal_param
+from mtp_jax import heads
+from mtp_jax.errors import UserError
+from mtp_jax.model import Decoder, ModelShape
 
 Array = jax.Array
 
-HEAD_TYPES = ("linear", "parallel", "sequential", "medusa")
 WEIGHT_SCHEMES = ("geometric", "uniform", "mean")
 TARGETS = ("data", "model")
 
@@ -79,38 +71,6 @@ def loss_weights(config) -> tuple[float, ...]:
     return (1.0,) + tuple(config.mtp_weight * w for w in auxiliary_weights(config.mtp_loss_weights, n))
 
 
-class SequentialModule(nnx.Module):
-    """DeepSeek-V3's MTP module: merge the previous depth's hidden state with the embedding of
-    the token one step ahead, then one transformer block."""
-
-    def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
-        pd = jnp.dtype(shape.param_dtype)
-        self.hidden_norm = RMSNorm(shape.d_model, param_dtype=pd, eps=shape.norm_eps)
-        self.embed_norm = RMSNorm(shape.d_model, param_dtype=pd, eps=shape.norm_eps)
-        self.merge = normal_param(rngs, (2 * shape.d_model, shape.d_model), ("merge", "embed"), pd, 0.02)
-        self.block = Block(shape, rngs=rngs)
-        self.dtype = jnp.dtype(shape.dtype)
-
-    def __call__(self, h_prev: Array, next_embedding: Array, positions: Array, cache=None, cache_index=None,
-                 mask=None):
-        x = jnp.concatenate([self.hidden_norm(h_prev), self.embed_norm(next_embedding)], axis=-1)
-        return self.block(x @ self.merge[...].astype(self.dtype), positions, cache, cache_index, mask)
-
-
-class MedusaBlock(nnx.Module):
-    """Medusa's residual block on the normalised hidden state u: u + SiLU(u W + b). W and b start at
-    zero, so a fresh head predicts what head 1 does and training moves it from there."""
-
-    def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
-        pd, d = jnp.dtype(shape.param_dtype), shape.d_model
-        self.w = nnx.Param(jnp.zeros((d, d), pd), axes=("merge", "embed"))
-        self.b = nnx.Param(jnp.zeros((d,), pd), axes=("norm",))
-        self.dtype = jnp.dtype(shape.dtype)
-
-    def __call__(self, u: Array) -> Array:
-        return u + jax.nn.silu(u @ self.w[...].astype(self.dtype) + self.b[...].astype(self.dtype))
-
-
 class MTPModel(nnx.Module):
     """The decoder plus n - 1 extra heads of one type. With n = 1 it holds exactly the decoder.
 
@@ -118,27 +78,18 @@ class MTPModel(nnx.Module):
     the most frequent, train.init_state)."""
 
     def __init__(self, shape: ModelShape, n: int, head_type: str, *, rngs: nnx.Rngs, draft_vocab: int = 0):
+        self.head_type = heads.get(head_type)
+        self.trunk_layers = self.head_type.trunk_layers(shape.n_layers)  # the decoder layers all heads share
         # model.scan_layers stacks the trunk's layers (not head 1's own block of 'parallel' heads).
-        trunk = shape.n_layers - 1 if head_type == "parallel" else shape.n_layers
-        self.decoder = Decoder(shape, rngs=rngs, stacked_layers=trunk if shape.scan_layers else 0)
-        self.n_predict, self.head_type = n, head_type
+        self.decoder = Decoder(shape, rngs=rngs, stacked_layers=len(self.trunk_layers) if shape.scan_layers else 0)
+        self.n_predict = n
         if n > 1:
-            pd = jnp.dtype(shape.param_dtype)
-            make = {
-                "linear": lambda: normal_param(rngs, (shape.d_model, shape.vocab_size), ("embed", "vocab"), pd, 0.02),
-                "parallel": lambda: Block(shape, rngs=rngs),
-                "sequential": lambda: SequentialModule(shape, rngs=rngs),
-                "medusa": lambda: MedusaBlock(shape, rngs=rngs),
-            }[head_type]
-            self.heads = nnx.List([make() for _ in range(2, n + 1)])
+            self.heads = nnx.List([self.head_type.init(shape, rngs) for _ in range(2, n + 1)])
         if draft_vocab:
+            if not self.head_type.shares_unembedding:
+                raise UserError(f"mtp_draft_vocab restricts the shared unembedding, which {head_type!r} heads do "
+                                "not use: choose another mtp_head_type, or set mtp_draft_vocab=0")
             self.draft_vocab = nnx.Param(jnp.arange(draft_vocab, dtype=jnp.int32), axes=("draft",))
-
-    @property
-    def trunk_layers(self) -> range:
-        """The decoder layers shared by all heads (Meta's parallel heads own the last one)."""
-        layers = self.decoder.shape.n_layers
-        return range(layers - 1) if self.head_type == "parallel" else range(layers)
 
     def trunk(self, tokens: Array, positions: Array, caches=None, cache_index=None, mask=None):
         """tokens: [B, T] → trunk hidden state [B, T, D] (and the trunk layers' caches)."""
@@ -149,20 +100,13 @@ class MTPModel(nnx.Module):
                     cache=None, cache_index=None, mask=None):
         """Head k's hidden state before the final norm, [B, T, D] (and its block's cache).
 
-        h_prev is head k-1's hidden state and next_tokens is x[t + k - 1]; only the
-        'sequential' head reads them."""
-        if self.head_type in ("linear", "medusa") or (self.head_type == "sequential" and k == 1):
-            return h_trunk, cache
-        if self.head_type == "parallel":
-            block = self.decoder.block(self.decoder.shape.n_layers - 1) if k == 1 else self.heads[k - 2]
-            return block(h_trunk, positions, cache, cache_index, mask)
-        return self.heads[k - 2](h_prev, self.decoder.embed(next_tokens), positions, cache, cache_index, mask)
+        h_prev is head k-1's hidden state and next_tokens is x[t + k - 1]; what reads them is the
+        head type's (heads.HeadType.hidden)."""
+        return self.head_type.hidden(self, k, h_trunk, h_prev, next_tokens, positions, cache, cache_index, mask)
 
     def head_matrix(self, k: int) -> Array:
-        """Head k's output projection [D, V] in the compute dtype."""
-        if self.head_type == "linear" and k > 1:
-            return self.heads[k - 2][...].astype(self.decoder.shape.dtype)
-        return self.decoder.unembedding_matrix()
+        """Head k's output projection [D, V] (or [D, K] over a draft vocabulary) in the compute dtype."""
+        return self.head_type.matrix(self, k)
 
     def hidden_states(self, tokens: Array, t: int, heads: int | None = None, h_trunk: Array | None = None):
         """Yields head k's hidden state before the final norm, [B, t, D], for k = 1 … heads (default
@@ -180,38 +124,19 @@ class MTPModel(nnx.Module):
             h, _ = self.head_hidden(k, h_trunk, h, tokens[:, k - 1:t + k - 1], positions)
             yield h
 
-    def output(self, k: int, h: Array) -> tuple[Array, Array]:
-        """Head k's logits as (x [..., D], w [D, V or K]): x @ w over its output vocabulary (all V
-        tokens, or the draft vocabulary's K for k >= 2). x is the final norm of h, which a
-        'medusa' head passes through its residual block."""
-        x = self.decoder.final_norm(h)
-        if k == 1:
-            return x, self.head_matrix(1)
-        if self.head_type == "medusa":
-            x = self.heads[k - 2](x)
-        w = self.head_matrix(k)
-        return x, (w if self.drafts_all_tokens else jnp.take(w, self.draft_vocab[...], axis=1))
-
-    @property
-    def drafts_all_tokens(self) -> bool:
-        return not hasattr(self, "draft_vocab")
-
     def logits(self, k: int, h: Array) -> Array:
         """Head k's float32 logits [..., V] from its hidden state [..., D] (-inf outside a draft
         vocabulary)."""
-        logits = jnp.dot(*self.output(k, h), preferred_element_type=jnp.float32)
-        if k == 1 or self.drafts_all_tokens:
-            return logits
-        full = jnp.full(logits.shape[:-1] + (self.decoder.shape.vocab_size,), -jnp.inf, logits.dtype)
-        return full.at[..., self.draft_vocab[...]].set(logits)
+        return self.head_type.logits(self, k, h)
 
-    def output_targets(self, k: int, targets: Array) -> Array:
-        """Token ids [...] → head k's output columns (-1 for a target outside its vocabulary)."""
-        if k == 1 or self.drafts_all_tokens:
-            return targets
-        column = jnp.full((self.decoder.shape.vocab_size,), -1, jnp.int32)
-        column = column.at[self.draft_vocab[...]].set(jnp.arange(self.draft_vocab.shape[0], dtype=jnp.int32))
-        return jnp.where(targets >= 0, column[jnp.maximum(targets, 0)], -1)
+    def output(self, k: int, h: Array) -> tuple[Array, Array]:
+        """Head k's logits over its output vocabulary as (x [..., D], w [D, V or K]): x @ w."""
+        return self.head_type.features(self, k, h), self.head_matrix(k)
+
+    @property
+    def drafts_all_tokens(self) -> bool:
+        """Whether heads 2 … n output every token (no draft vocabulary)."""
+        return not hasattr(self, "draft_vocab")
 
     def trunk_outputs(self, window: Array, chunk_size: int = 0) -> TrunkOutputs:
         """The trunk's output for the inputs of window [B, T + n], and head 1's argmax and loss after
@@ -344,7 +269,7 @@ def mtp_loss(model: MTPModel, window: Array, weights: tuple[float, ...], chunk_s
             metrics["loss_1"], metrics["accuracy_1"] = jnp.mean(trunk.nll), jnp.mean(trunk.greedy == head_targets)
             total = total + weights[0] * metrics["loss_1"]
             continue
-        head_targets = model.output_targets(k, head_targets)
+        head_targets = model.head_type.targets(model, k, head_targets)
         head_mask = _target_mask(mask, window, eot_id, k, t)
         if k > 1 and (targets == "model" or not model.drafts_all_tokens):  # some targets may be missing (-1)
             head_mask = (head_targets >= 0) if head_mask is None else (head_mask > 0) & (head_targets >= 0)

@@ -29,8 +29,8 @@ import numpy as np
 from flax import nnx
 
 from mtp_jax import data as data_lib
+from mtp_jax.decoding import Generator
 from mtp_jax.errors import UserError
-from mtp_jax.generate import Generator
 
 PROBE_SEED = 0  # which files, names and prompts the probes use: fixed, so every checkpoint sees the same
 

@@ -18,8 +18,8 @@ Verification keeps the target distribution exactly:
   norm(max(0, p - q)), and when every draft is accepted a bonus token is drawn from p. The
   committed tokens are then distributed exactly as plain sampling's.
 
-Nothing here runs the model: generate.py owns the cache, the device loops and the CLI, and
-calls these functions on the logits it computes.
+Nothing here runs the model: decoding.py owns the cache and the device loops, and calls these
+functions on the logits it computes.
 """
 
 from __future__ import annotations

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp_jax import attention, generate
+from mtp_jax import attention, decoding
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
+from mtp_jax.heads import HEAD_TYPES
 from mtp_jax.model import ModelShape
-from mtp_jax.mtp import HEAD_TYPES, MTPModel, mtp_loss
+from mtp_jax.mtp import MTPModel, mtp_loss
 from tests.util import ROOT, load_config
 
 # Block sizes: 4 divides T = 12, 5 leaves a padded last block, 64 is one block (the reference).
@@ -139,7 +140,7 @@ def test_decoding_with_the_kv_cache_gives_the_reference_tokens():
     prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5]
 
     def decode(shape):
-        generator = generate.Generator(MTPModel(shape, 3, head_type, rngs=nnx.Rngs(params=0)), 28)
+        generator = decoding.Generator(MTPModel(shape, 3, head_type, rngs=nnx.Rngs(params=0)), 28)
         return generator.generate(prompt, 16).tokens, generator.speculative(prompt, 16).tokens
 
     plain, speculative = decode(dataclasses.replace(SHAPE, attention="blockwise", attention_block_size=5))

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp_jax import generate, sharding, train
+from mtp_jax import sharding, train
+from mtp_jax.decoding import Generator
 from mtp_jax.data import TokenData
 from mtp_jax.errors import UserError
 from mtp_jax.model import ModelShape
@@ -37,7 +38,7 @@ def medusa_model(draft_vocab: int = 0, n: int = 4, seed: int = 0) -> MTPModel:
 @pytest.mark.parametrize("draft_vocab", [0, 96])
 def test_speculative_with_medusa_heads_equals_greedy(draft_vocab):
     model = medusa_model(draft_vocab)
-    generator = generate.Generator(model, 48)
+    generator = Generator(model, 48)
     tree = Tree(((0,), (1,), (0, 0), (2,), (0, 1), (0, 0, 0)))
     for prompt in ([7], [3, 1, 4, 1, 5, 9, 2, 6]):
         plain = generator.generate(prompt, 40).tokens

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from mtp_jax import data as data_lib
-from mtp_jax import evaluate, generate, probes, train
+from mtp_jax import decoding, evaluate, probes, train
 from mtp_jax.errors import UserError
 from mtp_jax.metrics import read_metrics
 from mtp_jax.mtp import MTPModel
@@ -128,7 +128,7 @@ def test_head1_copy_hits_count_head_1_argmax_at_scored_positions():
     scored positions in the continuation are hits and those in the random prompt mostly not."""
     model = MTPModel(SHAPE, 2, "parallel", rngs=nnx.Rngs(params=3))
     prompt = np.random.default_rng(0).integers(0, 256, 20).tolist()
-    window = prompt + generate.Generator(model, 48).generate(prompt, 28).tokens  # [48]
+    window = prompt + decoding.Generator(model, 48).generate(prompt, 28).tokens  # [48]
     scored = np.zeros(47, bool)
     scored[[2, 5, 11, 19, 20, 30, 41, 46]] = True
     predicted = full_forward_logits(model, window)[:-1].argmax(-1)  # position t predicts token t + 1

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp_jax import export, generate, train, workdir
+from mtp_jax import decoding, export, generate, train, workdir
 from mtp_jax.acceptance import build_tree, teacher_forced_acceptance
 from mtp_jax.errors import UserError
+from mtp_jax.heads import HEAD_TYPES
 from mtp_jax.model import ModelShape
-from mtp_jax.mtp import HEAD_TYPES, MTPModel
+from mtp_jax.mtp import MTPModel
 from mtp_jax.speculative import Tree
 from tests.util import load_config
 
@@ -56,7 +57,7 @@ def test_cached_decode_equals_full_recompute(head_type):
     forward pass over the whole sequence, recomputed from scratch, gives it."""
     model = random_model(head_type)
     prompt = [3, 1, 4, 1, 5, 9, 2]
-    result = generate.Generator(model, 24).generate(prompt, 12, temperature=1.0, seed=3)
+    result = decoding.Generator(model, 24).generate(prompt, 12, temperature=1.0, seed=3)
     tokens = prompt + result.tokens
     assert len(result.tokens) == 12
     logits = full_forward_logits(model, tokens)[len(prompt) - 1:-1]  # the logits each token was drawn from
@@ -65,7 +66,7 @@ def test_cached_decode_equals_full_recompute(head_type):
 
 
 def test_sampling_is_reproducible_and_seeded():
-    generator = generate.Generator(random_model("linear"), 48)
+    generator = decoding.Generator(random_model("linear"), 48)
     draw = lambda seed, **kw: generator.generate([7, 8, 9], 40, temperature=1.0, seed=seed, **kw).tokens  # noqa: E731
     assert draw(0) == draw(0)
     assert draw(0) != draw(1)
@@ -76,7 +77,7 @@ def test_sampling_is_reproducible_and_seeded():
 
 
 def test_decoding_never_recompiles_per_token():
-    generator = generate.Generator(random_model("parallel"), 64)
+    generator = decoding.Generator(random_model("parallel"), 64)
     generator.generate([1, 2, 3], 5)
     generator.speculative([1, 2, 3], 5)
     compiled = generator.compilations()
@@ -85,7 +86,7 @@ def test_decoding_never_recompiles_per_token():
     assert compiled == generator.compilations() == 2  # one program per mode (same prompt bucket)
 
 
-def assert_speculative_matches_greedy(generator: generate.Generator, prompts, lengths, tree=None) -> list[int]:
+def assert_speculative_matches_greedy(generator: decoding.Generator, prompts, lengths, tree=None) -> list[int]:
     accepted = []
     for prompt in prompts:
         for new in lengths:
@@ -107,7 +108,7 @@ def test_speculative_equals_greedy_random_weights(head_type):
     rng = np.random.default_rng(0)
     # Lengths include drafts running past max_new_tokens (1, 2) and decoding up to the cache's end.
     prompts = [rng.integers(0, 256, size).tolist() for size in (1, 30)]
-    generator = generate.Generator(random_model(head_type, n=4), 40)
+    generator = decoding.Generator(random_model(head_type, n=4), 40)
     assert_speculative_matches_greedy(generator, prompts, (1, 2, 40))
     assert_speculative_matches_greedy(generator, prompts, (1, 2, 40), tree=TREE)
 
@@ -118,7 +119,7 @@ def test_speculative_accepts_drafts_of_heads_that_copy_head_1():
     model = random_model("linear", n=3, seed=2)
     for head in model.heads:
         head[...] = model.decoder.unembedding[...]
-    generator = generate.Generator(model, 96)
+    generator = decoding.Generator(model, 96)
     accepted = assert_speculative_matches_greedy(generator, [[1, 2, 3], [200, 100]], (5, 90))
     assert 0 < np.mean(np.asarray(accepted) > 0) < 1
     shallow = Tree(tuple(path for path in TREE.paths if len(path) <= 2))  # two draft heads here
@@ -130,11 +131,11 @@ def test_speculative_equals_greedy_trained(trained):
     loaded = workdir.load(trained[0])
     model = loaded.model
     prompts = [list(b"def f1"), list(b"    return x"), list(b"\n\ndef f3")]
-    generator = generate.Generator(model, 32)
+    generator = decoding.Generator(model, 32)
     accepted = assert_speculative_matches_greedy(generator, prompts, (3, 16, 32))
     assert np.mean(accepted) > 0  # the trained heads do get drafts accepted
     # The tree built from the heads' measured per-rank acceptance (Medusa's construction).
-    tree = build_tree(model, loaded.config, loaded.data().val, 6)
+    tree = build_tree(model, loaded.tree_windows(), 6)
     assert tree.size == 7 and not tree.is_chain and tree.max_depth <= 2
     in_tree = assert_speculative_matches_greedy(generator, prompts, (3, 16, 32), tree=tree)
     assert np.mean(in_tree) > np.mean(accepted)
@@ -193,29 +194,44 @@ def test_cli_sampled_speculative_reports_alpha(trained, capsys):
 
 
 def test_generate_and_export_need_neither_the_corpus_nor_its_cache(trained, tmp_path, capsys):
+    """Plain and tree decoding (its tree fitted on the validation windows the workdir keeps) give
+    the same tokens, and the same tree, with the corpus and its data cache gone."""
     run_dir, _ = trained
     argv = [f"--workdir={run_dir}", "--prompt=def f1", "--max_new_tokens=12", "--json"]
-    generate.main(argv)
-    expected = json.loads(capsys.readouterr().out)["text"]
+    tree_argv = [*argv, "--speculative", "--tree_size=4"]
+
+    def decode(args) -> tuple:
+        generate.main(args)
+        out = json.loads(capsys.readouterr().out)
+        return out["text"], out.get("tree")
+
+    expected, expected_tree = decode(argv), decode(tree_argv)
+    assert expected_tree[1] is not None and expected_tree[0] == expected[0]
+    # A workdir written before training kept the windows fits them on the corpus, as before.
+    no_windows = tmp_path / "no_windows"
+    shutil.copytree(run_dir, no_windows)
+    (no_windows / workdir.DATA / workdir.VAL_WINDOWS).unlink()
+    assert decode([f"--workdir={no_windows}", *tree_argv[1:]]) == expected_tree
     root = run_dir.parent
     moved = [(root / name, tmp_path / name) for name in ("cache", "corpus.txt")]
     for here, away in moved:
         here.rename(away)
     try:
-        generate.main(argv)
-        assert json.loads(capsys.readouterr().out)["text"] == expected
+        assert decode(argv) == expected and decode(tree_argv) == expected_tree
         folder, _ = export.export(str(run_dir), str(tmp_path / "hf"))
         assert json.loads((folder / "config.json").read_text())["vocab_size"] == 256
         assert (folder / "model.safetensors").stat().st_size > 0
+        assert "drop --tree_size" in cli_error(capsys, [f"--workdir={no_windows}", *tree_argv[1:]])
     finally:
         for here, away in moved:
             away.rename(here)
+    (no_windows / workdir.DATA / workdir.VAL_WINDOWS).write_bytes(b"\x93NUMPY damaged")
+    assert "val_windows.npy is damaged" in cli_error(capsys, [f"--workdir={no_windows}", *tree_argv[1:]])
     # A workdir written before it kept its tokenizer reads it from the data cache instead.
     old = tmp_path / "old"
     shutil.copytree(run_dir, old)
     shutil.rmtree(old / workdir.DATA)
-    generate.main([f"--workdir={old}", *argv[1:]])
-    assert json.loads(capsys.readouterr().out)["text"] == expected
+    assert decode([f"--workdir={old}", *argv[1:]]) == expected
 
 
 def cli_error(capsys, argv) -> str:
@@ -239,4 +255,4 @@ def test_cli_errors(trained, tmp_path, capsys):
 
 def test_speculative_on_a_model_without_heads_is_refused():
     with pytest.raises(UserError, match="no extra heads"):
-        generate.Generator(MTPModel(SHAPE, 1, "linear", rngs=nnx.Rngs(params=0)), 16).speculative([1], 4)
+        decoding.Generator(MTPModel(SHAPE, 1, "linear", rngs=nnx.Rngs(params=0)), 16).speculative([1], 4)

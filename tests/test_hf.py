@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +17,12 @@ import safetensors.numpy
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from mtp_jax import export, generate, hf, hf_files, sharding, train
+from mtp_jax import decoding, export, hf, hf_files, sharding, train
 from mtp_jax import workdir as workdir_lib
 from mtp_jax.checkpoint import Checkpointer
 from mtp_jax.errors import UserError
-from mtp_jax.mtp import HEAD_TYPES, MTPModel, build_model, mtp_loss
+from mtp_jax.heads import HEAD_TYPES
+from mtp_jax.mtp import MTPModel, build_model, mtp_loss
 from tests.util import ROOT, load_config
 
 torch = pytest.importorskip("torch")
@@ -112,6 +114,45 @@ def test_export_loads_in_transformers_and_round_trips_byte_exact_with_heads(tmp_
                      tmp_path / "trunk") / hf_files.WEIGHTS))
 
 
+def workdir_holding(model: MTPModel, config, path):
+    """A workdir whose one checkpoint (step 0) holds `model`, written as training writes one."""
+    (path / workdir_lib.DATA).mkdir(parents=True)
+    (path / workdir_lib.DATA / "meta.json").write_text(json.dumps({"tokenizer": "byte"}))
+    (path / "config.json").write_text(json.dumps({**json.loads(config.to_json_best_effort()), "vocab_size": VOCAB}))
+    checkpointer = Checkpointer(path / "checkpoints", 1)
+    checkpointer.save(0, {"params": params_of(model), "step": jnp.zeros((), jnp.int32)})
+    checkpointer.wait()
+    checkpointer.close()
+    return path
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_scanned_layers_export_and_import_as_the_per_layer_model(tmp_path, head_type):
+    """12 layers (two-digit indices, which a checkpoint stores as strings) trained with
+    model.scan_layers export the same files, byte for byte, as the same model without, and both as
+    the model in memory; --config.init_from stacks them back exactly."""
+    shape = {"model.d_model": 16, "model.n_heads": 2, "model.mlp_dim": 32, "model.n_layers": 12}
+    folders = {}
+    for scan in (False, True):
+        config = config_for(3, head_type, **shape, **{"model.scan_layers": scan})
+        run = workdir_holding(build_model(config, VOCAB, seed=0), config, tmp_path / f"run{scan}")
+        folders[scan], _ = export.export(str(run), str(tmp_path / f"hf{scan}"))
+    in_memory = export_model(build_model(config_for(3, head_type, **shape), VOCAB, seed=0), config, tmp_path / "mem")
+    assert (in_memory / hf_files.WEIGHTS).read_bytes() == (folders[False] / hf_files.WEIGHTS).read_bytes()
+    names = sorted(f.name for f in folders[False].iterdir())
+    assert names == sorted(f.name for f in folders[True].iterdir()) and hf_files.WEIGHTS in names
+    assert all((folders[False] / f).read_bytes() == (folders[True] / f).read_bytes() for f in names)
+    assert "model.layers.11.mlp.down_proj.weight" in safetensors.numpy.load_file(folders[True] / hf_files.WEIGHTS)
+
+    config = config_for(3, head_type, **shape, **{"model.scan_layers": True, "init_from": str(folders[False])})
+    imported = hf.read_for_training(config, types.SimpleNamespace(meta={"tokenizer": "byte"}, vocab_size=VOCAB))
+    scanned = params_of(build_model(config, VOCAB, seed=0))
+    assert jax.tree.structure(imported) == jax.tree.structure(scanned)
+    # As train.init_state puts them in place of another seed's parameters.
+    other = nnx.to_pure_dict(nnx.state(build_model(config, VOCAB, seed=1), nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(hf.with_imported(other, imported)), scanned)
+
+
 def test_n_kv_heads_equal_to_n_heads_is_the_model_without_it():
     window = jnp.asarray(TOKENS[:, :12])
     losses = [mtp_loss(build_model(config_for(3, "parallel", **{"model.n_kv_heads": kv}), VOCAB, seed=0), window,
@@ -124,8 +165,8 @@ def test_gqa_cached_and_speculative_decoding_match_full_forward():
     full forward pass picks, and self-speculative decoding the same tokens."""
     config = config_for(2, "sequential", **{"model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 2})
     model = build_model(config, VOCAB, seed=0)
-    generator = generate.Generator(model, 32)
-    assert generate.init_caches(model, 1, 32, all_heads=True)[0]["k"].shape == (2, 32, 16)
+    generator = decoding.Generator(model, 32)
+    assert decoding.init_caches(model, 1, 32, all_heads=True)[0]["k"].shape == (2, 32, 16)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     tokens = generator.generate(prompt, 10).tokens
     # By causality, the full forward pass's argmax at each position is the greedy token after it.

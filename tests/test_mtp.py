@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mtp_jax.heads import HEAD_TYPES
 from mtp_jax.model import ModelShape
-from mtp_jax.mtp import HEAD_TYPES, MTPModel, auxiliary_weights, build_model, loss_weights, mtp_loss
+from mtp_jax.mtp import MTPModel, auxiliary_weights, build_model, loss_weights, mtp_loss
 from tests.util import load_config
 
 SHAPE = ModelShape(vocab_size=61, d_model=32, n_layers=3, n_heads=4, mlp_dim=48)

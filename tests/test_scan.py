@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp_jax import generate, sharding, train
+from mtp_jax import decoding, sharding, train
 from mtp_jax.errors import UserError
+from mtp_jax.heads import HEAD_TYPES
 from mtp_jax.model import ModelShape, stack_layers, unstack_layers
-from mtp_jax.mtp import HEAD_TYPES, MTPModel, mtp_loss
+from mtp_jax.mtp import MTPModel, mtp_loss
 from tests.util import load_config
 
 SHAPE = ModelShape(vocab_size=61, d_model=32, n_layers=3, n_heads=4, mlp_dim=48, attention="xla")
@@ -73,7 +74,7 @@ def test_decoding_with_stacked_caches_equals_the_loop():
     prompt = [3, 1, 4, 1, 5, 9, 2]
 
     def decode(shape):
-        generator = generate.Generator(MTPModel(shape, N_TOKENS, head_type, rngs=nnx.Rngs(params=0)), 24)
+        generator = decoding.Generator(MTPModel(shape, N_TOKENS, head_type, rngs=nnx.Rngs(params=0)), 24)
         plain = generator.generate(prompt, 12, temperature=1.0, seed=3)
         return plain, generator.speculative(prompt, 12).tokens
 

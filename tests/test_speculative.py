@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp_jax import generate, speculative
+from mtp_jax import decoding, speculative
 from mtp_jax.model import ModelShape
 from mtp_jax.mtp import MTPModel
 from mtp_jax.speculative import Tree
@@ -150,11 +150,11 @@ def exact_distribution(model: MTPModel, settings: dict) -> np.ndarray:
 
 def empirical_distribution(model: MTPModel, settings: dict) -> np.ndarray:
     """Frequencies of the first NEW tokens over SEEDS seeds, all seeds in one vectorised program."""
-    generator = generate.Generator(model, len(PROMPT) + NEW)
+    generator = decoding.Generator(model, len(PROMPT) + NEW)
     padded, limit = generator._prompt(PROMPT, NEW)
     graphdef, params = nnx.split(model)
-    decode = functools.partial(generate._decode_speculative, graphdef, generator.capacity, Tree.chain(2),
-                               tuple(settings.items()), params, padded, len(PROMPT), limit)
+    decode = functools.partial(decoding._decode_speculative, graphdef, generator.capacity, Tree.chain(2),
+                               decoding.Sampling(**settings), params, padded, len(PROMPT), limit)
     keys = jax.vmap(jax.random.key)(jnp.arange(SEEDS))
     tokens = np.asarray(jax.jit(jax.vmap(decode))(keys)[0])[:, :NEW]  # [SEEDS, NEW]
     index = tokens @ (SMALL.vocab_size ** np.arange(NEW - 1, -1, -1))
@@ -187,7 +187,7 @@ def test_a_wrong_acceptance_rule_fails_the_distribution_bound(monkeypatch):
 
 
 def test_sampled_speculative_is_reproducible_and_seeded():
-    generator = generate.Generator(MTPModel(SHAPE, 3, "parallel", rngs=nnx.Rngs(params=0)), 48)
+    generator = decoding.Generator(MTPModel(SHAPE, 3, "parallel", rngs=nnx.Rngs(params=0)), 48)
     draw = lambda seed: generator.speculative([7, 8, 9], 40, temperature=1.0, top_p=0.9, seed=seed)  # noqa: E731
     first = draw(0)
     assert first.tokens == draw(0).tokens and first.tokens != draw(1).tokens

@@ -1,4 +1,4 @@
-"""Synthetic tasks (mtp_jax/tasks.py): generators checked by independent solvers, held-out sets that
+"""Synthetic tasks (mtp_jax/data/tasks.py): generators checked by independent solvers, held-out sets that
 never leak into training, packing and the loss mask, task accuracy, and a task run through the
 same training, sharding, checkpoint and resume paths as text."""
 
@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from mtp_jax import config as config_lib
-from mtp_jax import data, evaluate, generate, tasks, train, workdir
+from mtp_jax import data, decoding, evaluate, train, workdir
+from mtp_jax.data import tasks
 from mtp_jax.errors import UserError
 from mtp_jax.metrics import read_metrics
 from mtp_jax.model import ModelShape
@@ -286,7 +287,7 @@ def test_teacherless_inputs_hide_exactly_the_answer():
 def test_greedy_answers_are_the_kv_cache_decodes_and_teacherless_is_one_forward_pass():
     model = MTPModel(SHAPE, 2, "linear", rngs=nnx.Rngs(params=2))
     problems = tasks.held_out(PATHSTAR, 3, split_seed=0)["d3_l4"]
-    generator = generate.Generator(model, 100)  # one compiled program: every prompt pads to 100
+    generator = decoding.Generator(model, 100)  # one compiled program: every prompt pads to 100
     answers = evaluate.greedy_answers(generator, problems)
     for p, answer in zip(problems, answers):
         ids = generator.generate(list(p.prompt.encode()), len(p.answer) + 1).tokens

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from mtp_jax.heads import HEAD_TYPES
 from mtp_jax.model import ModelShape
-from mtp_jax.mtp import HEAD_TYPES, MTPModel, mtp_loss
+from mtp_jax.mtp import MTPModel, mtp_loss
 
 torch = pytest.importorskip("torch")
 torch_reference = pytest.importorskip("benchmarks.torch_reference")

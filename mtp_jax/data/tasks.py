@@ -45,7 +45,6 @@ import numpy as np
 
 from mtp_jax.errors import UserError
 
-TASKS = ("polyarith", "pathstar")
 PAD, END, HIDDEN = " ", "\n", "$"  # padding, end of an answer, a hidden (teacherless) answer input
 _P, _DEGREE = 7, 5  # the field F7 and the quotient X^5
 
@@ -166,6 +165,13 @@ def _pathstar(degree: int, arm_length: int, num_labels: int) -> Task:
                 min_prompt_len=prompt_len, draw=draw)
 
 
+# name -> the task built from config.data.task's fields
+TASKS: dict[str, Callable[..., Task]] = {
+    "polyarith": lambda t: _polyarith(int(t.max_train_ops), int(t.max_eval_ops)),
+    "pathstar": lambda t: _pathstar(int(t.degree), int(t.arm_length), int(t.num_labels)),
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # From the config; problems; packing
 # ---------------------------------------------------------------------------------------------
@@ -186,10 +192,9 @@ def from_config(data_cfg) -> Task:
     """The task that data.source names, with its parameters from data.task (UserError if bad)."""
     t = data_cfg.task
     name = task_name(str(data_cfg.source))
-    if name == "polyarith":
-        task = _polyarith(int(t.max_train_ops), int(t.max_eval_ops))
-    else:
-        task = _pathstar(int(t.degree), int(t.arm_length), int(t.num_labels))
+    if name is None:
+        raise UserError(f"data.source={data_cfg.source!r} is not a task: name one as task:NAME")
+    task = TASKS[name](t)
     if t.teacherless and name != "pathstar":
         raise UserError(f"data.task.teacherless=True is defined for task:pathstar (fixed-length answers), "
                         f"not task:{name}: drop it")
