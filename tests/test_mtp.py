@@ -34,7 +34,7 @@ def head_logits(model: MTPModel, window) -> list[np.ndarray]:
     h, out = h_trunk, []
     for k in range(1, n + 1):
         h, _ = model.head_hidden(k, h_trunk, h, window[:, k - 1:T + k - 1], positions)
-        out.append(model.decoder.final_norm(h) @ model.head_matrix(k))
+        out.append(model.logits(k, h))
     return out
 
 
