@@ -196,8 +196,8 @@ def periodic_windows(steps: int, batch: int, length: int) -> np.ndarray:
 
 
 # A Medusa head only re-weighs the frozen unembedding's directions, which on this random model
-# hardly separate tokens: it learns, but not 0.5 nats in 12 steps (its training is tested with a
-# real model's numbers in docs/huggingface.md, its gradients in tests/test_draft_heads.py).
+# hardly separate tokens: it learns, but not 0.5 nats in 12 steps (tests/test_draft_heads.py
+# checks its loss and gradients).
 @pytest.mark.parametrize("head_type", [h for h in HEAD_TYPES if h != "medusa"])
 def test_heads_only_training_freezes_all_but_heads_and_the_heads_learn(head_type):
     config = config_for(3, head_type, trainable="heads", learning_rate=1e-2, warmup_steps=1, batch_size=8)
