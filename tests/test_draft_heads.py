@@ -10,8 +10,8 @@ import pytest
 from flax import nnx
 
 from mtp_jax import sharding, train
-from mtp_jax.decoding import Generator
 from mtp_jax.data import TokenData
+from mtp_jax.decoding import Generator
 from mtp_jax.errors import UserError
 from mtp_jax.model import ModelShape
 from mtp_jax.mtp import MTPModel, build_model, mtp_loss
