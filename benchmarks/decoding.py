@@ -144,6 +144,11 @@ def benchmark(trained: workdir.Trained, *, prompts: int, prompt_len: int, new_to
         if mode in TRANSFORMERS_MODES:
             report[mode]["agrees_with_plain"] = float(np.mean(
                 [r[mode]["result"].tokens == r["plain"]["result"].tokens for r in rows]))
+    if not model.drafts_all_tokens:  # the share of tokens the heads can draft at all
+        ids = np.asarray(model.draft_vocab[...])
+        plain = sum((r["plain"]["result"].tokens for r in rows), [])
+        report["draft_vocab"] = {"size": len(ids), "validation_tokens_inside": float(np.isin(np.asarray(val), ids).mean()),
+                                 "plain_output_tokens_inside": float(np.isin(plain, ids).mean())}
     return {
         "prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens, "cache_len": cache_len,
         "temperature": temperature, "tree_size": tree.size - 1, "tree_paths": tree.to_json(), **report,

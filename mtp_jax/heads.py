@@ -96,8 +96,7 @@ class HeadType:
     def matrix(self, model, k: int) -> Array:
         """Head k's output projection [D, V'] in the compute dtype: V' = V, or for k >= 2 the
         columns of the model's draft vocabulary (then `targets` and `logits` map between the two)."""
-        w = model.decoder.unembedding_matrix()
-        return w if k == 1 or model.drafts_all_tokens else jnp.take(w, model.draft_vocab[...], axis=1)
+        return model.decoder.unembedding_matrix(None if k == 1 or model.drafts_all_tokens else model.draft_vocab[...])
 
     def targets(self, model, k: int, targets: Array) -> Array:
         """Head k's training targets [B, T] as indices into its output (-1: outside it, no loss)."""

@@ -268,9 +268,13 @@ class Decoder(nnx.Module):
         """tokens: [B, T] int → [B, T, D] in the compute dtype."""
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.shape.dtype)
 
-    def unembedding_matrix(self) -> Array:
-        """[D, V] in the compute dtype."""
-        w = self.embedding[...].T if self.shape.tie_embeddings else self.unembedding[...]
+    def unembedding_matrix(self, ids: Array | None = None) -> Array:
+        """[D, V] in the compute dtype; given token ids [K], only their columns [D, K], gathered
+        before anything else so that a step reads K rows, not the whole matrix."""
+        if self.shape.tie_embeddings:
+            w = (self.embedding[...] if ids is None else jnp.take(self.embedding[...], ids, axis=0)).T
+        else:
+            w = self.unembedding[...] if ids is None else jnp.take(self.unembedding[...], ids, axis=1)
         return w.astype(self.shape.dtype)
 
     def block(self, layer: int) -> Block:
