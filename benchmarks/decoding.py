@@ -8,10 +8,12 @@ prompt-lookup decoding of the model the heads were trained on, on the same promp
 Prompts come from the validation split (so the corpus or its data cache must be present). The
 modes are timed in one process with their order rotating per prompt; speedups are medians over
 prompts of each mode's tokens/s over plain's (greedy or sampled). Greedy outputs must be
-identical (the script stops if a speculative mode diverges); sampled ones are only reported, and
-transformers' greedy outputs are compared with ours (`agrees_with_plain`: the fraction of prompts
-whose output is the same). Also how repetitive the outputs are (zlib ratio), the teacher-forced
-acceptance on the validation set, the CPU and the load average. Prints one JSON object.
+identical (`agrees_with_plain`, the fraction of prompts whose output is plain's: the script
+exits with an error after its report if a speculative mode's is below 1); sampled ones are only
+reported, and transformers' greedy outputs are compared with ours the same way. Also how
+repetitive the outputs are (zlib ratio), the teacher-forced acceptance on the validation set,
+the share of tokens a draft vocabulary covers, the CPU and the load average. Prints one JSON
+object.
 
 --dtype=bfloat16 decodes with bfloat16 parameters and compute (transformers' model too).
 --transformers needs the workdir's init_from (a Hugging Face folder or a GGUF file) and the `hf`
@@ -24,8 +26,6 @@ import argparse
 import json
 import os
 import pathlib
-import platform
-import subprocess
 import sys
 import time
 
@@ -41,6 +41,7 @@ from mtp_jax.acceptance import build_tree, teacher_forced_acceptance  # noqa: E4
 from mtp_jax.cli import ArgumentParser, fail  # noqa: E402
 from mtp_jax.decoding import Generator, Result  # noqa: E402
 from mtp_jax.errors import UserError  # noqa: E402
+from mtp_jax.machine import cpu_model  # noqa: E402
 from mtp_jax.mtp import build_model  # noqa: E402
 from mtp_jax.probes import compression_ratio  # noqa: E402
 from mtp_jax.speculative import Tree  # noqa: E402
@@ -114,9 +115,6 @@ def benchmark(trained: workdir.Trained, *, prompts: int, prompt_len: int, new_to
             result = modes[mode](prompt, i)
             row[mode] = dict(result=result, tps=len(result.tokens) / (time.perf_counter() - begin),
                              ratio=compression_ratio(tokenizer.decode(result.tokens)))
-        for mode in ("chain", "tree"):
-            if row[mode]["result"].tokens != row["plain"]["result"].tokens:
-                raise AssertionError(f"{mode} speculative decoding diverged from greedy decoding on prompt {i}")
         rows.append(row)
 
     graphdef, params = nnx.split(model, nnx.Param)
@@ -141,7 +139,7 @@ def benchmark(trained: workdir.Trained, *, prompts: int, prompt_len: int, new_to
         if mode == "chain_sampled":
             report[mode]["alpha"] = results.alpha()
             report[mode]["alpha_predicted_mean_accepted"] = results.predicted_mean_accepted()
-        if mode in TRANSFORMERS_MODES:
+        if mode in ("chain", "tree") or mode in TRANSFORMERS_MODES:  # greedy: the same tokens as plain's?
             report[mode]["agrees_with_plain"] = float(np.mean(
                 [r[mode]["result"].tokens == r["plain"]["result"].tokens for r in rows]))
     if not model.drafts_all_tokens:  # the share of tokens the heads can draft at all
@@ -155,14 +153,6 @@ def benchmark(trained: workdir.Trained, *, prompts: int, prompt_len: int, new_to
         "truth_compression_ratio": float(np.median([r["truth_ratio"] for r in rows])),
         "teacher_forced_mean_accepted": forced.pop("mean_accepted"), "teacher_forced_acceptance": forced,
     }
-
-
-def cpu_model() -> str:
-    try:
-        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -219,6 +209,10 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         fail(str(e))
     print(json.dumps(out))
+    diverged = [mode for mode in ("chain", "tree") if out[mode]["agrees_with_plain"] < 1]
+    if diverged:  # after the report, so that a failed check still shows what was measured
+        fail(f"greedy {' and '.join(diverged)} decoding diverged from plain greedy decoding: a bug in speculative "
+             "decoding (it must reproduce plain decoding token for token)")
 
 
 if __name__ == "__main__":
