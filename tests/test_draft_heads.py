@@ -3,6 +3,8 @@ targets and heads-only training on cached trunk outputs. Speculative decoding ag
 decoding, draft logits against the full logits, targets against a numpy reference, and the cached
 step's loss, gradients and updates against the step through the frozen trunk."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 from flax import nnx
 
 from mtp_jax import sharding, train
+from mtp_jax.config import validate
 from mtp_jax.data import TokenData
 from mtp_jax.decoding import Generator
 from mtp_jax.errors import UserError
@@ -133,3 +136,16 @@ def test_fresh_training_sets_the_draft_vocabulary_from_the_data():
     np.testing.assert_array_equal(state["params"]["draft_vocab"], [1, 3, 5, 7])
     assert "draft_vocab" not in train.trainable_part(state["params"], "all")
     assert build_model(config, 256, seed=0).draft_vocab.shape == (4,)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"mtp_targets": "teacher"}, "mtp_targets='teacher' is unknown"),
+    ({"mtp_draft_vocab": 64}, "mtp_draft_vocab restricts the shared unembedding, which 'linear' heads do not use"),
+    ({"mtp_draft_vocab": -1, "mtp_head_type": "medusa"}, "mtp_draft_vocab=-1 must be >= 0"),
+    ({"trunk_cache": True, "num_epochs": 2}, "trunk_cache=True keeps a frozen trunk's outputs"),
+    ({"trunk_cache": True, "trainable": "heads"}, "trunk_cache=True keeps a frozen trunk's outputs"),
+])
+def test_config_check_names_the_bad_field(overrides, message):
+    config = load_config("mtp3", overrides=overrides)
+    with pytest.raises(UserError, match=re.escape(message)):
+        validate(config)
