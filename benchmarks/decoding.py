@@ -211,8 +211,10 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(out))
     diverged = [mode for mode in ("chain", "tree") if out[mode]["agrees_with_plain"] < 1]
     if diverged:  # after the report, so that a failed check still shows what was measured
-        fail(f"greedy {' and '.join(diverged)} decoding diverged from plain greedy decoding: a bug in speculative "
-             "decoding (it must reproduce plain decoding token for token)")
+        fail(f"greedy {' and '.join(diverged)} decoding diverged from plain greedy decoding on some prompts "
+             "(agrees_with_plain above): a verify pass computes head 1's logits for several tokens at once, and its "
+             "dots may round a near-tie the other way than a one-token step (common in bfloat16; in float32 suspect a "
+             "bug)")
 
 
 if __name__ == "__main__":
