@@ -8,7 +8,8 @@ A folder holds
   config.json              a LlamaForCausalLM's config (Qwen2ForCausalLM's for a model with query, key and
                            value biases): transformers loads the folder with no code of ours
   model.safetensors        every tensor, float32 (a transformers folder may shard them, with an index)
-  mtp_jax.json             what transformers cannot express: head type, n, loss weights, tokenizer
+  mtp_jax.json             what transformers cannot express: head type, n, loss weights, tokenizer,
+                           the heads' draft vocabulary (draft_vocab: token ids) when they have one
   tokenizer.json           BPE models (with tokenizer_config.json); byte-level models get TOKENIZER.md
 
 Tensor names (L = num_hidden_layers; D, V, M = hidden, vocabulary and MLP sizes; N, N_kv, H =

@@ -29,6 +29,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from mtp_jax import heads
@@ -170,6 +171,16 @@ def build_model(config, vocab_size: int, *, seed: int) -> MTPModel:
     n = n_predict(config)
     return MTPModel(shape, n, config.mtp_head_type, rngs=nnx.Rngs(params=seed),
                     draft_vocab=config.get("mtp_draft_vocab", 0) if n > 1 else 0)
+
+
+def draft_vocabulary(tokens, vocab_size: int, size: int, sample: int = 1 << 26) -> np.ndarray:
+    """The `size` most frequent token ids [size] int32 among the first `sample` training tokens,
+    ties broken by the smaller id; ascending."""
+    if size > vocab_size:
+        raise UserError(f"mtp_draft_vocab={size} exceeds the vocabulary's {vocab_size} tokens: choose a smaller "
+                        "draft vocabulary (0: all tokens)")
+    counts = np.bincount(np.asarray(tokens[:sample], np.int64), minlength=vocab_size)
+    return np.sort(np.argsort(-counts, kind="stable")[:size]).astype(np.int32)
 
 
 def model_targets(greedy: Array, k: int) -> Array:

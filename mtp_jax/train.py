@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mtp_jax import data as data_lib
-from mtp_jax import hf, sharding
+from mtp_jax import hf, mtp, sharding, trunk_cache
 from mtp_jax.checkpoint import Checkpointer, abstract_like, check_writable
 from mtp_jax.config import validate
 from mtp_jax.data import tasks
@@ -38,7 +38,6 @@ from mtp_jax.evaluate import Evaluator
 from mtp_jax.metrics import MetricWriter, log
 from mtp_jax.mtp import TrunkOutputs, build_model, mtp_loss, n_predict
 from mtp_jax.schedules import head_weights, mtp_weight
-from mtp_jax.trunk_cache import TrunkCache
 from mtp_jax.workdir import save_run_files
 
 # Config fields that fix the shape of the parameters (or of the optimizer state, 'trainable'): a
@@ -87,9 +86,7 @@ def trainable_part(params: dict, trainable: str) -> dict:
     under trainable='heads' only `heads` (heads 2 … n; for 'parallel' heads head 1's block is the
     decoder's last layer, so it stays frozen with the rest of the decoder). A draft vocabulary's
     token ids are never trained."""
-    if trainable == "heads":
-        return {"heads": params["heads"]}
-    return {name: value for name, value in params.items() if name != "draft_vocab"}
+    return {"heads": params["heads"]} if trainable == "heads" else {k: v for k, v in params.items() if k != "draft_vocab"}
 
 
 def train_step(graphdef, tx, schedule, weights_at, chunk_size, compute_shardings, trainable, eot_id, targets, state,
@@ -97,8 +94,7 @@ def train_step(graphdef, tx, schedule, weights_at, chunk_size, compute_shardings
     """One optimizer step. A non-finite loss or gradient leaves the parameters untouched and is
     counted, so no NaN ever reaches the parameters (or a checkpoint); nan_policy decides on the
     host whether the run stops. weights_at(step) gives each head's loss weight [n] (schedules.py).
-    A task's batch adds its loss mask and model inputs (mtp_loss); trunk_cache's adds the frozen
-    trunk's outputs (mtp.TrunkOutputs) as `trunk`.
+    A task's batch adds its loss mask and model inputs (mtp_loss); trunk_cache, the trunk's outputs.
 
     Only the trainable parameters are differentiated: the frozen ones enter as constants, so
     no gradient (and, when nothing trainable precedes them, no backward pass) is computed for
@@ -141,7 +137,7 @@ class TrainSetup:
     state_shardings: dict
     param_shardings: dict
     n_params: int
-    # (state, window [B, T + n] int32 [, a task's mask and inputs, same shape] [, trunk=TrunkOutputs])
+    # (state, window [B, T + n] int32 [, a task's mask and inputs, same shape] [, TrunkOutputs])
     # -> (state, metrics); donates state
     step_fn: jax.stages.Compiled
 
@@ -179,21 +175,13 @@ def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int
                              config.loss_chunk_size, sharding.compute_shardings(param_shardings), config.trainable,
                              eot_id, config.mtp_targets)
     batch, batch_shardings = (abstract_batch,) * batch_arrays, (batch_sharding,) * batch_arrays
-    if config.trunk_cache:  # the step takes (state, window, trunk outputs)
-        rows = (config.batch_size, config.seq_len)
-        batch += (TrunkOutputs(
-            jax.ShapeDtypeStruct(rows + (config.model.d_model,), jnp.dtype(config.model.dtype), sharding=batch_sharding),
-            jax.ShapeDtypeStruct(rows, jnp.int32, sharding=batch_sharding),
-            jax.ShapeDtypeStruct(rows, jnp.float32, sharding=batch_sharding)),)
+    if config.trunk_cache:  # the step takes (state, window, the frozen trunk's outputs)
+        batch += (trunk_cache.abstract_outputs(config, batch_sharding),)
         batch_shardings += (TrunkOutputs(*(batch_sharding,) * 3),)
-        step = functools.partial(_with_trunk, step)
+        step = functools.partial(trunk_cache.with_outputs, step)
     step_fn = jax.jit(step, in_shardings=(state_shardings, *batch_shardings), out_shardings=(state_shardings, None),
                       donate_argnums=0).lower(abstract_state, *batch).compile()
     return TrainSetup(graphdef, init_state, abstract_state, state_shardings, param_shardings, n_params, step_fn)
-
-
-def _with_trunk(step, state, window, trunk):
-    return step(state, window, trunk=trunk)
 
 
 def check_workdir(workdir: pathlib.Path, config, vocab_size: int, has_checkpoints: bool) -> None:
@@ -280,11 +268,11 @@ def run(config, workdir, devices=None) -> dict:
                dynamic_ncols=True)
     timer, stop = StepTimer(start, config.batch_size * config.seq_len), StopRequest()
     final_eval, last_scalars, stopping, done = {}, {}, False, start
-    trunk_cache = TrunkCache(config, data, setup.graphdef, mesh) if config.trunk_cache else None
+    cache = trunk_cache.TrunkCache(config, data, setup.graphdef, mesh) if config.trunk_cache else None
     for step in range(start, steps):
         batch = train_batch(config, data, mesh, step)
-        if trunk_cache is not None:
-            batch += (trunk_cache.batch(state["params"], step, batch[0]),)
+        if cache is not None:
+            batch += (cache.batch(state["params"], step, batch[0]),)
         state, metrics = setup.step_fn(state, *batch)
         done = step + 1
         bar.update(1)
@@ -331,22 +319,12 @@ def init_state(setup: TrainSetup, imported: dict | None, init_from: str, data: d
     state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
     if "draft_vocab" in state["params"] and "draft_vocab" not in (imported or {}):
         size = state["params"]["draft_vocab"].shape[0]
-        imported = {**(imported or {}), "draft_vocab": draft_vocabulary(data.train, data.vocab_size, size)}
+        imported = {**(imported or {}), "draft_vocab": mtp.draft_vocabulary(data.train, data.vocab_size, size)}
     if imported is not None:
         state["params"] = hf.with_imported(state["params"], imported)
         if init_from:
             log(f"initialised {'the trunk and the heads' if 'heads' in imported else 'the trunk'} from {init_from}")
     return state
-
-
-def draft_vocabulary(tokens, vocab_size: int, size: int, sample: int = 1 << 26) -> np.ndarray:
-    """The `size` most frequent token ids [size] int32 among the first `sample` training tokens,
-    ties broken by the smaller id; ascending."""
-    if size > vocab_size:
-        raise UserError(f"mtp_draft_vocab={size} exceeds the vocabulary's {vocab_size} tokens: choose a smaller "
-                        "draft vocabulary (0: all tokens)")
-    counts = np.bincount(np.asarray(tokens[:sample], np.int64), minlength=vocab_size)
-    return np.sort(np.argsort(-counts, kind="stable")[:size]).astype(np.int32)
 
 
 def train_batch(config, data: data_lib.TokenData, mesh, step: int) -> tuple[jax.Array, ...]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -23,6 +24,21 @@ from jax.sharding import PartitionSpec as P
 from mtp_jax import data as data_lib
 from mtp_jax import sharding
 from mtp_jax.mtp import TrunkOutputs, n_predict
+
+
+def abstract_outputs(config, batch_sharding) -> TrunkOutputs:
+    """The shapes of a step's TrunkOutputs, on the batch's sharding."""
+    rows = (config.batch_size, config.seq_len)
+    return TrunkOutputs(
+        jax.ShapeDtypeStruct(rows + (config.model.d_model,), jnp.dtype(config.model.dtype), sharding=batch_sharding),
+        jax.ShapeDtypeStruct(rows, jnp.int32, sharding=batch_sharding),
+        jax.ShapeDtypeStruct(rows, jnp.float32, sharding=batch_sharding))
+
+
+def with_outputs(step, state, window, trunk: TrunkOutputs):
+    """train.train_step with the trunk's outputs as a positional argument (the compiled step's
+    shardings are given per position)."""
+    return step(state, window, trunk=trunk)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

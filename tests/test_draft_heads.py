@@ -12,12 +12,13 @@ import pytest
 from flax import nnx
 
 from mtp_jax import sharding, train
+from mtp_jax import workdir as workdir_lib
 from mtp_jax.config import validate
 from mtp_jax.data import TokenData
 from mtp_jax.decoding import Generator
 from mtp_jax.errors import UserError
 from mtp_jax.model import ModelShape
-from mtp_jax.mtp import MTPModel, build_model, mtp_loss
+from mtp_jax.mtp import MTPModel, build_model, draft_vocabulary, mtp_loss
 from mtp_jax.speculative import Tree
 from mtp_jax.trunk_cache import TrunkCache, trunk_outputs
 from tests.util import load_config
@@ -121,9 +122,9 @@ def test_trunk_cache_runs_each_window_once_and_trains_as_the_trunk_would():
 
 def test_draft_vocabulary_is_the_most_frequent_tokens():
     tokens = np.array([5, 5, 5, 9, 9, 2, 2, 7, 1], np.uint16)
-    np.testing.assert_array_equal(train.draft_vocabulary(tokens, 16, 3), [2, 5, 9])  # 2 beats 7 and 1 by count
+    np.testing.assert_array_equal(draft_vocabulary(tokens, 16, 3), [2, 5, 9])  # 2 beats 7 and 1 by count
     with pytest.raises(UserError, match="mtp_draft_vocab=17 exceeds"):
-        train.draft_vocabulary(tokens, 16, 17)
+        draft_vocabulary(tokens, 16, 17)
 
 
 def test_fresh_training_sets_the_draft_vocabulary_from_the_data():
@@ -149,3 +150,23 @@ def test_config_check_names_the_bad_field(overrides, message):
     config = load_config("mtp3", overrides=overrides)
     with pytest.raises(UserError, match=re.escape(message)):
         validate(config)
+
+
+def test_heads_only_run_on_cached_trunk_outputs_trains_and_decodes(tmp_path):
+    """The whole path: a run with every option of configs/smollm2_heads.py on a tiny model, then
+    its workdir's heads draft with the saved draft vocabulary and reproduce greedy decoding."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"def f{i}(x):\n    return x + {i % 7}\n\n" for i in range(300)))
+    config = load_config("base", overrides={
+        "use_mtp": True, "mtp_n_tokens": 3, "mtp_head_type": "sequential", "mtp_targets": "model",
+        "mtp_draft_vocab": 40, "trainable": "heads", "trunk_cache": True, "num_epochs": 2, "eval_batches": 1,
+        "sample_tokens": 0, "data.source": str(corpus), "data.cache_dir": str(tmp_path / "cache"),
+        "data.val_fraction": 0.1})
+    metrics = train.run(config, tmp_path / "run")
+    assert np.isfinite(metrics["eval/loss_2"]) and "generate/mean_accepted" in metrics
+    trained = workdir_lib.load(tmp_path / "run")
+    tokens = np.asarray(trained.data().train)
+    np.testing.assert_array_equal(trained.model.draft_vocab[...], draft_vocabulary(tokens, 256, 40))
+    generator = Generator(trained.model, 64)
+    prompt = tokens[:20].astype(int).tolist()
+    assert generator.speculative(prompt, 40).tokens == generator.generate(prompt, 40).tokens
