@@ -165,7 +165,7 @@ class _Metadata:
 
 
 def _config(meta: _Metadata, arch: str, names: set[str]) -> dict:
-    """config.json's fields for the file's model (hf.model_fields checks them)."""
+    """config.json's fields for the file's model (hf_config.model_fields checks them)."""
     if "rope_freqs.weight" in names:
         raise UserError(f"{meta.path} holds rope_freqs.weight (RoPE frequency factors, Llama 3.1's context "
                         "extension), which this GGUF import does not read: import the model's Hugging Face folder")

@@ -170,28 +170,27 @@ def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
 
 
 def open_folder(path: str | os.PathLike) -> Folder:
-    """Reads and checks config.json, mtp_jax.json, the index and every weight file's header; one
-    line naming the file and what is wrong if any is missing or malformed. No tensor is read."""
+    """Reads and checks config.json, mtp_jax.json, the index and every weight file's header, or a
+    GGUF file's metadata and tensor list (gguf.read_model); one line naming the file and what is
+    wrong if any is missing or malformed. No tensor is read."""
     path = pathlib.Path(path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         config, tensors = gguf.read_model(path)
-        fields = model_fields(config, str(path))
-        check_tensor(path, tensors, f"model.layers.{fields['n_layers'] - 1}.mlp.gate_proj.weight",
-                     (fields["mlp_dim"], fields["d_model"]))
-        return Folder(path, config, fields, {}, None, tensors)
-    if not path.is_dir():
-        raise UserError(f"init_from={str(path)!r} is neither a folder nor a .gguf file: pass a folder written by "
-                        "python -m mtp_jax.export or by transformers' save_pretrained, or a GGUF file")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json: pass a folder written by python -m mtp_jax.export or by "
-                        "transformers' save_pretrained")
-    config = read_json(path / "config.json")
-    fields = model_fields(config, str(path / "config.json"))
-    files = weight_files(path)
-    mtp = read_json(path / MTP_FILE) if (path / MTP_FILE).is_file() else {}
-    heads = mtp_heads(mtp, str(path / MTP_FILE))
-    tensors = read_headers(path, files)
-    # The layers config.json claims, found in the headers before a model of them is built.
+        fields, mtp, heads = model_fields(config, str(path)), {}, None
+    else:
+        if not path.is_dir():
+            raise UserError(f"init_from={str(path)!r} is neither a folder nor a .gguf file: pass a folder written by "
+                            "python -m mtp_jax.export or by transformers' save_pretrained, or a GGUF file")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} has no config.json: pass a folder written by python -m mtp_jax.export or by "
+                            "transformers' save_pretrained")
+        config = read_json(path / "config.json")
+        fields = model_fields(config, str(path / "config.json"))
+        files = weight_files(path)
+        mtp = read_json(path / MTP_FILE) if (path / MTP_FILE).is_file() else {}
+        heads = mtp_heads(mtp, str(path / MTP_FILE))
+        tensors = read_headers(path, files)
+    # The layers the config claims, found among the tensors before a model of them is built.
     check_tensor(path, tensors, f"model.layers.{fields['n_layers'] - 1}.mlp.gate_proj.weight",
                  (fields["mlp_dim"], fields["d_model"]))
     return Folder(path, config, fields, mtp, heads, tensors)

@@ -68,8 +68,8 @@ def test_gguf_tokenizer_encodes_code_as_transformers_does(smollm2):
 
 
 def write_gguf(path, model, types: dict[str, str], arch: str = "llama"):
-    """transformers' Llama `model` as llama.cpp writes it: metadata, blk.* names, query and key
-    rows permuted, each tensor in types[its GGUF name without blk.N.] (default F32). A K-quant
+    """transformers' Llama or Qwen2 `model` as llama.cpp writes it: metadata, blk.* names, a Llama's
+    query and key rows permuted, each tensor in types[its GGUF name without blk.N.] (default F32). A K-quant
     (which the gguf package cannot quantize) gets random blocks with small scales in its place."""
     import gguf as gguf_lib
 
@@ -96,7 +96,7 @@ def write_gguf(path, model, types: dict[str, str], arch: str = "llama"):
         else:
             name = short = names[hf_name]
         heads = {"attn_q.weight": config.num_attention_heads, "attn_k.weight": config.num_key_value_heads}.get(short)
-        if heads:  # llama.cpp's permutation: rows (head, 2, pair i) → (head, pair i, 2)
+        if heads and config.model_type == "llama":  # llama.cpp's permutation: rows (head, 2, pair i) → (head, pair i, 2)
             value = value.reshape(heads, 2, -1, value.shape[-1]).swapaxes(1, 2).reshape(value.shape)
         kind = q[types.get(short, "F32")]
         if kind in (q.Q4_K, q.Q6_K, q.Q5_K):
@@ -120,24 +120,30 @@ def write_gguf(path, model, types: dict[str, str], arch: str = "llama"):
     return path
 
 
-def tiny_llama(tie: bool = False):
-    """A random Llama (2 layers, d=256 so rows hold whole 256-value K-quant blocks, 4 query and 2
-    key/value heads) from transformers."""
+def tiny_llama(tie: bool = False, arch: str = "Llama"):
+    """A random Llama or Qwen2 (2 layers, d=256 so rows hold whole 256-value K-quant blocks, 4
+    query and 2 key/value heads, Qwen2's biases non-zero) from transformers."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                                      tie_word_embeddings=tie)
-    return transformers.LlamaForCausalLM(config).eval()
+    config = getattr(transformers, f"{arch}Config")(
+        vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=tie)
+    model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0.0, 0.5)
+    return model
 
 
 TOKENS = np.random.default_rng(0).integers(0, 64, (2, 16))
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_float32_gguf_gives_the_logits_of_the_model_it_was_written_from(tmp_path, tie):
-    """llama.cpp's permutation of the query and key rows is undone: the logits are the original's."""
-    model = tiny_llama(tie)
-    path = write_gguf(tmp_path / "tiny.gguf", model, {})
+@pytest.mark.parametrize("tie, arch", [(False, "Llama"), (True, "Llama"), (True, "Qwen2")])
+def test_float32_gguf_gives_the_logits_of_the_model_it_was_written_from(tmp_path, tie, arch):
+    """llama.cpp's permutation of a Llama's query and key rows is undone, Qwen2's biases are read:
+    the logits are the original model's."""
+    model = tiny_llama(tie, arch)
+    path = write_gguf(tmp_path / "tiny.gguf", model, {}, arch.lower())
     with torch.no_grad():
         expected = model(torch.from_numpy(TOKENS)).logits.numpy()
     ours = import_model(path)

@@ -114,7 +114,7 @@ def test_what_the_model_does_not_implement_is_refused_by_name(tmp_path, field, v
         hf.open_folder(folder)
 
 
-def test_init_from_tokenizes_text_with_the_models_tokenizer_and_keeps_it(corpus, tmp_path):  # noqa: F811 (the fixture)
+def test_init_from_tokenizes_text_with_the_models_tokenizer_and_keeps_it_with_the_layers_in_order(corpus, tmp_path):  # noqa: F811 (the fixture)
     folder = save_model(tmp_path / "llama", "llama_untied")
     text = (corpus / "corpus.txt").read_text()
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
@@ -134,3 +134,5 @@ def test_init_from_tokenizes_text_with_the_models_tokenizer_and_keeps_it(corpus,
                                                                          tokenizer.token_to_id(EOT))
     data = data_lib.prepare(trained.config.data, show_progress=False)
     assert data.vocab_size == VOCAB and data.train[:50].tolist() == tokenizer.encode(text).ids[:50]
+    # The frozen trunk, loaded back from the workdir's checkpoint: its 12 layers by their index.
+    np.testing.assert_allclose(head1_logits(trained.model, TOKENS), transformers_logits(folder, TOKENS), atol=1e-4)
