@@ -10,14 +10,15 @@
 #        ./launch.sh tpu-setup [--dry_run] TPU_NAME ZONE [REPO_URL]
 #            puts the code in ~/mtp_jax on every worker (git clone of REPO_URL, or a copy
 #            of this working tree) and pip-installs it with its [tpu] extra (jax[tpu]).
-#        --dry_run prints the gcloud commands (one per line, shell-quoted) instead of running
-#            them; each runs its remote command on every worker (--worker=all).
+#        --dry_run (anywhere on the line) prints the gcloud commands (one per line, shell-quoted)
+#            instead of running them; each runs its remote command on every worker (--worker=all).
 # env:   PYTHON (local, default python), TPU_PYTHON (on the workers, default python3),
 #        LAUNCH_GRACE_S (seconds between TERM and KILL when stopping, default 5).
 set -euo pipefail
 
-usage() {
+usage() {  # usage MESSAGE: the usage text, then one line naming what is wrong
   sed -n '/^# usage:/,/^set /{/^set /d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0]}" >&2
+  echo "error: $1" >&2
   exit 2
 }
 
@@ -49,10 +50,11 @@ prefix_lines() {
 
 run_local() {
   local n=${1:-} k=1 port i p status
-  [[ $n =~ ^[1-9][0-9]*$ ]] || usage
+  ((!DRY_RUN)) || usage "--dry_run is for tpu and tpu-setup: local runs nothing remote"
+  [[ $n =~ ^[1-9][0-9]*$ ]] || usage "local N: N='$n' is not a number of processes (1, 2, ...)"
   shift
   if [[ ${1:-} == -d ]]; then
-    [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || usage
+    [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || usage "-d K: K='${2:-}' is not a number of CPU devices per process (1, 2, ...)"
     k=$2
     shift 2
   fi
@@ -110,8 +112,15 @@ tpu_ssh() {  # tpu_ssh NAME ZONE REMOTE_COMMAND: run it on every worker
   gcloud_or_print compute tpus tpu-vm ssh "$1" --zone="$2" --worker=all --command="$3"
 }
 
+check_target() {  # check_target NAME ZONE: both Cloud names, so that neither is empty or a flag
+  [[ $1 =~ ^[a-z][-a-z0-9]*$ ]] \
+    || usage "TPU_NAME='$1' is not a TPU name: lowercase letters, digits and hyphens, starting with a letter"
+  [[ $2 =~ ^[a-z][-a-z0-9]*$ ]] || usage "ZONE='$2' is not a zone (e.g. us-central2-b); it comes right after TPU_NAME"
+}
+
 run_tpu() {
-  (($# >= 2)) || usage
+  (($# >= 2)) || usage "tpu needs TPU_NAME and ZONE before main's flags (got $# argument(s))"
+  check_target "$1" "$2"
   local name=$1 zone=$2 flags=''
   shift 2
   (($# > 0)) && flags=$(printf ' %q' "$@")
@@ -119,7 +128,8 @@ run_tpu() {
 }
 
 run_tpu_setup() {
-  (($# == 2 || $# == 3)) || usage
+  (($# == 2 || $# == 3)) || usage "tpu-setup takes TPU_NAME ZONE [REPO_URL] (got $# argument(s))"
+  check_target "$1" "$2"
   local name=$1 zone=$2 repo=${3:-} install
   install="cd $REMOTE_DIR && $TPU_PY -m pip install -e '.[tpu]'"
   if [[ -n $repo ]]; then
@@ -142,15 +152,23 @@ run_tpu_setup() {
     "mkdir -p $REMOTE_DIR && tar -xzf ~/mtp_jax.tgz -C $REMOTE_DIR && $install"
 }
 
+# --dry_run is taken from anywhere on the line (main has no flag of that name), so that no
+# placement of it lets gcloud run.
+args=()
+for arg in "$@"; do
+  case $arg in
+    --dry_run | --dry-run) DRY_RUN=1 ;;
+    --dry_run=* | --dry-run=*) usage "--dry_run takes no value (got '$arg')" ;;
+    *) args+=("$arg") ;;
+  esac
+done
+set -- "${args[@]}"
 mode=${1:-}
 (($# > 0)) && shift
-if [[ $mode == tpu* && ${1:-} == --dry_run ]]; then
-  DRY_RUN=1
-  shift
-fi
 case $mode in
   local) run_local "$@" ;;
   tpu) run_tpu "$@" ;;
   tpu-setup) run_tpu_setup "$@" ;;
-  *) usage ;;
+  '') usage "no mode: pass local, tpu or tpu-setup" ;;
+  *) usage "unknown mode '$mode': pass local, tpu or tpu-setup" ;;
 esac

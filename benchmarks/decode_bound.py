@@ -71,14 +71,14 @@ def main(argv: list[str]) -> None:
     args = p.parse_args(argv)
 
     trained = workdir.load(args.workdir)
-    model, config, val = trained.model, trained.config, trained.data().val
+    model, config, val, windows = trained.model, trained.config, trained.data().val, trained.tree_windows()
     capacity = config.seq_len
     shape = model.decoder.shape
     block_params = sum(x.size for x in jax.tree.leaves(nnx.state(model.decoder.blocks)))
     step_bytes = {"weights": 4 * (block_params + shape.d_model * shape.vocab_size),
                   "kv_cache": 4 * 2 * shape.n_layers * capacity * shape.d_model}
 
-    trees = {"chain": None} | {f"tree{k}": build_tree(model, config, val, k) for k in (8, 16, 32, 64)}
+    trees = {"chain": None} | {f"tree{k}": build_tree(model, windows, k) for k in (8, 16, 32, 64)}
     generators = {"float32": generate.Generator(model, capacity),
                   "bfloat16": generate.Generator(with_dtype(model, "bfloat16"), capacity)}
     prompt = np.asarray(val[:args.prompt_len]).astype(int).tolist()

@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
                         "benchmark a model trained with --config.use_mtp=True --config.mtp_n_tokens=4")
     if args.prompt_len >= cache_len:
         raise UserError(f"--prompt_len={args.prompt_len} must be below the cache of {cache_len} positions")
-    tree = build_tree(trained.model, trained.config, trained.data().val, args.tree_size)
+    tree = build_tree(trained.model, trained.tree_windows(), args.tree_size)
     return benchmark(trained, prompts=args.prompts, prompt_len=args.prompt_len,
                      new_tokens=min(args.max_new_tokens, cache_len - args.prompt_len), cache_len=cache_len,
                      tree=tree, temperature=args.temperature)

@@ -74,6 +74,7 @@ def decoding_runner(workdir: str, speculative: bool):
     import numpy as np
 
     from mtp_jax import generate
+    from mtp_jax import workdir as workdir_lib
 
     trained = workdir_lib.load(workdir)
     generator = generate.Generator(trained.model, trained.config.seq_len)

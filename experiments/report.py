@@ -36,7 +36,9 @@ sys.path.insert(0, str(ROOT))
 from experiments import pool, stats  # noqa: E402
 from experiments.sweep import git_commit  # noqa: E402
 from mtp_jax import data as data_lib  # noqa: E402
+from mtp_jax.cli import fail  # noqa: E402
 from mtp_jax.errors import UserError  # noqa: E402
+from mtp_jax.metrics import read_metrics  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -88,16 +90,6 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def read_events(path: pathlib.Path) -> list[dict]:
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:  # a line torn by a kill
-            continue
-    return events
-
-
 def last_logged(events: list[dict], key: str):
     """The newest value of a once-logged metric (a resumed run may log it again), else None."""
     return next((e[key] for e in reversed(events) if key in e), None)
@@ -105,7 +97,7 @@ def last_logged(events: list[dict], key: str):
 
 def load_run(workdir: pathlib.Path) -> Run:
     config = flatten(json.loads((workdir / "config.json").read_text()))
-    events = read_events(workdir / "metrics.jsonl")
+    events = read_metrics(workdir)
     # A resumed run may evaluate a step twice (the restored final step): the last one counts.
     evals = {e["step"]: e for e in events if "eval/loss_1" in e}
     train = sorted((e for e in events if "train/step_time_s" in e), key=lambda e: e["step"])
@@ -397,7 +389,29 @@ def comparison_row(c: dict) -> list[str]:
 
 def results_markdown(name: str, settings: list[Setting], baseline: Setting | None, summary: dict,
                      incomplete: list[Run], commands: list[str] = (), hosts: list[str] = ()) -> str:
-    by_setting = {s.label: [r for r in summary["runs"] if r["setting"] == s.label] for s in settings}
+    all_runs = [r for s in settings for r in s.runs]
+    heads = max(n_predicted(s.runs[0].config) for s in settings)
+    out = [*overview_section(name, settings, baseline, summary, hosts),
+           *summary_section(settings, baseline, summary),
+           *differences_section(summary),
+           *turned_up_section(settings, all_runs),
+           *task_section(settings),
+           *equal_tokens_section(settings, all_runs),
+           *per_head_section(settings, heads),
+           *acceptance_section(settings, heads),
+           "## Plots", "", "![head-1 validation loss vs tokens](loss_vs_tokens.png)", "",
+           "![validation loss per head](per_head_loss.png)", "",
+           "![head-1 validation loss vs wall-clock time](loss_vs_time.png)", ""]
+    if incomplete:
+        out += ["## Left out", "", "These runs did not reach num_train_steps: "
+                + ", ".join(f"`{r.name}` (step {r.eval_steps[-1] if r.eval_steps else 0})" for r in incomplete), ""]
+    out += ["## Command", "", "The sweep(s), then the report; every training's own command is in COMMAND.", "",
+            "```bash", *commands, "```", ""]
+    return "\n".join(out)
+
+
+def overview_section(name: str, settings: list[Setting], baseline: Setting | None, summary: dict,
+                     hosts: list[str]) -> list[str]:
     all_runs = [r for s in settings for r in s.runs]
     seeds = sorted({r.config["seed"] for r in all_runs})
     times = [r.eval_times[-1] for r in all_runs]
@@ -417,29 +431,37 @@ def results_markdown(name: str, settings: list[Setting], baseline: Setting | Non
                 "deviation over seeds; times are medians over logged intervals (the first excluded).", ""]
     else:
         out += ["No setting predicts a single token: pass `--baseline KEY=VALUE` for targets and ratios.", ""]
+    return out
 
-    def mean_of(runs: list[dict], key: str) -> float:
-        return statistics.fmean([r[key] for r in runs])
 
+def _mean_of(runs: list[dict], key: str) -> float:
+    return statistics.fmean([r[key] for r in runs])
+
+
+def _ratio(value: float, base: float | None) -> str:
+    return f" ({value / base:.2f}×)" if base else ""
+
+
+def summary_section(settings: list[Setting], baseline: Setting | None, summary: dict) -> list[str]:
+    by_setting = {s.label: [r for r in summary["runs"] if r["setting"] == s.label] for s in settings}
     base_runs = by_setting[baseline.label] if baseline else []
-    base_time = mean_of(base_runs, "median_step_time_s") if baseline else None
-    base_tok_s = mean_of(base_runs, "median_tokens_per_sec") if baseline else None
+    base_time = _mean_of(base_runs, "median_step_time_s") if baseline else None
+    base_tok_s = _mean_of(base_runs, "median_tokens_per_sec") if baseline else None
     base_seconds = statistics.fmean([r["steps"] * r["median_step_time_s"] for r in base_runs]) if baseline else None
-    ratio = (lambda v, b: f" ({v / b:.2f}×)" if b else "")  # noqa: E731
     rows = []
     for s in settings:
         runs = by_setting[s.label]
         reached = [r for r in runs if r["tokens_to_target"] is not None]
-        step_time, tok_s = mean_of(runs, "median_step_time_s"), mean_of(runs, "median_tokens_per_sec")
+        step_time, tok_s = _mean_of(runs, "median_step_time_s"), _mean_of(runs, "median_tokens_per_sec")
         if s is baseline:
             to_target, efficiency, time_to = "reference", "1.00×", f"{base_seconds:.1f} s (reference)"
         elif baseline and len(reached) == len(runs):
             # Bounds, not estimates, when a seed was below the target at its first evaluation.
             at_most, at_least = ("≤ ", "≥ ") if any(r["target_before_first_eval"] for r in runs) else ("", "")
             to_target = at_most + fmt_tokens([r["tokens_to_target"] for r in runs])
-            efficiency = f"{at_least}{base_runs[0]['tokens'] / mean_of(runs, 'tokens_to_target'):.2f}×"
+            efficiency = f"{at_least}{base_runs[0]['tokens'] / _mean_of(runs, 'tokens_to_target'):.2f}×"
             seconds = [r["seconds_to_target"] for r in runs]
-            time_to = f"{at_most}{fmt(seconds, 1)} s{ratio(statistics.fmean(seconds), base_seconds)}"
+            time_to = f"{at_most}{fmt(seconds, 1)} s{_ratio(statistics.fmean(seconds), base_seconds)}"
         elif baseline:
             to_target = f"not reached by {len(runs) - len(reached)} of {len(runs)} seeds"
             efficiency = time_to = "—"
@@ -447,9 +469,9 @@ def results_markdown(name: str, settings: list[Setting], baseline: Setting | Non
             to_target = efficiency = time_to = "—"
         rows.append([f"`{s.label}`", f"{s.runs[0].param_count / 1e6:.2f} M" if s.runs[0].param_count else "—",
                      str(len(runs)), fmt(s.finals("eval/loss_1")), fmt(s.finals("eval/bits_per_byte")),
-                     to_target, efficiency, time_to, f"{step_time * 1e3:.0f} ms{ratio(step_time, base_time)}",
-                     f"{tok_s:.0f}{ratio(tok_s, base_tok_s)}"])
-    out += ["## Summary", "", markdown_table(
+                     to_target, efficiency, time_to, f"{step_time * 1e3:.0f} ms{_ratio(step_time, base_time)}",
+                     f"{tok_s:.0f}{_ratio(tok_s, base_tok_s)}"])
+    return ["## Summary", "", markdown_table(
         ["setting", "params", "seeds", "final head-1 eval loss", "bits per byte", "tokens to baseline's final loss",
          "data efficiency", "training time to it (× baseline's)", "step time (× baseline)",
          "tokens/s (× baseline)"], rows), "",
@@ -459,56 +481,65 @@ def results_markdown(name: str, settings: list[Setting], baseline: Setting | Non
         "seed was below the target already at its first evaluation, so the tokens (and time) are at most, "
         "the efficiency at least, these.", ""]
 
-    if summary["comparisons"]:
-        out += ["## Differences from the baseline", "", DIFFERENCES_TEXT, "",
-                *sorted({f"- `{c['setting']}`: {c['pairing']}." for c in summary["comparisons"]}), "",
-                markdown_table(["setting", "metric", "baseline", "setting's", "unpaired: difference ± s.e.",
-                                "paired: difference ± s.e.", "power", "seeds for 80 %", "verdict"],
-                               [comparison_row(c) for c in summary["comparisons"]]), ""]
-    if loss_turned_up(all_runs):
-        out += ["## Where the validation loss turns up", "", markdown_table(
-            ["setting", "lowest head-1 eval loss", "at step", "at epoch", "final head-1 eval loss"],
-            [[f"`{s.label}`", fmt(s.finals("min_eval/loss_1")), fmt(s.finals("min_eval/loss_1_step"), 0),
-              fmt(s.finals("min_eval/loss_1_epoch"), 1), fmt(s.finals("eval/loss_1"))] for s in settings]), ""]
-    levels = difficulties(settings)
-    if levels:
-        out += ["## Task accuracy per difficulty (final step)", "",
-                "Greedy answers to held-out problems, exact match; mean ± s.d. over seeds.", "", markdown_table(
-                    ["setting", *levels, "all"],
-                    [[f"`{s.label}`", *(fmt(s.finals(f"eval/task_accuracy_{k}"), 3) for k in levels),
-                      fmt(s.finals("eval/task_accuracy"), 3)] for s in settings]), ""]
 
+def differences_section(summary: dict) -> list[str]:
+    if not summary["comparisons"]:
+        return []
+    return ["## Differences from the baseline", "", DIFFERENCES_TEXT, "",
+            *sorted({f"- `{c['setting']}`: {c['pairing']}." for c in summary["comparisons"]}), "",
+            markdown_table(["setting", "metric", "baseline", "setting's", "unpaired: difference ± s.e.",
+                            "paired: difference ± s.e.", "power", "seeds for 80 %", "verdict"],
+                           [comparison_row(c) for c in summary["comparisons"]]), ""]
+
+
+def turned_up_section(settings: list[Setting], all_runs: list[Run]) -> list[str]:
+    if not loss_turned_up(all_runs):
+        return []
+    return ["## Where the validation loss turns up", "", markdown_table(
+        ["setting", "lowest head-1 eval loss", "at step", "at epoch", "final head-1 eval loss"],
+        [[f"`{s.label}`", fmt(s.finals("min_eval/loss_1")), fmt(s.finals("min_eval/loss_1_step"), 0),
+          fmt(s.finals("min_eval/loss_1_epoch"), 1), fmt(s.finals("eval/loss_1"))] for s in settings]), ""]
+
+
+def task_section(settings: list[Setting]) -> list[str]:
+    levels = difficulties(settings)
+    if not levels:
+        return []
+    return ["## Task accuracy per difficulty (final step)", "",
+            "Greedy answers to held-out problems, exact match; mean ± s.d. over seeds.", "", markdown_table(
+                ["setting", *levels, "all"],
+                [[f"`{s.label}`", *(fmt(s.finals(f"eval/task_accuracy_{k}"), 3) for k in levels),
+                  fmt(s.finals("eval/task_accuracy"), 3)] for s in settings]), ""]
+
+
+def equal_tokens_section(settings: list[Setting], all_runs: list[Run]) -> list[str]:
     token_points = sorted(set().union(*(r.eval_tokens for r in all_runs)))
+    out = []
     for key, title in (("eval/loss_1", "Head-1 validation loss"), ("eval/bits_per_byte", "Validation bits per byte")):
         if not any(key in e for r in all_runs for e in r.evals):
             continue
         out += [f"## {title} at equal tokens", "", markdown_table(
             ["setting", *(fmt_tokens([t]) for t in token_points)],
             [[f"`{s.label}`", *(fmt(s.at_tokens(key, t)) for t in token_points)] for s in settings]), ""]
+    return out
 
-    heads = max(n_predicted(s.runs[0].config) for s in settings)
-    out += ["## Final validation loss per head", "", "Head k predicts token t+k.", "", markdown_table(
+
+def per_head_section(settings: list[Setting], heads: int) -> list[str]:
+    return ["## Final validation loss per head", "", "Head k predicts token t+k.", "", markdown_table(
         ["setting", *(f"head {k}" for k in range(1, heads + 1))],
         [[f"`{s.label}`", *(fmt(s.finals(f"eval/loss_{k}")) for k in range(1, heads + 1))] for s in settings]), ""]
 
-    if heads > 1:
-        out += ["## Draft acceptance (teacher-forced, final step)", "",
-                "With the true text as context, the share of positions where head k's greedy token equals "
-                "head 1's greedy token at the position it drafts for (the self-speculative decoding check); "
-                "tokens per verify pass = 1 + the expected run of accepted drafts.", "", markdown_table(
-                    ["setting", *(f"head {k}" for k in range(2, heads + 1)), "tokens per verify pass"],
-                    [[f"`{s.label}`", *(fmt(s.finals(f"generate/acceptance_{k}"), 3) for k in range(2, heads + 1)),
-                      fmt(s.finals("generate/mean_accepted"), 2)] for s in settings]), ""]
 
-    out += ["## Plots", "", "![head-1 validation loss vs tokens](loss_vs_tokens.png)", "",
-            "![validation loss per head](per_head_loss.png)", "",
-            "![head-1 validation loss vs wall-clock time](loss_vs_time.png)", ""]
-    if incomplete:
-        out += ["## Left out", "", "These runs did not reach num_train_steps: "
-                + ", ".join(f"`{r.name}` (step {r.eval_steps[-1] if r.eval_steps else 0})" for r in incomplete), ""]
-    out += ["## Command", "", "The sweep(s), then the report; every training's own command is in COMMAND.", "",
-            "```bash", *commands, "```", ""]
-    return "\n".join(out)
+def acceptance_section(settings: list[Setting], heads: int) -> list[str]:
+    if heads == 1:
+        return []
+    return ["## Draft acceptance (teacher-forced, final step)", "",
+            "With the true text as context, the share of positions where head k's greedy token equals "
+            "head 1's greedy token at the position it drafts for (the self-speculative decoding check); "
+            "tokens per verify pass = 1 + the expected run of accepted drafts.", "", markdown_table(
+                ["setting", *(f"head {k}" for k in range(2, heads + 1)), "tokens per verify pass"],
+                [[f"`{s.label}`", *(fmt(s.finals(f"generate/acceptance_{k}"), 3) for k in range(2, heads + 1)),
+                  fmt(s.finals("generate/mean_accepted"), 2)] for s in settings]), ""]
 
 
 def plot(settings: list[Setting], out_dir: pathlib.Path) -> None:
@@ -613,5 +644,4 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import pathlib
 import runpy
@@ -32,10 +31,13 @@ import signal
 import subprocess
 import sys
 import time
+import typing
 import urllib.parse
 
+from mtp_jax.cli import fail
 from mtp_jax.errors import UserError
 from mtp_jax.machine import cpu_model
+from mtp_jax.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -86,17 +88,7 @@ def main_command(launcher: list[str], config_arg: str, workdir: str, overrides: 
 
 def finished(workdir: pathlib.Path, total_steps: int) -> bool:
     """Whether the run logged its final evaluation (which main writes only after the last step)."""
-    path = workdir / "metrics.jsonl"
-    if not path.exists():
-        return False
-    for line in path.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by a kill
-            continue
-        if event.get("step") == total_steps and "eval/loss_1" in event:
-            return True
-    return False
+    return any(e.get("step") == total_steps and "eval/loss_1" in e for e in read_metrics(workdir))
 
 
 def default_launcher() -> list[str]:
@@ -136,6 +128,22 @@ def last_line(path: pathlib.Path) -> str:
     return lines[-1].strip() if lines else "(no output)"
 
 
+class Planned(typing.NamedTuple):
+    """One training of the grid."""
+    name: str  # k1=v1,k2=v2: its folder under RUNS_DIR/NAME
+    command: list[str]
+    workdir: pathlib.Path
+    steps: int  # num_train_steps: the run is finished once its evaluation there is logged
+
+
+class Running(typing.NamedTuple):
+    label: str  # [i/N] name, as printed
+    workdir: pathlib.Path
+    steps: int
+    log: typing.TextIO
+    started: float  # time.monotonic()
+
+
 class Runner:
     """At most `parallel` trainings at a time; signals to this process are passed on to them.
 
@@ -144,7 +152,7 @@ class Runner:
 
     def __init__(self, parallel: int):
         self.parallel = parallel
-        self.running: dict[subprocess.Popen, tuple] = {}
+        self.running: dict[subprocess.Popen, Running] = {}
         self.signal: int | None = None
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._forward)
@@ -154,9 +162,9 @@ class Runner:
         for proc in self.running:
             proc.send_signal(signal.SIGTERM)
 
-    def run_all(self, jobs: list[tuple[str, list[str], pathlib.Path, int]]) -> int:
-        """Run (label, command, workdir, total steps) jobs; print a line as each starts and ends;
-        return how many did not finish."""
+    def run_all(self, jobs: list[tuple[str, Planned]]) -> int:
+        """Run (label, planned run) jobs; print a line as each starts and ends; return how many did
+        not finish."""
         failures, queue = 0, list(jobs)
         while queue or self.running:
             while queue and len(self.running) < self.parallel and self.signal is None:
@@ -164,28 +172,30 @@ class Runner:
             if self.signal is not None:
                 queue = []
             for proc in [p for p in self.running if p.poll() is not None]:
-                label, workdir, total, log, started = self.running.pop(proc)
-                log.close()
-                if proc.returncode == 0 and finished(workdir, total):
-                    print(f"{label} done in {time.monotonic() - started:.0f} s", flush=True)
+                run = self.running.pop(proc)
+                run.log.close()
+                if proc.returncode == 0 and finished(run.workdir, run.steps):
+                    print(f"{run.label} done in {time.monotonic() - run.started:.0f} s", flush=True)
                     continue
                 failures += 1
                 if proc.returncode == 0:  # a training that was asked to stop saves and exits 0
-                    print(f"{label} stopped before step {total}: rerun the sweep to resume it", flush=True)
+                    print(f"{run.label} stopped before step {run.steps}: rerun the sweep to resume it", flush=True)
                 else:
-                    print(f"{label} FAILED (exit {proc.returncode}): {last_line(workdir / 'run.log')}", flush=True)
+                    print(f"{run.label} FAILED (exit {proc.returncode}): {last_line(run.workdir / 'run.log')}",
+                          flush=True)
             time.sleep(0.1)
         return failures
 
-    def start(self, label: str, command: list[str], workdir: pathlib.Path, total: int) -> None:
+    def start(self, label: str, planned: Planned) -> None:
+        workdir = planned.workdir
         workdir.mkdir(parents=True, exist_ok=True)
         resuming = (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir())
         log = (workdir / "run.log").open("a")
-        log.write(f"--- sweep.py {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(command)}\n")
+        log.write(f"--- sweep.py {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(planned.command)}\n")
         log.flush()
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(planned.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-        self.running[proc] = (label, workdir, total, log, time.monotonic())
+        self.running[proc] = Running(label, workdir, planned.steps, log, time.monotonic())
         print(f"{label} {'resuming' if resuming else 'started'} (log: {workdir / 'run.log'})", flush=True)
 
 
@@ -207,8 +217,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def plan(args: argparse.Namespace) -> list[tuple[str, list[str], pathlib.Path, int]]:
-    """(run name, command, workdir, total steps) for every point of the grid, in grid order."""
+def plan(args: argparse.Namespace) -> list[Planned]:
+    """Every point of the grid, in grid order."""
     if args.parallel < 1:
         raise UserError(f"--parallel={args.parallel} must be >= 1")
     if not args.name or "/" in args.name or args.name.startswith("."):
@@ -237,15 +247,15 @@ def plan(args: argparse.Namespace) -> list[tuple[str, list[str], pathlib.Path, i
         steps = str(point.get("num_train_steps", fixed.get("num_train_steps", config.num_train_steps)))
         if not steps.isdigit():
             raise UserError(f"num_train_steps={steps!r} must be a whole number of steps")
-        runs.append((name, main_command(launcher, args.config, str(workdir), {**fixed, **point}), workdir,
-                     int(steps)))
+        runs.append(Planned(name, main_command(launcher, args.config, str(workdir), {**fixed, **point}), workdir,
+                            int(steps)))
     return runs
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     runs = plan(args)
-    commands = [shlex.join(command) for _, command, _, _ in runs]
+    commands = [shlex.join(run.command) for run in runs]
     if args.dry_run:
         print("\n".join(commands))
         return 0
@@ -256,12 +266,12 @@ def main(argv: list[str]) -> int:
     append_new_lines(sweep_dir / "COMMANDS", commands)
 
     jobs = []
-    for i, (name, command, workdir, total) in enumerate(runs, 1):
-        label = f"[{i}/{len(runs)}] {name}"
-        if finished(workdir, total):
+    for i, run in enumerate(runs, 1):
+        label = f"[{i}/{len(runs)}] {run.name}"
+        if finished(run.workdir, run.steps):
             print(f"{label} skipped (finished)", flush=True)
         else:
-            jobs.append((label, command, workdir, total))
+            jobs.append((label, run))
     runner = Runner(args.parallel)
     failures = runner.run_all(jobs)
     if runner.signal is not None:
@@ -278,5 +288,4 @@ if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mtp_jax import data as data_lib
-from mtp_jax.mtp import MTPModel
+from mtp_jax.mtp import MTPModel, n_predict
 from mtp_jax.speculative import Tree
 
 
@@ -61,11 +61,17 @@ def rank_acceptance(graphdef, ranks: int, params, window: jax.Array) -> jax.Arra
     return jnp.stack(rows)
 
 
-def build_tree(model: MTPModel, config, val_tokens: np.ndarray, size: int, ranks: int = 8) -> Tree:
+def tree_windows(config, val_tokens) -> np.ndarray:
+    """The validation windows a tree is fitted on, [eval_batches, batch_size, seq_len + n]: those
+    evaluation uses (though not aligned to a task's packed problems). Training keeps them in the
+    workdir (workdir.VAL_WINDOWS)."""
+    return data_lib.eval_windows(val_tokens, window_len=config.seq_len + n_predict(config),
+                                 batch_size=config.batch_size, num_batches=config.eval_batches)
+
+
+def build_tree(model: MTPModel, windows: np.ndarray, size: int, ranks: int = 8) -> Tree:
     """The `size`-node tree (root excluded) that maximises the expected accepted length under the
-    per-head, per-rank acceptance measured on the validation windows evaluation uses."""
+    per-head, per-rank acceptance measured on `windows` (tree_windows)."""
     graphdef, params = nnx.split(model, nnx.Param)
-    batches = data_lib.eval_windows(val_tokens, window_len=config.seq_len + model.n_predict,
-                                    batch_size=config.batch_size, num_batches=config.eval_batches)
-    acceptance = np.mean([np.asarray(rank_acceptance(graphdef, ranks, params, b)) for b in batches], axis=0)
+    acceptance = np.mean([np.asarray(rank_acceptance(graphdef, ranks, params, b)) for b in windows], axis=0)
     return Tree.build(acceptance, size)

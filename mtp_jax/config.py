@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from mtp_jax import tasks
+from mtp_jax.data import tasks
 from mtp_jax.attention import NAMES as ATTENTION_NAMES
 from mtp_jax.errors import UserError
 from mtp_jax.model import ROPE_SCALINGS

@@ -22,9 +22,11 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from mtp_jax import data as data_lib
-from mtp_jax import probes, sharding, tasks, workdir
+from mtp_jax import probes, sharding, workdir
+from mtp_jax.data import tasks
 from mtp_jax.acceptance import teacher_forced_acceptance
-from mtp_jax.cli import ArgumentParser, fail, use_compilation_cache
+from mtp_jax.cli import ArgumentParser, fail
+from mtp_jax.compilation_cache import use_compilation_cache
 from mtp_jax.errors import UserError
 from mtp_jax.generate import Generator
 from mtp_jax.metrics import log

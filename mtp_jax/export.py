@@ -5,7 +5,8 @@ value biases), heads included (layout: hf.py).
 
 `transformers.AutoModelForCausalLM.from_pretrained(OUT)` loads the result with no code of ours (its
 logits are head 1's); `--config.init_from=OUT` reads it back, heads and all. The workdir's newest
-checkpoint that loads is exported (workdir.load); --out must not exist or be empty.
+checkpoint that loads is exported (workdir.load); --out must not exist or be empty. A model trained
+with model.scan_layers exports the same folder as the same model trained without.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ import jax
 from flax import nnx
 
 from mtp_jax import hf, workdir
-from mtp_jax.cli import ArgumentParser, fail, use_compilation_cache
+from mtp_jax.cli import ArgumentParser, fail
+from mtp_jax.compilation_cache import use_compilation_cache
 from mtp_jax.errors import UserError
+from mtp_jax.model import unstack_layers
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -37,6 +40,8 @@ def export(run_dir: str, out: str) -> tuple[pathlib.Path, int]:
         raise UserError(f"--out={out} already exists and is not empty: pass a new folder (nothing was overwritten)")
     trained = workdir.load(run_dir)
     params = jax.device_get(nnx.to_pure_dict(nnx.state(trained.model, nnx.Param)))
+    if trained.model.decoder.n_stacked:  # model.scan_layers: hf.py's layout names one layer at a time
+        params = unstack_layers(params)
     tokenizer = trained.meta.get("tokenizer")  # 'byte', 'bpe', or None for a token-file dataset
     hf.write_folder(out_path, params, trained.model.decoder.shape, trained.config, data_dir=trained.data_dir,
                     tokenizer=tokenizer)

@@ -37,7 +37,8 @@ from flax import nnx
 
 from mtp_jax import speculative, workdir
 from mtp_jax.acceptance import build_tree
-from mtp_jax.cli import ArgumentParser, fail, use_compilation_cache
+from mtp_jax.cli import ArgumentParser, fail
+from mtp_jax.compilation_cache import use_compilation_cache
 from mtp_jax.errors import UserError
 from mtp_jax.metrics import log
 from mtp_jax.mtp import MTPModel
@@ -387,7 +388,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="self-speculative decoding with the MTP heads (greedy, or rejection-sampled at --temperature)")
     p.add_argument("--tree_size", type=int, default=0,
                    help="greedy --speculative: verify a Medusa tree of this many drafts, built from the heads' "
-                        "per-rank acceptance on validation text (0: a chain of one draft per head)")
+                        "per-rank acceptance on the validation windows the workdir keeps (0: a chain of one draft "
+                        "per head)")
     p.add_argument("--cache_len", type=int, default=0,
                    help="KV-cache positions, prompt included (0: the seq_len the model was trained on)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -419,7 +421,7 @@ def run(args: argparse.Namespace) -> dict:
             "(--cache_len sets the cache's size)")
     tree = None
     if args.tree_size and model.n_predict > 1:
-        tree = build_tree(model, trained.config, trained.data().val, args.tree_size)
+        tree = build_tree(model, trained.tree_windows(), args.tree_size)
         if len(tree.paths) < args.tree_size:
             log(f"--tree_size={args.tree_size} is more than the {model.n_predict - 1} draft heads' candidates can "
                 f"fill: using the {len(tree.paths)}-node tree of all of them")

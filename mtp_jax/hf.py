@@ -56,6 +56,7 @@ from mtp_jax.errors import UserError
 from mtp_jax.hf_config import attention_window, config_json, model_fields, positive_int
 from mtp_jax.hf_files import (MTP_FILE, Folder, Tensor, read_headers, read_json, tokenizer_problem, weight_files,
                               write_atomically)
+from mtp_jax.model import stack_layers, unstack_layers
 from mtp_jax.mtp import HEAD_TYPES, build_model, loss_weights
 
 FORMAT = 1  # mtp_jax.json's format version
@@ -248,14 +249,18 @@ def model_tokenizer(folder: Folder) -> str | None:
 
 def read_for_training(config, data) -> dict:
     """The init_from folder's parameters for config's model (numpy, pure dict; see read_params),
-    once the data's tokenizer is known to feed it."""
+    once the data's tokenizer is known to feed it. The mapping names one layer at a time: a model
+    with model.scan_layers has its stacked layers read one by one, then stacked."""
     folder = open_folder(config.init_from)
     problem = tokenizer_problem(folder, data)
     if problem:
         raise UserError(problem)
     model = nnx.eval_shape(lambda: build_model(config, data.vocab_size, seed=0))
+    like, n_stacked = nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.decoder.n_stacked
     n = len(loss_weights(config))  # one weight per token predicted
-    return read_params(folder, nnx.to_pure_dict(nnx.state(model, nnx.Param)), n, config.mtp_head_type)
+    params = read_params(folder, jax.eval_shape(unstack_layers, like) if n_stacked else like, n,
+                         config.mtp_head_type)
+    return stack_layers(params, n_stacked) if n_stacked else params
 
 
 def read_params(folder: Folder, like: dict, n: int, head_type: str) -> dict:

@@ -25,7 +25,7 @@ import safetensors.numpy
 import tokenizers
 from safetensors import SafetensorError
 
-from mtp_jax.cli import new_folders, remove_empty
+from mtp_jax.folders import new_folders, remove_empty
 from mtp_jax.errors import UserError
 
 WEIGHTS, INDEX, MTP_FILE = "model.safetensors", "model.safetensors.index.json", "mtp_jax.json"

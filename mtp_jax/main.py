@@ -14,7 +14,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mtp_jax import train
-from mtp_jax.cli import fail, new_folders, parse_flags, remove_empty, use_compilation_cache
+from mtp_jax.cli import fail, parse_flags
+from mtp_jax.compilation_cache import use_compilation_cache
+from mtp_jax.folders import new_folders, remove_empty
 from mtp_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",

@@ -34,14 +34,8 @@ class MetricWriter:
     def _drop_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by a kill mid-write
-                continue
-            if step > 0 and event.get("step", 0) <= step:
-                kept.append(line)
+        kept = [line for line in self.path.read_text().splitlines()
+                if step > 0 and (event := _parse_line(line)) is not None and event.get("step", 0) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
@@ -63,9 +57,17 @@ class MetricWriter:
 
 
 def read_metrics(workdir) -> list[dict]:
-    """All events of a run's metrics.jsonl."""
+    """All events of a run's metrics.jsonl ([] before its first), skipping a line torn by a kill."""
     path = pathlib.Path(workdir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [event for event in map(_parse_line, path.read_text().splitlines() if path.exists() else [])
+            if event is not None]
+
+
+def _parse_line(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:  # a line torn by a kill mid-write (or a blank one)
+        return None
 
 
 def log(message: str) -> None:

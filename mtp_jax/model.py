@@ -331,11 +331,13 @@ class Decoder(nnx.Module):
 
 def stack_layers(params: dict, n_stacked: int) -> dict:
     """A model's parameters as a pure dict (anything holding a 'decoder' entry, e.g. Adam's
-    moments too), from the loop layout to the stacked one (Decoder's stacked_layers=n_stacked)."""
+    moments too), from the loop layout to the stacked one (Decoder's stacked_layers=n_stacked).
+    The stacks are NumPy arrays: an imported model is stacked in host memory (hf.read_for_training),
+    not on a device that may not hold it whole."""
     def convert(tree):
         decoder = dict(tree["decoder"])
         blocks = decoder.pop("blocks")
-        decoder["layer_stack"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[blocks[i] for i in range(n_stacked)])
+        decoder["layer_stack"] = jax.tree.map(lambda *xs: np.stack(xs), *[blocks[i] for i in range(n_stacked)])
         if len(blocks) > n_stacked:  # an empty nnx.List has no entry in a pure dict
             decoder["blocks"] = {i - n_stacked: blocks[i] for i in range(n_stacked, len(blocks))}
         return {**tree, "decoder": decoder}

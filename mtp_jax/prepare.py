@@ -15,9 +15,11 @@ counts. Train with --config.data.source='DIR/train_*.bin' --config.data.val_sour
 
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 import glob as globlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -30,9 +32,10 @@ import numpy as np
 import tokenizers
 import tqdm
 
-from mtp_jax.cli import ArgumentParser, fail
+from mtp_jax.cli import ArgumentParser, fail, new_folders, remove_empty
 from mtp_jax.data import shards as shards_lib
 from mtp_jax.data import tokenizer as tokenizer_lib
+from mtp_jax.data.sources import jsonl_text
 from mtp_jax.errors import UserError
 
 PROGRESS, META, TOKENIZER = "progress.json", "meta.json", "tokenizer.json"
@@ -78,14 +81,35 @@ def parse_args(argv: list[str]) -> Settings:
 
 
 def check(settings: Settings) -> None:
-    for name in ("shard_tokens", "val_docs", "workers"):
+    for name in ("shard_tokens", "val_docs", "workers", "bpe_docs"):
         if getattr(settings, name) < 1:
             raise UserError(f"--{name}={getattr(settings, name)} must be at least 1")
     if settings.tokenizer == "bpe" and settings.vocab_size < tokenizer_lib.BPE_MIN_VOCAB:
         raise UserError(f"--vocab_size={settings.vocab_size} is too small for --tokenizer=bpe: use at least "
                         f"{tokenizer_lib.BPE_MIN_VOCAB}, e.g. 8192")
-    if settings.tokenizer not in ("byte", "bpe") and not pathlib.Path(settings.tokenizer).is_file():
-        raise UserError(f"--tokenizer={settings.tokenizer!r} is not 'byte', 'bpe' or an existing tokenizer.json")
+    if settings.tokenizer not in ("byte", "bpe"):
+        check_tokenizer_file(settings.tokenizer)
+
+
+def brief(error: Exception) -> str:
+    """A library's error message on one line, cut to a readable length."""
+    return " ".join(str(error).split())[:160]
+
+
+def check_tokenizer_file(path: str) -> None:
+    """Raises UserError unless `path` holds a tokenizer.json that this process can read."""
+    try:
+        text = pathlib.Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise UserError(f"--tokenizer={path!r} is not 'byte', 'bpe' or an existing tokenizer.json") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"--tokenizer={path!r} cannot be read ({getattr(e, 'strerror', None) or e}): pass a "
+                        "tokenizer.json you can read") from None
+    try:
+        tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # noqa: BLE001 — tokenizers raises a bare Exception for a file it cannot parse
+        raise UserError(f"--tokenizer={path!r} is not a tokenizer.json ({brief(e)}): pass "
+                        "the tokenizer.json of a Hugging Face tokenizer") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,34 +133,74 @@ def documents(files: list[pathlib.Path], text_field: str) -> Iterator[str]:
         elif path.suffix == ".parquet":
             yield from _parquet_documents(path, text_field)
         else:
-            try:
-                yield path.read_bytes().decode("utf-8")
-            except UnicodeDecodeError:
-                raise UserError(f"{path} is not UTF-8 text: remove it from --source") from None
+            yield _text_document(path)
+
+
+def check_documents(settings: Settings, files: list[pathlib.Path]) -> None:
+    """Reads the start of every file, and enough documents for both splits: what prepare refuses
+    there it refuses before it writes anything."""
+    for path in files:
+        if path.suffix == ".parquet":
+            _parquet_file(path, settings.text_field)
+        elif path.suffix == ".jsonl":
+            next(_jsonl_documents(path, settings.text_field), None)
+        else:
+            _text_document(path, head=1 << 16)
+    n_docs = sum(1 for _ in itertools.islice(documents(files, settings.text_field), settings.val_docs + 1))
+    if n_docs == 0:
+        raise UserError(f"--source={settings.source!r} holds no documents (its files are empty): pass files with text")
+    if n_docs <= settings.val_docs:
+        raise UserError(f"--source={settings.source!r} has {n_docs} documents, no more than --val_docs="
+                        f"{settings.val_docs}: lower --val_docs to leave documents for training")
+
+
+def _text_document(path: pathlib.Path, head: int = -1) -> str:
+    """The text file's text, or its first `head` bytes' (a character they cut short left out)."""
+    with path.open("rb") as f:
+        data = f.read(head)
+    try:
+        return codecs.getincrementaldecoder("utf-8")().decode(data, final=head < 0)
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text: remove it from --source") from None
 
 
 def _jsonl_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
-    with path.open(encoding="utf-8") as f:
+    with path.open("rb") as f:
         for line_no, line in enumerate(f, 1):
             if line.strip():
-                try:
-                    yield str(json.loads(line)[text_field])
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise UserError(f"{path}:{line_no} is not a JSON object with a {text_field!r} field "
-                                    f"({type(e).__name__}): fix that line, or pass --text_field") from None
+                yield jsonl_text(path, line_no, line, text_field, fix="fix that line, or pass --text_field")
+
+
+def _parquet_file(path: pathlib.Path, text_field: str):
+    """The pyarrow ParquetFile at `path`, checked to hold a text column `text_field`."""
+    try:
+        import pyarrow as pa  # optional dependency: the [parquet] extra
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise UserError(f"{path} is parquet, which needs pyarrow: pip install 'mtp_jax[parquet]'") from None
+    try:
+        file = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path} is not a parquet file ({brief(e)}): remove it or fetch it again") from None
+    schema = file.schema_arrow
+    if text_field not in schema.names:
+        raise UserError(f"{path} has no column {text_field!r} (it has {', '.join(schema.names)}): pass --text_field")
+    kind = schema.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise UserError(f"{path}'s column {text_field!r} holds {kind}, not text: pass --text_field")
+    return file
 
 
 def _parquet_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
+    """Each row's text; a null is an empty document."""
+    import pyarrow as pa
+
+    file = _parquet_file(path, text_field)
     try:
-        import pyarrow.parquet as pq  # optional dependency: the [parquet] extra
-    except ImportError:
-        raise UserError(f"{path} is parquet, which needs pyarrow: pip install 'mtp_jax[parquet]'") from None
-    file = pq.ParquetFile(path)
-    names = file.schema_arrow.names
-    if text_field not in names:
-        raise UserError(f"{path} has no column {text_field!r} (it has {', '.join(names)}): pass --text_field")
-    for batch in file.iter_batches(batch_size=_PARQUET_ROWS, columns=[text_field]):
-        yield from ("" if text is None else str(text) for text in batch.column(0).to_pylist())
+        for batch in file.iter_batches(batch_size=_PARQUET_ROWS, columns=[text_field]):
+            yield from ("" if text is None else text for text in batch.column(0).to_pylist())
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path} cannot be read ({brief(e)}): remove it or fetch it again") from None
 
 
 def chunks(docs: Iterator[str], skip: int) -> Iterator[list[str]]:
@@ -279,33 +343,67 @@ def write_json(path: pathlib.Path, value: dict) -> None:
     tmp.rename(path)
 
 
-def start_progress(settings: Settings, identity: dict) -> dict:
-    """progress.json of an interrupted run with the same settings, or a fresh one; refuses an
-    --out that holds anything else."""
+def resumed_progress(settings: Settings, identity: dict) -> dict | None:
+    """progress.json of an earlier run with the same settings, or None for a fresh start; refuses
+    an --out that holds anything else. Writes nothing."""
     path = settings.out / PROGRESS
     if path.is_file():
-        progress = json.loads(path.read_text())
+        try:
+            progress = json.loads(path.read_bytes())
+        except (OSError, ValueError):  # ValueError: not UTF-8, not JSON
+            progress = None
+        if not isinstance(progress, dict) or not {"identity", "shards", "cursor", "complete"} <= progress.keys():
+            raise UserError(f"{path} is not the record prepare writes (damaged or written by something else): delete "
+                            f"--out={settings.out} to start over, or pass a new --out (nothing was overwritten)")
         if progress["identity"] != identity:
-            raise UserError(f"--out={settings.out} holds shards prepared from other files or settings: pass a new "
-                            "--out, or the same settings to resume (nothing was overwritten)")
+            raise UserError(f"--out={settings.out} holds shards prepared from other files or settings: pass the same "
+                            "settings to resume, or a new --out, or delete it to start over (nothing was overwritten)")
         return progress
     if settings.out.exists() and (not settings.out.is_dir() or any(settings.out.iterdir())):
         raise UserError(f"--out={settings.out} exists and was not written by prepare: pass a new folder "
                         "(nothing was overwritten)")
-    settings.out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def start_progress(settings: Settings, identity: dict) -> dict:
+    """A fresh progress.json in --out (made here if missing): from now on a rerun resumes here
+    (the BPE training included)."""
     progress = dict(identity=identity, shards={"val": [], "train": []}, bytes={"val": 0, "train": 0},
                     cursor=[0, 0], complete=False)
-    write_json(path, progress)  # from now on a rerun resumes here (the BPE training included)
+    try:
+        settings.out.mkdir(parents=True, exist_ok=True)
+        write_json(settings.out / PROGRESS, progress)
+    except OSError as e:
+        raise UserError(f"cannot write --out={settings.out} ({e.strerror or e}): pass a folder you can write "
+                        "to") from None
     return progress
 
 
 def prepare(settings: Settings, show_progress: bool = True) -> dict:
-    """Writes (or completes) the shards of `settings` in --out; returns its meta.json."""
+    """Writes (or completes) the shards of `settings` in --out; returns its meta.json. What can be
+    checked before writing is; a fresh run refused later (a broken line deep in the corpus) leaves
+    no --out behind."""
     check(settings)
     files = source_files(settings.source)
-    progress = start_progress(settings, settings.identity(files))
-    if progress["complete"]:
+    identity = settings.identity(files)
+    progress = resumed_progress(settings, identity)
+    if progress is not None and progress["complete"]:
         return json.loads((settings.out / META).read_text())
+    check_documents(settings, files)
+    if progress is not None:
+        return write_shards(settings, files, progress, show_progress)
+    made = new_folders(settings.out)
+    try:
+        return write_shards(settings, files, start_progress(settings, identity), show_progress)
+    except UserError:  # what it wrote is removed: the fix of the input would leave it unusable
+        for path in settings.out.iterdir() if settings.out.is_dir() else ():  # files only, and --out was empty
+            path.unlink()
+        remove_empty(made)
+        raise
+
+
+def write_shards(settings: Settings, files: list[pathlib.Path], progress: dict, show_progress: bool) -> dict:
+    """Tokenizes the documents after progress.json's cursor into shards; returns meta.json."""
     tokenizer_file, vocab_size, eot_id = make_tokenizer(settings, files)
     dtype = "<u2" if vocab_size <= 1 << 16 else "<u4"
     writer = ShardWriter(settings.out, dtype, settings, progress)
@@ -319,10 +417,7 @@ def prepare(settings: Settings, show_progress: bool = True) -> dict:
             tokens += len(ids)
             bar.update(n_bytes)
             bar.set_postfix(documents=doc + 1, tokens=tokens, refresh=False)
-    n_docs = max(doc + 1, first)
-    if n_docs <= settings.val_docs:
-        raise UserError(f"--source={settings.source!r} has {n_docs} documents, no more than --val_docs="
-                        f"{settings.val_docs}: lower --val_docs to leave documents for training")
+    n_docs = max(doc + 1, first)  # check_documents saw more than --val_docs
     writer.write(writer.split_of(n_docs - 1), n_docs, 0)
     shard_lists = progress["shards"]
     meta = dict(format="llm.c", dtype=np.dtype(dtype).name, vocab_size=vocab_size, eot_id=eot_id,

@@ -28,7 +28,8 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mtp_jax import data as data_lib
-from mtp_jax import hf, sharding, tasks
+from mtp_jax import hf, sharding
+from mtp_jax.data import tasks
 from mtp_jax.checkpoint import Checkpointer, abstract_like, check_writable
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
@@ -45,9 +46,6 @@ MODEL_SIGNATURE = ("use_mtp", "mtp_n_tokens", "mtp_head_type", "model.d_model", 
                    "model.n_heads", "model.mlp_dim", "model.tie_embeddings", "model.param_dtype",
                    "model.n_kv_heads", "trainable",
                    "model.scan_layers")  # stacked and per-layer parameters are different trees
-# What a signature field meant in a workdir saved before the field existed.
-SIGNATURE_DEFAULTS = {"model.n_kv_heads": 0, "trainable": "all", "model.scan_layers": False}
-RENAMED_FIELDS = {"trainable": "train"}  # a field's name in workdirs saved before it was renamed
 
 
 def itstime(step: int, every: int, total: int) -> bool:
@@ -189,10 +187,7 @@ def check_workdir(workdir: pathlib.Path, config, vocab_size: int, has_checkpoint
     ours = json.loads(config.to_json_best_effort())
 
     def get(c, key):
-        value = functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, key.split("."), c)
-        if value is None and key in RENAMED_FIELDS:
-            value = c.get(RENAMED_FIELDS[key])
-        return SIGNATURE_DEFAULTS.get(key) if value is None else value
+        return functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, key.split("."), c)
 
     diffs = [f"{key} {get(saved, key)!r} -> {get(ours, key)!r}" for key in MODEL_SIGNATURE
              if get(saved, key) != get(ours, key)]

@@ -3,12 +3,14 @@
     workdir/config.json          the resolved config, plus the data's vocab_size
     workdir/data/meta.json       the data's metadata: tokenizer, vocabulary, token counts, source
     workdir/data/tokenizer.json  a BPE tokenizer (a byte-level model needs none)
+    workdir/data/val_windows.npy the validation windows a --tree_size tree is fitted on (models with heads)
     workdir/checkpoints/<step>   orbax checkpoints of the train state
     workdir/metrics.jsonl, workdir/tensorboard/
 
 The trainer writes config.json and data/ before the first step, so `generate`, `evaluate` and
-`export` read a model's tokenizer from its workdir, not from the corpus or its data cache.
-Workdirs written before data/ existed fall back to preparing the data from config.data.
+`export` read a model's tokenizer (and `generate --tree_size` its validation windows) from its
+workdir, not from the corpus or its data cache. Workdirs written before data/ (or a file in it)
+existed fall back to preparing the data from config.data.
 """
 
 from __future__ import annotations
@@ -20,16 +22,19 @@ import shutil
 import sys
 
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from mtp_jax import data as data_lib
+from mtp_jax.acceptance import tree_windows
 from mtp_jax.checkpoint import Checkpointer
 from mtp_jax.errors import UserError
 from mtp_jax.metrics import log
-from mtp_jax.mtp import MTPModel, build_model
+from mtp_jax.mtp import MTPModel, build_model, n_predict
 
 DATA = "data"  # the workdir's copy of the data's metadata and tokenizer
 TOKENIZER_FILES = ("meta.json", "tokenizer.json")
+VAL_WINDOWS = "val_windows.npy"  # in data/: acceptance.tree_windows, in the smallest dtype that holds the ids
 
 
 def save_run_files(workdir: pathlib.Path, config, data: data_lib.TokenData) -> None:
@@ -41,6 +46,12 @@ def save_run_files(workdir: pathlib.Path, config, data: data_lib.TokenData) -> N
     for name in TOKENIZER_FILES:
         if (data.directory / name).is_file():
             shutil.copyfile(data.directory / name, workdir / DATA / name)
+    if n_predict(config) > 1:  # a tree needs draft heads
+        windows = tree_windows(config, data.val).astype(np.min_scalar_type(data.vocab_size - 1))
+        partial = workdir / DATA / f".{VAL_WINDOWS}.partial"
+        with open(partial, "wb") as f:  # renamed when complete: a kill mid-write leaves the old file
+            np.save(f, windows)
+        partial.replace(workdir / DATA / VAL_WINDOWS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +71,36 @@ class Trained:
         return data_lib.load_tokenizer(self.data_dir)
 
     def data(self) -> data_lib.TokenData:
-        """The prepared corpus (its validation split fits trees and feeds benchmarks): this one
-        needs the corpus, or its data cache."""
+        """The prepared corpus (its validation split feeds benchmarks): this one needs the corpus,
+        or its data cache."""
         return data_lib.prepare(self.config.data, show_progress=sys.stderr.isatty())
+
+    def tree_windows(self) -> np.ndarray:
+        """The validation windows a tree (generate --tree_size) is fitted on: the workdir's own,
+        else, for a workdir written before training kept them, the corpus's."""
+        kept = self.data_dir / VAL_WINDOWS
+        if kept.is_file():
+            return read_windows(kept, self.config.seq_len + n_predict(self.config))
+        try:
+            return tree_windows(self.config, self.data().val)
+        except UserError as e:
+            raise UserError(f"a tree is fitted on validation windows, which this workdir does not keep (it has no "
+                            f"{DATA}/{VAL_WINDOWS}: training writes it) and its corpus cannot be read ({e}): "
+                            "drop --tree_size (a chain of drafts needs no windows), or make the corpus (or its "
+                            "data cache) readable again") from None
+
+
+def read_windows(path: pathlib.Path, window_len: int) -> np.ndarray:
+    """A kept VAL_WINDOWS file, int32, checked: [batches, batch, window_len] token ids."""
+    try:
+        windows = np.load(path, allow_pickle=False)
+        ok = windows.ndim == 3 and windows.shape[2] == window_len and windows.dtype.kind == "u"
+    except (OSError, ValueError, EOFError):
+        ok = False
+    if not ok:
+        raise UserError(f"{path} is damaged (not [batches, batch, {window_len}] token ids): delete it, and the tree "
+                        "is fitted on the corpus's validation split again")
+    return windows.astype(np.int32)
 
 
 def load(workdir: str | pathlib.Path) -> Trained:
@@ -93,13 +131,5 @@ def load(workdir: str | pathlib.Path) -> Trained:
     data_dir = workdir / DATA
     if not (data_dir / "meta.json").is_file():  # written before workdirs kept their tokenizer
         data_dir = data_lib.prepare(config.data, show_progress=sys.stderr.isatty()).directory
-    return Trained(nnx.merge(graphdef, integer_keys(state["params"])), config, step, data_dir)
-
-
-def integer_keys(tree):
-    """A restored tree with its layer indices as integers again: a read-only restore gives back
-    the keys as saved, strings, and nnx.merge pairs keys with blocks in sorted order, in which
-    '10' precedes '2' (block 2 would get layer 10 of a model with more than 10 layers)."""
-    if not isinstance(tree, dict):
-        return tree
-    return {int(k) if isinstance(k, str) and k.isdigit() else k: integer_keys(v) for k, v in tree.items()}
+    # Orbax restores a list's indices as strings: as such, layer 10 would sort before layer 2.
+    return Trained(nnx.merge(graphdef, nnx.restore_int_paths(state["params"])), config, step, data_dir)

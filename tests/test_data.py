@@ -344,7 +344,9 @@ def test_eval_windows_are_fixed_and_evenly_spaced():
         ("text", {"vocab_size": 512}, "data.vocab_size=512 is invalid for tokenizer='byte'"),
         ("text", {"tokenizer": "bpe", "vocab_size": 100}, "data.vocab_size=100 is invalid for tokenizer='bpe'"),
         ("text", {"val_fraction": 0.0}, "data.val_fraction=0.0 must be in (0, 1)"),
-        ("bad_jsonl", {}, "bad.jsonl:2 is not a JSON object with a 'text' field"),
+        ("bad_jsonl", {}, "bad.jsonl:2 is not a JSON object with a 'text' field (its fields: 'body')"),
+        ("number_jsonl", {}, "number.jsonl:2: its 'text' is a number, not a string: fix that line"),
+        ("binary_jsonl", {}, "binary.jsonl:1 is not UTF-8 text: binary.jsonl is not JSONL"),
         ("odd_bin", {"vocab_size": 100}, "not a multiple of 4"),
         ("bin", {"vocab_size": 50}, "token id 99 >= vocab_size=50"),
         ("bin", {"vocab_size": 0}, "no vocab_size in"),
@@ -364,6 +366,8 @@ def test_bad_input_raises_user_error_naming_the_problem(tmp_path, source_kind, o
         "binary_dir": tmp_path / "binary",
         "text": src / "a.txt",
         "bad_jsonl": src / "bad.jsonl",
+        "number_jsonl": src / "number.jsonl",
+        "binary_jsonl": src / "binary.jsonl",
         "odd_bin": src / "odd.bin",
         "bin": src / "t.bin",
         "bin_meta": src / "t.bin",
@@ -375,6 +379,8 @@ def test_bad_input_raises_user_error_naming_the_problem(tmp_path, source_kind, o
     (src / "empty.txt").write_text("")
     (src / "a.txt").write_text("some text\n" * 10)
     (src / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n')
+    (src / "number.jsonl").write_text('{"text": "ok"}\n{"text": 42}\n')
+    (src / "binary.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n")
     (src / "odd.bin").write_bytes(b"\x00" * 7)
     np.arange(100, dtype="<u4").tofile(src / "t.bin")
     if source_kind == "bin_meta":

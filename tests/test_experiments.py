@@ -14,6 +14,7 @@ import pytest
 
 from experiments import pool, report, stats, sweep, verdicts
 from mtp_jax.errors import UserError
+from mtp_jax.metrics import read_metrics
 
 ROOT = pathlib.Path(__file__).parent.parent
 CONFIG = f"{ROOT / 'configs' / 'mtp3.py'}:tiny"
@@ -82,7 +83,7 @@ def sweep_command(tmp_path, *args) -> list[str]:
 
 def logged_steps(workdir: pathlib.Path, key: str) -> list[int]:
     path = workdir / "metrics.jsonl"
-    return [e["step"] for e in report.read_events(path) if key in e] if path.exists() else []
+    return [e["step"] for e in read_metrics(path.parent) if key in e] if path.exists() else []
 
 
 @pytest.mark.slow
@@ -126,7 +127,7 @@ def test_sweep_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
     # The report reads what the real trainer wrote.
     summary = report.report(sweep_dir, tmp_path / "results")
     final = {r["run"]: r["final"]["eval/loss_1"] for r in summary["runs"]}
-    assert final == {w.name: report.read_events(w / "metrics.jsonl")[-1]["eval/loss_1"] for w in (short, long)}
+    assert final == {w.name: read_metrics(w)[-1]["eval/loss_1"] for w in (short, long)}
     assert summary["baseline"] is None and (tmp_path / "results" / "loss_vs_time.png").stat().st_size > 1024
 
 

@@ -134,7 +134,7 @@ def test_speculative_equals_greedy_trained(trained):
     accepted = assert_speculative_matches_greedy(generator, prompts, (3, 16, 32))
     assert np.mean(accepted) > 0  # the trained heads do get drafts accepted
     # The tree built from the heads' measured per-rank acceptance (Medusa's construction).
-    tree = build_tree(model, loaded.config, loaded.data().val, 6)
+    tree = build_tree(model, loaded.tree_windows(), 6)
     assert tree.size == 7 and not tree.is_chain and tree.max_depth <= 2
     in_tree = assert_speculative_matches_greedy(generator, prompts, (3, 16, 32), tree=tree)
     assert np.mean(in_tree) > np.mean(accepted)
@@ -193,29 +193,44 @@ def test_cli_sampled_speculative_reports_alpha(trained, capsys):
 
 
 def test_generate_and_export_need_neither_the_corpus_nor_its_cache(trained, tmp_path, capsys):
+    """Plain and tree decoding (its tree fitted on the validation windows the workdir keeps) give
+    the same tokens, and the same tree, with the corpus and its data cache gone."""
     run_dir, _ = trained
     argv = [f"--workdir={run_dir}", "--prompt=def f1", "--max_new_tokens=12", "--json"]
-    generate.main(argv)
-    expected = json.loads(capsys.readouterr().out)["text"]
+    tree_argv = [*argv, "--speculative", "--tree_size=4"]
+
+    def decode(args) -> tuple:
+        generate.main(args)
+        out = json.loads(capsys.readouterr().out)
+        return out["text"], out.get("tree")
+
+    expected, expected_tree = decode(argv), decode(tree_argv)
+    assert expected_tree[1] is not None and expected_tree[0] == expected[0]
+    # A workdir written before training kept the windows fits them on the corpus, as before.
+    no_windows = tmp_path / "no_windows"
+    shutil.copytree(run_dir, no_windows)
+    (no_windows / workdir.DATA / workdir.VAL_WINDOWS).unlink()
+    assert decode([f"--workdir={no_windows}", *tree_argv[1:]]) == expected_tree
     root = run_dir.parent
     moved = [(root / name, tmp_path / name) for name in ("cache", "corpus.txt")]
     for here, away in moved:
         here.rename(away)
     try:
-        generate.main(argv)
-        assert json.loads(capsys.readouterr().out)["text"] == expected
+        assert decode(argv) == expected and decode(tree_argv) == expected_tree
         folder, _ = export.export(str(run_dir), str(tmp_path / "hf"))
         assert json.loads((folder / "config.json").read_text())["vocab_size"] == 256
         assert (folder / "model.safetensors").stat().st_size > 0
+        assert "drop --tree_size" in cli_error(capsys, [f"--workdir={no_windows}", *tree_argv[1:]])
     finally:
         for here, away in moved:
             away.rename(here)
+    (no_windows / workdir.DATA / workdir.VAL_WINDOWS).write_bytes(b"\x93NUMPY damaged")
+    assert "val_windows.npy is damaged" in cli_error(capsys, [f"--workdir={no_windows}", *tree_argv[1:]])
     # A workdir written before it kept its tokenizer reads it from the data cache instead.
     old = tmp_path / "old"
     shutil.copytree(run_dir, old)
     shutil.rmtree(old / workdir.DATA)
-    generate.main([f"--workdir={old}", *argv[1:]])
-    assert json.loads(capsys.readouterr().out)["text"] == expected
+    assert decode([f"--workdir={old}", *argv[1:]]) == expected
 
 
 def cli_error(capsys, argv) -> str:

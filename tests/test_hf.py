@@ -7,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,45 @@ def test_export_loads_in_transformers_and_round_trips_byte_exact_with_heads(tmp_
     assert set(mtp["heads"]) == set(a) - set(safetensors.numpy.load_file(
         export_model(MTPModel(model.decoder.shape, 1, head_type, rngs=nnx.Rngs(0)), config_for(),
                      tmp_path / "trunk") / hf_files.WEIGHTS))
+
+
+def workdir_holding(model: MTPModel, config, path):
+    """A workdir whose one checkpoint (step 0) holds `model`, written as training writes one."""
+    (path / workdir_lib.DATA).mkdir(parents=True)
+    (path / workdir_lib.DATA / "meta.json").write_text(json.dumps({"tokenizer": "byte"}))
+    (path / "config.json").write_text(json.dumps({**json.loads(config.to_json_best_effort()), "vocab_size": VOCAB}))
+    checkpointer = Checkpointer(path / "checkpoints", 1)
+    checkpointer.save(0, {"params": params_of(model), "step": jnp.zeros((), jnp.int32)})
+    checkpointer.wait()
+    checkpointer.close()
+    return path
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_scanned_layers_export_and_import_as_the_per_layer_model(tmp_path, head_type):
+    """12 layers (two-digit indices, which a checkpoint stores as strings) trained with
+    model.scan_layers export the same files, byte for byte, as the same model without, and both as
+    the model in memory; --config.init_from stacks them back exactly."""
+    shape = {"model.d_model": 16, "model.n_heads": 2, "model.mlp_dim": 32, "model.n_layers": 12}
+    folders = {}
+    for scan in (False, True):
+        config = config_for(3, head_type, **shape, **{"model.scan_layers": scan})
+        run = workdir_holding(build_model(config, VOCAB, seed=0), config, tmp_path / f"run{scan}")
+        folders[scan], _ = export.export(str(run), str(tmp_path / f"hf{scan}"))
+    in_memory = export_model(build_model(config_for(3, head_type, **shape), VOCAB, seed=0), config, tmp_path / "mem")
+    assert (in_memory / hf_files.WEIGHTS).read_bytes() == (folders[False] / hf_files.WEIGHTS).read_bytes()
+    names = sorted(f.name for f in folders[False].iterdir())
+    assert names == sorted(f.name for f in folders[True].iterdir()) and hf_files.WEIGHTS in names
+    assert all((folders[False] / f).read_bytes() == (folders[True] / f).read_bytes() for f in names)
+    assert "model.layers.11.mlp.down_proj.weight" in safetensors.numpy.load_file(folders[True] / hf_files.WEIGHTS)
+
+    config = config_for(3, head_type, **shape, **{"model.scan_layers": True, "init_from": str(folders[False])})
+    imported = hf.read_for_training(config, types.SimpleNamespace(meta={"tokenizer": "byte"}, vocab_size=VOCAB))
+    scanned = params_of(build_model(config, VOCAB, seed=0))
+    assert jax.tree.structure(imported) == jax.tree.structure(scanned)
+    # As train.init_state puts them in place of another seed's parameters.
+    other = nnx.to_pure_dict(nnx.state(build_model(config, VOCAB, seed=1), nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(hf.with_imported(other, imported)), scanned)
 
 
 def test_n_kv_heads_equal_to_n_heads_is_the_model_without_it():

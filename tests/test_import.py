@@ -15,8 +15,15 @@ from mtp_jax import workdir as workdir_lib
 from mtp_jax.data import EOT
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import HEAD_TYPES
-from tests.test_hf import corpus  # noqa: F401 (a fixture)
-from tests.test_hf import config_for, export_model, head1_logits, import_model, params_of, tiny_run_config
+from tests.test_hf import (
+    config_for,
+    corpus,  # noqa: F401 (a fixture)
+    export_model,
+    head1_logits,
+    import_model,
+    params_of,
+    tiny_run_config,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -117,14 +117,36 @@ def run(args, env, timeout=45):
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("args", [[], ["nonsense"], ["local"], ["local", "abc"],
-                                  ["local", "0"], ["local", "2", "-d", "x"], ["tpu"],
-                                  ["tpu", "name-only"], ["tpu-setup", "name-only"]])
-def test_bad_arguments_print_usage_and_exit_2(args):
-    result = run(args, os.environ)
+@pytest.mark.parametrize("args,error", [
+    ([], "no mode: pass local, tpu or tpu-setup"),
+    (["nonsense"], "unknown mode 'nonsense': pass local, tpu or tpu-setup"),
+    (["--dry_run"], "no mode: pass local, tpu or tpu-setup"),
+    (["local"], "local N: N='' is not a number of processes"),
+    (["local", "abc"], "local N: N='abc' is not a number of processes"),
+    (["local", "0"], "local N: N='0' is not a number of processes"),
+    (["local", "2", "-d", "x"], "-d K: K='x' is not a number of CPU devices per process"),
+    (["local", "2", "--dry_run"], "--dry_run is for tpu and tpu-setup: local runs nothing remote"),
+    (["tpu"], "tpu needs TPU_NAME and ZONE before main's flags (got 0 argument(s))"),
+    (["tpu", "--dry_run"], "tpu needs TPU_NAME and ZONE before main's flags (got 0 argument(s))"),
+    (["tpu", "name-only"], "tpu needs TPU_NAME and ZONE before main's flags (got 1 argument(s))"),
+    (["tpu", "--dry_run", "", ""], "TPU_NAME='' is not a TPU name: lowercase letters, digits and hyphens"),
+    (["tpu", "My_TPU", "z"], "TPU_NAME='My_TPU' is not a TPU name"),
+    (["tpu", "t", ""], "ZONE='' is not a zone (e.g. us-central2-b); it comes right after TPU_NAME"),
+    (["tpu", "t", "--workdir=r"], "ZONE='--workdir=r' is not a zone"),
+    (["tpu", "t", "z", "--dry_run=yes"], "--dry_run takes no value (got '--dry_run=yes')"),
+    (["tpu-setup", "name-only"], "tpu-setup takes TPU_NAME ZONE [REPO_URL] (got 1 argument(s))"),
+    (["tpu-setup", "t", "z", "url", "more"], "tpu-setup takes TPU_NAME ZONE [REPO_URL] (got 4 argument(s))"),
+    (["tpu-setup", "--dry_run", "t", ""], "ZONE='' is not a zone"),
+])
+def test_bad_arguments_print_usage_then_one_error_line_and_exit_2(fake_gcloud, args, error):
+    env, log = fake_gcloud
+    result = run(args, env)
     assert result.returncode == 2
-    assert "usage" in result.stderr
-    assert result.stdout == ""
+    assert result.stderr.startswith("usage:")
+    *text, last = result.stderr.splitlines()
+    assert last.startswith(f"error: {error}"), last
+    assert not any(line.startswith("error:") for line in text)
+    assert result.stdout == "" and not log.exists()
 
 
 def test_tpu_mode_runs_main_distributed_on_all_workers_with_flags_quoted(fake_gcloud, tmp_path):
@@ -191,13 +213,14 @@ def printed_commands(stdout):
     ["tpu", "t", "z"],
     ["tpu-setup", "t", "z", "https://example.com/mtp_jax.git"],
 ])
-def test_dry_run_prints_exactly_the_gcloud_commands_it_would_run(fake_gcloud, args):
+def test_dry_run_anywhere_prints_exactly_the_gcloud_commands_it_would_run(fake_gcloud, args):
     env, log = fake_gcloud
-    dry = run([args[0], "--dry_run", *args[1:]], env)
-    assert dry.returncode == 0, dry.stderr
-    assert not log.exists()  # nothing ran
+    dry_runs = [run([*args[:i], "--dry_run", *args[i:]], env) for i in range(len(args) + 1)]
+    assert all(dry.returncode == 0 for dry in dry_runs), [dry.stderr for dry in dry_runs]
+    assert not log.exists()  # nothing ran, wherever --dry_run stood
     assert run(args, env).returncode == 0
-    assert printed_commands(dry.stdout) == [["gcloud", *call] for call in gcloud_calls(log)]
+    expected = [["gcloud", *call] for call in gcloud_calls(log)]
+    assert all(printed_commands(dry.stdout) == expected for dry in dry_runs)
 
 
 def test_dry_run_of_setup_from_the_working_tree_prints_the_copy_and_the_install(fake_gcloud):

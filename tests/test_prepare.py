@@ -140,35 +140,176 @@ def test_parquet_rows_are_documents_like_jsonl_lines(tmp_path):
         prepare_lib.prepare(settings(tmp_path / "pq" / "*.parquet", tmp_path / "no_column"), show_progress=False)
 
 
-@pytest.mark.parametrize("case,message", [
-    ("empty glob", "matches no files: fix the glob pattern"),
-    ("bad line", "part1.jsonl:3 is not a JSON object with a 'text' field"),
-    ("too few documents", "has 60 documents, no more than --val_docs=60"),
-    ("foreign out", "exists and was not written by prepare"),
-    ("bad tokenizer", "--tokenizer='wordpiece' is not 'byte', 'bpe' or an existing tokenizer.json"),
-])
-def test_bad_input_exits_2_with_one_line(tmp_path, capsys, case, message):
-    src = write_jsonl(tmp_path / "src")
-    out = tmp_path / "out"
-    args = [f"--source={src / '*.jsonl'}", "--tokenizer=byte", f"--out={out}"]
-    if case == "empty glob":
-        args[0] = f"--source={src / '*.parquet'}"
-    elif case == "bad line":
-        (src / "part1.jsonl").write_text("\n".join((src / "part1.jsonl").read_text().splitlines()[:2] + ["{bad"]))
-    elif case == "too few documents":
-        args.append("--val_docs=60")
-    elif case == "foreign out":
-        out.mkdir()
-        (out / "mine.txt").write_text("keep me")
-    elif case == "bad tokenizer":
-        args[1] = "--tokenizer=wordpiece"
+def tree(root: pathlib.Path) -> dict:
+    """Every path under `root` with its size, time and mode: what a refused command must not change."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_mode)
+            for p in sorted(root.rglob("*"))}
+
+
+def refused(args: list[str], capsys) -> str:
+    """prepare's one error line for `args`, checked to be the only output and to exit with 2."""
     with pytest.raises(SystemExit) as e:
         prepare_lib.main(args)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
-    if case == "foreign out":
-        assert (out / "mine.txt").read_text() == "keep me" and [p.name for p in out.iterdir()] == ["mine.txt"]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def unreadable(path: pathlib.Path) -> pathlib.Path:
+    """A path whose reading fails: a file without read permission, or, for root, who reads any
+    file, a folder."""
+    path.write_text("{}")
+    path.chmod(0)
+    if os.access(path, os.R_OK):
+        path.unlink()
+        path.mkdir()
+    return path
+
+
+def read_only_folder(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A folder no one can make anything in: a 0555 one, or, for root, sysfs."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):
+        folder = pathlib.Path("/sys")
+        if not folder.is_dir():
+            pytest.skip("running as root without /sys: no folder is unwritable")
+    return folder
+
+
+def jsonl_line(src: pathlib.Path, name: str, line: int, text: str) -> None:
+    """Replaces line `line` (from 1) of src/name with `text`."""
+    lines = (src / name).read_text().splitlines()
+    lines[line - 1] = text
+    (src / name).write_text("\n".join(lines) + "\n")
+
+
+def write_parquet(path: pathlib.Path, column, type_=None) -> pathlib.Path:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"text": pa.array(column, type_ and getattr(pa, type_)())}), path)
+    return path
+
+
+JSON_VALUES = {"null": "null", "a number": "42", "a list": '["x", "y"]', "an object": '{"x": 1}'}
+
+
+def make_bad(case: str, tmp_path: pathlib.Path, flags: dict) -> None:
+    """Breaks the source folder (tmp_path/src), --out or `flags` as `case` says."""
+    src, out = tmp_path / "src", flags["out"]
+    if case == "empty glob":
+        flags["source"] = src / "*.parquet"
+    elif case == "bad line":
+        jsonl_line(src, "part0.jsonl", 3, "{bad")
+    elif case == "too few documents":
+        flags["val_docs"] = 60
+    elif case == "no such text field":
+        flags["text_field"] = "body"
+    elif case == "foreign out":
+        out.mkdir()
+        (out / "mine.txt").write_text("keep me")
+    elif case == "unknown tokenizer":
+        flags["tokenizer"] = "wordpiece"
+    elif case == "binary file named .jsonl":
+        (src / "part1.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    elif case == "0-byte parquet":
+        (src / "a.parquet").write_bytes(b"")
+        flags["source"] = src / "*"
+    elif case == "zero-row parquet":
+        flags["source"] = write_parquet(tmp_path / "a.parquet", [], "string")
+    elif case == "parquet column of numbers":
+        flags["source"] = write_parquet(tmp_path / "a.parquet", [1, 2])
+    elif case == "out in a read-only folder":
+        flags["out"] = read_only_folder(tmp_path) / "new" / "out"
+    elif case == "corrupt progress.json":
+        out.mkdir()
+        (out / "progress.json").write_text('{"identity": [')
+    elif case.startswith("--bpe_docs="):
+        flags.update(tokenizer="bpe", bpe_docs=case.split("=")[1])
+    elif case == "unreadable tokenizer.json":
+        flags["tokenizer"] = unreadable(tmp_path / "tok.json")
+    elif case == "tokenizer.json not JSON":
+        (tmp_path / "tok.json").write_text("{not json")
+        flags["tokenizer"] = tmp_path / "tok.json"
+    elif case.startswith("JSONL text "):
+        jsonl_line(src, "part0.jsonl", 1, f'{{"text": {JSON_VALUES[case.removeprefix("JSONL text ")]}}}')
+
+
+@pytest.mark.parametrize("case,message", [
+    ("empty glob", "matches no files: fix the glob pattern"),
+    ("bad line", "part0.jsonl:3 is not a JSON object with a 'text' field (not JSON: "),
+    ("too few documents", "has 60 documents, no more than --val_docs=60: lower --val_docs"),
+    ("no such text field", ("part0.jsonl:1 is not a JSON object with a 'body' field (its fields: 'text', 'id'): "
+                            "fix that line, or pass --text_field")),
+    ("foreign out", "exists and was not written by prepare"),
+    ("unknown tokenizer", "--tokenizer='wordpiece' is not 'byte', 'bpe' or an existing tokenizer.json"),
+    ("binary file named .jsonl", "part1.jsonl:1 is not UTF-8 text: part1.jsonl is not JSONL"),
+    ("0-byte parquet", "a.parquet is not a parquet file ("),
+    ("zero-row parquet", "holds no documents (its files are empty): pass files with text"),
+    ("parquet column of numbers", "a.parquet's column 'text' holds int64, not text: pass --text_field"),
+    ("out in a read-only folder", "/new/out ("),
+    ("corrupt progress.json", "progress.json is not the record prepare writes (damaged or written by something"),
+    ("--bpe_docs=-3", "--bpe_docs=-3 must be at least 1"),
+    ("--bpe_docs=0", "--bpe_docs=0 must be at least 1"),
+    ("unreadable tokenizer.json", "tok.json' cannot be read ("),
+    ("tokenizer.json not JSON", "tok.json' is not a tokenizer.json ("),
+    *[(f"JSONL text {kind}", f"part0.jsonl:1: its 'text' is {kind}, not a string: fix that line") for kind in JSON_VALUES],
+])
+def test_bad_input_exits_2_with_one_line_before_out_is_made(tmp_path, capsys, monkeypatch, case, message):
+    write_jsonl(tmp_path / "src")
+    flags = {"source": tmp_path / "src" / "*.jsonl", "tokenizer": "byte", "out": tmp_path / "out", "val_docs": 5}
+    make_bad(case, tmp_path, flags)
+    before = tree(tmp_path)
+    monkeypatch.setattr(prepare_lib, "write_shards", lambda *a: pytest.fail("refused after --out was made"))
+    error = refused([f"--{name}={value}" for name, value in flags.items()], capsys)
+    assert message in error
+    assert "--val_docs" not in error or case == "too few documents"
+    assert tree(tmp_path) == before
+
+
+def test_a_refusal_deep_in_the_corpus_leaves_no_out_and_the_corrected_command_runs(tmp_path, capsys, monkeypatch):
+    src = write_jsonl(tmp_path / "src")
+    out = tmp_path / "new" / "out"
+    args = [f"--source={src / '*.jsonl'}", "--tokenizer=bpe", "--vocab_size=300", "--bpe_docs=20", f"--out={out}",
+            "--val_docs=5", "--shard_tokens=500"]
+    jsonl_line(src, "part1.jsonl", 20, '{"text": 42}')  # document 50
+    monkeypatch.setattr(prepare_lib, "_CHUNK_CHARS", 1)  # a document per chunk: shards are written before it
+    real_write, shards_written = prepare_lib.ShardWriter.write, []
+
+    def counted_write(self, *args):
+        shards_written.append(args)
+        real_write(self, *args)
+
+    monkeypatch.setattr(prepare_lib.ShardWriter, "write", counted_write)
+    assert refused(args, capsys) == f"error: {src / 'part1.jsonl'}:20: its 'text' is a number, not a string: fix that line"
+    assert len(shards_written) > 3 and not (tmp_path / "new").exists()
+    jsonl_line(src, "part1.jsonl", 20, json.dumps({"text": DOCS[49]}))
+    prepare_lib.main(args)
+    prepare_lib.prepare(settings(src / "*.jsonl", tmp_path / "whole", tokenizer="bpe", vocab_size=300, bpe_docs=20,
+                                 shard_tokens=500), show_progress=False)
+    assert shard_bytes(out) == shard_bytes(tmp_path / "whole")
+
+
+def test_a_resumed_run_that_is_refused_keeps_its_out(tmp_path, capsys, monkeypatch):
+    """An --out holding an interrupted run's shards was there before the command: a refusal leaves it."""
+    src = write_jsonl(tmp_path / "src")
+    args = [f"--source={src / '*.jsonl'}", "--tokenizer=byte", f"--out={tmp_path / 'out'}", "--val_docs=5"]
+
+    def raises(error):
+        def function(*args):
+            raise error
+        return function
+
+    monkeypatch.setattr(prepare_lib, "encoded", raises(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        prepare_lib.main(args)
+    before = tree(tmp_path / "out")
+    assert "progress.json" in before
+    monkeypatch.setattr(prepare_lib, "encoded", raises(UserError("a broken line, met while tokenizing")))
+    assert refused(args, capsys) == "error: a broken line, met while tokenizing"
+    assert tree(tmp_path / "out") == before
 
 
 def test_prepared_shards_train_with_the_document_mask(tmp_path):

@@ -8,6 +8,7 @@ import sys
 import ml_collections
 import numpy as np
 import pytest
+import tokenizers
 
 from mtp_jax import data, mtp
 from mtp_jax.errors import UserError
@@ -227,14 +228,71 @@ def test_document_mask_needs_an_end_of_text_id(tmp_path):
     write_split(tmp_path / "d", "val", [50])
     d = prepare(tmp_path)
     on = ml_collections.ConfigDict({"document_mask": True, "eot_id": -1})
-    with pytest.raises(UserError, match="data.document_mask=True needs the id that ends a document"):
-        data.document_eot_id(on, d)
-    on.eot_id = 1000
-    with pytest.raises(UserError, match="data.eot_id=1000 is not below vocab_size=1000"):
+    with pytest.raises(UserError, match="data.document_mask=True needs the id that ends a document, .* records none: "
+                                        "set data.eot_id"):
         data.document_eot_id(on, d)
     on.eot_id = 999
     assert data.document_eot_id(on, d) == 999
     assert data.document_eot_id(ml_collections.ConfigDict({"document_mask": False, "eot_id": 999}), d) is None
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"val_source": "{d}/nothing_*.bin"}, "data.val_source='{d}/nothing_*.bin' matches no files: fix the glob"),
+    ({"val_source": "{d}/nothing.bin"}, "data.val_source='{d}/nothing.bin' does not exist"),
+    *[({"eot_id": eot_id, "document_mask": mask}, (f"data.eot_id={eot_id} is not an id of the 1000-id vocabulary: "
+                                                    "set the id that ends a document (0 … 999), or -1 for the data's own"))
+      for eot_id in (1000, -5) for mask in (False, True)],
+])
+def test_bad_data_fields_are_refused_naming_the_field_before_the_cache_is_made(tmp_path, overrides, message):
+    write_split(tmp_path / "d", "train", [100])
+    write_split(tmp_path / "d", "val", [50])
+    overrides = {k: v.format(d=tmp_path / "d") if isinstance(v, str) else v for k, v in overrides.items()}
+    val_source = overrides.pop("val_source", tmp_path / "d" / "val_*.bin")
+    with pytest.raises(UserError) as error:
+        data.prepare(shard_cfg(tmp_path, tmp_path / "d" / "train_*.bin", val_source, **overrides), show_progress=False)
+    assert str(error.value).startswith(message.format(d=tmp_path / "d"))
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> dict:
+    """Shards made by mtp_jax.prepare from the same documents: {'byte': folder, 'bpe': folder}."""
+    from mtp_jax import prepare as prepare_lib
+
+    root = tmp_path_factory.mktemp("prepared")
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": f"document {i}: " + "the lazy dog. " * (1 + i % 5)})
+                                             + "\n" for i in range(40)))
+    for tokenizer in ("byte", "bpe"):
+        prepare_lib.prepare(prepare_lib.Settings(str(root / "docs.jsonl"), tokenizer, root / tokenizer, val_docs=5,
+                                                 vocab_size=300), show_progress=False)
+    return {tokenizer: root / tokenizer for tokenizer in ("byte", "bpe")}
+
+
+def prepared_data(prepared, tokenizer: str, tmp_path, **overrides) -> tuple[data.TokenData, ml_collections.ConfigDict]:
+    folder = prepared[tokenizer]
+    cfg = shard_cfg(tmp_path, folder / "train_*.bin", folder / "val_*.bin",
+                    **{"vocab_size": 0, "document_mask": True, "eot_id": -1, **overrides})
+    return data.prepare(cfg, show_progress=False), cfg
+
+
+def test_document_mask_on_prepared_shards_uses_their_own_id_only_for_eot_id_minus_1(prepared, tmp_path):
+    d, cfg = prepared_data(prepared, "bpe", tmp_path)
+    eot = tokenizers.Tokenizer.from_file(str(prepared["bpe"] / "tokenizer.json")).token_to_id("<|endoftext|>")
+    assert data.document_eot_id(cfg, d) == eot
+    cfg.eot_id = 7
+    assert data.document_eot_id(cfg, d) == 7
+    with pytest.raises(UserError, match=r"data.eot_id=-5 is not an id of the 300-id vocabulary"):
+        prepared_data(prepared, "bpe", tmp_path, eot_id=-5)
+
+
+def test_document_mask_on_byte_shards_says_bytes_have_no_end_of_text_id(prepared, tmp_path):
+    d, cfg = prepared_data(prepared, "byte", tmp_path)
+    with pytest.raises(UserError) as error:
+        data.document_eot_id(cfg, d)
+    assert str(error.value) == (f"data.document_mask=True needs the id that ends a document, and {d.meta['source']} "
+                                "is byte tokens, which have none: set data.document_mask=False, or tokenize with BPE "
+                                "(data.tokenizer='bpe', or mtp_jax.prepare --tokenizer=bpe), whose documents end with "
+                                "<|endoftext|>")
 
 
 RSS_SCRIPT = """

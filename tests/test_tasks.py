@@ -1,4 +1,4 @@
-"""Synthetic tasks (mtp_jax/tasks.py): generators checked by independent solvers, held-out sets that
+"""Synthetic tasks (mtp_jax/data/tasks.py): generators checked by independent solvers, held-out sets that
 never leak into training, packing and the loss mask, task accuracy, and a task run through the
 same training, sharding, checkpoint and resume paths as text."""
 
@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 
 from mtp_jax import config as config_lib
-from mtp_jax import data, evaluate, generate, tasks, train, workdir
+from mtp_jax import data, evaluate, generate, train, workdir
+from mtp_jax.data import tasks
 from mtp_jax.errors import UserError
 from mtp_jax.metrics import read_metrics
 from mtp_jax.model import ModelShape

@@ -143,7 +143,6 @@ def test_bad_command_lines_get_one_clear_line_exit_2_and_keep_the_workdir(tmp_pa
         "No such file": ["--config=configs/nope.py"],
         "unknown preset 'huge'": ["--config=configs/mtp3.py:huge"],
         "different model": ["--config.model.d_model=128"],
-        "--config.train is now --config.trainable": ["--config.train=heads"],
     }
     before = sorted(p.name for p in (trained_workdir / "checkpoints").iterdir())
     for expected, flags in cases.items():

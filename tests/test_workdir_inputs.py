@@ -204,7 +204,7 @@ def test_a_second_generate_loads_every_program_from_the_default_cache(trained, t
 
 
 def cache_settings(env: dict) -> list[str]:
-    code = ("import jax; from mtp_jax import cli; cli.use_compilation_cache(); "
+    code = ("import jax; from mtp_jax import compilation_cache; compilation_cache.use_compilation_cache(); "
             "print(jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)

@@ -5,6 +5,7 @@ tokenizer.py byte and BPE tokenizers, and loading the one a cache was made with
 cache.py     tokenize once into a cache directory, publish it atomically, memory-map it
 shards.py    token shards in the llm.c format: headers, checks, lazily mapped reading
 batches.py   the pure (seed, step, process) sampler: training batches and validation windows
+tasks.py     synthetic tasks (task:polyarith, task:pathstar): problems, answers, loss masks
 """
 
 from mtp_jax.data.batches import (check_fits, eval_windows, global_batch_starts, lengths, local_batch,

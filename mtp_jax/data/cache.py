@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import tqdm
 
-from mtp_jax import tasks
+from mtp_jax.data import tasks
 from mtp_jax.data import shards as shards_lib
 from mtp_jax.data import tokenizer as tokenizer_lib
 from mtp_jax.data.sources import (TOKEN_DTYPES, Document, Source, check_settings, read_text, resolve_source,
@@ -76,19 +76,32 @@ class TokenData:
         return None
 
 
+def check_eot_id(data_cfg: Any, vocab_size: int) -> None:
+    """data.eot_id is -1 (the data's own) or an id of the vocabulary, whether data.document_mask
+    is on or not: a value that could never be right is refused before any data is read."""
+    eot_id = int(data_cfg.get("eot_id", -1))
+    if eot_id != -1 and not 0 <= eot_id < vocab_size:
+        raise UserError(f"data.eot_id={eot_id} is not an id of the {vocab_size}-id vocabulary: set the id that ends a "
+                        f"document (0 … {vocab_size - 1}), or -1 for the data's own")
+
+
 def document_eot_id(data_cfg: Any, data: TokenData) -> int | None:
-    """The end-of-text id past which data.document_mask hides each head's targets; None when off."""
+    """The end-of-text id past which data.document_mask hides each head's targets; None when off.
+    data.eot_id when set (check_eot_id checked it), else the data's own."""
     if not data_cfg.get("document_mask", False):
         return None
     eot_id = int(data_cfg.get("eot_id", -1))
-    eot_id = data.eot_id if eot_id < 0 else eot_id
-    if eot_id is None:
-        raise UserError(f"data.document_mask=True needs the id that ends a document, and {data.meta['source']} "
-                        "records none: set data.eot_id (50256 for GPT-2 shards; byte-tokenized text has none)")
-    if eot_id >= data.vocab_size:
-        raise UserError(f"data.eot_id={eot_id} is not below vocab_size={data.vocab_size}: set the id that ends a "
-                        "document in this vocabulary")
-    return eot_id
+    if eot_id != -1:
+        return eot_id
+    if data.eot_id is not None:
+        return data.eot_id
+    if data.meta["tokenizer"] == "byte":
+        raise UserError(f"data.document_mask=True needs the id that ends a document, and {data.meta['source']} is "
+                        "byte tokens, which have none: set data.document_mask=False, or tokenize with BPE "
+                        f"(data.tokenizer='bpe', or mtp_jax.prepare --tokenizer=bpe), whose documents end with "
+                        f"{tokenizer_lib.EOT}")
+    raise UserError(f"data.document_mask=True needs the id that ends a document, and {data.meta['source']} "
+                    "records none: set data.eot_id (50256 for GPT-2 shards)")
 
 
 def prepare(data_cfg: Any, *, show_progress: bool = True) -> TokenData:
@@ -102,6 +115,7 @@ def prepare(data_cfg: Any, *, show_progress: bool = True) -> TokenData:
     """
     source = resolve_source(str(data_cfg.source))
     settings = check_settings(data_cfg, source)
+    check_eot_id(data_cfg, settings["vocab_size"])
     key = json.dumps([FORMAT_VERSION, source.description, source.fingerprint, settings])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     cache_dir = pathlib.Path(str(data_cfg.cache_dir)).expanduser()

@@ -2,9 +2,9 @@
 
 A source is the Python standard library (or one package of it), a directory, a glob, a text
 file, a JSONL file with a 'text' field per line, a file of token ids, a glob of token shards
-(every match a .bin file; shards.py), or a synthetic task of mtp_jax.tasks. `resolve_source` turns the string into a `Source`; `check_settings` validates
-the rest of the data config against it; `split_documents` yields the train and validation
-documents of a text source.
+(every match a .bin file; shards.py), or a synthetic task (tasks.py). `resolve_source` turns the
+string into a `Source`; `check_settings` validates the rest of the data config against it;
+`split_documents` yields the train and validation documents of a text source.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from mtp_jax import tasks
+from mtp_jax.data import tasks
 from mtp_jax.data import shards as shards_lib
 from mtp_jax.data.tokenizer import BPE_MIN_VOCAB, BYTE_VOCAB, EOT, read_given
 from mtp_jax.errors import UserError
@@ -40,7 +40,8 @@ class Source:
     fingerprint: tuple  # cheap identity of the contents: (path, size, mtime_ns) per file
 
 
-def resolve_source(source: str) -> Source:
+def resolve_source(source: str, field: str = "data.source") -> Source:
+    """What `source` names; `field` is the config field that holds it, for the errors."""
     name = tasks.task_name(source)
     if name is not None:
         return Source("task", f"task-{name}", source, (), ())
@@ -49,7 +50,7 @@ def resolve_source(source: str) -> Source:
         stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
         root = stdlib / source.removeprefix("stdlib").strip("/")
         if not root.is_dir():
-            raise UserError(f"data.source={source!r}: the standard library has no package {root.name!r} "
+            raise UserError(f"{field}={source!r}: the standard library has no package {root.name!r} "
                             f"(in {stdlib}): name one of its directories, e.g. stdlib/email")
         files = [
             p
@@ -65,7 +66,7 @@ def resolve_source(source: str) -> Source:
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
         ]
         if not files:
-            raise UserError(f"data.source={source!r} contains no files: pass a directory with text files")
+            raise UserError(f"{field}={source!r} contains no files: pass a directory with text files")
         return _files_source(path.name, f"directory:{path.resolve()}", path, files)
     if path.is_file():
         kind = {".bin": "bin", ".jsonl": "jsonl"}.get(path.suffix, "text")
@@ -78,15 +79,15 @@ def resolve_source(source: str) -> Source:
         files = [pathlib.Path(p) for p in globlib.glob(os.path.expanduser(source), recursive=True)]
         files = [p for p in files if p.is_file()]
         if not files:
-            raise UserError(f"data.source={source!r} matches no files: fix the glob pattern")
+            raise UserError(f"{field}={source!r} matches no files: fix the glob pattern")
         if all(p.suffix == ".bin" for p in files):
             shards = _files_source(path.stem, f"shards:{source}", pathlib.Path("/"), [p.resolve() for p in files])
             return dataclasses.replace(shards, kind="shards")
         return _files_source("glob", f"glob:{source}", pathlib.Path("/"), [p.resolve() for p in files])
     if path.is_symlink():
-        raise UserError(f"data.source={source!r} is a broken symlink or a symlink loop: point it at the data")
+        raise UserError(f"{field}={source!r} is a broken symlink or a symlink loop: point it at the data")
     raise UserError(
-        f"data.source={source!r} does not exist: pass an existing directory, file, glob, 'stdlib' or 'stdlib/PACKAGE'"
+        f"{field}={source!r} does not exist: pass an existing directory, file, glob, 'stdlib' or 'stdlib/PACKAGE'"
     )
 
 
@@ -196,7 +197,7 @@ def _shard_settings(cfg: Any, source: Source, val_source: str, vocab_size: int) 
     if not val_source:
         raise UserError(f"data.source={cfg.source!r} is a glob of token shards: name the validation shards with "
                         "data.val_source (e.g. 'DIR/val_*.bin')")
-    val = resolve_source(val_source)
+    val = resolve_source(val_source, "data.val_source")
     if val.kind not in ("shards", "bin"):
         raise UserError(f"data.val_source={val_source!r} is not token shards: pass a glob of .bin shards or a .bin file")
     dtype = str(cfg.token_dtype)
@@ -270,21 +271,37 @@ def val_count(n: int, val_fraction: float) -> int:
 
 
 def _read_jsonl(path: pathlib.Path) -> list[str]:
-    docs = []
-    with path.open(encoding="utf-8", errors="strict") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise UserError(
-                    f"{path}:{line_no} is not a JSON object with a 'text' field ({e!r}): fix that line"
-                ) from None
-            docs.append(str(text))
+    with path.open("rb") as f:
+        docs = [jsonl_text(path, line_no, line, "text") for line_no, line in enumerate(f, 1) if line.strip()]
     if not docs:
         raise UserError(f"{path} has no documents: pass a JSONL file with one {{'text': ...}} per line")
     return docs
+
+
+_JSON_TYPES = {type(None): "null", bool: "true or false", int: "a number", float: "a number", str: "a string",
+               list: "a list", dict: "an object"}
+
+
+def jsonl_text(path: pathlib.Path, line_no: int, line: bytes, field: str, fix: str = "fix that line") -> str:
+    """The text of one JSONL line: the string under `field` of the JSON object the line holds.
+    Anything else (bytes that are not UTF-8, not JSON, no `field`, a value that is not a string)
+    is a UserError naming the file and line; `fix` is its advice for a line without `field`."""
+    where = f"{path}:{line_no}"
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{where} is not UTF-8 text: {path.name} is not JSONL; remove it or fix the file") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where} is not a JSON object with a {field!r} field (not JSON: {e.msg}): "
+                        "fix that line") from None
+    if not isinstance(record, dict) or field not in record:
+        has = (f"its fields: {', '.join(map(repr, record)) or 'none'}" if isinstance(record, dict)
+               else f"the line holds {_JSON_TYPES[type(record)]}")
+        raise UserError(f"{where} is not a JSON object with a {field!r} field ({has}): {fix}")
+    text = record[field]
+    if not isinstance(text, str):
+        raise UserError(f"{where}: its {field!r} is {_JSON_TYPES[type(text)]}, not a string: fix that line")
+    return text
 
 
 def read_text(doc: Document) -> str | None:
