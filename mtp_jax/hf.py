@@ -312,8 +312,11 @@ def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pa
     n = len(weights)  # one weight per token predicted
     rows = layout(shape.n_layers, shape.tie_embeddings, n, head_type, qkv_bias=shape.qkv_bias)
     tensors = {name: to_hf(np.asarray(_get(params, path), np.float32), kind) for name, path, kind in rows}
-    eos = (tokenizers.Tokenizer.from_file(str(data_dir / "tokenizer.json")).token_to_id(EOT)
-           if tokenizer == "bpe" else None)
+    eos = eos_token = None
+    if tokenizer == "bpe":  # the id that ends a document: <|endoftext|>, or what a model's own tokenizer's meta says
+        bpe = tokenizers.Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+        eos = read_json(data_dir / "meta.json").get("eot_id", bpe.token_to_id(EOT))
+        eos_token = None if eos is None else bpe.id_to_token(eos)
     mtp = {"format": FORMAT, "use_mtp": n > 1, "mtp_n_tokens": n, "mtp_head_type": head_type,
            "mtp_weight": config.mtp_weight, "mtp_loss_weights": config.mtp_loss_weights,
            "loss_weights": weights, "tokenizer": tokenizer,
@@ -322,7 +325,8 @@ def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pa
     copies = {}
     if tokenizer == "bpe":
         copies["tokenizer.json"] = data_dir / "tokenizer.json"
-        texts["tokenizer_config.json"] = _json_text({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT})
+        texts["tokenizer_config.json"] = _json_text({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                     "eos_token": eos_token})
     elif tokenizer == "byte":
         texts["TOKENIZER.md"] = BYTE_NOTE
     write_atomically(pathlib.Path(out), tensors, texts, copies)

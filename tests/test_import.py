@@ -10,7 +10,7 @@ import pytest
 import tokenizers
 
 from mtp_jax import data as data_lib
-from mtp_jax import hf, hf_files, train
+from mtp_jax import export, hf, hf_files, train
 from mtp_jax import workdir as workdir_lib
 from mtp_jax.data import EOT
 from mtp_jax.errors import UserError
@@ -143,3 +143,6 @@ def test_init_from_tokenizes_text_with_the_models_tokenizer_and_keeps_it_with_th
     assert data.vocab_size == VOCAB and data.train[:50].tolist() == tokenizer.encode(text).ids[:50]
     # The frozen trunk, loaded back from the workdir's checkpoint: its 12 layers by their index.
     np.testing.assert_allclose(head1_logits(trained.model, TOKENS), transformers_logits(folder, TOKENS), atol=1e-4)
+    export.main([f"--workdir={workdir}", f"--out={tmp_path / 'exported'}"])
+    assert (tmp_path / "exported" / "tokenizer.json").read_bytes() == (trained.data_dir / "tokenizer.json").read_bytes()
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["eos_token_id"] == tokenizer.token_to_id(EOT)
