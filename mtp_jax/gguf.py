@@ -90,6 +90,7 @@ def read_model(path: pathlib.Path) -> tuple[dict, dict[str, GGUFTensor]]:
 
 
 def embeds_tokenizer(path: pathlib.Path) -> bool:
+    """Whether the GGUF file `path` describes a tokenizer (read_tokenizer builds byte-level ones)."""
     return "tokenizer.ggml.model" in _reader(path).fields
 
 
@@ -102,7 +103,7 @@ def read_tokenizer(path: pathlib.Path) -> tokenizers.Tokenizer:
     if kind != "gpt2":
         raise UserError(f"{path} embeds a {kind!r:.40} tokenizer, which this import does not build (it builds "
                         "byte-level BPE, 'gpt2'): pass --config.data.tokenizer=PATH to the model's tokenizer.json")
-    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
+    tokens, merges = meta.need("tokenizer.ggml.tokens"), meta.need("tokenizer.ggml.merges")
     kinds = meta.get("tokenizer.ggml.token_type", [])
     spelling = _byte_spelling()
     alphabet = set(spelling.values())

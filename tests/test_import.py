@@ -109,6 +109,7 @@ def test_sliding_window_shorter_than_seq_len_is_refused_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("field, value, expected", [
     ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "sets rope_type='yarn'"),
+    ("rope_parameters", {"rope_theta": 1e4, "partial_rotary_factor": 0.5}, "sets partial_rotary_factor=0.5"),
     ("hidden_act", "gelu", "sets hidden_act='gelu'"),
     ("attention_bias", True, "sets attention_bias=True"),
     ("architectures", ["GemmaForCausalLM"], "describes a GemmaForCausalLM, which does not map onto this model"),
