@@ -67,10 +67,12 @@ def test_gguf_tokenizer_encodes_code_as_transformers_does(smollm2):
     assert tokenizer.get_vocab_size() == hf.open_folder(FILE).config["vocab_size"] == 49152
 
 
-def write_gguf(path, model, types: dict[str, str], arch: str = "llama"):
+def write_gguf(path, model, types: dict[str, str], arch: str = "llama", tokens: list[str] | None = None,
+               merges: list[str] = ()):
     """transformers' Llama or Qwen2 `model` as llama.cpp writes it: metadata, blk.* names, a Llama's
     query and key rows permuted, each tensor in types[its GGUF name without blk.N.] (default F32). A K-quant
-    (which the gguf package cannot quantize) gets random blocks with small scales in its place."""
+    (which the gguf package cannot quantize) gets random blocks with small scales in its place.
+    `tokens` and `merges` make a byte-level BPE tokenizer, its first token a control token."""
     import gguf as gguf_lib
 
     config, q = model.config, gguf_lib.GGMLQuantizationType
@@ -83,6 +85,11 @@ def write_gguf(path, model, types: dict[str, str], arch: str = "llama"):
         writer.add_uint32(f"{arch}.{key}", value)
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
     writer.add_float32(f"{arch}.rope.freq_base", config.rope_parameters["rope_theta"])
+    if tokens:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_merges(list(merges))
+        writer.add_token_types([3] + [1] * (len(tokens) - 1))
     names = {hf_name: name for name, hf_name in gguf._NAMES.items()}
     rng = np.random.default_rng(0)
     for hf_name, tensor in model.state_dict().items():
@@ -173,3 +180,29 @@ def test_unsupported_quantization_or_architecture_is_refused_by_name(tmp_path, t
     with pytest.raises(UserError, match=expected) as error:
         hf.open_folder(path)
     assert "\n" not in str(error.value)
+
+
+def test_init_from_a_gguf_trains_heads_on_text_it_tokenizes(tmp_path):
+    """--config.init_from=FILE.gguf: the model and the tokenizer the file embeds, then heads
+    trained on text on the frozen trunk, which stays the model the file was written from."""
+    from mtp_jax import train
+    from mtp_jax import workdir as workdir_lib
+    from mtp_jax.data import EOT
+    from tests.test_hf import tiny_run_config
+
+    (tmp_path / "corpus.txt").write_text("".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(300)))
+    spelled = sorted(set(gguf._byte_spelling()[b] for b in (tmp_path / "corpus.txt").read_bytes()))
+    merges = ["Ġ x", "r e", "t u", "re tu", "retu r", "retur n"]
+    tokens = [EOT, *spelled, "Ġx", "re", "tu", "retu", "retur", "return"]
+    model = tiny_llama()
+    path = write_gguf(tmp_path / "tiny.gguf", model, {}, tokens=tokens + [f"{i}" * 2 for i in range(64 - len(tokens))],
+                      merges=merges)
+    train.run(tiny_run_config(tmp_path, trainable="heads", init_from=str(path)), tmp_path / "run")
+
+    trained = workdir_lib.load(tmp_path / "run")
+    assert (trained.config.data.tokenizer, trained.meta["eot_id"]) == (str(path), 0)
+    assert trained.tokenizer().encode("    return x * 7") == [tokens.index(t) for t in
+                                                            ["Ġ", "Ġ", "Ġ", "Ġ", "return", "Ġx", "Ġ", "*", "Ġ", "7"]]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(TOKENS)).logits.numpy()
+    np.testing.assert_allclose(head1_logits(trained.model, TOKENS), expected, atol=1e-5)
