@@ -94,7 +94,9 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.nan_policy = "stop"           # on a non-finite loss: 'stop', or 'skip' the update and count it
     # Starting from another model (README "Heads for an existing model").
     c.trainable = "all"             # what the optimizer updates: 'all', or 'heads' (heads 2 … n; the rest frozen)
-    c.init_from = ""                # a Hugging Face Llama folder to start from ('': random init; a resume ignores it)
+    # A Hugging Face folder (Llama, Mistral, Qwen2) or a GGUF file to start from ('': random init; a
+    # resume ignores it); it sets model.* and, for text, data.tokenizer (docs/huggingface.md).
+    c.init_from = ""
     c.trunk_cache = False           # trainable='heads' in epochs: run the frozen trunk once per window, keep its outputs
 
     # Logging, evaluation, checkpoints.
@@ -142,7 +144,9 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     # Data (mtp_jax/data/).
     c.data = ml_collections.ConfigDict()
     c.data.source = "stdlib"        # 'stdlib' ('stdlib/email': one package), a directory, glob, text file, .jsonl, .bin
-    c.data.tokenizer = p.tokenizer    # 'byte' (vocab 256) or 'bpe' (trained on the training split)
+    # 'byte' (vocab 256), 'bpe' (trained on the training split), or a model's own: the path of a
+    # tokenizer.json, a folder holding one, or a .gguf file (init_from sets it).
+    c.data.tokenizer = p.tokenizer
     c.data.vocab_size = vocab       # BPE vocabulary size; for a .bin, its vocab (0: read meta.json)
     c.data.token_dtype = "uint32"   # dtype of a .bin source: 'uint32' or 'uint16'
     c.data.val_fraction = 0.02      # share of files (or of a single stream's tail) held out

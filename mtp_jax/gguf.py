@@ -90,6 +90,7 @@ def read_model(path: pathlib.Path) -> tuple[dict, dict[str, GGUFTensor]]:
 
 
 def embeds_tokenizer(path: pathlib.Path) -> bool:
+    """Whether the GGUF file `path` describes a tokenizer (read_tokenizer builds byte-level ones)."""
     return "tokenizer.ggml.model" in _reader(path).fields
 
 
@@ -102,7 +103,7 @@ def read_tokenizer(path: pathlib.Path) -> tokenizers.Tokenizer:
     if kind != "gpt2":
         raise UserError(f"{path} embeds a {kind!r:.40} tokenizer, which this import does not build (it builds "
                         "byte-level BPE, 'gpt2'): pass --config.data.tokenizer=PATH to the model's tokenizer.json")
-    tokens, merges = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.merges")
+    tokens, merges = meta.need("tokenizer.ggml.tokens"), meta.need("tokenizer.ggml.merges")
     kinds = meta.get("tokenizer.ggml.token_type", [])
     spelling = _byte_spelling()
     alphabet = set(spelling.values())
@@ -165,7 +166,7 @@ class _Metadata:
 
 
 def _config(meta: _Metadata, arch: str, names: set[str]) -> dict:
-    """config.json's fields for the file's model (hf.model_fields checks them)."""
+    """config.json's fields for the file's model (hf_config.model_fields checks them)."""
     if "rope_freqs.weight" in names:
         raise UserError(f"{meta.path} holds rope_freqs.weight (RoPE frequency factors, Llama 3.1's context "
                         "extension), which this GGUF import does not read: import the model's Hugging Face folder")

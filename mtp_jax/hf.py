@@ -167,28 +167,27 @@ def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
 
 
 def open_folder(path: str | os.PathLike) -> Folder:
-    """Reads and checks config.json, mtp_jax.json, the index and every weight file's header; one
-    line naming the file and what is wrong if any is missing or malformed. No tensor is read."""
+    """Reads and checks config.json, mtp_jax.json, the index and every weight file's header, or a
+    GGUF file's metadata and tensor list (gguf.read_model); one line naming the file and what is
+    wrong if any is missing or malformed. No tensor is read."""
     path = pathlib.Path(path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         config, tensors = gguf.read_model(path)
-        fields = model_fields(config, str(path))
-        check_tensor(path, tensors, f"model.layers.{fields['n_layers'] - 1}.mlp.gate_proj.weight",
-                     (fields["mlp_dim"], fields["d_model"]))
-        return Folder(path, config, fields, {}, None, tensors)
-    if not path.is_dir():
-        raise UserError(f"init_from={str(path)!r} is neither a folder nor a .gguf file: pass a folder written by "
-                        "python -m mtp_jax.export or by transformers' save_pretrained, or a GGUF file")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json: pass a folder written by python -m mtp_jax.export or by "
-                        "transformers' save_pretrained")
-    config = read_json(path / "config.json")
-    fields = model_fields(config, str(path / "config.json"))
-    files = weight_files(path)
-    mtp = read_json(path / MTP_FILE) if (path / MTP_FILE).is_file() else {}
-    heads = mtp_heads(mtp, str(path / MTP_FILE))
-    tensors = read_headers(path, files)
-    # The layers config.json claims, found in the headers before a model of them is built.
+        fields, mtp, heads = model_fields(config, str(path)), {}, None
+    else:
+        if not path.is_dir():
+            raise UserError(f"init_from={str(path)!r} is neither a folder nor a .gguf file: pass a folder written by "
+                            "python -m mtp_jax.export or by transformers' save_pretrained, or a GGUF file")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} has no config.json: pass a folder written by python -m mtp_jax.export or by "
+                            "transformers' save_pretrained")
+        config = read_json(path / "config.json")
+        fields = model_fields(config, str(path / "config.json"))
+        files = weight_files(path)
+        mtp = read_json(path / MTP_FILE) if (path / MTP_FILE).is_file() else {}
+        heads = mtp_heads(mtp, str(path / MTP_FILE))
+        tensors = read_headers(path, files)
+    # The layers the config claims, found among the tensors before a model of them is built.
     check_tensor(path, tensors, f"model.layers.{fields['n_layers'] - 1}.mlp.gate_proj.weight",
                  (fields["mlp_dim"], fields["d_model"]))
     return Folder(path, config, fields, mtp, heads, tensors)
@@ -321,8 +320,11 @@ def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pa
     n = len(weights)  # one weight per token predicted
     rows = layout(shape.n_layers, shape.tie_embeddings, n, head_type, qkv_bias=shape.qkv_bias)
     tensors = {name: to_hf(np.asarray(_get(params, path), np.float32), kind) for name, path, kind in rows}
-    eos = (tokenizers.Tokenizer.from_file(str(data_dir / "tokenizer.json")).token_to_id(EOT)
-           if tokenizer == "bpe" else None)
+    eos = eos_token = None
+    if tokenizer == "bpe":  # the id that ends a document: <|endoftext|>, or what a model's own tokenizer's meta says
+        bpe = tokenizers.Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+        eos = read_json(data_dir / "meta.json").get("eot_id", bpe.token_to_id(EOT))
+        eos_token = None if eos is None else bpe.id_to_token(eos)
     mtp = {"format": FORMAT, "use_mtp": n > 1, "mtp_n_tokens": n, "mtp_head_type": head_type,
            "mtp_weight": config.mtp_weight, "mtp_loss_weights": config.mtp_loss_weights,
            "loss_weights": weights, "tokenizer": tokenizer,
@@ -333,7 +335,8 @@ def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pa
     copies = {}
     if tokenizer == "bpe":
         copies["tokenizer.json"] = data_dir / "tokenizer.json"
-        texts["tokenizer_config.json"] = _json_text({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT})
+        texts["tokenizer_config.json"] = _json_text({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                     "eos_token": eos_token})
     elif tokenizer == "byte":
         texts["TOKENIZER.md"] = BYTE_NOTE
     write_atomically(pathlib.Path(out), tensors, texts, copies)

@@ -93,15 +93,18 @@ def model_fields(hf: dict, where: str) -> dict:
 def rope_fields(hf: dict, where: str, need) -> dict:
     """config.model's rope fields from rope_parameters (transformers >= 5) or rope_theta and
     rope_scaling (earlier versions); refuses a rope type other than default, linear and llama3."""
+    for key in ("rope_scaling", "rope_parameters"):
+        need(isinstance(hf.get(key) or {}, dict), f"sets {key}={hf.get(key)!r:.80}, which is not an object")
     rope = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    need(all(isinstance(hf.get(k) or {}, dict) for k in ("rope_scaling", "rope_parameters")),
-         f"sets rope_parameters={hf.get('rope_parameters')!r:.80}, which is not an object")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
     need(positive_number(theta), f"sets rope_theta={theta!r:.80}, which is not a positive number")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
         raise UserError(f"{where} sets rope_type={kind!r:.80}, which this model does not implement: it imports "
                         "the rope types default, linear and llama3")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError(f"{where} sets partial_rotary_factor={rope['partial_rotary_factor']!r:.80}, which this model "
+                        "does not implement: it rotates every dimension of a head")
     fields = {"rope_theta": float(theta), "rope_scaling": "none" if kind == "default" else kind}
     if kind == "default":
         return fields
@@ -123,7 +126,7 @@ def attention_window(hf: dict) -> int | None:
     """The sliding window of the config's attention layers, or None when they read every position
     (Mistral's sliding_window; Qwen2's when use_sliding_window)."""
     window = hf.get("sliding_window")
-    uses = hf.get("use_sliding_window", True) if architecture(hf) == "Qwen2ForCausalLM" else True
+    uses = hf.get("use_sliding_window", False) if architecture(hf) == "Qwen2ForCausalLM" else True
     return window if uses and positive_int(window) else None
 
 

@@ -68,7 +68,7 @@ class Folder:
     not yet read."""
     path: pathlib.Path
     config: dict  # config.json
-    fields: dict  # config.model's shape fields from it (hf.model_fields)
+    fields: dict  # config.model's shape fields from it (hf_config.model_fields)
     mtp: dict  # mtp_jax.json ({} for a folder transformers saved)
     heads: tuple[int, str] | None  # (n, head type) of the heads the folder holds (hf.mtp_heads)
     tensors: dict  # every tensor of its weight files, from their headers (gguf.GGUFTensor for a GGUF file)

@@ -181,7 +181,8 @@ class Attention(nnx.Module):
 
         q, k, v = fused_projection(x, [self.wq, self.wk, self.wv], self.dtype)
         if self.shape.qkv_bias:
-            q, k, v = (y + b[...].astype(self.dtype).reshape(-1) for y, b in zip((q, k, v), (self.bq, self.bk, self.bv)))
+            q, k, v = (y + bias[...].astype(self.dtype).reshape(-1)
+                       for y, bias in zip((q, k, v), (self.bq, self.bk, self.bv), strict=True))
         q, k, v = (y.reshape(b, t, -1, h).transpose(0, 2, 1, 3) for y in (q, k, v))  # [B, N or N_kv, T, H]
         freq = rope_frequencies(self.shape)
         q, k = rope(q, positions, freq), rope(k, positions, freq)

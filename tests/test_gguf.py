@@ -67,10 +67,12 @@ def test_gguf_tokenizer_encodes_code_as_transformers_does(smollm2):
     assert tokenizer.get_vocab_size() == hf.open_folder(FILE).config["vocab_size"] == 49152
 
 
-def write_gguf(path, model, types: dict[str, str], arch: str = "llama"):
-    """transformers' Llama `model` as llama.cpp writes it: metadata, blk.* names, query and key
-    rows permuted, each tensor in types[its GGUF name without blk.N.] (default F32). A K-quant
-    (which the gguf package cannot quantize) gets random blocks with small scales in its place."""
+def write_gguf(path, model, types: dict[str, str], arch: str = "llama", tokens: list[str] | None = None,
+               merges: list[str] = ()):
+    """transformers' Llama or Qwen2 `model` as llama.cpp writes it: metadata, blk.* names, a Llama's
+    query and key rows permuted, each tensor in types[its GGUF name without blk.N.] (default F32). A K-quant
+    (which the gguf package cannot quantize) gets random blocks with small scales in its place.
+    `tokens` and `merges` make a byte-level BPE tokenizer, its first token a control token."""
     import gguf as gguf_lib
 
     config, q = model.config, gguf_lib.GGMLQuantizationType
@@ -83,6 +85,11 @@ def write_gguf(path, model, types: dict[str, str], arch: str = "llama"):
         writer.add_uint32(f"{arch}.{key}", value)
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
     writer.add_float32(f"{arch}.rope.freq_base", config.rope_parameters["rope_theta"])
+    if tokens:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_merges(list(merges))
+        writer.add_token_types([3] + [1] * (len(tokens) - 1))
     names = {hf_name: name for name, hf_name in gguf._NAMES.items()}
     rng = np.random.default_rng(0)
     for hf_name, tensor in model.state_dict().items():
@@ -96,7 +103,7 @@ def write_gguf(path, model, types: dict[str, str], arch: str = "llama"):
         else:
             name = short = names[hf_name]
         heads = {"attn_q.weight": config.num_attention_heads, "attn_k.weight": config.num_key_value_heads}.get(short)
-        if heads:  # llama.cpp's permutation: rows (head, 2, pair i) → (head, pair i, 2)
+        if heads and config.model_type == "llama":  # llama.cpp's permutation: rows (head, 2, pair i) → (head, pair i, 2)
             value = value.reshape(heads, 2, -1, value.shape[-1]).swapaxes(1, 2).reshape(value.shape)
         kind = q[types.get(short, "F32")]
         if kind in (q.Q4_K, q.Q6_K, q.Q5_K):
@@ -120,24 +127,30 @@ def write_gguf(path, model, types: dict[str, str], arch: str = "llama"):
     return path
 
 
-def tiny_llama(tie: bool = False):
-    """A random Llama (2 layers, d=256 so rows hold whole 256-value K-quant blocks, 4 query and 2
-    key/value heads) from transformers."""
+def tiny_llama(tie: bool = False, arch: str = "Llama"):
+    """A random Llama or Qwen2 (2 layers, d=256 so rows hold whole 256-value K-quant blocks, 4
+    query and 2 key/value heads, Qwen2's biases non-zero) from transformers."""
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                                      tie_word_embeddings=tie)
-    return transformers.LlamaForCausalLM(config).eval()
+    config = getattr(transformers, f"{arch}Config")(
+        vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=tie)
+    model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(".bias"):
+                parameter.normal_(0.0, 0.5)
+    return model
 
 
 TOKENS = np.random.default_rng(0).integers(0, 64, (2, 16))
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_float32_gguf_gives_the_logits_of_the_model_it_was_written_from(tmp_path, tie):
-    """llama.cpp's permutation of the query and key rows is undone: the logits are the original's."""
-    model = tiny_llama(tie)
-    path = write_gguf(tmp_path / "tiny.gguf", model, {})
+@pytest.mark.parametrize("tie, arch", [(False, "Llama"), (True, "Llama"), (True, "Qwen2")])
+def test_float32_gguf_gives_the_logits_of_the_model_it_was_written_from(tmp_path, tie, arch):
+    """llama.cpp's permutation of a Llama's query and key rows is undone, Qwen2's biases are read:
+    the logits are the original model's."""
+    model = tiny_llama(tie, arch)
+    path = write_gguf(tmp_path / "tiny.gguf", model, {}, arch.lower())
     with torch.no_grad():
         expected = model(torch.from_numpy(TOKENS)).logits.numpy()
     ours = import_model(path)
@@ -167,3 +180,29 @@ def test_unsupported_quantization_or_architecture_is_refused_by_name(tmp_path, t
     with pytest.raises(UserError, match=expected) as error:
         hf.open_folder(path)
     assert "\n" not in str(error.value)
+
+
+def test_init_from_a_gguf_trains_heads_on_text_it_tokenizes(tmp_path):
+    """--config.init_from=FILE.gguf: the model and the tokenizer the file embeds, then heads
+    trained on text on the frozen trunk, which stays the model the file was written from."""
+    from mtp_jax import train
+    from mtp_jax import workdir as workdir_lib
+    from mtp_jax.data import EOT
+    from tests.test_hf import tiny_run_config
+
+    (tmp_path / "corpus.txt").write_text("".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(300)))
+    spelled = sorted(set(gguf._byte_spelling()[b] for b in (tmp_path / "corpus.txt").read_bytes()))
+    merges = ["Ġ x", "r e", "t u", "re tu", "retu r", "retur n"]
+    tokens = [EOT, *spelled, "Ġx", "re", "tu", "retu", "retur", "return"]
+    model = tiny_llama()
+    path = write_gguf(tmp_path / "tiny.gguf", model, {}, tokens=tokens + [f"{i}" * 2 for i in range(64 - len(tokens))],
+                      merges=merges)
+    train.run(tiny_run_config(tmp_path, trainable="heads", init_from=str(path)), tmp_path / "run")
+
+    trained = workdir_lib.load(tmp_path / "run")
+    assert (trained.config.data.tokenizer, trained.meta["eot_id"]) == (str(path), 0)
+    assert trained.tokenizer().encode("    return x * 7") == [tokens.index(t) for t in
+                                                            ["Ġ", "Ġ", "Ġ", "Ġ", "return", "Ġx", "Ġ", "*", "Ġ", "7"]]
+    with torch.no_grad():
+        expected = model(torch.from_numpy(TOKENS)).logits.numpy()
+    np.testing.assert_allclose(head1_logits(trained.model, TOKENS), expected, atol=1e-5)

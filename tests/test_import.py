@@ -10,13 +10,20 @@ import pytest
 import tokenizers
 
 from mtp_jax import data as data_lib
-from mtp_jax import hf, hf_files, train
+from mtp_jax import export, hf, hf_files, train
 from mtp_jax import workdir as workdir_lib
 from mtp_jax.data import EOT
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import HEAD_TYPES
-from tests.test_hf import corpus  # noqa: F401 (a fixture)
-from tests.test_hf import config_for, export_model, head1_logits, import_model, params_of, tiny_run_config
+from tests.test_hf import (
+    config_for,
+    corpus,  # noqa: F401 (a fixture)
+    export_model,
+    head1_logits,
+    import_model,
+    params_of,
+    tiny_run_config,
+)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -102,6 +109,7 @@ def test_sliding_window_shorter_than_seq_len_is_refused_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("field, value, expected", [
     ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "sets rope_type='yarn'"),
+    ("rope_parameters", {"rope_theta": 1e4, "partial_rotary_factor": 0.5}, "sets partial_rotary_factor=0.5"),
     ("hidden_act", "gelu", "sets hidden_act='gelu'"),
     ("attention_bias", True, "sets attention_bias=True"),
     ("architectures", ["GemmaForCausalLM"], "describes a GemmaForCausalLM, which does not map onto this model"),
@@ -114,7 +122,7 @@ def test_what_the_model_does_not_implement_is_refused_by_name(tmp_path, field, v
         hf.open_folder(folder)
 
 
-def test_init_from_tokenizes_text_with_the_models_tokenizer_and_keeps_it(corpus, tmp_path):  # noqa: F811 (the fixture)
+def test_init_from_tokenizes_text_with_the_models_tokenizer_and_keeps_it_with_the_layers_in_order(corpus, tmp_path):  # noqa: F811 (the fixture)
     folder = save_model(tmp_path / "llama", "llama_untied")
     text = (corpus / "corpus.txt").read_text()
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
@@ -134,3 +142,8 @@ def test_init_from_tokenizes_text_with_the_models_tokenizer_and_keeps_it(corpus,
                                                                          tokenizer.token_to_id(EOT))
     data = data_lib.prepare(trained.config.data, show_progress=False)
     assert data.vocab_size == VOCAB and data.train[:50].tolist() == tokenizer.encode(text).ids[:50]
+    # The frozen trunk, loaded back from the workdir's checkpoint: its 12 layers by their index.
+    np.testing.assert_allclose(head1_logits(trained.model, TOKENS), transformers_logits(folder, TOKENS), atol=1e-4)
+    export.main([f"--workdir={workdir}", f"--out={tmp_path / 'exported'}"])
+    assert (tmp_path / "exported" / "tokenizer.json").read_bytes() == (trained.data_dir / "tokenizer.json").read_bytes()
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["eos_token_id"] == tokenizer.token_to_id(EOT)

@@ -88,8 +88,8 @@ def read_given(path: str | os.PathLike) -> tokenizers.Tokenizer:
     if path.suffix == ".gguf" and path.is_file():
         return gguf.read_tokenizer(path)
     if not path.is_file():
-        raise UserError(f"data.tokenizer={str(path)!r} is not 'byte', 'bpe', a tokenizer.json, a folder holding one "
-                        "or a .gguf file: name one of them")
+        raise UserError(f"data.tokenizer={str(path)!r} is not supported: use 'byte', 'bpe', or the path of a "
+                        "tokenizer.json, a folder holding one or a .gguf file")
     try:
         return tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 — the tokenizers library raises plain Exceptions
