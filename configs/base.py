@@ -92,7 +92,9 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.nan_policy = "stop"           # on a non-finite loss: 'stop', or 'skip' the update and count it
     # Starting from another model (README "Heads for an existing model").
     c.trainable = "all"             # what the optimizer updates: 'all', or 'heads' (heads 2 … n; the rest frozen)
-    c.init_from = ""                # a Hugging Face Llama folder to start from ('': random init; a resume ignores it)
+    # A Hugging Face folder (Llama, Mistral, Qwen2) or a GGUF file to start from ('': random init; a
+    # resume ignores it); it sets model.* and, for text, data.tokenizer (docs/huggingface.md).
+    c.init_from = ""
 
     # Logging, evaluation, checkpoints.
     c.log_every = max(steps // 30, 1)   # train metrics every this many steps
@@ -120,6 +122,17 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"       # compute dtype: 'float32' or 'bfloat16'
     c.model.param_dtype = "float32"  # parameter (and optimizer state) dtype
     c.model.rope_theta = 10_000.0   # RoPE base period
+    # RoPE's context extension, as Hugging Face's rope_parameters (imports set these): 'none';
+    # 'linear' (frequencies / rope_factor); 'llama3' (Llama 3.1's: low frequencies / rope_factor,
+    # the band between rope_original_context / rope_low_freq_factor and / rope_high_freq_factor interpolated).
+    c.model.rope_scaling = "none"
+    c.model.rope_factor = 1.0
+    c.model.rope_low_freq_factor = 1.0
+    c.model.rope_high_freq_factor = 4.0
+    c.model.rope_original_context = 8192
+    c.model.head_dim = 0            # size of each attention head (0: d_model / n_heads)
+    c.model.qkv_bias = False        # biases on the query, key and value projections (Qwen2)
+    c.model.norm_eps = 1e-6         # RMSNorm's epsilon (Llama 2/3 and SmolLM2: 1e-5; imports set it)
     c.model.remat = False           # recompute each block in the backward pass: less memory, +1 forward
     c.model.attention = "auto"      # 'auto' (best measured per backend), 'xla', 'dot_product', 'blockwise', 'splash'
     c.model.attention_block_size = 512  # queries and keys per block of 'blockwise' attention
@@ -128,7 +141,9 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     # Data (mtp_jax/data/).
     c.data = ml_collections.ConfigDict()
     c.data.source = "stdlib"        # 'stdlib' ('stdlib/email': one package), a directory, glob, text file, .jsonl, .bin
-    c.data.tokenizer = p.tokenizer    # 'byte' (vocab 256) or 'bpe' (trained on the training split)
+    # 'byte' (vocab 256), 'bpe' (trained on the training split), or a model's own: the path of a
+    # tokenizer.json, a folder holding one, or a .gguf file (init_from sets it).
+    c.data.tokenizer = p.tokenizer
     c.data.vocab_size = vocab       # BPE vocabulary size; for a .bin, its vocab (0: read meta.json)
     c.data.token_dtype = "uint32"   # dtype of a .bin source: 'uint32' or 'uint16'
     c.data.val_fraction = 0.02      # share of files (or of a single stream's tail) held out

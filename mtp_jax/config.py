@@ -8,6 +8,7 @@ from mtp_jax import heads
 from mtp_jax.attention import NAMES as ATTENTION_NAMES
 from mtp_jax.data import tasks
 from mtp_jax.errors import UserError
+from mtp_jax.model import ROPE_SCALINGS
 from mtp_jax.mtp import WEIGHT_SCHEMES, n_predict
 from mtp_jax.schedules import CURRICULA, WEIGHT_SCHEDULES
 
@@ -65,8 +66,15 @@ def validate(config) -> None:
     need(config.trainable != "heads" or n > 1, "trainable='heads' trains heads 2 … n but the model has none: "
          "set --config.use_mtp=True --config.mtp_n_tokens=4")
     m = config.model
-    need(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0,
-         f"model.d_model={m.d_model} must be a multiple of 2 * model.n_heads={2 * m.n_heads} (even RoPE head size)")
+    if m.head_dim:
+        need(m.head_dim > 0 and m.head_dim % 2 == 0, f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs; "
+             "0: d_model / n_heads)")
+    else:
+        need(m.d_model % m.n_heads == 0 and (m.d_model // m.n_heads) % 2 == 0, f"model.d_model={m.d_model} must be "
+             f"a multiple of 2 * model.n_heads={2 * m.n_heads} (even RoPE head size), or set model.head_dim")
+    need(m.rope_scaling in ROPE_SCALINGS,
+         f"model.rope_scaling={m.rope_scaling!r} is unknown: choose one of {', '.join(ROPE_SCALINGS)}")
+    need(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be > 0")
     need(m.n_kv_heads >= 0 and m.n_heads % (m.n_kv_heads or m.n_heads) == 0,
          f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} (0: as many as n_heads)")
     need(m.n_layers >= head_type.min_layers, f"model.n_layers={m.n_layers} is too small: "

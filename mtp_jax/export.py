@@ -1,8 +1,9 @@
-"""Export a trained workdir as a Hugging Face Llama folder, heads included (layout: hf.py).
+"""Export a trained workdir as a Hugging Face folder (Llama, or Qwen2 for a model with query, key and
+value biases), heads included (layout: hf.py).
 
     python -m mtp_jax.export --workdir=DIR --out=DIR
 
-`transformers.LlamaForCausalLM.from_pretrained(OUT)` loads the result with no code of ours (its
+`transformers.AutoModelForCausalLM.from_pretrained(OUT)` loads the result with no code of ours (its
 logits are head 1's); `--config.init_from=OUT` reads it back, heads and all. The workdir's newest
 checkpoint that loads is exported (workdir.load); --out must not exist or be empty. A model trained
 with model.scan_layers exports the same folder as the same model trained without.
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         fail(str(e))
     print(f"wrote {out} from step {step} of {args.workdir} (load it with "
-          f"transformers.LlamaForCausalLM.from_pretrained, or train from it with --config.init_from={out})")
+          f"transformers.AutoModelForCausalLM.from_pretrained, or train from it with --config.init_from={out})")
 
 
 if __name__ == "__main__":

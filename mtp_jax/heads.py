@@ -154,8 +154,8 @@ class SequentialModule(nnx.Module):
 
     def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
         pd = jnp.dtype(shape.param_dtype)
-        self.hidden_norm = RMSNorm(shape.d_model, param_dtype=pd)
-        self.embed_norm = RMSNorm(shape.d_model, param_dtype=pd)
+        self.hidden_norm = RMSNorm(shape.d_model, param_dtype=pd, eps=shape.norm_eps)
+        self.embed_norm = RMSNorm(shape.d_model, param_dtype=pd, eps=shape.norm_eps)
         self.merge = normal_param(rngs, (2 * shape.d_model, shape.d_model), ("merge", "embed"), pd, 0.02)
         self.block = Block(shape, rngs=rngs)
         self.dtype = jnp.dtype(shape.dtype)

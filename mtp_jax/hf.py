@@ -1,10 +1,12 @@
 """The one mapping between our parameter tree and the Hugging Face Llama layout, and the folder
 that holds it. `export.py` writes such folders; `--config.init_from` (train.py) reads them, ours or
-any saved by transformers' `save_pretrained` for a `LlamaForCausalLM`. hf_files.py reads the
-folder's files, checking each before use, and writes them.
+any saved by transformers' `save_pretrained` for a Llama, Mistral or Qwen2 model (hf_config.py
+reads their config.json), or a llama.cpp GGUF file, which gguf.py presents under the same names.
+hf_files.py reads the folder's files, checking each before use, and writes them.
 
 A folder holds
-  config.json              LlamaForCausalLM's config: transformers loads the folder with no code of ours
+  config.json              a LlamaForCausalLM's config (Qwen2ForCausalLM's for a model with query, key and
+                           value biases): transformers loads the folder with no code of ours
   model.safetensors        every tensor, float32 (a transformers folder may shard them, with an index)
   mtp_jax.json             what transformers cannot express: head type, n, loss weights, tokenizer
   tokenizer.json           BPE models (with tokenizer_config.json); byte-level models get TOKENIZER.md
@@ -17,6 +19,7 @@ are [out, in], ours [in, out]:
   model.layers.{l}.self_attn.q_proj.weight          [N·H, D]    blocks[l].attn.wq [D, N, H]
   model.layers.{l}.self_attn.{k,v}_proj.weight      [N_kv·H, D] blocks[l].attn.wk, wv [D, N_kv, H]
   model.layers.{l}.self_attn.o_proj.weight          [D, N·H]    blocks[l].attn.wo [N, H, D]
+  model.layers.{l}.self_attn.{q,k,v}_proj.bias      [N·H], …    blocks[l].attn.bq, bk, bv [N, H], … (qkv_bias)
   model.layers.{l}.post_attention_layernorm.weight  [D]         blocks[l].mlp_norm.scale
   model.layers.{l}.mlp.{gate,up,down}_proj.weight   [M, D], [M, D], [D, M]   blocks[l].mlp.w_*
   model.norm.weight                                 [D]         decoder.final_norm.scale (every head's)
@@ -46,21 +49,22 @@ import numpy as np
 import tokenizers
 from flax import nnx
 
+from mtp_jax import data as data_lib
+from mtp_jax import gguf
 from mtp_jax import heads as heads_lib
-from mtp_jax.data import EOT
+from mtp_jax.data.tokenizer import BYTE_VOCAB, EOT, read_given
 from mtp_jax.errors import UserError
-from mtp_jax.hf_files import (MTP_FILE, RESAVE, Folder, Tensor, read_headers, read_json, tokenizer_problem,
-                              weight_files, write_atomically)
+from mtp_jax.hf_config import attention_window, config_json, model_fields, positive_int
+from mtp_jax.hf_files import (MTP_FILE, Folder, Tensor, read_headers, read_json, tokenizer_problem, weight_files,
+                              write_atomically)
 from mtp_jax.model import stack_layers, unstack_layers
 from mtp_jax.mtp import build_model, loss_weights
 
 FORMAT = 1  # mtp_jax.json's format version
-NORM_EPS = 1e-6  # model.RMSNorm's epsilon
-# config.json's sizes, each a positive integer.
-_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 # One decoder layer: (HF name under the layer's prefix, path under our block, layout). Layouts:
 # 'same' is stored as is; 'linear' is a Linear weight whose first dimension is its input and
-# 'linear2' one whose first two are ([N, H, D] → [D, N·H]); 'merge' is eh_proj (see above).
+# 'linear2' one whose first two are ([N, H, D] → [D, N·H]); 'flat' is stored flattened ([N, H] →
+# [N·H]); 'merge' is eh_proj (see above).
 _LAYER = (
     ("input_layernorm.weight", ("attn_norm", "scale"), "same"),
     ("self_attn.q_proj.weight", ("attn", "wq"), "linear"),
@@ -72,13 +76,15 @@ _LAYER = (
     ("mlp.up_proj.weight", ("mlp", "w_up"), "linear"),
     ("mlp.down_proj.weight", ("mlp", "w_down"), "linear"),
 )
+_BIASES = tuple((f"self_attn.{x}_proj.bias", ("attn", f"b{x}"), "flat") for x in "qkv")  # model.qkv_bias
 
 
-def layout(n_layers: int, tie_embeddings: bool, n: int, head_type: str, with_heads: bool = True):
+def layout(n_layers: int, tie_embeddings: bool, n: int, head_type: str, with_heads: bool = True,
+           qkv_bias: bool = False):
     """[(HF tensor name, path in our parameter tree, layout)] for a model; with_heads=False: the
     trunk only (embedding, layers, final norm, unembedding)."""
     def layer(prefix: str, path: tuple):
-        return [(f"{prefix}.{name}", path + sub, kind) for name, sub, kind in _LAYER]
+        return [(f"{prefix}.{name}", path + sub, kind) for name, sub, kind in _LAYER + (_BIASES if qkv_bias else ())]
 
     rows = [("model.embed_tokens.weight", ("decoder", "embedding"), "same")]
     for i in range(n_layers):
@@ -96,6 +102,8 @@ def to_hf(x: np.ndarray, kind: str) -> np.ndarray:
     """Our array → the HF tensor (an exact permutation of its elements)."""
     if kind == "same":
         return x
+    if kind == "flat":
+        return x.reshape(-1)
     if kind == "merge":  # ours: [hidden; embedding] rows; DeepSeek's eh_proj: [embedding; hidden] columns
         x = np.concatenate(np.split(x, 2)[::-1])
     n_in = 2 if kind == "linear2" else 1
@@ -104,7 +112,7 @@ def to_hf(x: np.ndarray, kind: str) -> np.ndarray:
 
 def from_hf(y: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarray:
     """The HF tensor → our array of `shape` (the inverse of to_hf)."""
-    if kind == "same":
+    if kind in ("same", "flat"):
         return y.reshape(shape)
     x = y.T.reshape(shape)
     return np.concatenate(np.split(x, 2)[::-1]) if kind == "merge" else x
@@ -114,75 +122,15 @@ def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The shape to_hf gives an array of our `shape`."""
     if kind == "same":
         return tuple(shape)
+    if kind == "flat":
+        return (math.prod(shape),)
     n_in = 2 if kind == "linear2" else 1
     return math.prod(shape[n_in:]), math.prod(shape[:n_in])
 
 
 # ---------------------------------------------------------------------------------------------
-# config.json ↔ config.model
+# mtp_jax.json
 # ---------------------------------------------------------------------------------------------
-
-
-def llama_config(shape, max_positions: int, eos_token_id: int | None) -> dict:
-    """config.json for LlamaForCausalLM from our ModelShape."""
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": shape.vocab_size, "hidden_size": shape.d_model, "intermediate_size": shape.mlp_dim,
-        "num_hidden_layers": shape.n_layers, "num_attention_heads": shape.n_heads,
-        "num_key_value_heads": shape.kv_heads, "head_dim": shape.head_dim, "hidden_act": "silu",
-        "rms_norm_eps": NORM_EPS, "tie_word_embeddings": shape.tie_embeddings,
-        # Both spellings: transformers >= 5 reads rope_parameters, older versions rope_theta.
-        "rope_theta": shape.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": shape.rope_theta},
-        "attention_bias": False, "mlp_bias": False, "max_position_embeddings": max_positions,
-        "bos_token_id": None, "eos_token_id": eos_token_id, "torch_dtype": "float32", "dtype": "float32",
-    }
-
-
-def model_fields(hf: dict, where: str) -> dict:
-    """config.model's shape fields from a LlamaForCausalLM config.json, every value they come from
-    checked; refuses, by name, what is missing or malformed and what our model does not implement."""
-    def need(ok: bool, problem: str) -> None:
-        if not ok:
-            raise UserError(f"{where} {problem}: it is not a Llama config this model can take; {RESAVE}")
-
-    archs = hf.get("architectures")
-    need(archs is None or (isinstance(archs, list) and all(isinstance(a, str) for a in archs)),
-         f"sets architectures={archs!r}, which is not a list of class names")
-    arch = (archs or [hf.get("model_type", "?")])[0]
-    if arch != "LlamaForCausalLM":
-        raise UserError(f"{where} describes a {arch!s:.80}, not a LlamaForCausalLM: only the Llama architecture "
-                        "maps onto this model")
-    for name in _SIZES:
-        need(name in hf, f"lacks {name}")
-        need(_positive_int(hf[name]), f"sets {name}={hf[name]!r:.80}, which is not a positive integer")
-    d, heads = hf["hidden_size"], hf["num_attention_heads"]
-    kv_heads = hf.get("num_key_value_heads")
-    kv_heads = heads if kv_heads is None else kv_heads
-    need(_positive_int(kv_heads) and heads % kv_heads == 0,
-         f"sets num_key_value_heads={kv_heads!r:.80}, which does not divide num_attention_heads={heads}")
-    need(d % (2 * heads) == 0, f"sets hidden_size={d} and num_attention_heads={heads}: this model needs an even "
-         "head size (hidden_size a multiple of 2 x num_attention_heads)")
-    rope = hf.get("rope_parameters") or {}
-    need(isinstance(rope, dict), f"sets rope_parameters={rope!r:.80}, which is not an object")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10_000.0))
-    need(_positive_number(theta), f"sets rope_theta={theta!r:.80}, which is not a positive number")
-    tie = hf.get("tie_word_embeddings")
-    need(tie is None or isinstance(tie, bool), f"sets tie_word_embeddings={tie!r:.80}, which is not true or false")
-    unsupported = {
-        "hidden_act": (hf.get("hidden_act", "silu"), "silu"),
-        "attention_bias": (hf.get("attention_bias", False), False),
-        "mlp_bias": (hf.get("mlp_bias", False), False),
-        "rope_scaling": (hf.get("rope_scaling"), None),
-        "rope_parameters.rope_type": (rope.get("rope_type", "default"), "default"),
-        "rms_norm_eps": (hf.get("rms_norm_eps", NORM_EPS), NORM_EPS),
-        "head_dim": (hf.get("head_dim") or d // heads, d // heads),
-    }
-    for name, (value, ours) in unsupported.items():
-        if value != ours:
-            raise UserError(f"{where} sets {name}={value!r:.80}, which this model does not implement (it has "
-                            f"{name}={ours!r}): only plain Llama layers import")
-    return {"d_model": d, "n_layers": hf["num_hidden_layers"], "n_heads": heads, "n_kv_heads": kv_heads,
-            "mlp_dim": hf["intermediate_size"], "tie_embeddings": bool(tie), "rope_theta": float(theta)}
 
 
 def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
@@ -193,7 +141,7 @@ def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
             raise UserError(f"{where} {problem}: export the model again with python -m mtp_jax.export")
 
     version = mtp.get("format", FORMAT)
-    need(_positive_int(version), f"sets format={version!r:.80}, which is not a format version")
+    need(positive_int(version), f"sets format={version!r:.80}, which is not a format version")
     if version > FORMAT:
         raise UserError(f"{where} has format {version} and this mtp_jax reads format {FORMAT}: a newer mtp_jax "
                         "wrote it; update mtp_jax")
@@ -202,7 +150,7 @@ def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
     use_mtp = mtp.get("use_mtp", False)
     need(isinstance(use_mtp, bool), f"sets use_mtp={use_mtp!r:.80}, which is not true or false")
     n = mtp.get("mtp_n_tokens", 1) if use_mtp else 1
-    need(_positive_int(n), f"sets mtp_n_tokens={n!r:.80}, which is not a positive integer")
+    need(positive_int(n), f"sets mtp_n_tokens={n!r:.80}, which is not a positive integer")
     if n == 1:
         return None
     head_type = mtp.get("mtp_head_type")
@@ -211,36 +159,33 @@ def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
     return n, head_type
 
 
-def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _positive_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
 # ---------------------------------------------------------------------------------------------
 # Reading a folder
 # ---------------------------------------------------------------------------------------------
 
 
 def open_folder(path: str | os.PathLike) -> Folder:
-    """Reads and checks config.json, mtp_jax.json, the index and every weight file's header; one
-    line naming the file and what is wrong if any is missing or malformed. No tensor is read."""
+    """Reads and checks config.json, mtp_jax.json, the index and every weight file's header, or a
+    GGUF file's metadata and tensor list (gguf.read_model); one line naming the file and what is
+    wrong if any is missing or malformed. No tensor is read."""
     path = pathlib.Path(path).expanduser()
-    if not path.is_dir():
-        raise UserError(f"init_from={str(path)!r} is not a folder: pass one written by python -m mtp_jax.export "
-                        "or by transformers' save_pretrained")
-    if not (path / "config.json").is_file():
-        raise UserError(f"{path} has no config.json: pass a folder written by python -m mtp_jax.export or by "
-                        "transformers' save_pretrained")
-    config = read_json(path / "config.json")
-    fields = model_fields(config, str(path / "config.json"))
-    files = weight_files(path)
-    mtp = read_json(path / MTP_FILE) if (path / MTP_FILE).is_file() else {}
-    heads = mtp_heads(mtp, str(path / MTP_FILE))
-    tensors = read_headers(path, files)
-    # The layers config.json claims, found in the headers before a model of them is built.
+    if path.is_file() and path.suffix == ".gguf":
+        config, tensors = gguf.read_model(path)
+        fields, mtp, heads = model_fields(config, str(path)), {}, None
+    else:
+        if not path.is_dir():
+            raise UserError(f"init_from={str(path)!r} is neither a folder nor a .gguf file: pass a folder written by "
+                            "python -m mtp_jax.export or by transformers' save_pretrained, or a GGUF file")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{path} has no config.json: pass a folder written by python -m mtp_jax.export or by "
+                            "transformers' save_pretrained")
+        config = read_json(path / "config.json")
+        fields = model_fields(config, str(path / "config.json"))
+        files = weight_files(path)
+        mtp = read_json(path / MTP_FILE) if (path / MTP_FILE).is_file() else {}
+        heads = mtp_heads(mtp, str(path / MTP_FILE))
+        tensors = read_headers(path, files)
+    # The layers the config claims, found among the tensors before a model of them is built.
     check_tensor(path, tensors, f"model.layers.{fields['n_layers'] - 1}.mlp.gate_proj.weight",
                  (fields["mlp_dim"], fields["d_model"]))
     return Folder(path, config, fields, mtp, heads, tensors)
@@ -257,12 +202,43 @@ def check_tensor(path: pathlib.Path, tensors: dict[str, Tensor], name: str, shap
 
 
 def configure(config):
-    """A copy of config whose model shape is the init_from folder's (config.json)."""
+    """A copy of config whose model shape is the init_from folder's (config.json) or GGUF file's,
+    and whose text data is tokenized with the model's tokenizer, unless data.tokenizer names one
+    (a path); refuses a model whose sliding attention window is shorter than seq_len."""
     folder = open_folder(config.init_from)
+    window = attention_window(folder.config)
+    if window is not None and window < config.seq_len:
+        raise UserError(f"{folder.path} describes attention over a sliding window of {window} tokens, shorter than "
+                        f"seq_len={config.seq_len}, and this model attends to every earlier position: set "
+                        f"--config.seq_len={window} or less")
     config = config.copy_and_resolve_references()
     for name, value in folder.fields.items():
         config.model[name] = value
+    tokenizer = None
+    if str(config.data.tokenizer) in ("byte", "bpe") and reads_text(config.data):
+        tokenizer = model_tokenizer(folder)
+    if tokenizer is not None:
+        config.data.tokenizer = tokenizer
+        config.data.vocab_size = BYTE_VOCAB if tokenizer == "byte" else folder.config["vocab_size"]
     return config
+
+
+def reads_text(data_cfg) -> bool:
+    """Whether data_cfg's source is text to tokenize (not token files or a task)."""
+    return data_lib.resolve_source(str(data_cfg.source)).kind not in ("bin", "shards", "task")
+
+
+def model_tokenizer(folder: Folder) -> str | None:
+    """data.tokenizer for the folder's model: the path of the tokenizer it comes with (a GGUF
+    file's own, or tokenizer.json), 'byte' for a byte-level model exported by mtp_jax, or None."""
+    path = folder.path if folder.path.is_file() else folder.path / "tokenizer.json"
+    if not path.is_file() or (path == folder.path and not gguf.embeds_tokenizer(path)):
+        return "byte" if folder.mtp.get("tokenizer") == "byte" else None
+    size, vocab = read_given(path).get_vocab_size(), folder.config["vocab_size"]
+    if size > vocab:
+        raise UserError(f"the tokenizer in {path} has {size} tokens but the model's vocab_size is {vocab}: the "
+                        "tokenizer does not belong to the model")
+    return str(path)
 
 
 def read_for_training(config, data) -> dict:
@@ -290,7 +266,8 @@ def read_params(folder: Folder, like: dict, n: int, head_type: str) -> dict:
     if heads is not None and n > 1 and heads != (n, head_type):
         raise UserError(f"{folder.path} holds n={heads[0]} {heads[1]!r} heads but the config asks for n={n} "
                         f"{head_type!r}: set --config.mtp_n_tokens={heads[0]} --config.mtp_head_type={heads[1]}")
-    rows = layout(folder.fields["n_layers"], folder.fields["tie_embeddings"], n, head_type, heads is not None)
+    rows = layout(folder.fields["n_layers"], folder.fields["tie_embeddings"], n, head_type, heads is not None,
+                  folder.fields["qkv_bias"])
     for name, path, kind in rows:
         check_tensor(folder.path, folder.tensors, name, hf_shape(kind, _get(like, path).shape))
     out: dict = {}
@@ -327,19 +304,23 @@ def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pa
     tokenizer's files, atomically (hf_files.write_atomically: a failure leaves nothing at `out`)."""
     weights, head_type = list(loss_weights(config)), config.mtp_head_type
     n = len(weights)  # one weight per token predicted
-    rows = layout(shape.n_layers, shape.tie_embeddings, n, head_type)
+    rows = layout(shape.n_layers, shape.tie_embeddings, n, head_type, qkv_bias=shape.qkv_bias)
     tensors = {name: to_hf(np.asarray(_get(params, path), np.float32), kind) for name, path, kind in rows}
-    eos = (tokenizers.Tokenizer.from_file(str(data_dir / "tokenizer.json")).token_to_id(EOT)
-           if tokenizer == "bpe" else None)
+    eos = eos_token = None
+    if tokenizer == "bpe":  # the id that ends a document: <|endoftext|>, or what a model's own tokenizer's meta says
+        bpe = tokenizers.Tokenizer.from_file(str(data_dir / "tokenizer.json"))
+        eos = read_json(data_dir / "meta.json").get("eot_id", bpe.token_to_id(EOT))
+        eos_token = None if eos is None else bpe.id_to_token(eos)
     mtp = {"format": FORMAT, "use_mtp": n > 1, "mtp_n_tokens": n, "mtp_head_type": head_type,
            "mtp_weight": config.mtp_weight, "mtp_loss_weights": config.mtp_loss_weights,
            "loss_weights": weights, "tokenizer": tokenizer,
            "heads": [name for name, path, _ in rows if path[0] == "heads"]}
-    texts = {"config.json": _json_text(llama_config(shape, config.seq_len, eos)), MTP_FILE: _json_text(mtp)}
+    texts = {"config.json": _json_text(config_json(shape, config.seq_len, eos)), MTP_FILE: _json_text(mtp)}
     copies = {}
     if tokenizer == "bpe":
         copies["tokenizer.json"] = data_dir / "tokenizer.json"
-        texts["tokenizer_config.json"] = _json_text({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT})
+        texts["tokenizer_config.json"] = _json_text({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                     "eos_token": eos_token})
     elif tokenizer == "byte":
         texts["TOKENIZER.md"] = BYTE_NOTE
     write_atomically(pathlib.Path(out), tensors, texts, copies)

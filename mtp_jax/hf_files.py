@@ -51,29 +51,35 @@ class Tensor:
     begin: int  # byte offsets in the file
     end: int
 
+    def read(self) -> np.ndarray:
+        """The tensor as the header describes it (one of FLOAT_DTYPES: Folder.read checks), its bytes
+        read only now."""
+        with self.file.open("rb") as f:
+            f.seek(self.begin)
+            data = f.read(self.end - self.begin)
+        if len(data) != self.end - self.begin:
+            raise _damaged(self.file, "became shorter while it was read")
+        return np.frombuffer(data, FLOAT_DTYPES[self.dtype]).reshape(self.shape)
+
 
 @dataclasses.dataclass(frozen=True)
 class Folder:
-    """A model folder whose files have been checked (hf.open_folder), its tensors not yet read."""
+    """A model folder (or GGUF file) whose files have been checked (hf.open_folder), its tensors
+    not yet read."""
     path: pathlib.Path
     config: dict  # config.json
-    fields: dict  # config.model's shape fields from it (hf.model_fields)
+    fields: dict  # config.model's shape fields from it (hf_config.model_fields)
     mtp: dict  # mtp_jax.json ({} for a folder transformers saved)
     heads: tuple[int, str] | None  # (n, head type) of the heads the folder holds (hf.mtp_heads)
-    tensors: dict[str, Tensor]  # every tensor of its weight files, from their headers
+    tensors: dict  # every tensor of its weight files, from their headers (gguf.GGUFTensor for a GGUF file)
 
     def read(self, name: str) -> np.ndarray:
-        """Tensor `name` as the header describes it (a float type; its bytes read only now)."""
+        """Tensor `name`, read only now."""
         tensor = self.tensors[name]
-        if tensor.dtype not in FLOAT_DTYPES:
+        if isinstance(tensor, Tensor) and tensor.dtype not in FLOAT_DTYPES:
             raise UserError(f"tensor {name} in {tensor.file} is {tensor.dtype}: only float tensors "
                             f"({', '.join(FLOAT_DTYPES)}) import; save the model in float32 or bfloat16")
-        with tensor.file.open("rb") as f:
-            f.seek(tensor.begin)
-            data = f.read(tensor.end - tensor.begin)
-        if len(data) != tensor.end - tensor.begin:
-            raise _damaged(tensor.file, "became shorter while it was read")
-        return np.frombuffer(data, FLOAT_DTYPES[tensor.dtype]).reshape(tensor.shape)
+        return tensor.read()
 
 
 def weight_files(path: pathlib.Path) -> tuple[pathlib.Path, ...]:
@@ -182,13 +188,14 @@ def tokenizer_problem(folder: Folder, data) -> str | None:
     theirs = "bpe" if tokenizer_file.is_file() else folder.mtp.get("tokenizer")
     if tokenizer_file.is_file():
         tokenizer = read_tokenizer(tokenizer_file)
-        if tokenizer.get_vocab_size() != vocab:
+        if tokenizer.get_vocab_size() > vocab:
             return (f"the tokenizer in {folder.path} has {tokenizer.get_vocab_size()} tokens but its config.json's "
                     f"vocab_size is {vocab}: the folder's tokenizer does not belong to its model")
         same = ours == "bpe" and read_tokenizer(data.directory / "tokenizer.json").get_vocab() == tokenizer.get_vocab()
         if not same:
             return (f"the tokenizer in {folder.path} differs from the data's ({ours!r}, vocabulary "
-                    f"{data.vocab_size}): set --config.data.tokenizer and data.vocab_size as the model was trained")
+                    f"{data.vocab_size}): leave data.tokenizer at 'byte' or 'bpe' (the model's own is used), or "
+                    f"set --config.data.tokenizer={tokenizer_file}")
     elif theirs is not None and theirs != ours:
         return (f"the model in {folder.path} reads {theirs!r} tokens but the data's tokenizer is {ours!r}: "
                 f"set --config.data.tokenizer={theirs}")

@@ -22,6 +22,7 @@ from flax import nnx
 from mtp_jax import attention
 
 Array = jax.Array
+ROPE_SCALINGS = ("none", "linear", "llama3")  # rope_frequencies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,14 +39,22 @@ class ModelShape:
     dtype: str = "float32"
     param_dtype: str = "float32"
     rope_theta: float = 10_000.0
+    rope_scaling: str = "none"  # 'none', 'linear' or 'llama3' (rope_frequencies)
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0  # llama3 only, as are the next two
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
+    head_dim: int = 0  # size of each attention head; 0 = d_model // n_heads
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    norm_eps: float = 1e-6  # RMSNorm's epsilon
     remat: bool = False  # recompute each block's activations in the backward pass (training only)
     attention: str = "auto"  # which attention implementation `attend` runs (attention.NAMES)
     attention_block_size: int = 512  # queries and keys per block of the 'blockwise' implementation
     scan_layers: bool = False  # the trunk's blocks as one scan over stacked parameters
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def __post_init__(self):
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
 
     @property
     def kv_heads(self) -> int:
@@ -64,7 +73,7 @@ def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], 
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, *, param_dtype, eps: float = 1e-6):
+    def __init__(self, dim: int, *, param_dtype, eps: float):
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=("norm",))
         self.eps = eps
 
@@ -75,10 +84,29 @@ class RMSNorm(nnx.Module):
         return (y * self.scale[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary position embedding. x: [B, N, T, H], positions: [B, T] (absolute)."""
-    half = x.shape[-1] // 2
-    freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [H/2]
+def rope_frequencies(shape: ModelShape) -> Array:
+    """RoPE's angular frequency per pair of a head's dimensions [H/2]: theta^(-2i/H), then, as
+    Hugging Face's rope types do, divided by rope_factor ('linear'), or by rope_factor only for
+    wavelengths longer than rope_original_context / rope_low_freq_factor and interpolated up to
+    those shorter than rope_original_context / rope_high_freq_factor ('llama3', Llama 3.1)."""
+    half = shape.head_dim // 2
+    freq = shape.rope_theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    if shape.rope_scaling == "linear":
+        return freq / shape.rope_factor
+    if shape.rope_scaling == "llama3":
+        context, low, high = shape.rope_original_context, shape.rope_low_freq_factor, shape.rope_high_freq_factor
+        wavelength = 2 * math.pi / freq
+        scaled = jnp.where(wavelength > context / low, freq / shape.rope_factor, freq)
+        smooth = (context / wavelength - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / shape.rope_factor + smooth * scaled
+        medium = (wavelength >= context / high) & (wavelength <= context / low)
+        return jnp.where(medium, smoothed, scaled)
+    return freq
+
+
+def rope(x: Array, positions: Array, freq: Array) -> Array:
+    """Rotary position embedding. x: [B, N, T, H], positions: [B, T] (absolute), freq: [H/2]
+    (rope_frequencies)."""
     angle = positions[..., None].astype(jnp.float32) * freq  # [B, T, H/2]
     sin, cos = jnp.sin(angle)[:, None], jnp.cos(angle)[:, None]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -128,7 +156,10 @@ class Attention(nnx.Module):
         self.wv = normal_param(rngs, (d, kv, h), ("embed", "heads", "head_dim"), pd, std)
         # GPT-2's residual scaling keeps the residual stream's variance flat with depth.
         self.wo = normal_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd, std / math.sqrt(2 * shape.n_layers))
-        self.dtype, self.theta = jnp.dtype(shape.dtype), shape.rope_theta
+        if shape.qkv_bias:
+            self.bq, self.bk, self.bv = (nnx.Param(jnp.zeros((heads, h), pd), axes=("heads", "head_dim"))
+                                         for heads in (n, kv, kv))
+        self.shape, self.dtype = shape, jnp.dtype(shape.dtype)
         self.implementation, self.block_size = shape.attention, shape.attention_block_size
 
     def __call__(self, x: Array, positions: Array, cache: dict | None = None,
@@ -148,9 +179,13 @@ class Attention(nnx.Module):
         kv = self.wk.shape[1]
         group = functools.partial(jnp.repeat, repeats=n // kv, axis=-3) if kv < n else lambda a: a
 
-        q, k, v = (y.reshape(b, t, -1, h).transpose(0, 2, 1, 3)  # [B, N or N_kv, T, H]
-                   for y in fused_projection(x, [self.wq, self.wk, self.wv], self.dtype))
-        q, k = rope(q, positions, self.theta), rope(k, positions, self.theta)
+        q, k, v = fused_projection(x, [self.wq, self.wk, self.wv], self.dtype)
+        if self.shape.qkv_bias:
+            q, k, v = (y + bias[...].astype(self.dtype).reshape(-1)
+                       for y, bias in zip((q, k, v), (self.bq, self.bk, self.bv), strict=True))
+        q, k, v = (y.reshape(b, t, -1, h).transpose(0, 2, 1, 3) for y in (q, k, v))  # [B, N or N_kv, T, H]
+        freq = rope_frequencies(self.shape)
+        q, k = rope(q, positions, freq), rope(k, positions, freq)
         settings = dict(implementation=self.implementation, block_size=self.block_size)
         if cache is None:
             same = positions[:, None]  # one array for queries and keys: attention.splash relies on it
@@ -189,9 +224,9 @@ class Block(nnx.Module):
 
     def __init__(self, shape: ModelShape, *, rngs: nnx.Rngs):
         pd = jnp.dtype(shape.param_dtype)
-        self.attn_norm = RMSNorm(shape.d_model, param_dtype=pd)
+        self.attn_norm = RMSNorm(shape.d_model, param_dtype=pd, eps=shape.norm_eps)
         self.attn = Attention(shape, rngs=rngs)
-        self.mlp_norm = RMSNorm(shape.d_model, param_dtype=pd)
+        self.mlp_norm = RMSNorm(shape.d_model, param_dtype=pd, eps=shape.norm_eps)
         self.mlp = MLP(shape, rngs=rngs)
 
     def __call__(self, x: Array, positions: Array, cache: dict | None = None,
@@ -226,7 +261,7 @@ class Decoder(nnx.Module):
         if stacked_layers:
             self.layer_stack = stack_modules(blocks[:stacked_layers])
         self.blocks = nnx.List(blocks[stacked_layers:])
-        self.final_norm = RMSNorm(shape.d_model, param_dtype=pd)
+        self.final_norm = RMSNorm(shape.d_model, param_dtype=pd, eps=shape.norm_eps)
         if not shape.tie_embeddings:
             self.unembedding = normal_param(rngs, (shape.d_model, shape.vocab_size), ("embed", "vocab"), pd, 0.02)
 

@@ -2,6 +2,7 @@
 attention and heads-only training: logits against transformers' LlamaForCausalLM, byte-exact round
 trips, frozen parameters, and bad folders. No network: transformers models are built from a config."""
 
+import functools
 import json
 import re
 import subprocess
@@ -61,10 +62,14 @@ def config_for(n=1, head_type="linear", **overrides):
 
 def import_model(folder, n=1, head_type="linear") -> MTPModel:
     """Our model with the folder's shape and every tensor it holds (the rest from seed 1)."""
-    config = hf.configure(config_for(n, head_type, init_from=str(folder)))
-    model = build_model(config, VOCAB, seed=1)
+    config, opened = hf.configure(config_for(n, head_type, init_from=str(folder))), hf.open_folder(folder)
+    make = functools.partial(build_model, config, opened.config["vocab_size"], seed=1)
+    model = nnx.eval_shape(make)  # no random draws where every parameter comes from the folder
+    loaded = hf.read_params(opened, nnx.to_pure_dict(nnx.state(model, nnx.Param)), n, head_type)
+    if n > 1 and opened.heads is None:
+        model = make()
     state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, hf.read_params(hf.open_folder(folder), nnx.to_pure_dict(state), n, head_type))
+    nnx.replace_by_pure_dict(state, loaded)
     nnx.update(model, state)
     return model
 
@@ -262,30 +267,30 @@ def bad_folder(tmp_path, case: str):
     elif case == "no weights":
         (folder / hf_files.WEIGHTS).unlink()
     elif case == "architecture":
-        (folder / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForCausalLM"]}))
+        (folder / "config.json").write_text(json.dumps({**config, "architectures": ["GemmaForCausalLM"]}))
     elif case == "shape":
         (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
     elif case == "rope scaling":
         (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": {
-            "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}}))
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0}}))
     elif case == "vocabulary":
         (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 300}))
     elif case == "tokenizer":
         import tokenizers
 
-        tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "b": 1}, unk_token="a")).save(
-            str(folder / "tokenizer.json"))
+        vocab = {f"w{i}": i for i in range(VOCAB + 44)}
+        tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="w0")).save(str(folder / "tokenizer.json"))
     return folder
 
 
 BAD = {
     "no config": "has no config.json",
     "no weights": "has no weights (model.safetensors missing)",
-    "architecture": "describes a Qwen2ForCausalLM, not a LlamaForCausalLM",
+    "architecture": "describes a GemmaForCausalLM, which does not map onto this model",
     "shape": "has shape [96, 64] but its config.json implies [128, 64]",
-    "rope scaling": "sets rope_parameters.rope_type='llama3'",
+    "rope scaling": "sets rope_type='yarn', which this model does not implement",
     "vocabulary": "has a vocabulary of 300 but the data's 'byte' tokenizer has 256",
-    "tokenizer": "has 2 tokens but its config.json's vocab_size is 256",
+    "tokenizer": "has 300 tokens but the model's vocab_size is 256",
 }
 
 

@@ -241,7 +241,11 @@ def _build_shard_record(source: Source, settings: dict, out: pathlib.Path, show_
 
 def _build_from_text(source: Source, settings: dict, out: pathlib.Path, show_progress: bool) -> dict:
     train_docs, val_docs = split_documents(source, settings["val_fraction"], settings["split_seed"])
-    if settings["tokenizer"] == "bpe":
+    if "tokenizer_file" in settings:  # data.tokenizer=PATH: the model's own, as it is
+        bpe = tokenizer_lib.read_given(settings["tokenizer_file"])
+        bpe.save(str(out / "tokenizer.json"))
+        encode = functools.partial(tokenizer_lib.encode_bpe, bpe, settings["eot_id"])
+    elif settings["tokenizer"] == "bpe":
         texts = (t for t in map(read_text, train_docs) if t)
         bpe = tokenizer_lib.train_bpe(texts, settings["vocab_size"], show_progress, length=len(train_docs))
         bpe.save(str(out / "tokenizer.json"))
@@ -335,6 +339,8 @@ def _meta(settings: dict, source: Source, dtype: str, *, checksums: dict, **coun
         val_fraction=settings["val_fraction"],
         split_seed=settings["split_seed"],
         sha256={f"{split}.bin": digest for split, digest in checksums.items()},
+        # A model's own tokenizer: where it came from, and the id that ends a document (or None).
+        **({key: settings[key] for key in ("tokenizer_file", "eot_id")} if "tokenizer_file" in settings else {}),
     )
 
 

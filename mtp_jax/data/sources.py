@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob as globlib
+import hashlib
 import json
 import os
 import pathlib
@@ -22,7 +23,7 @@ import numpy as np
 
 from mtp_jax.data import tasks
 from mtp_jax.data import shards as shards_lib
-from mtp_jax.data.tokenizer import BPE_MIN_VOCAB, BYTE_VOCAB, EOT
+from mtp_jax.data.tokenizer import BPE_MIN_VOCAB, BYTE_VOCAB, EOT, read_given
 from mtp_jax.errors import UserError
 
 TOKEN_DTYPES = {"uint16": "<u2", "uint32": "<u4"}
@@ -146,8 +147,27 @@ def check_settings(cfg: Any, source: Source) -> dict:
                 f"{BPE_MIN_VOCAB} (256 bytes + {EOT}), e.g. 8192"
             )
     else:
-        raise UserError(f"data.tokenizer={tokenizer!r} is not supported: use 'byte' or 'bpe'")
+        return dict(settings, **given_tokenizer_settings(cfg, tokenizer, vocab_size))
     return dict(settings, tokenizer=tokenizer, vocab_size=vocab_size)
+
+
+def given_tokenizer_settings(cfg: Any, path: str, vocab_size: int) -> dict:
+    """The settings of data.tokenizer=PATH, a tokenizer a model came with (read_given): its file and
+    contents' hash, the vocabulary (data.vocab_size, the model's, may exceed the tokenizer's) and
+    the id that ends each document (data.eot_id, else <|endoftext|> where it has one)."""
+    tokenizer = read_given(path)
+    size = tokenizer.get_vocab_size()
+    if vocab_size and vocab_size < size:
+        raise UserError(f"data.vocab_size={vocab_size} is smaller than the {size} tokens of data.tokenizer={path!r}: "
+                        f"set data.vocab_size={size} or more (0: the tokenizer's)")
+    eot_id = int(cfg.get("eot_id", -1))
+    eot_id = tokenizer.token_to_id(EOT) if eot_id < 0 else eot_id
+    if eot_id is not None and eot_id >= (vocab_size or size):
+        raise UserError(f"data.eot_id={eot_id} is not below vocab_size={vocab_size or size}: set the id that ends a "
+                        "document in this vocabulary")
+    return dict(tokenizer="bpe", tokenizer_file=str(pathlib.Path(path).expanduser().resolve()),
+                tokenizer_sha256=hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+                vocab_size=vocab_size or size, eot_id=eot_id)
 
 
 def _token_file_vocab(path: pathlib.Path, vocab_size: int, dtype: str | None) -> int:

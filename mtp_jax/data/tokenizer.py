@@ -1,4 +1,5 @@
-"""Tokenizers: UTF-8 bytes, or a byte-level BPE trained on the training documents.
+"""Tokenizers: UTF-8 bytes, a byte-level BPE trained on the training documents, or one a model
+came with (data.tokenizer=PATH: read_given).
 
 A prepared cache records which one made its tokens (meta.json, plus tokenizer.json for BPE);
 `load_tokenizer` rebuilds it from there, so decoding never needs the corpus.
@@ -15,6 +16,7 @@ from typing import Protocol
 import numpy as np
 import tokenizers
 
+from mtp_jax import gguf
 from mtp_jax.errors import UserError
 
 EOT = "<|endoftext|>"
@@ -77,6 +79,24 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     )
 
 
+def read_given(path: str | os.PathLike) -> tokenizers.Tokenizer:
+    """The tokenizer data.tokenizer=PATH names: a tokenizer.json, a model folder that holds one, or
+    a GGUF file's own (gguf.read_tokenizer)."""
+    path = pathlib.Path(path).expanduser()
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    if path.suffix == ".gguf" and path.is_file():
+        return gguf.read_tokenizer(path)
+    if not path.is_file():
+        raise UserError(f"data.tokenizer={str(path)!r} is not supported: use 'byte', 'bpe', or the path of a "
+                        "tokenizer.json, a folder holding one or a .gguf file")
+    try:
+        return tokenizers.Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 — the tokenizers library raises plain Exceptions
+        raise UserError(f"data.tokenizer={str(path)!r} is not a tokenizer the tokenizers library reads "
+                        f"({' '.join(str(e).split())[:120]}): name a tokenizer.json") from None
+
+
 def bpe_eot_id(directory: str | os.PathLike) -> int:
     """The <|endoftext|> id of the BPE tokenizer in a prepared cache `directory`."""
     return tokenizers.Tokenizer.from_file(str(pathlib.Path(directory) / "tokenizer.json")).token_to_id(EOT)
@@ -98,9 +118,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, show_progress: bool, length
     return bpe
 
 
-def encode_bpe(bpe: tokenizers.Tokenizer, eot: int, texts: list[str]) -> list[np.ndarray]:
-    # Each document ends with <|endoftext|> so windows can tell where documents meet.
-    return [np.array(e.ids + [eot]) for e in bpe.encode_batch_fast(texts)]
+def encode_bpe(bpe: tokenizers.Tokenizer, eot: int | None, texts: list[str]) -> list[np.ndarray]:
+    # Each document ends with <|endoftext|> (or the given eot) so windows can tell where documents
+    # meet; a tokenizer without one lets them abut.
+    return [np.array(e.ids + ([] if eot is None else [eot])) for e in bpe.encode_batch_fast(texts)]
 
 
 def encode_bytes(texts: list[str]) -> list[np.ndarray]:
