@@ -87,4 +87,4 @@ def validate(config) -> None:
     need(m.attention != "splash" or jax.default_backend() == "tpu", f"model.attention='splash' is a TPU kernel "
          f"and this backend is {jax.default_backend()}: use 'auto' or 'blockwise'")
     if tasks.task_name(str(config.data.source)) is not None:
-        tasks.check_config(config)
+        tasks.check_config(config, n)

@@ -294,6 +294,13 @@ class Result:
         return float(1 + np.sum(np.cumprod([x or 0.0 for x in self.alpha()])))
 
 
+def check_tree_sampling(tree: bool, temperature: float) -> None:
+    """Trees are verified greedily; sampled drafts only as a chain (one place for the engine and the CLI)."""
+    if tree and temperature > 0:
+        raise UserError("tree verification is greedy: drop --tree_size (sampled drafts are verified as a chain) "
+                        "or --temperature")
+
+
 class Generator:
     """Compiled decoding of one model with a KV cache of `capacity` positions (prompt + output).
 
@@ -359,9 +366,7 @@ class Generator:
             raise UserError("the model has no extra heads to draft with (it was trained with mtp_n_tokens=1): "
                             "drop --speculative, or train with --config.use_mtp=True --config.mtp_n_tokens=4")
         tree = tree or Tree.chain(self.n - 1)
-        if temperature > 0 and not tree.is_chain:
-            raise UserError("tree verification is greedy: drop --tree_size (sampled drafts are verified as a chain) "
-                            "or --temperature")
+        check_tree_sampling(not tree.is_chain, temperature)
         if tree.max_depth > self.n - 1:
             raise UserError(f"the tree is {tree.max_depth} drafts deep but the model has {self.n - 1} draft heads")
         padded, limit = self._prompt(prompt, max_new_tokens)

@@ -62,8 +62,7 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, model_cfg, vocab_size: int) -> "ModelShape":
-        # .get: config.json files written before a field existed still load, with its default.
-        return cls(vocab_size=vocab_size, **{f.name: model_cfg.get(f.name, f.default) for f in dataclasses.fields(cls)
+        return cls(vocab_size=vocab_size, **{f.name: model_cfg[f.name] for f in dataclasses.fields(cls)
                                              if f.name != "vocab_size"})
 
 
