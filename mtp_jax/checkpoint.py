@@ -6,7 +6,9 @@ temporary directory and renames it when complete, so a kill -9 mid-save leaves n
 step behind; the fingerprint catches what orbax cannot (bytes changed inside a data file read
 back without error). Training moves a checkpoint that fails to `unusable_checkpoints/` beside the
 checkpoint directory, never deleting it, and tries the previous one; the commands that only read a
-workdir (generate, evaluate, export) skip it the same way but leave it where it is.
+workdir (generate, evaluate, export) skip it the same way but leave it where it is. A restore that
+fails ends the reads it left in flight before the previous checkpoint is tried, so a skipped
+checkpoint prints its one line and nothing else.
 """
 
 from __future__ import annotations
