@@ -185,14 +185,19 @@ class _TidyEventLoop(asyncio.SelectorEventLoop):
             pending = asyncio.all_tasks(self)
             for task in pending:
                 task.cancel()
-            if pending:  # their errors (the damage again) were reported by the restore that failed
-                self.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            # Runs the callbacks already due too: a read that failed as the restore stopped has one
+            # that marks its error as seen (unseen, asyncio logs it with a traceback).
+            self.run_until_complete(_ended(pending))
         super().close()
 
     def call_soon_threadsafe(self, callback, *args, context=None):
         if self.is_closed():  # closed only once every task on it ended: nothing is left to wake
             return None
         return super().call_soon_threadsafe(callback, *args, context=context)
+
+
+async def _ended(tasks) -> None:
+    await asyncio.gather(*tasks, return_exceptions=True)  # their errors (the damage again) were reported
 
 
 class _TidyEventLoopPolicy(asyncio.DefaultEventLoopPolicy):
