@@ -8,6 +8,7 @@ in a compilation cache across invocations. One tiny trained workdir (checkpoints
 import asyncio
 import gc
 import json
+import logging
 import os
 import pathlib
 import re
@@ -115,44 +116,45 @@ def test_loading_skips_a_damaged_newest_checkpoint_for_the_previous_one_and_leav
 REPEATS = 5
 
 
-def assert_only(notices: list[str], err: str) -> None:
-    """stderr is these lines (each given by how it starts) and no other: no traceback, no asyncio
-    error, nothing printed after the last restore."""
-    lines = err.splitlines()
-    assert len(lines) == len(notices) and all(map(str.startswith, lines, notices)), err[-3000:]
-
-
-def printed_as_for_a_user(monkeypatch) -> None:
-    """Exceptions raised where nothing can catch them (a callback in a tensorstore thread, a
-    coroutine collected unfinished) printed to stderr, not collected by pytest."""
+@pytest.fixture
+def stderr(capsys, caplog, monkeypatch):
+    """What a user would see on stderr, once whatever the last restore left pending has ended (or
+    been collected): exceptions raised where nothing can catch them (a callback in a tensorstore
+    thread, a coroutine collected unfinished) are printed there, not collected by pytest, and the
+    log records a console shows (warnings and errors, such as asyncio's) are added to its lines."""
     monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
 
+    def lines() -> list[str]:
+        time.sleep(0.2)
+        gc.collect()
+        logged = [f"{r.levelname}:{r.name}:{r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
+        return capsys.readouterr().err.splitlines() + logged
 
-def settled() -> None:
-    """Whatever the last restore left pending has finished (and printed) or been collected."""
-    time.sleep(0.2)
-    gc.collect()
+    return lines
+
+
+def assert_only(notices: list[str], lines: list[str]) -> None:
+    """stderr is these lines (each given by how it starts) and no other: no traceback, no asyncio
+    error."""
+    assert len(lines) == len(notices) and all(map(str.startswith, lines, notices)), "\n".join(lines)[-3000:]
 
 
 @pytest.mark.parametrize("how", list(DAMAGE))
-def test_loading_past_a_damaged_checkpoint_prints_its_two_notices_and_nothing_else(trained, tmp_path, capsys,
-                                                                                   monkeypatch, how):
-    printed_as_for_a_user(monkeypatch)
+def test_loading_past_a_damaged_checkpoint_prints_its_two_notices_and_nothing_else(trained, tmp_path, stderr,
+                                                                                   how):
     run = damaged_copy(trained, tmp_path, how)
     for _ in range(REPEATS):
         assert workdir.load(run).step == 2
-    settled()
     checkpoints = run / "checkpoints"
     assert_only([f"checkpoint {checkpoints / '4'} is unusable (",
-                 f"using step 2 of {checkpoints}, the newest checkpoint that loads"] * REPEATS, capsys.readouterr().err)
+                 f"using step 2 of {checkpoints}, the newest checkpoint that loads"] * REPEATS, stderr())
 
 
 def test_a_read_still_pending_when_a_restore_fails_is_cancelled_and_prints_nothing_when_it_ends(trained, tmp_path,
-                                                                                                capsys, monkeypatch):
+                                                                                                monkeypatch, stderr):
     """The timing forced: step 4's restore fails as orbax's do (tensorstore reads gathered in a
     fresh event loop, closed as soon as one of them fails) with the other read ending only after
     the loop closed."""
-    printed_as_for_a_user(monkeypatch)
     promise, late_read = ts.Promise.new()
     real_restore = checkpoint.Checkpointer.restore
 
@@ -176,10 +178,9 @@ def test_a_read_still_pending_when_a_restore_fails_is_cancelled_and_prints_nothi
     run = shutil.copytree(trained, tmp_path / "run")
     assert workdir.load(run).step == 2
     promise.set_result(None)
-    settled()
     unusable = f"checkpoint {run / 'checkpoints' / '4'} is unusable (ValueError: DATA_LOSS: a damaged file)"
     assert_only([f"{unusable}; trying the previous one", f"using step 2 of {run / 'checkpoints'}"],
-                capsys.readouterr().err)
+                stderr())
     assert late_read.cancelled()
 
 
@@ -192,9 +193,8 @@ def abstract_state(trained):
 
 
 @pytest.mark.parametrize("how", list(DAMAGE))
-def test_resuming_past_a_damaged_checkpoint_prints_its_notice_and_nothing_else(trained, tmp_path, capsys,
-                                                                               monkeypatch, abstract_state, how):
-    printed_as_for_a_user(monkeypatch)
+def test_resuming_past_a_damaged_checkpoint_prints_its_notice_and_nothing_else(trained, tmp_path, stderr,
+                                                                               abstract_state, how):
     notices = []
     for attempt in range(REPEATS):  # training moves the damaged checkpoint aside: a fresh copy each time
         checkpoints = damaged_copy(trained, tmp_path / str(attempt), how) / "checkpoints"
@@ -202,8 +202,7 @@ def test_resuming_past_a_damaged_checkpoint_prints_its_notice_and_nothing_else(t
         assert checkpointer.restore_newest_good(abstract_state)[0] == 2
         checkpointer.close()
         notices.append(f"checkpoint {checkpoints / '4'} is unusable (")
-    settled()
-    assert_only(notices, capsys.readouterr().err)
+    assert_only(notices, stderr())
 
 
 @pytest.mark.slow
