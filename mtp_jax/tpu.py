@@ -7,11 +7,16 @@ holds what it needs to turn a compiled program into the answers: the chip's figu
 kind of collective moves per step (from the compiled HLO, loops counted as often as they run), and a
 roofline step time.
 
-The roofline: step time = max(FLOPs / peak, HBM bytes / HBM bandwidth) + collective bytes / ICI
-bandwidth, per chip. It assumes no overlap of collectives with compute (XLA overlaps many, so it
-errs slow) and that a collective streams over all of the chip's links (a ring along one torus axis
-uses 2 of the 4 (v5e, v6e) or 6 (v4, v5p) ports, so it errs fast there); it has no term for
-latency, so it is optimistic for small collectives.
+The roofline bounds a step from below: step time >= max(FLOPs / peak, HBM bytes / HBM bandwidth,
+collective bytes / ICI bandwidth + collective latency), per chip, every resource at its peak and
+all of them overlapped. Each term is a floor on its own: the FLOPs are the ones the chip executes
+(bench's hardware FLOPs), the HBM bytes what the compiled program's operations read and write in
+HBM (`hbm_traffic`, loops counted as often as they run), a collective streams over all of the
+chip's links (a ring along one torus axis uses 2 of the 4 (v5e, v6e) or 6 (v4, v5p) ports) after
+an assumed latency of ICI_HOP_LATENCY_S per ring step. Real steps run slower: non-matmul work,
+collectives that do not overlap, kernels below peak. How much slower, published runs say:
+each chip's `mfu_band`, with its source, is the model-FLOPs utilisation those runs reached,
+which bench applies to the bound as an assumed efficiency.
 """
 
 from __future__ import annotations
@@ -37,24 +42,37 @@ class Chip:
     hbm_bytes_per_s: float
     ici_bytes_per_s: float  # bidirectional, over all of the chip's links
     dims: int  # of the torus: 2 (v5e, v6e) or 3 (v4, v5p)
+    mfu_band: tuple[float, float]  # model-FLOPs utilisation that published training runs reached
+    band_source: str
 
 
+# Published MFU of large dense training runs on each generation (model FLOPs / peak, attention
+# counted over the full square as these tables count it):
+MAXTEXT = "MaxText README, 'Runtime Performance Results' (github.com/AI-Hypercomputer/maxtext, 2024-25)"
 CHIPS = {
     # Cloud TPU documentation, "TPU v4" (cloud.google.com/tpu/docs/v4): 275 TFLOP/s bf16, 32 GiB
     # HBM2 at 1200 GB/s. It gives no per-chip ICI figure; its all-reduce bandwidth per pod
     # (1.1 PB/s over 4096 chips) relates to it as it does on the v5e and v6e pages (pod all-reduce
-    # bandwidth / chips = half the bidirectional per-chip ICI), which gives 537 GB/s.
-    "v4": Chip(275e12, 32 * GiB, 1200e9, 2 * 1.1e15 / 4096, 3),
+    # bandwidth / chips = half the bidirectional per-chip ICI), which gives 537 GB/s. Band: one
+    # run, PaLM 540B on 6144 v4 chips at 46.2 % MFU (Chowdhery et al. 2022, arXiv 2204.02311).
+    "v4": Chip(275e12, 32 * GiB, 1200e9, 2 * 1.1e15 / 4096, 3, (0.462, 0.462),
+               "PaLM 540B on 6144 v4 chips (arXiv 2204.02311)"),
     # "TPU v5e" (cloud.google.com/tpu/docs/v5e): 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s,
-    # bidirectional ICI 400 GB/s per chip.
-    "v5e": Chip(197e12, 16 * GiB, 819e9, 400e9, 2),
+    # bidirectional ICI 400 GB/s per chip. Band: MaxText on one v5e-256, 16B-128B: 56.1-66.9 %.
+    "v5e": Chip(197e12, 16 * GiB, 819e9, 400e9, 2, (0.561, 0.669), f"{MAXTEXT}: 16B-128B on v5e-256"),
     # "TPU v5p" (cloud.google.com/tpu/docs/v5p): 459 TFLOP/s bf16, 95 GiB HBM2e at 2765 GB/s,
-    # bidirectional ICI 1200 GB/s per chip (4800 Gbps).
-    "v5p": Chip(459e12, 95 * GiB, 2765e9, 1200e9, 3),
+    # bidirectional ICI 1200 GB/s per chip (4800 Gbps). Band: MaxText, 32B on v5p-128 to 1160B on
+    # v5p-12288: 64.0-70.3 %.
+    "v5p": Chip(459e12, 95 * GiB, 2765e9, 1200e9, 3, (0.640, 0.703), f"{MAXTEXT}: 32B-1160B on v5p-128 to -12288"),
     # "TPU v6e" (cloud.google.com/tpu/docs/v6e), Trillium: 918 TFLOP/s bf16, 32 GB HBM at
-    # 1640 GB/s, bidirectional ICI 800 GB/s per chip.
-    "v6e": Chip(918e12, 32 * GiB, 1640e9, 800e9, 2),
+    # 1640 GB/s, bidirectional ICI 800 GB/s per chip. No published MFU table: v5e's band, assumed
+    # (the same 2D-torus, 256-chip pod design).
+    "v6e": Chip(918e12, 32 * GiB, 1640e9, 800e9, 2, (0.561, 0.669), "none published; v5e's band, assumed"),
 }
+# Latency of one step of a ring collective (one hop over ICI), assumed: "How to Scale Your Model"
+# (jax-ml.github.io/scaling-book) puts an ICI hop at about 1 us. A ring over g chips takes g - 1
+# steps (an all-reduce 2 (g - 1)), so small collectives over many chips cost latency, not bytes.
+ICI_HOP_LATENCY_S = 1e-6
 
 # Cloud accelerator types (`gcloud … --accelerator-type`) and the topology each names. v5e and v6e
 # count chips; v4 and v5p count TensorCores, two per chip (v5p-128 is 64 chips, 4x4x4).
@@ -231,6 +249,13 @@ class Collective:
     bytes: float  # received per device, per step (all executions)
     count: int  # executions per step
     name: str  # the JAX operation it came from (HLO metadata op_name)
+    group: int = 1  # devices in each of its replica groups
+
+    @property
+    def latency_s(self) -> float:
+        """Assumed latency of all its executions: ICI_HOP_LATENCY_S per step of the ring."""
+        steps = 1 if self.op == "collective-permute" else (self.group - 1) * (2 if self.op == "all-reduce" else 1)
+        return self.count * steps * ICI_HOP_LATENCY_S
 
 
 def collectives(hlo: str) -> list[Collective]:
@@ -255,9 +280,10 @@ def collectives(hlo: str) -> list[Collective]:
                 # (operands, results[, scratch…]): the second element is what the op produces;
                 # all-reduce-start's result is its results alone.
                 shape = _top_level(shape[1:-1])[1]
-            per_run = moved_bytes(op, shape_bytes(shape), group_size(line))
+            group = group_size(line)
+            per_run = moved_bytes(op, shape_bytes(shape), group)
             name = re.search(r'op_name="([^"]*)"', line)
-            found.append(Collective(op, per_run * runs[comp], runs[comp], name[1] if name else ""))
+            found.append(Collective(op, per_run * runs[comp], runs[comp], name[1] if name else "", group))
     return sorted(found, key=lambda c: -c.bytes)
 
 
@@ -279,6 +305,119 @@ def collective_bytes(found: list[Collective]) -> dict[str, float]:
     return {op: sum(c.bytes for c in found if c.op == op) for op in COLLECTIVES}
 
 
+# ------------------------------------------------------------------------------------------ HBM traffic
+_NAMED = re.compile(r"^\s*(ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
+_LAID_OUT = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\](\{[^}]*\})?")
+# Operations that move no data of their own: structure, control flow (their computations are
+# counted where they run) and the second halves of asynchronous pairs (counted at their start).
+_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
+               "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "copy-done",
+               "all-gather-done", "all-reduce-done", "collective-permute-done", "async-done", "send-done", "recv-done"}
+_SLICES = {"dynamic-slice", "slice", "gather"}
+
+
+def hbm_bytes(shape: str) -> float:
+    """Bytes of the arrays of an HLO shape that live in HBM: memory space 0, a layout without S(n)
+    (TPU layouts mark on-chip memory as S(1) and up)."""
+    total = 0.0
+    for dtype, dims, layout in _LAID_OUT.findall(shape):
+        space = re.search(r"S\((\d+)\)", layout)
+        if space is None or space[1] == "0":
+            total += DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+    return total
+
+
+@dataclasses.dataclass
+class _Op:
+    name: str
+    shape: str
+    opcode: str
+    operands: list[str]  # names; a parameter's: its index
+    fused: str | None  # the computation a fusion calls
+    root: bool
+
+
+def _ops(lines: list[str]) -> list[_Op]:
+    ops = []
+    for line in lines:
+        m = _NAMED.match(line)
+        if m:
+            args = m[5][:_closing(m[5])]
+            fused = re.search(r"calls=%([\w.\-]+)", m[5]) if m[4] == "fusion" else None
+            operands = [args.strip()] if m[4] == "parameter" else re.findall(r"%([\w.\-]+)", args)
+            ops.append(_Op(m[2], m[3], m[4], operands, fused and fused[1], bool(m[1])))
+    return ops
+
+
+def _closing(text: str) -> int:
+    """Index of the parenthesis that closes an operand list opened just before `text`."""
+    depth = 1
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+            return i
+    return len(text)
+
+
+def hbm_traffic(hlo: str) -> float:
+    """Bytes one run of a compiled program reads from and writes to HBM: each top-level
+    operation's operands and results that live there, every computation counted as often as it
+    runs (loop bodies by their trip counts, `executions`). A fusion's operand counts as much as the
+    fusion reads of it (a dynamic slice of a stacked weight: the slice; a buffer it updates in
+    place: nothing) and a result updated in place as the update; what a fusion does inside stays
+    on the chip. XLA's own "bytes accessed" counts each loop body once, and on TPU also on-chip
+    traffic."""
+    comps = {name: _ops(lines) for name, lines in computations(hlo).items() if name}
+    runs = executions(computations(hlo))
+    fused = {op.fused for ops in comps.values() for op in ops if op.fused}
+    total = 0.0
+    for comp, ops in comps.items():
+        if comp in fused or comp not in runs:
+            continue
+        shapes = {op.name: op.shape for op in ops}
+        for op in ops:
+            if op.opcode in _NO_TRAFFIC:
+                continue
+            body = comps.get(op.fused, [])
+            reads = sum(_read(comps, body, i, shapes.get(name, "")) if op.fused else hbm_bytes(shapes.get(name, ""))
+                        for i, name in enumerate(op.operands))
+            root = _root(body) if op.fused else op
+            if root is not None and root.opcode == "dynamic-update-slice":
+                update = ({o.name: o.shape for o in body} if op.fused else shapes).get(root.operands[1], "")
+                write = hbm_bytes(update) if hbm_bytes(op.shape) else 0.0
+                reads -= 0 if op.fused else hbm_bytes(shapes.get(op.operands[0], ""))  # updated in place
+            else:
+                write = hbm_bytes(op.shape)
+            total += (reads + write) * runs[comp]
+    return total
+
+
+def _root(ops: list[_Op]) -> _Op | None:
+    return next((op for op in ops if op.root), None)
+
+
+def _read(comps: dict[str, list[_Op]], body: list[_Op], index: int, shape: str) -> float:
+    """HBM bytes a fused computation reads of its operand `index` (of HBM shape `shape`): the
+    slices its users take, nothing where it is the buffer of an in-place update, else all."""
+    if not hbm_bytes(shape):
+        return 0.0
+    param = next((op for op in body if op.opcode == "parameter" and op.operands == [str(index)]), None)
+    users = [(op, op.operands.index(param.name)) for op in body if param and param.name in op.operands]
+    if not users:
+        return hbm_bytes(shape)
+    read = 0.0
+    for user, position in users:
+        if user.opcode in _SLICES and position == 0:
+            read += shape_bytes(user.shape)
+        elif user.opcode == "dynamic-update-slice" and position == 0:
+            continue
+        elif user.fused:
+            read += _read(comps, comps.get(user.fused, []), position, shape)
+        else:
+            return hbm_bytes(shape)
+    return min(read, hbm_bytes(shape))
+
+
 def out_of_memory(message: str) -> float | None:
     """The bytes of temporaries a TPU compile refused for lack of HBM (its error message), else None."""
     found = re.search(r"temporaries \(([\d.]+)([KMGT])\) exceeds available HBM", message)
@@ -286,9 +425,10 @@ def out_of_memory(message: str) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ roofline
-def roofline(chip: Chip, flops: float, hbm_bytes: float, ici_bytes: float) -> dict:
-    """Step time per chip from its FLOPs, HBM traffic and collective bytes (module docstring)."""
-    compute_s, memory_s = flops / chip.peak_flops, hbm_bytes / chip.hbm_bytes_per_s
-    ici_s = ici_bytes / (chip.ici_bytes_per_s / 2)  # bidirectional: each direction carries half
-    return {"compute_s": compute_s, "hbm_s": memory_s, "ici_s": ici_s, "step_time_s": max(compute_s, memory_s) + ici_s,
-            "bound": "compute" if compute_s >= memory_s else "memory"}
+def roofline(chip: Chip, flops: float, hbm_bytes: float, ici_bytes: float = 0.0, ici_latency_s: float = 0.0) -> dict:
+    """The floor on one step's time per chip (module docstring) and the resource that sets it."""
+    terms = {"compute": flops / chip.peak_flops, "memory": hbm_bytes / chip.hbm_bytes_per_s,
+             "ici": ici_bytes / (chip.ici_bytes_per_s / 2) + ici_latency_s}  # bidirectional: half each way
+    bound = max(terms, key=terms.get)
+    return {"compute_s": terms["compute"], "hbm_s": terms["memory"], "ici_s": terms["ici"],
+            "step_time_floor_s": terms[bound], "bound": bound}
