@@ -1,4 +1,5 @@
-"""What a train step costs: parameters, FLOPs, compiled memory, step time, tokens/s and MFU.
+"""What a train step costs: parameters, FLOPs, compiled memory, step time, tokens/s and MFU (measured
+here), or on a TPU pod the memory and bounds on the speed.
 
     python -m mtp_jax.bench --config=configs/mtp3.py:nano [--config.KEY=V …] [--json] [--sweep] [--compile_only]
     python -m mtp_jax.bench --config=configs/mtp4.py:1b --topology=v5p:4x4x4 [--search_mesh] [--json]
@@ -21,15 +22,21 @@ ratio to the baseline; `--json` prints one JSON object per configuration instead
 `--topology` compiles the same step for a TPU slice that need not be attached (libtpu describes its
 chips: `pip install -e '.[tpu]'`), on abstract inputs, and reports per chip what the step needs
 (parameters, optimizer state, temporaries, against the chip's HBM), the bytes each kind of
-collective moves, and a roofline step time, tokens/s and MFU (mtp_jax/tpu.py). A configuration
-that does not fit ends with one `error:` line naming the fields that lower its memory.
-`--search_mesh` compiles every (data, fsdp, tensor) mesh that the chips and the model's shapes
-allow and ranks them by predicted step time.
+collective moves, and bounds on its speed, not predictions (`pod_bounds`, mtp_jax/tpu.py): a floor
+on the step time, the ceilings it puts on tokens/s, MFU (model FLOPs) and HFU (hardware FLOPs: the
+rematerialised cross-entropy and model.remat counted), and the range that published runs'
+efficiency on that chip suggests (an assumption, with its source). A configuration that does not
+fit ends with one `error:` line naming the fields that lower its memory. With mesh.* at its
+defaults it compiles the `default_meshes` (data parallel where the batch allows, FSDP with the two
+smallest tensor sizes), keeps the fastest that fits and says which; `--search_mesh` compiles every
+(data, fsdp, tensor) mesh that the chips and the model's shapes allow and ranks them.
 
 `--topology … --decode=SIZES` costs decoding instead, on the topology's first chip: one plain
 decoding step at each batch in SIZES, and one greedy verify pass of the draft chain and of a tree
 of each size, each at a full KV cache of seq_len positions (`generate.one_pass`, the bodies of
-generate's device loops). Decoding one sequence is memory-bound: a pass reads every parameter and
+generate's device loops), with the floor on each pass's time; a pass whose parameters and cache
+alone exceed the chip is left out with a notice (all of them: an error line). Decoding one sequence
+is memory-bound: a pass reads every parameter and
 the cache whatever its number of tokens, so a verify pass costs about a plain step until its
 tokens' FLOPs outweigh those reads.
 """
@@ -384,7 +391,8 @@ def topology_table(results: list[dict]) -> str:
     gib = lambda b: f"{b / tpu.GiB:.2f}"  # noqa: E731
     lines = [f"{'config':<22} {'data,fsdp,tensor':>16} {'param':>6} {'opt':>6} {'temp':>6} {'total GiB':>10} "
              f"{'fits':>4} {'AG GB':>6} {'RS GB':>6} {'AR GB':>6} {'A2A GB':>6} {'comp ms':>8} {'HBM ms':>7} "
-             f"{'ICI ms':>7} {'step ms ≥':>9} {'tok/s/chip ≤':>12} {'MFU ≤':>6} {'HFU ≤':>6} {'expected MFU':>12}"]
+             f"{'ICI ms':>7} {'step ms ≥':>9} {'tok/s/chip ≤':>12} {'MFU ≤':>6} {'HFU ≤':>6} "
+             f"{'expected MFU':>12}"]
     for r in results:
         if r["refused_by_compiler"]:
             lines.append(f"{r['name']:<22} {','.join(str(s) for s in r['mesh'].values()):>16} "
@@ -409,7 +417,8 @@ def topology_legend(topology: str, chips: int) -> str:
     low, high = chip.mfu_band
     return (f"{topology}: {chips} chips, per chip. ≥ and ≤ are roofline bounds, not predictions: every FLOP, HBM "
             f"byte and collective at the chip's peak, all overlapped (mtp_jax/tpu.py). Expected MFU: the ceiling x "
-            f"{100 * low:.0f}-{100 * high:.0f} %, the MFU published runs reached ({chip.band_source}; assumed to carry over)")
+            f"{100 * low:.0f}-{100 * high:.0f} %, the MFU published runs reached ({chip.band_source}; assumed to "
+            "carry over)")
 
 
 def train_meshes(config, topology: str, devices, search: bool, report=None) -> list[dict]:
@@ -458,7 +467,7 @@ def decode_passes(config, sizes: list[int], tree_sizes: list[int] | None = None)
     in `tree_sizes` (default: `sizes`) above n - 1 (drafted nodes, the root excluded, as generate
     --tree_size). A tree's shape is Medusa's construction under acceptance halving with each rank:
     with linear or parallel heads a pass costs what its size costs, whatever the shape."""
-    tree_sizes = [s for s in (sizes if tree_sizes is None else tree_sizes)]
+    tree_sizes = sizes if tree_sizes is None else tree_sizes
     passes = [(f"plain, batch {b}", None, b) for b in sizes]
     n = n_predict(config)
     if n > 1:
@@ -486,20 +495,20 @@ def fitting_decode_sizes(config, chip: tpu.Chip, sizes: list[int]) -> tuple[list
     phrase for each pass left out (compiling those would only hear the compiler refuse, and
     shaping a tree of that size alone could exhaust this host's memory)."""
     plain_params, plain_cache, all_params, tree_cache = decode_floor_bytes(config)
-    batch_bytes = {b: plain_params + b * config.seq_len * plain_cache for b in sizes}
-    tree_bytes = {s: all_params + (config.seq_len + s) * tree_cache for s in sizes}
-    left_out = [f"plain batch {b} (≥ {batch_bytes[b] / tpu.GiB:.1f} GiB)" for b in sizes if batch_bytes[b] > chip.hbm_bytes]
+    need = {"plain batch": lambda b: plain_params + b * config.seq_len * plain_cache}
     if n_predict(config) > 1:
-        left_out += [f"tree of {s} (≥ {tree_bytes[s] / tpu.GiB:.1f} GiB)" for s in sizes if tree_bytes[s] > chip.hbm_bytes]
-    if len(left_out) == len(sizes) * (2 if n_predict(config) > 1 else 1):
-        largest_batch = int((chip.hbm_bytes - plain_params) // (config.seq_len * plain_cache))
+        need["tree of"] = lambda size: all_params + (config.seq_len + size) * tree_cache
+    fitting = {kind: [s for s in sizes if needs(s) <= chip.hbm_bytes] for kind, needs in need.items()}
+    left_out = [f"{kind} {s} (≥ {needs(s) / tpu.GiB:.1f} GiB)"
+                for kind, needs in need.items() for s in sizes if s not in fitting[kind]]
+    if not any(fitting.values()):
+        largest_tree = int((chip.hbm_bytes - all_params) // tree_cache) - config.seq_len
         raise UserError(f"--decode={','.join(map(str, sizes))}: every pass needs more than a chip's "
                         f"{chip.hbm_bytes / tpu.GiB:.0f} GiB for its parameters and KV cache alone ("
-                        + ", ".join(left_out) + f"): use batches up to {largest_batch}"
-                        + (f" and trees up to {int((chip.hbm_bytes - all_params) // tree_cache) - config.seq_len}"
-                           if n_predict(config) > 1 else ""))
-    return ([b for b in sizes if batch_bytes[b] <= chip.hbm_bytes], [s for s in sizes if tree_bytes[s] <= chip.hbm_bytes],
-            left_out)
+                        + ", ".join(left_out) + "): use batches up to "
+                        + str(int((chip.hbm_bytes - plain_params) // (config.seq_len * plain_cache)))
+                        + (f" and trees up to {largest_tree}" if "tree of" in need else ""))
+    return fitting["plain batch"], fitting.get("tree of", []), left_out
 
 
 def decode_config(config, topology: str, devices, name: str, tree: Tree | None, batch: int) -> dict:

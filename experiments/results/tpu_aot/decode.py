@@ -92,7 +92,8 @@ def render(results: dict, meta: dict) -> str:
     sources = [(label, path, tokens_per_pass(path)) for label, path in ACCEPTANCE]
     borrowed = "; ".join(f"{label}: {m['chain']:.2f} for the chain, {m['tree']:.2f} for a tree of {m['tree_size']}, "
                          f"its greedy outputs' zlib ratio {m['zlib']:.2f} against the true continuations' "
-                         f"{m['truth_zlib']:.2f} ([{path.name}](../decoding/{path.name}))" for label, path, m in sources)
+                         f"{m['truth_zlib']:.2f} ([{path.name}](../decoding/{path.name}))"
+                         for label, path, m in sources)
     lines = [
         "# Decoding compiled for one TPU chip ahead of time: bounds on a step, and borrowed acceptance",
         "",

@@ -73,7 +73,8 @@ def compile_row(config, topology: str, devices, meshes: list[tuple[int, int, int
         tried.append(bench.topology_config(bench.with_mesh(config, *mesh), topology, devices))
         tried[-1]["load_average"] = os.getloadavg()[0]
         print(f"  {tried[-1]['name']} mesh {mesh}: {tried[-1]['bytes_per_chip'] / tpu.GiB:.1f} GiB, "
-              f"step time >= {tried[-1]['step_time_floor_s']} s, compiled in {tried[-1]['compile_s']:.0f} s", flush=True)
+              f"step time >= {tried[-1]['step_time_floor_s']} s, compiled in {tried[-1]['compile_s']:.0f} s",
+              flush=True)
         if tried[-1]["fits"] and keep_first_fit:
             break
     fitting = [r for r in tried if r["fits"]]
@@ -84,7 +85,8 @@ def compile_row(config, topology: str, devices, meshes: list[tuple[int, int, int
         tried[-1]["load_average"] = os.getloadavg()[0]
         tried[-1]["remat"] = True
         fitting = [r for r in tried[-1:] if r["fits"]]
-    best = min(fitting, key=lambda r: r["step_time_floor_s"]) if fitting else min(tried, key=lambda r: r["bytes_per_chip"])
+    best = (min(fitting, key=lambda r: r["step_time_floor_s"]) if fitting
+            else min(tried, key=lambda r: r["bytes_per_chip"]))
     return {**best, "remat": best.get("remat", False), "hbm_counted": HBM_TRAFFIC, "tried": [
         {"mesh": r["mesh"], "remat": r.get("remat", False), "bytes_per_chip": r["bytes_per_chip"], "fits": r["fits"],
          "step_time_floor_s": r["step_time_floor_s"], "compile_s": r["compile_s"]} for r in tried]}
@@ -253,12 +255,14 @@ def table_row(preset: str, setting: str, r: dict, base: dict | None) -> str:
     mesh = ",".join(str(s) for s in r["mesh"].values())
     head = f"| {preset} | {setting} | {r['batch_size']} × {r['seq_len']} | {mesh} | {'yes' if r['remat'] else 'no'} | "
     if r.get("refused_by_compiler"):
-        return head + f"> {r['bytes_per_chip'] / tpu.GiB:.0f} (temporaries; the compiler refuses) | **no** |" + " |" * 13
+        return (head + f"> {r['bytes_per_chip'] / tpu.GiB:.0f} (temporaries; the compiler refuses) | **no** |"
+                + " |" * 13)
     largest, (low, high) = r["largest_collective"], r["expected_mfu_range"]
     return (head + f"{r['bytes_per_chip'] / tpu.GiB:.1f} | {'yes' if r['fits'] else '**no**'} | "
             f"{r['model_flops_per_step'] / 1e15:.2f} / {r['hardware_flops_per_step'] / 1e15:.2f} | "
             f"{1e3 * r['compute_s']:.0f} | {1e3 * r['hbm_s']:.0f}{'' if r['hbm_counted'] == HBM_TRAFFIC else '*'} | "
-            f"{1e3 * r['ici_s']:.0f} | {1e3 * r['step_time_floor_s']:.0f} | {r['tokens_per_sec_per_chip_ceiling']:.0f} | "
+            f"{1e3 * r['ici_s']:.0f} | {1e3 * r['step_time_floor_s']:.0f} | "
+            f"{r['tokens_per_sec_per_chip_ceiling']:.0f} | "
             f"{100 * r['mfu_ceiling']:.1f} % | {100 * r['hfu_ceiling']:.1f} % | {100 * low:.0f}-{100 * high:.0f} % | "
             f"{ms_range(r['expected_step_time_s_range'])} | {delta('step_time_floor_s')} | {delta('bytes_per_chip')} | "
             + (f"{largest['op']} {largest['bytes'] / 1e9:.2f} GB ×{largest['count']}" if largest else "-")
