@@ -378,22 +378,45 @@ def hbm_traffic(hlo: str) -> float:
         for op in ops:
             if op.opcode in _NO_TRAFFIC:
                 continue
-            body = comps.get(op.fused, [])
-            reads = sum(_read(comps, body, i, shapes.get(name, "")) if op.fused else hbm_bytes(shapes.get(name, ""))
-                        for i, name in enumerate(op.operands))
-            root = _root(body) if op.fused else op
-            if root is not None and root.opcode == "dynamic-update-slice":
-                update = ({o.name: o.shape for o in body} if op.fused else shapes).get(root.operands[1], "")
-                write = hbm_bytes(update) if hbm_bytes(op.shape) else 0.0
-                reads -= 0 if op.fused else hbm_bytes(shapes.get(op.operands[0], ""))  # updated in place
+            if op.fused:
+                body = comps.get(op.fused, [])
+                reads = sum(_read(comps, body, i, shapes.get(name, "")) for i, name in enumerate(op.operands))
+                traffic = reads + _written(op.shape, body)
+            elif op.opcode == "dynamic-update-slice":  # in place: the update read and written
+                traffic = 2 * hbm_bytes(shapes.get(op.operands[1], ""))
             else:
-                write = hbm_bytes(op.shape)
-            total += (reads + write) * runs[comp]
+                traffic = sum(hbm_bytes(shapes.get(name, "")) for name in op.operands) + _result_bytes(op)
+            total += traffic * runs[comp]
     return total
 
 
-def _root(ops: list[_Op]) -> _Op | None:
-    return next((op for op in ops if op.root), None)
+def _result_bytes(op: _Op) -> float:
+    """HBM bytes an unfused operation writes. An asynchronous start's result is a tuple of its
+    operands (or, for a copy, its destination first) and what it produces: only the latter is
+    written."""
+    if not op.opcode.endswith("-start") or op.opcode == "all-reduce-start":
+        return hbm_bytes(op.shape)
+    parts = _top_level(op.shape[1:-1])
+    return hbm_bytes(parts[0] if op.opcode == "copy-start" else parts[1])
+
+
+def _written(shape: str, body: list[_Op]) -> float:
+    """HBM bytes a fusion writes of its result `shape`: each output an in-place update produces
+    counts as the update."""
+    by_name = {op.name: op for op in body}
+    root = next((op for op in body if op.root), None)
+    outputs = _top_level(shape[1:-1]) if shape.startswith("(") else [shape]
+    producers = root.operands if root is not None and root.opcode == "tuple" else [root and root.name]
+    written = 0.0
+    for output, name in zip(outputs, producers):
+        producer = by_name.get(name)
+        while producer is not None and producer.opcode == "bitcast":
+            producer = by_name.get(producer.operands[0])
+        if producer is not None and producer.opcode == "dynamic-update-slice" and hbm_bytes(output):
+            written += shape_bytes(by_name[producer.operands[1]].shape) if producer.operands[1] in by_name else 0.0
+        else:
+            written += hbm_bytes(output)
+    return written
 
 
 def _read(comps: dict[str, list[_Op]], body: list[_Op], index: int, shape: str) -> float:

@@ -69,6 +69,40 @@ def test_collective_bytes_follow_the_ring_algorithm_and_loop_trip_counts():
     assert tpu.collective_bytes(list(found.values()))["all-to-all"] == 0
 
 
+# A fusion that updates a stacked [12, 256] buffer in place at row i and also outputs -x, and a
+# prefetch of x into on-chip memory (S(1)).
+IN_PLACE_HLO = """\
+HloModule jit_step, entry_computation_layout={()->()}
+
+%fused (p0: f32[12,256], p1: f32[256], p2: s32[]) -> (f32[12,256], f32[256]) {
+  %p0 = f32[12,256]{1,0} parameter(0)
+  %p1 = f32[256]{0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %zero = s32[] constant(0)
+  %row = f32[1,256]{1,0} bitcast(%p1)
+  %dus = f32[12,256]{1,0} dynamic-update-slice(%p0, %row, %p2, %zero)
+  %neg = f32[256]{0} negate(%p1)
+  ROOT %t = (f32[12,256]{1,0}, f32[256]{0}) tuple(%dus, %neg)
+}
+
+ENTRY %main (a: f32[12,256], x: f32[256], i: s32[]) -> f32[256] {
+  %a = f32[12,256]{1,0} parameter(0)
+  %x = f32[256]{0} parameter(1)
+  %i = s32[] parameter(2)
+  %f = (f32[12,256]{1,0}, f32[256]{0}) fusion(%a, %x, %i), kind=kLoop, calls=%fused
+  %cs = (f32[256]{0:S(1)}, f32[256]{0}, u32[]{:S(2)}) copy-start(%x)
+  ROOT %cd = f32[256]{0:S(1)} copy-done(%cs)
+}
+"""
+
+
+def test_hbm_traffic_counts_in_place_updates_as_the_update_and_on_chip_buffers_as_nothing():
+    row = 256 * 4
+    # The fusion reads x and i (not the buffer it updates) and writes one row and -x; the prefetch
+    # reads x from HBM and writes on the chip.
+    assert tpu.hbm_traffic(IN_PLACE_HLO) == (row + 4) + (row + row) + row
+
+
 def test_accelerator_types_name_their_topologies_and_unknown_names_list_the_known_ones():
     assert tpu.topology_name("v5p-128") == "v5p:4x4x4"  # v5p counts TensorCores, two per chip
     assert tpu.topology_name("v5e-256") == "v5e:16x16"
