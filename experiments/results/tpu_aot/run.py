@@ -166,8 +166,11 @@ def key_numbers(results: dict) -> list[str]:
         if r.get("refused_by_compiler"):
             lines.append(f"- {key}: does not fit (temporaries alone over {gib(r)}).")
             continue
-        split = (f"compute {1e3 * r['compute_s']:.0f} ms, HBM {1e3 * r['hbm_s']:.0f} ms, "
-                 f"collectives {1e3 * r['ici_s']:.0f} ms")
+        latency = ("no latency recorded" if r["ici_latency_s"] is None
+                   else f"{1e3 * r['ici_latency_s']:.0f} ms of it assumed latency")
+        split = (f"compute {1e3 * r['compute_s']:.0f} ms, HBM {1e3 * r['hbm_s']:.0f} ms"
+                 f"{'' if r['hbm_counted'] == HBM_TRAFFIC else ' (floor)'}, collectives {1e3 * r['ici_s']:.0f} ms, "
+                 f"{latency}")
         largest = r["largest_collective"]
         where = "the layer loop" if "while" in largest["from"] else "the step"
         expected = [100 * m for m in r["expected_mfu_range"]]
