@@ -71,7 +71,8 @@ CHIPS = {
 }
 # Latency of one step of a ring collective (one hop over ICI), assumed: "How to Scale Your Model"
 # (jax-ml.github.io/scaling-book) puts an ICI hop at about 1 us. A ring over g chips takes g - 1
-# steps (an all-reduce 2 (g - 1)), so small collectives over many chips cost latency, not bytes.
+# steps (an all-reduce 2 (g - 1)), so small collectives over many chips cost latency, not bytes; a
+# ring that runs both ways takes half as many, so this term may overstate the latency up to 2x.
 ICI_HOP_LATENCY_S = 1e-6
 
 # Cloud accelerator types (`gcloud … --accelerator-type`) and the topology each names. v5e and v6e
