@@ -364,7 +364,7 @@ def test_default_meshes_for_1b_on_v5e_256_are_the_fsdp_major_ones_and_the_fastes
     assert sharding.is_default_mesh(config.mesh)
     assert bench.default_meshes(config, 256) == [(1, 128, 2), (1, 64, 4)]
     assert bench.default_meshes(config, 64) == [(64, 1, 1), (1, 64, 1), (1, 32, 2)]  # v5p-128: 64 chips
-    # The compiles of experiments/results/tpu_aot (1b baseline, v5e-256): both fit, 64 x 4 is faster.
+    # Floors standing in for the two compiles: both fit, 64 x 4 is faster (as bench finds for the preset).
     floors = {(1, 128, 2): 0.0689, (1, 64, 4): 0.0659}
 
     def compiled(c, topology, devices):
