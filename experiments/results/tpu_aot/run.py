@@ -241,10 +241,11 @@ def method(meta: dict, results: dict) -> list[str]:
         "on-chip traffic too: it is neither bound and is not used.",
         "",
         "ICI: a collective is assumed to stream over all of the chip's links (a ring along one torus axis "
-        "uses 2 of the 4 (v5e, v6e) or 6 (v5p) ports, so real ones are slower); on v5p the compiled "
-        "program gathers FSDP weights with all-reduces of zero-padded stacks rather than all-gathers, "
-        "about twice the ideal bytes, as XLA partitions it (counted as compiled). Δ columns compare each "
-        "MTP setting with its baseline on the same topology.",
+        "uses 2 of the 4 (v5e, v6e) or 6 (v5p) ports, so real ones are slower). On v5p the compiled "
+        "program moves the FSDP weights with all-reduces and no all-gathers (`collective_bytes_per_chip` "
+        "in results.json), and an all-reduce moves twice an all-gather's bytes: counted as compiled, so "
+        "a better partitioning would lower those rows' ICI term. Δ columns compare each MTP setting with "
+        "its baseline on the same topology.",
         "",
         "Decoding (a plain step and the speculative verify passes on one chip): [decode.md](decode.md).",
         "",
