@@ -57,7 +57,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from mtp_jax import attention as attention_lib
-from mtp_jax import generate, sharding, tpu
+from mtp_jax import generate, hlo, sharding, tpu
 from mtp_jax.cli import fail, parse_flags
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
@@ -302,13 +302,13 @@ def topology_config(config, topology: str, devices) -> dict:
                     "refused_by_compiler": True, "step_time_floor_s": None,
                     "compile_s": time.perf_counter() - start, "compile_cpu_s": time.process_time() - start_cpu}
         compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
-    chips, memory, hlo = mesh.size, setup.step_fn.memory_analysis(), setup.step_fn.as_text()
+    chips, memory, program = mesh.size, setup.step_fn.memory_analysis(), setup.step_fn.as_text()
     cost = setup.step_fn.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    found = tpu.collectives(hlo)
-    by_kind = tpu.collective_bytes(found)
+    found = hlo.collectives(program)
+    by_kind = hlo.collective_bytes(found)
     needed = memory_per_device(memory)
-    hbm = tpu.hbm_traffic(hlo)
+    hbm = hlo.hbm_traffic(program)
     return {
         "name": config_name(config), "topology": topology, "chips": chips, "mesh": dict(mesh.shape),
         "params": setup.n_params,
@@ -322,7 +322,7 @@ def topology_config(config, topology: str, devices) -> dict:
         "collective_bytes_per_chip": by_kind,
         "largest_collective": None if not found else {"op": found[0].op, "bytes": found[0].bytes,
                                                       "count": found[0].count, "from": found[0].name},
-        **pod_bounds(config, vocab, chip, chips, hbm, sum(by_kind.values()), sum(c.latency_s for c in found)),
+        **pod_bounds(config, vocab, chip, chips, hbm, sum(by_kind.values()), sum(tpu.collective_latency_s(c) for c in found)),
         "refused_by_compiler": False,
         "compile_s": compile_s, "compile_cpu_s": compile_cpu_s,  # wall time; CPU time of all this process's threads
     }

@@ -1,4 +1,4 @@
-"""Compiling for TPU topologies from this machine (mtp_jax/tpu.py, mtp_jax.bench --topology).
+"""Compiling for TPU topologies from this machine (mtp_jax/tpu.py, mtp_jax/hlo.py, mtp_jax.bench --topology).
 
 The HLO reading, the names and the roofline are tested everywhere; the compiles run where libtpu
 imports (`pip install -e '.[tpu]'`) and are skipped otherwise."""
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtp_jax import bench, sharding, tpu
+from mtp_jax import bench, hlo, sharding, tpu
 from mtp_jax.errors import UserError
 from tests.util import load_config
 
@@ -60,13 +60,13 @@ ENTRY %main (a: f32[1000], b: f32[24]) -> f32[250] {
 
 
 def test_collective_bytes_follow_the_ring_algorithm_and_loop_trip_counts():
-    found = {c.op: c for c in tpu.collectives(HLO)}
+    found = {c.op: c for c in hlo.collectives(HLO)}
     gathered = 1024 * 768 * 2
     assert found["all-gather"].count == 12
     assert found["all-gather"].bytes == 12 * gathered * 3 / 4
     assert found["all-reduce"].bytes == 2 * (1000 + 24) * 4 * 1 / 2
     assert found["reduce-scatter"].bytes == 250 * 4 * 3
-    assert tpu.collective_bytes(list(found.values()))["all-to-all"] == 0
+    assert hlo.collective_bytes(list(found.values()))["all-to-all"] == 0
 
 
 # A fusion that updates a stacked [12, 256] buffer in place at row i and also outputs -x, and a
@@ -100,7 +100,7 @@ def test_hbm_traffic_counts_in_place_updates_as_the_update_and_on_chip_buffers_a
     row = 256 * 4
     # The fusion reads x and i (not the buffer it updates) and writes one row and -x; the prefetch
     # reads x from HBM and writes on the chip.
-    assert tpu.hbm_traffic(IN_PLACE_HLO) == (row + 4) + (row + row) + row
+    assert hlo.hbm_traffic(IN_PLACE_HLO) == (row + 4) + (row + row) + row
 
 
 def test_accelerator_types_name_their_topologies_and_unknown_names_list_the_known_ones():
@@ -121,9 +121,9 @@ def test_roofline_floor_is_the_slowest_resource_with_collective_latency_added_to
     r = tpu.roofline(chip, flops=459e12, hbm_bytes=0, ici_bytes=600e9, ici_latency_s=0.5)
     assert r["step_time_floor_s"] == pytest.approx(1.5) and r["bound"] == "ici"
     # 12 all-gathers over 4 devices: 3 ring steps each; an all-reduce over 2: 2 x 1 steps.
-    found = {c.op: c for c in tpu.collectives(HLO)}
-    assert found["all-gather"].latency_s == pytest.approx(12 * 3 * tpu.ICI_HOP_LATENCY_S)
-    assert found["all-reduce"].latency_s == pytest.approx(2 * tpu.ICI_HOP_LATENCY_S)
+    found = {c.op: c for c in hlo.collectives(HLO)}
+    assert tpu.collective_latency_s(found["all-gather"]) == pytest.approx(12 * 3 * tpu.ICI_HOP_LATENCY_S)
+    assert tpu.collective_latency_s(found["all-reduce"]) == pytest.approx(2 * tpu.ICI_HOP_LATENCY_S)
 
 
 def test_analytic_flops_count_grouped_query_attention_and_remat():
@@ -355,7 +355,7 @@ def test_hbm_traffic_counts_a_scanned_loop_body_as_often_as_it_runs():
             jax.ShapeDtypeStruct((batch, d), jnp.bfloat16, sharding=on_chip))
     compiled = jax.jit(scanned).lower(*args).compile()
     analytic = layers * d * d * 2 + 2 * batch * d * 2  # every layer's weights once, x in and out
-    assert tpu.hbm_traffic(compiled.as_text()) == pytest.approx(analytic, rel=0.03)
+    assert hlo.hbm_traffic(compiled.as_text()) == pytest.approx(analytic, rel=0.03)
     assert compiled.cost_analysis()["bytes accessed"] < analytic / 2  # XLA's count: the body once
 
 

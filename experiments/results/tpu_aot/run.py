@@ -231,7 +231,7 @@ def method(meta: dict, results: dict) -> list[str]:
         "matmuls usually run further below peak.",
         "",
         "HBM bytes: rows " + (", ".join(f"*{k}*" for k in traffic) or "(none yet)") + " carry the compiled "
-        "program's HBM traffic (`tpu.hbm_traffic`: each top-level operation's operands and results in "
+        "program's HBM traffic (`hlo.hbm_traffic`: each top-level operation's operands and results in "
         "HBM, fusions reading only the slices they take, every loop body times its trip count) and the "
         "assumed ICI latency (1 µs per ring step); the others were compiled before these were read and "
         "carry only a floor, the state and batch read and the state written once (2 × the compiled "
