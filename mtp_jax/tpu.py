@@ -70,9 +70,9 @@ CHIPS = {
     "v6e": Chip(918e12, 32 * GiB, 1640e9, 800e9, 2, (0.561, 0.669), "none published; v5e's band, assumed"),
 }
 # Latency of one step of a ring collective (one hop over ICI), assumed: "How to Scale Your Model"
-# (jax-ml.github.io/scaling-book) puts an ICI hop at about 1 us. A ring over g chips takes g - 1
-# steps (an all-reduce 2 (g - 1)), so small collectives over many chips cost latency, not bytes; a
-# ring that runs both ways takes half as many, so this term may overstate the latency up to 2x.
+# (jax-ml.github.io/scaling-book) puts an ICI hop at about 1 us. A ring over g chips that runs both
+# ways takes ceil((g - 1) / 2) steps (an all-reduce twice that), the fewest a ring can: small
+# collectives over many chips cost latency, not bytes.
 ICI_HOP_LATENCY_S = 1e-6
 
 # Cloud accelerator types (`gcloud … --accelerator-type`) and the topology each names. v5e and v6e
@@ -154,9 +154,10 @@ def out_of_memory(message: str) -> float | None:
 
 # ------------------------------------------------------------------------------------------ roofline
 def collective_latency_s(collective: hlo.Collective) -> float:
-    """Assumed latency of all of a collective's executions: ICI_HOP_LATENCY_S per step of its ring."""
+    """Assumed latency of all of a collective's executions: ICI_HOP_LATENCY_S per step of its ring,
+    run both ways."""
     op, group = collective.op, collective.group
-    steps = 1 if op == "collective-permute" else (group - 1) * (2 if op == "all-reduce" else 1)
+    steps = 1 if op == "collective-permute" else -(-(group - 1) // 2) * (2 if op == "all-reduce" else 1)
     return collective.count * steps * ICI_HOP_LATENCY_S
 
 
