@@ -1,4 +1,5 @@
-"""What a train step costs: parameters, FLOPs, compiled memory, step time, tokens/s and MFU.
+"""What a train step costs: parameters, FLOPs, compiled memory, step time, tokens/s and MFU (measured
+here), or on a TPU pod the memory and bounds on the speed.
 
     python -m mtp_jax.bench --config=configs/mtp3.py:nano [--config.KEY=V …] [--json] [--sweep] [--compile_only]
     python -m mtp_jax.bench --config=configs/mtp4.py:1b --topology=v5p:4x4x4 [--search_mesh] [--json]
@@ -21,15 +22,21 @@ ratio to the baseline; `--json` prints one JSON object per configuration instead
 `--topology` compiles the same step for a TPU slice that need not be attached (libtpu describes its
 chips: `pip install -e '.[tpu]'`), on abstract inputs, and reports per chip what the step needs
 (parameters, optimizer state, temporaries, against the chip's HBM), the bytes each kind of
-collective moves, and a roofline step time, tokens/s and MFU (mtp_jax/tpu.py). A configuration
-that does not fit ends with one `error:` line naming the fields that lower its memory.
-`--search_mesh` compiles every (data, fsdp, tensor) mesh that the chips and the model's shapes
-allow and ranks them by predicted step time.
+collective moves, and bounds on its speed, not predictions (`pod_bounds`, mtp_jax/tpu.py): a floor
+on the step time, the ceilings it puts on tokens/s, MFU (model FLOPs) and HFU (hardware FLOPs: the
+rematerialised cross-entropy and model.remat counted), and the range that published runs'
+efficiency on that chip suggests (an assumption, with its source). A configuration that does not
+fit ends with one `error:` line naming the fields that lower its memory. With mesh.* at its
+defaults it compiles the `default_meshes` (data parallel where the batch allows, FSDP with the two
+smallest tensor sizes), keeps the fastest that fits and says which; `--search_mesh` compiles every
+(data, fsdp, tensor) mesh that the chips and the model's shapes allow and ranks them.
 
 `--topology … --decode=SIZES` costs decoding instead, on the topology's first chip: one plain
 decoding step at each batch in SIZES, and one greedy verify pass of the draft chain and of a tree
 of each size, each at a full KV cache of seq_len positions (`decoding.one_pass`, the bodies of
-its device loops). Decoding one sequence is memory-bound: a pass reads every parameter and
+its device loops), with the floor on each pass's time; a pass whose parameters and cache
+alone exceed the chip is left out with a notice (all of them: an error line). Decoding one sequence
+is memory-bound: a pass reads every parameter and
 the cache whatever its number of tokens, so a verify pass costs about a plain step until its
 tokens' FLOPs outweigh those reads.
 """
@@ -49,7 +56,8 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from mtp_jax import decoding, heads, sharding, tpu
+from mtp_jax import attention as attention_lib
+from mtp_jax import decoding, heads, hlo, sharding, tpu
 from mtp_jax.cli import fail, parse_flags
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
@@ -87,19 +95,46 @@ def config_name(config) -> str:
     return f"{config.preset} baseline" if n == 1 else f"{config.preset} {config.mtp_head_type} n={n}"
 
 
-def model_flops(config, vocab: int, *, recomputed: bool = False) -> float:
-    """Analytic FLOPs of one train step: 3x (forward + backward) the forward matmuls, attention's
-    QK^T and AV counted over all T keys (what a dense causal kernel computes). recomputed=True adds
-    what model.remat recomputes (the trunk blocks' forward pass once more): the work the hardware
-    does, where the default is the model's, the numerator of MFU."""
+def flops_per_token(config, vocab: int) -> dict[str, float]:
+    """One forward pass's FLOPs per token, by part: each transformer block's matmuls and its
+    attention (QK^T and AV over all T keys), and the heads (merges and unembeddings)."""
     m, n, t = config.model, n_predict(config), config.seq_len
     d = m.d_model
     d_kv = d * (m.n_kv_heads or m.n_heads) // m.n_heads  # grouped-query attention's keys and values
-    block = 2 * (2 * d * d + 2 * d * d_kv + 3 * d * m.mlp_dim + 2 * t * d)  # per token
-    head = heads.get(config.mtp_head_type).flops_per_token(d, vocab, block)
-    per_token = m.n_layers * block + 2 * d * vocab + (n - 1) * head
-    recompute = m.n_layers * block if recomputed and m.remat else 0
-    return (3.0 * per_token + recompute) * config.batch_size * t
+    head = heads.get(config.mtp_head_type)
+    return {"blocks": m.n_layers + (n - 1) * head.blocks_per_head,
+            "block_matmuls": 2 * (2 * d * d + 2 * d * d_kv + 3 * d * m.mlp_dim), "attention": 2 * 2 * t * d,
+            "unembeddings": 2 * d * vocab + (n - 1) * head.output_flops(d, vocab),
+            "merges": (n - 1) * head.other_flops(d)}
+
+
+def model_flops(config, vocab: int, *, causal: bool = False) -> float:
+    """Analytic model FLOPs of one train step, the numerator of MFU: 3x (forward + backward) the
+    forward matmuls, nothing recomputed. Attention counts all T keys per query, as PaLM's and
+    MaxText's published MFU did, or (causal) the (T + 1) / 2 a query sees on average."""
+    f = flops_per_token(config, vocab)
+    attention = f["attention"] * ((config.seq_len + 1) / (2 * config.seq_len) if causal else 1.0)
+    per_token = f["blocks"] * (f["block_matmuls"] + attention) + f["unembeddings"] + f["merges"]
+    return 3.0 * per_token * config.batch_size * config.seq_len
+
+
+def hardware_flops(config, vocab: int, platform: str) -> float:
+    """FLOPs the chip executes in one train step on `platform`: the model FLOPs, plus each head's
+    logits computed once more in the backward pass (the cross-entropy is rematerialised), plus the
+    trunk blocks' forward pass once more under model.remat; attention as the implementation runs
+    it (blockwise: the key blocks a causal query block sees, and its forward recomputed in the
+    backward pass)."""
+    f, t = flops_per_token(config, vocab), config.seq_len
+    attention, passes = f["attention"], 3  # forward, and the backward's two
+    blocks = -(-t // config.model.attention_block_size)
+    implementation = attention_lib.AUTO[platform] if config.model.attention == "auto" else config.model.attention
+    if implementation in ("blockwise", "splash") and blocks > 1:
+        attention, passes = attention * (blocks + 1) / (2 * blocks), 4
+    per_token = (f["blocks"] * (3 * f["block_matmuls"] + passes * attention) + 4 * f["unembeddings"]
+                 + 3 * f["merges"])
+    if config.model.remat:
+        per_token += config.model.n_layers * (f["block_matmuls"] + attention)
+    return per_token * config.batch_size * t
 
 
 def measure_peak_flops(dtype: str, size: int = 2048, repeats: int = 10) -> float:
@@ -229,9 +264,27 @@ def bytes_per_chip(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+def pod_bounds(config, vocab: int, chip: tpu.Chip, chips: int, hbm_bytes: float, ici_bytes: float,
+               ici_latency_s: float) -> dict:
+    """What the roofline says of one train step per chip (mtp_jax/tpu.py): the floor on its time from
+    the hardware FLOPs, HBM and ICI traffic; the ceilings that floor puts on tokens/s, MFU (model
+    FLOPs) and HFU (hardware FLOPs); and the range that the efficiency of published runs on this
+    chip (chip.mfu_band, an assumption) gives: MFU ceiling x band, step time floor / band."""
+    model, hardware = model_flops(config, vocab), hardware_flops(config, vocab, "tpu")
+    roof = tpu.roofline(chip, hardware / chips, hbm_bytes, ici_bytes, ici_latency_s)
+    floor, (low, high) = roof["step_time_floor_s"], chip.mfu_band
+    mfu = model / chips / floor / chip.peak_flops
+    return {"model_flops_per_step": model, "model_flops_causal_per_step": model_flops(config, vocab, causal=True),
+            "hardware_flops_per_step": hardware, **roof, "ici_latency_s": ici_latency_s,
+            "tokens_per_sec_per_chip_ceiling": config.batch_size * config.seq_len / floor / chips,
+            "mfu_ceiling": mfu, "hfu_ceiling": hardware / chips / floor / chip.peak_flops,
+            "expected_mfu_range": [mfu * low, mfu * high], "expected_step_time_s_range": [floor / high, floor / low],
+            "efficiency_band_source": chip.band_source}
+
+
 def topology_config(config, topology: str, devices) -> dict:
     """Compile the train step of `config` for `topology` (its chips as `devices`) on abstract inputs,
-    and report what it needs per chip and how fast the roofline says it runs (mtp_jax/tpu.py)."""
+    and report what it needs per chip and the roofline's bounds on its speed (pod_bounds)."""
     chip, vocab = tpu.chip_of(topology), vocab_size(config)
     with tpu.traced_for("tpu"):
         validate(config)
@@ -247,21 +300,16 @@ def topology_config(config, topology: str, devices) -> dict:
             # The compiler stops once the temporaries alone exceed the chip: a floor on the need.
             return {"name": config_name(config), "topology": topology, "chips": mesh.size, "mesh": dict(mesh.shape),
                     "bytes_per_chip": temporaries, "chip_hbm_bytes": chip.hbm_bytes, "fits": False,
-                    "refused_by_compiler": True, "step_time_s": None, "compile_s": time.perf_counter() - start,
-                    "compile_cpu_s": time.process_time() - start_cpu}
+                    "refused_by_compiler": True, "step_time_floor_s": None,
+                    "compile_s": time.perf_counter() - start, "compile_cpu_s": time.process_time() - start_cpu}
         compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
-    chips, memory = mesh.size, setup.step_fn.memory_analysis()
+    chips, memory, program = mesh.size, setup.step_fn.memory_analysis(), setup.step_fn.as_text()
     cost = setup.step_fn.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    found = tpu.collectives(setup.step_fn.as_text())
-    by_kind = tpu.collective_bytes(found)
+    found = hlo.collectives(program)
+    by_kind = hlo.collective_bytes(found)
     needed = memory_per_device(memory)
-    # XLA counts a loop's body once (scanned layers, a chunked loss), so its bytes accessed is a
-    # floor; the state is read and written at least once in any case.
-    hbm = max(float(cost.get("bytes accessed", 0.0)),
-              memory.argument_size_in_bytes + memory.output_size_in_bytes)
-    model = model_flops(config, vocab)
-    roof = tpu.roofline(chip, model_flops(config, vocab, recomputed=True) / chips, hbm, sum(by_kind.values()))
+    hbm = hlo.hbm_traffic(program)
     return {
         "name": config_name(config), "topology": topology, "chips": chips, "mesh": dict(mesh.shape),
         "params": setup.n_params,
@@ -269,15 +317,13 @@ def topology_config(config, topology: str, devices) -> dict:
         "opt_state_bytes_per_chip": bytes_per_chip(setup.abstract_state["opt_state"]),
         "temp_bytes_per_chip": memory.temp_size_in_bytes,
         "bytes_per_chip": needed, "chip_hbm_bytes": chip.hbm_bytes, "fits": needed <= chip.hbm_bytes,
-        "xla_flops_per_step": float(cost.get("flops", 0.0)) * chips,  # loop bodies once, as above
-        "model_flops_per_step": model,
+        "xla_flops_per_step": float(cost.get("flops", 0.0)) * chips,  # XLA counts each loop body once
         "hbm_bytes_per_chip": hbm,
+        "xla_bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0)),  # loop bodies once, on-chip too
         "collective_bytes_per_chip": by_kind,
         "largest_collective": None if not found else {"op": found[0].op, "bytes": found[0].bytes,
                                                       "count": found[0].count, "from": found[0].name},
-        **roof,
-        "tokens_per_sec_per_chip": config.batch_size * config.seq_len / roof["step_time_s"] / chips,
-        "mfu": model / chips / roof["step_time_s"] / chip.peak_flops,
+        **pod_bounds(config, vocab, chip, chips, hbm, sum(by_kind.values()), sum(tpu.collective_latency_s(c) for c in found)),
         "refused_by_compiler": False,
         "compile_s": compile_s, "compile_cpu_s": compile_cpu_s,  # wall time; CPU time of all this process's threads
     }
@@ -297,6 +343,16 @@ def mesh_candidates(config, chips: int) -> list[tuple[int, int, int]]:
             for data in divisors(chips // tensor) if config.batch_size % (chips // tensor) == 0]
 
 
+def default_meshes(config, chips: int, fsdp_major: int = 2) -> list[tuple[int, int, int]]:
+    """The meshes tried when mesh.* is left at its defaults: data parallel where the batch divides
+    over the chips, then data 1 with the `fsdp_major` smallest tensor sizes the shapes allow
+    (parameters and optimizer state sharded: what large models need to fit)."""
+    candidates = mesh_candidates(config, chips)
+    data_parallel = [(chips, 1, 1)] if (chips, 1, 1) in candidates else []
+    sharded = sorted((m for m in candidates if m[0] == 1 and m not in data_parallel), key=lambda m: m[2])
+    return data_parallel + sharded[:fsdp_major]
+
+
 def with_mesh(config, data: int, fsdp: int, tensor: int):
     c = config.copy_and_resolve_references()
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
@@ -305,7 +361,7 @@ def with_mesh(config, data: int, fsdp: int, tensor: int):
 
 def search_mesh(config, topology: str, devices, candidates=None, report=None) -> list[dict]:
     """topology_config for each mesh of `candidates` (default: all mesh_candidates), those that fit
-    first, each group by predicted step time; `report(result)` is called as each one compiles."""
+    first, each group by the floor on its step time; `report(result)` is called as each one compiles."""
     candidates = mesh_candidates(config, len(devices)) if candidates is None else candidates
     if not candidates:
         raise UserError(f"no (data, fsdp, tensor) mesh of {len(devices)} chips suits batch_size="
@@ -316,38 +372,74 @@ def search_mesh(config, topology: str, devices, candidates=None, report=None) ->
         results.append(topology_config(with_mesh(config, *mesh), topology, devices))
         if report is not None:
             report(results[-1])
-    return sorted(results, key=lambda r: (not r["fits"], r["step_time_s"] or math.inf))
+    return sorted(results, key=lambda r: (not r["fits"], r["step_time_floor_s"] or math.inf))
+
+
+def mesh_words(result: dict) -> str:
+    return " ".join(f"{a}={s}" for a, s in result["mesh"].items())
 
 
 def too_large(result: dict) -> str:
-    mesh = " ".join(f"{a}={s}" for a, s in result["mesh"].items())
     more_than = "more than " if result["refused_by_compiler"] else ""
     return (f"{result['name']} needs {more_than}{result['bytes_per_chip'] / tpu.GiB:.1f} GiB per chip on "
-            f"{result['topology']} with mesh {mesh}, and a {result['topology'].split(':')[0]} chip has "
+            f"{result['topology']} with mesh {mesh_words(result)}, and a {result['topology'].split(':')[0]} chip has "
             f"{result['chip_hbm_bytes'] / tpu.GiB:.0f} GiB: lower it with {LOWER_MEMORY}")
 
 
 def topology_table(results: list[dict]) -> str:
-    """Per chip: memory against the chip's, collective bytes, the roofline's step time and MFU."""
+    """Per chip: memory against the chip's, collective bytes, the roofline's terms, the bounds they
+    put on the step (≥ and ≤) and the MFU expected at published runs' efficiency."""
     gib = lambda b: f"{b / tpu.GiB:.2f}"  # noqa: E731
     lines = [f"{'config':<22} {'data,fsdp,tensor':>16} {'param':>6} {'opt':>6} {'temp':>6} {'total GiB':>10} "
-             f"{'fits':>4} {'AG GB':>6} {'RS GB':>6} {'AR GB':>6} {'A2A GB':>6} {'comp ms':>8} {'ICI ms':>7} "
-             f"{'step ms':>8} {'tok/s/chip':>10} {'MFU':>6}"]
+             f"{'fits':>4} {'AG GB':>6} {'RS GB':>6} {'AR GB':>6} {'A2A GB':>6} {'comp ms':>8} {'HBM ms':>7} "
+             f"{'ICI ms':>7} {'step ms ≥':>9} {'tok/s/chip ≤':>12} {'MFU ≤':>6} {'HFU ≤':>6} "
+             f"{'expected MFU':>12}"]
     for r in results:
         if r["refused_by_compiler"]:
             lines.append(f"{r['name']:<22} {','.join(str(s) for s in r['mesh'].values()):>16} "
                          f"{'temporaries alone > ' + gib(r['bytes_per_chip']) + ' GiB: refused by the compiler':>50}")
             continue
-        coll = r["collective_bytes_per_chip"]
+        coll, (low, high) = r["collective_bytes_per_chip"], r["expected_mfu_range"]
         lines.append(
             f"{r['name']:<22} {','.join(str(s) for s in r['mesh'].values()):>16} {gib(r['param_bytes_per_chip']):>6} "
             f"{gib(r['opt_state_bytes_per_chip']):>6} {gib(r['temp_bytes_per_chip']):>6} "
             f"{gib(r['bytes_per_chip']) + '/' + format(r['chip_hbm_bytes'] / tpu.GiB, '.0f'):>10} "
             f"{'yes' if r['fits'] else 'NO':>4} "
             + " ".join(f"{coll[op] / 1e9:>6.2f}" for op in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all"))
-            + f" {1e3 * r['compute_s']:>8.1f} {1e3 * r['ici_s']:>7.1f} {1e3 * r['step_time_s']:>8.1f} "
-            f"{r['tokens_per_sec_per_chip']:>10.0f} {100 * r['mfu']:>5.1f}%")
+            + f" {1e3 * r['compute_s']:>8.1f} {1e3 * r['hbm_s']:>7.1f} {1e3 * r['ici_s']:>7.1f} "
+            f"{1e3 * r['step_time_floor_s']:>9.1f} {r['tokens_per_sec_per_chip_ceiling']:>12.0f} "
+            f"{100 * r['mfu_ceiling']:>5.1f}% {100 * r['hfu_ceiling']:>5.1f}% "
+            f"{f'{100 * low:.0f}-{100 * high:.0f}%':>12}")
     return "\n".join(lines)
+
+
+def topology_legend(topology: str, chips: int) -> str:
+    chip = tpu.chip_of(topology)
+    low, high = chip.mfu_band
+    return (f"{topology}: {chips} chips, per chip. ≥ and ≤ are roofline bounds, not predictions: every FLOP, HBM "
+            f"byte and collective at the chip's peak, all overlapped (mtp_jax/tpu.py). Expected MFU: the ceiling x "
+            f"{100 * low:.0f}-{100 * high:.0f} %, the MFU published runs reached ({chip.band_source}; assumed to "
+            "carry over)")
+
+
+def train_meshes(config, topology: str, devices, search: bool, report=None) -> list[dict]:
+    """The results for `config` on the topology, fitting and fastest first: every mesh the shapes
+    allow (search), the default_meshes where mesh.* is left at its defaults (the choice is printed),
+    else the config's own mesh."""
+    if search:
+        return search_mesh(config, topology, devices, report=report)
+    if not sharding.is_default_mesh(config.mesh):
+        found = [topology_config(config, topology, devices)]
+        if report is not None:
+            report(found[0])
+        return found
+    meshes = default_meshes(config, len(devices))
+    found = search_mesh(config, topology, devices, candidates=meshes, report=report)
+    if found[0]["fits"]:  # else the error line names the smallest
+        print(f"mesh.* left at its defaults: {config_name(config)} uses {mesh_words(found[0])}, the fastest that "
+              f"fits of {len(meshes)} meshes compiled (--search_mesh compiles all "
+              f"{len(mesh_candidates(config, len(devices)))}; --config.mesh.* sets one)", file=sys.stderr)
+    return found
 
 
 def main_topology(configs: list, name: str, search: bool, as_json: bool) -> None:
@@ -358,42 +450,72 @@ def main_topology(configs: list, name: str, search: bool, as_json: bool) -> None
     show = (lambda r: print(json.dumps(r), flush=True)) if as_json else None
     results, too_large_ones = [], []
     for config in configs:
-        if search:
-            found = search_mesh(config, topology, devices, report=show)
-        else:
-            found = [topology_config(config, topology, devices)]
-            if show:
-                show(found[0])
+        found = train_meshes(config, topology, devices, search, report=show)
         results += found
         if not found[0]["fits"]:
             too_large_ones.append(min(found, key=lambda r: r["bytes_per_chip"]))
     if not as_json:
-        print(f"{topology}: {len(devices)} chips; per chip, roofline step time (mtp_jax/tpu.py)")
+        print(topology_legend(topology, len(devices)))
         print(topology_table(results))
     if too_large_ones:
         fail(too_large(too_large_ones[0]))
 
 
 # ------------------------------------------------------------------------------------------ decoding on one chip
-def decode_passes(config, sizes: list[int]) -> list[tuple[str, Tree | None, int]]:
+def decode_passes(config, sizes: list[int], tree_sizes: list[int] | None = None) -> list[tuple[str, Tree | None, int]]:
     """(name, tree or None, batch) of each decoding step to cost: plain decoding at each batch in
     `sizes`, then (a model with draft heads) the chain of its n - 1 drafts and a tree of each size
-    in `sizes` above n - 1 (drafted nodes, the root excluded, as generate --tree_size). A tree's
-    shape is Medusa's construction under acceptance halving with each rank: with linear or
-    parallel heads a pass costs what its size costs, whatever the shape."""
+    in `tree_sizes` (default: `sizes`) above n - 1 (drafted nodes, the root excluded, as generate
+    --tree_size). A tree's shape is Medusa's construction under acceptance halving with each rank:
+    with linear or parallel heads a pass costs what its size costs, whatever the shape."""
+    tree_sizes = sizes if tree_sizes is None else tree_sizes
     passes = [(f"plain, batch {b}", None, b) for b in sizes]
     n = n_predict(config)
     if n > 1:
         passes.append((f"verify chain of {n - 1}", Tree.chain(n - 1), 1))
-        acceptance = np.tile(0.5 ** np.arange(1, max(sizes) + 1), (n - 1, 1))
-        passes += [(f"verify tree of {s}", Tree.build(acceptance, s), 1) for s in sizes if s > n - 1]
+        trees = [s for s in tree_sizes if s > n - 1]
+        acceptance = np.tile(0.5 ** np.arange(1, max(trees, default=1) + 1), (n - 1, 1))
+        passes += [(f"verify tree of {s}", Tree.build(acceptance, s), 1) for s in trees]
     return passes
+
+
+def decode_floor_bytes(config) -> tuple[float, float, float, float]:
+    """What any decoding step of `config` holds on its chip at least, from abstract shapes: (plain
+    decoding's parameters, its KV cache per sequence and position; a verify pass's parameters (the
+    draft heads too), its cache per position)."""
+    model = nnx.eval_shape(lambda: build_model(config, vocab_size(config), seed=0))
+    nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
+    cache = lambda all_heads: nbytes(jax.eval_shape(lambda: decoding.init_caches(model, 1, 1, all_heads)))  # noqa: E731
+    heads = nbytes(nnx.state(model.heads)) if hasattr(model, "heads") else 0.0
+    params = nbytes(nnx.state(model, nnx.Param))
+    return params - heads, cache(False), params, cache(True)
+
+
+def fitting_decode_sizes(config, chip: tpu.Chip, sizes: list[int]) -> tuple[list[int], list[int], list[str]]:
+    """The batches and tree sizes of `sizes` whose parameters and KV cache alone fit the chip, and a
+    phrase for each pass left out (compiling those would only hear the compiler refuse, and
+    shaping a tree of that size alone could exhaust this host's memory)."""
+    plain_params, plain_cache, all_params, tree_cache = decode_floor_bytes(config)
+    need = {"plain batch": lambda b: plain_params + b * config.seq_len * plain_cache}
+    if n_predict(config) > 1:
+        need["tree of"] = lambda size: all_params + (config.seq_len + size) * tree_cache
+    fitting = {kind: [s for s in sizes if needs(s) <= chip.hbm_bytes] for kind, needs in need.items()}
+    left_out = [f"{kind} {s} (≥ {needs(s) / tpu.GiB:.1f} GiB)"
+                for kind, needs in need.items() for s in sizes if s not in fitting[kind]]
+    if not any(fitting.values()):
+        largest_tree = int((chip.hbm_bytes - all_params) // tree_cache) - config.seq_len
+        raise UserError(f"--decode={','.join(map(str, sizes))}: every pass needs more than a chip's "
+                        f"{chip.hbm_bytes / tpu.GiB:.0f} GiB for its parameters and KV cache alone ("
+                        + ", ".join(left_out) + "): use batches up to "
+                        + str(int((chip.hbm_bytes - plain_params) // (config.seq_len * plain_cache)))
+                        + (f" and trees up to {largest_tree}" if "tree of" in need else ""))
+    return fitting["plain batch"], fitting.get("tree of", []), left_out
 
 
 def decode_config(config, topology: str, devices, name: str, tree: Tree | None, batch: int) -> dict:
     """Compile one decoding step (decoding.one_pass: plain, or a greedy verify pass of `tree`) for
     the first chip of `topology`, at a full cache of seq_len positions, on abstract inputs, and
-    report its memory and the roofline's time (no collectives: one chip)."""
+    report its memory and the roofline's floor on its time (no collectives: one chip)."""
     chip, vocab = tpu.chip_of(topology), vocab_size(config)
     config = config.copy_and_resolve_references()
     config.model.scan_layers = False  # XLA's cost analysis counts a loop's body once: unrolled, it counts all
@@ -418,7 +540,7 @@ def decode_config(config, topology: str, devices, name: str, tree: Tree | None, 
     row = {"name": config_name(config), "topology": topology, "pass": name, "batch": batch, "tokens": tokens,
            "cache_len": config.seq_len, "chip_hbm_bytes": chip.hbm_bytes, "compile_s": compile_s}
     if compiled is None:  # the compiler stops once the temporaries alone exceed the chip
-        return {**row, "fits": False, "bytes_per_chip": refused, "step_time_s": None}
+        return {**row, "fits": False, "bytes_per_chip": refused, "step_time_floor_s": None}
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     needed = memory_per_device(memory)
@@ -427,7 +549,7 @@ def decode_config(config, topology: str, devices, name: str, tree: Tree | None, 
     # written in place. XLA's "bytes accessed" is not used: on TPU it also counts the weights'
     # prefetch into on-chip memory and the reads from there (4-5x the parameters for 1b).
     hbm = memory.argument_size_in_bytes
-    roof = tpu.roofline(chip, flops, hbm, 0.0)
+    roof = tpu.roofline(chip, flops, hbm)
     return {**row, "fits": needed <= chip.hbm_bytes, "bytes_per_chip": needed,
             "param_bytes": bytes_per_chip(inputs[0]), "flops": flops, "hbm_bytes": hbm,
             "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0)), **roof}
@@ -436,30 +558,36 @@ def decode_config(config, topology: str, devices, name: str, tree: Tree | None, 
 def decode_table(results: list[dict]) -> str:
     gib = lambda b: f"{b / tpu.GiB:.2f}"  # noqa: E731
     lines = [f"{'config':<22} {'pass':<22} {'tokens':>6} {'GiB':>6} {'fits':>4} {'GFLOP':>8} {'HBM GB':>7} "
-             f"{'comp ms':>8} {'HBM ms':>7} {'pass ms':>8} {'bound':>7}"]
+             f"{'comp ms':>8} {'HBM ms':>7} {'pass ms ≥':>9} {'bound':>7}"]
     for r in results:
-        if r["step_time_s"] is None:
+        if r["step_time_floor_s"] is None:
             lines.append(f"{r['name']:<22} {r['pass']:<22} {r['tokens']:>6} > {gib(r['bytes_per_chip'])} GiB: "
                          "refused by the compiler")
             continue
         lines.append(f"{r['name']:<22} {r['pass']:<22} {r['tokens']:>6} {gib(r['bytes_per_chip']):>6} "
                      f"{'yes' if r['fits'] else 'NO':>4} {r['flops'] / 1e9:>8.1f} {r['hbm_bytes'] / 1e9:>7.2f} "
-                     f"{1e3 * r['compute_s']:>8.2f} {1e3 * r['hbm_s']:>7.2f} {1e3 * r['step_time_s']:>8.2f} "
+                     f"{1e3 * r['compute_s']:>8.2f} {1e3 * r['hbm_s']:>7.2f} {1e3 * r['step_time_floor_s']:>9.2f} "
                      f"{r['bound']:>7}")
     return "\n".join(lines)
 
 
 def main_decode(config, name: str, sizes: list[int], as_json: bool) -> None:
     topology = tpu.topology_name(name)
+    with tpu.traced_for("tpu"):
+        validate(config)
+        batches, tree_sizes, left_out = fitting_decode_sizes(config, tpu.chip_of(topology), sizes)
     devices = tpu.devices(topology)
+    if left_out:
+        print(f"notice: not compiled, their parameters and KV cache alone exceed the chip: {', '.join(left_out)}",
+              file=sys.stderr)
     results = []
-    for pass_name, tree, batch in decode_passes(config, sizes):
+    for pass_name, tree, batch in decode_passes(config, batches, tree_sizes):
         results.append(decode_config(config, topology, devices, pass_name, tree, batch))
         if as_json:
             print(json.dumps(results[-1]), flush=True)
     if not as_json:
-        print(f"{topology}: one chip, one decoding step at a cache of {config.seq_len} positions; roofline time "
-              "(mtp_jax/tpu.py), HBM bytes = the parameters and caches the step reads, once")
+        print(f"{topology}: one chip, one decoding step at a cache of {config.seq_len} positions. ≥: the roofline's "
+              "floor (mtp_jax/tpu.py), HBM bytes = the parameters and caches the step reads, once")
         print(decode_table(results))
 
 
@@ -479,6 +607,12 @@ def main(argv) -> None:
         fail("usage: python -m mtp_jax.bench --config=configs/mtp3.py:PRESET [--config.KEY=V …] "
              "[--json] [--sweep] [--compile_only] [--topology=v5p:4x4x4 [--search_mesh]]")
     config = _CONFIG.value
+    if not _COMPILE_ONLY.value and _TOPOLOGY.value is None and (_STEPS.value < 1 or _WARMUP.value < 0):
+        fail(f"--steps={_STEPS.value} --warmup={_WARMUP.value}: time at least one step after zero or more warm-up "
+             "steps (e.g. --steps=10 --warmup=2), or pass --compile_only to time none")
+    if _DECODE.value and _SEARCH_MESH.value:
+        fail("--search_mesh ranks meshes of the train step, and --decode costs one chip, which has no mesh: "
+             "drop one of them")
     if _TOPOLOGY.value is not None:
         # Only the host's CPU runs here, even on a TPU VM whose chips are busy: libtpu describes
         # the topology's chips without opening them.
