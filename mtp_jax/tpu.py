@@ -2,9 +2,10 @@
 
 With libtpu installed (`pip install -e '.[tpu]'`), JAX describes the chips of any TPU topology
 without one attached (`jax.experimental.topologies`), and a mesh built on those devices compiles the
-real TPU program on this host. `mtp_jax.bench --topology` does that for the train step; this module
-holds what it needs to turn the compiled program's traffic (read by mtp_jax/hlo.py) into the
-answers: the chip's figures, the assumed collective latency, and the roofline.
+real TPU program on this host. mtp_jax/tpu_plan.py (`mtp_jax.bench --topology`) does that for the
+train step; this module holds what it needs to turn the compiled program's traffic (read by
+mtp_jax/hlo.py) into the answers: the chip's figures, the assumed collective latency, and the
+roofline.
 
 The roofline bounds a step from below: step time >= max(FLOPs / peak, HBM bytes / HBM bandwidth,
 collective bytes / ICI bandwidth + collective latency), per chip, every resource at its peak and
@@ -20,7 +21,6 @@ which bench applies to the bound as an assumed efficiency.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -131,19 +131,6 @@ def devices(topology: str) -> list:
     except jax.errors.JaxRuntimeError as e:
         raise UserError(f"libtpu does not accept the topology {topology!r} ({str(e).splitlines()[0]}): "
                         f"use {known_topologies()}") from None
-
-
-@contextlib.contextmanager
-def traced_for(platform: str):
-    """Trace as if `platform` were the default backend. model.py and attention.py choose code by
-    jax.default_backend() while tracing ('auto' attention, CPU's fused projections); a program
-    compiled on this host for a TPU must make the TPU's choices, as main on the pod would."""
-    original = jax.default_backend
-    jax.default_backend = lambda: platform
-    try:
-        yield
-    finally:
-        jax.default_backend = original
 
 
 def out_of_memory(message: str) -> float | None:

@@ -147,7 +147,7 @@ def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int
     batch_arrays: 1 (window) for text, 3 (window, mask, inputs; all [B, T + n]) for a task.
     eot_id: data.document_mask's end-of-text id (data.document_eot_id), None when off."""
     def make_model():
-        return build_model(config, vocab_size, seed=config.seed)
+        return build_model(config, vocab_size, seed=config.seed, platform=mesh.devices.flat[0].platform)
 
     graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model), nnx.Param)
     axes = sharding.logical_axes(abstract_params)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtp_jax import bench, hlo, sharding, tpu
+from mtp_jax import bench, hlo, sharding, tpu, tpu_plan
 from mtp_jax.errors import UserError
 from tests.util import load_config
 
@@ -166,7 +166,7 @@ def test_the_1b_step_executes_more_flops_than_the_model_counts_and_attention_cou
 def test_hfu_ceiling_exceeds_mfu_ceiling_when_anything_is_rematerialised(head_type, remat):
     config = load_config("mtp4", preset="1b", overrides={"mtp_head_type": head_type, "model.remat": remat})
     for hbm, ici in ((1e9, 1e9), (1e12, 1e9), (1e9, 1e12)):  # compute-, memory- and ICI-bound
-        r = bench.pod_bounds(config, 50_304, tpu.CHIPS["v5p"], 64, hbm, ici, 1e-3)
+        r = tpu_plan.pod_bounds(config, 50_304, tpu.CHIPS["v5p"], 64, hbm, ici, 1e-3)
         assert r["hfu_ceiling"] > r["mfu_ceiling"] > 0
         assert r["hfu_ceiling"] / r["mfu_ceiling"] == pytest.approx(r["hardware_flops_per_step"]
                                                                     / r["model_flops_per_step"])
@@ -177,7 +177,7 @@ def test_hfu_ceiling_exceeds_mfu_ceiling_when_anything_is_rematerialised(head_ty
 
 def test_mesh_search_covers_every_factorisation_the_batch_and_the_heads_allow():
     config = load_config("baseline", preset="1b")  # batch 128, 16 heads
-    meshes = bench.mesh_candidates(config, 256)
+    meshes = tpu_plan.mesh_candidates(config, 256)
     # Tensor parallelism takes what the batch cannot (256 / 128 = 2 at least) up to the 16 heads;
     # data x fsdp is every split of the rest.
     expected = {(data, 256 // t // data, t) for t in (2, 4, 8, 16) for data in (1, 2, 4, 8, 16, 32, 64, 128)
@@ -226,7 +226,7 @@ def small(name: str, **mesh):
 
 @needs_libtpu
 def test_per_chip_parameter_bytes_are_the_parameters_over_their_shards(v5e_2x2):
-    result = bench.topology_config(small("mtp4", data=1, fsdp=2, tensor=2), "v5e:2x2", v5e_2x2)
+    result = tpu_plan.topology_config(small("mtp4", data=1, fsdp=2, tensor=2), "v5e:2x2", v5e_2x2)
     assert result["chips"] == 4 and result["fits"]
     # float32 parameters split over fsdp x tensor = 4; only the norm scales are replicated.
     assert result["param_bytes_per_chip"] == pytest.approx(4 * result["params"] / 4, rel=0.03)
@@ -236,7 +236,7 @@ def test_per_chip_parameter_bytes_are_the_parameters_over_their_shards(v5e_2x2):
 
 @needs_libtpu
 def test_linear_heads_cost_more_xla_flops_than_the_baseline_by_the_analytic_ratio(v5e_2x2):
-    base, mtp = (bench.topology_config(small(name, data=4), "v5e:2x2", v5e_2x2) for name in ("baseline", "mtp4"))
+    base, mtp = (tpu_plan.topology_config(small(name, data=4), "v5e:2x2", v5e_2x2) for name in ("baseline", "mtp4"))
     analytic = mtp["model_flops_per_step"] / base["model_flops_per_step"]
     assert analytic > 1.05
     assert mtp["xla_flops_per_step"] / base["xla_flops_per_step"] == pytest.approx(analytic, rel=0.05)
@@ -258,7 +258,7 @@ def test_a_compiled_step_over_the_chips_memory_is_described_with_what_it_needs()
     result = {"name": "1b linear n=4", "topology": "v5e:16x16", "mesh": {"data": 1, "fsdp": 128, "tensor": 2},
               "bytes_per_chip": 21.5 * tpu.GiB, "chip_hbm_bytes": tpu.CHIPS["v5e"].hbm_bytes,
               "refused_by_compiler": False}
-    assert bench.too_large(result).startswith("1b linear n=4 needs 21.5 GiB per chip on v5e:16x16 with mesh "
+    assert tpu_plan.too_large(result).startswith("1b linear n=4 needs 21.5 GiB per chip on v5e:16x16 with mesh "
                                               "data=1 fsdp=128 tensor=2, and a v5e chip has 16 GiB: lower it with "
                                               "mesh.fsdp")
 
@@ -288,11 +288,11 @@ def test_a_decoding_step_reads_the_parameters_and_cache_once_and_a_verify_pass_a
     config = small("mtp4")
     config.model.dtype = config.model.param_dtype = "bfloat16"
     devices = tpu.devices("v5e:1x1")
-    passes = bench.decode_passes(config, [1, 16])
+    passes = tpu_plan.decode_passes(config, [1, 16])
     assert [(name, None if tree is None else tree.size, batch) for name, tree, batch in passes] == [
         ("plain, batch 1", None, 1), ("plain, batch 16", None, 16), ("verify chain of 3", 4, 1),
         ("verify tree of 16", 17, 1)]
-    plain, _, chain, tree = (bench.decode_config(config, "v5e:1x1", devices, *p) for p in passes)
+    plain, _, chain, tree = (tpu_plan.decode_config(config, "v5e:1x1", devices, *p) for p in passes)
     m, vocab, d = config.model, bench.vocab_size(config), config.model.d_model
     # Layers, embedding and unembedding (untied), the 3 draft heads' [D, V] matrices; norms aside.
     params = 2 * (m.n_layers * (4 * d**2 + 3 * d * m.mlp_dim) + (2 + 3) * vocab * d)
@@ -362,8 +362,8 @@ def test_hbm_traffic_counts_a_scanned_loop_body_as_often_as_it_runs():
 def test_default_meshes_for_1b_on_v5e_256_are_the_fsdp_major_ones_and_the_fastest_fitting_is_kept(monkeypatch, capsys):
     config = load_config("mtp4", preset="1b")  # batch 128 over 256 chips: no data-parallel mesh
     assert sharding.is_default_mesh(config.mesh)
-    assert bench.default_meshes(config, 256) == [(1, 128, 2), (1, 64, 4)]
-    assert bench.default_meshes(config, 64) == [(64, 1, 1), (1, 64, 1), (1, 32, 2)]  # v5p-128: 64 chips
+    assert tpu_plan.default_meshes(config, 256) == [(1, 128, 2), (1, 64, 4)]
+    assert tpu_plan.default_meshes(config, 64) == [(64, 1, 1), (1, 64, 1), (1, 32, 2)]  # v5p-128: 64 chips
     # Floors standing in for the two compiles: both fit, 64 x 4 is faster (as bench finds for the preset).
     floors = {(1, 128, 2): 0.0689, (1, 64, 4): 0.0659}
 
@@ -372,11 +372,11 @@ def test_default_meshes_for_1b_on_v5e_256_are_the_fsdp_major_ones_and_the_fastes
         return {"name": bench.config_name(c), "mesh": dict(zip(sharding.MESH_AXES, mesh)), "fits": True,
                 "step_time_floor_s": floors[mesh], "bytes_per_chip": 8 * tpu.GiB}
 
-    monkeypatch.setattr(bench, "topology_config", compiled)
-    found = bench.train_meshes(config, "v5e:16x16", [None] * 256, search=False)
+    monkeypatch.setattr(tpu_plan, "topology_config", compiled)
+    found = tpu_plan.train_meshes(config, "v5e:16x16", [None] * 256, search=False)
     assert found[0]["mesh"] == {"data": 1, "fsdp": 64, "tensor": 4}
     assert "uses data=1 fsdp=64 tensor=4, the fastest that fits of 2 meshes" in capsys.readouterr().err
     floors[(1, 64, 4)] = 0.05  # faster, but too large: not chosen
-    monkeypatch.setattr(bench, "topology_config", lambda c, t, d: {**compiled(c, t, d),
+    monkeypatch.setattr(tpu_plan, "topology_config", lambda c, t, d: {**compiled(c, t, d),
                                                                     "fits": c.mesh.tensor == 2})
-    assert bench.train_meshes(config, "v5e:16x16", [None] * 256, search=False)[0]["mesh"]["tensor"] == 2
+    assert tpu_plan.train_meshes(config, "v5e:16x16", [None] * 256, search=False)[0]["mesh"]["tensor"] == 2

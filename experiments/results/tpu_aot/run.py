@@ -3,8 +3,8 @@
     python experiments/results/tpu_aot/run.py [--only=PRESET,…] [--topologies=v5e-256,…] [--render]
 
 For each preset (nano_125m, 350m, 1b, 8b), MTP setting (baseline, linear n = 4, parallel n = 4,
-sequential n = 2) and topology (v5e-256, v5p-128, v6e-256), `mtp_jax.bench.topology_config` compiles
-the real train step for the topology's chips on abstract inputs (libtpu; no TPU attached) in
+sequential n = 2) and topology (v5e-256, v5p-128, v6e-256), `mtp_jax.tpu_plan.topology_config`
+compiles the real train step for the topology's chips on abstract inputs (libtpu; no TPU attached) in
 bfloat16 compute with float32 parameters and scanned layers, and records what it needs per chip
 and the roofline's step time (mtp_jax/tpu.py).
 
@@ -31,7 +31,7 @@ import time
 
 import jax
 
-from mtp_jax import bench, tpu
+from mtp_jax import bench, tpu, tpu_plan
 from mtp_jax.machine import cpu_model
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -45,7 +45,7 @@ SETTINGS = {  # name: (use_mtp, mtp_n_tokens, mtp_head_type)
 }
 TOPOLOGIES = ("v5e-256", "v5p-128", "v6e-256")
 # How a row's HBM bytes were counted: rows compiled since bench reads the program's HBM traffic carry
-# it; the earlier ones have only the floor (bench.pod_bounds is recomputed from either at render).
+# it; the earlier ones have only the floor (tpu_plan.pod_bounds is recomputed from either at render).
 HBM_TRAFFIC = "the program's HBM traffic, loops x trips"
 HBM_STATE_ONCE = "floor: the state and batch read and the state written once"
 
@@ -62,7 +62,7 @@ def config_for(preset: str, setting: str, batch_size: int | None = None):
 
 def fsdp_major(config, chips: int, count: int = 2) -> list[tuple[int, int, int]]:
     """The first `count` data=1 meshes by tensor size, or [] if the batch divides over none."""
-    return sorted((m for m in bench.mesh_candidates(config, chips) if m[0] == 1), key=lambda m: m[2])[:count]
+    return sorted((m for m in tpu_plan.mesh_candidates(config, chips) if m[0] == 1), key=lambda m: m[2])[:count]
 
 
 def compile_row(config, topology: str, devices, meshes: list[tuple[int, int, int]], keep_first_fit: bool) -> dict:
@@ -70,7 +70,7 @@ def compile_row(config, topology: str, devices, meshes: list[tuple[int, int, int
     fastest that fits. If none fits, once more with remat on the first mesh."""
     tried = []
     for mesh in meshes:
-        tried.append(bench.topology_config(bench.with_mesh(config, *mesh), topology, devices))
+        tried.append(tpu_plan.topology_config(tpu_plan.with_mesh(config, *mesh), topology, devices))
         tried[-1]["load_average"] = os.getloadavg()[0]
         print(f"  {tried[-1]['name']} mesh {mesh}: {tried[-1]['bytes_per_chip'] / tpu.GiB:.1f} GiB, "
               f"step time >= {tried[-1]['step_time_floor_s']} s, compiled in {tried[-1]['compile_s']:.0f} s",
@@ -81,7 +81,7 @@ def compile_row(config, topology: str, devices, meshes: list[tuple[int, int, int
     if not fitting:
         remat = config.copy_and_resolve_references()
         remat.model.remat = True
-        tried.append(bench.topology_config(bench.with_mesh(remat, *meshes[0]), topology, devices))
+        tried.append(tpu_plan.topology_config(tpu_plan.with_mesh(remat, *meshes[0]), topology, devices))
         tried[-1]["load_average"] = os.getloadavg()[0]
         tried[-1]["remat"] = True
         fitting = [r for r in tried[-1:] if r["fits"]]
@@ -122,7 +122,7 @@ def run(presets, topologies, results: dict, save, baseline_meshes: int = 2) -> N
 
 def recompile(keys: list[str], results: dict, save) -> None:
     """Compile the rows `keys` of results.json again on the mesh (and remat) they chose, so that they
-    carry what the current bench.topology_config reads from the program (HBM traffic, collective
+    carry what the current tpu_plan.topology_config reads from the program (HBM traffic, collective
     latency); the record of the meshes tried before is kept."""
     for key in keys:
         row = results[key]
@@ -130,7 +130,8 @@ def recompile(keys: list[str], results: dict, save) -> None:
         config = config_for(row["preset"], row["setting"], row["batch_size"])
         config.model.remat = row["remat"]
         print(f"{key}: again, mesh {tuple(row['mesh'].values())}", flush=True)
-        new = bench.topology_config(bench.with_mesh(config, *row["mesh"].values()), topology, tpu.devices(topology))
+        new = tpu_plan.topology_config(tpu_plan.with_mesh(config, *row["mesh"].values()), topology,
+                                       tpu.devices(topology))
         tried = [{**t, "step_time_floor_s": new["step_time_floor_s"], "compile_s": new["compile_s"]}
                  if t["mesh"] == row["mesh"] and t["remat"] == row["remat"] else t for t in row["tried"]]
         results[key] = {**new, "load_average": os.getloadavg()[0], "remat": row["remat"], "hbm_counted": HBM_TRAFFIC,
@@ -140,7 +141,7 @@ def recompile(keys: list[str], results: dict, save) -> None:
 
 
 def with_bounds(row: dict) -> dict:
-    """The row with bench.pod_bounds recomputed from its compiled numbers (HBM bytes, collective
+    """The row with tpu_plan.pod_bounds recomputed from its compiled numbers (HBM bytes, collective
     bytes and latency; a row without recorded latency counts none), so that every row's bounds come
     from the current formulas and chip table."""
     if row.get("refused_by_compiler"):
@@ -148,8 +149,9 @@ def with_bounds(row: dict) -> dict:
     config = config_for(row["preset"], row["setting"], row["batch_size"])
     config.model.remat = row["remat"]
     chip = tpu.chip_of(tpu.topology_name(row["accelerator_type"]))
-    return {**row, **bench.pod_bounds(config, bench.vocab_size(config), chip, row["chips"], row["hbm_bytes_per_chip"],
-                                      sum(row["collective_bytes_per_chip"].values()), row["ici_latency_s"] or 0.0),
+    return {**row, **tpu_plan.pod_bounds(config, bench.vocab_size(config), chip, row["chips"],
+                                         row["hbm_bytes_per_chip"], sum(row["collective_bytes_per_chip"].values()),
+                                         row["ici_latency_s"] or 0.0),
             "ici_latency_s": row["ici_latency_s"]}
 
 
