@@ -13,8 +13,8 @@ and by a peak measured on the spot: the best of several large matmuls in the com
 FLOPs are given twice. `flops_per_step` is XLA's cost analysis of the compiled step: it includes
 rematerialised work, and since it counts a loop body once, a chunked cross-entropy (a scan) is
 costed from the same step compiled without chunking, which does the same arithmetic without the
-loop. `model_flops_per_step` is the analytic count of the model's matmuls (forward + 2x for the
-backward, no recomputation), the numerator of MFU.
+loop. `model_flops_per_step` is the analytic count of the model's matmuls (mtp_jax/flops.py:
+forward + 2x for the backward, no recomputation), the numerator of MFU.
 
 `--sweep` runs the baseline and n = 2, 3, 4 of every head type in one process and prints each as a
 ratio to the baseline; `--json` prints one JSON object per configuration instead of a table.
@@ -53,11 +53,11 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mtp_jax import attention as attention_lib
-from mtp_jax import heads, sharding
+from mtp_jax import heads, sharding, tpu_plan
 from mtp_jax.cli import fail, parse_flags
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
+from mtp_jax.flops import config_name, model_flops, vocab_size
 from mtp_jax.mtp import n_predict
 from mtp_jax.train import make_train_step
 
@@ -79,58 +79,6 @@ _XLA_FLOPS = flags.DEFINE_bool("xla_flops", True, "Cost a chunked loss's step fr
                                "(a second compilation); False reports the chunked step's own count.")
 
 SWEEP_NS = (2, 3, 4)
-
-
-def vocab_size(config) -> int:
-    """The vocabulary the data would give, without reading any data."""
-    return 256 if config.data.tokenizer == "byte" else config.data.vocab_size
-
-
-def config_name(config) -> str:
-    n = n_predict(config)
-    return f"{config.preset} baseline" if n == 1 else f"{config.preset} {config.mtp_head_type} n={n}"
-
-
-def flops_per_token(config, vocab: int) -> dict[str, float]:
-    """One forward pass's FLOPs per token, by part: each transformer block's matmuls and its
-    attention (QK^T and AV over all T keys), and the heads (merges and unembeddings)."""
-    m, n, t = config.model, n_predict(config), config.seq_len
-    d = m.d_model
-    d_kv = d * (m.n_kv_heads or m.n_heads) // m.n_heads  # grouped-query attention's keys and values
-    head = heads.get(config.mtp_head_type)
-    return {"blocks": m.n_layers + (n - 1) * head.blocks_per_head,
-            "block_matmuls": 2 * (2 * d * d + 2 * d * d_kv + 3 * d * m.mlp_dim), "attention": 2 * 2 * t * d,
-            "unembeddings": 2 * d * vocab + (n - 1) * head.output_flops(d, vocab),
-            "merges": (n - 1) * head.other_flops(d)}
-
-
-def model_flops(config, vocab: int, *, causal: bool = False) -> float:
-    """Analytic model FLOPs of one train step, the numerator of MFU: 3x (forward + backward) the
-    forward matmuls, nothing recomputed. Attention counts all T keys per query, as PaLM's and
-    MaxText's published MFU did, or (causal) the (T + 1) / 2 a query sees on average."""
-    f = flops_per_token(config, vocab)
-    attention = f["attention"] * ((config.seq_len + 1) / (2 * config.seq_len) if causal else 1.0)
-    per_token = f["blocks"] * (f["block_matmuls"] + attention) + f["unembeddings"] + f["merges"]
-    return 3.0 * per_token * config.batch_size * config.seq_len
-
-
-def hardware_flops(config, vocab: int, platform: str) -> float:
-    """FLOPs the chip executes in one train step on `platform`: the model FLOPs, plus each head's
-    logits computed once more in the backward pass (the cross-entropy is rematerialised), plus the
-    trunk blocks' forward pass once more under model.remat; attention as the implementation runs
-    it (blockwise: the key blocks a causal query block sees, and its forward recomputed in the
-    backward pass)."""
-    f, t = flops_per_token(config, vocab), config.seq_len
-    attention, passes = f["attention"], 3  # forward, and the backward's two
-    blocks = -(-t // config.model.attention_block_size)
-    implementation = attention_lib.resolve(config.model.attention, platform)
-    if implementation in ("blockwise", "splash") and blocks > 1:
-        attention, passes = attention * (blocks + 1) / (2 * blocks), 4
-    per_token = (f["blocks"] * (3 * f["block_matmuls"] + passes * attention) + 4 * f["unembeddings"]
-                 + 3 * f["merges"])
-    if config.model.remat:
-        per_token += config.model.n_layers * (f["block_matmuls"] + attention)
-    return per_token * config.batch_size * t
 
 
 def measure_peak_flops(dtype: str, size: int = 2048, repeats: int = 10) -> float:
@@ -265,8 +213,6 @@ def main(argv) -> None:
         # Only the host's CPU runs here, even on a TPU VM whose chips are busy: libtpu describes
         # the topology's chips without opening them.
         jax.config.update("jax_platforms", "cpu")
-        from mtp_jax import tpu_plan  # here, not above: it builds on this module's FLOP counts
-
         try:
             if _DECODE.value:
                 tpu_plan.main_decode(config, _TOPOLOGY.value, tpu_plan.decode_sizes(_DECODE.value), _JSON.value)

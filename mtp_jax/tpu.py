@@ -10,7 +10,7 @@ roofline.
 The roofline bounds a step from below: step time >= max(FLOPs / peak, HBM bytes / HBM bandwidth,
 collective bytes / ICI bandwidth + collective latency), per chip, every resource at its peak and
 all of them overlapped. Each term is a floor on its own: the FLOPs are the ones the chip executes
-(bench's hardware FLOPs), the HBM bytes what the compiled program's operations read and write in
+(flops.hardware_flops), the HBM bytes what the compiled program's operations read and write in
 HBM (`hlo.hbm_traffic`, loops counted as often as they run), a collective streams over all of the
 chip's links (a ring along one torus axis uses 2 of the 4 (v5e, v6e) or 6 (v4, v5p) ports) after
 an assumed latency of ICI_HOP_LATENCY_S per ring step. Real steps run slower: non-matmul work,

@@ -30,10 +30,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mtp_jax import bench, decoding, hlo, sharding, tpu
+from mtp_jax import decoding, hlo, sharding, tpu
 from mtp_jax.cli import fail
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
+from mtp_jax.flops import config_name, hardware_flops, model_flops, vocab_size
 from mtp_jax.mtp import MTPModel, build_model, n_predict
 from mtp_jax.speculative import Tree
 from mtp_jax.train import make_train_step, memory_per_device
@@ -55,11 +56,11 @@ def pod_bounds(config, vocab: int, chip: tpu.Chip, chips: int, hbm_bytes: float,
     the hardware FLOPs, HBM and ICI traffic; the ceilings that floor puts on tokens/s, MFU (model
     FLOPs) and HFU (hardware FLOPs); and the range that the efficiency of published runs on this
     chip (chip.mfu_band, an assumption) gives: MFU ceiling x band, step time floor / band."""
-    model, hardware = bench.model_flops(config, vocab), bench.hardware_flops(config, vocab, PLATFORM)
+    model, hardware = model_flops(config, vocab), hardware_flops(config, vocab, PLATFORM)
     roof = tpu.roofline(chip, hardware / chips, hbm_bytes, ici_bytes, ici_latency_s)
     floor, (low, high) = roof["step_time_floor_s"], chip.mfu_band
     mfu = model / chips / floor / chip.peak_flops
-    return {"model_flops_per_step": model, "model_flops_causal_per_step": bench.model_flops(config, vocab, causal=True),
+    return {"model_flops_per_step": model, "model_flops_causal_per_step": model_flops(config, vocab, causal=True),
             "hardware_flops_per_step": hardware, **roof, "ici_latency_s": ici_latency_s,
             "tokens_per_sec_per_chip_ceiling": config.batch_size * config.seq_len / floor / chips,
             "mfu_ceiling": mfu, "hfu_ceiling": hardware / chips / floor / chip.peak_flops,
@@ -70,7 +71,7 @@ def pod_bounds(config, vocab: int, chip: tpu.Chip, chips: int, hbm_bytes: float,
 def topology_config(config, topology: str, devices) -> dict:
     """Compile the train step of `config` for `topology` (its chips as `devices`) on abstract inputs,
     and report what it needs per chip and the roofline's bounds on its speed (pod_bounds)."""
-    chip, vocab = tpu.chip_of(topology), bench.vocab_size(config)
+    chip, vocab = tpu.chip_of(topology), vocab_size(config)
     validate(config, PLATFORM)
     mesh = sharding.make_mesh(config.mesh, devices)
     sharding.check_batch(config.batch_size, mesh)
@@ -82,7 +83,7 @@ def topology_config(config, topology: str, devices) -> dict:
         if temporaries is None:
             raise
         # The compiler stops once the temporaries alone exceed the chip: a floor on the need.
-        return {"name": bench.config_name(config), "topology": topology, "chips": mesh.size, "mesh": dict(mesh.shape),
+        return {"name": config_name(config), "topology": topology, "chips": mesh.size, "mesh": dict(mesh.shape),
                 "bytes_per_chip": temporaries, "chip_hbm_bytes": chip.hbm_bytes, "fits": False,
                 "refused_by_compiler": True, "step_time_floor_s": None,
                 "compile_s": time.perf_counter() - start, "compile_cpu_s": time.process_time() - start_cpu}
@@ -95,7 +96,7 @@ def topology_config(config, topology: str, devices) -> dict:
     needed = memory_per_device(memory)
     hbm = hlo.hbm_traffic(program)
     return {
-        "name": bench.config_name(config), "topology": topology, "chips": chips, "mesh": dict(mesh.shape),
+        "name": config_name(config), "topology": topology, "chips": chips, "mesh": dict(mesh.shape),
         "params": setup.n_params,
         "param_bytes_per_chip": bytes_per_chip(setup.abstract_state["params"]),
         "opt_state_bytes_per_chip": bytes_per_chip(setup.abstract_state["opt_state"]),
@@ -121,7 +122,7 @@ def mesh_candidates(config, chips: int) -> list[tuple[int, int, int]]:
     """Every (data, fsdp, tensor) with product `chips` that the model's shapes allow: tensor
     divides the heads, key/value heads, MLP width and vocabulary, and data x fsdp the batch."""
     m = config.model
-    widths = (m.n_heads, m.n_kv_heads or m.n_heads, m.mlp_dim, bench.vocab_size(config))
+    widths = (m.n_heads, m.n_kv_heads or m.n_heads, m.mlp_dim, vocab_size(config))
     return [(data, chips // tensor // data, tensor)
             for tensor in divisors(chips) if not any(w % tensor for w in widths)
             for data in divisors(chips // tensor) if config.batch_size % (chips // tensor) == 0]
@@ -220,7 +221,7 @@ def train_meshes(config, topology: str, devices, search: bool, report=None) -> l
     meshes = default_meshes(config, len(devices))
     found = search_mesh(config, topology, devices, candidates=meshes, report=report)
     if found[0]["fits"]:  # else the error line names the smallest
-        print(f"mesh.* left at its defaults: {bench.config_name(config)} uses {mesh_words(found[0])}, the fastest that "
+        print(f"mesh.* left at its defaults: {config_name(config)} uses {mesh_words(found[0])}, the fastest that "
               f"fits of {len(meshes)} meshes compiled (--search_mesh compiles all "
               f"{len(mesh_candidates(config, len(devices)))}; --config.mesh.* sets one)", file=sys.stderr)
     return found
@@ -267,7 +268,7 @@ def decode_floor_bytes(config) -> tuple[float, float, float, float]:
     """What any decoding step of `config` holds on its chip at least, from abstract shapes: (plain
     decoding's parameters, its KV cache per sequence and position; a verify pass's parameters (the
     draft heads too), its cache per position)."""
-    model = nnx.eval_shape(lambda: build_model(config, bench.vocab_size(config), seed=0))
+    model = nnx.eval_shape(lambda: build_model(config, vocab_size(config), seed=0))
     nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))  # noqa: E731
     cache = lambda all_heads: nbytes(jax.eval_shape(lambda: decoding.init_caches(model, 1, 1, all_heads)))  # noqa: E731
     heads = nbytes(nnx.state(model.heads)) if hasattr(model, "heads") else 0.0
@@ -332,7 +333,7 @@ def decode_config(config, topology: str, devices, name: str, tree: Tree | None, 
     """Compile one decoding step (one_pass: plain, or a greedy verify pass of `tree`) for
     the first chip of `topology`, at a full cache of seq_len positions, on abstract inputs, and
     report its memory and the roofline's floor on its time (no collectives: one chip)."""
-    chip, vocab = tpu.chip_of(topology), bench.vocab_size(config)
+    chip, vocab = tpu.chip_of(topology), vocab_size(config)
     config = config.copy_and_resolve_references()
     config.model.scan_layers = False  # XLA's cost analysis counts a loop's body once: unrolled, it counts all
     on_chip = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices[:1]), ("chip",)),
@@ -352,7 +353,7 @@ def decode_config(config, topology: str, devices, name: str, tree: Tree | None, 
             raise
     compile_s = time.perf_counter() - start
     tokens = batch if tree is None else tree.size
-    row = {"name": bench.config_name(config), "topology": topology, "pass": name, "batch": batch, "tokens": tokens,
+    row = {"name": config_name(config), "topology": topology, "pass": name, "batch": batch, "tokens": tokens,
            "cache_len": config.seq_len, "chip_hbm_bytes": chip.hbm_bytes, "compile_s": compile_s}
     if compiled is None:  # the compiler stops once the temporaries alone exceed the chip
         return {**row, "fits": False, "bytes_per_chip": refused, "step_time_floor_s": None}

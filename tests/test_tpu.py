@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtp_jax import bench, hlo, sharding, tpu, tpu_plan
+from mtp_jax import flops, hlo, sharding, tpu, tpu_plan
 from mtp_jax.errors import UserError
 from tests.util import load_config
 
@@ -128,37 +128,37 @@ def test_roofline_floor_is_the_slowest_resource_with_collective_latency_added_to
 
 def test_analytic_flops_count_grouped_query_attention_and_remat():
     config = load_config("baseline")
-    full = bench.model_flops(config, 256)
+    full = flops.model_flops(config, 256)
     config.model.n_kv_heads = config.model.n_heads // 2
     d, tokens, layers = config.model.d_model, config.batch_size * config.seq_len, config.model.n_layers
     # Keys and values at half width: 2 x d x d/2 fewer multiply-adds per token, layer and projection.
-    assert full - bench.model_flops(config, 256) == 3 * 2 * 2 * d * (d // 2) * layers * tokens
+    assert full - flops.model_flops(config, 256) == 3 * 2 * 2 * d * (d // 2) * layers * tokens
     # model.remat recomputes the trunk blocks' forward pass: a third of what the blocks cost a step.
     no_blocks = config.copy_and_resolve_references()
     no_blocks.model.n_layers = 0
-    blocks = bench.model_flops(config, 256) - bench.model_flops(no_blocks, 256)
-    without = bench.hardware_flops(config, 256, "cpu")
+    blocks = flops.model_flops(config, 256) - flops.model_flops(no_blocks, 256)
+    without = flops.hardware_flops(config, 256, "cpu")
     config.model.remat = True
-    assert bench.hardware_flops(config, 256, "cpu") - without == pytest.approx(blocks / 3)
+    assert flops.hardware_flops(config, 256, "cpu") - without == pytest.approx(blocks / 3)
 
 
 @pytest.mark.parametrize("head_type", ["linear", "parallel", "sequential"])
 def test_hardware_flops_add_each_heads_logits_once_more_for_the_rematerialised_cross_entropy(head_type):
     config = load_config("mtp4", overrides={"mtp_head_type": head_type})  # tiny: one attention block
     d, tokens = config.model.d_model, config.batch_size * config.seq_len
-    extra = bench.hardware_flops(config, 256, "tpu") - bench.model_flops(config, 256)
+    extra = flops.hardware_flops(config, 256, "tpu") - flops.model_flops(config, 256)
     assert extra == 4 * 2 * d * 256 * tokens  # 4 heads' [D, V] matmul, forward once more
 
 
 def test_the_1b_step_executes_more_flops_than_the_model_counts_and_attention_counts_causally_on_request():
     config = load_config("mtp4", preset="1b")  # T 2048: blockwise attention in 4 x 4 blocks of 512 on TPU
-    model, hardware = bench.model_flops(config, 50_304), bench.hardware_flops(config, 50_304, "tpu")
+    model, hardware = flops.model_flops(config, 50_304), flops.hardware_flops(config, 50_304, "tpu")
     tokens, t, d, blocks = config.batch_size * config.seq_len, config.seq_len, config.model.d_model, 22
     logits = 4 * 2 * d * 50_304 * tokens  # 2.16e14: the heads' cross-entropy recomputed
     attention = 2 * 2 * t * d * blocks * tokens  # one forward pass of attention over the full square
     # Blockwise attention runs 10 of the 16 blocks, four times (forward, its recomputation, backward).
     assert hardware - model == pytest.approx(logits + attention * (4 * 10 / 16 - 3))
-    assert model - bench.model_flops(config, 50_304, causal=True) == pytest.approx(3 * attention * (t - 1) / (2 * t))
+    assert model - flops.model_flops(config, 50_304, causal=True) == pytest.approx(3 * attention * (t - 1) / (2 * t))
 
 
 @pytest.mark.parametrize("remat", [False, True])
@@ -293,7 +293,7 @@ def test_a_decoding_step_reads_the_parameters_and_cache_once_and_a_verify_pass_a
         ("plain, batch 1", None, 1), ("plain, batch 16", None, 16), ("verify chain of 3", 4, 1),
         ("verify tree of 16", 17, 1)]
     plain, _, chain, tree = (tpu_plan.decode_config(config, "v5e:1x1", devices, *p) for p in passes)
-    m, vocab, d = config.model, bench.vocab_size(config), config.model.d_model
+    m, vocab, d = config.model, flops.vocab_size(config), config.model.d_model
     # Layers, embedding and unembedding (untied), the 3 draft heads' [D, V] matrices; norms aside.
     params = 2 * (m.n_layers * (4 * d**2 + 3 * d * m.mlp_dim) + (2 + 3) * vocab * d)
     cache = m.n_layers * 2 * config.seq_len * d * 2  # keys and values, bfloat16
@@ -369,7 +369,7 @@ def test_default_meshes_for_1b_on_v5e_256_are_the_fsdp_major_ones_and_the_fastes
 
     def compiled(c, topology, devices):
         mesh = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-        return {"name": bench.config_name(c), "mesh": dict(zip(sharding.MESH_AXES, mesh)), "fits": True,
+        return {"name": flops.config_name(c), "mesh": dict(zip(sharding.MESH_AXES, mesh)), "fits": True,
                 "step_time_floor_s": floors[mesh], "bytes_per_chip": 8 * tpu.GiB}
 
     monkeypatch.setattr(tpu_plan, "topology_config", compiled)

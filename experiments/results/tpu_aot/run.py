@@ -31,7 +31,8 @@ import time
 
 import jax
 
-from mtp_jax import bench, tpu, tpu_plan
+from mtp_jax import tpu, tpu_plan
+from mtp_jax.flops import vocab_size
 from mtp_jax.machine import cpu_model
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -149,7 +150,7 @@ def with_bounds(row: dict) -> dict:
     config = config_for(row["preset"], row["setting"], row["batch_size"])
     config.model.remat = row["remat"]
     chip = tpu.chip_of(tpu.topology_name(row["accelerator_type"]))
-    return {**row, **tpu_plan.pod_bounds(config, bench.vocab_size(config), chip, row["chips"],
+    return {**row, **tpu_plan.pod_bounds(config, vocab_size(config), chip, row["chips"],
                                          row["hbm_bytes_per_chip"], sum(row["collective_bytes_per_chip"].values()),
                                          row["ici_latency_s"] or 0.0),
             "ici_latency_s": row["ici_latency_s"]}
@@ -215,7 +216,7 @@ def method(meta: dict, results: dict) -> list[str]:
         "(read from the compiled HLO, loops by their trip counts) and, for the rows named below, the HBM "
         "traffic and collective latency.",
         "",
-        "**From formulas** (mtp_jax/bench.py, mtp_jax/tpu.py; recomputed from the stored numbers by "
+        "**From formulas** (mtp_jax/flops.py, mtp_jax/tpu.py; recomputed from the stored numbers by "
         "`run.py --render`): model FLOPs (3 × the forward matmuls, attention over the full square as "
         "MaxText's and PaLM's published MFU count it), hardware FLOPs (plus each head's logits computed "
         "again in the backward pass, the trunk's forward pass again under remat, blockwise attention's "
