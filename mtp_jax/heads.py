@@ -10,7 +10,7 @@ A head type is a class that says, for head k (k = 1 … n; head 1 is the next-to
   drafting rule    `reads_previous_draft`: whether head k + 1 reads head k's tokens
   HF tensor names  `hf_rows`: where an extra head's tensors go in a Hugging Face folder (hf.py)
   FLOPs            `blocks_per_head`, `output_flops`, `other_flops`: one extra head's forward
-                   matmuls per position (bench.py counts the blocks' attention and which part
+                   matmuls per position (flops.py counts the blocks' attention and which part
                    the backward pass recomputes)
 The model (mtp.MTPModel), the decoding engine, hf.py, bench.py and config.py ask the head type
 and never compare its name. A new head type is one subclass decorated with `@register`.
