@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from benchmarks import torch_reference  # noqa: E402
-from mtp_jax import bench, sharding  # noqa: E402
+from mtp_jax import bench, flops, sharding  # noqa: E402
 from mtp_jax.train import make_train_step  # noqa: E402
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
@@ -34,7 +34,7 @@ CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 def torch_stepper(config, compiled: bool):
     """One PyTorch train step on a fresh random window per call; returns its wall time."""
-    model = torch_reference.from_config(config, bench.vocab_size(config))
+    model = torch_reference.from_config(config, flops.vocab_size(config))
     torch_reference.init_like_jax(model, config.seed)
     decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in name]
     rest = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in name)]
@@ -48,7 +48,7 @@ def torch_stepper(config, compiled: bool):
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.model.dtype == "bfloat16")
 
     def step() -> float:
-        window = torch.randint(0, bench.vocab_size(config), shape, generator=gen)
+        window = torch.randint(0, flops.vocab_size(config), shape, generator=gen)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with autocast:
@@ -63,7 +63,7 @@ def torch_stepper(config, compiled: bool):
 
 def jax_stepper(config, n_steps: int):
     mesh = sharding.make_mesh(config.mesh)
-    return bench.make_stepper(config, make_train_step(config, bench.vocab_size(config), mesh, config.num_train_steps),
+    return bench.make_stepper(config, make_train_step(config, flops.vocab_size(config), mesh, config.num_train_steps),
                               mesh, n_steps)
 
 
@@ -77,7 +77,7 @@ def compare(config, rounds: int, steps: int) -> dict:
         for name, step in steppers.items():
             times[name] += [step() for _ in range(steps)]
     tokens = config.batch_size * config.seq_len
-    return {"name": bench.config_name(config), "dtype": config.model.dtype,
+    return {"name": flops.config_name(config), "dtype": config.model.dtype,
             **{f"{name}_tokens_per_sec": tokens / statistics.median(t) for name, t in times.items()}}
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mtp_jax import attention, bench, decoding  # noqa: E402
+from mtp_jax import attention, bench, decoding, flops  # noqa: E402
 from mtp_jax.heads import HEAD_TYPES  # noqa: E402
 from mtp_jax.mtp import build_model  # noqa: E402
 
@@ -99,10 +99,10 @@ def attention_rows(config, args, peak: float, auto_row: dict) -> list[dict]:
 def decoding_row(config, args) -> dict:
     """Greedy plain vs self-speculative decoding of random prompts, alternating which runs first."""
     config = variant(config, 4, "linear")
-    model = build_model(config, bench.vocab_size(config), seed=0)
+    model = build_model(config, flops.vocab_size(config), seed=0)
     generator = decoding.Generator(model, args.prompt_len + args.new_tokens)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(0, bench.vocab_size(config), args.prompt_len).tolist() for _ in range(args.prompts)]
+    prompts = [rng.integers(0, flops.vocab_size(config), args.prompt_len).tolist() for _ in range(args.prompts)]
     generator.generate(prompts[0], args.new_tokens), generator.speculative(prompts[0], args.new_tokens)  # compile
     timings = {"plain": [], "speculative": []}
     accepted = []

@@ -27,7 +27,7 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from mtp_jax import bench  # noqa: E402  (defines --config, the same flag as mtp_jax.bench's)
+from mtp_jax import bench, flops  # noqa: E402  (defines --config, the same flag as mtp_jax.bench's)
 from mtp_jax.cli import fail, parse_flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained workdir: profile decoding instead")
@@ -63,10 +63,10 @@ def train_step_runner(config):
     from mtp_jax.train import make_train_step
 
     mesh = sharding.make_mesh(config.mesh)
-    setup = make_train_step(config, bench.vocab_size(config), mesh, config.num_train_steps)
+    setup = make_train_step(config, flops.vocab_size(config), mesh, config.num_train_steps)
     step = bench.make_stepper(config, setup, mesh, 8)
     step(), step()
-    print(f"{bench.config_name(config)}: train step {min(step() for _ in range(3)):.3f} s (best of 3)")
+    print(f"{flops.config_name(config)}: train step {min(step() for _ in range(3)):.3f} s (best of 3)")
     return step
 
 

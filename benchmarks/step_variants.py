@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from mtp_jax import attention, bench, sharding  # noqa: E402
+from mtp_jax import attention, bench, flops, sharding  # noqa: E402
 from mtp_jax.train import make_train_step  # noqa: E402
 
 VARIANTS = {
@@ -60,7 +60,7 @@ def main() -> None:
         config = base.copy_and_resolve_references()
         config.update_from_flattened_dict(VARIANTS[name])
         start = time.perf_counter()
-        setup = make_train_step(config, bench.vocab_size(config), mesh, config.num_train_steps)
+        setup = make_train_step(config, flops.vocab_size(config), mesh, config.num_train_steps)
         compile_s[name] = time.perf_counter() - start
         temps[name] = setup.step_fn.memory_analysis().temp_size_in_bytes
         steppers[name] = bench.make_stepper(config, setup, mesh, args.rounds * args.steps + 2)

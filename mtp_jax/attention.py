@@ -10,7 +10,7 @@
                  arXiv 2112.05682), skipping key blocks that no query of the block may see.
   'splash'       the Pallas splash-attention kernel for TPUs, for the uncached causal case;
                  untested (no TPU here), and every other call falls back to 'blockwise'.
-  'auto'         per backend, see AUTO.
+  'auto'         per platform, see AUTO; resolved when the model is built (ModelShape).
 
 Every implementation takes the same arguments (see `reference`) and honours `mask`.
 """
@@ -32,9 +32,10 @@ Array = jax.Array
 AUTO = {"cpu": "xla", "gpu": "dot_product", "tpu": "blockwise"}
 
 
-def resolve(name: str) -> str:
-    """The implementation 'auto' stands for on this backend (other names are returned as is)."""
-    return AUTO.get(jax.default_backend(), "blockwise") if name == "auto" else name
+def resolve(name: str, platform: str | None = None) -> str:
+    """The implementation 'auto' stands for on `platform` (default: jax.default_backend()); other
+    names are returned as is."""
+    return AUTO.get(platform or jax.default_backend(), "blockwise") if name == "auto" else name
 
 
 def visible(q_positions: Array, k_positions: Array, mask: Array | None) -> Array:

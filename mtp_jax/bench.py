@@ -1,4 +1,5 @@
-"""What a train step costs: parameters, FLOPs, compiled memory, step time, tokens/s and MFU.
+"""What a train step costs: parameters, FLOPs, compiled memory, step time, tokens/s and MFU (measured
+here), or on a TPU pod the memory and bounds on the speed.
 
     python -m mtp_jax.bench --config=configs/mtp3.py:nano [--config.KEY=V …] [--json] [--sweep] [--compile_only]
     python -m mtp_jax.bench --config=configs/mtp4.py:1b --topology=v5p:4x4x4 [--search_mesh] [--json]
@@ -12,8 +13,8 @@ and by a peak measured on the spot: the best of several large matmuls in the com
 FLOPs are given twice. `flops_per_step` is XLA's cost analysis of the compiled step: it includes
 rematerialised work, and since it counts a loop body once, a chunked cross-entropy (a scan) is
 costed from the same step compiled without chunking, which does the same arithmetic without the
-loop. `model_flops_per_step` is the analytic count of the model's matmuls (forward + 2x for the
-backward, no recomputation), the numerator of MFU.
+loop. `model_flops_per_step` is the analytic count of the model's matmuls (mtp_jax/flops.py:
+forward + 2x for the backward, no recomputation), the numerator of MFU.
 
 `--sweep` runs the baseline and n = 2, 3, 4 of every head type in one process and prints each as a
 ratio to the baseline; `--json` prints one JSON object per configuration instead of a table.
@@ -21,15 +22,21 @@ ratio to the baseline; `--json` prints one JSON object per configuration instead
 `--topology` compiles the same step for a TPU slice that need not be attached (libtpu describes its
 chips: `pip install -e '.[tpu]'`), on abstract inputs, and reports per chip what the step needs
 (parameters, optimizer state, temporaries, against the chip's HBM), the bytes each kind of
-collective moves, and a roofline step time, tokens/s and MFU (mtp_jax/tpu.py). A configuration
-that does not fit ends with one `error:` line naming the fields that lower its memory.
-`--search_mesh` compiles every (data, fsdp, tensor) mesh that the chips and the model's shapes
-allow and ranks them by predicted step time.
+collective moves, and bounds on its speed, not predictions (mtp_jax/tpu_plan.py): a floor
+on the step time, the ceilings it puts on tokens/s, MFU (model FLOPs) and HFU (hardware FLOPs: the
+rematerialised cross-entropy and model.remat counted), and the range that published runs'
+efficiency on that chip suggests (an assumption, with its source). A configuration that does not
+fit ends with one `error:` line naming the fields that lower its memory. With mesh.* at its
+defaults it compiles the `default_meshes` (data parallel where the batch allows, FSDP with the two
+smallest tensor sizes), keeps the fastest that fits and says which; `--search_mesh` compiles every
+(data, fsdp, tensor) mesh that the chips and the model's shapes allow and ranks them.
 
 `--topology … --decode=SIZES` costs decoding instead, on the topology's first chip: one plain
 decoding step at each batch in SIZES, and one greedy verify pass of the draft chain and of a tree
-of each size, each at a full KV cache of seq_len positions (`decoding.one_pass`, the bodies of
-its device loops). Decoding one sequence is memory-bound: a pass reads every parameter and
+of each size, each at a full KV cache of seq_len positions (`tpu_plan.one_pass`, the bodies of
+its device loops), with the floor on each pass's time; a pass whose parameters and cache
+alone exceed the chip is left out with a notice (all of them: an error line). Decoding one sequence
+is memory-bound: a pass reads every parameter and
 the cache whatever its number of tokens, so a verify pass costs about a plain step until its
 tokens' FLOPs outweigh those reads.
 """
@@ -37,25 +44,22 @@ tokens' FLOPs outweigh those reads.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 import time
-import warnings
 
 import jax
 import numpy as np
 from absl import app, flags
-from flax import nnx
 from ml_collections import config_flags
 
-from mtp_jax import decoding, heads, sharding, tpu
+from mtp_jax import heads, sharding, tpu_plan
 from mtp_jax.cli import fail, parse_flags
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
-from mtp_jax.mtp import build_model, n_predict
-from mtp_jax.speculative import Tree
-from mtp_jax.train import make_train_step, memory_per_device
+from mtp_jax.flops import config_name, model_flops, vocab_size
+from mtp_jax.mtp import n_predict
+from mtp_jax.train import make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
                                           lock_config=False)
@@ -75,31 +79,6 @@ _XLA_FLOPS = flags.DEFINE_bool("xla_flops", True, "Cost a chunked loss's step fr
                                "(a second compilation); False reports the chunked step's own count.")
 
 SWEEP_NS = (2, 3, 4)
-
-
-def vocab_size(config) -> int:
-    """The vocabulary the data would give, without reading any data."""
-    return 256 if config.data.tokenizer == "byte" else config.data.vocab_size
-
-
-def config_name(config) -> str:
-    n = n_predict(config)
-    return f"{config.preset} baseline" if n == 1 else f"{config.preset} {config.mtp_head_type} n={n}"
-
-
-def model_flops(config, vocab: int, *, recomputed: bool = False) -> float:
-    """Analytic FLOPs of one train step: 3x (forward + backward) the forward matmuls, attention's
-    QK^T and AV counted over all T keys (what a dense causal kernel computes). recomputed=True adds
-    what model.remat recomputes (the trunk blocks' forward pass once more): the work the hardware
-    does, where the default is the model's, the numerator of MFU."""
-    m, n, t = config.model, n_predict(config), config.seq_len
-    d = m.d_model
-    d_kv = d * (m.n_kv_heads or m.n_heads) // m.n_heads  # grouped-query attention's keys and values
-    block = 2 * (2 * d * d + 2 * d * d_kv + 3 * d * m.mlp_dim + 2 * t * d)  # per token
-    head = heads.get(config.mtp_head_type).flops_per_token(d, vocab, block)
-    per_token = m.n_layers * block + 2 * d * vocab + (n - 1) * head
-    recompute = m.n_layers * block if recomputed and m.remat else 0
-    return (3.0 * per_token + recompute) * config.batch_size * t
 
 
 def measure_peak_flops(dtype: str, size: int = 2048, repeats: int = 10) -> float:
@@ -219,276 +198,27 @@ def table(results: list[dict], peak: float | None) -> str:
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------------ TPU topologies
-LOWER_MEMORY = ("mesh.fsdp (parameters and optimizer state over more chips), model.remat=True, loss_chunk_size, "
-                "batch_size, model.scan_layers=True")
-
-
-def bytes_per_chip(tree) -> int:
-    """Bytes of one chip's shards of a tree of sharded ShapeDtypeStructs."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def topology_config(config, topology: str, devices) -> dict:
-    """Compile the train step of `config` for `topology` (its chips as `devices`) on abstract inputs,
-    and report what it needs per chip and how fast the roofline says it runs (mtp_jax/tpu.py)."""
-    chip, vocab = tpu.chip_of(topology), vocab_size(config)
-    with tpu.traced_for("tpu"):
-        validate(config)
-        mesh = sharding.make_mesh(config.mesh, devices)
-        sharding.check_batch(config.batch_size, mesh)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        try:
-            setup = make_train_step(config, vocab, mesh, config.num_train_steps)
-        except jax.errors.JaxRuntimeError as e:
-            temporaries = tpu.out_of_memory(str(e))
-            if temporaries is None:
-                raise
-            # The compiler stops once the temporaries alone exceed the chip: a floor on the need.
-            return {"name": config_name(config), "topology": topology, "chips": mesh.size, "mesh": dict(mesh.shape),
-                    "bytes_per_chip": temporaries, "chip_hbm_bytes": chip.hbm_bytes, "fits": False,
-                    "refused_by_compiler": True, "step_time_s": None, "compile_s": time.perf_counter() - start,
-                    "compile_cpu_s": time.process_time() - start_cpu}
-        compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
-    chips, memory = mesh.size, setup.step_fn.memory_analysis()
-    cost = setup.step_fn.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    found = tpu.collectives(setup.step_fn.as_text())
-    by_kind = tpu.collective_bytes(found)
-    needed = memory_per_device(memory)
-    # XLA counts a loop's body once (scanned layers, a chunked loss), so its bytes accessed is a
-    # floor; the state is read and written at least once in any case.
-    hbm = max(float(cost.get("bytes accessed", 0.0)),
-              memory.argument_size_in_bytes + memory.output_size_in_bytes)
-    model = model_flops(config, vocab)
-    roof = tpu.roofline(chip, model_flops(config, vocab, recomputed=True) / chips, hbm, sum(by_kind.values()))
-    return {
-        "name": config_name(config), "topology": topology, "chips": chips, "mesh": dict(mesh.shape),
-        "params": setup.n_params,
-        "param_bytes_per_chip": bytes_per_chip(setup.abstract_state["params"]),
-        "opt_state_bytes_per_chip": bytes_per_chip(setup.abstract_state["opt_state"]),
-        "temp_bytes_per_chip": memory.temp_size_in_bytes,
-        "bytes_per_chip": needed, "chip_hbm_bytes": chip.hbm_bytes, "fits": needed <= chip.hbm_bytes,
-        "xla_flops_per_step": float(cost.get("flops", 0.0)) * chips,  # loop bodies once, as above
-        "model_flops_per_step": model,
-        "hbm_bytes_per_chip": hbm,
-        "collective_bytes_per_chip": by_kind,
-        "largest_collective": None if not found else {"op": found[0].op, "bytes": found[0].bytes,
-                                                      "count": found[0].count, "from": found[0].name},
-        **roof,
-        "tokens_per_sec_per_chip": config.batch_size * config.seq_len / roof["step_time_s"] / chips,
-        "mfu": model / chips / roof["step_time_s"] / chip.peak_flops,
-        "refused_by_compiler": False,
-        "compile_s": compile_s, "compile_cpu_s": compile_cpu_s,  # wall time; CPU time of all this process's threads
-    }
-
-
-def divisors(n: int) -> list[int]:
-    return [k for k in range(1, n + 1) if n % k == 0]
-
-
-def mesh_candidates(config, chips: int) -> list[tuple[int, int, int]]:
-    """Every (data, fsdp, tensor) with product `chips` that the model's shapes allow: tensor
-    divides the heads, key/value heads, MLP width and vocabulary, and data x fsdp the batch."""
-    m = config.model
-    widths = (m.n_heads, m.n_kv_heads or m.n_heads, m.mlp_dim, vocab_size(config))
-    return [(data, chips // tensor // data, tensor)
-            for tensor in divisors(chips) if not any(w % tensor for w in widths)
-            for data in divisors(chips // tensor) if config.batch_size % (chips // tensor) == 0]
-
-
-def with_mesh(config, data: int, fsdp: int, tensor: int):
-    c = config.copy_and_resolve_references()
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = data, fsdp, tensor
-    return c
-
-
-def search_mesh(config, topology: str, devices, candidates=None, report=None) -> list[dict]:
-    """topology_config for each mesh of `candidates` (default: all mesh_candidates), those that fit
-    first, each group by predicted step time; `report(result)` is called as each one compiles."""
-    candidates = mesh_candidates(config, len(devices)) if candidates is None else candidates
-    if not candidates:
-        raise UserError(f"no (data, fsdp, tensor) mesh of {len(devices)} chips suits batch_size="
-                        f"{config.batch_size}: data x fsdp must divide the batch (the rest is tensor parallel, "
-                        "which must divide the heads, MLP and vocabulary); raise batch_size")
-    results = []
-    for mesh in candidates:
-        results.append(topology_config(with_mesh(config, *mesh), topology, devices))
-        if report is not None:
-            report(results[-1])
-    return sorted(results, key=lambda r: (not r["fits"], r["step_time_s"] or math.inf))
-
-
-def too_large(result: dict) -> str:
-    mesh = " ".join(f"{a}={s}" for a, s in result["mesh"].items())
-    more_than = "more than " if result["refused_by_compiler"] else ""
-    return (f"{result['name']} needs {more_than}{result['bytes_per_chip'] / tpu.GiB:.1f} GiB per chip on "
-            f"{result['topology']} with mesh {mesh}, and a {result['topology'].split(':')[0]} chip has "
-            f"{result['chip_hbm_bytes'] / tpu.GiB:.0f} GiB: lower it with {LOWER_MEMORY}")
-
-
-def topology_table(results: list[dict]) -> str:
-    """Per chip: memory against the chip's, collective bytes, the roofline's step time and MFU."""
-    gib = lambda b: f"{b / tpu.GiB:.2f}"  # noqa: E731
-    lines = [f"{'config':<22} {'data,fsdp,tensor':>16} {'param':>6} {'opt':>6} {'temp':>6} {'total GiB':>10} "
-             f"{'fits':>4} {'AG GB':>6} {'RS GB':>6} {'AR GB':>6} {'A2A GB':>6} {'comp ms':>8} {'ICI ms':>7} "
-             f"{'step ms':>8} {'tok/s/chip':>10} {'MFU':>6}"]
-    for r in results:
-        if r["refused_by_compiler"]:
-            lines.append(f"{r['name']:<22} {','.join(str(s) for s in r['mesh'].values()):>16} "
-                         f"{'temporaries alone > ' + gib(r['bytes_per_chip']) + ' GiB: refused by the compiler':>50}")
-            continue
-        coll = r["collective_bytes_per_chip"]
-        lines.append(
-            f"{r['name']:<22} {','.join(str(s) for s in r['mesh'].values()):>16} {gib(r['param_bytes_per_chip']):>6} "
-            f"{gib(r['opt_state_bytes_per_chip']):>6} {gib(r['temp_bytes_per_chip']):>6} "
-            f"{gib(r['bytes_per_chip']) + '/' + format(r['chip_hbm_bytes'] / tpu.GiB, '.0f'):>10} "
-            f"{'yes' if r['fits'] else 'NO':>4} "
-            + " ".join(f"{coll[op] / 1e9:>6.2f}" for op in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all"))
-            + f" {1e3 * r['compute_s']:>8.1f} {1e3 * r['ici_s']:>7.1f} {1e3 * r['step_time_s']:>8.1f} "
-            f"{r['tokens_per_sec_per_chip']:>10.0f} {100 * r['mfu']:>5.1f}%")
-    return "\n".join(lines)
-
-
-def main_topology(configs: list, name: str, search: bool, as_json: bool) -> None:
-    """Compile each config for the topology (on each mesh, if search), print, and end with one error
-    line if one of them fits on no mesh."""
-    topology = tpu.topology_name(name)
-    devices = tpu.devices(topology)
-    show = (lambda r: print(json.dumps(r), flush=True)) if as_json else None
-    results, too_large_ones = [], []
-    for config in configs:
-        if search:
-            found = search_mesh(config, topology, devices, report=show)
-        else:
-            found = [topology_config(config, topology, devices)]
-            if show:
-                show(found[0])
-        results += found
-        if not found[0]["fits"]:
-            too_large_ones.append(min(found, key=lambda r: r["bytes_per_chip"]))
-    if not as_json:
-        print(f"{topology}: {len(devices)} chips; per chip, roofline step time (mtp_jax/tpu.py)")
-        print(topology_table(results))
-    if too_large_ones:
-        fail(too_large(too_large_ones[0]))
-
-
-# ------------------------------------------------------------------------------------------ decoding on one chip
-def decode_passes(config, sizes: list[int]) -> list[tuple[str, Tree | None, int]]:
-    """(name, tree or None, batch) of each decoding step to cost: plain decoding at each batch in
-    `sizes`, then (a model with draft heads) the chain of its n - 1 drafts and a tree of each size
-    in `sizes` above n - 1 (drafted nodes, the root excluded, as generate --tree_size). A tree's
-    shape is Medusa's construction under acceptance halving with each rank: with linear or
-    parallel heads a pass costs what its size costs, whatever the shape."""
-    passes = [(f"plain, batch {b}", None, b) for b in sizes]
-    n = n_predict(config)
-    if n > 1:
-        passes.append((f"verify chain of {n - 1}", Tree.chain(n - 1), 1))
-        acceptance = np.tile(0.5 ** np.arange(1, max(sizes) + 1), (n - 1, 1))
-        passes += [(f"verify tree of {s}", Tree.build(acceptance, s), 1) for s in sizes if s > n - 1]
-    return passes
-
-
-def decode_config(config, topology: str, devices, name: str, tree: Tree | None, batch: int) -> dict:
-    """Compile one decoding step (decoding.one_pass: plain, or a greedy verify pass of `tree`) for
-    the first chip of `topology`, at a full cache of seq_len positions, on abstract inputs, and
-    report its memory and the roofline's time (no collectives: one chip)."""
-    chip, vocab = tpu.chip_of(topology), vocab_size(config)
-    config = config.copy_and_resolve_references()
-    config.model.scan_layers = False  # XLA's cost analysis counts a loop's body once: unrolled, it counts all
-    on_chip = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices[:1]), ("chip",)),
-                                         jax.sharding.PartitionSpec())
-    with tpu.traced_for("tpu"):
-        validate(config)
-        model = nnx.eval_shape(lambda: build_model(config, vocab, seed=0))
-        step, inputs = decoding.one_pass(model, config.seq_len, tree, batch)
-        inputs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_chip), inputs)
-        start, compiled, refused = time.perf_counter(), None, None
-        try:
-            with warnings.catch_warnings():  # the state's scalars (position, counters) have no buffer to reuse
-                warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-                compiled = jax.jit(step, donate_argnums=1).lower(*inputs).compile()
-        except jax.errors.JaxRuntimeError as e:
-            refused = tpu.out_of_memory(str(e))
-            if refused is None:
-                raise
-        compile_s = time.perf_counter() - start
-    tokens = batch if tree is None else tree.size
-    row = {"name": config_name(config), "topology": topology, "pass": name, "batch": batch, "tokens": tokens,
-           "cache_len": config.seq_len, "chip_hbm_bytes": chip.hbm_bytes, "compile_s": compile_s}
-    if compiled is None:  # the compiler stops once the temporaries alone exceed the chip
-        return {**row, "fits": False, "bytes_per_chip": refused, "step_time_s": None}
-    memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    needed = memory_per_device(memory)
-    flops = float(cost.get("flops", 0.0))
-    # HBM bytes: every argument the step uses (parameters, caches) read once, the cache's new slots
-    # written in place. XLA's "bytes accessed" is not used: on TPU it also counts the weights'
-    # prefetch into on-chip memory and the reads from there (4-5x the parameters for 1b).
-    hbm = memory.argument_size_in_bytes
-    roof = tpu.roofline(chip, flops, hbm, 0.0)
-    return {**row, "fits": needed <= chip.hbm_bytes, "bytes_per_chip": needed,
-            "param_bytes": bytes_per_chip(inputs[0]), "flops": flops, "hbm_bytes": hbm,
-            "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0)), **roof}
-
-
-def decode_table(results: list[dict]) -> str:
-    gib = lambda b: f"{b / tpu.GiB:.2f}"  # noqa: E731
-    lines = [f"{'config':<22} {'pass':<22} {'tokens':>6} {'GiB':>6} {'fits':>4} {'GFLOP':>8} {'HBM GB':>7} "
-             f"{'comp ms':>8} {'HBM ms':>7} {'pass ms':>8} {'bound':>7}"]
-    for r in results:
-        if r["step_time_s"] is None:
-            lines.append(f"{r['name']:<22} {r['pass']:<22} {r['tokens']:>6} > {gib(r['bytes_per_chip'])} GiB: "
-                         "refused by the compiler")
-            continue
-        lines.append(f"{r['name']:<22} {r['pass']:<22} {r['tokens']:>6} {gib(r['bytes_per_chip']):>6} "
-                     f"{'yes' if r['fits'] else 'NO':>4} {r['flops'] / 1e9:>8.1f} {r['hbm_bytes'] / 1e9:>7.2f} "
-                     f"{1e3 * r['compute_s']:>8.2f} {1e3 * r['hbm_s']:>7.2f} {1e3 * r['step_time_s']:>8.2f} "
-                     f"{r['bound']:>7}")
-    return "\n".join(lines)
-
-
-def main_decode(config, name: str, sizes: list[int], as_json: bool) -> None:
-    topology = tpu.topology_name(name)
-    devices = tpu.devices(topology)
-    results = []
-    for pass_name, tree, batch in decode_passes(config, sizes):
-        results.append(decode_config(config, topology, devices, pass_name, tree, batch))
-        if as_json:
-            print(json.dumps(results[-1]), flush=True)
-    if not as_json:
-        print(f"{topology}: one chip, one decoding step at a cache of {config.seq_len} positions; roofline time "
-              "(mtp_jax/tpu.py), HBM bytes = the parameters and caches the step reads, once")
-        print(decode_table(results))
-
-
-def decode_sizes(values: list[str]) -> list[int]:
-    try:
-        sizes = [int(v) for v in values]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise UserError(f"--decode={','.join(values)} must list positive integers (batches and tree sizes), "
-                        "e.g. --decode=1,16,64,256")
-    return sizes
-
-
 def main(argv) -> None:
     if len(argv) > 1 or _CONFIG.value is None:
         fail("usage: python -m mtp_jax.bench --config=configs/mtp3.py:PRESET [--config.KEY=V …] "
              "[--json] [--sweep] [--compile_only] [--topology=v5p:4x4x4 [--search_mesh]]")
     config = _CONFIG.value
+    if not _COMPILE_ONLY.value and _TOPOLOGY.value is None and (_STEPS.value < 1 or _WARMUP.value < 0):
+        fail(f"--steps={_STEPS.value} --warmup={_WARMUP.value}: time at least one step after zero or more warm-up "
+             "steps (e.g. --steps=10 --warmup=2), or pass --compile_only to time none")
+    if _DECODE.value and _SEARCH_MESH.value:
+        fail("--search_mesh ranks meshes of the train step, and --decode costs one chip, which has no mesh: "
+             "drop one of them")
     if _TOPOLOGY.value is not None:
         # Only the host's CPU runs here, even on a TPU VM whose chips are busy: libtpu describes
         # the topology's chips without opening them.
         jax.config.update("jax_platforms", "cpu")
         try:
             if _DECODE.value:
-                main_decode(config, _TOPOLOGY.value, decode_sizes(_DECODE.value), _JSON.value)
+                tpu_plan.main_decode(config, _TOPOLOGY.value, tpu_plan.decode_sizes(_DECODE.value), _JSON.value)
                 return
-            main_topology(sweep_configs(config) if _SWEEP.value else [config], _TOPOLOGY.value, _SEARCH_MESH.value,
-                          _JSON.value)
+            tpu_plan.main_topology(sweep_configs(config) if _SWEEP.value else [config], _TOPOLOGY.value,
+                                   _SEARCH_MESH.value, _JSON.value)
         except UserError as e:
             fail(str(e))
         return

@@ -6,11 +6,14 @@ temporary directory and renames it when complete, so a kill -9 mid-save leaves n
 step behind; the fingerprint catches what orbax cannot (bytes changed inside a data file read
 back without error). Training moves a checkpoint that fails to `unusable_checkpoints/` beside the
 checkpoint directory, never deleting it, and tries the previous one; the commands that only read a
-workdir (generate, evaluate, export) skip it the same way but leave it where it is.
+workdir (generate, evaluate, export) skip it the same way but leave it where it is. A restore that
+fails ends the reads it left in flight before the previous checkpoint is tried, so a skipped
+checkpoint prints its one line and nothing else.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import pathlib
@@ -127,7 +130,8 @@ class Checkpointer:
         damaged = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                state, problem = self.restore(step, abstract_state), None
+                with _no_reads_left_behind():
+                    state, problem = self.restore(step, abstract_state), None
             except Exception as e:  # noqa: BLE001 — orbax and tensorstore raise many types for damaged files
                 state, problem = None, _first_line(e)
             if _all_processes_agree(problem is None):
@@ -162,6 +166,56 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+class _TidyEventLoop(asyncio.SelectorEventLoop):
+    """An event loop that, when closed, first cancels the tasks still pending on it and waits for
+    them to end, as asyncio.run does on leaving.
+
+    Orbax runs each restore in a fresh event loop and closes it as soon as the restore raises, while
+    the other tensorstore reads it gathered are still in flight. Each read that ends later calls
+    back into the closed loop and its RuntimeError('Event loop is closed') is printed as a
+    traceback, as is the error of each of orbax's read coroutines collected unfinished: up to
+    hundreds of lines for one damaged checkpoint, more or fewer with the timing. Tensorstore drops
+    a cancelled read; one that ended just as it was cancelled may still call back after the close,
+    to wake a task that has ended, and that call is dropped here."""
+
+    def close(self) -> None:
+        if not self.is_running() and not self.is_closed():
+            pending = asyncio.all_tasks(self)
+            for task in pending:
+                task.cancel()
+            # Runs the callbacks already due too: a read that failed as the restore stopped has one
+            # that marks its error as seen (unseen, asyncio logs it with a traceback).
+            self.run_until_complete(_ended(pending))
+        super().close()
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        if self.is_closed():  # closed only once every task on it ended: nothing is left to wake
+            return None
+        return super().call_soon_threadsafe(callback, *args, context=context)
+
+
+async def _ended(tasks) -> None:
+    await asyncio.gather(*tasks, return_exceptions=True)  # their errors (the damage again) were reported
+
+
+class _TidyEventLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _TidyEventLoop()
+
+
+@contextlib.contextmanager
+def _no_reads_left_behind():
+    """The event loops orbax makes meanwhile are _TidyEventLoops (orbax calls
+    asyncio.new_event_loop(), which asks the policy). The policy is the process's: a loop another
+    thread makes meanwhile also ends its tasks before closing, as asyncio.run's loops do."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_TidyEventLoopPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
 
 
 def check_writable(workdir: pathlib.Path) -> None:

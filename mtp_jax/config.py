@@ -17,8 +17,9 @@ NAN_POLICIES = ("stop", "skip")
 TRAINABLE = ("all", "heads")
 
 
-def validate(config) -> None:
-    """Raise UserError naming the first invalid field and how to fix it."""
+def validate(config, platform: str | None = None) -> None:
+    """Raise UserError naming the first invalid field and how to fix it; `platform` is what the
+    model will run on (default: jax.default_backend())."""
     def need(ok: bool, message: str):
         if not ok:
             raise UserError(message)
@@ -94,7 +95,8 @@ def validate(config) -> None:
     need(m.attention in ATTENTION_NAMES,
          f"model.attention={m.attention!r} is unknown: choose one of {', '.join(ATTENTION_NAMES)}")
     need(m.attention_block_size >= 1, f"model.attention_block_size={m.attention_block_size} must be >= 1")
-    need(m.attention != "splash" or jax.default_backend() == "tpu", f"model.attention='splash' is a TPU kernel "
-         f"and this backend is {jax.default_backend()}: use 'auto' or 'blockwise'")
+    platform = platform or jax.default_backend()
+    need(m.attention != "splash" or platform == "tpu", f"model.attention='splash' is a TPU kernel "
+         f"and this backend is {platform}: use 'auto' or 'blockwise'")
     if tasks.task_name(str(config.data.source)) is not None:
-        tasks.check_config(config)
+        tasks.check_config(config, n)

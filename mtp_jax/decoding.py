@@ -83,7 +83,7 @@ def _positions(tokens: jax.Array, index) -> jax.Array:
     return index + jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
 
 
-def _plain_step(model: MTPModel, tokens, caches, index, last, key, sampling: Sampling):
+def plain_step(model: MTPModel, tokens, caches, index, last, key, sampling: Sampling):
     """Run tokens [B, t] at positions index … index + t - 1 through the decoder's layers.
 
     Returns head 1's choice [B] and its log-probability after position index + last, and the
@@ -103,13 +103,13 @@ def _decode_plain(graphdef, capacity, sampling: Sampling, params, prompt, length
     tokens [capacity] and their log-probabilities [capacity] (the first `limit` are valid)."""
     model = nnx.merge(graphdef, params)
     caches = init_caches(model, 1, capacity, all_heads=False)
-    token, logprob, caches = _plain_step(model, prompt, caches, 0, length - 1, key, sampling)
+    token, logprob, caches = plain_step(model, prompt, caches, 0, length - 1, key, sampling)
     tokens = jnp.zeros(capacity, jnp.int32).at[0].set(token[0])
     logprobs = jnp.zeros(capacity, jnp.float32).at[0].set(logprob[0])
 
     def step(i, carry):  # token i - 1 sits at position length + i - 1
         token, caches, tokens, logprobs = carry
-        token, logprob, caches = _plain_step(model, token[:, None], caches, length + i - 1, 0, key, sampling)
+        token, logprob, caches = plain_step(model, token[:, None], caches, length + i - 1, 0, key, sampling)
         return token, caches, tokens.at[i].set(token[0]), logprobs.at[i].set(logprob[0])
 
     _, _, tokens, logprobs = jax.lax.fori_loop(1, limit, step, (token, caches, tokens, logprobs))
@@ -177,12 +177,12 @@ def _decode_speculative(graphdef, capacity, tree: Tree, sampling: Sampling, para
 
     carry = Carry(jnp.int32(0), jnp.int32(0), block, q, caches, jnp.zeros(capacity + tree.max_depth + 1, jnp.int32),
                   jnp.full(capacity, -1, jnp.int32), jnp.zeros((capacity, model.n_predict - 1), jnp.float32))
-    done = jax.lax.while_loop(more, lambda carry: _verify_pass(model, tree, sampling, length, key, carry), carry)
+    done = jax.lax.while_loop(more, lambda carry: verify_pass(model, tree, sampling, length, key, carry), carry)
     tokens = jax.lax.dynamic_update_slice(done.tokens, done.block[:1], (done.count,))  # the last certain token
     return tokens, done.passes, done.accepted, done.overlaps
 
 
-def _verify_pass(model: MTPModel, tree: Tree, sampling: Sampling, length, key, carry: Carry) -> Carry:
+def verify_pass(model: MTPModel, tree: Tree, sampling: Sampling, length, key, carry: Carry) -> Carry:
     """One verify pass of self-speculative decoding (the device loop's body): run the block
     drafted last time through the trunk and every head, accept its longest agreeing path (greedy)
     or rejection-sample a chain (sampling), commit it, and draft the next block."""
@@ -214,38 +214,6 @@ def _verify_pass(model: MTPModel, tree: Tree, sampling: Sampling, length, key, c
     tokens = jax.lax.dynamic_update_slice(tokens, block[path[:tree.max_depth + 1]], (count,))
     return Carry(count + a + 1, passes + 1, next_block, q, caches, tokens, accepted.at[passes].set(a),
                  overlaps.at[passes].set(overlap))
-
-
-def one_pass(model: MTPModel, capacity: int, tree: Tree | None = None, batch: int = 1):
-    """(function, abstract arguments) of one decoding step at a cache of `capacity` positions: plain
-    decoding's single-token step for `batch` sequences (tree None), or one greedy verify pass of
-    `tree` (the speculative loop's body). The function takes (params, state) and donates the state
-    (caches included), as the device loops update it in place; bench compiles it for a TPU chip to
-    cost one step of each kind."""
-    graphdef, params = nnx.split(model)
-    token = jax.ShapeDtypeStruct((batch, 1), jnp.int32)
-    index = jax.ShapeDtypeStruct((), jnp.int32)
-    key = jax.eval_shape(lambda: jax.random.key(0))
-    if tree is None:
-        caches = jax.eval_shape(lambda: init_caches(model, batch, capacity, all_heads=False))
-
-        def plain(params, state):
-            token, caches, index, key = state
-            return _plain_step(nnx.merge(graphdef, params), token, caches, index, 0, key, Sampling())
-
-        return plain, (params, (token, caches, index, key))
-    n = model.n_predict
-    caches = jax.eval_shape(lambda: init_caches(model, 1, capacity + tree.size, all_heads=True))
-    carry = Carry(index, index, jax.ShapeDtypeStruct((tree.size,), jnp.int32),
-                  jax.ShapeDtypeStruct((n - 1, model.decoder.shape.vocab_size), jnp.float32), caches,
-                  jax.ShapeDtypeStruct((capacity + tree.max_depth + 1,), jnp.int32),
-                  jax.ShapeDtypeStruct((capacity,), jnp.int32), jax.ShapeDtypeStruct((capacity, n - 1), jnp.float32))
-
-    def verify(params, state):
-        carry, length, key = state
-        return _verify_pass(nnx.merge(graphdef, params), tree, Sampling(), length, key, carry)
-
-    return verify, (params, (carry, index, key))
 
 
 def choose(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
@@ -292,6 +260,13 @@ class Result:
     def predicted_mean_accepted(self) -> float:
         """Tokens per pass that α predicts: 1 + α_1 + α_1 α_2 + … (positions independent)."""
         return float(1 + np.sum(np.cumprod([x or 0.0 for x in self.alpha()])))
+
+
+def check_tree_sampling(tree: bool, temperature: float) -> None:
+    """Trees are verified greedily; sampled drafts only as a chain (one place for the engine and the CLI)."""
+    if tree and temperature > 0:
+        raise UserError("tree verification is greedy: drop --tree_size (sampled drafts are verified as a chain) "
+                        "or --temperature")
 
 
 class Generator:
@@ -359,9 +334,7 @@ class Generator:
             raise UserError("the model has no extra heads to draft with (it was trained with mtp_n_tokens=1): "
                             "drop --speculative, or train with --config.use_mtp=True --config.mtp_n_tokens=4")
         tree = tree or Tree.chain(self.n - 1)
-        if temperature > 0 and not tree.is_chain:
-            raise UserError("tree verification is greedy: drop --tree_size (sampled drafts are verified as a chain) "
-                            "or --temperature")
+        check_tree_sampling(not tree.is_chain, temperature)
         if tree.max_depth > self.n - 1:
             raise UserError(f"the tree is {tree.max_depth} drafts deep but the model has {self.n - 1} draft heads")
         padded, limit = self._prompt(prompt, max_new_tokens)

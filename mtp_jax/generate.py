@@ -16,7 +16,7 @@ from mtp_jax import workdir
 from mtp_jax.acceptance import build_tree
 from mtp_jax.cli import ArgumentParser, fail
 from mtp_jax.compilation_cache import use_compilation_cache
-from mtp_jax.decoding import Generator
+from mtp_jax.decoding import Generator, check_tree_sampling
 from mtp_jax.errors import UserError
 from mtp_jax.metrics import log
 
@@ -42,8 +42,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.tree_size and not args.speculative:
         fail("--tree_size is a shape for --speculative decoding: add --speculative (or drop --tree_size)")
-    if args.tree_size and args.temperature > 0:
-        fail("tree verification is greedy: drop --tree_size (sampled drafts are verified as a chain) or --temperature")
+    try:
+        check_tree_sampling(args.tree_size > 0, args.temperature)
+    except UserError as e:
+        fail(str(e))
     if args.tree_size < 0:
         fail(f"--tree_size={args.tree_size} must be >= 0")
     if args.max_new_tokens < 1:

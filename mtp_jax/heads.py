@@ -11,7 +11,9 @@ A head type is a class that says, for head k (k = 1 … n; head 1 is the next-to
   own block        `has_block`: whether head k runs attention, and so keeps a KV cache of its own
   drafting rule    `reads_previous_draft`: whether head k + 1 reads head k's tokens
   HF tensor names  `hf_rows`: where an extra head's tensors go in a Hugging Face folder (hf.py)
-  FLOPs            `flops_per_token`: one extra head's forward matmul FLOPs per position
+  FLOPs            `blocks_per_head`, `output_flops`, `other_flops`: one extra head's forward
+                   matmuls per position (flops.py counts the blocks' attention and which part
+                   the backward pass recomputes)
 The model (mtp.MTPModel), the decoding engine, hf.py, bench.py and config.py ask the head type
 and never compare its name. A new head type is one subclass decorated with `@register`.
 
@@ -67,6 +69,7 @@ class HeadType:
     name: ClassVar[str]
     min_layers: ClassVar[int] = 1  # the fewest decoder layers the head type can be built on
     reads_previous_draft: ClassVar[bool] = False  # head k + 1's input is head k's token at every position
+    blocks_per_head: ClassVar[int] = 0  # decoder blocks one extra head runs (FLOPs as the trunk's)
     shares_unembedding: ClassVar[bool] = True  # extra heads project with it (so a draft vocabulary can restrict it)
 
     def trunk_layers(self, n_layers: int) -> range:
@@ -119,9 +122,14 @@ class HeadType:
         """[(HF tensor name, path in our parameter tree, layout)] of extra head i = k - 2 (hf.py)."""
         raise NotImplementedError
 
-    def flops_per_token(self, d: int, vocab: int, block: int) -> int:
-        """Forward matmul FLOPs per position of one extra head; `block` is one decoder block's."""
+    def output_flops(self, d: int, vocab: int) -> int:
+        """Forward FLOPs per position of one extra head's logits (recomputed in the backward pass:
+        the cross-entropy is rematerialised)."""
         return 2 * d * vocab
+
+    def other_flops(self, d: int) -> int:
+        """Forward FLOPs per position of one extra head's matmuls besides its blocks and logits."""
+        return 0
 
 
 @register
@@ -146,6 +154,7 @@ class Linear(HeadType):
 class Parallel(HeadType):
     name = "parallel"
     min_layers = 2  # the last layer is head 1's own block
+    blocks_per_head = 1
 
     def trunk_layers(self, n_layers):
         return range(n_layers - 1)
@@ -163,8 +172,6 @@ class Parallel(HeadType):
     def hf_rows(self, i, n_layers, layer):
         return layer(f"extra_heads.{i}", ("heads", i))
 
-    def flops_per_token(self, d, vocab, block):
-        return block + super().flops_per_token(d, vocab, block)
 
 
 class SequentialModule(nnx.Module):
@@ -189,6 +196,7 @@ class SequentialModule(nnx.Module):
 class Sequential(HeadType):
     name = "sequential"
     reads_previous_draft = True  # module k + 1 reads x[t + k], which at decoding is module k's draft
+    blocks_per_head = 1
 
     def init(self, shape, rngs):
         return SequentialModule(shape, rngs=rngs)
@@ -208,8 +216,8 @@ class Sequential(HeadType):
                 (f"{prefix}.hnorm.weight", ("heads", i, "hidden_norm", "scale"), "same"),
                 (f"{prefix}.eh_proj.weight", ("heads", i, "merge"), "merge")] + layer(prefix, ("heads", i, "block"))
 
-    def flops_per_token(self, d, vocab, block):
-        return block + 2 * 2 * d * d + super().flops_per_token(d, vocab, block)
+    def other_flops(self, d):
+        return 2 * 2 * d * d  # the merge M_k: 2d -> d
 
 
 class MedusaBlock(nnx.Module):
@@ -241,5 +249,5 @@ class Medusa(HeadType):
         return [(f"extra_heads.{i}.linear.weight", ("heads", i, "w"), "linear"),  # Medusa's ResBlock names
                 (f"extra_heads.{i}.linear.bias", ("heads", i, "b"), "same")]
 
-    def flops_per_token(self, d, vocab, block):
-        return 2 * d * d + super().flops_per_token(d, vocab, block)
+    def other_flops(self, d):
+        return 2 * d * d  # the residual block's W

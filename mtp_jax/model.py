@@ -27,7 +27,9 @@ ROPE_SCALINGS = ("none", "linear", "llama3")  # rope_frequencies
 
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
-    """The model's hyper-parameters (config.model plus the data's vocabulary size)."""
+    """The model's hyper-parameters (config.model plus the data's vocabulary size), with the code
+    paths that depend on the platform chosen once, for the platform the model is built for
+    (`platform`, default jax.default_backend(); a TPU topology compiled on this host passes 'tpu')."""
 
     vocab_size: int
     d_model: int
@@ -48,23 +50,34 @@ class ModelShape:
     qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
     norm_eps: float = 1e-6  # RMSNorm's epsilon
     remat: bool = False  # recompute each block's activations in the backward pass (training only)
-    attention: str = "auto"  # which attention implementation `attend` runs (attention.NAMES)
+    attention: str = "auto"  # which attention implementation `attend` runs (attention.NAMES; 'auto' resolved)
     attention_block_size: int = 512  # queries and keys per block of the 'blockwise' implementation
     scan_layers: bool = False  # the trunk's blocks as one scan over stacked parameters
+    fuse_projections: bool | None = None  # fused_projection for many rows (not a config field); None: on CPU
+    platform: dataclasses.InitVar[str | None] = None  # resolves 'auto' attention and fuse_projections
 
-    def __post_init__(self):
+    def __post_init__(self, platform: str | None):
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        platform = platform or jax.default_backend()
+        object.__setattr__(self, "attention", attention.resolve(self.attention, platform))
+        if self.fuse_projections is None:
+            object.__setattr__(self, "fuse_projections", platform == "cpu")
 
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
     @classmethod
-    def from_config(cls, model_cfg, vocab_size: int) -> "ModelShape":
-        # .get: config.json files written before a field existed still load, with its default.
-        return cls(vocab_size=vocab_size, **{f.name: model_cfg.get(f.name, f.default) for f in dataclasses.fields(cls)
-                                             if f.name != "vocab_size"})
+    def from_config(cls, model_cfg, vocab_size: int, platform: str | None = None) -> "ModelShape":
+        derived = ("vocab_size", "fuse_projections")  # not config.model's
+        return cls(vocab_size=vocab_size, platform=platform,
+                   **{f.name: model_cfg[f.name] for f in dataclasses.fields(cls) if f.name not in derived})
+
+    def fuses(self, x: Array) -> bool:
+        """Whether fused_projection fuses the projections of x [B, T, D]: where it was measured to
+        pay (fuse_projections: on CPU), for many rows."""
+        return self.fuse_projections and x.shape[0] * x.shape[1] >= 16
 
 
 def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, std: float) -> nnx.Param:
@@ -120,25 +133,22 @@ def attend(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array,
     broadcast against the leading dimensions. `mask`, a boolean array broadcastable to
     [..., T, S] (True = visible), replaces the positional rule when given.
 
-    `implementation` names one of attention.NAMES ('auto': the one measured best on this
-    backend); all compute the same function (attention.py)."""
-    name = attention.resolve(implementation)
-    return attention.IMPLEMENTATIONS[name](q, k, v, q_positions, k_positions, mask, block_size)
+    `implementation` names one of attention.IMPLEMENTATIONS ('auto' resolved: ModelShape); all
+    compute the same function (attention.py)."""
+    return attention.IMPLEMENTATIONS[implementation](q, k, v, q_positions, k_positions, mask, block_size)
 
 
-def fused_projection(x: Array, weights: list[nnx.Param], dtype, fuse: bool | None = None) -> list[Array]:
+def fused_projection(x: Array, weights: list[nnx.Param], dtype, fuse: bool) -> list[Array]:
     """[x @ w for w in weights]. x: [B, T, D]; each weight [D, ...] is used as a [D, F] matrix.
 
     fuse=True computes them as one dot: the weights are concatenated (a copy of the parameters,
     small next to the activations) into one [ΣF, D] matrix that the dot reads transposed. On
     XLA-CPU that halves the MLP's forward and backward time against separate dots, chiefly
     because the weight gradients then need no transposed copy of each activation gradient
-    (benchmarks/NOTES.md §5). It is the default (fuse=None) only where it was measured to pay: on
-    CPU, for many rows. A decoding step's few rows are faster with separate dots (the fused dot
+    (benchmarks/NOTES.md §5). The model fuses only where it was measured to pay (ModelShape.fuses):
+    on CPU, for many rows. A decoding step's few rows are faster with separate dots (the fused dot
     slowed speculative decoding by a quarter), and on accelerators the concatenation along the
     tensor-parallel axis would add collectives to every step."""
-    if fuse is None:
-        fuse = jax.default_backend() == "cpu" and x.shape[0] * x.shape[1] >= 16
     d = x.shape[-1]
     matrices = [w[...].astype(dtype).reshape(d, -1) for w in weights]
     if not fuse:
@@ -179,7 +189,7 @@ class Attention(nnx.Module):
         kv = self.wk.shape[1]
         group = functools.partial(jnp.repeat, repeats=n // kv, axis=-3) if kv < n else lambda a: a
 
-        q, k, v = fused_projection(x, [self.wq, self.wk, self.wv], self.dtype)
+        q, k, v = fused_projection(x, [self.wq, self.wk, self.wv], self.dtype, self.shape.fuses(x))
         if self.shape.qkv_bias:
             q, k, v = (y + bias[...].astype(self.dtype).reshape(-1)
                        for y, bias in zip((q, k, v), (self.bq, self.bk, self.bv), strict=True))
@@ -212,10 +222,10 @@ class MLP(nnx.Module):
         self.w_gate = normal_param(rngs, (d, m), ("embed", "mlp"), pd, 0.02)
         self.w_up = normal_param(rngs, (d, m), ("embed", "mlp"), pd, 0.02)
         self.w_down = normal_param(rngs, (m, d), ("mlp", "embed"), pd, 0.02 / math.sqrt(2 * shape.n_layers))
-        self.dtype = jnp.dtype(shape.dtype)
+        self.shape, self.dtype = shape, jnp.dtype(shape.dtype)
 
     def __call__(self, x: Array) -> Array:
-        gate, up = fused_projection(x, [self.w_gate, self.w_up], self.dtype)
+        gate, up = fused_projection(x, [self.w_gate, self.w_up], self.dtype, self.shape.fuses(x))
         return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(self.dtype)
 
 

@@ -166,8 +166,8 @@ class MTPModel(nnx.Module):
         return greedy.swapaxes(0, 1).reshape(b, -1)[:, :t]
 
 
-def build_model(config, vocab_size: int, *, seed: int) -> MTPModel:
-    shape = ModelShape.from_config(config.model, vocab_size)
+def build_model(config, vocab_size: int, *, seed: int, platform: str | None = None) -> MTPModel:
+    shape = ModelShape.from_config(config.model, vocab_size, platform)
     n = n_predict(config)
     return MTPModel(shape, n, config.mtp_head_type, rngs=nnx.Rngs(params=seed),
                     draft_vocab=config.get("mtp_draft_vocab", 0) if n > 1 else 0)

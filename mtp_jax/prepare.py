@@ -32,11 +32,12 @@ import numpy as np
 import tokenizers
 import tqdm
 
-from mtp_jax.cli import ArgumentParser, fail, new_folders, remove_empty
+from mtp_jax.cli import ArgumentParser, fail
 from mtp_jax.data import shards as shards_lib
 from mtp_jax.data import tokenizer as tokenizer_lib
 from mtp_jax.data.sources import jsonl_text
 from mtp_jax.errors import UserError
+from mtp_jax.folders import new_folders, remove_empty
 
 PROGRESS, META, TOKENIZER = "progress.json", "meta.json", "tokenizer.json"
 _CHUNK_CHARS = 1 << 20  # text per task sent to a worker: large enough to amortise the transfer

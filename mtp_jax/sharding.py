@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mtp_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+DEFAULT_MESH = {"data": -1, "fsdp": 1, "tensor": 1}  # configs/base.py's: data parallel over every device
 BATCH_AXES = ("data", "fsdp")
 LOGICAL_RULES = {
     "vocab": "tensor",
@@ -44,6 +45,11 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:
         raise UserError(f"{described} does not divide the {n_devices} devices: choose sizes whose product "
                         f"is {n_devices}, or set one of them to -1")
     return tuple(n_devices // fixed if s == -1 else s for s in sizes)
+
+
+def is_default_mesh(mesh_cfg) -> bool:
+    """Whether mesh.* is left at its defaults (bench --topology then picks the mesh itself)."""
+    return all(mesh_cfg[a] == size for a, size in DEFAULT_MESH.items())
 
 
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:

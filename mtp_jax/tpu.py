@@ -1,22 +1,26 @@
-"""TPU pods seen from any machine: topologies, the chip table, collectives read from HLO, the roofline.
+"""TPU pods seen from any machine: topologies, the chip table, the roofline.
 
 With libtpu installed (`pip install -e '.[tpu]'`), JAX describes the chips of any TPU topology
 without one attached (`jax.experimental.topologies`), and a mesh built on those devices compiles the
-real TPU program on this host. `mtp_jax.bench --topology` does that for the train step; this module
-holds what it needs to turn a compiled program into the answers: the chip's figures, the bytes each
-kind of collective moves per step (from the compiled HLO, loops counted as often as they run), and a
-roofline step time.
+real TPU program on this host. mtp_jax/tpu_plan.py (`mtp_jax.bench --topology`) does that for the
+train step; this module holds what it needs to turn the compiled program's traffic (read by
+mtp_jax/hlo.py) into the answers: the chip's figures, the assumed collective latency, and the
+roofline.
 
-The roofline: step time = max(FLOPs / peak, HBM bytes / HBM bandwidth) + collective bytes / ICI
-bandwidth, per chip. It assumes no overlap of collectives with compute (XLA overlaps many, so it
-errs slow) and that a collective streams over all of the chip's links (a ring along one torus axis
-uses 2 of the 4 (v5e, v6e) or 6 (v4, v5p) ports, so it errs fast there); it has no term for
-latency, so it is optimistic for small collectives.
+The roofline bounds a step from below: step time >= max(FLOPs / peak, HBM bytes / HBM bandwidth,
+collective bytes / ICI bandwidth + collective latency), per chip, every resource at its peak and
+all of them overlapped. Each term is a floor on its own: the FLOPs are the ones the chip executes
+(flops.hardware_flops), the HBM bytes what the compiled program's operations read and write in
+HBM (`hlo.hbm_traffic`, loops counted as often as they run), a collective streams over all of the
+chip's links (a ring along one torus axis uses 2 of the 4 (v5e, v6e) or 6 (v4, v5p) ports) after
+an assumed latency of ICI_HOP_LATENCY_S per ring step. Real steps run slower: non-matmul work,
+collectives that do not overlap, kernels below peak. How much slower, published runs say:
+each chip's `mfu_band`, with its source, is the model-FLOPs utilisation those runs reached,
+which bench applies to the bound as an assumed efficiency.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -25,6 +29,7 @@ import re
 import jax
 from jax.experimental import topologies
 
+from mtp_jax import hlo
 from mtp_jax.errors import UserError
 
 GiB = 2**30
@@ -37,24 +42,38 @@ class Chip:
     hbm_bytes_per_s: float
     ici_bytes_per_s: float  # bidirectional, over all of the chip's links
     dims: int  # of the torus: 2 (v5e, v6e) or 3 (v4, v5p)
+    mfu_band: tuple[float, float]  # model-FLOPs utilisation that published training runs reached
+    band_source: str
 
 
+# Published MFU of large dense training runs on each generation (model FLOPs / peak, attention
+# counted over the full square as these tables count it):
+MAXTEXT = "MaxText README, 'Runtime Performance Results' (github.com/AI-Hypercomputer/maxtext, 2024-25)"
 CHIPS = {
     # Cloud TPU documentation, "TPU v4" (cloud.google.com/tpu/docs/v4): 275 TFLOP/s bf16, 32 GiB
     # HBM2 at 1200 GB/s. It gives no per-chip ICI figure; its all-reduce bandwidth per pod
     # (1.1 PB/s over 4096 chips) relates to it as it does on the v5e and v6e pages (pod all-reduce
-    # bandwidth / chips = half the bidirectional per-chip ICI), which gives 537 GB/s.
-    "v4": Chip(275e12, 32 * GiB, 1200e9, 2 * 1.1e15 / 4096, 3),
+    # bandwidth / chips = half the bidirectional per-chip ICI), which gives 537 GB/s. Band: one
+    # run, PaLM 540B on 6144 v4 chips at 46.2 % MFU (Chowdhery et al. 2022, arXiv 2204.02311).
+    "v4": Chip(275e12, 32 * GiB, 1200e9, 2 * 1.1e15 / 4096, 3, (0.462, 0.462),
+               "PaLM 540B on 6144 v4 chips (arXiv 2204.02311)"),
     # "TPU v5e" (cloud.google.com/tpu/docs/v5e): 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s,
-    # bidirectional ICI 400 GB/s per chip.
-    "v5e": Chip(197e12, 16 * GiB, 819e9, 400e9, 2),
+    # bidirectional ICI 400 GB/s per chip. Band: MaxText on one v5e-256, 16B-128B: 56.1-66.9 %.
+    "v5e": Chip(197e12, 16 * GiB, 819e9, 400e9, 2, (0.561, 0.669), f"{MAXTEXT}: 16B-128B on v5e-256"),
     # "TPU v5p" (cloud.google.com/tpu/docs/v5p): 459 TFLOP/s bf16, 95 GiB HBM2e at 2765 GB/s,
-    # bidirectional ICI 1200 GB/s per chip (4800 Gbps).
-    "v5p": Chip(459e12, 95 * GiB, 2765e9, 1200e9, 3),
+    # bidirectional ICI 1200 GB/s per chip (4800 Gbps). Band: MaxText, 32B on v5p-128 to 1160B on
+    # v5p-12288: 64.0-70.3 %.
+    "v5p": Chip(459e12, 95 * GiB, 2765e9, 1200e9, 3, (0.640, 0.703), f"{MAXTEXT}: 32B-1160B on v5p-128 to -12288"),
     # "TPU v6e" (cloud.google.com/tpu/docs/v6e), Trillium: 918 TFLOP/s bf16, 32 GB HBM at
-    # 1640 GB/s, bidirectional ICI 800 GB/s per chip.
-    "v6e": Chip(918e12, 32 * GiB, 1640e9, 800e9, 2),
+    # 1640 GB/s, bidirectional ICI 800 GB/s per chip. No published MFU table: v5e's band, assumed
+    # (the same 2D-torus, 256-chip pod design).
+    "v6e": Chip(918e12, 32 * GiB, 1640e9, 800e9, 2, (0.561, 0.669), "none published; v5e's band, assumed"),
 }
+# Latency of one step of a ring collective (one hop over ICI), assumed: "How to Scale Your Model"
+# (jax-ml.github.io/scaling-book) puts an ICI hop at about 1 us. A ring over g chips that runs both
+# ways takes ceil((g - 1) / 2) steps (an all-reduce twice that), the fewest a ring can: small
+# collectives over many chips cost latency, not bytes.
+ICI_HOP_LATENCY_S = 1e-6
 
 # Cloud accelerator types (`gcloud … --accelerator-type`) and the topology each names. v5e and v6e
 # count chips; v4 and v5p count TensorCores, two per chip (v5p-128 is 64 chips, 4x4x4).
@@ -114,171 +133,6 @@ def devices(topology: str) -> list:
                         f"use {known_topologies()}") from None
 
 
-@contextlib.contextmanager
-def traced_for(platform: str):
-    """Trace as if `platform` were the default backend. model.py and attention.py choose code by
-    jax.default_backend() while tracing ('auto' attention, CPU's fused projections); a program
-    compiled on this host for a TPU must make the TPU's choices, as main on the pod would."""
-    original = jax.default_backend
-    jax.default_backend = lambda: platform
-    try:
-        yield
-    finally:
-        jax.default_backend = original
-
-
-# ------------------------------------------------------------------------------------------ HLO
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
-               "f32": 4, "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (.*?) ([a-z][\w\-]*)\((.*)$")
-_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
-_CALLEES = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation)=%([\w.\-]+)")
-_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
-
-
-def shape_bytes(shape: str) -> float:
-    """Bytes of an HLO shape: an array 'bf16[8,128]{…}' or a tuple of them."""
-    return sum(DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-               for dtype, dims in _ARRAY.findall(shape))
-
-
-def group_size(line: str) -> int:
-    """Devices in each replica group of a collective instruction."""
-    mesh = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line)
-    if mesh:
-        sizes = dict(re.findall(r"'(\w+)'=(\d+)", mesh[1]))
-        return math.prod(int(sizes[a]) for a in re.findall(r"'(\w+)'", mesh[2]))
-    iota = re.search(r"replica_groups=\[([\d,]+)\]<=", line)
-    if iota:
-        return int(iota[1].split(",")[-1])
-    explicit = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
-    if explicit:
-        return len(explicit[1].split(","))
-    pairs = re.search(r"source_target_pairs=\{([^}]*\})", line)
-    return 2 if pairs else 1
-
-
-def moved_bytes(op: str, result_bytes: float, group: int) -> float:
-    """Bytes each device receives for one collective, by the ring algorithm: a group of g gathers
-    (g - 1) / g of the result; reduce-scatter's result is one of g pieces of its input;
-    all-reduce is a reduce-scatter then an all-gather."""
-    if op == "collective-permute":
-        return result_bytes
-    if group <= 1:
-        return 0.0
-    share = (group - 1) / group
-    return {"all-gather": result_bytes * share, "all-to-all": result_bytes * share,
-            "reduce-scatter": result_bytes * (group - 1), "all-reduce": 2 * result_bytes * share}[op]
-
-
-def computations(hlo: str) -> dict[str, list[str]]:
-    """HLO text -> {computation name: its instruction lines}; the entry's name is also under ''."""
-    result, name = {}, None
-    for line in hlo.splitlines():
-        header = _COMPUTATION.match(line)
-        if header and line.rstrip().endswith("{"):
-            name = header[1]
-            result[name] = []
-            if line.startswith("ENTRY "):
-                result[""] = result[name]
-        elif line.startswith("}"):
-            name = None
-        elif name is not None:
-            result[name].append(line)
-    return result
-
-
-def trip_count(condition: list[str]) -> int | None:
-    """Iterations of a while loop whose condition is `counter < constant` (how lax.scan and
-    fori_loop lower); None if it is not that."""
-    constants = dict(re.findall(r"%([\w.\-]+) = s32\[\][^ ]* constant\((\d+)\)", "\n".join(condition)))
-    for line in condition:
-        compare = re.search(r"compare\(%[\w.\-]+, %([\w.\-]+)\), direction=LT", line)
-        if compare and compare[1] in constants:
-            return int(constants[compare[1]])
-    return None
-
-
-def executions(comps: dict[str, list[str]]) -> dict[str, int]:
-    """How many times each computation runs per call of the entry: a while body as often as its
-    loop's trip count (1 where that cannot be read), every other callee once per call."""
-    counts: dict[str, int] = {}
-
-    def visit(name: str, times: int) -> None:
-        counts[name] = counts.get(name, 0) + times
-        for line in comps.get(name, []):
-            trips = 1
-            if " while(" in line:
-                condition = re.search(r"condition=%([\w.\-]+)", line)
-                trips = (trip_count(comps.get(condition[1], [])) if condition else None) or 1
-            for kind, callee in _CALLEES.findall(line):
-                if kind != "to_apply":  # a reduction's scalar combiner
-                    visit(callee, times * (trips if kind == "body" else 1))
-            for branches in _BRANCHES.findall(line):
-                for callee in re.findall(r"%([\w.\-]+)", branches):
-                    visit(callee, times)
-
-    entry = next(k for k, v in comps.items() if k and v is comps[""])
-    visit(entry, 1)
-    return counts
-
-
-@dataclasses.dataclass
-class Collective:
-    op: str
-    bytes: float  # received per device, per step (all executions)
-    count: int  # executions per step
-    name: str  # the JAX operation it came from (HLO metadata op_name)
-
-
-def collectives(hlo: str) -> list[Collective]:
-    """Every collective of a compiled program with the bytes it moves per device per step, largest
-    first. Asynchronous pairs (`-start`/`-done`) are counted once, at the start, with the shape
-    of the result it produces."""
-    comps = computations(hlo)
-    runs = executions(comps)
-    found = []
-    for comp, lines in comps.items():
-        if not comp or comp not in runs:
-            continue
-        for line in lines:
-            instruction = _INSTRUCTION.match(line)
-            if instruction is None:
-                continue
-            shape, opcode = instruction[1], instruction[2]
-            op = opcode.removesuffix("-start")
-            if op not in COLLECTIVES:
-                continue
-            if opcode.endswith("-start") and op != "all-reduce":
-                # (operands, results[, scratch…]): the second element is what the op produces;
-                # all-reduce-start's result is its results alone.
-                shape = _top_level(shape[1:-1])[1]
-            per_run = moved_bytes(op, shape_bytes(shape), group_size(line))
-            name = re.search(r'op_name="([^"]*)"', line)
-            found.append(Collective(op, per_run * runs[comp], runs[comp], name[1] if name else ""))
-    return sorted(found, key=lambda c: -c.bytes)
-
-
-def _top_level(text: str) -> list[str]:
-    """Split a tuple's contents at its top-level commas."""
-    parts, depth, start = [], 0, 0
-    for i, ch in enumerate(text):
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            parts.append(text[start:i].strip())
-            start = i + 1
-    parts.append(text[start:].strip())
-    return parts
-
-
-def collective_bytes(found: list[Collective]) -> dict[str, float]:
-    """Bytes per device per step for each kind of collective."""
-    return {op: sum(c.bytes for c in found if c.op == op) for op in COLLECTIVES}
-
-
 def out_of_memory(message: str) -> float | None:
     """The bytes of temporaries a TPU compile refused for lack of HBM (its error message), else None."""
     found = re.search(r"temporaries \(([\d.]+)([KMGT])\) exceeds available HBM", message)
@@ -286,9 +140,18 @@ def out_of_memory(message: str) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------ roofline
-def roofline(chip: Chip, flops: float, hbm_bytes: float, ici_bytes: float) -> dict:
-    """Step time per chip from its FLOPs, HBM traffic and collective bytes (module docstring)."""
-    compute_s, memory_s = flops / chip.peak_flops, hbm_bytes / chip.hbm_bytes_per_s
-    ici_s = ici_bytes / (chip.ici_bytes_per_s / 2)  # bidirectional: each direction carries half
-    return {"compute_s": compute_s, "hbm_s": memory_s, "ici_s": ici_s, "step_time_s": max(compute_s, memory_s) + ici_s,
-            "bound": "compute" if compute_s >= memory_s else "memory"}
+def collective_latency_s(collective: hlo.Collective) -> float:
+    """Assumed latency of all of a collective's executions: ICI_HOP_LATENCY_S per step of its ring,
+    run both ways."""
+    op, group = collective.op, collective.group
+    steps = 1 if op == "collective-permute" else -(-(group - 1) // 2) * (2 if op == "all-reduce" else 1)
+    return collective.count * steps * ICI_HOP_LATENCY_S
+
+
+def roofline(chip: Chip, flops: float, hbm_bytes: float, ici_bytes: float = 0.0, ici_latency_s: float = 0.0) -> dict:
+    """The floor on one step's time per chip (module docstring) and the resource that sets it."""
+    terms = {"compute": flops / chip.peak_flops, "memory": hbm_bytes / chip.hbm_bytes_per_s,
+             "ici": ici_bytes / (chip.ici_bytes_per_s / 2) + ici_latency_s}  # bidirectional: half each way
+    bound = max(terms, key=terms.get)
+    return {"compute_s": terms["compute"], "hbm_s": terms["memory"], "ici_s": terms["ici"],
+            "step_time_floor_s": terms[bound], "bound": bound}

@@ -150,7 +150,7 @@ def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int
     eot_id: data.document_mask's end-of-text id (data.document_eot_id), None when off.
     With config.trunk_cache the step also takes the frozen trunk's TrunkOutputs."""
     def make_model():
-        return build_model(config, vocab_size, seed=config.seed)
+        return build_model(config, vocab_size, seed=config.seed, platform=mesh.devices.flat[0].platform)
 
     graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model), nnx.Param)
     axes = sharding.logical_axes(abstract_params)

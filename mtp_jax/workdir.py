@@ -9,8 +9,8 @@
 
 The trainer writes config.json and data/ before the first step, so `generate`, `evaluate` and
 `export` read a model's tokenizer (and `generate --tree_size` its validation windows) from its
-workdir, not from the corpus or its data cache. Workdirs written before data/ (or a file in it)
-existed fall back to preparing the data from config.data.
+workdir, not from the corpus or its data cache. Workdirs written before val_windows.npy existed
+fit trees on the corpus.
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ def load(workdir: str | pathlib.Path) -> Trained:
     if step != newest:  # after the lines that say why each newer one was skipped
         log(f"using step {step} of {checkpoints}, the newest checkpoint that loads")
     data_dir = workdir / DATA
-    if not (data_dir / "meta.json").is_file():  # written before workdirs kept their tokenizer
-        data_dir = data_lib.prepare(config.data, show_progress=sys.stderr.isatty()).directory
+    if not (data_dir / "meta.json").is_file():
+        raise UserError(f"{data_dir / 'meta.json'} is missing (training writes it with the tokenizer before the "
+                        "first step): restore the workdir's data/ folder from a copy")
     # Orbax restores a list's indices as strings: as such, layer 10 would sort before layer 2.
     return Trained(nnx.merge(graphdef, nnx.restore_int_paths(state["params"])), config, step, data_dir)

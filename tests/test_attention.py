@@ -17,7 +17,7 @@ from mtp_jax.config import validate
 from mtp_jax.errors import UserError
 from mtp_jax.heads import HEAD_TYPES
 from mtp_jax.model import ModelShape
-from mtp_jax.mtp import MTPModel, mtp_loss
+from mtp_jax.mtp import MTPModel, build_model, mtp_loss
 from tests.util import ROOT, load_config
 
 # Block sizes: 4 divides T = 12, 5 leaves a padded last block, 64 is one block (the reference).
@@ -151,6 +151,18 @@ def test_decoding_with_the_kv_cache_gives_the_reference_tokens():
 def test_auto_picks_the_measured_choice_for_the_backend():
     assert attention.resolve("auto") == attention.AUTO[jax.default_backend()]
     assert attention.resolve("dot_product") == "dot_product"
+
+
+def test_a_model_built_for_another_platform_takes_its_code_paths_and_the_same_parameters():
+    config = load_config("mtp3")
+    here, tpu = (build_model(config, 61, seed=0, platform=p) for p in (None, "tpu"))
+    assert (here.decoder.shape.attention, here.decoder.shape.fuse_projections) == ("xla", True)  # CPU
+    assert (tpu.decoder.shape.attention, tpu.decoder.shape.fuse_projections) == ("blockwise", False)
+    assert jax.default_backend() == "cpu" and attention.resolve("auto") == "xla"  # nothing global changed
+    params = [nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (here, tpu)]
+    assert jax.tree.all(jax.tree.map(np.array_equal, *params))
+    splash = load_config("mtp3", overrides={"model.attention": "splash"})
+    validate(splash, "tpu")  # splash is refused off a TPU (next test), not when compiling for one
 
 
 def test_unknown_attention_or_splash_off_tpu_is_refused_in_one_line():

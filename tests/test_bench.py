@@ -94,6 +94,9 @@ def test_command_line_times_steps_and_prints_one_json_object_per_config():
     (["--config=configs/mtp3.py:huge"], "unknown preset 'huge'"),
     (["--config=configs/mtp3.py:tiny", "--config.mtp_n_tokenz=4"], 'Did you mean "mtp_n_tokens"'),
     (["--config=configs/mtp3.py:tiny", "--config.mtp_head_type=tree", "--compile_only"], "mtp_head_type='tree'"),
+    # Refused before compiling: no median of zero timed steps.
+    (["--config=configs/mtp3.py:tiny", "--steps=0"], "--steps=0 --warmup=2: time at least one step"),
+    (["--config=configs/mtp3.py:tiny", "--warmup=-1"], "or pass --compile_only to time none"),
 ])
 def test_command_line_bad_input_gets_one_error_line_and_exit_2(argv, message):
     proc = subprocess.run([sys.executable, "-m", "mtp_jax.bench", *argv], cwd=ROOT, capture_output=True, text=True)

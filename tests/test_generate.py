@@ -227,11 +227,11 @@ def test_generate_and_export_need_neither_the_corpus_nor_its_cache(trained, tmp_
             away.rename(here)
     (no_windows / workdir.DATA / workdir.VAL_WINDOWS).write_bytes(b"\x93NUMPY damaged")
     assert "val_windows.npy is damaged" in cli_error(capsys, [f"--workdir={no_windows}", *tree_argv[1:]])
-    # A workdir written before it kept its tokenizer reads it from the data cache instead.
-    old = tmp_path / "old"
-    shutil.copytree(run_dir, old)
-    shutil.rmtree(old / workdir.DATA)
-    assert decode([f"--workdir={old}", *argv[1:]]) == expected
+    # A workdir that lost its data/ folder is refused in one line naming it.
+    lost = tmp_path / "lost"
+    shutil.copytree(run_dir, lost)
+    shutil.rmtree(lost / workdir.DATA)
+    assert "data/meta.json is missing" in cli_error(capsys, [f"--workdir={lost}", *argv[1:]])
 
 
 def cli_error(capsys, argv) -> str:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp_jax import bench, export, heads, hf, hf_files, train
+from mtp_jax import bench, export, flops, heads, hf, hf_files, train
 from mtp_jax import workdir as workdir_lib
 from mtp_jax.config import validate
 from mtp_jax.decoding import Generator
@@ -40,8 +40,8 @@ class Residual(heads.HeadType):
     def hf_rows(self, i, n_layers, layer):
         return [(f"medusa_heads.{i}.weight", ("heads", i), "linear")]
 
-    def flops_per_token(self, d, vocab, block):
-        return 2 * d * d + super().flops_per_token(d, vocab, block)
+    def other_flops(self, d):
+        return 2 * d * d
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_a_head_type_defined_in_a_test_trains_decodes_exports_and_benches(residu
     baseline = config.copy_and_resolve_references()
     baseline.use_mtp = False
     d, vocab, tokens = model.decoder.shape.d_model, model.decoder.shape.vocab_size, config.batch_size * config.seq_len
-    extra = bench.model_flops(config, vocab) - bench.model_flops(baseline, vocab)
+    extra = flops.model_flops(config, vocab) - flops.model_flops(baseline, vocab)
     assert extra == 3.0 * (N - 1) * (2 * d * d + 2 * d * vocab) * tokens  # forward and backward of each extra head
     result = bench.bench_config(config, compile_only=True, steps=0, warmup=0, peak=None)
     assert result["name"] == f"tiny residual n={N}"

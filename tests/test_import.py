@@ -14,7 +14,7 @@ from mtp_jax import export, hf, hf_files, train
 from mtp_jax import workdir as workdir_lib
 from mtp_jax.data import EOT
 from mtp_jax.errors import UserError
-from mtp_jax.mtp import HEAD_TYPES
+from mtp_jax.heads import HEAD_TYPES
 from tests.test_hf import (
     config_for,
     corpus,  # noqa: F401 (a fixture)

@@ -97,10 +97,9 @@ def test_stacked_axis_is_not_sharded_and_the_rest_follow_the_rules():
 
 
 def test_workdir_of_the_other_layout_is_refused_in_one_line(tmp_path):
-    # The config.json a loop-layout run saved (before scan_layers existed, so without the field).
+    # The config.json a loop-layout run saved.
     saved = load_config("mtp3")
     saved_json = json.loads(saved.to_json_best_effort())
-    del saved_json["model"]["scan_layers"]
     (tmp_path / "config.json").write_text(json.dumps({**saved_json, "vocab_size": 256}))
     train.check_workdir(tmp_path, saved, 256, has_checkpoints=True)  # the same layout resumes
     scanned = load_config("mtp3", overrides={"model.scan_layers": True})

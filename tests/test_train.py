@@ -95,17 +95,6 @@ def test_sharded_run_matches_single_device(cache_dir, tmp_path):
         np.testing.assert_allclose(list(eight.values()), list(one.values()), rtol=1e-5)
 
 
-def test_a_workdir_saved_before_trainable_was_named_so_keeps_its_setting(tmp_path):
-    """config.json of a run from before the rename says train='heads': it resumes as trainable='heads' only."""
-    saved = json.loads(load_config("mtp3").to_json_best_effort())
-    del saved["trainable"]
-    saved["train"] = "heads"
-    (tmp_path / "config.json").write_text(json.dumps({**saved, "vocab_size": 256}))
-    train.check_workdir(tmp_path, load_config("mtp3", overrides={"trainable": "heads"}), 256, has_checkpoints=True)
-    with pytest.raises(UserError, match=r"trainable 'heads' -> 'all'"):
-        train.check_workdir(tmp_path, load_config("mtp3"), 256, has_checkpoints=True)
-
-
 def run_main(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "mtp_jax.main", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=300)

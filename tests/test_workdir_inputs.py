@@ -1,23 +1,31 @@
 """Broken workdirs and out-of-range requests for the commands that load a trained model
 (generate, evaluate, export): a damaged newest checkpoint is skipped for the previous good one
-and left where it is, no loadable checkpoint is one `error:` line, limits that cut a request say
-so, and what they compile is kept in a compilation cache across invocations. One tiny trained
-workdir (checkpoints at steps 2 and 4) is copied and damaged here."""
+and left where it is, with its notices alone on stderr (for a resumed training too), no loadable
+checkpoint is one `error:` line, limits that cut a request say so, and what they compile is kept
+in a compilation cache across invocations. One tiny trained workdir (checkpoints at steps 2 and
+4) is copied and damaged here."""
 
+import asyncio
+import gc
 import json
+import logging
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
+import time
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorstore as ts
 from flax import nnx
 
-from mtp_jax import checkpoint, evaluate, export, generate, train, workdir
+from mtp_jax import checkpoint, evaluate, export, generate, sharding, train, workdir
 from tests.util import ROOT, load_config
 
 N = 3  # heads: two draft heads of 8 candidates each
@@ -100,6 +108,113 @@ def test_loading_skips_a_damaged_newest_checkpoint_for_the_previous_one_and_leav
     assert f"using step 2 of {run / 'checkpoints'}, the newest checkpoint that loads" in err
     assert "<bound method" not in err
     assert digest(run) == before  # a command that reads a workdir moves and deletes nothing
+
+
+# A restore that fails leaves tensorstore reads pending; whether they finish before or after orbax
+# closes its event loop is timing, and each left to finish after it would print a traceback: so
+# each restore is repeated, and one test forces the timing.
+REPEATS = 5
+
+
+@pytest.fixture
+def stderr(capsys, caplog, monkeypatch):
+    """What a user would see on stderr, once whatever the last restore left pending has ended (or
+    been collected): exceptions raised where nothing can catch them (a callback in a tensorstore
+    thread, a coroutine collected unfinished) are printed there, not collected by pytest, and the
+    log records a console shows (warnings and errors, such as asyncio's) are added to its lines."""
+    monkeypatch.setattr(sys, "unraisablehook", sys.__unraisablehook__)
+
+    def lines() -> list[str]:
+        time.sleep(0.2)
+        gc.collect()
+        logged = [f"{r.levelname}:{r.name}:{r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
+        return capsys.readouterr().err.splitlines() + logged
+
+    return lines
+
+
+def assert_only(notices: list[str], lines: list[str]) -> None:
+    """stderr is these lines (each given by how it starts) and no other: no traceback, no asyncio
+    error."""
+    assert len(lines) == len(notices) and all(map(str.startswith, lines, notices)), "\n".join(lines)[-3000:]
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_loading_past_a_damaged_checkpoint_prints_its_two_notices_and_nothing_else(trained, tmp_path, stderr,
+                                                                                   how):
+    run = damaged_copy(trained, tmp_path, how)
+    for _ in range(REPEATS):
+        assert workdir.load(run).step == 2
+    checkpoints = run / "checkpoints"
+    assert_only([f"checkpoint {checkpoints / '4'} is unusable (",
+                 f"using step 2 of {checkpoints}, the newest checkpoint that loads"] * REPEATS, stderr())
+
+
+def test_a_read_still_pending_when_a_restore_fails_is_cancelled_and_prints_nothing_when_it_ends(trained, tmp_path,
+                                                                                                monkeypatch, stderr):
+    """The timing forced: step 4's restore fails as orbax's do (tensorstore reads gathered in a
+    fresh event loop, closed as soon as one of them fails) with the other read ending only after
+    the loop closed."""
+    promise, late_read = ts.Promise.new()
+    real_restore = checkpoint.Checkpointer.restore
+
+    def failing_with_a_read_pending(self, step, abstract_state=None):
+        if step != 4:
+            return real_restore(self, step, abstract_state)
+
+        async def damaged():
+            raise ValueError("DATA_LOSS: a damaged file")
+
+        async def reads():
+            return await asyncio.gather(damaged(), late_read)
+
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(reads())
+        finally:
+            loop.close()
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "restore", failing_with_a_read_pending)
+    run = shutil.copytree(trained, tmp_path / "run")
+    assert workdir.load(run).step == 2
+    promise.set_result(None)
+    unusable = f"checkpoint {run / 'checkpoints' / '4'} is unusable (ValueError: DATA_LOSS: a damaged file)"
+    assert_only([f"{unusable}; trying the previous one", f"using step 2 of {run / 'checkpoints'}"],
+                stderr())
+    assert late_read.cancelled()
+
+
+@pytest.fixture(scope="module")
+def abstract_state(trained):
+    """What training restores onto: the train state's shapes and shardings on this process's devices."""
+    config = ml_collections.ConfigDict(json.loads((trained / "config.json").read_text()))
+    mesh = sharding.make_mesh(config.mesh, jax.devices())
+    return train.make_train_step(config, config.vocab_size, mesh, config.num_train_steps).abstract_state
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_resuming_past_a_damaged_checkpoint_prints_its_notice_and_nothing_else(trained, tmp_path, stderr,
+                                                                               abstract_state, how):
+    notices = []
+    for attempt in range(REPEATS):  # training moves the damaged checkpoint aside: a fresh copy each time
+        checkpoints = damaged_copy(trained, tmp_path / str(attempt), how) / "checkpoints"
+        checkpointer = checkpoint.Checkpointer(checkpoints, keep=None)
+        assert checkpointer.restore_newest_good(abstract_state)[0] == 2
+        checkpointer.close()
+        notices.append(f"checkpoint {checkpoints / '4'} is unusable (")
+    assert_only(notices, stderr())
+
+
+@pytest.mark.slow
+def test_generate_past_a_damaged_checkpoint_prints_no_traceback(trained, tmp_path):
+    """As a user runs it: whatever the failed restore left behind would also print at exit."""
+    run = damaged_copy(trained, tmp_path, "manifest.ocdbt truncated")
+    result = subprocess.run([sys.executable, "-m", "mtp_jax.generate", f"--workdir={run}", f"--prompt={PROMPT}",
+                             "--max_new_tokens=2"], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"using step 2 of {run / 'checkpoints'}" in result.stderr
+    assert not re.search(r"Traceback|Exception ignored|Event loop is closed|Task was destroyed", result.stderr), \
+        result.stderr[-3000:]
 
 
 def test_a_save_in_progress_is_left_alone_by_a_reader(trained, tmp_path):

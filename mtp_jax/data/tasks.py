@@ -214,15 +214,15 @@ def example_len(task: Task, requested: int) -> int:
     return requested
 
 
-def check_config(config) -> None:
-    """The task's parameters against the rest of the config (called by config.validate)."""
+def check_config(config, n: int) -> None:
+    """The task's parameters against the rest of the config, n the tokens predicted per position
+    (called by config.validate)."""
     task = from_config(config.data)
     length = example_len(task, int(config.data.task.example_len))
     if config.seq_len % length:
         raise UserError(f"seq_len={config.seq_len} must be a multiple of the task's example length {length} "
                         f"(so windows hold whole problems): use seq_len={-(-config.seq_len // length) * length}, "
                         "or set data.task.example_len to a divisor of seq_len")
-    n = config.mtp_n_tokens if config.use_mtp else 1
     if n > task.min_prompt_len:
         raise UserError(f"mtp_n_tokens={n} exceeds the task's shortest prompt ({task.min_prompt_len} bytes): the "
                         "heads would reach into the next problem's answer; use fewer heads")
