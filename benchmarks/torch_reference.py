@@ -1,7 +1,7 @@
 """The mtp_jax model and MTP loss in plain PyTorch, written as a user would, for comparison only.
 
 Same shapes, parameter names and count as mtp_jax.mtp.MTPModel (RMSNorm, RoPE attention, SwiGLU
-MLP, linear | parallel | sequential heads, float32 cross-entropy, the same loss weights), so
+MLP, linear | parallel | sequential | medusa heads, float32 cross-entropy, the same loss weights), so
 `load_jax_params` copies a JAX parameter tree in by name and the two losses agree. Runs eager or
 under `torch.compile`. Needs the `bench` extra (torch).
 """
@@ -101,6 +101,18 @@ class SequentialModule(nn.Module):
         return self.block(torch.cat([self.hidden_norm(h_prev), self.embed_norm(next_embedding)], -1) @ self.merge)
 
 
+class MedusaBlock(nn.Module):
+    """Medusa's residual block, applied after the final norm: u + SiLU(u W + b)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.w = nn.Parameter(torch.empty(shape.d_model, shape.d_model))
+        self.b = nn.Parameter(torch.empty(shape.d_model))
+
+    def forward(self, u):
+        return u + F.silu(u @ self.w + self.b)
+
+
 def linear_head(model, k, h_trunk, h_prev, next_tokens):
     """Head k's (hidden state, output matrix): the trunk's output through its own matrix."""
     return h_trunk, model.heads[k - 2] if k > 1 else model.decoder.unembedding_matrix()
@@ -118,11 +130,17 @@ def sequential_head(model, k, h_trunk, h_prev, next_tokens):
     return h, model.decoder.unembedding_matrix()
 
 
+def medusa_head(model, k, h_trunk, h_prev, next_tokens):
+    """The trunk's output and the shared matrix; head k's residual block acts after the final norm."""
+    return h_trunk, model.decoder.unembedding_matrix()
+
+
 # mtp_head_type -> (one extra head's parameters, decoder layers left to head 1, head k's function)
 HEADS = {
     "linear": (lambda shape: nn.Parameter(torch.empty(shape.d_model, shape.vocab_size)), 0, linear_head),
     "parallel": (Block, 1, parallel_head),
     "sequential": (SequentialModule, 0, sequential_head),
+    "medusa": (MedusaBlock, 0, medusa_head),
 }
 
 
@@ -147,7 +165,10 @@ class MTPModel(nn.Module):
         h, total, losses = h_trunk, 0.0, []
         for k in range(1, n + 1):
             h, w = self.head(self, k, h_trunk, h, window[:, k - 1:t + k - 1])
-            logits = (dec.final_norm(h) @ w).float()  # [B, T, V]
+            x = dec.final_norm(h)
+            if k > 1 and isinstance(self.heads[k - 2], MedusaBlock):
+                x = self.heads[k - 2](x)
+            logits = (x @ w).float()  # [B, T, V]
             loss = F.cross_entropy(logits.flatten(0, 1), window[:, k:t + k].flatten())
             total = total + self.weights[k - 1] * loss
             losses.append(loss)
