@@ -40,6 +40,7 @@ SIZES = (1, 16, 64, 256)
 # repetitive, which flatters acceptance.
 ACCEPTANCE = [
     ("nano byte model (repetitive output)", HERE.parent / "decoding" / "nano_n4_linear_five_modes_idle_xeon.json"),
+    ("SmolLM2-135M with 3 sequential heads (BPE, held-out code)", HERE.parent / "smollm2_heads" / "decoding_float32.json"),
 ]
 
 
@@ -92,7 +93,7 @@ def render(results: dict, meta: dict) -> str:
     sources = [(label, path, tokens_per_pass(path)) for label, path in ACCEPTANCE]
     borrowed = "; ".join(f"{label}: {m['chain']:.2f} for the chain, {m['tree']:.2f} for a tree of {m['tree_size']}, "
                          f"its greedy outputs' zlib ratio {m['zlib']:.2f} against the true continuations' "
-                         f"{m['truth_zlib']:.2f} ([{path.name}](../decoding/{path.name}))"
+                         f"{m['truth_zlib']:.2f} ([{path.name}](../{path.parent.name}/{path.name}))"
                          for label, path, m in sources)
     lines = [
         "# Decoding compiled for one TPU chip ahead of time: bounds on a step, and borrowed acceptance",
