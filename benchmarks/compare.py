@@ -38,9 +38,11 @@ def torch_stepper(config, compiled: bool):
     torch_reference.init_like_jax(model, config.seed)
     decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in name]
     rest = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in name)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}],
-                                  lr=config.learning_rate, betas=(config.adam_b1, config.adam_b2))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=config.learning_rate,
+        betas=(config.adam_b1, config.adam_b2),
+    )
     forward = torch.compile(model) if compiled else model
     gen = torch.Generator().manual_seed(config.seed)
     shape = (config.batch_size, config.seq_len + model.n)
@@ -63,13 +65,17 @@ def torch_stepper(config, compiled: bool):
 
 def jax_stepper(config, n_steps: int):
     mesh = sharding.make_mesh(config.mesh)
-    return bench.make_stepper(config, make_train_step(config, flops.vocab_size(config), mesh, config.num_train_steps),
-                              mesh, n_steps)
+    return bench.make_stepper(
+        config, make_train_step(config, flops.vocab_size(config), mesh, config.num_train_steps), mesh, n_steps
+    )
 
 
 def compare(config, rounds: int, steps: int) -> dict:
-    steppers = {"jax": jax_stepper(config, rounds * steps + 2), "torch_eager": torch_stepper(config, False),
-                "torch_compile": torch_stepper(config, True)}
+    steppers = {
+        "jax": jax_stepper(config, rounds * steps + 2),
+        "torch_eager": torch_stepper(config, False),
+        "torch_compile": torch_stepper(config, True),
+    }
     for step in steppers.values():  # warm-up: compilation and first-touch allocation
         step(), step()
     times = {name: [] for name in steppers}
@@ -77,8 +83,11 @@ def compare(config, rounds: int, steps: int) -> dict:
         for name, step in steppers.items():
             times[name] += [step() for _ in range(steps)]
     tokens = config.batch_size * config.seq_len
-    return {"name": flops.config_name(config), "dtype": config.model.dtype,
-            **{f"{name}_tokens_per_sec": tokens / statistics.median(t) for name, t in times.items()}}
+    return {
+        "name": flops.config_name(config),
+        "dtype": config.model.dtype,
+        **{f"{name}_tokens_per_sec": tokens / statistics.median(t) for name, t in times.items()},
+    }
 
 
 def main() -> None:
@@ -102,10 +111,14 @@ def main() -> None:
         print(f"{'config':<20} {'JAX tok/s':>10} {'eager':>10} {'compile':>10} {'JAX/eager':>10} {'JAX/compile':>12}")
         for r in results:
             jax_tps, eager, compiled = (r[f"{k}_tokens_per_sec"] for k in ("jax", "torch_eager", "torch_compile"))
-            print(f"{r['name']:<20} {jax_tps:>10.0f} {eager:>10.0f} {compiled:>10.0f} {jax_tps / eager:>9.2f}x "
-                  f"{jax_tps / compiled:>11.2f}x")
-        print(f"{args.dtype}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; median step of "
-              f"{args.rounds} interleaved rounds x {args.steps} steps")
+            print(
+                f"{r['name']:<20} {jax_tps:>10.0f} {eager:>10.0f} {compiled:>10.0f} {jax_tps / eager:>9.2f}x "
+                f"{jax_tps / compiled:>11.2f}x"
+            )
+        print(
+            f"{args.dtype}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs; median step of "
+            f"{args.rounds} interleaved rounds x {args.steps} steps"
+        )
 
 
 if __name__ == "__main__":

@@ -57,8 +57,9 @@ def data_seconds(tokens, batch_size: int, window_len: int, steps: int) -> list[f
 def step_seconds(config, steps: int) -> list[float]:
     mesh = sharding.make_mesh(config.mesh)
     setup = train.make_train_step(config, config.data.vocab_size, mesh, steps + 1)
-    window = jax.random.randint(jax.random.key(0), (config.batch_size, config.seq_len + len(loss_weights(config))),
-                                0, config.data.vocab_size)
+    window = jax.random.randint(
+        jax.random.key(0), (config.batch_size, config.seq_len + len(loss_weights(config))), 0, config.data.vocab_size
+    )
     window = jax.device_put(window, sharding.batch_sharding(mesh))
     state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
     times = []
@@ -83,19 +84,41 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = pathlib.Path(tmp)
         write_shards(root, args.shards, args.shard_tokens, config.data.vocab_size)
-        cfg = ml_collections.ConfigDict(dict(source=str(root / "train_*.bin"), val_source=str(root / "val_*.bin"),
-                                             vocab_size=config.data.vocab_size, token_dtype="uint16", tokenizer="byte",
-                                             val_fraction=0.01, split_seed=0, cache_dir=str(root / "cache")))
+        cfg = ml_collections.ConfigDict(
+            dict(
+                source=str(root / "train_*.bin"),
+                val_source=str(root / "val_*.bin"),
+                vocab_size=config.data.vocab_size,
+                token_dtype="uint16",
+                tokenizer="byte",
+                val_fraction=0.01,
+                split_seed=0,
+                cache_dir=str(root / "cache"),
+            )
+        )
         tokens = data.prepare(cfg, show_progress=False).train
-        shape = {name: (c.batch_size, c.seq_len + len(loss_weights(c))) for name, c in
-                 ((args.config, config), ("configs/mtp3.py:nano_125m", big))}
-        data_time = {name: statistics.median(data_seconds(tokens, b, w, args.data_steps))
-                     for name, (b, w) in shape.items()}
+        shape = {
+            name: (c.batch_size, c.seq_len + len(loss_weights(c)))
+            for name, c in ((args.config, config), ("configs/mtp3.py:nano_125m", big))
+        }
+        data_time = {
+            name: statistics.median(data_seconds(tokens, b, w, args.data_steps)) for name, (b, w) in shape.items()
+        }
     step_time = statistics.median(step_seconds(config, args.train_steps))
-    print(json.dumps({"shards": args.shards, "shard_tokens": args.shard_tokens, "batch_shapes": shape,
-                      "data_seconds_per_step": data_time, "step_seconds": {args.config: step_time},
-                      "data_share_of_step": data_time[args.config] / step_time,
-                      "devices": str(jax.devices()[0].device_kind), "n_devices": jax.device_count()}))
+    print(
+        json.dumps(
+            {
+                "shards": args.shards,
+                "shard_tokens": args.shard_tokens,
+                "batch_shapes": shape,
+                "data_seconds_per_step": data_time,
+                "step_seconds": {args.config: step_time},
+                "data_share_of_step": data_time[args.config] / step_time,
+                "devices": str(jax.devices()[0].device_kind),
+                "n_devices": jax.device_count(),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

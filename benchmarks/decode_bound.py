@@ -75,13 +75,17 @@ def main(argv: list[str]) -> None:
     capacity = config.seq_len
     shape = model.decoder.shape
     block_params = sum(x.size for x in jax.tree.leaves(nnx.state(model.decoder.blocks)))
-    step_bytes = {"weights": 4 * (block_params + shape.d_model * shape.vocab_size),
-                  "kv_cache": 4 * 2 * shape.n_layers * capacity * shape.d_model}
+    step_bytes = {
+        "weights": 4 * (block_params + shape.d_model * shape.vocab_size),
+        "kv_cache": 4 * 2 * shape.n_layers * capacity * shape.d_model,
+    }
 
     trees = {"chain": None} | {f"tree{k}": build_tree(model, windows, k) for k in (8, 16, 32, 64)}
-    generators = {"float32": decoding.Generator(model, capacity),
-                  "bfloat16": decoding.Generator(with_dtype(model, "bfloat16"), capacity)}
-    prompt = np.asarray(val[:args.prompt_len]).astype(int).tolist()
+    generators = {
+        "float32": decoding.Generator(model, capacity),
+        "bfloat16": decoding.Generator(with_dtype(model, "bfloat16"), capacity),
+    }
+    prompt = np.asarray(val[: args.prompt_len]).astype(int).tolist()
     short = 16
 
     def run(name: str, new: int):
@@ -101,19 +105,24 @@ def main(argv: list[str]) -> None:
                 result = run(name, new)
                 times[name, new].append(time.perf_counter() - begin)
                 passes[name, new] = result.forward_passes
-    marginal = {name: (np.median(times[name, args.new_tokens]) - np.median(times[name, short]))
-                / (passes[name, args.new_tokens] - passes[name, short]) * 1e3 for name in names}
+    marginal = {
+        name: (np.median(times[name, args.new_tokens]) - np.median(times[name, short]))
+        / (passes[name, args.new_tokens] - passes[name, short])
+        * 1e3
+        for name in names
+    }
     out = {
         "cpu": cpu_model(),
         "bandwidth_gb_s": {"512MiB": copy_bandwidth(512, args.repeats), "32MiB": copy_bandwidth(32, args.repeats)},
         "step_bytes": step_bytes,
         "per_step_ms": {name: marginal[name] for name in generators},
         "per_pass_ms": {name: marginal[name] for name in trees},
-        "tokens_per_pass": {name: (args.new_tokens - short) / (passes[name, args.new_tokens] - passes[name, short])
-                            for name in trees},
+        "tokens_per_pass": {
+            name: (args.new_tokens - short) / (passes[name, args.new_tokens] - passes[name, short]) for name in trees
+        },
         "pass_tokens": {name: (trees[name].size if trees[name] else model.n_predict) for name in trees},
-        "bfloat16_same_greedy_tokens":
-            run("bfloat16", args.new_tokens).tokens == run("float32", args.new_tokens).tokens,
+        "bfloat16_same_greedy_tokens": run("bfloat16", args.new_tokens).tokens
+        == run("float32", args.new_tokens).tokens,
     }
     print(json.dumps(out))
 

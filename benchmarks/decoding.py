@@ -58,8 +58,9 @@ def cast(trained: workdir.Trained, dtype: str) -> workdir.Trained:
     config.model.dtype = config.model.param_dtype = dtype
     vocab_size = trained.model.decoder.shape.vocab_size
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, vocab_size, seed=0)))
-    state = jax.tree.map(lambda x: x.astype(dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x,
-                         nnx.state(trained.model))
+    state = jax.tree.map(
+        lambda x: x.astype(dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, nnx.state(trained.model)
+    )
     return workdir.Trained(nnx.merge(graphdef, state), config, trained.step, trained.data_dir)
 
 
@@ -70,30 +71,51 @@ def transformers_modes(init_from: str, dtype: str, new_tokens: int, prompt_looku
     import transformers
 
     path = pathlib.Path(init_from).expanduser()
-    where = dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name) if path.suffix == ".gguf" \
+    where = (
+        dict(pretrained_model_name_or_path=path.parent, gguf_file=path.name)
+        if path.suffix == ".gguf"
         else dict(pretrained_model_name_or_path=path)
+    )
     model = transformers.AutoModelForCausalLM.from_pretrained(**where, dtype=getattr(torch, dtype)).eval()
 
     def run(prompt: list[int], **settings) -> Result:
         ids = torch.tensor([prompt])
         begin = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, pad_token_id=0, **settings)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=0,
+                **settings,
+            )
         seconds = time.perf_counter() - begin
-        return Result(out[0, len(prompt):].tolist(), new_tokens, [], decode_seconds=seconds)
+        return Result(out[0, len(prompt) :].tolist(), new_tokens, [], decode_seconds=seconds)
 
-    return {"transformers_plain": lambda prompt, seed: run(prompt),
-            "transformers_prompt_lookup": lambda prompt, seed: run(prompt, prompt_lookup_num_tokens=prompt_lookup)}
+    return {
+        "transformers_plain": lambda prompt, seed: run(prompt),
+        "transformers_prompt_lookup": lambda prompt, seed: run(prompt, prompt_lookup_num_tokens=prompt_lookup),
+    }
 
 
-def benchmark(trained: workdir.Trained, *, prompts: int, prompt_len: int, new_tokens: int, cache_len: int,
-              tree: Tree, temperature: float, extra_modes: dict | None = None) -> dict:
+def benchmark(
+    trained: workdir.Trained,
+    *,
+    prompts: int,
+    prompt_len: int,
+    new_tokens: int,
+    cache_len: int,
+    tree: Tree,
+    temperature: float,
+    extra_modes: dict | None = None,
+) -> dict:
     model, config = trained.model, trained.config
     val, tokenizer = trained.data().val, trained.tokenizer()
     generator = Generator(model, cache_len)
     starts = np.linspace(0, len(val) - prompt_len - new_tokens, prompts).astype(np.int64)
-    val_ids = lambda s, n: np.asarray(val[s:s + n]).astype(int).tolist()  # noqa: E731
+    val_ids = lambda s, n: np.asarray(val[s : s + n]).astype(int).tolist()  # noqa: E731
     modes = {
         "plain": lambda prompt, seed: generator.generate(prompt, new_tokens),
         "chain": lambda prompt, seed: generator.speculative(prompt, new_tokens),
@@ -110,24 +132,32 @@ def benchmark(trained: workdir.Trained, *, prompts: int, prompt_len: int, new_to
     for i, s in enumerate(starts):
         prompt, truth = val_ids(s, prompt_len), val_ids(s + prompt_len, new_tokens)
         row = {"truth_ratio": compression_ratio(tokenizer.decode(truth))}
-        for mode in names[i % len(names):] + names[:i % len(names)]:
+        for mode in names[i % len(names) :] + names[: i % len(names)]:
             begin = time.perf_counter()
             result = modes[mode](prompt, i)
-            row[mode] = dict(result=result, tps=len(result.tokens) / (time.perf_counter() - begin),
-                             ratio=compression_ratio(tokenizer.decode(result.tokens)))
+            row[mode] = dict(
+                result=result,
+                tps=len(result.tokens) / (time.perf_counter() - begin),
+                ratio=compression_ratio(tokenizer.decode(result.tokens)),
+            )
         rows.append(row)
 
     graphdef, params = nnx.split(model, nnx.Param)
-    batches = data_lib.eval_windows(val, window_len=config.seq_len + model.n_predict, batch_size=config.batch_size,
-                                    num_batches=config.eval_batches)
+    batches = data_lib.eval_windows(
+        val, window_len=config.seq_len + model.n_predict, batch_size=config.batch_size, num_batches=config.eval_batches
+    )
     forced = [teacher_forced_acceptance(graphdef, config.loss_chunk_size, params, b) for b in batches]
     forced = {k: float(np.mean([f[k] for f in forced])) for k in forced[0]}
 
     report = {}
     for mode in names:
         baseline = "plain_sampled" if mode.endswith("sampled") else "plain"
-        results = Result([], 0, sum((r[mode]["result"].accepted for r in rows), []),
-                         overlaps=sum((r[mode]["result"].overlaps or [] for r in rows), []))
+        results = Result(
+            [],
+            0,
+            sum((r[mode]["result"].accepted for r in rows), []),
+            overlaps=sum((r[mode]["result"].overlaps or [] for r in rows), []),
+        )
         report[mode] = {
             "tokens_per_sec": float(np.median([r[mode]["tps"] for r in rows])),
             "speedup": float(np.median([r[mode]["tps"] / r[baseline]["tps"] for r in rows])),
@@ -140,18 +170,29 @@ def benchmark(trained: workdir.Trained, *, prompts: int, prompt_len: int, new_to
             report[mode]["alpha"] = results.alpha()
             report[mode]["alpha_predicted_mean_accepted"] = results.predicted_mean_accepted()
         if mode in ("chain", "tree") or mode in TRANSFORMERS_MODES:  # greedy: the same tokens as plain's?
-            report[mode]["agrees_with_plain"] = float(np.mean(
-                [r[mode]["result"].tokens == r["plain"]["result"].tokens for r in rows]))
+            report[mode]["agrees_with_plain"] = float(
+                np.mean([r[mode]["result"].tokens == r["plain"]["result"].tokens for r in rows])
+            )
     if not model.drafts_all_tokens:  # the share of tokens the heads can draft at all
         ids = np.asarray(model.draft_vocab[...])
         plain = sum((r["plain"]["result"].tokens for r in rows), [])
-        report["draft_vocab"] = {"size": len(ids), "validation_tokens_inside": float(np.isin(np.asarray(val), ids).mean()),
-                                 "plain_output_tokens_inside": float(np.isin(plain, ids).mean())}
+        report["draft_vocab"] = {
+            "size": len(ids),
+            "validation_tokens_inside": float(np.isin(np.asarray(val), ids).mean()),
+            "plain_output_tokens_inside": float(np.isin(plain, ids).mean()),
+        }
     return {
-        "prompts": prompts, "prompt_len": prompt_len, "new_tokens": new_tokens, "cache_len": cache_len,
-        "temperature": temperature, "tree_size": tree.size - 1, "tree_paths": tree.to_json(), **report,
+        "prompts": prompts,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "cache_len": cache_len,
+        "temperature": temperature,
+        "tree_size": tree.size - 1,
+        "tree_paths": tree.to_json(),
+        **report,
         "truth_compression_ratio": float(np.median([r["truth_ratio"] for r in rows])),
-        "teacher_forced_mean_accepted": forced.pop("mean_accepted"), "teacher_forced_acceptance": forced,
+        "teacher_forced_mean_accepted": forced.pop("mean_accepted"),
+        "teacher_forced_acceptance": forced,
     }
 
 
@@ -163,14 +204,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=128, help="tokens generated per prompt and mode")
     p.add_argument("--tree_size", type=int, default=16, help="drafts per verify pass of the tree mode")
     p.add_argument("--temperature", type=float, default=0.8, help="of the sampled modes")
-    p.add_argument("--cache_len", type=int, default=0,
-                   help="KV-cache positions, prompt included (0: the seq_len the model was trained on)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="parameters and compute while decoding (both sides)")
-    p.add_argument("--transformers", action="store_true",
-                   help="also time transformers' plain and prompt-lookup decoding of the workdir's init_from model")
-    p.add_argument("--prompt_lookup", type=int, default=10,
-                   help="transformers' prompt_lookup_num_tokens (tokens copied from the prompt per pass)")
+    p.add_argument(
+        "--cache_len",
+        type=int,
+        default=0,
+        help="KV-cache positions, prompt included (0: the seq_len the model was trained on)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16"),
+        help="parameters and compute while decoding (both sides)",
+    )
+    p.add_argument(
+        "--transformers",
+        action="store_true",
+        help="also time transformers' plain and prompt-lookup decoding of the workdir's init_from model",
+    )
+    p.add_argument(
+        "--prompt_lookup",
+        type=int,
+        default=10,
+        help="transformers' prompt_lookup_num_tokens (tokens copied from the prompt per pass)",
+    )
     args = p.parse_args(argv)
     for name in ("prompts", "prompt_len", "max_new_tokens", "tree_size", "prompt_lookup"):
         if getattr(args, name) < 1:
@@ -184,22 +240,42 @@ def run(args: argparse.Namespace) -> dict:
     trained = cast(workdir.load(args.workdir), args.dtype)
     cache_len = args.cache_len or trained.config.seq_len
     if trained.model.n_predict == 1:
-        raise UserError("the model has no extra heads to draft with (it was trained with mtp_n_tokens=1): "
-                        "benchmark a model trained with --config.use_mtp=True --config.mtp_n_tokens=4")
+        raise UserError(
+            "the model has no extra heads to draft with (it was trained with mtp_n_tokens=1): "
+            "benchmark a model trained with --config.use_mtp=True --config.mtp_n_tokens=4"
+        )
     if args.prompt_len >= cache_len:
         raise UserError(f"--prompt_len={args.prompt_len} must be below the cache of {cache_len} positions")
     if args.transformers and not trained.config.get("init_from"):
-        raise UserError(f"--transformers compares with the model the heads were trained on, but {args.workdir} was "
-                        "not started from one (init_from is empty): drop --transformers")
+        raise UserError(
+            f"--transformers compares with the model the heads were trained on, but {args.workdir} was "
+            "not started from one (init_from is empty): drop --transformers"
+        )
     new_tokens = min(args.max_new_tokens, cache_len - args.prompt_len)
-    extra = (transformers_modes(trained.config.init_from, args.dtype, new_tokens, args.prompt_lookup)
-             if args.transformers else None)
+    extra = (
+        transformers_modes(trained.config.init_from, args.dtype, new_tokens, args.prompt_lookup)
+        if args.transformers
+        else None
+    )
     tree = build_tree(trained.model, trained.tree_windows(), args.tree_size)
     load_before = os.getloadavg()
-    out = benchmark(trained, prompts=args.prompts, prompt_len=args.prompt_len, new_tokens=new_tokens,
-                    cache_len=cache_len, tree=tree, temperature=args.temperature, extra_modes=extra)
-    return {"dtype": args.dtype, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
-            "load_average_before_after": [load_before[0], os.getloadavg()[0]], **out}
+    out = benchmark(
+        trained,
+        prompts=args.prompts,
+        prompt_len=args.prompt_len,
+        new_tokens=new_tokens,
+        cache_len=cache_len,
+        tree=tree,
+        temperature=args.temperature,
+        extra_modes=extra,
+    )
+    return {
+        "dtype": args.dtype,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_average_before_after": [load_before[0], os.getloadavg()[0]],
+        **out,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -211,10 +287,12 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(out))
     diverged = [mode for mode in ("chain", "tree") if out[mode]["agrees_with_plain"] < 1]
     if diverged:  # after the report, so that a failed check still shows what was measured
-        fail(f"greedy {' and '.join(diverged)} decoding diverged from plain greedy decoding on some prompts "
-             "(agrees_with_plain above): a verify pass computes head 1's logits for several tokens at once, and its "
-             "dots may round a near-tie the other way than a one-token step (common in bfloat16; in float32 suspect a "
-             "bug)")
+        fail(
+            f"greedy {' and '.join(diverged)} decoding diverged from plain greedy decoding on some prompts "
+            "(agrees_with_plain above): a verify pass computes head 1's logits for several tokens at once, and its "
+            "dots may round a near-tie the other way than a one-token step (common in bfloat16; in float32 suspect a "
+            "bug)"
+        )
 
 
 if __name__ == "__main__":

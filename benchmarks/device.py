@@ -40,9 +40,22 @@ from mtp_jax.mtp import build_model  # noqa: E402
 # Dense (no sparsity) peak FLOP/s per chip in bfloat16, from the vendors' data sheets; the first
 # name contained in jax's device_kind wins, so more specific names come first.
 KNOWN_PEAKS = {
-    "H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "GH200": 989e12,
-    "B200": 2250e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12,
-    "V100": 125e12, "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12,
+    "H100 PCIe": 756e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "GH200": 989e12,
+    "B200": 2250e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "V100": 125e12,
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
     "TPU v4": 275e12,
 }
 
@@ -76,11 +89,22 @@ def variant(config, n: int = 1, head_type: str = "linear", attention_name: str |
 def train_rows(config, args, peak: float) -> list[dict]:
     rows = []
     for n, head_type in [(1, "linear")] + [(4, h) for h in args.head_types.split(",")]:
-        r = bench.bench_config(variant(config, n, head_type), compile_only=False, steps=args.steps,
-                               warmup=args.warmup, peak=peak, twin_flops=False)
+        r = bench.bench_config(
+            variant(config, n, head_type),
+            compile_only=False,
+            steps=args.steps,
+            warmup=args.warmup,
+            peak=peak,
+            twin_flops=False,
+        )
         base = rows[0] if rows else r
-        rows.append({**r, "time_ratio": r["step_time_s"] / base["step_time_s"],
-                     "flops_ratio": r["model_flops_per_step"] / base["model_flops_per_step"]})
+        rows.append(
+            {
+                **r,
+                "time_ratio": r["step_time_s"] / base["step_time_s"],
+                "flops_ratio": r["model_flops_per_step"] / base["model_flops_per_step"],
+            }
+        )
     return rows
 
 
@@ -90,8 +114,14 @@ def attention_rows(config, args, peak: float, auto_row: dict) -> list[dict]:
     auto = attention.resolve("auto")
     rows = [{**auto_row, "attention": f"auto = {auto}"}]
     for name in (n for n in args.attention.split(",") if n != auto):
-        r = bench.bench_config(variant(config, attention_name=name), compile_only=False, steps=args.steps,
-                               warmup=args.warmup, peak=peak, twin_flops=False)
+        r = bench.bench_config(
+            variant(config, attention_name=name),
+            compile_only=False,
+            steps=args.steps,
+            warmup=args.warmup,
+            peak=peak,
+            twin_flops=False,
+        )
         rows.append({**r, "attention": name})
     return rows
 
@@ -109,41 +139,66 @@ def decoding_row(config, args) -> dict:
     for i, prompt in enumerate(prompts):
         for mode in ("plain", "speculative") if i % 2 == 0 else ("speculative", "plain"):
             start = time.perf_counter()
-            result = generator.generate(prompt, args.new_tokens) if mode == "plain" else \
-                generator.speculative(prompt, args.new_tokens)
+            result = (
+                generator.generate(prompt, args.new_tokens)
+                if mode == "plain"
+                else generator.speculative(prompt, args.new_tokens)
+            )
             timings[mode].append(len(result.tokens) / (time.perf_counter() - start))
             if mode == "speculative":
                 accepted += result.accepted
     plain, speculative = statistics.median(timings["plain"]), statistics.median(timings["speculative"])
-    return {"name": f"{config.preset} linear n=4, random weights", "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens, "prompts": args.prompts, "plain_tokens_per_sec": plain,
-            "speculative_tokens_per_sec": speculative, "speedup": speculative / plain,
-            "tokens_per_pass": 1.0 + float(np.mean(accepted)) if accepted else 1.0}
+    return {
+        "name": f"{config.preset} linear n=4, random weights",
+        "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens,
+        "prompts": args.prompts,
+        "plain_tokens_per_sec": plain,
+        "speculative_tokens_per_sec": speculative,
+        "speedup": speculative / plain,
+        "tokens_per_pass": 1.0 + float(np.mean(accepted)) if accepted else 1.0,
+    }
 
 
 def markdown(report: dict) -> str:
     gib = lambda b: f"{b / 2**30:.2f}"  # noqa: E731
-    lines = [f"# {report['device']} · {report['preset']} · {report['dtype']} · {report['date']}", "",
-             f"JAX {report['jax']}, {report['n_devices']} device(s); peak {report['peak_flops'] / 1e12:.3g} "
-             f"TFLOP/s, {report['peak_source']}.", ""]
+    lines = [
+        f"# {report['device']} · {report['preset']} · {report['dtype']} · {report['date']}",
+        "",
+        f"JAX {report['jax']}, {report['n_devices']} device(s); peak {report['peak_flops'] / 1e12:.3g} "
+        f"TFLOP/s, {report['peak_source']}.",
+        "",
+    ]
     if "train" in report:
-        lines += ["| config | step s | tokens/s | MFU | time ÷ baseline | FLOPs ÷ baseline | temp GiB | "
-                  "state+batch GiB | compile s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['name']} | {r['step_time_s']:.4f} | {r['tokens_per_sec']:,.0f} | {100 * r['mfu']:.1f} % | "
-                  f"{r['time_ratio']:.2f}× | {r['flops_ratio']:.2f}× | {gib(r['temp_bytes'])} | "
-                  f"{gib(r['argument_bytes'])} | {r['compile_s']:.0f} |" for r in report["train"]]
+        lines += [
+            "| config | step s | tokens/s | MFU | time ÷ baseline | FLOPs ÷ baseline | temp GiB | "
+            "state+batch GiB | compile s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['name']} | {r['step_time_s']:.4f} | {r['tokens_per_sec']:,.0f} | {100 * r['mfu']:.1f} % | "
+            f"{r['time_ratio']:.2f}× | {r['flops_ratio']:.2f}× | {gib(r['temp_bytes'])} | "
+            f"{gib(r['argument_bytes'])} | {r['compile_s']:.0f} |"
+            for r in report["train"]
+        ]
         lines.append("")
     if "attention" in report:
         lines += ["| attention (baseline) | step s | tokens/s | MFU | temp GiB |", "|---|---:|---:|---:|---:|"]
-        lines += [f"| {r['attention']} | {r['step_time_s']:.4f} | {r['tokens_per_sec']:,.0f} | "
-                  f"{100 * r['mfu']:.1f} % | {gib(r['temp_bytes'])} |" for r in report["attention"]]
+        lines += [
+            f"| {r['attention']} | {r['step_time_s']:.4f} | {r['tokens_per_sec']:,.0f} | "
+            f"{100 * r['mfu']:.1f} % | {gib(r['temp_bytes'])} |"
+            for r in report["attention"]
+        ]
         lines.append("")
     if "decoding" in report:
         d = report["decoding"]
-        lines += ["| decoding | plain tokens/s | speculative tokens/s | speedup | tokens per pass |",
-                  "|---|---:|---:|---:|---:|",
-                  f"| {d['name']} | {d['plain_tokens_per_sec']:,.0f} | {d['speculative_tokens_per_sec']:,.0f} | "
-                  f"{d['speedup']:.2f}× | {d['tokens_per_pass']:.2f} |", ""]
+        lines += [
+            "| decoding | plain tokens/s | speculative tokens/s | speedup | tokens per pass |",
+            "|---|---:|---:|---:|---:|",
+            f"| {d['name']} | {d['plain_tokens_per_sec']:,.0f} | {d['speculative_tokens_per_sec']:,.0f} | "
+            f"{d['speedup']:.2f}× | {d['tokens_per_pass']:.2f} |",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -156,8 +211,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed train steps per configuration")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--head_types", default=",".join(HEAD_TYPES), help="n = 4 heads of these types")
-    parser.add_argument("--attention", default="xla,dot_product,blockwise",
-                        help="attention implementations to compare with the baseline's 'auto'")
+    parser.add_argument(
+        "--attention",
+        default="xla,dot_product,blockwise",
+        help="attention implementations to compare with the baseline's 'auto'",
+    )
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt_len", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=128)
@@ -168,11 +226,20 @@ def main() -> None:
     config = load_preset(args.preset, args.dtype, args.batch_size)
     peak, source = peak_flops(args.dtype)
     device = jax.devices()[0]
-    report = {"device": device.device_kind, "platform": device.platform, "n_devices": jax.device_count(),
-              "jax": jax.__version__, "python": platform.python_version(), "preset": args.preset,
-              "dtype": args.dtype, "batch_size": config.batch_size, "seq_len": config.seq_len,
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "peak_flops": peak, "peak_source": source}
+    report = {
+        "device": device.device_kind,
+        "platform": device.platform,
+        "n_devices": jax.device_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "batch_size": config.batch_size,
+        "seq_len": config.seq_len,
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "peak_flops": peak,
+        "peak_source": source,
+    }
 
     def save(section: str, rows) -> None:
         report[section] = rows

@@ -21,9 +21,18 @@ import pathlib
 import subprocess
 import sys
 
-TRAIN = ["--config=configs/mtp3.py:tiny", "--config.data.source=stdlib/email", "--config.data.val_fraction=0.1",
-         "--config.seq_len=64", "--config.num_train_steps=20", "--config.eval_every=10", "--config.induction_batches=1",
-         "--config.parse_rate_prompts=2", "--config.parse_rate_tokens=32", "--config.sample_tokens=16"]
+TRAIN = [
+    "--config=configs/mtp3.py:tiny",
+    "--config.data.source=stdlib/email",
+    "--config.data.val_fraction=0.1",
+    "--config.seq_len=64",
+    "--config.num_train_steps=20",
+    "--config.eval_every=10",
+    "--config.induction_batches=1",
+    "--config.parse_rate_prompts=2",
+    "--config.parse_rate_tokens=32",
+    "--config.sample_tokens=16",
+]
 PROMPT = "def "
 GENERATE = {
     "greedy": [],
@@ -32,8 +41,11 @@ GENERATE = {
     "tree": ["--speculative", "--tree_size=4"],
     "chain_sampled": ["--speculative", "--temperature=0.8", "--seed=1"],
 }
-EVALUATE = {"induction": ["--induction_batches=1"], "parse_rate": ["--parse_rate_prompts=2", "--parse_rate_tokens=32"],
-            "task": []}
+EVALUATE = {
+    "induction": ["--induction_batches=1"],
+    "parse_rate": ["--parse_rate_prompts=2", "--parse_rate_tokens=32"],
+    "task": [],
+}
 TIMINGS = ("time", "per_sec", "mfu", "seconds")  # substrings of logged keys that measure the clock
 
 
@@ -50,13 +62,19 @@ def record(root: pathlib.Path, workdir: pathlib.Path, train_flags: list[str]) ->
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     out = {"metrics": [{k: v for k, v in row.items() if not any(t in k for t in TIMINGS)} for row in logged]}
     for name, flags in GENERATE.items():
-        result = json.loads(python(root, "mtp_jax.generate", [f"--workdir={workdir}", f"--prompt={PROMPT}",
-                                                              "--max_new_tokens=24", "--json", *flags]).stdout)
+        result = json.loads(
+            python(
+                root,
+                "mtp_jax.generate",
+                [f"--workdir={workdir}", f"--prompt={PROMPT}", "--max_new_tokens=24", "--json", *flags],
+            ).stdout
+        )
         out[f"generate/{name}"] = {k: v for k, v in result.items() if not any(t in k for t in TIMINGS)}
     for probe, flags in EVALUATE.items():
         # A probe the run's data cannot serve (Python files, a task) is recorded by its error line.
-        done = python(root, "mtp_jax.evaluate", [f"--workdir={workdir}", f"--probe={probe}", "--json", *flags],
-                      check=False)
+        done = python(
+            root, "mtp_jax.evaluate", [f"--workdir={workdir}", f"--probe={probe}", "--json", *flags], check=False
+        )
         error = done.stderr.strip().splitlines()[-1:]  # the error line, without the runtime's start-up noise
         result = json.loads(done.stdout) if done.returncode == 0 else {"error": error}
         out[f"evaluate/{probe}"] = {k: v for k, v in result.items() if k != "workdir"}

@@ -35,18 +35,38 @@ GENERATE = ["--prompt=def main():", "--speculative", "--max_new_tokens=64", "--j
 
 
 def train(workdir: pathlib.Path) -> None:
-    subprocess.run([sys.executable, "-m", "mtp_jax.main", "--config=configs/mtp4.py", f"--workdir={workdir}",
-                    "--config.num_train_steps=2", "--config.eval_every=1000", "--config.sample_tokens=0",
-                    "--config.induction_batches=0", "--config.parse_rate_prompts=0"],
-                   check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtp_jax.main",
+            "--config=configs/mtp4.py",
+            f"--workdir={workdir}",
+            "--config.num_train_steps=2",
+            "--config.eval_every=1000",
+            "--config.sample_tokens=0",
+            "--config.induction_batches=0",
+            "--config.parse_rate_prompts=0",
+        ],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def start_seconds(workdir: pathlib.Path, cache: pathlib.Path) -> tuple[float, dict]:
     """(wall time minus decoding, generate's JSON) of one invocation."""
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache)}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mtp_jax.generate", f"--workdir={workdir}", *GENERATE],
-                          check=True, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtp_jax.generate", f"--workdir={workdir}", *GENERATE],
+        check=True,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - start
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     return wall - out["decode_seconds"], out
@@ -66,15 +86,32 @@ def main() -> None:
         for repeat in range(args.repeats):
             cache = tmp / f"cache{repeat}"
             (first, out1), (second, out2) = (start_seconds(workdir, cache) for _ in range(2))
-            pairs.append({"first_s": round(first, 2), "second_s": round(second, 2),
-                          "first_compile_s": round(out1["compile_seconds"], 2),
-                          "second_compile_s": round(out2["compile_seconds"], 2), "ratio": round(second / first, 3)})
-            print(f"repeat {repeat}: first {first:.2f} s (compiling {out1['compile_seconds']:.2f} s), second "
-                  f"{second:.2f} s (compiling {out2['compile_seconds']:.2f} s): {second / first:.2f}", flush=True)
-    print(json.dumps({"cpu": cpu_model(), "cores": os.cpu_count(), "pairs": pairs,
-                      "median_first_s": statistics.median(p["first_s"] for p in pairs),
-                      "median_second_s": statistics.median(p["second_s"] for p in pairs),
-                      "median_ratio": statistics.median(p["ratio"] for p in pairs)}))
+            pairs.append(
+                {
+                    "first_s": round(first, 2),
+                    "second_s": round(second, 2),
+                    "first_compile_s": round(out1["compile_seconds"], 2),
+                    "second_compile_s": round(out2["compile_seconds"], 2),
+                    "ratio": round(second / first, 3),
+                }
+            )
+            print(
+                f"repeat {repeat}: first {first:.2f} s (compiling {out1['compile_seconds']:.2f} s), second "
+                f"{second:.2f} s (compiling {out2['compile_seconds']:.2f} s): {second / first:.2f}",
+                flush=True,
+            )
+    print(
+        json.dumps(
+            {
+                "cpu": cpu_model(),
+                "cores": os.cpu_count(),
+                "pairs": pairs,
+                "median_first_s": statistics.median(p["first_s"] for p in pairs),
+                "median_second_s": statistics.median(p["second_s"] for p in pairs),
+                "median_ratio": statistics.median(p["ratio"] for p in pairs),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

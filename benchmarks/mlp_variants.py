@@ -10,11 +10,10 @@ m = 1024; the figure is the median call time.
 """
 
 import argparse
-import statistics
-import time
-
 import pathlib
+import statistics
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -34,15 +33,26 @@ def variants(wg, wu):
     return {
         "separate [d, m] (before)": (lambda p, x: swiglu_down(x @ p[0], x @ p[1], p[2]), (wg, wu)),
         "separate [m, d], read transposed": (lambda p, x: swiglu_down(x @ p[0].T, x @ p[1].T, p[2]), (wg.T, wu.T)),
-        "fused [d, 2m]": (lambda p, x: swiglu_down(*jnp.split(x @ p[0], 2, axis=-1), p[1]),
-                          (jnp.concatenate([wg, wu], axis=1),)),
-        "fused [2m, d], read transposed": (lambda p, x: swiglu_down(*jnp.split(x @ p[0].T, 2, axis=-1), p[1]),
-                                           (jnp.concatenate([wg.T, wu.T]),)),
+        "fused [d, 2m]": (
+            lambda p, x: swiglu_down(*jnp.split(x @ p[0], 2, axis=-1), p[1]),
+            (jnp.concatenate([wg, wu], axis=1),),
+        ),
+        "fused [2m, d], read transposed": (
+            lambda p, x: swiglu_down(*jnp.split(x @ p[0].T, 2, axis=-1), p[1]),
+            (jnp.concatenate([wg.T, wu.T]),),
+        ),
         "fused at run time from [d, m] (model.fused_projection)": (
-            lambda p, x: swiglu_down(*fused_projection(x, [nnx.Param(p[0]), nnx.Param(p[1])], x.dtype, fuse=True),
-                                     p[2]), (wg, wu)),
-        "stacked [2, m, d] einsum": (lambda p, x: swiglu_down(*(lambda y: (y[..., 0, :], y[..., 1, :]))(
-            jnp.einsum("btd,kmd->btkm", x, p[0])), p[1]), (jnp.stack([wg.T, wu.T]),)),
+            lambda p, x: swiglu_down(
+                *fused_projection(x, [nnx.Param(p[0]), nnx.Param(p[1])], x.dtype, fuse=True), p[2]
+            ),
+            (wg, wu),
+        ),
+        "stacked [2, m, d] einsum": (
+            lambda p, x: swiglu_down(
+                *(lambda y: (y[..., 0, :], y[..., 1, :]))(jnp.einsum("btd,kmd->btkm", x, p[0])), p[1]
+            ),
+            (jnp.stack([wg.T, wu.T]),),
+        ),
     }
 
 

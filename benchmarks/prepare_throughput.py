@@ -82,8 +82,17 @@ def main() -> None:
         for round_ in range(args.repeats):
             for w in counts:
                 out = tmp / f"out_{w}_{round_}"
-                command = [sys.executable, "-m", "mtp_jax.prepare", f"--source={corpus}", f"--tokenizer={tokenizer}",
-                           f"--out={out}", "--shard_tokens=2000000", "--val_docs=10", f"--workers={w}"]
+                command = [
+                    sys.executable,
+                    "-m",
+                    "mtp_jax.prepare",
+                    f"--source={corpus}",
+                    f"--tokenizer={tokenizer}",
+                    f"--out={out}",
+                    "--shard_tokens=2000000",
+                    "--val_docs=10",
+                    f"--workers={w}",
+                ]
                 start = time.perf_counter()
                 subprocess.run(command, check=True, cwd=ROOT, stderr=subprocess.DEVNULL)
                 seconds[w].append(time.perf_counter() - start)
@@ -91,13 +100,22 @@ def main() -> None:
                 print(f"workers={w} round={round_}: {seconds[w][-1]:.1f} s", flush=True)
     mb_per_s = {w: n_bytes / 1e6 / statistics.median(s) for w, s in seconds.items()}
     for w in counts:
-        print(f"workers={w}: median {statistics.median(seconds[w]):.1f} s, {mb_per_s[w]:.2f} MB/s, "
-              f"{mb_per_s[w] / mb_per_s[counts[0]]:.2f}x")
-    print(json.dumps(dict(cpu=cpu_model(), mb_of_text=round(n_bytes / 1e6, 2),
-                          seconds={w: [round(x, 2) for x in s] for w, s in seconds.items()},
-                          mb_per_s={w: round(v, 3) for w, v in mb_per_s.items()},
-                          ratio_to_first={w: round(v / mb_per_s[counts[0]], 3) for w, v in mb_per_s.items()},
-                          identical_shards=len(digests) == 1)))
+        print(
+            f"workers={w}: median {statistics.median(seconds[w]):.1f} s, {mb_per_s[w]:.2f} MB/s, "
+            f"{mb_per_s[w] / mb_per_s[counts[0]]:.2f}x"
+        )
+    print(
+        json.dumps(
+            dict(
+                cpu=cpu_model(),
+                mb_of_text=round(n_bytes / 1e6, 2),
+                seconds={w: [round(x, 2) for x in s] for w, s in seconds.items()},
+                mb_per_s={w: round(v, 3) for w, v in mb_per_s.items()},
+                ratio_to_first={w: round(v / mb_per_s[counts[0]], 3) for w, v in mb_per_s.items()},
+                identical_shards=len(digests) == 1,
+            )
+        )
+    )
 
 
 if __name__ == "__main__":

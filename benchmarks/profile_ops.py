@@ -83,8 +83,10 @@ def decoding_runner(workdir: str, speculative: bool):
     run()
     begin = time.perf_counter()
     result = run()
-    print(f"{'speculative' if speculative else 'plain'} decoding: {len(result.tokens)} tokens in "
-          f"{time.perf_counter() - begin:.3f} s, {result.forward_passes} forward passes")
+    print(
+        f"{'speculative' if speculative else 'plain'} decoding: {len(result.tokens)} tokens in "
+        f"{time.perf_counter() - begin:.3f} s, {result.forward_passes} forward passes"
+    )
     return run
 
 

@@ -28,8 +28,9 @@ VARIANTS = {
     "xla": {"model.attention": "xla"},
     "skip": {"model.attention": "skip"},
     "dot_product": {"model.attention": "dot_product"},
-    **{f"blockwise_{b}": {"model.attention": "blockwise", "model.attention_block_size": b}
-       for b in (512, 256, 128, 64)},
+    **{
+        f"blockwise_{b}": {"model.attention": "blockwise", "model.attention_block_size": b} for b in (512, 256, 128, 64)
+    },
     "loop": {"model.scan_layers": False},
     "scan": {"model.scan_layers": True},
 }
@@ -72,8 +73,10 @@ def main() -> None:
             times[name] += [step() for _ in range(args.steps)]
     first = statistics.median(next(iter(times.values())))
     for name, t in times.items():
-        print(f"{name:14s} {statistics.median(t):.3f} s  {statistics.median(t) / first:.3f}x  "
-              f"temp {temps[name] / 2**20:.0f} MiB  compile {compile_s[name]:.1f} s")
+        print(
+            f"{name:14s} {statistics.median(t):.3f} s  {statistics.median(t) / first:.3f}x  "
+            f"temp {temps[name] / 2**20:.0f} MiB  compile {compile_s[name]:.1f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -37,14 +37,22 @@ def main() -> None:
     evaluate.task_accuracy(model, config, problems, reused)  # warm the reused decoder
     times = {"reused": [], "recompiled": []}
     for i in range(args.repeats):
-        for mode in (("reused", "recompiled") if i % 2 == 0 else ("recompiled", "reused")):
+        for mode in ("reused", "recompiled") if i % 2 == 0 else ("recompiled", "reused"):
             begin = time.perf_counter()
             evaluate.task_accuracy(model, config, problems, reused if mode == "reused" else None)
             times[mode].append(time.perf_counter() - begin)
     medians = {mode: float(np.median(t)) for mode, t in times.items()}
-    print(json.dumps({"preset": args.preset, "task": args.task, "eval_problems": config.data.task.eval_problems,
-                      **{f"{m}_s": v for m, v in medians.items()},
-                      "ratio": medians["recompiled"] / medians["reused"]}))
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "task": args.task,
+                "eval_problems": config.data.task.eval_problems,
+                **{f"{m}_s": v for m, v in medians.items()},
+                "ratio": medians["recompiled"] / medians["reused"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

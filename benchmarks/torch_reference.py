@@ -160,16 +160,16 @@ class MTPModel(nn.Module):
         n, dec = self.n, self.decoder
         t = window.shape[1] - n
         h_trunk = dec.embedding[window[:, :t]]
-        for block in dec.blocks[:len(dec.blocks) - self.head_layers]:
+        for block in dec.blocks[: len(dec.blocks) - self.head_layers]:
             h_trunk = block(h_trunk)
         h, total, losses = h_trunk, 0.0, []
         for k in range(1, n + 1):
-            h, w = self.head(self, k, h_trunk, h, window[:, k - 1:t + k - 1])
+            h, w = self.head(self, k, h_trunk, h, window[:, k - 1 : t + k - 1])
             x = dec.final_norm(h)
             if k > 1 and isinstance(self.heads[k - 2], MedusaBlock):
                 x = self.heads[k - 2](x)
             logits = (x @ w).float()  # [B, T, V]
-            loss = F.cross_entropy(logits.flatten(0, 1), window[:, k:t + k].flatten())
+            loss = F.cross_entropy(logits.flatten(0, 1), window[:, k : t + k].flatten())
             total = total + self.weights[k - 1] * loss
             losses.append(loss)
         return total, losses
@@ -209,5 +209,8 @@ def init_like_jax(model: MTPModel, seed: int = 0) -> None:
             if name.endswith("scale"):
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, 0.02 / (math.sqrt(2 * len(model.decoder.blocks)) if name.endswith(("wo", "w_down"))
-                                       else 1.0), generator=gen)
+                p.normal_(
+                    0.0,
+                    0.02 / (math.sqrt(2 * len(model.decoder.blocks)) if name.endswith(("wo", "w_down")) else 1.0),
+                    generator=gen,
+                )

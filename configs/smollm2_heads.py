@@ -36,17 +36,17 @@ def get_config(arg: str = "nano"):
     c.init_from = default_checkpoint()  # the model's shape and tokenizer come from it
     c.trainable = "heads"
     c.use_mtp, c.mtp_n_tokens, c.mtp_head_type = True, 4, "sequential"
-    c.mtp_targets = "model"           # head k learns the frozen model's argmax at t + k - 1
-    c.mtp_draft_vocab = 4096          # heads output the 4096 most frequent training tokens
+    c.mtp_targets = "model"  # head k learns the frozen model's argmax at t + k - 1
+    c.mtp_draft_vocab = 4096  # heads output the 4096 most frequent training tokens
     c.mtp_weight, c.mtp_loss_weights = 1.0, "uniform"  # every head's loss counts alike
-    c.trunk_cache = True              # the frozen trunk runs once per window; later epochs reuse it
+    c.trunk_cache = True  # the frozen trunk runs once per window; later epochs reuse it
 
     c.data.source = "stdlib/unittest"  # ~225 K tokens of Python; its held-out files are the prompts
     c.data.val_fraction = 0.05
     c.seq_len, c.batch_size = 256, 8
     c.num_epochs = 2
     c.learning_rate, c.warmup_steps, c.weight_decay = 2e-3, 20, 0.0
-    c.loss_chunk_size = 64            # at most [8, 64, 49152] logits at a time (head 1, evaluation)
+    c.loss_chunk_size = 64  # at most [8, 64, 49152] logits at a time (head 1, evaluation)
 
     c.log_every, c.eval_every, c.checkpoint_every = 20, 100_000, 100_000  # evaluate and save at the end
     c.eval_batches = 4

@@ -42,12 +42,15 @@ def normalise(command: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """(what the command trains, as sorted flag=value items, its seeds): the name, the seeds and
     how it ran taken out."""
     words = shlex.split(command)
-    words = words[words.index("experiments/sweep.py") + 1:] if "experiments/sweep.py" in words else words
+    words = words[words.index("experiments/sweep.py") + 1 :] if "experiments/sweep.py" in words else words
     items, seeds, i = [], (), 0
     while i < len(words):
         flag, _, value = words[i].partition("=")
-        if not value and flag in ("--sweep", "--set", "--parallel", "--runs_dir", "--launcher", "--name",
-                                  "--config") and i + 1 < len(words):
+        if (
+            not value
+            and flag in ("--sweep", "--set", "--parallel", "--runs_dir", "--launcher", "--name", "--config")
+            and i + 1 < len(words)
+        ):
             value, i = words[i + 1], i + 1
         i += 1
         if flag in HOW_IT_RAN:
@@ -62,13 +65,16 @@ def normalise(command: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
 def load_sets(results_dir: pathlib.Path, names: list[str]) -> list[dict]:
     """Each sweep's runs.json, checked to be the same command on disjoint seeds."""
     if len(names) < 2:
-        raise UserError(f"--pool needs two or more sweeps, got {names}: e.g. --pool data_constrained "
-                        "data_constrained_replication")
+        raise UserError(
+            f"--pool needs two or more sweeps, got {names}: e.g. --pool data_constrained data_constrained_replication"
+        )
     sets, reference = [], None
     for name in names:
         folder = results_dir / name
         if not (folder / "runs.json").exists() or not (folder / "COMMAND").exists():
-            raise UserError(f"--pool {name}: no runs.json and COMMAND in {folder}: run experiments/report.py {name} first")
+            raise UserError(
+                f"--pool {name}: no runs.json and COMMAND in {folder}: run experiments/report.py {name} first"
+            )
         commands = [normalise(c) for c in sweep_commands(folder / "COMMAND")]
         if not commands:
             raise UserError(f"--pool {name}: {folder / 'COMMAND'} records no sweep command")
@@ -77,16 +83,20 @@ def load_sets(results_dir: pathlib.Path, names: list[str]) -> list[dict]:
             reference = (name, trained)
         elif trained != reference[1]:
             differs = sorted(set(trained[0]) ^ set(reference[1][0]))
-            raise UserError(f"--pool: sweeps {reference[0]} and {name} ran different commands (they differ in "
-                            f"{', '.join(differs) or 'their number of sweep commands'}): pool only reruns of one "
-                            "command with other seeds")
+            raise UserError(
+                f"--pool: sweeps {reference[0]} and {name} ran different commands (they differ in "
+                f"{', '.join(differs) or 'their number of sweep commands'}): pool only reruns of one "
+                "command with other seeds"
+            )
         sets.append({"name": name, **json.loads((folder / "runs.json").read_text())})
     seen: dict[int, str] = {}
     for s in sets:
         for seed in sorted({r["seed"] for r in s["runs"]}):
             if seed in seen:
-                raise UserError(f"--pool: sweeps {seen[seed]} and {s['name']} both ran seed {seed}: pooled seeds "
-                                "must be distinct draws")
+                raise UserError(
+                    f"--pool: sweeps {seen[seed]} and {s['name']} both ran seed {seed}: pooled seeds "
+                    "must be distinct draws"
+                )
             seen[seed] = s["name"]
     baselines = {s["baseline"] for s in sets}
     if len(baselines) != 1:
@@ -95,8 +105,9 @@ def load_sets(results_dir: pathlib.Path, names: list[str]) -> list[dict]:
 
 
 def values_by_seed(runs: list[dict], setting: str, metric: str) -> dict[int, float]:
-    return {r["seed"]: r["final"][metric] for r in runs
-            if r["setting"] == setting and r["final"].get(metric) is not None}
+    return {
+        r["seed"]: r["final"][metric] for r in runs if r["setting"] == setting and r["final"].get(metric) is not None
+    }
 
 
 def pool(sets: list[dict]) -> dict:
@@ -114,19 +125,39 @@ def pool(sets: list[dict]) -> dict:
         together = stats.paired(values, base) if all(k[key].get("paired") for k in keyed) else None
         used = together or apart
         subject = "setting" if first["verdict"].startswith("setting") else "MTP"
-        comparisons.append({
-            "setting": setting, "metric": metric, "label": first["label"], "higher_is_better": first["higher_is_better"],
-            "baseline": statistics.fmean(base.values()), "value": statistics.fmean(values.values()),
-            "difference": used.difference, "standard_error": used.standard_error,
-            "verdict": stats.verdict(used.difference, used.standard_error, first["higher_is_better"], subject),
-            "pairing": "paired by seed in every set" if together else "unpaired (some set's seeds do not pair)",
-            "unpaired": apart.as_dict(), "paired": together.as_dict() if together else None,
-            "sets": [{"name": s["name"], "seeds": sorted({r["seed"] for r in s["runs"]}),
-                      "difference": k[key]["difference"], "standard_error": k[key]["standard_error"],
-                      "verdict": k[key]["verdict"]} for s, k in zip(sets, keyed)],
-        })
-    return {"baseline": baseline, "target_loss": None, "pooled_from": [s["name"] for s in sets],
-            "comparisons": comparisons, "runs": runs}
+        comparisons.append(
+            {
+                "setting": setting,
+                "metric": metric,
+                "label": first["label"],
+                "higher_is_better": first["higher_is_better"],
+                "baseline": statistics.fmean(base.values()),
+                "value": statistics.fmean(values.values()),
+                "difference": used.difference,
+                "standard_error": used.standard_error,
+                "verdict": stats.verdict(used.difference, used.standard_error, first["higher_is_better"], subject),
+                "pairing": "paired by seed in every set" if together else "unpaired (some set's seeds do not pair)",
+                "unpaired": apart.as_dict(),
+                "paired": together.as_dict() if together else None,
+                "sets": [
+                    {
+                        "name": s["name"],
+                        "seeds": sorted({r["seed"] for r in s["runs"]}),
+                        "difference": k[key]["difference"],
+                        "standard_error": k[key]["standard_error"],
+                        "verdict": k[key]["verdict"],
+                    }
+                    for s, k in zip(sets, keyed)
+                ],
+            }
+        )
+    return {
+        "baseline": baseline,
+        "target_loss": None,
+        "pooled_from": [s["name"] for s in sets],
+        "comparisons": comparisons,
+        "runs": runs,
+    }
 
 
 def budget(runs: list[dict]) -> str:
@@ -136,30 +167,52 @@ def budget(runs: list[dict]) -> str:
 
 
 def pooled_markdown(name: str, summary: dict) -> str:
-    out = [f"# {name}", "",
-           f"The sweeps {', '.join(f'[{n}](../{n}/results.md)' for n in summary['pooled_from'])} ran one command "
-           f"with disjoint seeds (every training {budget(summary['runs'])}; each set's results.md gives the model, "
-           "data and wall time); here each set's comparison with the baseline "
-           f"(`{summary['baseline']}`) and the comparison over all their seeds. Paired where every set's seeds pair "
-           "(the same trunk initialisation and batches per seed), unpaired otherwise; a verdict needs the difference "
-           "beyond two standard errors. Power: the probability that as many fresh seeds reach a verdict if the "
-           "pooled difference is the true one; seeds for 80 %: the seeds a side (pairs) that would give 80 % "
-           "(normal approximation, experiments/stats.py).", ""]
+    out = [
+        f"# {name}",
+        "",
+        f"The sweeps {', '.join(f'[{n}](../{n}/results.md)' for n in summary['pooled_from'])} ran one command "
+        f"with disjoint seeds (every training {budget(summary['runs'])}; each set's results.md gives the model, "
+        "data and wall time); here each set's comparison with the baseline "
+        f"(`{summary['baseline']}`) and the comparison over all their seeds. Paired where every set's seeds pair "
+        "(the same trunk initialisation and batches per seed), unpaired otherwise; a verdict needs the difference "
+        "beyond two standard errors. Power: the probability that as many fresh seeds reach a verdict if the "
+        "pooled difference is the true one; seeds for 80 %: the seeds a side (pairs) that would give 80 % "
+        "(normal approximation, experiments/stats.py).",
+        "",
+    ]
     for c in summary["comparisons"]:
         used = c["paired"] or c["unpaired"]
-        out += [f"## `{c['setting']}`: {c['label']}", "",
-                "| set | seeds | difference ± s.e. | verdict |", "|---|---|---|---|"]
+        out += [
+            f"## `{c['setting']}`: {c['label']}",
+            "",
+            "| set | seeds | difference ± s.e. | verdict |",
+            "|---|---|---|---|",
+        ]
         for s in c["sets"]:
             se = f" ± {s['standard_error']:.4f}" if s["standard_error"] is not None else ""
-            out.append(f"| {s['name']} | {', '.join(map(str, s['seeds']))} | {s['difference']:+.4f}{se} | {s['verdict']} |")
+            out.append(
+                f"| {s['name']} | {', '.join(map(str, s['seeds']))} | {s['difference']:+.4f}{se} | {s['verdict']} |"
+            )
         se = f" ± {used['standard_error']:.4f}" if used["standard_error"] is not None else ""
-        out += [f"| **pooled** ({'paired' if used['paired'] else 'unpaired'}) | {used['seeds']} a side "
-                f"| **{used['difference']:+.4f}{se}** | **{c['verdict']}** |", ""]
+        out += [
+            f"| **pooled** ({'paired' if used['paired'] else 'unpaired'}) | {used['seeds']} a side "
+            f"| **{used['difference']:+.4f}{se}** | **{c['verdict']}** |",
+            "",
+        ]
         if used["power"] is not None:
-            out += [f"Power at the pooled difference and spread with {used['seeds']} seeds a side: "
-                    f"{used['power']:.0%}; 80 % needs {used['seeds_for_power']} seeds a side.", ""]
-    out += ["## Command", "", "```bash", f"python experiments/report.py --pool {' '.join(summary['pooled_from'])} "
-            f"--pool_name={name}", "```", ""]
+            out += [
+                f"Power at the pooled difference and spread with {used['seeds']} seeds a side: "
+                f"{used['power']:.0%}; 80 % needs {used['seeds_for_power']} seeds a side.",
+                "",
+            ]
+    out += [
+        "## Command",
+        "",
+        "```bash",
+        f"python experiments/report.py --pool {' '.join(summary['pooled_from'])} --pool_name={name}",
+        "```",
+        "",
+    ]
     return "\n".join(out)
 
 

@@ -48,13 +48,13 @@ class Run:
     name: str
     config: dict
     tokens_per_step: int
-    eval_steps: list[int]       # steps with an evaluation, ascending
-    evals: list[dict]           # the evaluation events, in that order
-    step_times: list[float]     # train/step_time_s of every logged interval but the first
+    eval_steps: list[int]  # steps with an evaluation, ascending
+    evals: list[dict]  # the evaluation events, in that order
+    step_times: list[float]  # train/step_time_s of every logged interval but the first
     tokens_per_sec: list[float]  # train/tokens_per_sec likewise
-    eval_times: list[float]     # seconds of training (with evaluations and saves) before each evaluation
+    eval_times: list[float]  # seconds of training (with evaluations and saves) before each evaluation
     param_count: int | None
-    train_tokens: int | None    # the training set's size (runs from before it was logged: None)
+    train_tokens: int | None  # the training set's size (runs from before it was logged: None)
 
     @property
     def finished(self) -> bool:
@@ -104,8 +104,9 @@ def load_run(workdir: pathlib.Path) -> Run:
     # Wall time of each logged interval (step time × its steps); the time of an evaluation is
     # interpolated between the logged steps around it.
     logged = [0] + [e["step"] for e in train]
-    elapsed = np.cumsum([0.0] + [e["train/step_time_s"] * (s - prev)
-                                 for e, s, prev in zip(train, logged[1:], logged[:-1])])
+    elapsed = np.cumsum(
+        [0.0] + [e["train/step_time_s"] * (s - prev) for e, s, prev in zip(train, logged[1:], logged[:-1])]
+    )
     eval_steps = sorted(evals)
     return Run(
         name=workdir.name,
@@ -171,8 +172,11 @@ class Setting:
 
     def at_tokens(self, key: str, tokens: float) -> list[float]:
         """Each run's `key` at `tokens`, interpolated between its evaluations (runs not spanning it omitted)."""
-        return [float(np.interp(tokens, r.eval_tokens, r.curve(key))) for r in self.runs
-                if r.eval_tokens[0] <= tokens <= r.eval_tokens[-1]]
+        return [
+            float(np.interp(tokens, r.eval_tokens, r.curve(key)))
+            for r in self.runs
+            if r.eval_tokens[0] <= tokens <= r.eval_tokens[-1]
+        ]
 
     def mean_curve(self, key: str, x: str = "tokens") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """x (tokens, or seconds averaged over seeds), mean and std over seeds of `key` at the
@@ -207,18 +211,25 @@ def pick_baseline(settings: list[Setting], choice: str | None) -> Setting | None
     if choice is None:
         matches = [s for s in settings if n_predicted(s.runs[0].config) == 1]
         if len(matches) > 1:
-            raise UserError(f"{len(matches)} settings predict one token ({', '.join(s.label for s in matches)}): "
-                            "pick the baseline with --baseline KEY=VALUE")
+            raise UserError(
+                f"{len(matches)} settings predict one token ({', '.join(s.label for s in matches)}): "
+                "pick the baseline with --baseline KEY=VALUE"
+            )
         return matches[0] if matches else None
     wanted = [part.partition("=") for part in choice.split(",")]
     if not all(sep and key for key, sep, _ in wanted):
-        raise UserError(f"--baseline {choice!r} must look like KEY=VALUE[,KEY=VALUE…], "
-                        "e.g. --baseline mtp_n_tokens=1,data.task.teacherless=False")
-    matches = [s for s in settings
-               if all(str(s.runs[0].config.get(key)).lower() == value.lower() for key, _, value in wanted)]
+        raise UserError(
+            f"--baseline {choice!r} must look like KEY=VALUE[,KEY=VALUE…], "
+            "e.g. --baseline mtp_n_tokens=1,data.task.teacherless=False"
+        )
+    matches = [
+        s for s in settings if all(str(s.runs[0].config.get(key)).lower() == value.lower() for key, _, value in wanted)
+    ]
     if len(matches) != 1:
-        raise UserError(f"--baseline {choice} matches {len(matches)} settings of {[s.label for s in settings]}: "
-                        "give a field and value that pick exactly one")
+        raise UserError(
+            f"--baseline {choice} matches {len(matches)} settings of {[s.label for s in settings]}: "
+            "give a field and value that pick exactly one"
+        )
     return matches[0]
 
 
@@ -230,21 +241,31 @@ def summarize(settings: list[Setting], baseline: Setting | None) -> dict:
         for r in setting.runs:
             to_target = tokens_to_reach(r.eval_tokens, r.curve("eval/loss_1"), target) if target is not None else None
             step_time = statistics.median(r.step_times)
-            runs.append({
-                "run": r.name, "setting": setting.label, "seed": r.config["seed"],
-                "steps": r.eval_steps[-1], "tokens": r.eval_tokens[-1], "param_count": r.param_count,
-                "final": r.final,
-                "tokens_to_target": to_target,
-                # Below the target at the first evaluation: it was crossed earlier, by an unknown amount.
-                "target_before_first_eval": target is not None and r.curve("eval/loss_1")[0] < target,
-                # Steps to the target at the median step time: compute, without evaluations and saves.
-                "seconds_to_target": to_target / r.tokens_per_step * step_time if to_target is not None else None,
-                "median_step_time_s": step_time,
-                "median_tokens_per_sec": statistics.median(r.tokens_per_sec),
-                "train_time_s": r.eval_times[-1],
-            })
-    return {"baseline": baseline.label if baseline else None, "target_loss": target,
-            "comparisons": comparisons(settings, baseline) if baseline else [], "runs": runs}
+            runs.append(
+                {
+                    "run": r.name,
+                    "setting": setting.label,
+                    "seed": r.config["seed"],
+                    "steps": r.eval_steps[-1],
+                    "tokens": r.eval_tokens[-1],
+                    "param_count": r.param_count,
+                    "final": r.final,
+                    "tokens_to_target": to_target,
+                    # Below the target at the first evaluation: it was crossed earlier, by an unknown amount.
+                    "target_before_first_eval": target is not None and r.curve("eval/loss_1")[0] < target,
+                    # Steps to the target at the median step time: compute, without evaluations and saves.
+                    "seconds_to_target": to_target / r.tokens_per_step * step_time if to_target is not None else None,
+                    "median_step_time_s": step_time,
+                    "median_tokens_per_sec": statistics.median(r.tokens_per_sec),
+                    "train_time_s": r.eval_times[-1],
+                }
+            )
+    return {
+        "baseline": baseline.label if baseline else None,
+        "target_loss": target,
+        "comparisons": comparisons(settings, baseline) if baseline else [],
+        "runs": runs,
+    }
 
 
 # Final metrics compared with the baseline: key, what it is, whether higher is better.
@@ -278,8 +299,16 @@ def batch_overlap(a: Run, b: Run) -> float | None:
     ca, cb = a.config, b.config
     if a.train_tokens is None or b.train_tokens is None or str(ca.get("data.source")).startswith("task:"):
         return None
-    shared = ("seed", "batch_size", "seq_len", "num_epochs", "data.source", "data.tokenizer", "data.val_fraction",
-              "data.split_seed")
+    shared = (
+        "seed",
+        "batch_size",
+        "seq_len",
+        "num_epochs",
+        "data.source",
+        "data.tokenizer",
+        "data.val_fraction",
+        "data.split_seed",
+    )
     if a.train_tokens != b.train_tokens or any(ca.get(k) != cb.get(k) for k in shared):
         return 0.0
     tolerance = abs(n_predicted(ca) - n_predicted(cb))
@@ -287,10 +316,17 @@ def batch_overlap(a: Run, b: Run) -> float | None:
     same = 0
     try:
         for step in range(steps):
-            starts = [data_lib.global_batch_starts(r.train_tokens, window_len=r.config["seq_len"] + n_predicted(r.config),
-                                                   batch_size=r.config["batch_size"], seed=r.config["seed"],
-                                                   step=step, num_epochs=r.config.get("num_epochs", 0))
-                      for r in (a, b)]
+            starts = [
+                data_lib.global_batch_starts(
+                    r.train_tokens,
+                    window_len=r.config["seq_len"] + n_predicted(r.config),
+                    batch_size=r.config["batch_size"],
+                    seed=r.config["seed"],
+                    step=step,
+                    num_epochs=r.config.get("num_epochs", 0),
+                )
+                for r in (a, b)
+            ]
             same += int(np.sum(np.abs(starts[0] - starts[1]) <= tolerance))
     except UserError:  # the logged size does not fit the window: not a run the sampler could have fed
         return None
@@ -337,20 +373,31 @@ def comparisons(settings: list[Setting], baseline: Setting) -> list[dict]:
             apart = stats.unpaired(values, base)
             together = stats.paired(s.by_seed(key), baseline.by_seed(key)) if is_paired else None
             used = together or apart
-            out.append({"setting": s.label, "metric": key, "label": label, "higher_is_better": higher,
-                        "baseline": statistics.fmean(base), "value": statistics.fmean(values),
-                        "difference": used.difference, "standard_error": used.standard_error,
-                        "verdict": stats.verdict(used.difference, used.standard_error, higher, subject),
-                        "pairing": why, "unpaired": apart.as_dict(),
-                        "paired": together.as_dict() if together else None})
+            out.append(
+                {
+                    "setting": s.label,
+                    "metric": key,
+                    "label": label,
+                    "higher_is_better": higher,
+                    "baseline": statistics.fmean(base),
+                    "value": statistics.fmean(values),
+                    "difference": used.difference,
+                    "standard_error": used.standard_error,
+                    "verdict": stats.verdict(used.difference, used.standard_error, higher, subject),
+                    "pairing": why,
+                    "unpaired": apart.as_dict(),
+                    "paired": together.as_dict() if together else None,
+                }
+            )
     return out
 
 
 def difficulties(settings: list[Setting]) -> list[str]:
     """The task difficulties every run logged an accuracy for (e.g. m1 … m8), in order."""
     prefix = "eval/task_accuracy_"
-    keys = set.intersection(*({k[len(prefix):] for k in r.final if k.startswith(prefix)}
-                              for s in settings for r in s.runs))
+    keys = set.intersection(
+        *({k[len(prefix) :] for k in r.final if k.startswith(prefix)} for s in settings for r in s.runs)
+    )
     return sorted(keys, key=lambda k: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", k)])
 
 
@@ -366,7 +413,8 @@ DIFFERENCES_TEXT = (
     "the difference to exceed two standard errors, of the paired difference where the seeds pair. Power: "
     "the probability that as many fresh seeds reach a verdict if the true difference is this one; seeds "
     "for 80 %: the seeds a side (pairs) that would give 80 % power (normal approximation, "
-    "experiments/stats.py).")
+    "experiments/stats.py)."
+)
 
 
 def plus_minus(d: dict | None) -> str:
@@ -383,52 +431,102 @@ def comparison_row(c: dict) -> list[str]:
     cells[used is c["paired"]] = f"**{cells[used is c['paired']]}**"
     power = "—" if used["power"] is None else f"{used['power']:.0%}"
     needed = "—" if used["seeds_for_power"] is None else str(used["seeds_for_power"])
-    return [f"`{c['setting']}`", c["label"], f"{c['baseline']:.4f}", f"{c['value']:.4f}", *cells, power, needed,
-            c["verdict"]]
+    return [
+        f"`{c['setting']}`",
+        c["label"],
+        f"{c['baseline']:.4f}",
+        f"{c['value']:.4f}",
+        *cells,
+        power,
+        needed,
+        c["verdict"],
+    ]
 
 
-def results_markdown(name: str, settings: list[Setting], baseline: Setting | None, summary: dict,
-                     incomplete: list[Run], commands: list[str] = (), hosts: list[str] = ()) -> str:
+def results_markdown(
+    name: str,
+    settings: list[Setting],
+    baseline: Setting | None,
+    summary: dict,
+    incomplete: list[Run],
+    commands: list[str] = (),
+    hosts: list[str] = (),
+) -> str:
     all_runs = [r for s in settings for r in s.runs]
     heads = max(n_predicted(s.runs[0].config) for s in settings)
-    out = [*overview_section(name, settings, baseline, summary, hosts),
-           *summary_section(settings, baseline, summary),
-           *differences_section(summary),
-           *turned_up_section(settings, all_runs),
-           *task_section(settings),
-           *equal_tokens_section(settings, all_runs),
-           *per_head_section(settings, heads),
-           *acceptance_section(settings, heads),
-           "## Plots", "", "![head-1 validation loss vs tokens](loss_vs_tokens.png)", "",
-           "![validation loss per head](per_head_loss.png)", "",
-           "![head-1 validation loss vs wall-clock time](loss_vs_time.png)", ""]
+    out = [
+        *overview_section(name, settings, baseline, summary, hosts),
+        *summary_section(settings, baseline, summary),
+        *differences_section(summary),
+        *turned_up_section(settings, all_runs),
+        *task_section(settings),
+        *equal_tokens_section(settings, all_runs),
+        *per_head_section(settings, heads),
+        *acceptance_section(settings, heads),
+        "## Plots",
+        "",
+        "![head-1 validation loss vs tokens](loss_vs_tokens.png)",
+        "",
+        "![validation loss per head](per_head_loss.png)",
+        "",
+        "![head-1 validation loss vs wall-clock time](loss_vs_time.png)",
+        "",
+    ]
     if incomplete:
-        out += ["## Left out", "", "These runs did not reach num_train_steps: "
-                + ", ".join(f"`{r.name}` (step {r.eval_steps[-1] if r.eval_steps else 0})" for r in incomplete), ""]
-    out += ["## Command", "", "The sweep(s), then the report; every training's own command is in COMMAND.", "",
-            "```bash", *commands, "```", ""]
+        out += [
+            "## Left out",
+            "",
+            "These runs did not reach num_train_steps: "
+            + ", ".join(f"`{r.name}` (step {r.eval_steps[-1] if r.eval_steps else 0})" for r in incomplete),
+            "",
+        ]
+    out += [
+        "## Command",
+        "",
+        "The sweep(s), then the report; every training's own command is in COMMAND.",
+        "",
+        "```bash",
+        *commands,
+        "```",
+        "",
+    ]
     return "\n".join(out)
 
 
-def overview_section(name: str, settings: list[Setting], baseline: Setting | None, summary: dict,
-                     hosts: list[str]) -> list[str]:
+def overview_section(
+    name: str, settings: list[Setting], baseline: Setting | None, summary: dict, hosts: list[str]
+) -> list[str]:
     all_runs = [r for s in settings for r in s.runs]
     seeds = sorted({r.config["seed"] for r in all_runs})
     times = [r.eval_times[-1] for r in all_runs]
-    lengths = " or ".join(sorted({f"{r.eval_steps[-1]} steps of {r.config['batch_size']}×{r.config['seq_len']} tokens "
-                                  f"({fmt_tokens([r.eval_tokens[-1]])} tokens)" for r in all_runs}))
+    lengths = " or ".join(
+        sorted(
+            {
+                f"{r.eval_steps[-1]} steps of {r.config['batch_size']}×{r.config['seq_len']} tokens "
+                f"({fmt_tokens([r.eval_tokens[-1]])} tokens)"
+                for r in all_runs
+            }
+        )
+    )
     presets = ", ".join(sorted({f"`{r.config['preset']}`" for r in all_runs}))
-    out = [f"# {name}", "",
-           f"{len(all_runs)} runs: {len(settings)} settings × seeds {seeds}, preset {presets}, "
-           f"{lengths} each; training wall time per run "
-           f"{statistics.median(times):.0f} s median, {sum(times) / 60:.1f} min in all (logged step times, "
-           "evaluations and saves included; start-up excluded) on "
-           f"{' and '.join(hosts) if hosts else 'a machine the sweep did not record'}. These are small-scale "
-           "CPU runs: they say what MTP does for a model and a budget this small, not at scale.", ""]
+    out = [
+        f"# {name}",
+        "",
+        f"{len(all_runs)} runs: {len(settings)} settings × seeds {seeds}, preset {presets}, "
+        f"{lengths} each; training wall time per run "
+        f"{statistics.median(times):.0f} s median, {sum(times) / 60:.1f} min in all (logged step times, "
+        "evaluations and saves included; start-up excluded) on "
+        f"{' and '.join(hosts) if hosts else 'a machine the sweep did not record'}. These are small-scale "
+        "CPU runs: they say what MTP does for a model and a budget this small, not at scale.",
+        "",
+    ]
     if baseline:
-        out += [f"Baseline: `{baseline.label}`; its final head-1 validation loss "
-                f"{summary['target_loss']:.4f} (mean over seeds) is the target below. ± is the sample standard "
-                "deviation over seeds; times are medians over logged intervals (the first excluded).", ""]
+        out += [
+            f"Baseline: `{baseline.label}`; its final head-1 validation loss "
+            f"{summary['target_loss']:.4f} (mean over seeds) is the target below. ± is the sample standard "
+            "deviation over seeds; times are medians over logged intervals (the first excluded).",
+            "",
+        ]
     else:
         out += ["No setting predicts a single token: pass `--baseline KEY=VALUE` for targets and ratios.", ""]
     return out
@@ -467,49 +565,121 @@ def summary_section(settings: list[Setting], baseline: Setting | None, summary: 
             efficiency = time_to = "—"
         else:
             to_target = efficiency = time_to = "—"
-        rows.append([f"`{s.label}`", f"{s.runs[0].param_count / 1e6:.2f} M" if s.runs[0].param_count else "—",
-                     str(len(runs)), fmt(s.finals("eval/loss_1")), fmt(s.finals("eval/bits_per_byte")),
-                     to_target, efficiency, time_to, f"{step_time * 1e3:.0f} ms{_ratio(step_time, base_time)}",
-                     f"{tok_s:.0f}{_ratio(tok_s, base_tok_s)}"])
-    return ["## Summary", "", markdown_table(
-        ["setting", "params", "seeds", "final head-1 eval loss", "bits per byte", "tokens to baseline's final loss",
-         "data efficiency", "training time to it (× baseline's)", "step time (× baseline)",
-         "tokens/s (× baseline)"], rows), "",
+        rows.append(
+            [
+                f"`{s.label}`",
+                f"{s.runs[0].param_count / 1e6:.2f} M" if s.runs[0].param_count else "—",
+                str(len(runs)),
+                fmt(s.finals("eval/loss_1")),
+                fmt(s.finals("eval/bits_per_byte")),
+                to_target,
+                efficiency,
+                time_to,
+                f"{step_time * 1e3:.0f} ms{_ratio(step_time, base_time)}",
+                f"{tok_s:.0f}{_ratio(tok_s, base_tok_s)}",
+            ]
+        )
+    return [
+        "## Summary",
+        "",
+        markdown_table(
+            [
+                "setting",
+                "params",
+                "seeds",
+                "final head-1 eval loss",
+                "bits per byte",
+                "tokens to baseline's final loss",
+                "data efficiency",
+                "training time to it (× baseline's)",
+                "step time (× baseline)",
+                "tokens/s (× baseline)",
+            ],
+            rows,
+        ),
+        "",
         "Tokens to the baseline's final loss: linear interpolation between evaluations. Data efficiency: "
         "the baseline's tokens divided by those. Training time to it: those tokens' steps at the median "
         "step time (evaluations and saves not counted), against the baseline's whole run. ≤ and ≥: some "
         "seed was below the target already at its first evaluation, so the tokens (and time) are at most, "
-        "the efficiency at least, these.", ""]
+        "the efficiency at least, these.",
+        "",
+    ]
 
 
 def differences_section(summary: dict) -> list[str]:
     if not summary["comparisons"]:
         return []
-    return ["## Differences from the baseline", "", DIFFERENCES_TEXT, "",
-            *sorted({f"- `{c['setting']}`: {c['pairing']}." for c in summary["comparisons"]}), "",
-            markdown_table(["setting", "metric", "baseline", "setting's", "unpaired: difference ± s.e.",
-                            "paired: difference ± s.e.", "power", "seeds for 80 %", "verdict"],
-                           [comparison_row(c) for c in summary["comparisons"]]), ""]
+    return [
+        "## Differences from the baseline",
+        "",
+        DIFFERENCES_TEXT,
+        "",
+        *sorted({f"- `{c['setting']}`: {c['pairing']}." for c in summary["comparisons"]}),
+        "",
+        markdown_table(
+            [
+                "setting",
+                "metric",
+                "baseline",
+                "setting's",
+                "unpaired: difference ± s.e.",
+                "paired: difference ± s.e.",
+                "power",
+                "seeds for 80 %",
+                "verdict",
+            ],
+            [comparison_row(c) for c in summary["comparisons"]],
+        ),
+        "",
+    ]
 
 
 def turned_up_section(settings: list[Setting], all_runs: list[Run]) -> list[str]:
     if not loss_turned_up(all_runs):
         return []
-    return ["## Where the validation loss turns up", "", markdown_table(
-        ["setting", "lowest head-1 eval loss", "at step", "at epoch", "final head-1 eval loss"],
-        [[f"`{s.label}`", fmt(s.finals("min_eval/loss_1")), fmt(s.finals("min_eval/loss_1_step"), 0),
-          fmt(s.finals("min_eval/loss_1_epoch"), 1), fmt(s.finals("eval/loss_1"))] for s in settings]), ""]
+    return [
+        "## Where the validation loss turns up",
+        "",
+        markdown_table(
+            ["setting", "lowest head-1 eval loss", "at step", "at epoch", "final head-1 eval loss"],
+            [
+                [
+                    f"`{s.label}`",
+                    fmt(s.finals("min_eval/loss_1")),
+                    fmt(s.finals("min_eval/loss_1_step"), 0),
+                    fmt(s.finals("min_eval/loss_1_epoch"), 1),
+                    fmt(s.finals("eval/loss_1")),
+                ]
+                for s in settings
+            ],
+        ),
+        "",
+    ]
 
 
 def task_section(settings: list[Setting]) -> list[str]:
     levels = difficulties(settings)
     if not levels:
         return []
-    return ["## Task accuracy per difficulty (final step)", "",
-            "Greedy answers to held-out problems, exact match; mean ± s.d. over seeds.", "", markdown_table(
-                ["setting", *levels, "all"],
-                [[f"`{s.label}`", *(fmt(s.finals(f"eval/task_accuracy_{k}"), 3) for k in levels),
-                  fmt(s.finals("eval/task_accuracy"), 3)] for s in settings]), ""]
+    return [
+        "## Task accuracy per difficulty (final step)",
+        "",
+        "Greedy answers to held-out problems, exact match; mean ± s.d. over seeds.",
+        "",
+        markdown_table(
+            ["setting", *levels, "all"],
+            [
+                [
+                    f"`{s.label}`",
+                    *(fmt(s.finals(f"eval/task_accuracy_{k}"), 3) for k in levels),
+                    fmt(s.finals("eval/task_accuracy"), 3),
+                ]
+                for s in settings
+            ],
+        ),
+        "",
+    ]
 
 
 def equal_tokens_section(settings: list[Setting], all_runs: list[Run]) -> list[str]:
@@ -518,28 +688,55 @@ def equal_tokens_section(settings: list[Setting], all_runs: list[Run]) -> list[s
     for key, title in (("eval/loss_1", "Head-1 validation loss"), ("eval/bits_per_byte", "Validation bits per byte")):
         if not any(key in e for r in all_runs for e in r.evals):
             continue
-        out += [f"## {title} at equal tokens", "", markdown_table(
-            ["setting", *(fmt_tokens([t]) for t in token_points)],
-            [[f"`{s.label}`", *(fmt(s.at_tokens(key, t)) for t in token_points)] for s in settings]), ""]
+        out += [
+            f"## {title} at equal tokens",
+            "",
+            markdown_table(
+                ["setting", *(fmt_tokens([t]) for t in token_points)],
+                [[f"`{s.label}`", *(fmt(s.at_tokens(key, t)) for t in token_points)] for s in settings],
+            ),
+            "",
+        ]
     return out
 
 
 def per_head_section(settings: list[Setting], heads: int) -> list[str]:
-    return ["## Final validation loss per head", "", "Head k predicts token t+k.", "", markdown_table(
-        ["setting", *(f"head {k}" for k in range(1, heads + 1))],
-        [[f"`{s.label}`", *(fmt(s.finals(f"eval/loss_{k}")) for k in range(1, heads + 1))] for s in settings]), ""]
+    return [
+        "## Final validation loss per head",
+        "",
+        "Head k predicts token t+k.",
+        "",
+        markdown_table(
+            ["setting", *(f"head {k}" for k in range(1, heads + 1))],
+            [[f"`{s.label}`", *(fmt(s.finals(f"eval/loss_{k}")) for k in range(1, heads + 1))] for s in settings],
+        ),
+        "",
+    ]
 
 
 def acceptance_section(settings: list[Setting], heads: int) -> list[str]:
     if heads == 1:
         return []
-    return ["## Draft acceptance (teacher-forced, final step)", "",
-            "With the true text as context, the share of positions where head k's greedy token equals "
-            "head 1's greedy token at the position it drafts for (the self-speculative decoding check); "
-            "tokens per verify pass = 1 + the expected run of accepted drafts.", "", markdown_table(
-                ["setting", *(f"head {k}" for k in range(2, heads + 1)), "tokens per verify pass"],
-                [[f"`{s.label}`", *(fmt(s.finals(f"generate/acceptance_{k}"), 3) for k in range(2, heads + 1)),
-                  fmt(s.finals("generate/mean_accepted"), 2)] for s in settings]), ""]
+    return [
+        "## Draft acceptance (teacher-forced, final step)",
+        "",
+        "With the true text as context, the share of positions where head k's greedy token equals "
+        "head 1's greedy token at the position it drafts for (the self-speculative decoding check); "
+        "tokens per verify pass = 1 + the expected run of accepted drafts.",
+        "",
+        markdown_table(
+            ["setting", *(f"head {k}" for k in range(2, heads + 1)), "tokens per verify pass"],
+            [
+                [
+                    f"`{s.label}`",
+                    *(fmt(s.finals(f"generate/acceptance_{k}"), 3) for k in range(2, heads + 1)),
+                    fmt(s.finals("generate/mean_accepted"), 2),
+                ]
+                for s in settings
+            ],
+        ),
+        "",
+    ]
 
 
 def plot(settings: list[Setting], out_dir: pathlib.Path) -> None:
@@ -550,8 +747,10 @@ def plot(settings: list[Setting], out_dir: pathlib.Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    for x, name, xlabel in (("tokens", "loss_vs_tokens.png", "tokens seen"),
-                            ("seconds", "loss_vs_time.png", "wall-clock time of training, evaluations and saves (s)")):
+    for x, name, xlabel in (
+        ("tokens", "loss_vs_tokens.png", "tokens seen"),
+        ("seconds", "loss_vs_time.png", "wall-clock time of training, evaluations and saves (s)"),
+    ):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for s in settings:
             xs, mean, std = s.mean_curve("eval/loss_1", x)
@@ -585,14 +784,20 @@ def command_record(sweep_dir: pathlib.Path, report_argv: list[str]) -> str:
         path = sweep_dir / name
         return path.read_text() if path.exists() else f"(no {name} file in {sweep_dir})\n"
 
-    return ("# sweep command(s), as recorded by experiments/sweep.py\n" + read("SWEEP")
-            + f"# report, at commit {git_commit()}\n"
-            + shlex.join(["python", "experiments/report.py", *report_argv]) + "\n"
-            + "# the trainings the sweep ran\n" + read("COMMANDS"))
+    return (
+        "# sweep command(s), as recorded by experiments/sweep.py\n"
+        + read("SWEEP")
+        + f"# report, at commit {git_commit()}\n"
+        + shlex.join(["python", "experiments/report.py", *report_argv])
+        + "\n"
+        + "# the trainings the sweep ran\n"
+        + read("COMMANDS")
+    )
 
 
-def report(sweep_dir: pathlib.Path, out_dir: pathlib.Path, baseline: str | None = None,
-           report_argv: list[str] = ()) -> dict:
+def report(
+    sweep_dir: pathlib.Path, out_dir: pathlib.Path, baseline: str | None = None, report_argv: list[str] = ()
+) -> dict:
     """Write results.md, runs.json, the plots and COMMAND for the runs in `sweep_dir`; return runs.json's content."""
     workdirs = [p.parent for p in sorted(sweep_dir.glob("*/metrics.jsonl")) if (p.parent / "config.json").exists()]
     if not workdirs:
@@ -612,8 +817,9 @@ def report(sweep_dir: pathlib.Path, out_dir: pathlib.Path, baseline: str | None 
     sweeps = [line for line in recorded if line and not line.startswith("#")]
     hosts = sorted({m.group(1) for line in recorded if (m := re.match(r"# at commit .* on (.+)$", line))})
     commands = [*sweeps, shlex.join(["python", "experiments/report.py", *report_argv])]
-    (out_dir / "results.md").write_text(results_markdown(sweep_dir.name, settings, base, summary, incomplete, commands,
-                                                         hosts))
+    (out_dir / "results.md").write_text(
+        results_markdown(sweep_dir.name, settings, base, summary, incomplete, commands, hosts)
+    )
     (out_dir / "COMMAND").write_text(command_record(sweep_dir, list(report_argv)))
     plot(settings, out_dir)
     return summary
@@ -622,12 +828,17 @@ def report(sweep_dir: pathlib.Path, out_dir: pathlib.Path, baseline: str | None 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", nargs="?", help="the sweep's --name")
-    parser.add_argument("--baseline", help="KEY=VALUE[,KEY=VALUE…] picking the reference setting "
-                                           "(default: the one with mtp_n_tokens=1)")
+    parser.add_argument(
+        "--baseline", help="KEY=VALUE[,KEY=VALUE…] picking the reference setting (default: the one with mtp_n_tokens=1)"
+    )
     parser.add_argument("--runs_dir", default=str(ROOT / "experiments" / "runs"))
     parser.add_argument("--results_dir", default=str(ROOT / "experiments" / "results"))
-    parser.add_argument("--pool", nargs="+", metavar="NAME",
-                        help="pool these reported sweeps (one command, disjoint seeds) instead of reporting one")
+    parser.add_argument(
+        "--pool",
+        nargs="+",
+        metavar="NAME",
+        help="pool these reported sweeps (one command, disjoint seeds) instead of reporting one",
+    )
     parser.add_argument("--pool_name", help="where the pooled report goes (default: FIRST_pooled)")
     args = parser.parse_args(argv)
     if args.pool:
@@ -639,6 +850,7 @@ def main(argv: list[str]) -> None:
     out_dir = pathlib.Path(args.results_dir) / args.name
     summary = report(pathlib.Path(args.runs_dir) / args.name, out_dir, args.baseline, argv)
     print(f"wrote {out_dir}/: results.md, runs.json, COMMAND, 3 plots ({len(summary['runs'])} runs)")
+
 
 if __name__ == "__main__":
     try:

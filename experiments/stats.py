@@ -26,8 +26,8 @@ class Difference:
 
     difference: float
     standard_error: float | None  # None with a single seed on a side
-    spread: float | None          # sqrt(s²_a + s²_b) unpaired, s_differences paired
-    seeds: int                    # seeds a side (pairs, when paired)
+    spread: float | None  # sqrt(s²_a + s²_b) unpaired, s_differences paired
+    seeds: int  # seeds a side (pairs, when paired)
     paired: bool
 
     @property
@@ -45,9 +45,15 @@ class Difference:
         return max(2, math.ceil(((VERDICT_SE + Z_POWER) * self.spread / self.difference) ** 2))
 
     def as_dict(self) -> dict:
-        return {"difference": self.difference, "standard_error": self.standard_error, "spread": self.spread,
-                "seeds": self.seeds, "paired": self.paired, "power": self.power,
-                "seeds_for_power": self.seeds_for_power}
+        return {
+            "difference": self.difference,
+            "standard_error": self.standard_error,
+            "spread": self.spread,
+            "seeds": self.seeds,
+            "paired": self.paired,
+            "power": self.power,
+            "seeds_for_power": self.seeds_for_power,
+        }
 
 
 def normal_cdf(x: float) -> float:
@@ -61,8 +67,9 @@ def unpaired(values: list[float], base: list[float]) -> Difference:
     if len(values) < 2 or len(base) < 2:
         return Difference(d, None, None, min(len(values), len(base)), paired=False)
     va, vb = statistics.variance(values), statistics.variance(base)
-    return Difference(d, (va / len(values) + vb / len(base)) ** 0.5, (va + vb) ** 0.5,
-                      min(len(values), len(base)), paired=False)
+    return Difference(
+        d, (va / len(values) + vb / len(base)) ** 0.5, (va + vb) ** 0.5, min(len(values), len(base)), paired=False
+    )
 
 
 def paired(values: dict, base: dict) -> Difference:

@@ -82,8 +82,12 @@ def run_name(point: dict[str, str]) -> str:
 
 
 def main_command(launcher: list[str], config_arg: str, workdir: str, overrides: dict[str, str]) -> list[str]:
-    return [*launcher, f"--config={config_arg}", f"--workdir={workdir}",
-            *(f"--config.{k}={v}" for k, v in overrides.items())]
+    return [
+        *launcher,
+        f"--config={config_arg}",
+        f"--workdir={workdir}",
+        *(f"--config.{k}={v}" for k, v in overrides.items()),
+    ]
 
 
 def finished(workdir: pathlib.Path, total_steps: int) -> bool:
@@ -100,10 +104,16 @@ def default_launcher() -> list[str]:
 
 def git_commit() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return head + (" with uncommitted changes" if dirty else "")
@@ -130,6 +140,7 @@ def last_line(path: pathlib.Path) -> str:
 
 class Planned(typing.NamedTuple):
     """One training of the grid."""
+
     name: str  # k1=v1,k2=v2: its folder under RUNS_DIR/NAME
     command: list[str]
     workdir: pathlib.Path
@@ -181,8 +192,9 @@ class Runner:
                 if proc.returncode == 0:  # a training that was asked to stop saves and exits 0
                     print(f"{run.label} stopped before step {run.steps}: rerun the sweep to resume it", flush=True)
                 else:
-                    print(f"{run.label} FAILED (exit {proc.returncode}): {last_line(run.workdir / 'run.log')}",
-                          flush=True)
+                    print(
+                        f"{run.label} FAILED (exit {proc.returncode}): {last_line(run.workdir / 'run.log')}", flush=True
+                    )
             time.sleep(0.1)
         return failures
 
@@ -193,8 +205,9 @@ class Runner:
         log = (workdir / "run.log").open("a")
         log.write(f"--- sweep.py {time.strftime('%Y-%m-%d %H:%M:%S')}: {shlex.join(planned.command)}\n")
         log.flush()
-        proc = subprocess.Popen(planned.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            planned.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         self.running[proc] = Running(label, workdir, planned.steps, log, time.monotonic())
         print(f"{label} {'resuming' if resuming else 'started'} (log: {workdir / 'run.log'})", flush=True)
 
@@ -203,17 +216,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="config file and preset, e.g. configs/mtp3.py:nano")
     parser.add_argument("--name", required=True, help="sweep name: runs go to RUNS_DIR/NAME/")
-    parser.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,…",
-                        help="a config field and its values (repeatable; the grid is their product)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a config override for every run (repeatable)")
+    parser.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,…",
+        help="a config field and its values (repeatable; the grid is their product)",
+    )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every run (repeatable)"
+    )
     parser.add_argument("--parallel", type=int, default=1, help="trainings at a time (default 1)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
-    parser.add_argument("--runs_dir", default=os.path.relpath(ROOT / "experiments" / "runs"),
-                        help="where sweeps keep their runs (default: experiments/runs)")
-    parser.add_argument("--launcher", default=None,
-                        help="command that takes main's flags, e.g. './launch.sh local 2' "
-                             "(default: this Python's -m mtp_jax.main)")
+    parser.add_argument(
+        "--runs_dir",
+        default=os.path.relpath(ROOT / "experiments" / "runs"),
+        help="where sweeps keep their runs (default: experiments/runs)",
+    )
+    parser.add_argument(
+        "--launcher",
+        default=None,
+        help="command that takes main's flags, e.g. './launch.sh local 2' (default: this Python's -m mtp_jax.main)",
+    )
     return parser.parse_args(argv)
 
 
@@ -247,8 +271,9 @@ def plan(args: argparse.Namespace) -> list[Planned]:
         steps = str(point.get("num_train_steps", fixed.get("num_train_steps", config.num_train_steps)))
         if not steps.isdigit():
             raise UserError(f"num_train_steps={steps!r} must be a whole number of steps")
-        runs.append(Planned(name, main_command(launcher, args.config, str(workdir), {**fixed, **point}), workdir,
-                            int(steps)))
+        runs.append(
+            Planned(name, main_command(launcher, args.config, str(workdir), {**fixed, **point}), workdir, int(steps))
+        )
     return runs
 
 
@@ -261,8 +286,10 @@ def main(argv: list[str]) -> int:
         return 0
     sweep_dir = pathlib.Path(args.runs_dir) / args.name
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    append_new_lines(sweep_dir / "SWEEP", [f"# at commit {git_commit()} on {host()}",
-                                           shlex.join(["python", "experiments/sweep.py", *argv])])
+    append_new_lines(
+        sweep_dir / "SWEEP",
+        [f"# at commit {git_commit()} on {host()}", shlex.join(["python", "experiments/sweep.py", *argv])],
+    )
     append_new_lines(sweep_dir / "COMMANDS", commands)
 
     jobs = []
@@ -275,8 +302,7 @@ def main(argv: list[str]) -> int:
     runner = Runner(args.parallel)
     failures = runner.run_all(jobs)
     if runner.signal is not None:
-        print(f"interrupted by {signal.Signals(runner.signal).name}: rerun the same command to continue",
-              flush=True)
+        print(f"interrupted by {signal.Signals(runner.signal).name}: rerun the same command to continue", flush=True)
         return 128 + runner.signal
     if failures:
         print(f"{failures} of {len(runs)} runs did not finish; see run.log in their workdirs", flush=True)

@@ -35,18 +35,36 @@ ROWS = (
     ("polyarith_small", "eval/task_accuracy_m2", "the same, two operations (beyond training)"),
     ("pathstar_small", "eval/task_accuracy", "path-star graph G(2, 3, 10): exact paths", "teacherless=False"),
     ("pathstar_small", "eval/loss_1", "the same: head-1 validation loss on answers", "teacherless=False"),
-    ("pathstar_small", "eval/task_accuracy", "the same, teacherless training (not MTP): exact paths",
-     "teacherless=True"),
+    (
+        "pathstar_small",
+        "eval/task_accuracy",
+        "the same, teacherless training (not MTP): exact paths",
+        "teacherless=True",
+    ),
     ("data_constrained_pooled", "eval/loss_1", "6 epochs of `stdlib/email`, 1.1 M parameters: head-1 validation loss"),
-    ("reproduction_pooled", "eval/loss_1",
-     "4.2 epochs of `stdlib/email`, 3.5 M parameters (the reproduction command): head-1 validation loss"),
-    ("overfitting_pooled", "min_eval/loss_1",
-     "10 epochs of `stdlib/email`, 3.5 M parameters: lowest head-1 validation loss"),
+    (
+        "reproduction_pooled",
+        "eval/loss_1",
+        "4.2 epochs of `stdlib/email`, 3.5 M parameters (the reproduction command): head-1 validation loss",
+    ),
+    (
+        "overfitting_pooled",
+        "min_eval/loss_1",
+        "10 epochs of `stdlib/email`, 3.5 M parameters: lowest head-1 validation loss",
+    ),
     ("overfitting_pooled", "min_eval/loss_1_epoch", "the same: epoch of the lowest loss (later: overfits later)"),
-    ("schedules", "eval/bits_per_byte", "forward curriculum vs constant weights, n = 4: bits per byte",
-     "curriculum=forward"),
-    ("schedules", "eval/bits_per_byte", "stepped weight (1 → 0.1 at 70 %) vs constant, n = 4: bits per byte",
-     "weight_schedule=stepped"),
+    (
+        "schedules",
+        "eval/bits_per_byte",
+        "forward curriculum vs constant weights, n = 4: bits per byte",
+        "curriculum=forward",
+    ),
+    (
+        "schedules",
+        "eval/bits_per_byte",
+        "stepped weight (1 → 0.1 at 70 %) vs constant, n = 4: bits per byte",
+        "weight_schedule=stepped",
+    ),
 )
 
 
@@ -69,8 +87,10 @@ def power(c: dict) -> float | None:
 
 
 def table(results_dir: pathlib.Path, rows=ROWS) -> str:
-    lines = ["| setting | baseline | best MTP setting | difference ± s.e. | seeds a side | power | verdict |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| setting | baseline | best MTP setting | difference ± s.e. | seeds a side | power | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, metric, about, *only in rows:
         path = results_dir / name / "runs.json"
         if not path.exists():
@@ -96,10 +116,12 @@ def table(results_dir: pathlib.Path, rows=ROWS) -> str:
             if not summary.get("pooled_from"):  # never seen again on fresh seeds
                 marks.append("one set of seeds")
         weak = f" ({'; '.join(marks)})" if marks else ""
-        lines.append(f"| {about} ({link}) | `{summary['baseline']}`: {c['baseline']:.4f} "
-                     f"| `{c['setting']}`: {c['value']:.4f} "
-                     f"| {c['difference']:+.4f}{se}{paired} | {seeds}{sets} "
-                     f"| {'—' if p is None else f'{p:.0%}'} | {c['verdict']}{weak} |")
+        lines.append(
+            f"| {about} ({link}) | `{summary['baseline']}`: {c['baseline']:.4f} "
+            f"| `{c['setting']}`: {c['value']:.4f} "
+            f"| {c['difference']:+.4f}{se}{paired} | {seeds}{sets} "
+            f"| {'—' if p is None else f'{p:.0%}'} | {c['verdict']}{weak} |"
+        )
     return "\n".join(lines)
 
 

@@ -30,9 +30,9 @@ def teacher_forced_acceptance(graphdef, chunk_size: int, params, window: jax.Arr
     greedy = [model.greedy(k, h, chunk_size) for k, h in enumerate(model.hidden_states(window, t), 1)]
     metrics, prefix, expected = {}, True, 1.0
     for k in range(2, n + 1):
-        agree = greedy[k - 1][:, :t - k + 1] == greedy[0][:, k - 1:]  # [B, T - k + 1]
+        agree = greedy[k - 1][:, : t - k + 1] == greedy[0][:, k - 1 :]  # [B, T - k + 1]
         metrics[f"acceptance_{k}"] = jnp.mean(agree)
-        prefix = prefix & agree[:, :t - n + 1]
+        prefix = prefix & agree[:, : t - n + 1]
         expected = expected + jnp.mean(prefix)
     metrics["mean_accepted"] = expected
     return metrics
@@ -57,7 +57,7 @@ def rank_acceptance(graphdef, ranks: int, params, window: jax.Array) -> jax.Arra
             rank = jnp.sum(logits > jnp.take_along_axis(logits, target[:, None], axis=-1), axis=-1)
             return jnp.mean(jax.nn.one_hot(rank, ranks), axis=0)
 
-        rows.append(jnp.mean(jax.lax.map(ranks_of, (h[:, :t - k + 1], greedy[:, k - 1:])), axis=0))
+        rows.append(jnp.mean(jax.lax.map(ranks_of, (h[:, : t - k + 1], greedy[:, k - 1 :])), axis=0))
     return jnp.stack(rows)
 
 
@@ -65,8 +65,12 @@ def tree_windows(config, val_tokens) -> np.ndarray:
     """The validation windows a tree is fitted on, [eval_batches, batch_size, seq_len + n]: those
     evaluation uses (though not aligned to a task's packed problems). Training keeps them in the
     workdir (workdir.VAL_WINDOWS)."""
-    return data_lib.eval_windows(val_tokens, window_len=config.seq_len + n_predict(config),
-                                 batch_size=config.batch_size, num_batches=config.eval_batches)
+    return data_lib.eval_windows(
+        val_tokens,
+        window_len=config.seq_len + n_predict(config),
+        batch_size=config.batch_size,
+        num_batches=config.eval_batches,
+    )
 
 
 def build_tree(model: MTPModel, windows: np.ndarray, size: int, ranks: int = 8) -> Tree:

@@ -46,8 +46,9 @@ def visible(q_positions: Array, k_positions: Array, mask: Array | None) -> Array
     return k_positions[..., None, :] <= q_positions[..., :, None]
 
 
-def reference(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array, mask: Array | None = None,
-              block_size: int = 0) -> Array:
+def reference(
+    q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array, mask: Array | None = None, block_size: int = 0
+) -> Array:
     """Softmax attention by position. q: [..., T, H]; k, v: [..., S, H] with the same leading
     dimensions; q_positions [..., T] and k_positions [..., S] broadcast against them; mask, when
     given, is a boolean array broadcastable to [..., T, S] (True = visible) that replaces the
@@ -57,8 +58,9 @@ def reference(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Arr
     return jnp.einsum("...ts,...sh->...th", probs.astype(v.dtype), v)
 
 
-def dot_product(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array, mask: Array | None = None,
-                block_size: int = 0) -> Array:
+def dot_product(
+    q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array, mask: Array | None = None, block_size: int = 0
+) -> Array:
     """jax.nn.dot_product_attention with the visibility as its boolean mask. It takes
     [B, T, N, H]: [B, N, T, H] inputs are transposed to it, any other leading dimensions are
     flattened into B with one head. cuDNN is asked for explicitly (JAX's default is XLA) where
@@ -72,8 +74,9 @@ def dot_product(q: Array, k: Array, v: Array, q_positions: Array, k_positions: A
         to_btnh = lambda a: a.reshape(-1, a.shape[-2], 1, h)  # noqa: E731
         allowed = jnp.broadcast_to(allowed, (*lead, t, k.shape[-2])).reshape(-1, 1, t, k.shape[-2])
     cudnn = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-    out = jax.nn.dot_product_attention(to_btnh(q), to_btnh(k), to_btnh(v), mask=allowed,
-                                       implementation="cudnn" if cudnn else None)
+    out = jax.nn.dot_product_attention(
+        to_btnh(q), to_btnh(k), to_btnh(v), mask=allowed, implementation="cudnn" if cudnn else None
+    )
     return out.swapaxes(1, 2) if len(lead) == 2 else out.reshape(q.shape)
 
 
@@ -85,12 +88,19 @@ def _blocks(x: Array, axis: int, size: int, fill) -> Array:
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, pad)
         x = jnp.pad(x, widths, constant_values=fill)
-    shape = x.shape[:axis % x.ndim] + (x.shape[axis] // size, size) + x.shape[axis % x.ndim + 1:]
+    shape = x.shape[: axis % x.ndim] + (x.shape[axis] // size, size) + x.shape[axis % x.ndim + 1 :]
     return jnp.moveaxis(x.reshape(shape), axis % x.ndim, 0)
 
 
-def blockwise(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array, mask: Array | None = None,
-              block_size: int = 512) -> Array:
+def blockwise(
+    q: Array,
+    k: Array,
+    v: Array,
+    q_positions: Array,
+    k_positions: Array,
+    mask: Array | None = None,
+    block_size: int = 512,
+) -> Array:
     """Exact attention in blocks of `block_size` queries x `block_size` keys (Rabe & Staats
     2021). For each query block a scan over the key blocks keeps a running maximum, softmax
     denominator and weighted sum of values (the online softmax), so at most [..., bq, bk] scores
@@ -131,8 +141,9 @@ def blockwise(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Arr
                 m_new = jax.lax.stop_gradient(jnp.maximum(m, jnp.max(scores, axis=-1)))
                 p = jnp.exp(scores - m_new[..., None])  # 0 where not allowed: m_new is finite
                 correction = jnp.exp(m - m_new)
-                acc = acc * correction[..., None] + jnp.einsum("...ts,...sh->...th", p.astype(vb.dtype), vb,
-                                                               preferred_element_type=jnp.float32)
+                acc = acc * correction[..., None] + jnp.einsum(
+                    "...ts,...sh->...th", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32
+                )
                 return acc, m_new, denominator * correction + jnp.sum(p, axis=-1)
 
             return jax.lax.cond(jnp.any(allowed), update, lambda c: c, carry), None
@@ -147,8 +158,15 @@ def blockwise(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Arr
     return out.reshape(*out.shape[:-3], -1, h)[..., :t, :].astype(v.dtype)
 
 
-def splash(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array, mask: Array | None = None,
-           block_size: int = 512) -> Array:
+def splash(
+    q: Array,
+    k: Array,
+    v: Array,
+    q_positions: Array,
+    k_positions: Array,
+    mask: Array | None = None,
+    block_size: int = 512,
+) -> Array:
     """The Pallas splash-attention kernel on TPU (as MaxText uses it), UNTESTED: no TPU was
     available. The kernel's mask is causal by index, which equals the positional rule when
     queries and keys are the same sequence, i.e. the same positions array (every uncached call

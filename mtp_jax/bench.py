@@ -61,22 +61,36 @@ from mtp_jax.flops import config_name, model_flops, vocab_size
 from mtp_jax.mtp import n_predict
 from mtp_jax.train import make_train_step
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
-                                          lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.", lock_config=False)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per configuration.")
 _SWEEP = flags.DEFINE_bool("sweep", False, "Baseline and n = 2, 3, 4 for every head type, as ratios.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Report compile-time figures only; run no step.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per configuration (the median is reported).")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps before timing.")
-_TOPOLOGY = flags.DEFINE_string("topology", None, "Compile for this TPU topology (v5p:4x4x4, or an accelerator "
-                                "type: v5p-128) on abstract inputs and report per chip; no step runs.")
-_SEARCH_MESH = flags.DEFINE_bool("search_mesh", False, "With --topology: every (data, fsdp, tensor) mesh the shapes "
-                                 "allow, ranked by predicted step time.")
-_DECODE = flags.DEFINE_list("decode", None, "With --topology: cost one decoding step on the topology's first chip "
-                            "instead of the train step: plain decoding at each of these batches, the draft "
-                            "chain, and a verify tree of each of these sizes (e.g. 1,16,64,256).")
-_XLA_FLOPS = flags.DEFINE_bool("xla_flops", True, "Cost a chunked loss's step from its loop-free twin "
-                               "(a second compilation); False reports the chunked step's own count.")
+_TOPOLOGY = flags.DEFINE_string(
+    "topology",
+    None,
+    "Compile for this TPU topology (v5p:4x4x4, or an accelerator "
+    "type: v5p-128) on abstract inputs and report per chip; no step runs.",
+)
+_SEARCH_MESH = flags.DEFINE_bool(
+    "search_mesh",
+    False,
+    "With --topology: every (data, fsdp, tensor) mesh the shapes allow, ranked by predicted step time.",
+)
+_DECODE = flags.DEFINE_list(
+    "decode",
+    None,
+    "With --topology: cost one decoding step on the topology's first chip "
+    "instead of the train step: plain decoding at each of these batches, the draft "
+    "chain, and a verify tree of each of these sizes (e.g. 1,16,64,256).",
+)
+_XLA_FLOPS = flags.DEFINE_bool(
+    "xla_flops",
+    True,
+    "Cost a chunked loss's step from its loop-free twin "
+    "(a second compilation); False reports the chunked step's own count.",
+)
 
 SWEEP_NS = (2, 3, 4)
 
@@ -101,8 +115,9 @@ def xla_flops(compiled, n_devices: int) -> float:
     return float(cost.get("flops", 0.0)) * n_devices
 
 
-def bench_config(config, *, compile_only: bool, steps: int, warmup: int, peak: float | None,
-                 twin_flops: bool = True) -> dict:
+def bench_config(
+    config, *, compile_only: bool, steps: int, warmup: int, peak: float | None, twin_flops: bool = True
+) -> dict:
     """Compile (and unless compile_only, time) the train step of one configuration. twin_flops=False
     skips the loop-free twin's compilation (flops_per_step then counts a chunked loss's scan
     body once)."""
@@ -128,7 +143,9 @@ def bench_config(config, *, compile_only: bool, steps: int, warmup: int, peak: f
         "argument_bytes": memory.argument_size_in_bytes,
         "output_bytes": memory.output_size_in_bytes,
         "compile_s": compile_s,
-        "step_time_s": None, "tokens_per_sec": None, "mfu": None,
+        "step_time_s": None,
+        "tokens_per_sec": None,
+        "mfu": None,
     }
     if compile_only:
         return result
@@ -149,8 +166,10 @@ def make_stepper(config, setup, mesh, n_steps: int):
     synchronised with block_until_ready. A non-finite loss raises."""
     shape = (n_steps, config.batch_size, config.seq_len + n_predict(config))
     spec = jax.sharding.PartitionSpec(None, *sharding.batch_sharding(mesh).spec)
-    windows = jax.jit(lambda key: jax.random.randint(key, shape, 0, vocab_size(config)),
-                      out_shardings=jax.sharding.NamedSharding(mesh, spec))(jax.random.key(config.seed))
+    windows = jax.jit(
+        lambda key: jax.random.randint(key, shape, 0, vocab_size(config)),
+        out_shardings=jax.sharding.NamedSharding(mesh, spec),
+    )(jax.random.key(config.seed))
     state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
     jax.block_until_ready((windows, state))
     taken = 0
@@ -171,6 +190,7 @@ def make_stepper(config, setup, mesh, n_steps: int):
 
 def sweep_configs(config) -> list:
     """The baseline, then n = 2, 3, 4 for each head type, all otherwise equal to `config`."""
+
     def variant(use_mtp: bool, n: int, head_type: str):
         c = config.copy_and_resolve_references()
         c.use_mtp, c.mtp_n_tokens, c.mtp_head_type = use_mtp, n, head_type
@@ -183,8 +203,10 @@ def table(results: list[dict], peak: float | None) -> str:
     """A human-readable table; in a sweep, time, memory and FLOPs are also given as ratios to row 1."""
     base = results[0]
     ratio = lambda r, key: "" if base[key] in (None, 0) or r[key] is None else f"{r[key] / base[key]:.2f}x"  # noqa: E731
-    lines = [f"{'config':<22} {'params':>9} {'GFLOP/step':>11} {'model GF':>9} {'temp MiB':>9} {'arg MiB':>8} "
-             f"{'step s':>8} {'tok/s':>8} {'MFU':>6} {'time':>6} {'temp':>6} {'FLOPs':>6}"]
+    lines = [
+        f"{'config':<22} {'params':>9} {'GFLOP/step':>11} {'model GF':>9} {'temp MiB':>9} {'arg MiB':>8} "
+        f"{'step s':>8} {'tok/s':>8} {'MFU':>6} {'time':>6} {'temp':>6} {'FLOPs':>6}"
+    ]
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in results:
         lines.append(
@@ -192,7 +214,8 @@ def table(results: list[dict], peak: float | None) -> str:
             f"{r['model_flops_per_step'] / 1e9:>9.1f} {r['temp_bytes'] / 2**20:>9.1f} {r['argument_bytes'] / 2**20:>8.1f} "
             f"{fmt(r['step_time_s'], '8.3f')} {fmt(r['tokens_per_sec'], '8.0f')} "
             f"{'-' if r['mfu'] is None else format(100 * r['mfu'], '5.1f') + '%'} "
-            f"{ratio(r, 'step_time_s'):>6} {ratio(r, 'temp_bytes'):>6} {ratio(r, 'flops_per_step'):>6}")
+            f"{ratio(r, 'step_time_s'):>6} {ratio(r, 'temp_bytes'):>6} {ratio(r, 'flops_per_step'):>6}"
+        )
     if peak is not None:
         lines.append(f"MFU against a measured peak of {peak / 1e9:.0f} GFLOP/s")
     return "\n".join(lines)
@@ -200,15 +223,21 @@ def table(results: list[dict], peak: float | None) -> str:
 
 def main(argv) -> None:
     if len(argv) > 1 or _CONFIG.value is None:
-        fail("usage: python -m mtp_jax.bench --config=configs/mtp3.py:PRESET [--config.KEY=V …] "
-             "[--json] [--sweep] [--compile_only] [--topology=v5p:4x4x4 [--search_mesh]]")
+        fail(
+            "usage: python -m mtp_jax.bench --config=configs/mtp3.py:PRESET [--config.KEY=V …] "
+            "[--json] [--sweep] [--compile_only] [--topology=v5p:4x4x4 [--search_mesh]]"
+        )
     config = _CONFIG.value
     if not _COMPILE_ONLY.value and _TOPOLOGY.value is None and (_STEPS.value < 1 or _WARMUP.value < 0):
-        fail(f"--steps={_STEPS.value} --warmup={_WARMUP.value}: time at least one step after zero or more warm-up "
-             "steps (e.g. --steps=10 --warmup=2), or pass --compile_only to time none")
+        fail(
+            f"--steps={_STEPS.value} --warmup={_WARMUP.value}: time at least one step after zero or more warm-up "
+            "steps (e.g. --steps=10 --warmup=2), or pass --compile_only to time none"
+        )
     if _DECODE.value and _SEARCH_MESH.value:
-        fail("--search_mesh ranks meshes of the train step, and --decode costs one chip, which has no mesh: "
-             "drop one of them")
+        fail(
+            "--search_mesh ranks meshes of the train step, and --decode costs one chip, which has no mesh: "
+            "drop one of them"
+        )
     if _TOPOLOGY.value is not None:
         # Only the host's CPU runs here, even on a TPU VM whose chips are busy: libtpu describes
         # the topology's chips without opening them.
@@ -217,8 +246,9 @@ def main(argv) -> None:
             if _DECODE.value:
                 tpu_plan.main_decode(config, _TOPOLOGY.value, tpu_plan.decode_sizes(_DECODE.value), _JSON.value)
                 return
-            tpu_plan.main_topology(sweep_configs(config) if _SWEEP.value else [config], _TOPOLOGY.value,
-                                   _SEARCH_MESH.value, _JSON.value)
+            tpu_plan.main_topology(
+                sweep_configs(config) if _SWEEP.value else [config], _TOPOLOGY.value, _SEARCH_MESH.value, _JSON.value
+            )
         except UserError as e:
             fail(str(e))
         return
@@ -229,13 +259,24 @@ def main(argv) -> None:
     configs = sweep_configs(config) if _SWEEP.value else [config]
     peak = None if _COMPILE_ONLY.value else measure_peak_flops(config.model.dtype)
     if peak is not None:
-        print(f"peak: {peak / 1e9:.0f} GFLOP/s ({config.model.dtype} {2048}^3 matmul) on "
-              f"{jax.device_count()} {jax.devices()[0].platform} device(s)", file=sys.stderr)
+        print(
+            f"peak: {peak / 1e9:.0f} GFLOP/s ({config.model.dtype} {2048}^3 matmul) on "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s)",
+            file=sys.stderr,
+        )
     results = []
     try:
         for c in configs:
-            results.append(bench_config(c, compile_only=_COMPILE_ONLY.value, steps=_STEPS.value,
-                                        warmup=_WARMUP.value, peak=peak, twin_flops=_XLA_FLOPS.value))
+            results.append(
+                bench_config(
+                    c,
+                    compile_only=_COMPILE_ONLY.value,
+                    steps=_STEPS.value,
+                    warmup=_WARMUP.value,
+                    peak=peak,
+                    twin_flops=_XLA_FLOPS.value,
+                )
+            )
             if _JSON.value:
                 print(json.dumps({**results[-1], "peak_flops": peak}), flush=True)
     except UserError as e:

@@ -41,18 +41,27 @@ class Checkpointer:
         self.directory = pathlib.Path(directory).absolute()
         self.unusable = self.directory.with_name(UNUSABLE)
         self.read_only = read_only
-        options = (ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False) if read_only else
-                   ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                                cleanup_tmp_directories=True))  # leftovers of kill -9
+        options = (
+            ocp.CheckpointManagerOptions(create=False, enable_async_checkpointing=False)
+            if read_only
+            else ocp.CheckpointManagerOptions(
+                max_to_keep=keep, enable_async_checkpointing=True, cleanup_tmp_directories=True
+            )
+        )  # leftovers of kill -9
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory,
-                item_handlers={"state": ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler(),
-                               "fingerprint": ocp.JsonCheckpointHandler()},  # the former can restore a part
-                options=options)
+                item_handlers={
+                    "state": ocp.PyTreeCheckpointHandler() if read_only else ocp.StandardCheckpointHandler(),
+                    "fingerprint": ocp.JsonCheckpointHandler(),
+                },  # the former can restore a part
+                options=options,
+            )
         except OSError as e:
-            raise UserError(f"cannot create the checkpoint directory {self.directory} ({e.strerror or e}): "
-                            "pass a --workdir on a writable disk") from None
+            raise UserError(
+                f"cannot create the checkpoint directory {self.directory} ({e.strerror or e}): "
+                "pass a --workdir on a writable disk"
+            ) from None
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -65,8 +74,13 @@ class Checkpointer:
         if not finite:  # train_step never lets a non-finite value into the state; refuse to persist one
             raise RuntimeError(f"refusing to save a checkpoint at step {step}: the state holds non-finite values")
         with self._write_errors():
-            self.manager.save(step, force=True, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), fingerprint=ocp.args.JsonSave(sums.tolist())))
+            self.manager.save(
+                step,
+                force=True,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), fingerprint=ocp.args.JsonSave(sums.tolist())
+                ),
+            )
 
     def wait(self) -> None:
         with self._write_errors():
@@ -85,9 +99,11 @@ class Checkpointer:
             newest = self.manager.latest_step()
             with contextlib.suppress(Exception):  # joins orbax's threads, which re-raise the same failure
                 self.manager.close()
-            raise UserError(f"could not write a checkpoint to {self.directory} ({_first_line(e)}): free disk space "
-                            f"or fix the directory's permissions; the newest complete checkpoint is step "
-                            f"{newest}") from None
+            raise UserError(
+                f"could not write a checkpoint to {self.directory} ({_first_line(e)}): free disk space "
+                f"or fix the directory's permissions; the newest complete checkpoint is step "
+                f"{newest}"
+            ) from None
 
     def restore(self, step: int, abstract_state=None):
         """Restores the whole state onto the shardings of abstract_state (ShapeDtypeStructs with
@@ -98,8 +114,10 @@ class Checkpointer:
         any sign of damage."""
         if self.read_only:
             return self._restore_model(step)
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), fingerprint=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), fingerprint=ocp.args.JsonRestore()),
+        )
         state = restored["state"]
         sums, finite = (np.asarray(x) for x in jax.device_get(fingerprint(state)))
         _check(state, step, _rows(restored["fingerprint"]), sums.tolist(), bool(finite), whole=True)
@@ -108,12 +126,19 @@ class Checkpointer:
     def _restore_model(self, step: int) -> dict:
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         saved = self.manager.item_metadata(step)["state"]
-        target = {key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved[key])
-                  for key in MODEL_PARTS}
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(target, ocp.checkpoint_utils.construct_restore_args(target),
-                                         partial_restore=True),
-            fingerprint=ocp.args.JsonRestore()))
+        target = {
+            key: jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved[key])
+            for key in MODEL_PARTS
+        }
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    target, ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True
+                ),
+                fingerprint=ocp.args.JsonRestore(),
+            ),
+        )
         state = restored["state"]
         sums, finite = host_fingerprint(state)
         _check(state, step, _rows(restored["fingerprint"]), sums, finite, whole=False)
@@ -139,15 +164,21 @@ class Checkpointer:
             damaged.append(str(step))
             where = "" if self.read_only else f"moved it to {self._move_aside(step)}, "
             if jax.process_index() == 0:
-                log(f"checkpoint {self.directory / str(step)} is unusable ({problem or 'damaged on another process'}); "
-                    f"{where}trying the previous one")
+                log(
+                    f"checkpoint {self.directory / str(step)} is unusable ({problem or 'damaged on another process'}); "
+                    f"{where}trying the previous one"
+                )
         if damaged and self.read_only:
-            raise UserError(f"no usable checkpoint in {self.directory}: step{'s' * (len(damaged) > 1)} "
-                            f"{', '.join(damaged)} {'are' if len(damaged) > 1 else 'is'} damaged (see above); "
-                            "train the model again, in a new --workdir")
+            raise UserError(
+                f"no usable checkpoint in {self.directory}: step{'s' * (len(damaged) > 1)} "
+                f"{', '.join(damaged)} {'are' if len(damaged) > 1 else 'is'} damaged (see above); "
+                "train the model again, in a new --workdir"
+            )
         if self.unusable.is_dir() and any(self.unusable.iterdir()):
-            raise UserError(f"no usable checkpoint in {self.directory}; the damaged ones are in {self.unusable}: "
-                            f"to start over, use a new --workdir (or delete {self.directory.parent})")
+            raise UserError(
+                f"no usable checkpoint in {self.directory}; the damaged ones are in {self.unusable}: "
+                f"to start over, use a new --workdir (or delete {self.directory.parent})"
+            )
         return None, None
 
     def _move_aside(self, step: int) -> pathlib.Path:
@@ -226,8 +257,9 @@ def check_writable(workdir: pathlib.Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise UserError(f"cannot write to --workdir={workdir} ({e.strerror or e}): "
-                        "pass a directory on a writable disk") from None
+        raise UserError(
+            f"cannot write to --workdir={workdir} ({e.strerror or e}): pass a directory on a writable disk"
+        ) from None
 
 
 def abstract_like(tree, shardings):
@@ -242,6 +274,7 @@ def fingerprint(tree):
 
     Integer sums are exact and order-free, so the fingerprint does not depend on the mesh a state
     is sharded on; odd weights make any single changed word change the weighted sum."""
+
     def sums(x):
         if x.dtype == jnp.bool_:
             x = x.astype(jnp.uint8)
@@ -300,8 +333,9 @@ def _is_write_error(error: BaseException) -> bool:
     ValueError/Exception, so the message is the only common ground)."""
     text = str(error).lower()
     return isinstance(error, OSError) or any(
-        word in text for word in ("os_error_code", "no space", "file too large", "read-only", "permission denied",
-                                  "disk quota"))
+        word in text
+        for word in ("os_error_code", "no space", "file too large", "read-only", "permission denied", "disk quota")
+    )
 
 
 def _first_line(error: BaseException) -> str:

@@ -34,8 +34,11 @@ def use_compilation_cache() -> None:
         if not os.access(folder, os.W_OK):
             raise PermissionError("Permission denied")
     except OSError as e:
-        print(f"compilation cache off: cannot write {folder} ({e.strerror or e}); set JAX_COMPILATION_CACHE_DIR "
-              "to a folder you can write", file=sys.stderr)
+        print(
+            f"compilation cache off: cannot write {folder} ({e.strerror or e}); set JAX_COMPILATION_CACHE_DIR "
+            "to a folder you can write",
+            file=sys.stderr,
+        )
         jax.config.update("jax_enable_compilation_cache", False)
         return
     if jax.config.jax_compilation_cache_dir != str(folder):

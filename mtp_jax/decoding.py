@@ -70,13 +70,17 @@ def init_caches(model: MTPModel, batch: int, size: int, all_heads: bool) -> list
     For every head type the first n_layers entries are the decoder's layers in order, the path
     of plain decoding."""
     shape = model.decoder.shape
-    n_blocks = (len(model.trunk_layers) + sum(model.head_type.has_block(k) for k in range(1, model.n_predict + 1))
-                if all_heads else shape.n_layers)
+    n_blocks = (
+        len(model.trunk_layers) + sum(model.head_type.has_block(k) for k in range(1, model.n_predict + 1))
+        if all_heads
+        else shape.n_layers
+    )
     kv = (batch * shape.kv_heads, size, shape.head_dim)
     # Separate buffers per layer (stacked layers: one [L, ...] buffer): the steps donate (update in
     # place) every one of them.
-    return model.decoder.stack_caches([{"k": jnp.zeros(kv, shape.dtype), "v": jnp.zeros(kv, shape.dtype)}
-                                       for _ in range(n_blocks)])
+    return model.decoder.stack_caches(
+        [{"k": jnp.zeros(kv, shape.dtype), "v": jnp.zeros(kv, shape.dtype)} for _ in range(n_blocks)]
+    )
 
 
 def _positions(tokens: jax.Array, index) -> jax.Array:
@@ -89,8 +93,9 @@ def plain_step(model: MTPModel, tokens, caches, index, last, key, sampling: Samp
     Returns head 1's choice [B] and its log-probability after position index + last, and the
     caches. The sampling key is folded with that position, so a seed fixes every draw."""
     decoder = model.decoder
-    h, caches = decoder.run_blocks(decoder.embed(tokens), _positions(tokens, index),
-                                   range(decoder.shape.n_layers), caches, index)
+    h, caches = decoder.run_blocks(
+        decoder.embed(tokens), _positions(tokens, index), range(decoder.shape.n_layers), caches, index
+    )
     logits = model.logits(1, h[:, last])
     token = choose(logits, jax.random.fold_in(key, index + last), sampling)
     logprob = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)[:, 0]
@@ -116,8 +121,7 @@ def _decode_plain(graphdef, capacity, sampling: Sampling, params, prompt, length
     return tokens, logprobs
 
 
-def _speculate(model: MTPModel, tree: Tree, sampling: Sampling, tokens, positions, caches, index, mask, key,
-               commit):
+def _speculate(model: MTPModel, tree: Tree, sampling: Sampling, tokens, positions, caches, index, mask, key, commit):
     """Run tokens [1, T] through the trunk and every head, commit, and draft the next block.
 
     commit(head 1's logits [T, V], key) returns (last: the node after which the next certain
@@ -142,12 +146,14 @@ def _speculate(model: MTPModel, tree: Tree, sampling: Sampling, tokens, position
             continue
         if model.head_type.reads_previous_draft:
             logits = model.logits(k, h[0])  # [T, V]: the next head reads every position's token
-            draft, chosen, q_k = speculative.draft(logits[last], jax.random.fold_in(draft_key, k), tree.max_rank,
-                                                   *sampling)
+            draft, chosen, q_k = speculative.draft(
+                logits[last], jax.random.fold_in(draft_key, k), tree.max_rank, *sampling
+            )
             inputs = jnp.argmax(logits, axis=-1).astype(jnp.int32).at[last].set(chosen)[None]
         else:
-            draft, _, q_k = speculative.draft(model.logits(k, h[0, last]), jax.random.fold_in(draft_key, k),
-                                              tree.max_rank, *sampling)
+            draft, _, q_k = speculative.draft(
+                model.logits(k, h[0, last]), jax.random.fold_in(draft_key, k), tree.max_rank, *sampling
+            )
         candidates.append(draft)
         q.append(q_k)
     return tree.block(token, jnp.stack(candidates)), jnp.stack(q), new_caches, extra
@@ -169,14 +175,32 @@ def _decode_speculative(graphdef, capacity, tree: Tree, sampling: Sampling, para
         successors = jnp.concatenate([prompt[0, 1:], prompt[0, :1]]).at[length - 1].set(token)
         return length - 1, successors, token, ()
 
-    block, q, caches, _ = _speculate(model, tree, sampling, prompt, _positions(prompt, 0), caches, 0, None,
-                                     jax.random.fold_in(key, length - 1), commit_prompt)
+    block, q, caches, _ = _speculate(
+        model,
+        tree,
+        sampling,
+        prompt,
+        _positions(prompt, 0),
+        caches,
+        0,
+        None,
+        jax.random.fold_in(key, length - 1),
+        commit_prompt,
+    )
 
     def more(carry: Carry):  # a pass pays only if at least two tokens are still wanted
         return carry.count + 1 < limit
 
-    carry = Carry(jnp.int32(0), jnp.int32(0), block, q, caches, jnp.zeros(capacity + tree.max_depth + 1, jnp.int32),
-                  jnp.full(capacity, -1, jnp.int32), jnp.zeros((capacity, model.n_predict - 1), jnp.float32))
+    carry = Carry(
+        jnp.int32(0),
+        jnp.int32(0),
+        block,
+        q,
+        caches,
+        jnp.zeros(capacity + tree.max_depth + 1, jnp.int32),
+        jnp.full(capacity, -1, jnp.int32),
+        jnp.zeros((capacity, model.n_predict - 1), jnp.float32),
+    )
     done = jax.lax.while_loop(more, lambda carry: verify_pass(model, tree, sampling, length, key, carry), carry)
     tokens = jax.lax.dynamic_update_slice(done.tokens, done.block[:1], (done.count,))  # the last certain token
     return tokens, done.passes, done.accepted, done.overlaps
@@ -207,13 +231,22 @@ def verify_pass(model: MTPModel, tree: Tree, sampling: Sampling, length, key, ca
     mask = None if tree.is_chain else tree.mask(base, caches[0]["k"].shape[1])
     positions = base + jnp.asarray(tree.depths)[None]
     next_block, q, caches, (path, a, overlap) = _speculate(
-        model, tree, sampling, block[None], positions, caches, base, mask, jax.random.fold_in(key, base), commit)
+        model, tree, sampling, block[None], positions, caches, base, mask, jax.random.fold_in(key, base), commit
+    )
     if not tree.is_chain:
         caches = speculative.compact(caches, base, path)
     # Commit the path (its tail past the accepted drafts is overwritten by the next pass).
-    tokens = jax.lax.dynamic_update_slice(tokens, block[path[:tree.max_depth + 1]], (count,))
-    return Carry(count + a + 1, passes + 1, next_block, q, caches, tokens, accepted.at[passes].set(a),
-                 overlaps.at[passes].set(overlap))
+    tokens = jax.lax.dynamic_update_slice(tokens, block[path[: tree.max_depth + 1]], (count,))
+    return Carry(
+        count + a + 1,
+        passes + 1,
+        next_block,
+        q,
+        caches,
+        tokens,
+        accepted.at[passes].set(a),
+        overlaps.at[passes].set(overlap),
+    )
 
 
 def choose(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
@@ -265,8 +298,9 @@ class Result:
 def check_tree_sampling(tree: bool, temperature: float) -> None:
     """Trees are verified greedily; sampled drafts only as a chain (one place for the engine and the CLI)."""
     if tree and temperature > 0:
-        raise UserError("tree verification is greedy: drop --tree_size (sampled drafts are verified as a chain) "
-                        "or --temperature")
+        raise UserError(
+            "tree verification is greedy: drop --tree_size (sampled drafts are verified as a chain) or --temperature"
+        )
 
 
 class Generator:
@@ -281,8 +315,10 @@ class Generator:
         self.graphdef, self.params = nnx.split(model)
         self._programs = {
             "plain": jax.jit(functools.partial(_decode_plain, self.graphdef, capacity), static_argnums=0),
-            "speculative": jax.jit(functools.partial(_decode_speculative, self.graphdef, capacity),
-                                   static_argnums=(0, 1))}
+            "speculative": jax.jit(
+                functools.partial(_decode_speculative, self.graphdef, capacity), static_argnums=(0, 1)
+            ),
+        }
         self._compiled: dict[tuple, jax.stages.Compiled] = {}  # (mode, static args, prompt shape) -> program
 
     def use(self, params) -> None:
@@ -308,31 +344,58 @@ class Generator:
         compilation; the padding writes cache slots that are overwritten before they are read),
         and how many tokens to generate."""
         if not 0 < len(prompt) < self.capacity:
-            raise UserError(f"the prompt has {len(prompt)} tokens but the cache holds {self.capacity}: "
-                            "shorten the prompt or raise --cache_len (it must leave room for new tokens)")
+            raise UserError(
+                f"the prompt has {len(prompt)} tokens but the cache holds {self.capacity}: "
+                "shorten the prompt or raise --cache_len (it must leave room for new tokens)"
+            )
         padded = min(max(16, 1 << (len(prompt) - 1).bit_length()), self.capacity)
-        return jnp.asarray([prompt + [0] * (padded - len(prompt))], jnp.int32), \
-            min(max_new_tokens, self.capacity - len(prompt))
+        return jnp.asarray([prompt + [0] * (padded - len(prompt))], jnp.int32), min(
+            max_new_tokens, self.capacity - len(prompt)
+        )
 
-    def generate(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int = 0) -> Result:
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+    ) -> Result:
         """Plain decoding: one forward pass per token, until max_new_tokens or the cache's end."""
         padded, limit = self._prompt(prompt, max_new_tokens)
         sampling = Sampling(temperature, top_k, top_p)
-        (tokens, logprobs), compiling, decoding = self._run("plain", (sampling,), padded, len(prompt), limit,
-                                                            jax.random.key(seed))
-        return Result(tokens[:limit].tolist(), limit, [], logprobs[:limit].tolist(), compile_seconds=compiling,
-                      decode_seconds=decoding)
+        (tokens, logprobs), compiling, decoding = self._run(
+            "plain", (sampling,), padded, len(prompt), limit, jax.random.key(seed)
+        )
+        return Result(
+            tokens[:limit].tolist(),
+            limit,
+            [],
+            logprobs[:limit].tolist(),
+            compile_seconds=compiling,
+            decode_seconds=decoding,
+        )
 
-    def speculative(self, prompt: list[int], max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                    top_p: float = 1.0, seed: int = 0, tree: Tree | None = None) -> Result:
+    def speculative(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        tree: Tree | None = None,
+    ) -> Result:
         """Self-speculative decoding: greedy (temperature 0) gives the same tokens as
         generate(temperature=0), with a chain of drafts or a `tree`; sampling verifies a chain by
         rejection sampling, so its tokens are distributed exactly as generate's with the same
         settings (but are not the same draws)."""
         if self.n == 1:
-            raise UserError("the model has no extra heads to draft with (it was trained with mtp_n_tokens=1): "
-                            "drop --speculative, or train with --config.use_mtp=True --config.mtp_n_tokens=4")
+            raise UserError(
+                "the model has no extra heads to draft with (it was trained with mtp_n_tokens=1): "
+                "drop --speculative, or train with --config.use_mtp=True --config.mtp_n_tokens=4"
+            )
         tree = tree or Tree.chain(self.n - 1)
         check_tree_sampling(not tree.is_chain, temperature)
         if tree.max_depth > self.n - 1:
@@ -340,13 +403,28 @@ class Generator:
         padded, limit = self._prompt(prompt, max_new_tokens)
         sampling = Sampling(temperature, top_k, top_p)
         (tokens, passes, accepted, overlaps), compiling, decoding = self._run(
-            "speculative", (tree, sampling), padded, len(prompt), limit, jax.random.key(seed))
-        return Result(tokens[:limit].tolist(), 1 + int(passes), accepted[:passes].tolist(),
-                      overlaps=overlaps[:passes].tolist(), compile_seconds=compiling, decode_seconds=decoding)
+            "speculative", (tree, sampling), padded, len(prompt), limit, jax.random.key(seed)
+        )
+        return Result(
+            tokens[:limit].tolist(),
+            1 + int(passes),
+            accepted[:passes].tolist(),
+            overlaps=overlaps[:passes].tolist(),
+            compile_seconds=compiling,
+            decode_seconds=decoding,
+        )
 
 
-def sample(model: MTPModel, prompt: list[int], *, max_new_tokens: int, temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> list[int]:
+def sample(
+    model: MTPModel,
+    prompt: list[int],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+) -> list[int]:
     """Continue one prompt token by token; returns the new token ids."""
     generator = Generator(model, len(prompt) + max_new_tokens)
     return generator.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed).tokens

@@ -34,8 +34,9 @@ from mtp_jax.mtp import MTPModel, mtp_loss, n_predict
 from mtp_jax.schedules import head_weights
 
 
-def eval_step(graphdef, chunk_size, compute_shardings, eot_id, targets, params, weights, window, mask=None,
-              inputs=None):
+def eval_step(
+    graphdef, chunk_size, compute_shardings, eot_id, targets, params, weights, window, mask=None, inputs=None
+):
     params = jax.lax.with_sharding_constraint(params, compute_shardings)  # see sharding.compute_shardings
     return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size, mask, inputs, eot_id, targets)[1]
 
@@ -56,19 +57,30 @@ class Evaluator:
     def __init__(self, config, data: data_lib.TokenData, graphdef, mesh, *, param_shardings, steps: int):
         self.config, self.graphdef, self.mesh, self.steps = config, graphdef, mesh, steps
         self.bytes_per_token, self.n = data.bytes_per_token, n_predict(config)
-        windows = functools.partial(data_lib.eval_windows, window_len=config.seq_len + self.n,
-                                    batch_size=config.batch_size, num_batches=config.eval_batches,
-                                    align=data.example_len)
+        windows = functools.partial(
+            data_lib.eval_windows,
+            window_len=config.seq_len + self.n,
+            batch_size=config.batch_size,
+            num_batches=config.eval_batches,
+            align=data.example_len,
+        )
         self.teacherless = bool(config.data.task.teacherless)
         self.windows = windows(data.val)
         self.masks = windows(data.val_mask) if data.val_mask is not None else [None] * len(self.windows)
         local_rows = config.batch_size // jax.process_count()
         self.rows = slice(jax.process_index() * local_rows, (jax.process_index() + 1) * local_rows)
         batch_arrays = 1 if data.val_mask is None else 3
-        self.losses = jax.jit(functools.partial(eval_step, graphdef, config.loss_chunk_size,
-                                                sharding.compute_shardings(param_shardings),
-                                                data_lib.document_eot_id(config.data, data), config.get("mtp_targets", "data")),
-                              in_shardings=(param_shardings, None) + (sharding.batch_sharding(mesh),) * batch_arrays)
+        self.losses = jax.jit(
+            functools.partial(
+                eval_step,
+                graphdef,
+                config.loss_chunk_size,
+                sharding.compute_shardings(param_shardings),
+                data_lib.document_eot_id(config.data, data),
+                config.get("mtp_targets", "data"),
+            ),
+            in_shardings=(param_shardings, None) + (sharding.batch_sharding(mesh),) * batch_arrays,
+        )
         self.induction, self.prompts, self.tokenizer = self.probe_inputs(config, data)
         self.problems = held_out_problems(config) if data.val_mask is not None else None
         self.generators: dict[int, Generator] = {}
@@ -80,31 +92,52 @@ class Evaluator:
         files = probes.validation_python_files(config.data) if wanted else []
         if not files:
             if wanted:
-                log(f"induction and parse-rate probes skipped: data.source={config.data.source!r} has no Python "
-                    "files in its validation split")
+                log(
+                    f"induction and parse-rate probes skipped: data.source={config.data.source!r} has no Python "
+                    "files in its validation split"
+                )
             return None, None, None
         tokenizer = data_lib.load_tokenizer(data.directory)
-        return (probes.induction_inputs(config, files, tokenizer) if config.induction_batches else None,
-                probes.parse_rate_inputs(config, files, tokenizer) if config.parse_rate_prompts else None, tokenizer)
+        return (
+            probes.induction_inputs(config, files, tokenizer) if config.induction_batches else None,
+            probes.parse_rate_inputs(config, files, tokenizer) if config.parse_rate_prompts else None,
+            tokenizer,
+        )
 
     def __call__(self, params, step: int) -> dict[str, float]:
         result = self.validation_losses(params, step)
         if self.n > 1:  # how well the heads would draft for self-speculative decoding
-            per_batch = jax.device_get([teacher_forced_acceptance(self.graphdef, self.config.loss_chunk_size, params,
-                                                                  self.to_device(batch)) for batch in self.windows])
+            per_batch = jax.device_get(
+                [
+                    teacher_forced_acceptance(self.graphdef, self.config.loss_chunk_size, params, self.to_device(batch))
+                    for batch in self.windows
+                ]
+            )
             result.update({f"generate/{k}": float(np.mean([b[k] for b in per_batch])) for k in per_batch[0]})
         if self.induction is not None:
             result["eval/induction_accuracy"] = probes.induction_accuracy(
-                self.graphdef, params, self.induction, batch_size=self.config.batch_size,
-                chunk_size=self.config.loss_chunk_size, to_device=self.to_device)
+                self.graphdef,
+                params,
+                self.induction,
+                batch_size=self.config.batch_size,
+                chunk_size=self.config.loss_chunk_size,
+                to_device=self.to_device,
+            )
         if self.prompts is not None:
             local = jax.device_put(multihost_utils.process_allgather(params, tiled=True), jax.local_devices()[0])
-            metrics = probes.parse_rate(self.generator(self.config.seq_len, local), self.prompts, self.tokenizer,
-                                        new_tokens=self.config.parse_rate_tokens)
+            metrics = probes.parse_rate(
+                self.generator(self.config.seq_len, local),
+                self.prompts,
+                self.tokenizer,
+                new_tokens=self.config.parse_rate_tokens,
+            )
             result.update({f"eval/{k}": v for k, v in metrics.items()})
         if self.problems is not None:
-            host = (multihost_utils.process_allgather(params, tiled=True) if jax.process_count() > 1
-                    else jax.device_get(params))
+            host = (
+                multihost_utils.process_allgather(params, tiled=True)
+                if jax.process_count() > 1
+                else jax.device_get(params)
+            )
             generator = None if self.teacherless else self.generator(answer_capacity(self.problems), host)
             accuracy = task_accuracy(nnx.merge(self.graphdef, host), self.config, self.problems, generator)
             result.update({f"eval/{k}": v for k, v in accuracy.items()})
@@ -113,8 +146,9 @@ class Evaluator:
     def validation_losses(self, params, step: int) -> dict[str, float]:
         totals, weights = None, np.asarray(head_weights(self.config, step, self.steps))
         for window, mask in zip(self.windows, self.masks):
-            m = self.losses(params, weights, *(self.to_device(a) for a in tasks.batch_rows(
-                window, mask, self.teacherless)))
+            m = self.losses(
+                params, weights, *(self.to_device(a) for a in tasks.batch_rows(window, mask, self.teacherless))
+            )
             totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
         result = {f"eval/{k}": float(v) / len(self.windows) for k, v in jax.device_get(totals).items()}
         if self.bytes_per_token:
@@ -138,8 +172,9 @@ class Evaluator:
 # ---------------------------------------------------------------------------------------------
 
 
-def task_accuracy(model: MTPModel, config, problems: dict[str, list[tasks.Problem]] | None = None,
-                  generator: Generator | None = None) -> dict[str, float]:
+def task_accuracy(
+    model: MTPModel, config, problems: dict[str, list[tasks.Problem]] | None = None, generator: Generator | None = None
+) -> dict[str, float]:
     """Exact-match accuracy of head 1's greedy answers on a task's held-out problems.
 
     `problems` maps a difficulty to its problems (default: tasks.held_out, data.task.eval_problems
@@ -171,8 +206,9 @@ def _decode(ids) -> str:
 
 def held_out_problems(config) -> dict[str, list[tasks.Problem]]:
     """data.task.eval_problems held-out problems per difficulty, fixed by data.split_seed."""
-    return tasks.held_out(tasks.from_config(config.data), int(config.data.task.eval_problems),
-                          int(config.data.split_seed))
+    return tasks.held_out(
+        tasks.from_config(config.data), int(config.data.task.eval_problems), int(config.data.split_seed)
+    )
 
 
 def answer_capacity(problems: dict[str, list[tasks.Problem]]) -> int:
@@ -192,7 +228,7 @@ def teacherless_answers(model: MTPModel, problems: list[tasks.Problem]) -> list[
     tokens = np.array([_encode(p.prompt + tasks.HIDDEN * len(p.answer)) for p in problems])  # [N, L]
     graphdef, params = nnx.split(model)
     greedy = np.asarray(_head1_greedy(graphdef, params, tokens))  # [N, L]
-    return [_decode(g[len(p.prompt) - 1:len(p.prompt) + len(p.answer)]) for g, p in zip(greedy, problems)]
+    return [_decode(g[len(p.prompt) - 1 : len(p.prompt) + len(p.answer)]) for g, p in zip(greedy, problems)]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -212,23 +248,29 @@ def induction_probe(trained: workdir.Trained) -> dict:
     config = trained.config
     probe_set = probes.induction_inputs(config, probes.python_files(config.data, "induction"), trained.tokenizer())
     graphdef, params = nnx.split(trained.model, nnx.Param)
-    return {"induction_accuracy": probes.induction_accuracy(graphdef, params, probe_set, batch_size=config.batch_size,
-                                                            chunk_size=config.loss_chunk_size)}
+    return {
+        "induction_accuracy": probes.induction_accuracy(
+            graphdef, params, probe_set, batch_size=config.batch_size, chunk_size=config.loss_chunk_size
+        )
+    }
 
 
 def parse_rate_probe(trained: workdir.Trained) -> dict:
     config, tokenizer = trained.config, trained.tokenizer()
     prompts = probes.parse_rate_inputs(config, probes.python_files(config.data, "parse-rate"), tokenizer)
-    return probes.parse_rate(Generator(trained.model, config.seq_len), prompts, tokenizer,
-                             new_tokens=config.parse_rate_tokens)
+    return probes.parse_rate(
+        Generator(trained.model, config.seq_len), prompts, tokenizer, new_tokens=config.parse_rate_tokens
+    )
 
 
 def task_probe(trained: workdir.Trained) -> dict:
     source = str(trained.config.data.source)
     if tasks.task_name(source) is None:
         named = " or ".join(repr(f"task:{name}") for name in tasks.TASKS)
-        raise UserError(f"--probe=task measures a model trained on a task (data.source={named}), and this one "
-                        f"was trained on data.source={source!r}: use --probe=induction or --probe=parse_rate")
+        raise UserError(
+            f"--probe=task measures a model trained on a task (data.source={named}), and this one "
+            f"was trained on data.source={source!r}: use --probe=induction or --probe=parse_rate"
+        )
     return task_accuracy(trained.model, trained.config)
 
 
@@ -247,8 +289,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--probe", required=True, choices=sorted(PROBES), help="what to measure")
     p.add_argument("--induction_batches", type=int, default=2, help="induction: batches of renamed windows")
     p.add_argument("--parse_rate_prompts", type=int, default=16, help="parse_rate: prompts sampled")
-    p.add_argument("--parse_rate_tokens", type=int, default=0,
-                   help="parse_rate: tokens sampled per prompt (0: half the trained seq_len)")
+    p.add_argument(
+        "--parse_rate_tokens",
+        type=int,
+        default=0,
+        help="parse_rate: tokens sampled per prompt (0: half the trained seq_len)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     for name in ("induction_batches", "parse_rate_prompts"):
@@ -264,8 +310,10 @@ def run(args: argparse.Namespace) -> dict:
     config = trained.config
     tokens = args.parse_rate_tokens or config.seq_len // 2
     if tokens >= config.seq_len:
-        raise UserError(f"--parse_rate_tokens={tokens} must be below the trained seq_len={config.seq_len} "
-                        "(the rest of it is the prompt)")
+        raise UserError(
+            f"--parse_rate_tokens={tokens} must be below the trained seq_len={config.seq_len} "
+            "(the rest of it is the prompt)"
+        )
     # The flags, not the fields saved with the run (0 there means "off during training").
     config.induction_batches, config.parse_rate_prompts = args.induction_batches, args.parse_rate_prompts
     config.parse_rate_tokens = tokens

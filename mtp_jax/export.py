@@ -43,8 +43,9 @@ def export(run_dir: str, out: str) -> tuple[pathlib.Path, int]:
     if trained.model.decoder.n_stacked:  # model.scan_layers: hf.py's layout names one layer at a time
         params = unstack_layers(params)
     tokenizer = trained.meta.get("tokenizer")  # 'byte', 'bpe', or None for a token-file dataset
-    hf.write_folder(out_path, params, trained.model.decoder.shape, trained.config, data_dir=trained.data_dir,
-                    tokenizer=tokenizer)
+    hf.write_folder(
+        out_path, params, trained.model.decoder.shape, trained.config, data_dir=trained.data_dir, tokenizer=tokenizer
+    )
     return out_path, trained.step
 
 
@@ -55,8 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         out, step = export(args.workdir, args.out)
     except UserError as e:
         fail(str(e))
-    print(f"wrote {out} from step {step} of {args.workdir} (load it with "
-          f"transformers.AutoModelForCausalLM.from_pretrained, or train from it with --config.init_from={out})")
+    print(
+        f"wrote {out} from step {step} of {args.workdir} (load it with "
+        f"transformers.AutoModelForCausalLM.from_pretrained, or train from it with --config.init_from={out})"
+    )
 
 
 if __name__ == "__main__":

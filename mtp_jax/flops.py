@@ -28,11 +28,14 @@ def flops_per_token(config, vocab: int) -> dict[str, float]:
     d = m.d_model
     d_kv = d * (m.n_kv_heads or m.n_heads) // m.n_heads  # grouped-query attention's keys and values
     head = heads.get(config.mtp_head_type)
-    return {"blocks": m.n_layers + (n - 1) * head.blocks_per_head,
-            "block_matmuls": 2 * (2 * d * d + 2 * d * d_kv + 3 * d * m.mlp_dim), "attention": 2 * 2 * t * d,
-            # extra heads project onto the draft vocabulary's tokens when there is one
-            "unembeddings": 2 * d * vocab + (n - 1) * head.output_flops(d, config.get("mtp_draft_vocab") or vocab),
-            "merges": (n - 1) * head.other_flops(d)}
+    return {
+        "blocks": m.n_layers + (n - 1) * head.blocks_per_head,
+        "block_matmuls": 2 * (2 * d * d + 2 * d * d_kv + 3 * d * m.mlp_dim),
+        "attention": 2 * 2 * t * d,
+        # extra heads project onto the draft vocabulary's tokens when there is one
+        "unembeddings": 2 * d * vocab + (n - 1) * head.output_flops(d, config.get("mtp_draft_vocab") or vocab),
+        "merges": (n - 1) * head.other_flops(d),
+    }
 
 
 def model_flops(config, vocab: int, *, causal: bool = False) -> float:
@@ -57,8 +60,7 @@ def hardware_flops(config, vocab: int, platform: str) -> float:
     implementation = attention_lib.resolve(config.model.attention, platform)
     if implementation in ("blockwise", "splash") and blocks > 1:
         attention, passes = attention * (blocks + 1) / (2 * blocks), 4
-    per_token = (f["blocks"] * (3 * f["block_matmuls"] + passes * attention) + 4 * f["unembeddings"]
-                 + 3 * f["merges"])
+    per_token = f["blocks"] * (3 * f["block_matmuls"] + passes * attention) + 4 * f["unembeddings"] + 3 * f["merges"]
     if config.model.remat:
         per_token += config.model.n_layers * (f["block_matmuls"] + attention)
     return per_token * config.batch_size * t

@@ -30,14 +30,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
     p.add_argument("--top_p", type=float, default=1.0, help="sample within this probability mass (nucleus)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--speculative", action="store_true",
-                   help="self-speculative decoding with the MTP heads (greedy, or rejection-sampled at --temperature)")
-    p.add_argument("--tree_size", type=int, default=0,
-                   help="greedy --speculative: verify a Medusa tree of this many drafts, built from the heads' "
-                        "per-rank acceptance on the validation windows the workdir keeps (0: a chain of one draft "
-                        "per head)")
-    p.add_argument("--cache_len", type=int, default=0,
-                   help="KV-cache positions, prompt included (0: the seq_len the model was trained on)")
+    p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="self-speculative decoding with the MTP heads (greedy, or rejection-sampled at --temperature)",
+    )
+    p.add_argument(
+        "--tree_size",
+        type=int,
+        default=0,
+        help="greedy --speculative: verify a Medusa tree of this many drafts, built from the heads' "
+        "per-rank acceptance on the validation windows the workdir keeps (0: a chain of one draft "
+        "per head)",
+    )
+    p.add_argument(
+        "--cache_len",
+        type=int,
+        default=0,
+        help="KV-cache positions, prompt included (0: the seq_len the model was trained on)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     if args.tree_size and not args.speculative:
@@ -64,26 +75,36 @@ def run(args: argparse.Namespace) -> dict:
     generator = Generator(model, args.cache_len or trained.config.seq_len)
     room = generator.capacity - len(prompt)
     if 0 < room < args.max_new_tokens:
-        log(f"--max_new_tokens={args.max_new_tokens} does not fit: the cache's {generator.capacity} positions hold "
+        log(
+            f"--max_new_tokens={args.max_new_tokens} does not fit: the cache's {generator.capacity} positions hold "
             f"the {len(prompt)}-token prompt and {room} new tokens, so at most {room} are generated "
-            "(--cache_len sets the cache's size)")
+            "(--cache_len sets the cache's size)"
+        )
     tree = None
     if args.tree_size and model.n_predict > 1:
         tree = build_tree(model, trained.tree_windows(), args.tree_size)
         if len(tree.paths) < args.tree_size:
-            log(f"--tree_size={args.tree_size} is more than the {model.n_predict - 1} draft heads' candidates can "
-                f"fill: using the {len(tree.paths)}-node tree of all of them")
+            log(
+                f"--tree_size={args.tree_size} is more than the {model.n_predict - 1} draft heads' candidates can "
+                f"fill: using the {len(tree.paths)}-node tree of all of them"
+            )
     if args.speculative:
-        result = generator.speculative(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                       args.seed, tree)
+        result = generator.speculative(
+            prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tree
+        )
     else:
-        result = generator.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                                    args.seed)
-    out = {"text": tokenizer.decode(result.tokens), "new_tokens": len(result.tokens),
-           "compile_seconds": result.compile_seconds, "decode_seconds": result.decode_seconds,
-           "tokens_per_sec": len(result.tokens) / result.decode_seconds,  # decoding only, compiling apart
-           "forward_passes": result.forward_passes, "mean_accepted": result.mean_accepted,
-           "acceptance": result.acceptance(model.n_predict) if args.speculative else [], "step": trained.step}
+        result = generator.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    out = {
+        "text": tokenizer.decode(result.tokens),
+        "new_tokens": len(result.tokens),
+        "compile_seconds": result.compile_seconds,
+        "decode_seconds": result.decode_seconds,
+        "tokens_per_sec": len(result.tokens) / result.decode_seconds,  # decoding only, compiling apart
+        "forward_passes": result.forward_passes,
+        "mean_accepted": result.mean_accepted,
+        "acceptance": result.acceptance(model.n_predict) if args.speculative else [],
+        "step": trained.step,
+    }
     if tree is not None:
         out["tree"] = tree.to_json()
     if args.speculative and args.temperature > 0:
@@ -102,9 +123,12 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(out))
         return
     print(args.prompt + out["text"])
-    print(f"step {out['step']}: {out['new_tokens']} tokens in {out['decode_seconds']:.2f} s "
-          f"({out['tokens_per_sec']:.1f} tokens/s; compiling took {out['compile_seconds']:.2f} s more), "
-          f"{out['forward_passes']} forward passes, {out['mean_accepted']:.2f} tokens per pass", file=sys.stderr)
+    print(
+        f"step {out['step']}: {out['new_tokens']} tokens in {out['decode_seconds']:.2f} s "
+        f"({out['tokens_per_sec']:.1f} tokens/s; compiling took {out['compile_seconds']:.2f} s more), "
+        f"{out['forward_passes']} forward passes, {out['mean_accepted']:.2f} tokens per pass",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

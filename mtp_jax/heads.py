@@ -80,8 +80,18 @@ class HeadType:
         """The parameters of one extra head (an nnx.Module or nnx.Param)."""
         raise NotImplementedError
 
-    def hidden(self, model, k: int, h_trunk: Array, h_prev: Array, next_tokens: Array, positions: Array,
-               cache=None, cache_index=None, mask=None):
+    def hidden(
+        self,
+        model,
+        k: int,
+        h_trunk: Array,
+        h_prev: Array,
+        next_tokens: Array,
+        positions: Array,
+        cache=None,
+        cache_index=None,
+        mask=None,
+    ):
         """Head k's hidden state before the final norm, [B, T, D], and its block's cache.
 
         h_prev is head k-1's hidden state and next_tokens is x[t + k - 1] (at decoding, the token
@@ -138,8 +148,9 @@ class Linear(HeadType):
     shares_unembedding = False
 
     def init(self, shape, rngs):
-        return normal_param(rngs, (shape.d_model, shape.vocab_size), ("embed", "vocab"),
-                            jnp.dtype(shape.param_dtype), 0.02)
+        return normal_param(
+            rngs, (shape.d_model, shape.vocab_size), ("embed", "vocab"), jnp.dtype(shape.param_dtype), 0.02
+        )
 
     def matrix(self, model, k):
         if k == 1:
@@ -173,7 +184,6 @@ class Parallel(HeadType):
         return layer(f"extra_heads.{i}", ("heads", i))
 
 
-
 class SequentialModule(nnx.Module):
     """DeepSeek-V3's MTP module: merge the previous depth's hidden state with the embedding of
     the token one step ahead, then one transformer block."""
@@ -186,8 +196,7 @@ class SequentialModule(nnx.Module):
         self.block = Block(shape, rngs=rngs)
         self.dtype = jnp.dtype(shape.dtype)
 
-    def __call__(self, h_prev: Array, next_embedding: Array, positions: Array, cache=None, cache_index=None,
-                 mask=None):
+    def __call__(self, h_prev: Array, next_embedding: Array, positions: Array, cache=None, cache_index=None, mask=None):
         x = jnp.concatenate([self.hidden_norm(h_prev), self.embed_norm(next_embedding)], axis=-1)
         return self.block(x @ self.merge[...].astype(self.dtype), positions, cache, cache_index, mask)
 
@@ -212,9 +221,11 @@ class Sequential(HeadType):
     def hf_rows(self, i, n_layers, layer):
         # DeepSeek-V3's MTP modules, numbered after the decoder's layers.
         prefix = f"model.layers.{n_layers + i}"
-        return [(f"{prefix}.enorm.weight", ("heads", i, "embed_norm", "scale"), "same"),
-                (f"{prefix}.hnorm.weight", ("heads", i, "hidden_norm", "scale"), "same"),
-                (f"{prefix}.eh_proj.weight", ("heads", i, "merge"), "merge")] + layer(prefix, ("heads", i, "block"))
+        return [
+            (f"{prefix}.enorm.weight", ("heads", i, "embed_norm", "scale"), "same"),
+            (f"{prefix}.hnorm.weight", ("heads", i, "hidden_norm", "scale"), "same"),
+            (f"{prefix}.eh_proj.weight", ("heads", i, "merge"), "merge"),
+        ] + layer(prefix, ("heads", i, "block"))
 
     def other_flops(self, d):
         return 2 * 2 * d * d  # the merge M_k: 2d -> d
@@ -246,8 +257,10 @@ class Medusa(HeadType):
         return u if k == 1 else model.heads[k - 2](u)
 
     def hf_rows(self, i, n_layers, layer):
-        return [(f"extra_heads.{i}.linear.weight", ("heads", i, "w"), "linear"),  # Medusa's ResBlock names
-                (f"extra_heads.{i}.linear.bias", ("heads", i, "b"), "same")]
+        return [
+            (f"extra_heads.{i}.linear.weight", ("heads", i, "w"), "linear"),  # Medusa's ResBlock names
+            (f"extra_heads.{i}.linear.bias", ("heads", i, "b"), "same"),
+        ]
 
     def other_flops(self, d):
         return 2 * d * d  # the residual block's W

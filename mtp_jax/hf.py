@@ -57,8 +57,16 @@ from mtp_jax import heads as heads_lib
 from mtp_jax.data.tokenizer import BYTE_VOCAB, EOT, read_given
 from mtp_jax.errors import UserError
 from mtp_jax.hf_config import attention_window, config_json, model_fields, positive_int
-from mtp_jax.hf_files import (MTP_FILE, Folder, Tensor, read_headers, read_json, tokenizer_problem, weight_files,
-                              write_atomically)
+from mtp_jax.hf_files import (
+    MTP_FILE,
+    Folder,
+    Tensor,
+    read_headers,
+    read_json,
+    tokenizer_problem,
+    weight_files,
+    write_atomically,
+)
 from mtp_jax.model import stack_layers, unstack_layers
 from mtp_jax.mtp import build_model, loss_weights
 
@@ -81,10 +89,12 @@ _LAYER = (
 _BIASES = tuple((f"self_attn.{x}_proj.bias", ("attn", f"b{x}"), "flat") for x in "qkv")  # model.qkv_bias
 
 
-def layout(n_layers: int, tie_embeddings: bool, n: int, head_type: str, with_heads: bool = True,
-           qkv_bias: bool = False):
+def layout(
+    n_layers: int, tie_embeddings: bool, n: int, head_type: str, with_heads: bool = True, qkv_bias: bool = False
+):
     """[(HF tensor name, path in our parameter tree, layout)] for a model; with_heads=False: the
     trunk only (embedding, layers, final norm, unembedding)."""
+
     def layer(prefix: str, path: tuple):
         return [(f"{prefix}.{name}", path + sub, kind) for name, sub, kind in _LAYER + (_BIASES if qkv_bias else ())]
 
@@ -138,6 +148,7 @@ def hf_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
 def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
     """(n, head type) of the heads an mtp_jax.json says its folder holds, or None, every field
     this reads checked."""
+
     def need(ok: bool, problem: str) -> None:
         if not ok:
             raise UserError(f"{where} {problem}: export the model again with python -m mtp_jax.export")
@@ -145,8 +156,10 @@ def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
     version = mtp.get("format", FORMAT)
     need(positive_int(version), f"sets format={version!r:.80}, which is not a format version")
     if version > FORMAT:
-        raise UserError(f"{where} has format {version} and this mtp_jax reads format {FORMAT}: a newer mtp_jax "
-                        "wrote it; update mtp_jax")
+        raise UserError(
+            f"{where} has format {version} and this mtp_jax reads format {FORMAT}: a newer mtp_jax "
+            "wrote it; update mtp_jax"
+        )
     tokenizer = mtp.get("tokenizer")
     need(tokenizer is None or isinstance(tokenizer, str), f"sets tokenizer={tokenizer!r:.80}, which is not a name")
     use_mtp = mtp.get("use_mtp", False)
@@ -156,8 +169,10 @@ def mtp_heads(mtp: dict, where: str) -> tuple[int, str] | None:
     if n == 1:
         return None
     head_type = mtp.get("mtp_head_type")
-    need(head_type in heads_lib.HEAD_TYPES, f"sets mtp_head_type={head_type!r:.80}, which is not one of "
-         f"{', '.join(heads_lib.HEAD_TYPES)}")
+    need(
+        head_type in heads_lib.HEAD_TYPES,
+        f"sets mtp_head_type={head_type!r:.80}, which is not one of {', '.join(heads_lib.HEAD_TYPES)}",
+    )
     return n, head_type
 
 
@@ -176,11 +191,15 @@ def open_folder(path: str | os.PathLike) -> Folder:
         fields, mtp, heads = model_fields(config, str(path)), {}, None
     else:
         if not path.is_dir():
-            raise UserError(f"init_from={str(path)!r} is neither a folder nor a .gguf file: pass a folder written by "
-                            "python -m mtp_jax.export or by transformers' save_pretrained, or a GGUF file")
+            raise UserError(
+                f"init_from={str(path)!r} is neither a folder nor a .gguf file: pass a folder written by "
+                "python -m mtp_jax.export or by transformers' save_pretrained, or a GGUF file"
+            )
         if not (path / "config.json").is_file():
-            raise UserError(f"{path} has no config.json: pass a folder written by python -m mtp_jax.export or by "
-                            "transformers' save_pretrained")
+            raise UserError(
+                f"{path} has no config.json: pass a folder written by python -m mtp_jax.export or by "
+                "transformers' save_pretrained"
+            )
         config = read_json(path / "config.json")
         fields = model_fields(config, str(path / "config.json"))
         files = weight_files(path)
@@ -188,19 +207,27 @@ def open_folder(path: str | os.PathLike) -> Folder:
         heads = mtp_heads(mtp, str(path / MTP_FILE))
         tensors = read_headers(path, files)
     # The layers the config claims, found among the tensors before a model of them is built.
-    check_tensor(path, tensors, f"model.layers.{fields['n_layers'] - 1}.mlp.gate_proj.weight",
-                 (fields["mlp_dim"], fields["d_model"]))
+    check_tensor(
+        path,
+        tensors,
+        f"model.layers.{fields['n_layers'] - 1}.mlp.gate_proj.weight",
+        (fields["mlp_dim"], fields["d_model"]),
+    )
     return Folder(path, config, fields, mtp, heads, tensors)
 
 
 def check_tensor(path: pathlib.Path, tensors: dict[str, Tensor], name: str, shape: tuple[int, ...]) -> None:
     """Refuses a folder whose weights lack tensor `name` or hold it in another shape than `shape`."""
     if name not in tensors:
-        raise UserError(f"{path} has no tensor {name}, which its config.json implies: the weights and the "
-                        "config do not belong together")
+        raise UserError(
+            f"{path} has no tensor {name}, which its config.json implies: the weights and the "
+            "config do not belong together"
+        )
     if tensors[name].shape != tuple(shape):
-        raise UserError(f"tensor {name} in {path} has shape {list(tensors[name].shape)} but its config.json "
-                        f"implies {list(shape)}: the weights and the config do not belong together")
+        raise UserError(
+            f"tensor {name} in {path} has shape {list(tensors[name].shape)} but its config.json "
+            f"implies {list(shape)}: the weights and the config do not belong together"
+        )
 
 
 def configure(config):
@@ -210,9 +237,11 @@ def configure(config):
     folder = open_folder(config.init_from)
     window = attention_window(folder.config)
     if window is not None and window < config.seq_len:
-        raise UserError(f"{folder.path} describes attention over a sliding window of {window} tokens, shorter than "
-                        f"seq_len={config.seq_len}, and this model attends to every earlier position: set "
-                        f"--config.seq_len={window} or less")
+        raise UserError(
+            f"{folder.path} describes attention over a sliding window of {window} tokens, shorter than "
+            f"seq_len={config.seq_len}, and this model attends to every earlier position: set "
+            f"--config.seq_len={window} or less"
+        )
     config = config.copy_and_resolve_references()
     for name, value in folder.fields.items():
         config.model[name] = value
@@ -238,8 +267,10 @@ def model_tokenizer(folder: Folder) -> str | None:
         return "byte" if folder.mtp.get("tokenizer") == "byte" else None
     size, vocab = read_given(path).get_vocab_size(), folder.config["vocab_size"]
     if size > vocab:
-        raise UserError(f"the tokenizer in {path} has {size} tokens but the model's vocab_size is {vocab}: the "
-                        "tokenizer does not belong to the model")
+        raise UserError(
+            f"the tokenizer in {path} has {size} tokens but the model's vocab_size is {vocab}: the "
+            "tokenizer does not belong to the model"
+        )
     return str(path)
 
 
@@ -254,8 +285,7 @@ def read_for_training(config, data) -> dict:
     model = nnx.eval_shape(lambda: build_model(config, data.vocab_size, seed=0))
     like, n_stacked = nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.decoder.n_stacked
     n = len(loss_weights(config))  # one weight per token predicted
-    params = read_params(folder, jax.eval_shape(unstack_layers, like) if n_stacked else like, n,
-                         config.mtp_head_type)
+    params = read_params(folder, jax.eval_shape(unstack_layers, like) if n_stacked else like, n, config.mtp_head_type)
     return stack_layers(params, n_stacked) if n_stacked else params
 
 
@@ -266,18 +296,28 @@ def read_params(folder: Folder, like: dict, n: int, head_type: str) -> dict:
     finite is one clear line, every name and shape checked before any tensor is read."""
     heads = folder.heads
     if heads is not None and n > 1 and heads != (n, head_type):
-        raise UserError(f"{folder.path} holds n={heads[0]} {heads[1]!r} heads but the config asks for n={n} "
-                        f"{head_type!r}: set --config.mtp_n_tokens={heads[0]} --config.mtp_head_type={heads[1]}")
-    rows = layout(folder.fields["n_layers"], folder.fields["tie_embeddings"], n, head_type, heads is not None,
-                  folder.fields["qkv_bias"])
+        raise UserError(
+            f"{folder.path} holds n={heads[0]} {heads[1]!r} heads but the config asks for n={n} "
+            f"{head_type!r}: set --config.mtp_n_tokens={heads[0]} --config.mtp_head_type={heads[1]}"
+        )
+    rows = layout(
+        folder.fields["n_layers"],
+        folder.fields["tie_embeddings"],
+        n,
+        head_type,
+        heads is not None,
+        folder.fields["qkv_bias"],
+    )
     for name, path, kind in rows:
         check_tensor(folder.path, folder.tensors, name, hf_shape(kind, _get(like, path).shape))
     out: dict = {}
     for name, path, kind in rows:
         value = folder.read(name)
         if not np.isfinite(value).all():
-            raise UserError(f"tensor {name} in {folder.tensors[name].file} holds NaN or infinite values: the "
-                            "weights are damaged; import a folder saved from a model whose weights are finite")
+            raise UserError(
+                f"tensor {name} in {folder.tensors[name].file} holds NaN or infinite values: the "
+                "weights are damaged; import a folder saved from a model whose weights are finite"
+            )
         target = _get(like, path)
         _set(out, path, from_hf(value, kind, target.shape).astype(target.dtype))
     if "draft_vocab" in like and heads is not None:
@@ -288,10 +328,16 @@ def read_params(folder: Folder, like: dict, n: int, head_type: str) -> dict:
 def draft_vocab(folder: Folder, size: int, vocab_size: int) -> np.ndarray:
     """The heads' draft vocabulary from mtp_jax.json, checked: `size` distinct ids below vocab_size."""
     ids = folder.mtp.get("draft_vocab")
-    if not (isinstance(ids, list) and len(ids) == size and len(set(ids)) == size
-            and all(type(i) is int and 0 <= i < vocab_size for i in ids)):
-        raise UserError(f"{folder.path / MTP_FILE} does not list the heads' {size} draft token ids (draft_vocab): "
-                        f"set --config.mtp_draft_vocab to the exported heads' size, or export the model again")
+    if not (
+        isinstance(ids, list)
+        and len(ids) == size
+        and len(set(ids)) == size
+        and all(type(i) is int and 0 <= i < vocab_size for i in ids)
+    ):
+        raise UserError(
+            f"{folder.path / MTP_FILE} does not list the heads' {size} draft token ids (draft_vocab): "
+            f"set --config.mtp_draft_vocab to the exported heads' size, or export the model again"
+        )
     return np.asarray(ids, np.int32)
 
 
@@ -312,8 +358,9 @@ def with_imported(params: dict, loaded: dict) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pathlib.Path | None,
-                 tokenizer: str | None) -> None:
+def write_folder(
+    out: pathlib.Path, params: dict, shape, config, *, data_dir: pathlib.Path | None, tokenizer: str | None
+) -> None:
     """Writes the folder for `params` (pure dict): its tensors, config.json, mtp_jax.json and the
     tokenizer's files, atomically (hf_files.write_atomically: a failure leaves nothing at `out`)."""
     weights, head_type = list(loss_weights(config)), config.mtp_head_type
@@ -325,18 +372,26 @@ def write_folder(out: pathlib.Path, params: dict, shape, config, *, data_dir: pa
         bpe = tokenizers.Tokenizer.from_file(str(data_dir / "tokenizer.json"))
         eos = read_json(data_dir / "meta.json").get("eot_id", bpe.token_to_id(EOT))
         eos_token = None if eos is None else bpe.id_to_token(eos)
-    mtp = {"format": FORMAT, "use_mtp": n > 1, "mtp_n_tokens": n, "mtp_head_type": head_type,
-           "mtp_weight": config.mtp_weight, "mtp_loss_weights": config.mtp_loss_weights,
-           "loss_weights": weights, "tokenizer": tokenizer,
-           "heads": [name for name, path, _ in rows if path[0] == "heads"]}
+    mtp = {
+        "format": FORMAT,
+        "use_mtp": n > 1,
+        "mtp_n_tokens": n,
+        "mtp_head_type": head_type,
+        "mtp_weight": config.mtp_weight,
+        "mtp_loss_weights": config.mtp_loss_weights,
+        "loss_weights": weights,
+        "tokenizer": tokenizer,
+        "heads": [name for name, path, _ in rows if path[0] == "heads"],
+    }
     if "draft_vocab" in params:  # the token ids the heads output (mtp.MTPModel.draft_vocab)
         mtp["draft_vocab"] = np.asarray(params["draft_vocab"]).tolist()
     texts = {"config.json": _json_text(config_json(shape, config.seq_len, eos)), MTP_FILE: _json_text(mtp)}
     copies = {}
     if tokenizer == "bpe":
         copies["tokenizer.json"] = data_dir / "tokenizer.json"
-        texts["tokenizer_config.json"] = _json_text({"tokenizer_class": "PreTrainedTokenizerFast",
-                                                     "eos_token": eos_token})
+        texts["tokenizer_config.json"] = _json_text(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_token}
+        )
     elif tokenizer == "byte":
         texts["TOKENIZER.md"] = BYTE_NOTE
     write_atomically(pathlib.Path(out), tensors, texts, copies)

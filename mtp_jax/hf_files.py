@@ -25,16 +25,30 @@ import safetensors.numpy
 import tokenizers
 from safetensors import SafetensorError
 
-from mtp_jax.folders import new_folders, remove_empty
 from mtp_jax.errors import UserError
+from mtp_jax.folders import new_folders, remove_empty
 
 WEIGHTS, INDEX, MTP_FILE = "model.safetensors", "model.safetensors.index.json", "mtp_jax.json"
 RESAVE = "save the folder again (python -m mtp_jax.export or transformers' save_pretrained)"
 # safetensors' dtypes: bytes per element; weights import from the float ones.
-_ITEM_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-               "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
-FLOAT_DTYPES = {"F16": np.dtype("<f2"), "BF16": np.dtype(jnp.bfloat16), "F32": np.dtype("<f4"),
-                "F64": np.dtype("<f8")}
+_ITEM_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
+FLOAT_DTYPES = {"F16": np.dtype("<f2"), "BF16": np.dtype(jnp.bfloat16), "F32": np.dtype("<f4"), "F64": np.dtype("<f8")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -45,6 +59,7 @@ FLOAT_DTYPES = {"F16": np.dtype("<f2"), "BF16": np.dtype(jnp.bfloat16), "F32": n
 @dataclasses.dataclass(frozen=True)
 class Tensor:
     """Where a safetensors header puts one tensor, checked to lie inside its file."""
+
     file: pathlib.Path
     dtype: str  # safetensors' name for it: F32, BF16, ...
     shape: tuple[int, ...]
@@ -66,6 +81,7 @@ class Tensor:
 class Folder:
     """A model folder (or GGUF file) whose files have been checked (hf.open_folder), its tensors
     not yet read."""
+
     path: pathlib.Path
     config: dict  # config.json
     fields: dict  # config.model's shape fields from it (hf_config.model_fields)
@@ -77,8 +93,10 @@ class Folder:
         """Tensor `name`, read only now."""
         tensor = self.tensors[name]
         if isinstance(tensor, Tensor) and tensor.dtype not in FLOAT_DTYPES:
-            raise UserError(f"tensor {name} in {tensor.file} is {tensor.dtype}: only float tensors "
-                            f"({', '.join(FLOAT_DTYPES)}) import; save the model in float32 or bfloat16")
+            raise UserError(
+                f"tensor {name} in {tensor.file} is {tensor.dtype}: only float tensors "
+                f"({', '.join(FLOAT_DTYPES)}) import; save the model in float32 or bfloat16"
+            )
         return tensor.read()
 
 
@@ -88,19 +106,22 @@ def weight_files(path: pathlib.Path) -> tuple[pathlib.Path, ...]:
     files = (path / WEIGHTS,)
     if (path / INDEX).is_file():
         weight_map = read_json(path / INDEX).get("weight_map")
-        if not (isinstance(weight_map, dict) and weight_map
-                and all(isinstance(v, str) for v in weight_map.values())):
+        if not (isinstance(weight_map, dict) and weight_map and all(isinstance(v, str) for v in weight_map.values())):
             raise UserError(f"{path / INDEX} has no weight_map from tensor names to file names: {RESAVE}")
         names = sorted(set(weight_map.values()))
         outside = [name for name in names if name in ("", ".", "..") or pathlib.PurePath(name).name != name]
         if outside:
-            raise UserError(f"{path / INDEX} names weight files outside the folder ({outside[0]!r:.80}): only "
-                            f"files in the folder are read; {RESAVE}")
+            raise UserError(
+                f"{path / INDEX} names weight files outside the folder ({outside[0]!r:.80}): only "
+                f"files in the folder are read; {RESAVE}"
+            )
         files = tuple(path / name for name in names)
     missing = [f.name for f in files if not f.is_file()]
     if missing:
-        raise UserError(f"{path} has no weights ({', '.join(missing)} missing): save them as safetensors "
-                        "(save_pretrained's default; pytorch_model.bin is not read)")
+        raise UserError(
+            f"{path} has no weights ({', '.join(missing)} missing): save them as safetensors "
+            "(save_pretrained's default; pytorch_model.bin is not read)"
+        )
     return files
 
 
@@ -110,8 +131,10 @@ def read_headers(path: pathlib.Path, files: tuple[pathlib.Path, ...]) -> dict[st
     for file in files:
         for name, tensor in read_header(file).items():
             if name in tensors:
-                raise UserError(f"{path} holds tensor {name!r:.80} twice ({tensors[name].file.name} and {file.name}): "
-                                f"its weight files do not belong together; {RESAVE}")
+                raise UserError(
+                    f"{path} holds tensor {name!r:.80} twice ({tensors[name].file.name} and {file.name}): "
+                    f"its weight files do not belong together; {RESAVE}"
+                )
             tensors[name] = tensor
     return tensors
 
@@ -126,8 +149,9 @@ def read_json(file: pathlib.Path) -> dict:
     except (ValueError, RecursionError) as e:  # not JSON, or not UTF-8; nested too deeply to parse
         raise UserError(f"{file} is not JSON ({' '.join(str(e).split())[:120]}): {RESAVE}") from None
     if not isinstance(value, dict):
-        kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(type(value),
-                                                                                                 "a number")
+        kind = {list: "an array", str: "a string", bool: "true or false", type(None): "null"}.get(
+            type(value), "a number"
+        )
         raise UserError(f"{file} holds {kind}, not a JSON object: {RESAVE}")
     return value
 
@@ -156,17 +180,25 @@ def read_header(file: pathlib.Path) -> dict[str, Tensor]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and _sizes(info.get("shape"))
-                and _sizes(info.get("data_offsets")) and len(info["data_offsets"]) == 2):
+        if not (
+            isinstance(info, dict)
+            and isinstance(info.get("dtype"), str)
+            and _sizes(info.get("shape"))
+            and _sizes(info.get("data_offsets"))
+            and len(info["data_offsets"]) == 2
+        ):
             raise _damaged(file, f"describes tensor {name!r:.80} without a dtype, a shape and two offsets")
         begin, end = info["data_offsets"]
         if not begin <= end <= size - start:
-            raise _damaged(file, f"puts tensor {name!r:.80} at bytes {begin} to {end} of its data, which holds "
-                                 f"{size - start} bytes")
+            raise _damaged(
+                file,
+                f"puts tensor {name!r:.80} at bytes {begin} to {end} of its data, which holds {size - start} bytes",
+            )
         item = _ITEM_BYTES.get(info["dtype"])
         if item is not None and math.prod(info["shape"]) * item != end - begin:
-            raise _damaged(file, f"gives tensor {name!r:.80} ({info['dtype']}, shape {info['shape']}) "
-                                 f"{end - begin} bytes")
+            raise _damaged(
+                file, f"gives tensor {name!r:.80} ({info['dtype']}, shape {info['shape']}) {end - begin} bytes"
+            )
         tensors[name] = Tensor(file, info["dtype"], tuple(info["shape"]), start + begin, start + end)
     return tensors
 
@@ -189,19 +221,27 @@ def tokenizer_problem(folder: Folder, data) -> str | None:
     if tokenizer_file.is_file():
         tokenizer = read_tokenizer(tokenizer_file)
         if tokenizer.get_vocab_size() > vocab:
-            return (f"the tokenizer in {folder.path} has {tokenizer.get_vocab_size()} tokens but its config.json's "
-                    f"vocab_size is {vocab}: the folder's tokenizer does not belong to its model")
+            return (
+                f"the tokenizer in {folder.path} has {tokenizer.get_vocab_size()} tokens but its config.json's "
+                f"vocab_size is {vocab}: the folder's tokenizer does not belong to its model"
+            )
         same = ours == "bpe" and read_tokenizer(data.directory / "tokenizer.json").get_vocab() == tokenizer.get_vocab()
         if not same:
-            return (f"the tokenizer in {folder.path} differs from the data's ({ours!r}, vocabulary "
-                    f"{data.vocab_size}): leave data.tokenizer at 'byte' or 'bpe' (the model's own is used), or "
-                    f"set --config.data.tokenizer={tokenizer_file}")
+            return (
+                f"the tokenizer in {folder.path} differs from the data's ({ours!r}, vocabulary "
+                f"{data.vocab_size}): leave data.tokenizer at 'byte' or 'bpe' (the model's own is used), or "
+                f"set --config.data.tokenizer={tokenizer_file}"
+            )
     elif theirs is not None and theirs != ours:
-        return (f"the model in {folder.path} reads {theirs!r} tokens but the data's tokenizer is {ours!r}: "
-                f"set --config.data.tokenizer={theirs}")
+        return (
+            f"the model in {folder.path} reads {theirs!r} tokens but the data's tokenizer is {ours!r}: "
+            f"set --config.data.tokenizer={theirs}"
+        )
     if vocab != data.vocab_size:
-        return (f"the model in {folder.path} has a vocabulary of {vocab} but the data's {ours!r} tokenizer has "
-                f"{data.vocab_size}: set --config.data.tokenizer and data.vocab_size to the model's")
+        return (
+            f"the model in {folder.path} has a vocabulary of {vocab} but the data's {ours!r} tokenizer has "
+            f"{data.vocab_size}: set --config.data.tokenizer and data.vocab_size to the model's"
+        )
     return None
 
 
@@ -209,8 +249,9 @@ def read_tokenizer(file: pathlib.Path) -> tokenizers.Tokenizer:
     try:
         return tokenizers.Tokenizer.from_file(str(file))
     except Exception as e:  # noqa: BLE001 — the tokenizers library raises plain Exceptions
-        raise UserError(f"{file} is not a tokenizer the tokenizers library reads "
-                        f"({' '.join(str(e).split())[:120]}): {RESAVE}") from None
+        raise UserError(
+            f"{file} is not a tokenizer the tokenizers library reads ({' '.join(str(e).split())[:120]}): {RESAVE}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,8 +259,9 @@ def read_tokenizer(file: pathlib.Path) -> tokenizers.Tokenizer:
 # ---------------------------------------------------------------------------------------------
 
 
-def write_atomically(out: pathlib.Path, tensors: dict[str, np.ndarray], texts: dict[str, str],
-                     copies: dict[str, pathlib.Path]) -> None:
+def write_atomically(
+    out: pathlib.Path, tensors: dict[str, np.ndarray], texts: dict[str, str], copies: dict[str, pathlib.Path]
+) -> None:
     """Writes the folder `out`: `tensors` in model.safetensors, `texts` (file name → text) and
     `copies` (file name → the file copied there). It is built beside `out` and renamed into place,
     so a failure leaves nothing at `out`, nor a parent folder it made. Its files get the modes the
@@ -231,9 +273,11 @@ def write_atomically(out: pathlib.Path, tensors: dict[str, np.ndarray], texts: d
         tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
         need, free = sum(t.nbytes for t in tensors.values()), shutil.disk_usage(tmp).free
         if need > free:
-            raise UserError(f"cannot write {out}: its weights need {need / 2**20:.1f} MiB and the disk has "
-                            f"{free / 2**20:.1f} MiB free; free space or choose a folder on another disk "
-                            "(nothing was written)")
+            raise UserError(
+                f"cannot write {out}: its weights need {need / 2**20:.1f} MiB and the disk has "
+                f"{free / 2**20:.1f} MiB free; free space or choose a folder on another disk "
+                "(nothing was written)"
+            )
         safetensors.numpy.save_file(tensors, tmp / WEIGHTS, metadata={"format": "pt"})
         for name, text in texts.items():
             (tmp / name).write_text(text)

@@ -10,8 +10,25 @@ import math
 import re
 
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
-               "f32": 4, "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
+DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "bf16": 2,
+    "f16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+    "s4": 0.5,
+    "u4": 0.5,
+}
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) ")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (.*?) ([a-z][\w\-]*)\((.*)$")
 _ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\]")
@@ -21,8 +38,10 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 
 def shape_bytes(shape: str) -> float:
     """Bytes of an HLO shape: an array 'bf16[8,128]{…}' or a tuple of them."""
-    return sum(DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
-               for dtype, dims in _ARRAY.findall(shape))
+    return sum(
+        DTYPE_BYTES.get(dtype, 4) * math.prod(int(d) for d in dims.split(",") if d)
+        for dtype, dims in _ARRAY.findall(shape)
+    )
 
 
 def group_size(line: str) -> int:
@@ -50,8 +69,12 @@ def moved_bytes(op: str, result_bytes: float, group: int) -> float:
     if group <= 1:
         return 0.0
     share = (group - 1) / group
-    return {"all-gather": result_bytes * share, "all-to-all": result_bytes * share,
-            "reduce-scatter": result_bytes * (group - 1), "all-reduce": 2 * result_bytes * share}[op]
+    return {
+        "all-gather": result_bytes * share,
+        "all-to-all": result_bytes * share,
+        "reduce-scatter": result_bytes * (group - 1),
+        "all-reduce": 2 * result_bytes * share,
+    }[op]
 
 
 def computations(hlo: str) -> dict[str, list[str]]:
@@ -167,9 +190,28 @@ _NAMED = re.compile(r"^\s*(ROOT )?%([\w.\-]+) = (.*?) ([a-z][\w\-]*)\((.*)$")
 _LAID_OUT = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+(?:fn)?)?)\[([\d,]*)\](\{[^}]*\})?")
 # Operations that move no data of their own: structure, control flow (their computations are
 # counted where they run) and the second halves of asynchronous pairs (counted at their start).
-_NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "conditional", "call",
-               "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "copy-done",
-               "all-gather-done", "all-reduce-done", "collective-permute-done", "async-done", "send-done", "recv-done"}
+_NO_TRAFFIC = {
+    "parameter",
+    "constant",
+    "get-tuple-element",
+    "tuple",
+    "bitcast",
+    "while",
+    "conditional",
+    "call",
+    "after-all",
+    "partition-id",
+    "replica-id",
+    "opt-barrier",
+    "add-dependency",
+    "copy-done",
+    "all-gather-done",
+    "all-reduce-done",
+    "collective-permute-done",
+    "async-done",
+    "send-done",
+    "recv-done",
+}
 _SLICES = {"dynamic-slice", "slice", "gather"}
 
 
@@ -199,7 +241,7 @@ def _ops(lines: list[str]) -> list[_Op]:
     for line in lines:
         m = _NAMED.match(line)
         if m:
-            args = m[5][:_closing(m[5])]
+            args = m[5][: _closing(m[5])]
             fused = re.search(r"calls=%([\w.\-]+)", m[5]) if m[4] == "fusion" else None
             operands = [args.strip()] if m[4] == "parameter" else re.findall(r"%([\w.\-]+)", args)
             ops.append(_Op(m[2], m[3], m[4], operands, fused and fused[1], bool(m[1])))

@@ -16,19 +16,22 @@ from ml_collections import config_flags
 from mtp_jax import train
 from mtp_jax.cli import fail, parse_flags
 from mtp_jax.compilation_cache import use_compilation_cache
-from mtp_jax.folders import new_folders, remove_empty
 from mtp_jax.errors import UserError
+from mtp_jax.folders import new_folders, remove_empty
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.",
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("MTP_COORDINATOR_ADDRESS"),
-                                   "host:port of process 0, for multi-process runs off TPU.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    os.environ.get("MTP_COORDINATOR_ADDRESS"),
+    "host:port of process 0, for multi-process runs off TPU.",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Number of CPU devices this process exposes.")
-_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() with no arguments (TPU pods, SLURM).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() with no arguments (TPU pods, SLURM)."
+)
 
 
 def init_runtime() -> None:

@@ -34,8 +34,11 @@ class MetricWriter:
     def _drop_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if step > 0 and (event := _parse_line(line)) is not None and event.get("step", 0) <= step]
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if step > 0 and (event := _parse_line(line)) is not None and event.get("step", 0) <= step
+        ]
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
@@ -59,8 +62,9 @@ class MetricWriter:
 def read_metrics(workdir) -> list[dict]:
     """All events of a run's metrics.jsonl ([] before its first), skipping a line torn by a kill."""
     path = pathlib.Path(workdir) / "metrics.jsonl"
-    return [event for event in map(_parse_line, path.read_text().splitlines() if path.exists() else [])
-            if event is not None]
+    return [
+        event for event in map(_parse_line, path.read_text().splitlines() if path.exists() else []) if event is not None
+    ]
 
 
 def _parse_line(line: str) -> dict | None:

@@ -69,10 +69,13 @@ class ModelShape:
         return self.n_kv_heads or self.n_heads
 
     @classmethod
-    def from_config(cls, model_cfg, vocab_size: int, platform: str | None = None) -> "ModelShape":
+    def from_config(cls, model_cfg, vocab_size: int, platform: str | None = None) -> ModelShape:
         derived = ("vocab_size", "fuse_projections")  # not config.model's
-        return cls(vocab_size=vocab_size, platform=platform,
-                   **{f.name: model_cfg[f.name] for f in dataclasses.fields(cls) if f.name not in derived})
+        return cls(
+            vocab_size=vocab_size,
+            platform=platform,
+            **{f.name: model_cfg[f.name] for f in dataclasses.fields(cls) if f.name not in derived},
+        )
 
     def fuses(self, x: Array) -> bool:
         """Whether fused_projection fuses the projections of x [B, T, D]: where it was measured to
@@ -126,8 +129,17 @@ def rope(x: Array, positions: Array, freq: Array) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attend(q: Array, k: Array, v: Array, q_positions: Array, k_positions: Array, mask: Array | None = None, *,
-           implementation: str = "xla", block_size: int = 512) -> Array:
+def attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    q_positions: Array,
+    k_positions: Array,
+    mask: Array | None = None,
+    *,
+    implementation: str = "xla",
+    block_size: int = 512,
+) -> Array:
     """Causal softmax attention by position: a query at position p reads the keys at positions
     <= p. q: [..., T, H]; k, v: [..., S, H]; q_positions [..., T] and k_positions [..., S]
     broadcast against the leading dimensions. `mask`, a boolean array broadcastable to
@@ -167,13 +179,20 @@ class Attention(nnx.Module):
         # GPT-2's residual scaling keeps the residual stream's variance flat with depth.
         self.wo = normal_param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd, std / math.sqrt(2 * shape.n_layers))
         if shape.qkv_bias:
-            self.bq, self.bk, self.bv = (nnx.Param(jnp.zeros((heads, h), pd), axes=("heads", "head_dim"))
-                                         for heads in (n, kv, kv))
+            self.bq, self.bk, self.bv = (
+                nnx.Param(jnp.zeros((heads, h), pd), axes=("heads", "head_dim")) for heads in (n, kv, kv)
+            )
         self.shape, self.dtype = shape, jnp.dtype(shape.dtype)
         self.implementation, self.block_size = shape.attention, shape.attention_block_size
 
-    def __call__(self, x: Array, positions: Array, cache: dict | None = None,
-                 cache_index: Array | None = None, mask: Array | None = None) -> tuple[Array, dict | None]:
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        cache: dict | None = None,
+        cache_index: Array | None = None,
+        mask: Array | None = None,
+    ) -> tuple[Array, dict | None]:
         """x: [B, T, D]; positions: [B, T]. With a cache ({'k','v'}: [B·N, S, H]) the new keys
         and values are written at cache_index and each query reads the slots <= its position,
         so stale slots past a rolled-back index are never read. mask (see `attend`) replaces
@@ -191,8 +210,10 @@ class Attention(nnx.Module):
 
         q, k, v = fused_projection(x, [self.wq, self.wk, self.wv], self.dtype, self.shape.fuses(x))
         if self.shape.qkv_bias:
-            q, k, v = (y + bias[...].astype(self.dtype).reshape(-1)
-                       for y, bias in zip((q, k, v), (self.bq, self.bk, self.bv), strict=True))
+            q, k, v = (
+                y + bias[...].astype(self.dtype).reshape(-1)
+                for y, bias in zip((q, k, v), (self.bq, self.bk, self.bv), strict=True)
+            )
         q, k, v = (y.reshape(b, t, -1, h).transpose(0, 2, 1, 3) for y in (q, k, v))  # [B, N or N_kv, T, H]
         freq = rope_frequencies(self.shape)
         q, k = rope(q, positions, freq), rope(k, positions, freq)
@@ -207,8 +228,15 @@ class Attention(nnx.Module):
             cache = {"k": k, "v": v}
             slots = jnp.arange(k.shape[1])
             # [B·N_kv, S, H] → [B·N, S, H]: query head j of row b reads key/value head j // (N / N_kv).
-            out = attend(q, group(k.astype(q.dtype)), group(v.astype(q.dtype)), jnp.repeat(positions, n, axis=0),
-                         slots, mask, **settings)
+            out = attend(
+                q,
+                group(k.astype(q.dtype)),
+                group(v.astype(q.dtype)),
+                jnp.repeat(positions, n, axis=0),
+                slots,
+                mask,
+                **settings,
+            )
             out = out.reshape(b, n, t, h)
         out = out.transpose(0, 2, 1, 3).reshape(b, t, n * h)
         return out @ self.wo[...].astype(self.dtype).reshape(n * h, -1), cache
@@ -239,8 +267,14 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(shape.d_model, param_dtype=pd, eps=shape.norm_eps)
         self.mlp = MLP(shape, rngs=rngs)
 
-    def __call__(self, x: Array, positions: Array, cache: dict | None = None,
-                 cache_index: Array | None = None, mask: Array | None = None) -> tuple[Array, dict | None]:
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        cache: dict | None = None,
+        cache_index: Array | None = None,
+        mask: Array | None = None,
+    ) -> tuple[Array, dict | None]:
         attn_out, cache = self.attn(self.attn_norm(x), positions, cache, cache_index, mask)
         x = x + attn_out
         return x + self.mlp(self.mlp_norm(x)), cache
@@ -299,24 +333,31 @@ class Decoder(nnx.Module):
         entry with a leading [L] axis, then one per remaining layer."""
         if not self.n_stacked:
             return caches
-        return [jax.tree.map(lambda *c: jnp.stack(c), *caches[:self.n_stacked]), *caches[self.n_stacked:]]
+        return [jax.tree.map(lambda *c: jnp.stack(c), *caches[: self.n_stacked]), *caches[self.n_stacked :]]
 
     def cache_entries(self, layers: range) -> int:
         """How many entries of the cache list run_blocks(layers) reads."""
         return len(layers) - self.n_stacked + 1 if self.n_stacked else len(layers)
 
-    def run_blocks(self, x: Array, positions: Array, layers: range, caches: list | None = None,
-                   cache_index: Array | None = None, mask: Array | None = None) -> tuple[Array, list | None]:
+    def run_blocks(
+        self,
+        x: Array,
+        positions: Array,
+        layers: range,
+        caches: list | None = None,
+        cache_index: Array | None = None,
+        mask: Array | None = None,
+    ) -> tuple[Array, list | None]:
         """Apply blocks[layers] in order; caches (cache_entries(layers) of them, see stack_caches)
         are threaded through. With stacked layers, `layers` must start with all of them."""
         caches = None if caches is None else list(caches)
         new_caches = []
         if self.n_stacked:
-            if layers[:self.n_stacked] != range(self.n_stacked):
+            if layers[: self.n_stacked] != range(self.n_stacked):
                 raise ValueError(f"layers {layers} must start with the {self.n_stacked} stacked layers")
             x, cache = self._run_stack(x, positions, None if caches is None else caches.pop(0), cache_index, mask)
             new_caches.append(cache)
-            layers = layers[self.n_stacked:]
+            layers = layers[self.n_stacked :]
         if caches is None and self.shape.remat:
             # Keep only each block's input for the backward pass: activation memory O(layers), not
             # O(layers x block internals), for one extra forward pass of the trunk.
@@ -329,8 +370,9 @@ class Decoder(nnx.Module):
             new_caches.append(cache)
         return x, (None if caches is None else new_caches)
 
-    def _run_stack(self, x: Array, positions: Array, cache: dict | None, cache_index: Array | None,
-                   mask: Array | None = None):
+    def _run_stack(
+        self, x: Array, positions: Array, cache: dict | None, cache_index: Array | None, mask: Array | None = None
+    ):
         """The stacked layers as one scan; cache (or None) holds their caches stacked [L, ...]."""
         graphdef, params = nnx.split(self.layer_stack)
 
@@ -348,6 +390,7 @@ def stack_layers(params: dict, n_stacked: int) -> dict:
     moments too), from the loop layout to the stacked one (Decoder's stacked_layers=n_stacked).
     The stacks are NumPy arrays: an imported model is stacked in host memory (hf.read_for_training),
     not on a device that may not hold it whole."""
+
     def convert(tree):
         decoder = dict(tree["decoder"])
         blocks = decoder.pop("blocks")
@@ -361,11 +404,12 @@ def stack_layers(params: dict, n_stacked: int) -> dict:
 
 def unstack_layers(params: dict) -> dict:
     """The inverse of stack_layers."""
+
     def convert(tree):
         decoder = dict(tree["decoder"])
         stack, rest = decoder.pop("layer_stack"), decoder.get("blocks", {})
         n = len(jax.tree.leaves(stack)[0])
-        blocks = {i: jax.tree.map(lambda x: x[i], stack) for i in range(n)}
+        blocks = {i: jax.tree.map(lambda x: x[i], stack) for i in range(n)}  # noqa: B023 (called at once)
         blocks.update({n + i: block for i, block in rest.items()})
         return {**tree, "decoder": {**decoder, "blocks": blocks}}
 

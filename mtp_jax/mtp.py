@@ -88,17 +88,29 @@ class MTPModel(nnx.Module):
             self.heads = nnx.List([self.head_type.init(shape, rngs) for _ in range(2, n + 1)])
         if draft_vocab:
             if not self.head_type.shares_unembedding:
-                raise UserError(f"mtp_draft_vocab restricts the shared unembedding, which {head_type!r} heads do "
-                                "not use: choose another mtp_head_type, or set mtp_draft_vocab=0")
+                raise UserError(
+                    f"mtp_draft_vocab restricts the shared unembedding, which {head_type!r} heads do "
+                    "not use: choose another mtp_head_type, or set mtp_draft_vocab=0"
+                )
             self.draft_vocab = nnx.Param(jnp.arange(draft_vocab, dtype=jnp.int32), axes=("draft",))
 
     def trunk(self, tokens: Array, positions: Array, caches=None, cache_index=None, mask=None):
         """tokens: [B, T] → trunk hidden state [B, T, D] (and the trunk layers' caches)."""
-        return self.decoder.run_blocks(self.decoder.embed(tokens), positions, self.trunk_layers, caches, cache_index,
-                                       mask)
+        return self.decoder.run_blocks(
+            self.decoder.embed(tokens), positions, self.trunk_layers, caches, cache_index, mask
+        )
 
-    def head_hidden(self, k: int, h_trunk: Array, h_prev: Array, next_tokens: Array, positions: Array,
-                    cache=None, cache_index=None, mask=None):
+    def head_hidden(
+        self,
+        k: int,
+        h_trunk: Array,
+        h_prev: Array,
+        next_tokens: Array,
+        positions: Array,
+        cache=None,
+        cache_index=None,
+        mask=None,
+    ):
         """Head k's hidden state before the final norm, [B, T, D] (and its block's cache).
 
         h_prev is head k-1's hidden state and next_tokens is x[t + k - 1]; what reads them is the
@@ -122,7 +134,7 @@ class MTPModel(nnx.Module):
             h_trunk, _ = self.trunk(tokens[:, :t], positions)
         h = h_trunk
         for k in range(1, (heads or self.n_predict) + 1):
-            h, _ = self.head_hidden(k, h_trunk, h, tokens[:, k - 1:t + k - 1], positions)
+            h, _ = self.head_hidden(k, h_trunk, h, tokens[:, k - 1 : t + k - 1], positions)
             yield h
 
     def logits(self, k: int, h: Array) -> Array:
@@ -153,8 +165,9 @@ class MTPModel(nnx.Module):
             target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
             return jnp.argmax(logits, axis=-1).astype(jnp.int32), jax.nn.logsumexp(logits, axis=-1) - target_logit
 
-        greedy, nll = jax.lax.map(stats, (position_chunks(h_1, chunk_size), position_chunks(window[:, 1:t + 1],
-                                                                                           chunk_size)))
+        greedy, nll = jax.lax.map(
+            stats, (position_chunks(h_1, chunk_size), position_chunks(window[:, 1 : t + 1], chunk_size))
+        )
         unchunk = lambda x: x.swapaxes(0, 1).reshape(window.shape[0], -1)[:, :t]  # noqa: E731
         return TrunkOutputs(h_trunk, unchunk(greedy), unchunk(nll))
 
@@ -169,16 +182,23 @@ class MTPModel(nnx.Module):
 def build_model(config, vocab_size: int, *, seed: int, platform: str | None = None) -> MTPModel:
     shape = ModelShape.from_config(config.model, vocab_size, platform)
     n = n_predict(config)
-    return MTPModel(shape, n, config.mtp_head_type, rngs=nnx.Rngs(params=seed),
-                    draft_vocab=config.get("mtp_draft_vocab", 0) if n > 1 else 0)
+    return MTPModel(
+        shape,
+        n,
+        config.mtp_head_type,
+        rngs=nnx.Rngs(params=seed),
+        draft_vocab=config.get("mtp_draft_vocab", 0) if n > 1 else 0,
+    )
 
 
 def draft_vocabulary(tokens, vocab_size: int, size: int, sample: int = 1 << 26) -> np.ndarray:
     """The `size` most frequent token ids [size] int32 among the first `sample` training tokens,
     ties broken by the smaller id; ascending."""
     if size > vocab_size:
-        raise UserError(f"mtp_draft_vocab={size} exceeds the vocabulary's {vocab_size} tokens: choose a smaller "
-                        "draft vocabulary (0: all tokens)")
+        raise UserError(
+            f"mtp_draft_vocab={size} exceeds the vocabulary's {vocab_size} tokens: choose a smaller "
+            "draft vocabulary (0: all tokens)"
+        )
     counts = np.bincount(np.asarray(tokens[:sample], np.int64), minlength=vocab_size)
     return np.sort(np.argsort(-counts, kind="stable")[:size]).astype(np.int32)
 
@@ -186,7 +206,7 @@ def draft_vocabulary(tokens, vocab_size: int, size: int, sample: int = 1 << 26) 
 def model_targets(greedy: Array, k: int) -> Array:
     """Head k's self-distillation targets [B, T] from head 1's argmax greedy [B, T]: greedy[t + k - 1],
     or -1 (no target) where t + k - 1 lies past the window."""
-    return jnp.pad(greedy[:, k - 1:], ((0, 0), (0, k - 1)), constant_values=-1)
+    return jnp.pad(greedy[:, k - 1 :], ((0, 0), (0, k - 1)), constant_values=-1)
 
 
 def position_chunks(x: Array, chunk_size: int, fill=0) -> Array:
@@ -215,8 +235,9 @@ def _chunk_stats(w: Array, h: Array, targets: Array) -> tuple[Array, Array]:
     return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(jnp.where(valid, correct, False), dtype=jnp.float32)
 
 
-def cross_entropy(h: Array, w: Array, targets: Array, chunk_size: int = 0,
-                  mask: Array | None = None) -> tuple[Array, Array]:
+def cross_entropy(
+    h: Array, w: Array, targets: Array, chunk_size: int = 0, mask: Array | None = None
+) -> tuple[Array, Array]:
     """Mean cross-entropy (float32) and top-1 accuracy of logits h @ w against targets.
 
     h: [B, T, D], w: [D, V], targets: [B, T]. With 0 < chunk_size < T the positions are processed
@@ -242,21 +263,29 @@ def document_mask(window: Array, eot_id: int, k: int, t: int) -> Array:
     """[B, t] bool: whether head k's target at each position p < t lies in the document of the
     position's next token, i.e. no end-of-text token is among window[:, p + 1 … p + k - 1]."""
     ends = jnp.cumsum(window == eot_id, axis=1)  # [B, T + n]: end-of-text tokens up to each position
-    return ends[:, k - 1:t + k - 1] == ends[:, :t]
+    return ends[:, k - 1 : t + k - 1] == ends[:, :t]
 
 
 def _target_mask(mask: Array | None, window: Array, eot_id: int | None, k: int, t: int) -> Array | None:
     """Head k's [B, t] target mask: a task's (mask[t + k]) and, given eot_id, document_mask."""
-    head = None if mask is None else mask[:, k:t + k]
+    head = None if mask is None else mask[:, k : t + k]
     if eot_id is None:
         return head
     same = document_mask(window, eot_id, k, t)
     return same if head is None else (head > 0) & same
 
 
-def mtp_loss(model: MTPModel, window: Array, weights: tuple[float, ...], chunk_size: int = 0,
-             mask: Array | None = None, inputs: Array | None = None, eot_id: int | None = None,
-             targets: str = "data", trunk: TrunkOutputs | None = None):
+def mtp_loss(
+    model: MTPModel,
+    window: Array,
+    weights: tuple[float, ...],
+    chunk_size: int = 0,
+    mask: Array | None = None,
+    inputs: Array | None = None,
+    eot_id: int | None = None,
+    targets: str = "data",
+    trunk: TrunkOutputs | None = None,
+):
     """window: [B, T + n] int tokens → (total loss, {'loss_k', 'accuracy_k', 'total_loss'}).
 
     weights: each head's weight in the total, n floats or an [n] array traced from the step.
@@ -275,7 +304,7 @@ def mtp_loss(model: MTPModel, window: Array, weights: tuple[float, ...], chunk_s
     for k, h in enumerate(model.hidden_states(inputs, t, h_trunk=None if trunk is None else trunk.hidden), 1):
         if k == 1 and targets == "model" and greedy is None:
             greedy = jax.lax.stop_gradient(model.greedy(1, h, chunk_size)).astype(jnp.int32)
-        head_targets = model_targets(greedy, k) if k > 1 and targets == "model" else window[:, k:t + k]
+        head_targets = model_targets(greedy, k) if k > 1 and targets == "model" else window[:, k : t + k]
         if k == 1 and trunk is not None:  # head 1 is frozen: its loss came with the trunk's outputs
             metrics["loss_1"], metrics["accuracy_1"] = jnp.mean(trunk.nll), jnp.mean(trunk.greedy == head_targets)
             total = total + weights[0] * metrics["loss_1"]

@@ -60,9 +60,16 @@ class Settings:
         """What fixes the shards' contents (not --workers): a rerun resumes only if it matches."""
         stat = lambda p: [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]  # noqa: E731
         tokenizer_file = None if self.tokenizer in ("byte", "bpe") else stat(pathlib.Path(self.tokenizer))
-        return dict(files=[stat(p) for p in files], tokenizer_file=tokenizer_file,
-                    tokenizer=self.tokenizer, text_field=self.text_field, shard_tokens=self.shard_tokens,
-                    val_docs=self.val_docs, vocab_size=self.vocab_size, bpe_docs=self.bpe_docs)
+        return dict(
+            files=[stat(p) for p in files],
+            tokenizer_file=tokenizer_file,
+            tokenizer=self.tokenizer,
+            text_field=self.text_field,
+            shard_tokens=self.shard_tokens,
+            val_docs=self.val_docs,
+            vocab_size=self.vocab_size,
+            bpe_docs=self.bpe_docs,
+        )
 
 
 def parse_args(argv: list[str]) -> Settings:
@@ -77,8 +84,17 @@ def parse_args(argv: list[str]) -> Settings:
     p.add_argument("--bpe_docs", type=int, default=100_000, help="training documents --tokenizer=bpe learns from")
     p.add_argument("--workers", type=int, default=1, help="tokenizing processes, one core each")
     a = p.parse_args(argv)
-    return Settings(a.source, a.tokenizer, pathlib.Path(a.out).expanduser(), a.text_field, a.shard_tokens,
-                    a.val_docs, a.vocab_size, a.bpe_docs, a.workers)
+    return Settings(
+        a.source,
+        a.tokenizer,
+        pathlib.Path(a.out).expanduser(),
+        a.text_field,
+        a.shard_tokens,
+        a.val_docs,
+        a.vocab_size,
+        a.bpe_docs,
+        a.workers,
+    )
 
 
 def check(settings: Settings) -> None:
@@ -86,8 +102,10 @@ def check(settings: Settings) -> None:
         if getattr(settings, name) < 1:
             raise UserError(f"--{name}={getattr(settings, name)} must be at least 1")
     if settings.tokenizer == "bpe" and settings.vocab_size < tokenizer_lib.BPE_MIN_VOCAB:
-        raise UserError(f"--vocab_size={settings.vocab_size} is too small for --tokenizer=bpe: use at least "
-                        f"{tokenizer_lib.BPE_MIN_VOCAB}, e.g. 8192")
+        raise UserError(
+            f"--vocab_size={settings.vocab_size} is too small for --tokenizer=bpe: use at least "
+            f"{tokenizer_lib.BPE_MIN_VOCAB}, e.g. 8192"
+        )
     if settings.tokenizer not in ("byte", "bpe"):
         check_tokenizer_file(settings.tokenizer)
 
@@ -104,13 +122,17 @@ def check_tokenizer_file(path: str) -> None:
     except FileNotFoundError:
         raise UserError(f"--tokenizer={path!r} is not 'byte', 'bpe' or an existing tokenizer.json") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--tokenizer={path!r} cannot be read ({getattr(e, 'strerror', None) or e}): pass a "
-                        "tokenizer.json you can read") from None
+        raise UserError(
+            f"--tokenizer={path!r} cannot be read ({getattr(e, 'strerror', None) or e}): pass a "
+            "tokenizer.json you can read"
+        ) from None
     try:
         tokenizers.Tokenizer.from_str(text)
     except Exception as e:  # noqa: BLE001 — tokenizers raises a bare Exception for a file it cannot parse
-        raise UserError(f"--tokenizer={path!r} is not a tokenizer.json ({brief(e)}): pass "
-                        "the tokenizer.json of a Hugging Face tokenizer") from None
+        raise UserError(
+            f"--tokenizer={path!r} is not a tokenizer.json ({brief(e)}): pass "
+            "the tokenizer.json of a Hugging Face tokenizer"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,8 +141,9 @@ def check_tokenizer_file(path: str) -> None:
 
 
 def source_files(pattern: str) -> list[pathlib.Path]:
-    files = sorted(p for p in map(pathlib.Path, globlib.glob(os.path.expanduser(pattern), recursive=True))
-                   if p.is_file())
+    files = sorted(
+        p for p in map(pathlib.Path, globlib.glob(os.path.expanduser(pattern), recursive=True)) if p.is_file()
+    )
     if not files:
         raise UserError(f"--source={pattern!r} matches no files: fix the glob pattern (and quote it)")
     return files
@@ -151,8 +174,10 @@ def check_documents(settings: Settings, files: list[pathlib.Path]) -> None:
     if n_docs == 0:
         raise UserError(f"--source={settings.source!r} holds no documents (its files are empty): pass files with text")
     if n_docs <= settings.val_docs:
-        raise UserError(f"--source={settings.source!r} has {n_docs} documents, no more than --val_docs="
-                        f"{settings.val_docs}: lower --val_docs to leave documents for training")
+        raise UserError(
+            f"--source={settings.source!r} has {n_docs} documents, no more than --val_docs="
+            f"{settings.val_docs}: lower --val_docs to leave documents for training"
+        )
 
 
 def _text_document(path: pathlib.Path, head: int = -1) -> str:
@@ -245,8 +270,9 @@ def _encode_chunk(texts: list[str]) -> list[tuple[np.ndarray, int]]:
     return [(ids, len(text.encode("utf-8"))) for ids, text in zip(_encode(texts), texts)]
 
 
-def encoded(settings: Settings, files: list[pathlib.Path], tokenizer_file: str | None,
-            skip: int) -> Iterator[tuple[np.ndarray, int]]:
+def encoded(
+    settings: Settings, files: list[pathlib.Path], tokenizer_file: str | None, skip: int
+) -> Iterator[tuple[np.ndarray, int]]:
     """(ids, bytes) of each document after the first `skip`, in order, tokenized by --workers
     processes with at most two chunks per worker in flight (so memory stays bounded)."""
     context = multiprocessing.get_context("spawn")  # no fork of a parent that may run JAX's threads
@@ -310,7 +336,7 @@ class ShardWriter:
         position = start
         while position < len(ids):
             take = min(len(ids) - position, self.settings.shard_tokens - self.size)
-            self.parts.append(ids[position:position + take])
+            self.parts.append(ids[position : position + take])
             self.size += take
             position += take
             if self.size == self.settings.shard_tokens:
@@ -354,29 +380,36 @@ def resumed_progress(settings: Settings, identity: dict) -> dict | None:
         except (OSError, ValueError):  # ValueError: not UTF-8, not JSON
             progress = None
         if not isinstance(progress, dict) or not {"identity", "shards", "cursor", "complete"} <= progress.keys():
-            raise UserError(f"{path} is not the record prepare writes (damaged or written by something else): delete "
-                            f"--out={settings.out} to start over, or pass a new --out (nothing was overwritten)")
+            raise UserError(
+                f"{path} is not the record prepare writes (damaged or written by something else): delete "
+                f"--out={settings.out} to start over, or pass a new --out (nothing was overwritten)"
+            )
         if progress["identity"] != identity:
-            raise UserError(f"--out={settings.out} holds shards prepared from other files or settings: pass the same "
-                            "settings to resume, or a new --out, or delete it to start over (nothing was overwritten)")
+            raise UserError(
+                f"--out={settings.out} holds shards prepared from other files or settings: pass the same "
+                "settings to resume, or a new --out, or delete it to start over (nothing was overwritten)"
+            )
         return progress
     if settings.out.exists() and (not settings.out.is_dir() or any(settings.out.iterdir())):
-        raise UserError(f"--out={settings.out} exists and was not written by prepare: pass a new folder "
-                        "(nothing was overwritten)")
+        raise UserError(
+            f"--out={settings.out} exists and was not written by prepare: pass a new folder (nothing was overwritten)"
+        )
     return None
 
 
 def start_progress(settings: Settings, identity: dict) -> dict:
     """A fresh progress.json in --out (made here if missing): from now on a rerun resumes here
     (the BPE training included)."""
-    progress = dict(identity=identity, shards={"val": [], "train": []}, bytes={"val": 0, "train": 0},
-                    cursor=[0, 0], complete=False)
+    progress = dict(
+        identity=identity, shards={"val": [], "train": []}, bytes={"val": 0, "train": 0}, cursor=[0, 0], complete=False
+    )
     try:
         settings.out.mkdir(parents=True, exist_ok=True)
         write_json(settings.out / PROGRESS, progress)
     except OSError as e:
-        raise UserError(f"cannot write --out={settings.out} ({e.strerror or e}): pass a folder you can write "
-                        "to") from None
+        raise UserError(
+            f"cannot write --out={settings.out} ({e.strerror or e}): pass a folder you can write to"
+        ) from None
     return progress
 
 
@@ -421,13 +454,21 @@ def write_shards(settings: Settings, files: list[pathlib.Path], progress: dict, 
     n_docs = max(doc + 1, first)  # check_documents saw more than --val_docs
     writer.write(writer.split_of(n_docs - 1), n_docs, 0)
     shard_lists = progress["shards"]
-    meta = dict(format="llm.c", dtype=np.dtype(dtype).name, vocab_size=vocab_size, eot_id=eot_id,
-                tokenizer="byte" if tokenizer_file is None else "bpe", source=settings.source,
-                text_field=settings.text_field, shard_tokens=settings.shard_tokens,
-                n_val_docs=settings.val_docs, n_train_docs=n_docs - settings.val_docs,
-                **{f"n_{s}_tokens": sum(n for _, n in shard_lists[s]) for s in ("train", "val")},
-                **{f"{s}_bytes": progress["bytes"][s] for s in ("train", "val")},
-                shards={s: [name for name, _ in shard_lists[s]] for s in ("train", "val")})
+    meta = dict(
+        format="llm.c",
+        dtype=np.dtype(dtype).name,
+        vocab_size=vocab_size,
+        eot_id=eot_id,
+        tokenizer="byte" if tokenizer_file is None else "bpe",
+        source=settings.source,
+        text_field=settings.text_field,
+        shard_tokens=settings.shard_tokens,
+        n_val_docs=settings.val_docs,
+        n_train_docs=n_docs - settings.val_docs,
+        **{f"n_{s}_tokens": sum(n for _, n in shard_lists[s]) for s in ("train", "val")},
+        **{f"{s}_bytes": progress["bytes"][s] for s in ("train", "val")},
+        shards={s: [name for name, _ in shard_lists[s]] for s in ("train", "val")},
+    )
     write_json(settings.out / META, meta)
     progress["complete"] = True
     write_json(settings.out / PROGRESS, progress)
@@ -440,10 +481,12 @@ def main(argv: list[str] | None = None) -> None:
         meta = prepare(settings, show_progress=sys.stderr.isatty())
     except UserError as e:
         fail(str(e))
-    print(f"wrote {len(meta['shards']['train'])} training and {len(meta['shards']['val'])} validation shards "
-          f"({meta['n_train_tokens']:,} and {meta['n_val_tokens']:,} tokens) to {settings.out}; train with "
-          f"--config.data.source='{settings.out}/train_*.bin' --config.data.val_source='{settings.out}/val_*.bin' "
-          f"--config.data.vocab_size={meta['vocab_size']}")
+    print(
+        f"wrote {len(meta['shards']['train'])} training and {len(meta['shards']['val'])} validation shards "
+        f"({meta['n_train_tokens']:,} and {meta['n_val_tokens']:,} tokens) to {settings.out}; train with "
+        f"--config.data.source='{settings.out}/train_*.bin' --config.data.val_source='{settings.out}/val_*.bin' "
+        f"--config.data.vocab_size={meta['vocab_size']}"
+    )
 
 
 if __name__ == "__main__":

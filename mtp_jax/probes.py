@@ -102,14 +102,19 @@ def renameable_names(source: str) -> set[str]:
             depth += tok.string in "([{"
             depth -= tok.string in ")]}"
         if tok.type == tokenize.NAME:
-            if tok.string in ("import", "from") and (previous is None or previous.type in (
-                    tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT)
-                    or previous.string == ";"):
+            if tok.string in ("import", "from") and (
+                previous is None
+                or previous.type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT)
+                or previous.string == ";"
+            ):
                 in_import = True
             following = tokens[i + 1] if i + 1 < len(tokens) else None
-            if (in_import or (previous is not None and previous.string == ".")
-                    or (depth > 0 and following is not None and following.string == "=")
-                    or (tok.string.startswith("__") and tok.string.endswith("__"))):
+            if (
+                in_import
+                or (previous is not None and previous.string == ".")
+                or (depth > 0 and following is not None and following.string == "=")
+                or (tok.string.startswith("__") and tok.string.endswith("__"))
+            ):
                 kept.add(tok.string)
             else:
                 names.add(tok.string)
@@ -122,8 +127,13 @@ def renameable_names(source: str) -> set[str]:
             for member in node.body:
                 if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                     kept.add(member.name)
-                targets = member.targets if isinstance(member, ast.Assign) else \
-                    [member.target] if isinstance(member, ast.AnnAssign) else []
+                targets = (
+                    member.targets
+                    if isinstance(member, ast.Assign)
+                    else [member.target]
+                    if isinstance(member, ast.AnnAssign)
+                    else []
+                )
                 kept |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
     return names - kept
 
@@ -220,8 +230,10 @@ def induction_set(files: list[tuple[pathlib.Path, str]], tokenizer, *, seq_len: 
             scored.append(mask[1:])  # target token t + 1 is predicted at position t
             if len(windows) == num_windows:
                 return InductionSet(np.stack(windows).astype(np.int32), np.stack(scored))
-    raise UserError(f"the validation split's Python files hold {len(windows)} windows of {seq_len + 1} tokens, "
-                    f"fewer than the {num_windows} the induction probe asks for: lower it")
+    raise UserError(
+        f"the validation split's Python files hold {len(windows)} windows of {seq_len + 1} tokens, "
+        f"fewer than the {num_windows} the induction probe asks for: lower it"
+    )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -236,14 +248,22 @@ def head1_copy_hits(graphdef, chunk_size: int, params, window, scored):
     return jnp.sum(correct & scored), jnp.sum(scored)
 
 
-def induction_accuracy(graphdef, params, probe_set: InductionSet, *, batch_size: int, chunk_size: int = 0,
-                       to_device=jnp.asarray) -> float:
+def induction_accuracy(
+    graphdef, params, probe_set: InductionSet, *, batch_size: int, chunk_size: int = 0, to_device=jnp.asarray
+) -> float:
     """Head 1's accuracy on the copied tokens of renamed identifiers, batch_size windows at a time.
 
     to_device(rows) puts one batch of host rows on the devices (training: its sharded global batch)."""
-    counts = [head1_copy_hits(graphdef, chunk_size, params, to_device(probe_set.windows[i:i + batch_size]),
-                              to_device(probe_set.scored[i:i + batch_size]))
-              for i in range(0, len(probe_set.windows), batch_size)]
+    counts = [
+        head1_copy_hits(
+            graphdef,
+            chunk_size,
+            params,
+            to_device(probe_set.windows[i : i + batch_size]),
+            to_device(probe_set.scored[i : i + batch_size]),
+        )
+        for i in range(0, len(probe_set.windows), batch_size)
+    ]
     hits, total = np.sum(jax.device_get(counts), axis=0)
     return float(hits) / max(int(total), 1)
 
@@ -255,7 +275,7 @@ def induction_accuracy(graphdef, params, probe_set: InductionSet, *, batch_size:
 
 def cut_at_line(text: str) -> str:
     """text up to and including its last newline ('' when it holds no complete line)."""
-    return text[:text.rfind("\n") + 1]
+    return text[: text.rfind("\n") + 1]
 
 
 def continuation_parses(prefix: str, continuation: str) -> bool:
@@ -277,20 +297,23 @@ class ParsePrompt:
     truth: str  # the file's next new_tokens tokens, decoded
 
 
-def parse_prompts(files: list[tuple[pathlib.Path, str]], tokenizer, *, num_prompts: int, prompt_tokens: int,
-                  new_tokens: int) -> list[ParsePrompt]:
+def parse_prompts(
+    files: list[tuple[pathlib.Path, str]], tokenizer, *, num_prompts: int, prompt_tokens: int, new_tokens: int
+) -> list[ParsePrompt]:
     """One prompt per file (files in their fixed order) ending at a top-level statement, chosen at
     random among those whose true continuation, cut at a line boundary, compiles after the prefix
     (so a perfect model would score 1: the ceiling is high by construction) and that leave
     prompt_tokens tokens before and new_tokens after."""
     rng = np.random.default_rng(PROBE_SEED)
     prompts = []
-    for path, text in files:
+    for _path, text in files:
         lines = text.splitlines(keepends=True)
-        starts = [min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-                  for node in ast.parse(text).body]
+        starts = [
+            min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+            for node in ast.parse(text).body
+        ]
         for line in rng.permutation(starts):
-            prefix, rest = "".join(lines[:line - 1]), "".join(lines[line - 1:])
+            prefix, rest = "".join(lines[: line - 1]), "".join(lines[line - 1 :])
             prompt, following = tokenizer.encode(prefix), tokenizer.encode(rest)
             if len(prompt) < prompt_tokens or len(following) < new_tokens:
                 continue
@@ -300,20 +323,25 @@ def parse_prompts(files: list[tuple[pathlib.Path, str]], tokenizer, *, num_promp
                 break
         if len(prompts) == num_prompts:
             return prompts
-    raise UserError(f"the validation split's Python files give {len(prompts)} parse-rate prompts of "
-                    f"{prompt_tokens} + {new_tokens} tokens, fewer than the {num_prompts} asked for: lower the "
-                    "number of prompts or the tokens per sample")
+    raise UserError(
+        f"the validation split's Python files give {len(prompts)} parse-rate prompts of "
+        f"{prompt_tokens} + {new_tokens} tokens, fewer than the {num_prompts} asked for: lower the "
+        "number of prompts or the tokens per sample"
+    )
 
 
-def parse_rate(generator: Generator, prompts: list[ParsePrompt], tokenizer, *, new_tokens: int,
-               temperature: float = 0.8) -> dict:
+def parse_rate(
+    generator: Generator, prompts: list[ParsePrompt], tokenizer, *, new_tokens: int, temperature: float = 0.8
+) -> dict:
     """Sample a continuation of each prompt (seed i for prompt i) with `generator` (a cache of at
     least prompt + new_tokens positions) and report the share that compiles after the prefix once
     cut at a line boundary, the same share for the true continuations (the ceiling), and how
     repetitive samples and truth are (zlib ratio, compression_ratio: lower is more repetitive;
     the mean over prompts)."""
-    samples = [tokenizer.decode(generator.generate(p.prompt, new_tokens, temperature, seed=i).tokens)
-               for i, p in enumerate(prompts)]
+    samples = [
+        tokenizer.decode(generator.generate(p.prompt, new_tokens, temperature, seed=i).tokens)
+        for i, p in enumerate(prompts)
+    ]
     prefixes = [p.prefix for p in prompts]
     return {
         "parse_rate": parse_share(prefixes, samples),
@@ -336,21 +364,29 @@ def compression_ratio(text: str) -> float:
 
 def induction_inputs(config, files, tokenizer) -> InductionSet:
     """induction_batches x batch_size windows of seq_len + 1 tokens."""
-    return induction_set(files, tokenizer, seq_len=config.seq_len,
-                         num_windows=config.induction_batches * config.batch_size)
+    return induction_set(
+        files, tokenizer, seq_len=config.seq_len, num_windows=config.induction_batches * config.batch_size
+    )
 
 
 def parse_rate_inputs(config, files, tokenizer) -> list[ParsePrompt]:
     """parse_rate_prompts prompts of seq_len - parse_rate_tokens tokens (a decoding cache of
     seq_len positions holds prompt and sample)."""
-    return parse_prompts(files, tokenizer, num_prompts=config.parse_rate_prompts,
-                         prompt_tokens=config.seq_len - config.parse_rate_tokens, new_tokens=config.parse_rate_tokens)
+    return parse_prompts(
+        files,
+        tokenizer,
+        num_prompts=config.parse_rate_prompts,
+        prompt_tokens=config.seq_len - config.parse_rate_tokens,
+        new_tokens=config.parse_rate_tokens,
+    )
 
 
 def python_files(data_cfg, probe: str) -> list[tuple[pathlib.Path, str]]:
     """validation_python_files, refusing a corpus without any (`probe` names who asks)."""
     files = validation_python_files(data_cfg)
     if not files:
-        raise UserError(f"the {probe} probe needs Python files in the validation split, and data.source="
-                        f"{data_cfg.source!r} has none: use it on a model trained on 'stdlib' or on .py files")
+        raise UserError(
+            f"the {probe} probe needs Python files in the validation split, and data.source="
+            f"{data_cfg.source!r} has none: use it on a model trained on 'stdlib' or on .py files"
+        )
     return files

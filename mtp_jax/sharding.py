@@ -14,7 +14,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import mesh_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mtp_jax.errors import UserError
 
@@ -42,8 +43,10 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:
         raise UserError(f"{described} is invalid: give positive sizes with at most one -1 (fills the rest)")
     fixed = math.prod(s for s in sizes if s != -1)
     if n_devices % fixed or (-1 not in sizes and fixed != n_devices):
-        raise UserError(f"{described} does not divide the {n_devices} devices: choose sizes whose product "
-                        f"is {n_devices}, or set one of them to -1")
+        raise UserError(
+            f"{described} does not divide the {n_devices} devices: choose sizes whose product "
+            f"is {n_devices}, or set one of them to -1"
+        )
     return tuple(n_devices // fixed if s == -1 else s for s in sizes)
 
 
@@ -73,14 +76,18 @@ def batch_sharding(mesh) -> NamedSharding:
 def check_batch(batch_size: int, mesh) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if batch_size % shards:
-        raise UserError(f"batch_size={batch_size} does not divide over the mesh's data x fsdp = {shards} "
-                        f"shards: use a multiple of {shards}")
+        raise UserError(
+            f"batch_size={batch_size} does not divide over the mesh's data x fsdp = {shards} "
+            f"shards: use a multiple of {shards}"
+        )
 
 
 def logical_axes(params: nnx.State) -> dict:
     """The `axes` metadata of every parameter, as a pure dict shaped like the parameters."""
-    return {key: logical_axes(value) if isinstance(value, nnx.State) else value.get_metadata()["axes"]
-            for key, value in params.items()}
+    return {
+        key: logical_axes(value) if isinstance(value, nnx.State) else value.get_metadata()["axes"]
+        for key, value in params.items()
+    }
 
 
 def spec_for(shape: tuple[int, ...], axes: tuple[str, ...], mesh) -> P:
@@ -94,8 +101,12 @@ def spec_for(shape: tuple[int, ...], axes: tuple[str, ...], mesh) -> P:
 
 def param_shardings(abstract_params, axes, mesh):
     """NamedSharding for every parameter (trees as pure dicts)."""
-    return jax.tree.map(lambda a, x: NamedSharding(mesh, spec_for(x.shape, a, mesh)), axes, abstract_params,
-                        is_leaf=lambda a: isinstance(a, tuple))
+    return jax.tree.map(
+        lambda a, x: NamedSharding(mesh, spec_for(x.shape, a, mesh)),
+        axes,
+        abstract_params,
+        is_leaf=lambda a: isinstance(a, tuple),
+    )
 
 
 def compute_shardings(params_shardings):
@@ -104,6 +115,7 @@ def compute_shardings(params_shardings):
     reduce-scattered back). Left to itself, GSPMD follows the fsdp-split weights and shards the
     activations' features instead of their batch; for configs/mtp3.py:nano_125m at fsdp=8 the
     compiled step then needs 17.3 GiB per device instead of 10.1 GiB (12.1 GiB at data=8)."""
+
     def gathered(s):
         return NamedSharding(s.mesh, P(*(None if axis == "fsdp" else axis for axis in s.spec)))
 
@@ -114,8 +126,7 @@ def state_shardings(abstract_state, params_shardings, mesh):
     """Shardings for a whole train state: any leaf whose key path ends with a parameter's path
     (the parameters themselves, Adam's moments) is sharded like that parameter; the rest
     (step counters, scalars) is replicated."""
-    by_path = {tuple(str(k) for k in path): s
-               for path, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
+    by_path = {tuple(str(k) for k in path): s for path, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]}
     replicated = NamedSharding(mesh, P())
 
     def pick(path, _):

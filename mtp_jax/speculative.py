@@ -42,12 +42,12 @@ class Tree:
     paths: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def chain(cls, drafts: int) -> "Tree":
+    def chain(cls, drafts: int) -> Tree:
         """Every head's top candidate, one after another: the plain speculative chain."""
         return cls(tuple((0,) * d for d in range(1, drafts + 1)))
 
     @classmethod
-    def build(cls, acceptance: np.ndarray, size: int) -> "Tree":
+    def build(cls, acceptance: np.ndarray, size: int) -> Tree:
         """Medusa's greedy construction: the `size` nodes of largest path probability, where a
         node's probability is the product of acceptance[depth - 1, rank] along its path (heads
         assumed independent). acceptance: [n - 1, R], head k + 2's rank-r candidate accepted.
@@ -142,8 +142,9 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int = 0, top_p: 
     return logits
 
 
-def draft(logits: jax.Array, key: jax.Array, ranks: int, temperature: float, top_k: int = 0,
-          top_p: float = 1.0) -> tuple[jax.Array, jax.Array, jax.Array]:
+def draft(
+    logits: jax.Array, key: jax.Array, ranks: int, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One head's candidates from its logits [V] at the last committed node: its top `ranks`
     tokens (greedy), or one token sampled from its filtered distribution q. Returns (candidates
     [ranks or 1], the one the next 'sequential' module reads, q [V] (zeros when greedy))."""
@@ -201,8 +202,11 @@ def accept_sampled(block: jax.Array, p: jax.Array, q: jax.Array, key: jax.Array)
 def compact(caches: list[dict], base, path: jax.Array) -> list[dict]:
     """Move the accepted path's cache entries (slots base + path) to consecutive slots from
     base; the other nodes' entries stay behind the index, where nothing reads them."""
+
     def gather(buffer):  # [B·N, S, H], or [L, B·N, S, H] for stacked layers (model.scan_layers)
         slot_axis = buffer.ndim - 2
-        return jax.lax.dynamic_update_slice_in_dim(buffer, jnp.take(buffer, base + path, axis=slot_axis), base,
-                                                   axis=slot_axis)
+        return jax.lax.dynamic_update_slice_in_dim(
+            buffer, jnp.take(buffer, base + path, axis=slot_axis), base, axis=slot_axis
+        )
+
     return [{name: gather(buffer) for name, buffer in cache.items()} for cache in caches]

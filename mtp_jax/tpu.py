@@ -55,8 +55,9 @@ CHIPS = {
     # (1.1 PB/s over 4096 chips) relates to it as it does on the v5e and v6e pages (pod all-reduce
     # bandwidth / chips = half the bidirectional per-chip ICI), which gives 537 GB/s. Band: one
     # run, PaLM 540B on 6144 v4 chips at 46.2 % MFU (Chowdhery et al. 2022, arXiv 2204.02311).
-    "v4": Chip(275e12, 32 * GiB, 1200e9, 2 * 1.1e15 / 4096, 3, (0.462, 0.462),
-               "PaLM 540B on 6144 v4 chips (arXiv 2204.02311)"),
+    "v4": Chip(
+        275e12, 32 * GiB, 1200e9, 2 * 1.1e15 / 4096, 3, (0.462, 0.462), "PaLM 540B on 6144 v4 chips (arXiv 2204.02311)"
+    ),
     # "TPU v5e" (cloud.google.com/tpu/docs/v5e): 197 TFLOP/s bf16, 16 GB HBM2 at 819 GB/s,
     # bidirectional ICI 400 GB/s per chip. Band: MaxText on one v5e-256, 16B-128B: 56.1-66.9 %.
     "v5e": Chip(197e12, 16 * GiB, 819e9, 400e9, 2, (0.561, 0.669), f"{MAXTEXT}: 16B-128B on v5e-256"),
@@ -78,8 +79,20 @@ ICI_HOP_LATENCY_S = 1e-6
 # Cloud accelerator types (`gcloud … --accelerator-type`) and the topology each names. v5e and v6e
 # count chips; v4 and v5p count TensorCores, two per chip (v5p-128 is 64 chips, 4x4x4).
 SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-SHAPES_3D = {1: "1x1x1", 4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
-             256: "4x8x8", 512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}
+SHAPES_3D = {
+    1: "1x1x1",
+    4: "2x2x1",
+    8: "2x2x2",
+    16: "2x2x4",
+    32: "2x4x4",
+    64: "4x4x4",
+    128: "4x4x8",
+    256: "4x8x8",
+    512: "8x8x8",
+    1024: "8x8x16",
+    2048: "8x16x16",
+    4096: "16x16x16",
+}
 ACCELERATOR_TYPES = {
     **{f"{gen}-{chips}": f"{gen}:{shape}" for gen in ("v5e", "v6e") for chips, shape in SHAPES_2D.items()},
     **{f"{gen}-{2 * chips}": f"{gen}:{shape}" for gen in ("v4", "v5p") for chips, shape in SHAPES_3D.items()},
@@ -88,8 +101,9 @@ TOPOLOGY_NAME = re.compile(r"(v4|v5e|v5p|v6e):(\d+)x(\d+)(?:x(\d+))?")
 
 
 def known_topologies() -> str:
-    types = "; ".join(f"{gen}-{{{','.join(t.split('-')[1] for t in ACCELERATOR_TYPES if t.startswith(gen + '-'))}}}"
-                      for gen in CHIPS)
+    types = "; ".join(
+        f"{gen}-{{{','.join(t.split('-')[1] for t in ACCELERATOR_TYPES if t.startswith(gen + '-'))}}}" for gen in CHIPS
+    )
     return f"GEN:AxB for v5e and v6e, GEN:AxBxC for v4 and v5p (e.g. v5p:4x4x4), or an accelerator type: {types}"
 
 
@@ -110,8 +124,9 @@ def check_libtpu() -> None:
     try:
         import libtpu  # noqa: F401  (optional: only compiling for a topology needs it)
     except ImportError:
-        raise UserError("compiling for a TPU topology needs libtpu, which is not installed: "
-                        "pip install -e '.[tpu]'") from None
+        raise UserError(
+            "compiling for a TPU topology needs libtpu, which is not installed: pip install -e '.[tpu]'"
+        ) from None
 
 
 def devices(topology: str) -> list:
@@ -129,8 +144,9 @@ def devices(topology: str) -> list:
     try:
         return topologies.get_topology_desc(topology_name=topology, platform="tpu", **bounds).devices
     except jax.errors.JaxRuntimeError as e:
-        raise UserError(f"libtpu does not accept the topology {topology!r} ({str(e).splitlines()[0]}): "
-                        f"use {known_topologies()}") from None
+        raise UserError(
+            f"libtpu does not accept the topology {topology!r} ({str(e).splitlines()[0]}): use {known_topologies()}"
+        ) from None
 
 
 def out_of_memory(message: str) -> float | None:
@@ -150,8 +166,16 @@ def collective_latency_s(collective: hlo.Collective) -> float:
 
 def roofline(chip: Chip, flops: float, hbm_bytes: float, ici_bytes: float = 0.0, ici_latency_s: float = 0.0) -> dict:
     """The floor on one step's time per chip (module docstring) and the resource that sets it."""
-    terms = {"compute": flops / chip.peak_flops, "memory": hbm_bytes / chip.hbm_bytes_per_s,
-             "ici": ici_bytes / (chip.ici_bytes_per_s / 2) + ici_latency_s}  # bidirectional: half each way
+    terms = {
+        "compute": flops / chip.peak_flops,
+        "memory": hbm_bytes / chip.hbm_bytes_per_s,
+        "ici": ici_bytes / (chip.ici_bytes_per_s / 2) + ici_latency_s,
+    }  # bidirectional: half each way
     bound = max(terms, key=terms.get)
-    return {"compute_s": terms["compute"], "hbm_s": terms["memory"], "ici_s": terms["ici"],
-            "step_time_floor_s": terms[bound], "bound": bound}
+    return {
+        "compute_s": terms["compute"],
+        "hbm_s": terms["memory"],
+        "ici_s": terms["ici"],
+        "step_time_floor_s": terms[bound],
+        "bound": bound,
+    }

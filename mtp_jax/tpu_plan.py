@@ -41,8 +41,10 @@ from mtp_jax.train import make_train_step, memory_per_device
 
 PLATFORM = "tpu"  # what every program here is traced and compiled for
 
-LOWER_MEMORY = ("mesh.fsdp (parameters and optimizer state over more chips), model.remat=True, loss_chunk_size, "
-                "batch_size, model.scan_layers=True")
+LOWER_MEMORY = (
+    "mesh.fsdp (parameters and optimizer state over more chips), model.remat=True, loss_chunk_size, "
+    "batch_size, model.scan_layers=True"
+)
 
 
 def bytes_per_chip(tree) -> int:
@@ -50,8 +52,9 @@ def bytes_per_chip(tree) -> int:
     return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
-def pod_bounds(config, vocab: int, chip: tpu.Chip, chips: int, hbm_bytes: float, ici_bytes: float,
-               ici_latency_s: float) -> dict:
+def pod_bounds(
+    config, vocab: int, chip: tpu.Chip, chips: int, hbm_bytes: float, ici_bytes: float, ici_latency_s: float
+) -> dict:
     """What the roofline says of one train step per chip (mtp_jax/tpu.py): the floor on its time from
     the hardware FLOPs, HBM and ICI traffic; the ceilings that floor puts on tokens/s, MFU (model
     FLOPs) and HFU (hardware FLOPs); and the range that the efficiency of published runs on this
@@ -60,12 +63,19 @@ def pod_bounds(config, vocab: int, chip: tpu.Chip, chips: int, hbm_bytes: float,
     roof = tpu.roofline(chip, hardware / chips, hbm_bytes, ici_bytes, ici_latency_s)
     floor, (low, high) = roof["step_time_floor_s"], chip.mfu_band
     mfu = model / chips / floor / chip.peak_flops
-    return {"model_flops_per_step": model, "model_flops_causal_per_step": model_flops(config, vocab, causal=True),
-            "hardware_flops_per_step": hardware, **roof, "ici_latency_s": ici_latency_s,
-            "tokens_per_sec_per_chip_ceiling": config.batch_size * config.seq_len / floor / chips,
-            "mfu_ceiling": mfu, "hfu_ceiling": hardware / chips / floor / chip.peak_flops,
-            "expected_mfu_range": [mfu * low, mfu * high], "expected_step_time_s_range": [floor / high, floor / low],
-            "efficiency_band_source": chip.band_source}
+    return {
+        "model_flops_per_step": model,
+        "model_flops_causal_per_step": model_flops(config, vocab, causal=True),
+        "hardware_flops_per_step": hardware,
+        **roof,
+        "ici_latency_s": ici_latency_s,
+        "tokens_per_sec_per_chip_ceiling": config.batch_size * config.seq_len / floor / chips,
+        "mfu_ceiling": mfu,
+        "hfu_ceiling": hardware / chips / floor / chip.peak_flops,
+        "expected_mfu_range": [mfu * low, mfu * high],
+        "expected_step_time_s_range": [floor / high, floor / low],
+        "efficiency_band_source": chip.band_source,
+    }
 
 
 def topology_config(config, topology: str, devices) -> dict:
@@ -83,10 +93,19 @@ def topology_config(config, topology: str, devices) -> dict:
         if temporaries is None:
             raise
         # The compiler stops once the temporaries alone exceed the chip: a floor on the need.
-        return {"name": config_name(config), "topology": topology, "chips": mesh.size, "mesh": dict(mesh.shape),
-                "bytes_per_chip": temporaries, "chip_hbm_bytes": chip.hbm_bytes, "fits": False,
-                "refused_by_compiler": True, "step_time_floor_s": None,
-                "compile_s": time.perf_counter() - start, "compile_cpu_s": time.process_time() - start_cpu}
+        return {
+            "name": config_name(config),
+            "topology": topology,
+            "chips": mesh.size,
+            "mesh": dict(mesh.shape),
+            "bytes_per_chip": temporaries,
+            "chip_hbm_bytes": chip.hbm_bytes,
+            "fits": False,
+            "refused_by_compiler": True,
+            "step_time_floor_s": None,
+            "compile_s": time.perf_counter() - start,
+            "compile_cpu_s": time.process_time() - start_cpu,
+        }
     compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     chips, memory, program = mesh.size, setup.step_fn.memory_analysis(), setup.step_fn.as_text()
     cost = setup.step_fn.cost_analysis()
@@ -96,21 +115,30 @@ def topology_config(config, topology: str, devices) -> dict:
     needed = memory_per_device(memory)
     hbm = hlo.hbm_traffic(program)
     return {
-        "name": config_name(config), "topology": topology, "chips": chips, "mesh": dict(mesh.shape),
+        "name": config_name(config),
+        "topology": topology,
+        "chips": chips,
+        "mesh": dict(mesh.shape),
         "params": setup.n_params,
         "param_bytes_per_chip": bytes_per_chip(setup.abstract_state["params"]),
         "opt_state_bytes_per_chip": bytes_per_chip(setup.abstract_state["opt_state"]),
         "temp_bytes_per_chip": memory.temp_size_in_bytes,
-        "bytes_per_chip": needed, "chip_hbm_bytes": chip.hbm_bytes, "fits": needed <= chip.hbm_bytes,
+        "bytes_per_chip": needed,
+        "chip_hbm_bytes": chip.hbm_bytes,
+        "fits": needed <= chip.hbm_bytes,
         "xla_flops_per_step": float(cost.get("flops", 0.0)) * chips,  # XLA counts each loop body once
         "hbm_bytes_per_chip": hbm,
         "xla_bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0)),  # loop bodies once, on-chip too
         "collective_bytes_per_chip": by_kind,
-        "largest_collective": None if not found else {"op": found[0].op, "bytes": found[0].bytes,
-                                                      "count": found[0].count, "from": found[0].name},
-        **pod_bounds(config, vocab, chip, chips, hbm, sum(by_kind.values()), sum(tpu.collective_latency_s(c) for c in found)),
+        "largest_collective": None
+        if not found
+        else {"op": found[0].op, "bytes": found[0].bytes, "count": found[0].count, "from": found[0].name},
+        **pod_bounds(
+            config, vocab, chip, chips, hbm, sum(by_kind.values()), sum(tpu.collective_latency_s(c) for c in found)
+        ),
         "refused_by_compiler": False,
-        "compile_s": compile_s, "compile_cpu_s": compile_cpu_s,  # wall time; CPU time of all this process's threads
+        "compile_s": compile_s,
+        "compile_cpu_s": compile_cpu_s,  # wall time; CPU time of all this process's threads
     }
 
 
@@ -123,9 +151,13 @@ def mesh_candidates(config, chips: int) -> list[tuple[int, int, int]]:
     divides the heads, key/value heads, MLP width and vocabulary, and data x fsdp the batch."""
     m = config.model
     widths = (m.n_heads, m.n_kv_heads or m.n_heads, m.mlp_dim, vocab_size(config))
-    return [(data, chips // tensor // data, tensor)
-            for tensor in divisors(chips) if not any(w % tensor for w in widths)
-            for data in divisors(chips // tensor) if config.batch_size % (chips // tensor) == 0]
+    return [
+        (data, chips // tensor // data, tensor)
+        for tensor in divisors(chips)
+        if not any(w % tensor for w in widths)
+        for data in divisors(chips // tensor)
+        if config.batch_size % (chips // tensor) == 0
+    ]
 
 
 def default_meshes(config, chips: int, fsdp_major: int = 2) -> list[tuple[int, int, int]]:
@@ -149,9 +181,11 @@ def search_mesh(config, topology: str, devices, candidates=None, report=None) ->
     first, each group by the floor on its step time; `report(result)` is called as each one compiles."""
     candidates = mesh_candidates(config, len(devices)) if candidates is None else candidates
     if not candidates:
-        raise UserError(f"no (data, fsdp, tensor) mesh of {len(devices)} chips suits batch_size="
-                        f"{config.batch_size}: data x fsdp must divide the batch (the rest is tensor parallel, "
-                        "which must divide the heads, MLP and vocabulary); raise batch_size")
+        raise UserError(
+            f"no (data, fsdp, tensor) mesh of {len(devices)} chips suits batch_size="
+            f"{config.batch_size}: data x fsdp must divide the batch (the rest is tensor parallel, "
+            "which must divide the heads, MLP and vocabulary); raise batch_size"
+        )
     results = []
     for mesh in candidates:
         results.append(topology_config(with_mesh(config, *mesh), topology, devices))
@@ -166,23 +200,29 @@ def mesh_words(result: dict) -> str:
 
 def too_large(result: dict) -> str:
     more_than = "more than " if result["refused_by_compiler"] else ""
-    return (f"{result['name']} needs {more_than}{result['bytes_per_chip'] / tpu.GiB:.1f} GiB per chip on "
-            f"{result['topology']} with mesh {mesh_words(result)}, and a {result['topology'].split(':')[0]} chip has "
-            f"{result['chip_hbm_bytes'] / tpu.GiB:.0f} GiB: lower it with {LOWER_MEMORY}")
+    return (
+        f"{result['name']} needs {more_than}{result['bytes_per_chip'] / tpu.GiB:.1f} GiB per chip on "
+        f"{result['topology']} with mesh {mesh_words(result)}, and a {result['topology'].split(':')[0]} chip has "
+        f"{result['chip_hbm_bytes'] / tpu.GiB:.0f} GiB: lower it with {LOWER_MEMORY}"
+    )
 
 
 def topology_table(results: list[dict]) -> str:
     """Per chip: memory against the chip's, collective bytes, the roofline's terms, the bounds they
     put on the step (≥ and ≤) and the MFU expected at published runs' efficiency."""
     gib = lambda b: f"{b / tpu.GiB:.2f}"  # noqa: E731
-    lines = [f"{'config':<22} {'data,fsdp,tensor':>16} {'param':>6} {'opt':>6} {'temp':>6} {'total GiB':>10} "
-             f"{'fits':>4} {'AG GB':>6} {'RS GB':>6} {'AR GB':>6} {'A2A GB':>6} {'comp ms':>8} {'HBM ms':>7} "
-             f"{'ICI ms':>7} {'step ms ≥':>9} {'tok/s/chip ≤':>12} {'MFU ≤':>6} {'HFU ≤':>6} "
-             f"{'expected MFU':>12}"]
+    lines = [
+        f"{'config':<22} {'data,fsdp,tensor':>16} {'param':>6} {'opt':>6} {'temp':>6} {'total GiB':>10} "
+        f"{'fits':>4} {'AG GB':>6} {'RS GB':>6} {'AR GB':>6} {'A2A GB':>6} {'comp ms':>8} {'HBM ms':>7} "
+        f"{'ICI ms':>7} {'step ms ≥':>9} {'tok/s/chip ≤':>12} {'MFU ≤':>6} {'HFU ≤':>6} "
+        f"{'expected MFU':>12}"
+    ]
     for r in results:
         if r["refused_by_compiler"]:
-            lines.append(f"{r['name']:<22} {','.join(str(s) for s in r['mesh'].values()):>16} "
-                         f"{'temporaries alone > ' + gib(r['bytes_per_chip']) + ' GiB: refused by the compiler':>50}")
+            lines.append(
+                f"{r['name']:<22} {','.join(str(s) for s in r['mesh'].values()):>16} "
+                f"{'temporaries alone > ' + gib(r['bytes_per_chip']) + ' GiB: refused by the compiler':>50}"
+            )
             continue
         coll, (low, high) = r["collective_bytes_per_chip"], r["expected_mfu_range"]
         lines.append(
@@ -194,17 +234,20 @@ def topology_table(results: list[dict]) -> str:
             + f" {1e3 * r['compute_s']:>8.1f} {1e3 * r['hbm_s']:>7.1f} {1e3 * r['ici_s']:>7.1f} "
             f"{1e3 * r['step_time_floor_s']:>9.1f} {r['tokens_per_sec_per_chip_ceiling']:>12.0f} "
             f"{100 * r['mfu_ceiling']:>5.1f}% {100 * r['hfu_ceiling']:>5.1f}% "
-            f"{f'{100 * low:.0f}-{100 * high:.0f}%':>12}")
+            f"{f'{100 * low:.0f}-{100 * high:.0f}%':>12}"
+        )
     return "\n".join(lines)
 
 
 def topology_legend(topology: str, chips: int) -> str:
     chip = tpu.chip_of(topology)
     low, high = chip.mfu_band
-    return (f"{topology}: {chips} chips, per chip. ≥ and ≤ are roofline bounds, not predictions: every FLOP, HBM "
-            f"byte and collective at the chip's peak, all overlapped (mtp_jax/tpu.py). Expected MFU: the ceiling x "
-            f"{100 * low:.0f}-{100 * high:.0f} %, the MFU published runs reached ({chip.band_source}; assumed to "
-            "carry over)")
+    return (
+        f"{topology}: {chips} chips, per chip. ≥ and ≤ are roofline bounds, not predictions: every FLOP, HBM "
+        f"byte and collective at the chip's peak, all overlapped (mtp_jax/tpu.py). Expected MFU: the ceiling x "
+        f"{100 * low:.0f}-{100 * high:.0f} %, the MFU published runs reached ({chip.band_source}; assumed to "
+        "carry over)"
+    )
 
 
 def train_meshes(config, topology: str, devices, search: bool, report=None) -> list[dict]:
@@ -221,9 +264,12 @@ def train_meshes(config, topology: str, devices, search: bool, report=None) -> l
     meshes = default_meshes(config, len(devices))
     found = search_mesh(config, topology, devices, candidates=meshes, report=report)
     if found[0]["fits"]:  # else the error line names the smallest
-        print(f"mesh.* left at its defaults: {config_name(config)} uses {mesh_words(found[0])}, the fastest that "
-              f"fits of {len(meshes)} meshes compiled (--search_mesh compiles all "
-              f"{len(mesh_candidates(config, len(devices)))}; --config.mesh.* sets one)", file=sys.stderr)
+        print(
+            f"mesh.* left at its defaults: {config_name(config)} uses {mesh_words(found[0])}, the fastest that "
+            f"fits of {len(meshes)} meshes compiled (--search_mesh compiles all "
+            f"{len(mesh_candidates(config, len(devices)))}; --config.mesh.* sets one)",
+            file=sys.stderr,
+        )
     return found
 
 
@@ -285,15 +331,22 @@ def fitting_decode_sizes(config, chip: tpu.Chip, sizes: list[int]) -> tuple[list
     if n_predict(config) > 1:
         need["tree of"] = lambda size: all_params + (config.seq_len + size) * tree_cache
     fitting = {kind: [s for s in sizes if needs(s) <= chip.hbm_bytes] for kind, needs in need.items()}
-    left_out = [f"{kind} {s} (≥ {needs(s) / tpu.GiB:.1f} GiB)"
-                for kind, needs in need.items() for s in sizes if s not in fitting[kind]]
+    left_out = [
+        f"{kind} {s} (≥ {needs(s) / tpu.GiB:.1f} GiB)"
+        for kind, needs in need.items()
+        for s in sizes
+        if s not in fitting[kind]
+    ]
     if not any(fitting.values()):
         largest_tree = int((chip.hbm_bytes - all_params) // tree_cache) - config.seq_len
-        raise UserError(f"--decode={','.join(map(str, sizes))}: every pass needs more than a chip's "
-                        f"{chip.hbm_bytes / tpu.GiB:.0f} GiB for its parameters and KV cache alone ("
-                        + ", ".join(left_out) + "): use batches up to "
-                        + str(int((chip.hbm_bytes - plain_params) // (config.seq_len * plain_cache)))
-                        + (f" and trees up to {largest_tree}" if "tree of" in need else ""))
+        raise UserError(
+            f"--decode={','.join(map(str, sizes))}: every pass needs more than a chip's "
+            f"{chip.hbm_bytes / tpu.GiB:.0f} GiB for its parameters and KV cache alone ("
+            + ", ".join(left_out)
+            + "): use batches up to "
+            + str(int((chip.hbm_bytes - plain_params) // (config.seq_len * plain_cache)))
+            + (f" and trees up to {largest_tree}" if "tree of" in need else "")
+        )
     return fitting["plain batch"], fitting.get("tree of", []), left_out
 
 
@@ -317,10 +370,16 @@ def one_pass(model: MTPModel, capacity: int, tree: Tree | None = None, batch: in
         return plain, (params, (token, caches, index, key))
     n = model.n_predict
     caches = jax.eval_shape(lambda: decoding.init_caches(model, 1, capacity + tree.size, all_heads=True))
-    carry = decoding.Carry(index, index, jax.ShapeDtypeStruct((tree.size,), jnp.int32),
-                  jax.ShapeDtypeStruct((n - 1, model.decoder.shape.vocab_size), jnp.float32), caches,
-                  jax.ShapeDtypeStruct((capacity + tree.max_depth + 1,), jnp.int32),
-                  jax.ShapeDtypeStruct((capacity,), jnp.int32), jax.ShapeDtypeStruct((capacity, n - 1), jnp.float32))
+    carry = decoding.Carry(
+        index,
+        index,
+        jax.ShapeDtypeStruct((tree.size,), jnp.int32),
+        jax.ShapeDtypeStruct((n - 1, model.decoder.shape.vocab_size), jnp.float32),
+        caches,
+        jax.ShapeDtypeStruct((capacity + tree.max_depth + 1,), jnp.int32),
+        jax.ShapeDtypeStruct((capacity,), jnp.int32),
+        jax.ShapeDtypeStruct((capacity, n - 1), jnp.float32),
+    )
 
     def verify(params, state):
         carry, length, key = state
@@ -336,8 +395,9 @@ def decode_config(config, topology: str, devices, name: str, tree: Tree | None, 
     chip, vocab = tpu.chip_of(topology), vocab_size(config)
     config = config.copy_and_resolve_references()
     config.model.scan_layers = False  # XLA's cost analysis counts a loop's body once: unrolled, it counts all
-    on_chip = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices[:1]), ("chip",)),
-                                         jax.sharding.PartitionSpec())
+    on_chip = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(devices[:1]), ("chip",)), jax.sharding.PartitionSpec()
+    )
     validate(config, PLATFORM)
     model = nnx.eval_shape(lambda: build_model(config, vocab, seed=0, platform=PLATFORM))
     step, inputs = one_pass(model, config.seq_len, tree, batch)
@@ -353,8 +413,16 @@ def decode_config(config, topology: str, devices, name: str, tree: Tree | None, 
             raise
     compile_s = time.perf_counter() - start
     tokens = batch if tree is None else tree.size
-    row = {"name": config_name(config), "topology": topology, "pass": name, "batch": batch, "tokens": tokens,
-           "cache_len": config.seq_len, "chip_hbm_bytes": chip.hbm_bytes, "compile_s": compile_s}
+    row = {
+        "name": config_name(config),
+        "topology": topology,
+        "pass": name,
+        "batch": batch,
+        "tokens": tokens,
+        "cache_len": config.seq_len,
+        "chip_hbm_bytes": chip.hbm_bytes,
+        "compile_s": compile_s,
+    }
     if compiled is None:  # the compiler stops once the temporaries alone exceed the chip
         return {**row, "fits": False, "bytes_per_chip": refused, "step_time_floor_s": None}
     memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
@@ -366,24 +434,37 @@ def decode_config(config, topology: str, devices, name: str, tree: Tree | None, 
     # prefetch into on-chip memory and the reads from there (4-5x the parameters for 1b).
     hbm = memory.argument_size_in_bytes
     roof = tpu.roofline(chip, flops, hbm)
-    return {**row, "fits": needed <= chip.hbm_bytes, "bytes_per_chip": needed,
-            "param_bytes": bytes_per_chip(inputs[0]), "flops": flops, "hbm_bytes": hbm,
-            "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0)), **roof}
+    return {
+        **row,
+        "fits": needed <= chip.hbm_bytes,
+        "bytes_per_chip": needed,
+        "param_bytes": bytes_per_chip(inputs[0]),
+        "flops": flops,
+        "hbm_bytes": hbm,
+        "xla_bytes_accessed": float(cost.get("bytes accessed", 0.0)),
+        **roof,
+    }
 
 
 def decode_table(results: list[dict]) -> str:
     gib = lambda b: f"{b / tpu.GiB:.2f}"  # noqa: E731
-    lines = [f"{'config':<22} {'pass':<22} {'tokens':>6} {'GiB':>6} {'fits':>4} {'GFLOP':>8} {'HBM GB':>7} "
-             f"{'comp ms':>8} {'HBM ms':>7} {'pass ms ≥':>9} {'bound':>7}"]
+    lines = [
+        f"{'config':<22} {'pass':<22} {'tokens':>6} {'GiB':>6} {'fits':>4} {'GFLOP':>8} {'HBM GB':>7} "
+        f"{'comp ms':>8} {'HBM ms':>7} {'pass ms ≥':>9} {'bound':>7}"
+    ]
     for r in results:
         if r["step_time_floor_s"] is None:
-            lines.append(f"{r['name']:<22} {r['pass']:<22} {r['tokens']:>6} > {gib(r['bytes_per_chip'])} GiB: "
-                         "refused by the compiler")
+            lines.append(
+                f"{r['name']:<22} {r['pass']:<22} {r['tokens']:>6} > {gib(r['bytes_per_chip'])} GiB: "
+                "refused by the compiler"
+            )
             continue
-        lines.append(f"{r['name']:<22} {r['pass']:<22} {r['tokens']:>6} {gib(r['bytes_per_chip']):>6} "
-                     f"{'yes' if r['fits'] else 'NO':>4} {r['flops'] / 1e9:>8.1f} {r['hbm_bytes'] / 1e9:>7.2f} "
-                     f"{1e3 * r['compute_s']:>8.2f} {1e3 * r['hbm_s']:>7.2f} {1e3 * r['step_time_floor_s']:>9.2f} "
-                     f"{r['bound']:>7}")
+        lines.append(
+            f"{r['name']:<22} {r['pass']:<22} {r['tokens']:>6} {gib(r['bytes_per_chip']):>6} "
+            f"{'yes' if r['fits'] else 'NO':>4} {r['flops'] / 1e9:>8.1f} {r['hbm_bytes'] / 1e9:>7.2f} "
+            f"{1e3 * r['compute_s']:>8.2f} {1e3 * r['hbm_s']:>7.2f} {1e3 * r['step_time_floor_s']:>9.2f} "
+            f"{r['bound']:>7}"
+        )
     return "\n".join(lines)
 
 
@@ -393,16 +474,20 @@ def main_decode(config, name: str, sizes: list[int], as_json: bool) -> None:
     batches, tree_sizes, left_out = fitting_decode_sizes(config, tpu.chip_of(topology), sizes)
     devices = tpu.devices(topology)
     if left_out:
-        print(f"notice: not compiled, their parameters and KV cache alone exceed the chip: {', '.join(left_out)}",
-              file=sys.stderr)
+        print(
+            f"notice: not compiled, their parameters and KV cache alone exceed the chip: {', '.join(left_out)}",
+            file=sys.stderr,
+        )
     results = []
     for pass_name, tree, batch in decode_passes(config, batches, tree_sizes):
         results.append(decode_config(config, topology, devices, pass_name, tree, batch))
         if as_json:
             print(json.dumps(results[-1]), flush=True)
     if not as_json:
-        print(f"{topology}: one chip, one decoding step at a cache of {config.seq_len} positions. ≥: the roofline's "
-              "floor (mtp_jax/tpu.py), HBM bytes = the parameters and caches the step reads, once")
+        print(
+            f"{topology}: one chip, one decoding step at a cache of {config.seq_len} positions. ≥: the roofline's "
+            "floor (mtp_jax/tpu.py), HBM bytes = the parameters and caches the step reads, once"
+        )
         print(decode_table(results))
 
 
@@ -412,6 +497,8 @@ def decode_sizes(values: list[str]) -> list[int]:
     except ValueError:
         sizes = []
     if not sizes or min(sizes) < 1:
-        raise UserError(f"--decode={','.join(values)} must list positive integers (batches and tree sizes), "
-                        "e.g. --decode=1,16,64,256")
+        raise UserError(
+            f"--decode={','.join(values)} must list positive integers (batches and tree sizes), "
+            "e.g. --decode=1,16,64,256"
+        )
     return sizes

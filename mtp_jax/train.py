@@ -42,10 +42,21 @@ from mtp_jax.workdir import save_run_files
 
 # Config fields that fix the shape of the parameters (or of the optimizer state, 'trainable'): a
 # checkpoint only restores if they match.
-MODEL_SIGNATURE = ("use_mtp", "mtp_n_tokens", "mtp_head_type", "model.d_model", "model.n_layers",
-                   "model.n_heads", "model.mlp_dim", "model.tie_embeddings", "model.param_dtype",
-                   "model.n_kv_heads", "trainable", "mtp_draft_vocab",
-                   "model.scan_layers")  # stacked and per-layer parameters are different trees
+MODEL_SIGNATURE = (
+    "use_mtp",
+    "mtp_n_tokens",
+    "mtp_head_type",
+    "model.d_model",
+    "model.n_layers",
+    "model.n_heads",
+    "model.mlp_dim",
+    "model.tie_embeddings",
+    "model.param_dtype",
+    "model.n_kv_heads",
+    "trainable",
+    "mtp_draft_vocab",
+    "model.scan_layers",
+)  # stacked and per-layer parameters are different trees
 
 
 def itstime(step: int, every: int, total: int) -> bool:
@@ -55,8 +66,12 @@ def itstime(step: int, every: int, total: int) -> bool:
 
 def total_steps(config, data) -> int:
     if config.num_epochs > 0:
-        per_epoch = data_lib.steps_per_epoch(data_lib.lengths(data.train), window_len=config.seq_len + n_predict(config),
-                                             batch_size=config.batch_size, align=data.example_len)
+        per_epoch = data_lib.steps_per_epoch(
+            data_lib.lengths(data.train),
+            window_len=config.seq_len + n_predict(config),
+            batch_size=config.batch_size,
+            align=data.example_len,
+        )
         return config.num_epochs * per_epoch
     return config.num_train_steps
 
@@ -66,17 +81,18 @@ def make_optimizer(config, steps: int):
 
     No weight decay on vectors (norm scales) or on the embedding table."""
     warmup = min(config.warmup_steps, max(steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, max(steps, warmup + 1),
-                                                  end_value=0.1 * config.learning_rate)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, warmup, max(steps, warmup + 1), end_value=0.1 * config.learning_rate
+    )
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, x: x.ndim >= 2 and "embedding" not in jax.tree_util.keystr(path), params)
+            lambda path, x: x.ndim >= 2 and "embedding" not in jax.tree_util.keystr(path), params
+        )
 
     tx = optax.chain(
         optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
-        optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay,
-                    mask=decay_mask),
+        optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay, mask=decay_mask),
     )
     return schedule, tx
 
@@ -86,11 +102,27 @@ def trainable_part(params: dict, trainable: str) -> dict:
     under trainable='heads' only `heads` (heads 2 … n; for 'parallel' heads head 1's block is the
     decoder's last layer, so it stays frozen with the rest of the decoder). A draft vocabulary's
     token ids are never trained."""
-    return {"heads": params["heads"]} if trainable == "heads" else {k: v for k, v in params.items() if k != "draft_vocab"}
+    return (
+        {"heads": params["heads"]} if trainable == "heads" else {k: v for k, v in params.items() if k != "draft_vocab"}
+    )
 
 
-def train_step(graphdef, tx, schedule, weights_at, chunk_size, compute_shardings, trainable, eot_id, targets, state,
-               window, mask=None, inputs=None, trunk=None):
+def train_step(
+    graphdef,
+    tx,
+    schedule,
+    weights_at,
+    chunk_size,
+    compute_shardings,
+    trainable,
+    eot_id,
+    targets,
+    state,
+    window,
+    mask=None,
+    inputs=None,
+    trunk=None,
+):
     """One optimizer step. A non-finite loss or gradient leaves the parameters untouched and is
     counted, so no NaN ever reaches the parameters (or a checkpoint); nan_policy decides on the
     host whether the run stops. weights_at(step) gives each head's loss weight [n] (schedules.py).
@@ -118,8 +150,9 @@ def train_step(graphdef, tx, schedule, weights_at, chunk_size, compute_shardings
         "opt_state": keep_old(opt_state, state["opt_state"]),
         "step": step + 1,
         "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32),
-        "first_nonfinite_step": jnp.where((state["first_nonfinite_step"] < 0) & ~finite, step + 1,
-                                          state["first_nonfinite_step"]),
+        "first_nonfinite_step": jnp.where(
+            (state["first_nonfinite_step"] < 0) & ~finite, step + 1, state["first_nonfinite_step"]
+        ),
     }
     metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(step)}
     if len(weights) > 1:
@@ -133,7 +166,7 @@ class TrainSetup:
 
     graphdef: nnx.GraphDef
     init_state: Callable[[], dict]  # () -> a fresh train state; jit it with out_shardings=state_shardings
-    abstract_state: dict            # ShapeDtypeStructs with shardings
+    abstract_state: dict  # ShapeDtypeStructs with shardings
     state_shardings: dict
     param_shardings: dict
     n_params: int
@@ -142,13 +175,15 @@ class TrainSetup:
     step_fn: jax.stages.Compiled
 
 
-def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int = 1,
-                    eot_id: int | None = None) -> TrainSetup:
+def make_train_step(
+    config, vocab_size: int, mesh, steps: int, batch_arrays: int = 1, eot_id: int | None = None
+) -> TrainSetup:
     """Model, optimizer and shardings for `config`, and the train step compiled once for `mesh`.
 
     batch_arrays: 1 (window) for text, 3 (window, mask, inputs; all [B, T + n]) for a task.
     eot_id: data.document_mask's end-of-text id (data.document_eot_id), None when off.
     With config.trunk_cache the step also takes the frozen trunk's TrunkOutputs."""
+
     def make_model():
         return build_model(config, vocab_size, seed=config.seed, platform=mesh.devices.flat[0].platform)
 
@@ -158,9 +193,13 @@ def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int
 
     def init_state():
         params = nnx.to_pure_dict(nnx.split(make_model(), nnx.Param)[1])
-        return {"params": params, "opt_state": tx.init(trainable_part(params, config.trainable)),
-                "step": jnp.zeros((), jnp.int32), "nonfinite_steps": jnp.zeros((), jnp.int32),
-                "first_nonfinite_step": -jnp.ones((), jnp.int32)}
+        return {
+            "params": params,
+            "opt_state": tx.init(trainable_part(params, config.trainable)),
+            "step": jnp.zeros((), jnp.int32),
+            "nonfinite_steps": jnp.zeros((), jnp.int32),
+            "first_nonfinite_step": -jnp.ones((), jnp.int32),
+        }
 
     abstract_state = jax.eval_shape(init_state)
     param_shardings = sharding.param_shardings(abstract_state["params"], axes, mesh)
@@ -169,18 +208,36 @@ def make_train_step(config, vocab_size: int, mesh, steps: int, batch_arrays: int
     n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
 
     batch_sharding = sharding.batch_sharding(mesh)
-    abstract_batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len + n_predict(config)), jnp.int32,
-                                          sharding=batch_sharding)
-    step = functools.partial(train_step, graphdef, tx, schedule, functools.partial(head_weights, config, steps=steps),
-                             config.loss_chunk_size, sharding.compute_shardings(param_shardings), config.trainable,
-                             eot_id, config.mtp_targets)
+    abstract_batch = jax.ShapeDtypeStruct(
+        (config.batch_size, config.seq_len + n_predict(config)), jnp.int32, sharding=batch_sharding
+    )
+    step = functools.partial(
+        train_step,
+        graphdef,
+        tx,
+        schedule,
+        functools.partial(head_weights, config, steps=steps),
+        config.loss_chunk_size,
+        sharding.compute_shardings(param_shardings),
+        config.trainable,
+        eot_id,
+        config.mtp_targets,
+    )
     batch, batch_shardings = (abstract_batch,) * batch_arrays, (batch_sharding,) * batch_arrays
     if config.trunk_cache:  # the step takes (state, window, the frozen trunk's outputs)
         batch += (trunk_cache.abstract_outputs(config, batch_sharding),)
         batch_shardings += (TrunkOutputs(*(batch_sharding,) * 3),)
         step = functools.partial(trunk_cache.with_outputs, step)
-    step_fn = jax.jit(step, in_shardings=(state_shardings, *batch_shardings), out_shardings=(state_shardings, None),
-                      donate_argnums=0).lower(abstract_state, *batch).compile()
+    step_fn = (
+        jax.jit(
+            step,
+            in_shardings=(state_shardings, *batch_shardings),
+            out_shardings=(state_shardings, None),
+            donate_argnums=0,
+        )
+        .lower(abstract_state, *batch)
+        .compile()
+    )
     return TrainSetup(graphdef, init_state, abstract_state, state_shardings, param_shardings, n_params, step_fn)
 
 
@@ -195,20 +252,29 @@ def check_workdir(workdir: pathlib.Path, config, vocab_size: int, has_checkpoint
     def get(c, key):
         return functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, key.split("."), c)
 
-    diffs = [f"{key} {get(saved, key)!r} -> {get(ours, key)!r}" for key in MODEL_SIGNATURE
-             if get(saved, key) != get(ours, key)]
+    diffs = [
+        f"{key} {get(saved, key)!r} -> {get(ours, key)!r}"
+        for key in MODEL_SIGNATURE
+        if get(saved, key) != get(ours, key)
+    ]
     if saved.get("vocab_size") not in (None, vocab_size):
         diffs.append(f"vocab_size {saved['vocab_size']} -> {vocab_size}")
     if diffs:
-        raise UserError(f"workdir {workdir} holds checkpoints of a different model ({'; '.join(diffs)}): "
-                        "use a new --workdir, or the settings it was trained with")
+        raise UserError(
+            f"workdir {workdir} holds checkpoints of a different model ({'; '.join(diffs)}): "
+            "use a new --workdir, or the settings it was trained with"
+        )
 
 
 def memory_per_device(memory) -> int:
     """Bytes a compiled step needs on each device (its memory analysis describes one shard of the
     SPMD program); the donated state's buffers are reused for the new state, so counted once."""
-    return (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
-            + memory.temp_size_in_bytes)
+    return (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        - memory.alias_size_in_bytes
+        + memory.temp_size_in_bytes
+    )
 
 
 def fetch(tree) -> dict:
@@ -239,8 +305,9 @@ def run(config, workdir, devices=None) -> dict:
 
     # ----------------------------------------------------------------------------- Model, optimizer, step
     # A task's batch is (window, loss mask, model inputs), all at the same aligned starts.
-    setup = make_train_step(config, data.vocab_size, mesh, steps, batch_arrays=1 if data.train_mask is None else 3,
-                            eot_id=eot_id)
+    setup = make_train_step(
+        config, data.vocab_size, mesh, steps, batch_arrays=1 if data.train_mask is None else 3, eot_id=eot_id
+    )
 
     # ----------------------------------------------------------------------------- Restore or init
     checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
@@ -264,8 +331,9 @@ def run(config, workdir, devices=None) -> dict:
     evaluator = Evaluator(config, data, setup.graphdef, mesh, param_shardings=setup.param_shardings, steps=steps)
 
     # ----------------------------------------------------------------------------- Loop
-    bar = tqdm(total=steps, initial=start, disable=not (is_main and sys.stderr.isatty()), unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=steps, initial=start, disable=not (is_main and sys.stderr.isatty()), unit="step", dynamic_ncols=True
+    )
     timer, stop = StepTimer(start, config.batch_size * config.seq_len), StopRequest()
     final_eval, last_scalars, stopping, done = {}, {}, False, start
     cache = trunk_cache.TrunkCache(config, data, setup.graphdef, mesh) if config.trunk_cache else None
@@ -285,8 +353,12 @@ def run(config, workdir, devices=None) -> dict:
             final_eval = evaluator(state["params"], done)
             writer.write(done, final_eval)
             if is_main:
-                log(f"eval at step {done}: " + "  ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in final_eval.items()
-                                                         if "loss" in k or "bits" in k))
+                log(
+                    f"eval at step {done}: "
+                    + "  ".join(
+                        f"{k.split('/')[1]} {v:.4f}" for k, v in final_eval.items() if "loss" in k or "bits" in k
+                    )
+                )
         stopping = stop.agreed(done, config.log_every)  # once per step: a signal may land any time
         if itstime(done, config.checkpoint_every, steps) or stopping:
             check_finite(state, config.nan_policy, checkpointer)
@@ -299,8 +371,10 @@ def run(config, workdir, devices=None) -> dict:
     checkpointer.close()
     if stopping:
         writer.close()
-        log(f"stopped by {stop.signal} after step {done}: checkpoint saved in {workdir / 'checkpoints'}; "
-            "rerun the same command to continue")
+        log(
+            f"stopped by {stop.signal} after step {done}: checkpoint saved in {workdir / 'checkpoints'}; "
+            "rerun the same command to continue"
+        )
         return last_scalars
     if not final_eval:  # resumed a run that had already finished: evaluate the restored state
         final_eval = evaluator(state["params"], steps)
@@ -331,12 +405,21 @@ def train_batch(config, data: data_lib.TokenData, mesh, step: int) -> tuple[jax.
     """The global batch of `step`, built from this process's rows: (window,) for text, (window,
     loss mask, model inputs) for a task; each [B, T + n]."""
     rows_of = functools.partial(
-        data_lib.local_batch, window_len=config.seq_len + n_predict(config), batch_size=config.batch_size,
-        seed=config.seed, step=step, process_index=jax.process_index(), process_count=jax.process_count(),
-        num_epochs=config.num_epochs, align=data.example_len)
+        data_lib.local_batch,
+        window_len=config.seq_len + n_predict(config),
+        batch_size=config.batch_size,
+        seed=config.seed,
+        step=step,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        num_epochs=config.num_epochs,
+        align=data.example_len,
+    )
     mask = None if data.train_mask is None else rows_of(data.train_mask)
-    return tuple(sharding.global_batch(a, mesh)
-                 for a in tasks.batch_rows(rows_of(data.train), mask, config.data.task.teacherless))
+    return tuple(
+        sharding.global_batch(a, mesh)
+        for a in tasks.batch_rows(rows_of(data.train), mask, config.data.task.teacherless)
+    )
 
 
 class StepTimer:
@@ -357,39 +440,54 @@ def train_scalars(config, metrics: dict, timer: StepTimer, step: int, steps: int
     scalars = {f"train/{k}": v for k, v in metrics.items()}
     if n_predict(config) > 1:
         scalars["train/mtp_weight"] = float(mtp_weight(config, step, steps))
-    scalars.update({"train/step_time_s": step_time, "train/tokens_per_sec": timer.tokens_per_step / step_time,
-                    "train/tokens_seen": (step + 1) * timer.tokens_per_step})
+    scalars.update(
+        {
+            "train/step_time_s": step_time,
+            "train/tokens_per_sec": timer.tokens_per_step / step_time,
+            "train/tokens_seen": (step + 1) * timer.tokens_per_step,
+        }
+    )
     return scalars
 
 
 def report_progress(bar: tqdm, is_main: bool, done: int, steps: int, scalars: dict) -> None:
     bar.set_postfix(loss_1=f"{scalars['train/loss_1']:.3f}", tok_s=f"{scalars['train/tokens_per_sec']:.0f}")
     if bar.disable and is_main:
-        log(f"step {done}/{steps}  loss_1 {scalars['train/loss_1']:.4f}  total {scalars['train/total_loss']:.4f}"
-            f"  {scalars['train/tokens_per_sec']:.0f} tok/s")
+        log(
+            f"step {done}/{steps}  loss_1 {scalars['train/loss_1']:.4f}  total {scalars['train/total_loss']:.4f}"
+            f"  {scalars['train/tokens_per_sec']:.0f} tok/s"
+        )
 
 
 def log_setup(config, setup: TrainSetup, mesh, steps: int) -> None:
     mesh_desc = ", ".join(f"{a}={s}" for a, s in mesh.shape.items())
-    log(f"{setup.n_params / 1e6:.2f}M parameters, {n_predict(config)} head(s) ({config.mtp_head_type}), mesh "
-        f"{mesh_desc}, {steps} steps of {config.batch_size}x{config.seq_len} tokens")
+    log(
+        f"{setup.n_params / 1e6:.2f}M parameters, {n_predict(config)} head(s) ({config.mtp_head_type}), mesh "
+        f"{mesh_desc}, {steps} steps of {config.batch_size}x{config.seq_len} tokens"
+    )
     memory = setup.step_fn.memory_analysis()
     if memory is not None:
-        log(f"compiled train step needs {memory_per_device(memory) / 2**20:.1f} MiB per device: state and batch "
-            f"{memory.argument_size_in_bytes / 2**20:.1f} MiB, temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB")
+        log(
+            f"compiled train step needs {memory_per_device(memory) / 2**20:.1f} MiB per device: state and batch "
+            f"{memory.argument_size_in_bytes / 2**20:.1f} MiB, temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB"
+        )
 
 
 def print_summary(config, workdir: pathlib.Path, final_eval: dict, train_scalars: dict) -> None:
     n = n_predict(config)
     lines = [f"{'head':>6} {'predicts':>9} {'eval loss':>10} {'accuracy':>9}"]
-    lines += [f"{k:>6} {'t+' + str(k):>9} {final_eval[f'eval/loss_{k}']:>10.4f} {final_eval[f'eval/accuracy_{k}']:>9.3f}"
-              for k in range(1, n + 1)]
+    lines += [
+        f"{k:>6} {'t+' + str(k):>9} {final_eval[f'eval/loss_{k}']:>10.4f} {final_eval[f'eval/accuracy_{k}']:>9.3f}"
+        for k in range(1, n + 1)
+    ]
     if "eval/bits_per_byte" in final_eval:
         lines.append(f"head-1 bits per byte: {final_eval['eval/bits_per_byte']:.4f}")
     if n > 1:
-        lines.append("draft acceptance (teacher-forced): " + "  ".join(
-            f"head {k} {final_eval[f'generate/acceptance_{k}']:.3f}" for k in range(2, n + 1))
-            + f"; {final_eval['generate/mean_accepted']:.2f} tokens per verify pass")
+        lines.append(
+            "draft acceptance (teacher-forced): "
+            + "  ".join(f"head {k} {final_eval[f'generate/acceptance_{k}']:.3f}" for k in range(2, n + 1))
+            + f"; {final_eval['generate/mean_accepted']:.2f} tokens per verify pass"
+        )
     if "train/tokens_per_sec" in train_scalars:
         lines.append(f"training throughput: {train_scalars['train/tokens_per_sec']:.0f} tokens/s")
     lines.append(f"outputs: {workdir / 'metrics.jsonl'}, {workdir / 'tensorboard'}, {workdir / 'checkpoints'}")
@@ -445,6 +543,8 @@ def check_finite(state, nan_policy: str, checkpointer: Checkpointer, scalars: di
     if skipped and nan_policy == "stop":
         checkpointer.wait()
         good = checkpointer.latest_step()
-        raise UserError(f"the loss or gradients became non-finite at step {first}; the last good checkpoint is "
-                        f"{'step ' + str(good) if good is not None else 'none'}: lower learning_rate, or set "
-                        "nan_policy='skip' to skip such updates")
+        raise UserError(
+            f"the loss or gradients became non-finite at step {first}; the last good checkpoint is "
+            f"{'step ' + str(good) if good is not None else 'none'}: lower learning_rate, or set "
+            "nan_policy='skip' to skip such updates"
+        )

@@ -32,7 +32,8 @@ def abstract_outputs(config, batch_sharding) -> TrunkOutputs:
     return TrunkOutputs(
         jax.ShapeDtypeStruct(rows + (config.model.d_model,), jnp.dtype(config.model.dtype), sharding=batch_sharding),
         jax.ShapeDtypeStruct(rows, jnp.int32, sharding=batch_sharding),
-        jax.ShapeDtypeStruct(rows, jnp.float32, sharding=batch_sharding))
+        jax.ShapeDtypeStruct(rows, jnp.float32, sharding=batch_sharding),
+    )
 
 
 def with_outputs(step, state, window, trunk: TrunkOutputs):
@@ -63,15 +64,22 @@ class TrunkCache:
         """The trunk outputs of `step`'s batch `window` (the global array train_batch built)."""
         config = self.config
         starts = data_lib.global_batch_starts(
-            self.pieces, window_len=config.seq_len + n_predict(config), batch_size=config.batch_size,
-            seed=config.seed, step=step, num_epochs=config.num_epochs, align=self.align)
+            self.pieces,
+            window_len=config.seq_len + n_predict(config),
+            batch_size=config.batch_size,
+            seed=config.seed,
+            step=step,
+            num_epochs=config.num_epochs,
+            align=self.align,
+        )
         count = config.batch_size // jax.process_count()
-        local = starts[jax.process_index() * count:(jax.process_index() + 1) * count].tolist()
+        local = starts[jax.process_index() * count : (jax.process_index() + 1) * count].tolist()
         if any(s not in self.rows for s in local):
             fresh = trunk_outputs(self.graphdef, config.loss_chunk_size, params, window)
             fresh = multihost_utils.global_array_to_host_local_array(fresh, self.mesh, P(sharding.BATCH_AXES))
             for i, s in enumerate(local):
                 self.rows[s] = TrunkOutputs(*(np.asarray(column[i]) for column in fresh))
             self.computed += len(local)
-        return TrunkOutputs(*(sharding.global_batch(np.stack(column), self.mesh)
-                              for column in zip(*(self.rows[s] for s in local))))
+        return TrunkOutputs(
+            *(sharding.global_batch(np.stack(column), self.mesh) for column in zip(*(self.rows[s] for s in local)))
+        )

@@ -84,10 +84,12 @@ class Trained:
         try:
             return tree_windows(self.config, self.data().val)
         except UserError as e:
-            raise UserError(f"a tree is fitted on validation windows, which this workdir does not keep (it has no "
-                            f"{DATA}/{VAL_WINDOWS}: training writes it) and its corpus cannot be read ({e}): "
-                            "drop --tree_size (a chain of drafts needs no windows), or make the corpus (or its "
-                            "data cache) readable again") from None
+            raise UserError(
+                f"a tree is fitted on validation windows, which this workdir does not keep (it has no "
+                f"{DATA}/{VAL_WINDOWS}: training writes it) and its corpus cannot be read ({e}): "
+                "drop --tree_size (a chain of drafts needs no windows), or make the corpus (or its "
+                "data cache) readable again"
+            ) from None
 
 
 def read_windows(path: pathlib.Path, window_len: int) -> np.ndarray:
@@ -98,8 +100,10 @@ def read_windows(path: pathlib.Path, window_len: int) -> np.ndarray:
     except (OSError, ValueError, EOFError):
         ok = False
     if not ok:
-        raise UserError(f"{path} is damaged (not [batches, batch, {window_len}] token ids): delete it, and the tree "
-                        "is fitted on the corpus's validation split again")
+        raise UserError(
+            f"{path} is damaged (not [batches, batch, {window_len}] token ids): delete it, and the tree "
+            "is fitted on the corpus's validation split again"
+        )
     return windows.astype(np.int32)
 
 
@@ -112,15 +116,19 @@ def load(workdir: str | pathlib.Path) -> Trained:
     checkpointer = Checkpointer(checkpoints, keep=None, read_only=True) if checkpoints.is_dir() else None
     newest = checkpointer.latest_step() if checkpointer else None
     if newest is None or not config_path.is_file():
-        raise UserError(f"no checkpoint in {workdir}: train one first with "
-                        f"python -m mtp_jax.main --config=configs/mtp4.py --workdir={workdir}")
+        raise UserError(
+            f"no checkpoint in {workdir}: train one first with "
+            f"python -m mtp_jax.main --config=configs/mtp4.py --workdir={workdir}"
+        )
     try:
         saved = json.loads(config_path.read_text())
         config = ml_collections.ConfigDict(saved)
         vocab_size = int(saved["vocab_size"])
     except (ValueError, TypeError, KeyError, AttributeError) as e:
-        raise UserError(f"{config_path} is not the config training writes ({type(e).__name__}: {e}): "
-                        "restore it from a copy, or train again") from None
+        raise UserError(
+            f"{config_path} is not the config training writes ({type(e).__name__}: {e}): "
+            "restore it from a copy, or train again"
+        ) from None
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: build_model(config, vocab_size, seed=0)))
     try:  # the parameters and step counter as saved, onto one device, checked against their fingerprint
         step, state = checkpointer.restore_newest_good()
@@ -130,7 +138,9 @@ def load(workdir: str | pathlib.Path) -> Trained:
         log(f"using step {step} of {checkpoints}, the newest checkpoint that loads")
     data_dir = workdir / DATA
     if not (data_dir / "meta.json").is_file():
-        raise UserError(f"{data_dir / 'meta.json'} is missing (training writes it with the tokenizer before the "
-                        "first step): restore the workdir's data/ folder from a copy")
+        raise UserError(
+            f"{data_dir / 'meta.json'} is missing (training writes it with the tokenizer before the "
+            "first step): restore the workdir's data/ folder from a copy"
+        )
     # Orbax restores a list's indices as strings: as such, layer 10 would sort before layer 2.
     return Trained(nnx.merge(graphdef, nnx.restore_int_paths(state["params"])), config, step, data_dir)

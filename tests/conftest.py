@@ -20,10 +20,14 @@ if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
 
 OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # the process that made it removes it
 if OWN_CACHE:
-    os.environ.update({"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="mtp_jax_tests_xla_cache_"),
-                       "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30),  # > 0: locked reads and writes
-                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # every program, however quick
-                       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+    os.environ.update(
+        {
+            "JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="mtp_jax_tests_xla_cache_"),
+            "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 << 30),  # > 0: locked reads and writes
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",  # every program, however quick
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        }
+    )
 
 import jax  # noqa: E402  (reads the environment above when imported)
 

@@ -33,6 +33,7 @@ def qkv(t: int = T, s: int = T, lead=(B, N), seed: int = 0):
 
 def value_and_grads(impl, block_size, q, k, v, q_positions, k_positions, mask=None):
     """The outputs and the gradients of a fixed nonlinear function of them w.r.t. q, k and v."""
+
     def f(q, k, v):
         out = attention.IMPLEMENTATIONS[impl](q, k, v, q_positions, k_positions, mask, block_size)
         return jnp.sum(jnp.sin(out) * jnp.arange(out.shape[-1])), out
@@ -129,8 +130,9 @@ def test_model_loss_and_gradients_equal_the_reference_for_every_head_type(impl, 
     ref_loss, ref_grads = model_loss_and_grads(head_type, "xla")
     loss, grads = model_loss_and_grads(head_type, impl)
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
-    jax.tree.map(lambda g, r: np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6),
-                 grads, ref_grads)
+    jax.tree.map(
+        lambda g, r: np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-6), grads, ref_grads
+    )
 
 
 def test_decoding_with_the_kv_cache_gives_the_reference_tokens():
@@ -169,8 +171,18 @@ def test_unknown_attention_or_splash_off_tpu_is_refused_in_one_line():
     config = load_config("mtp3", overrides={"model.attention": "flash"})
     with pytest.raises(UserError, match="model.attention='flash' is unknown"):
         validate(config)
-    proc = subprocess.run([sys.executable, "-m", "mtp_jax.bench", "--config=configs/mtp3.py:tiny",
-                           "--config.model.attention=splash", "--compile_only"],
-                          cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtp_jax.bench",
+            "--config=configs/mtp3.py:tiny",
+            "--config.model.attention=splash",
+            "--compile_only",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and "TPU kernel" in errors[0], proc.stderr

@@ -16,8 +16,16 @@ from mtp_jax.model import ModelShape
 from mtp_jax.mtp import MTPModel, build_model, cross_entropy, mtp_loss
 from tests.util import ROOT, load_config
 
-REQUIRED_KEYS = {"name", "params", "flops_per_step", "temp_bytes", "argument_bytes", "step_time_s",
-                 "tokens_per_sec", "mfu"}
+REQUIRED_KEYS = {
+    "name",
+    "params",
+    "flops_per_step",
+    "temp_bytes",
+    "argument_bytes",
+    "step_time_s",
+    "tokens_per_sec",
+    "mfu",
+}
 
 
 @pytest.mark.parametrize("chunk_size", [4, 5, 16])  # divides T, leaves a padded last chunk, one chunk
@@ -77,27 +85,46 @@ def test_compile_only_reports_the_real_step_with_sane_figures():
 
 def test_command_line_times_steps_and_prints_one_json_object_per_config():
     # A plain process: one CPU device, as a user runs it.
-    out = subprocess.run([sys.executable, "-m", "mtp_jax.bench", "--config=configs/mtp3.py:tiny", "--json",
-                          "--steps=3", "--warmup=1", "--config.batch_size=2"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtp_jax.bench",
+            "--config=configs/mtp3.py:tiny",
+            "--json",
+            "--steps=3",
+            "--warmup=1",
+            "--config.batch_size=2",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     (result,) = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert REQUIRED_KEYS <= result.keys() and result["name"] == "tiny linear n=3"
     assert result["step_time_s"] > 0
     assert result["tokens_per_sec"] == pytest.approx(2 * 32 / result["step_time_s"])
     # MFU is the analytic FLOPs over the step time and the measured peak (a wall-clock ratio a busy
     # machine can push past 1, so no bound on its value).
-    assert result["mfu"] == pytest.approx(result["model_flops_per_step"] / result["step_time_s"]
-                                          / result["peak_flops"]) and result["mfu"] > 0
+    assert (
+        result["mfu"] == pytest.approx(result["model_flops_per_step"] / result["step_time_s"] / result["peak_flops"])
+        and result["mfu"] > 0
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--config=configs/mtp3.py:huge"], "unknown preset 'huge'"),
-    (["--config=configs/mtp3.py:tiny", "--config.mtp_n_tokenz=4"], 'Did you mean "mtp_n_tokens"'),
-    (["--config=configs/mtp3.py:tiny", "--config.mtp_head_type=tree", "--compile_only"], "mtp_head_type='tree'"),
-    # Refused before compiling: no median of zero timed steps.
-    (["--config=configs/mtp3.py:tiny", "--steps=0"], "--steps=0 --warmup=2: time at least one step"),
-    (["--config=configs/mtp3.py:tiny", "--warmup=-1"], "or pass --compile_only to time none"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--config=configs/mtp3.py:huge"], "unknown preset 'huge'"),
+        (["--config=configs/mtp3.py:tiny", "--config.mtp_n_tokenz=4"], 'Did you mean "mtp_n_tokens"'),
+        (["--config=configs/mtp3.py:tiny", "--config.mtp_head_type=tree", "--compile_only"], "mtp_head_type='tree'"),
+        # Refused before compiling: no median of zero timed steps.
+        (["--config=configs/mtp3.py:tiny", "--steps=0"], "--steps=0 --warmup=2: time at least one step"),
+        (["--config=configs/mtp3.py:tiny", "--warmup=-1"], "or pass --compile_only to time none"),
+    ],
+)
 def test_command_line_bad_input_gets_one_error_line_and_exit_2(argv, message):
     proc = subprocess.run([sys.executable, "-m", "mtp_jax.bench", *argv], cwd=ROOT, capture_output=True, text=True)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]

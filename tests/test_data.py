@@ -15,8 +15,13 @@ from mtp_jax.errors import UserError
 
 def make_cfg(tmp_path: pathlib.Path, source, **overrides) -> ml_collections.ConfigDict:
     cfg = dict(
-        source=str(source), tokenizer="byte", vocab_size=0, token_dtype="uint32",
-        val_fraction=0.2, split_seed=0, cache_dir=str(tmp_path / "cache"),
+        source=str(source),
+        tokenizer="byte",
+        vocab_size=0,
+        token_dtype="uint32",
+        val_fraction=0.2,
+        split_seed=0,
+        cache_dir=str(tmp_path / "cache"),
     )
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
@@ -87,9 +92,7 @@ def test_bpe_round_trips_and_honours_vocab_size(tmp_path):
     assert len(eot) == 1
     assert int((d.train == eot[0]).sum()) == d.meta["n_train_docs"] == 16
     assert int((d.val == eot[0]).sum()) == d.meta["n_val_docs"] == 4
-    assert d.meta["val_bytes"] == sum(
-        len(t.encode()) for t in texts.values() if t.split()[2] in tok.decode(d.val)
-    )
+    assert d.meta["val_bytes"] == sum(len(t.encode()) for t in texts.values() if t.split()[2] in tok.decode(d.val))
 
 
 def test_jsonl_lines_are_documents(tmp_path):
@@ -227,8 +230,7 @@ def test_build_that_loses_the_publish_race_uses_the_winners_cache(tmp_path, monk
     loser_build = tmp_path / "cache" / f".tmp-{winner.directory.name}-1-x"
     shutil.copytree(winner.directory, loser_build)
     real_exists = pathlib.Path.exists
-    monkeypatch.setattr(pathlib.Path, "exists",
-                        lambda self: False if self == winner.directory else real_exists(self))
+    monkeypatch.setattr(pathlib.Path, "exists", lambda self: False if self == winner.directory else real_exists(self))
     cache.publish(loser_build, winner.directory)  # the rename fails: the winner's cache is in place
     monkeypatch.undo()
     assert cache.cache_problem(winner.directory) is None
@@ -310,7 +312,9 @@ def test_epoch_mode_visits_every_window_once_per_epoch():
     assert (n_windows, per_epoch) == (100, 14)
     kw = dict(window_len=window, batch_size=batch_size, seed=0, num_epochs=2)
     epochs = [
-        np.concatenate([data.global_batch_starts(n_tokens, step=s, **kw) for s in range(e * per_epoch, (e + 1) * per_epoch)])
+        np.concatenate(
+            [data.global_batch_starts(n_tokens, step=s, **kw) for s in range(e * per_epoch, (e + 1) * per_epoch)]
+        )
         for e in range(2)
     ]
     for starts in epochs:

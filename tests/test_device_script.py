@@ -15,10 +15,20 @@ from tests.util import ROOT
 def test_device_script_writes_every_section_on_cpu(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu"}
     # float32: XLA-CPU's bfloat16 is slow; one head type and one attention keep the compilations few.
-    flags = ["--preset=tiny", "--dtype=float32", "--steps=2", "--warmup=1", "--head_types=sequential",
-             "--attention=blockwise", "--prompts=2", "--prompt_len=8", "--new_tokens=16"]
-    proc = subprocess.run(["bash", "benchmarks/device.sh", *flags], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    flags = [
+        "--preset=tiny",
+        "--dtype=float32",
+        "--steps=2",
+        "--warmup=1",
+        "--head_types=sequential",
+        "--attention=blockwise",
+        "--prompts=2",
+        "--prompt_len=8",
+        "--new_tokens=16",
+    ]
+    proc = subprocess.run(
+        ["bash", "benchmarks/device.sh", *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "device.json").read_text())
     assert report["platform"] == "cpu" and report["peak_source"].startswith("measured")

@@ -72,8 +72,8 @@ def test_self_distillation_targets_are_head_1s_argmax_at_t_plus_k_minus_1():
     hidden = list(model.hidden_states(window, t))
     greedy = np.argmax(np.asarray(model.logits(1, hidden[0])), axis=-1)  # [B, T]
     for k in (2, 3, 4):
-        logits = np.asarray(model.logits(k, hidden[k - 1]), np.float64)[:, :t - k + 1]  # [B, T - k + 1, V]
-        targets = greedy[:, k - 1:]
+        logits = np.asarray(model.logits(k, hidden[k - 1]), np.float64)[:, : t - k + 1]  # [B, T - k + 1, V]
+        targets = greedy[:, k - 1 :]
         keep = np.isin(targets, IDS)
         z = logits - logits.max(-1, keepdims=True)
         nll = np.log(np.exp(z).sum(-1)) - np.take_along_axis(z, targets[..., None], -1)[..., 0]
@@ -89,8 +89,9 @@ def test_cached_trunk_outputs_give_the_same_loss_and_gradients(head_type):
     cached = trunk_outputs(graphdef, 0, params, window)
 
     def loss(heads, trunk):
-        return mtp_loss(nnx.merge(graphdef, {**params, "heads": heads}), window, (1.0, 0.5, 0.25), targets="model",
-                        trunk=trunk)[0]
+        return mtp_loss(
+            nnx.merge(graphdef, {**params, "heads": heads}), window, (1.0, 0.5, 0.25), targets="model", trunk=trunk
+        )[0]
 
     through, grads = jax.value_and_grad(loss)(params["heads"], None)
     from_cache, cached_grads = jax.value_and_grad(loss)(params["heads"], cached)
@@ -101,8 +102,16 @@ def test_cached_trunk_outputs_give_the_same_loss_and_gradients(head_type):
 def test_trunk_cache_runs_each_window_once_and_trains_as_the_trunk_would():
     """Two epochs of heads-only steps: with trunk_cache the trunk runs over each window once, and
     the parameters after every step equal those of the steps through the frozen trunk."""
-    overrides = {"use_mtp": True, "mtp_n_tokens": 3, "mtp_head_type": "medusa", "mtp_targets": "model",
-                 "mtp_draft_vocab": 96, "trainable": "heads", "num_epochs": 2, "batch_size": 4}
+    overrides = {
+        "use_mtp": True,
+        "mtp_n_tokens": 3,
+        "mtp_head_type": "medusa",
+        "mtp_targets": "model",
+        "mtp_draft_vocab": 96,
+        "trainable": "heads",
+        "num_epochs": 2,
+        "batch_size": 4,
+    }
     plain, cached = (load_config("base", overrides={**overrides, "trunk_cache": c}) for c in (False, True))
     tokens = np.random.default_rng(6).integers(0, 256, 4 * (plain.seq_len + 3) * 2).astype(np.uint16)
     data = TokenData(tokens, tokens[:64], {"vocab_size": 256}, None)
@@ -115,8 +124,10 @@ def test_trunk_cache_runs_each_window_once_and_trains_as_the_trunk_would():
         (window,) = train.train_batch(plain, data, mesh, step)
         states[0], _ = setups[0].step_fn(states[0], window)
         states[1], _ = setups[1].step_fn(states[1], window, cache.batch(states[1]["params"], step, window))
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), *jax.device_get(
-            [s["params"] for s in states]))
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+            *jax.device_get([s["params"] for s in states]),
+        )
     assert steps == 4 and cache.computed == 8  # 2 epochs of 8 windows: each ran through the trunk once
 
 
@@ -128,8 +139,9 @@ def test_draft_vocabulary_is_the_most_frequent_tokens():
 
 
 def test_fresh_training_sets_the_draft_vocabulary_from_the_data():
-    config = load_config("base", overrides={"use_mtp": True, "mtp_n_tokens": 2, "mtp_head_type": "medusa",
-                                            "mtp_draft_vocab": 4})
+    config = load_config(
+        "base", overrides={"use_mtp": True, "mtp_n_tokens": 2, "mtp_head_type": "medusa", "mtp_draft_vocab": 4}
+    )
     tokens = np.repeat(np.arange(8, dtype=np.uint16), [1, 9, 2, 8, 3, 7, 4, 6])
     data = TokenData(tokens, tokens, {"vocab_size": 256}, None)
     setup = train.make_train_step(config, 256, sharding.make_mesh(config.mesh, jax.devices()[:1]), 2)
@@ -139,13 +151,16 @@ def test_fresh_training_sets_the_draft_vocabulary_from_the_data():
     assert build_model(config, 256, seed=0).draft_vocab.shape == (4,)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"mtp_targets": "teacher"}, "mtp_targets='teacher' is unknown"),
-    ({"mtp_draft_vocab": 64}, "mtp_draft_vocab restricts the shared unembedding, which 'linear' heads do not use"),
-    ({"mtp_draft_vocab": -1, "mtp_head_type": "medusa"}, "mtp_draft_vocab=-1 must be >= 0"),
-    ({"trunk_cache": True, "num_epochs": 2}, "trunk_cache=True keeps a frozen trunk's outputs"),
-    ({"trunk_cache": True, "trainable": "heads"}, "trunk_cache=True keeps a frozen trunk's outputs"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"mtp_targets": "teacher"}, "mtp_targets='teacher' is unknown"),
+        ({"mtp_draft_vocab": 64}, "mtp_draft_vocab restricts the shared unembedding, which 'linear' heads do not use"),
+        ({"mtp_draft_vocab": -1, "mtp_head_type": "medusa"}, "mtp_draft_vocab=-1 must be >= 0"),
+        ({"trunk_cache": True, "num_epochs": 2}, "trunk_cache=True keeps a frozen trunk's outputs"),
+        ({"trunk_cache": True, "trainable": "heads"}, "trunk_cache=True keeps a frozen trunk's outputs"),
+    ],
+)
 def test_config_check_names_the_bad_field(overrides, message):
     config = load_config("mtp3", overrides=overrides)
     with pytest.raises(UserError, match=re.escape(message)):
@@ -157,11 +172,24 @@ def test_heads_only_run_on_cached_trunk_outputs_trains_and_decodes(tmp_path):
     its workdir's heads draft with the saved draft vocabulary and reproduce greedy decoding."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("".join(f"def f{i}(x):\n    return x + {i % 7}\n\n" for i in range(300)))
-    config = load_config("base", overrides={
-        "use_mtp": True, "mtp_n_tokens": 3, "mtp_head_type": "sequential", "mtp_targets": "model",
-        "mtp_draft_vocab": 40, "trainable": "heads", "trunk_cache": True, "num_epochs": 2, "eval_batches": 1,
-        "sample_tokens": 0, "data.source": str(corpus), "data.cache_dir": str(tmp_path / "cache"),
-        "data.val_fraction": 0.1})
+    config = load_config(
+        "base",
+        overrides={
+            "use_mtp": True,
+            "mtp_n_tokens": 3,
+            "mtp_head_type": "sequential",
+            "mtp_targets": "model",
+            "mtp_draft_vocab": 40,
+            "trainable": "heads",
+            "trunk_cache": True,
+            "num_epochs": 2,
+            "eval_batches": 1,
+            "sample_tokens": 0,
+            "data.source": str(corpus),
+            "data.cache_dir": str(tmp_path / "cache"),
+            "data.val_fraction": 0.1,
+        },
+    )
     metrics = train.run(config, tmp_path / "run")
     assert np.isfinite(metrics["eval/loss_2"]) and "generate/mean_accepted" in metrics
     trained = workdir_lib.load(tmp_path / "run")

@@ -23,7 +23,7 @@ from mtp_jax.mtp import MTPModel
 from tests.test_generate import SHAPE, full_forward_logits
 from tests.util import load_config
 
-SOURCE = '''\
+SOURCE = """\
 import os.path
 from collections import OrderedDict as od
 
@@ -43,7 +43,7 @@ def helper(items, key=None):
     counter = Counter()
     counter.bump(amount=len(result))
     return result, counter
-'''
+"""
 
 
 def names(source: str) -> list[str]:
@@ -58,10 +58,19 @@ def bpe(tmp_path_factory):
     corpus.mkdir()
     for module in (textwrap, json.decoder, tokenize):
         shutil.copy(module.__file__, corpus)
-    data = data_lib.prepare(load_config("base", "tiny", {"data.source": str(corpus), "data.tokenizer": "bpe",
-                                                         "data.vocab_size": 400,
-                                                         "data.cache_dir": str(root / "cache")}).data,
-                            show_progress=False)
+    data = data_lib.prepare(
+        load_config(
+            "base",
+            "tiny",
+            {
+                "data.source": str(corpus),
+                "data.tokenizer": "bpe",
+                "data.vocab_size": 400,
+                "data.cache_dir": str(root / "cache"),
+            },
+        ).data,
+        show_progress=False,
+    )
     return data_lib.load_tokenizer(data.directory)
 
 
@@ -74,9 +83,11 @@ def test_renaming_keeps_the_files_own_names_and_renames_the_rest():
         assert name in names(renamed.source)
 
 
-@pytest.mark.parametrize("source", [SOURCE, pathlib.Path(textwrap.__file__).read_text(),
-                                    pathlib.Path(json.decoder.__file__).read_text()],
-                         ids=["handmade", "textwrap", "json.decoder"])
+@pytest.mark.parametrize(
+    "source",
+    [SOURCE, pathlib.Path(textwrap.__file__).read_text(), pathlib.Path(json.decoder.__file__).read_text()],
+    ids=["handmade", "textwrap", "json.decoder"],
+)
 def test_renaming_is_consistent_valid_and_deterministic(source, bpe):
     for tokenizer in (data_lib.ByteTokenizer(), bpe):
         renamed = probes.rename_identifiers(source, tokenizer, seed=1)
@@ -105,10 +116,10 @@ def test_copy_targets_are_the_tokens_after_the_first_of_each_repeat():
 
 def test_induction_windows_score_repeats_inside_the_window():
     """Byte tokens: the scored mask equals one recomputed from the renamed text's occurrences."""
-    source = "".join(f"def func{i}(alpha, beta):\n    gamma = alpha + beta * {i}\n    return gamma + alpha\n\n"
-                     for i in range(6))
-    probe = probes.induction_set([(pathlib.Path("m.py"), source)], data_lib.ByteTokenizer(), seq_len=63,
-                                   num_windows=3)
+    source = "".join(
+        f"def func{i}(alpha, beta):\n    gamma = alpha + beta * {i}\n    return gamma + alpha\n\n" for i in range(6)
+    )
+    probe = probes.induction_set([(pathlib.Path("m.py"), source)], data_lib.ByteTokenizer(), seq_len=63, num_windows=3)
     renamed = probes.rename_identifiers(source, data_lib.ByteTokenizer(), seed=0)
     text = renamed.source.encode()
     assert probe.windows.shape == (3, 64) and probe.windows.flatten().tolist() == list(text[:192])
@@ -117,7 +128,7 @@ def test_induction_windows_score_repeats_inside_the_window():
         for start, end, name in renamed.spans:
             if 64 * w <= start and end <= 64 * (w + 1):
                 if name in seen:
-                    expected[start + 1 - 64 * w - 1:end - 64 * w - 1] = True  # target j is scored at j - 1
+                    expected[start + 1 - 64 * w - 1 : end - 64 * w - 1] = True  # target j is scored at j - 1
                 seen.add(name)
         np.testing.assert_array_equal(probe.scored[w], expected)
     assert probe.scored.sum() >= 10
@@ -151,16 +162,18 @@ def test_parse_share_of_good_broken_and_mixed_code():
 def test_parse_prompts_end_at_top_level_statements_with_parsing_truths():
     text = "".join(f"@decorate\ndef f{i}(x):\n    y = x * {i}\n    return y\n\n\n" for i in range(12))
     tokenizer = data_lib.ByteTokenizer()
-    prompts = probes.parse_prompts([(pathlib.Path(f"m{i}.py"), text) for i in range(3)], tokenizer,
-                                     num_prompts=3, prompt_tokens=40, new_tokens=50)
+    prompts = probes.parse_prompts(
+        [(pathlib.Path(f"m{i}.py"), text) for i in range(3)], tokenizer, num_prompts=3, prompt_tokens=40, new_tokens=50
+    )
     for p in prompts:
-        assert text.startswith(p.prefix) and text[len(p.prefix):].startswith("@decorate\ndef f")
+        assert text.startswith(p.prefix) and text[len(p.prefix) :].startswith("@decorate\ndef f")
         assert p.prompt == tokenizer.encode(p.prefix)[-40:]
-        assert p.truth == text[len(p.prefix):len(p.prefix) + 50]
+        assert p.truth == text[len(p.prefix) : len(p.prefix) + 50]
         assert probes.continuation_parses(p.prefix, p.truth)
     with pytest.raises(UserError, match="fewer than the 4 asked for"):
-        probes.parse_prompts([(pathlib.Path("m.py"), text)] * 3, tokenizer, num_prompts=4, prompt_tokens=40,
-                               new_tokens=50)
+        probes.parse_prompts(
+            [(pathlib.Path("m.py"), text)] * 3, tokenizer, num_prompts=4, prompt_tokens=40, new_tokens=50
+        )
 
 
 def test_probes_need_python_files(tmp_path):
@@ -179,10 +192,24 @@ def trained(tmp_path_factory):
     corpus.mkdir()
     for module in (textwrap, json.decoder, tokenize, io, pathlib, shutil):
         shutil.copy(module.__file__, corpus)
-    config = load_config("mtp3", "tiny", {
-        "mtp_n_tokens": 2, "num_train_steps": 10, "log_every": 10, "eval_every": 10, "checkpoint_every": 10,
-        "eval_batches": 1, "sample_tokens": 0, "data.source": str(corpus), "data.val_fraction": 0.34,
-        "data.cache_dir": str(root / "cache"), "induction_batches": 1, "parse_rate_prompts": 2})
+    config = load_config(
+        "mtp3",
+        "tiny",
+        {
+            "mtp_n_tokens": 2,
+            "num_train_steps": 10,
+            "log_every": 10,
+            "eval_every": 10,
+            "checkpoint_every": 10,
+            "eval_batches": 1,
+            "sample_tokens": 0,
+            "data.source": str(corpus),
+            "data.val_fraction": 0.34,
+            "data.cache_dir": str(root / "cache"),
+            "induction_batches": 1,
+            "parse_rate_prompts": 2,
+        },
+    )
     workdir = root / "run"
     train.run(config, workdir)
     return workdir
@@ -217,7 +244,9 @@ def test_cli_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys):
     assert "no checkpoint" in cli_error(capsys, [f"--workdir={tmp_path}", "--probe=induction"])
     assert "invalid choice: 'copying'" in cli_error(capsys, [f"--workdir={trained}", "--probe=copying"])
     assert "--induction_batches=0 must be >= 1" in cli_error(
-        capsys, [f"--workdir={trained}", "--probe=induction", "--induction_batches=0"])
+        capsys, [f"--workdir={trained}", "--probe=induction", "--induction_batches=0"]
+    )
     assert "below the trained seq_len=32" in cli_error(
-        capsys, [f"--workdir={trained}", "--probe=parse_rate", "--parse_rate_tokens=32"])
+        capsys, [f"--workdir={trained}", "--probe=parse_rate", "--parse_rate_tokens=32"]
+    )
     assert "--probe" in cli_error(capsys, [f"--workdir={trained}"])

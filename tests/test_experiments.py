@@ -26,12 +26,22 @@ def dry_run(capsys, *args) -> list[list[str]]:
 
 
 def flag_values(command: list[str], prefix: str) -> dict[str, str]:
-    return dict(arg[len(prefix):].split("=", 1) for arg in command if arg.startswith(prefix))
+    return dict(arg[len(prefix) :].split("=", 1) for arg in command if arg.startswith(prefix))
 
 
 def test_dry_run_prints_one_command_per_grid_point_with_its_overrides(capsys, tmp_path):
-    commands = dry_run(capsys, "--sweep", "mtp_n_tokens=1,2,3", "--sweep", "seed=0,1",
-                       "--set", "num_train_steps=7", "--set", "model.d_model=32", f"--runs_dir={tmp_path}")
+    commands = dry_run(
+        capsys,
+        "--sweep",
+        "mtp_n_tokens=1,2,3",
+        "--sweep",
+        "seed=0,1",
+        "--set",
+        "num_train_steps=7",
+        "--set",
+        "model.d_model=32",
+        f"--runs_dir={tmp_path}",
+    )
     assert len(commands) == 6
     points = set()
     for command in commands:
@@ -49,8 +59,14 @@ def test_dry_run_prints_one_command_per_grid_point_with_its_overrides(capsys, tm
 
 def test_launcher_replaces_the_python_command(capsys, tmp_path):
     (command,) = dry_run(capsys, "--launcher=./launch.sh local 2", "--sweep", "seed=3", f"--runs_dir={tmp_path}")
-    assert command == ["./launch.sh", "local", "2", f"--config={CONFIG}", f"--workdir={tmp_path / 'grid' / 'seed=3'}",
-                       "--config.seed=3"]
+    assert command == [
+        "./launch.sh",
+        "local",
+        "2",
+        f"--config={CONFIG}",
+        f"--workdir={tmp_path / 'grid' / 'seed=3'}",
+        "--config.seed=3",
+    ]
 
 
 def test_dry_run_escapes_slashes_in_run_names(capsys, tmp_path):
@@ -59,15 +75,18 @@ def test_dry_run_escapes_slashes_in_run_names(capsys, tmp_path):
     assert flag_values(command, "--config.")["data.source"] == "/corpus/a.txt"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--sweep", "mtp_n_tokenz=1,2"], "unknown config field 'mtp_n_tokenz'"),
-    (["--sweep", "seed=0,1", "--set", "seed=2"], "seed is given more than once"),
-    (["--sweep", "seed"], "must look like KEY=VALUE"),
-    (["--sweep", "seed=0,,1"], "has an empty value"),
-    (["--set", "num_epochs=2"], "needs num_train_steps, not num_epochs"),
-    (["--set", "num_train_steps=ten"], "must be a whole number"),
-    (["--parallel", "0"], "--parallel=0 must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sweep", "mtp_n_tokenz=1,2"], "unknown config field 'mtp_n_tokenz'"),
+        (["--sweep", "seed=0,1", "--set", "seed=2"], "seed is given more than once"),
+        (["--sweep", "seed"], "must look like KEY=VALUE"),
+        (["--sweep", "seed=0,,1"], "has an empty value"),
+        (["--set", "num_epochs=2"], "needs num_train_steps, not num_epochs"),
+        (["--set", "num_train_steps=ten"], "must be a whole number"),
+        (["--parallel", "0"], "--parallel=0 must be >= 1"),
+    ],
+)
 def test_bad_sweep_arguments_raise_one_line(args, message):
     with pytest.raises(UserError, match=message):
         sweep.main([f"--config={CONFIG}", "--name=bad", "--dry_run", *args])
@@ -75,10 +94,25 @@ def test_bad_sweep_arguments_raise_one_line(args, message):
 
 def sweep_command(tmp_path, *args) -> list[str]:
     """A real sweep of tiny trainings whose data cache lives in tmp_path."""
-    return [sys.executable, str(ROOT / "experiments" / "sweep.py"), f"--config={CONFIG}", "--name=real",
-            f"--runs_dir={tmp_path / 'runs'}", *args,
-            *(f"--set={kv}" for kv in ("eval_every=50", "checkpoint_every=50", "log_every=1", "eval_batches=2",
-                                       "sample_tokens=0", f"data.cache_dir={tmp_path / 'cache'}"))]
+    return [
+        sys.executable,
+        str(ROOT / "experiments" / "sweep.py"),
+        f"--config={CONFIG}",
+        "--name=real",
+        f"--runs_dir={tmp_path / 'runs'}",
+        *args,
+        *(
+            f"--set={kv}"
+            for kv in (
+                "eval_every=50",
+                "checkpoint_every=50",
+                "log_every=1",
+                "eval_batches=2",
+                "sample_tokens=0",
+                f"data.cache_dir={tmp_path / 'cache'}",
+            )
+        ),
+    ]
 
 
 def logged_steps(workdir: pathlib.Path, key: str) -> list[int]:
@@ -90,8 +124,9 @@ def logged_steps(workdir: pathlib.Path, key: str) -> list[int]:
 def test_sweep_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
     command = sweep_command(tmp_path, "--sweep", "num_train_steps=6,300")
     short, long = tmp_path / "runs" / "real" / "num_train_steps=6", tmp_path / "runs" / "real" / "num_train_steps=300"
-    first = subprocess.Popen([*command, "--parallel=2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, cwd=ROOT)
+    first = subprocess.Popen(
+        [*command, "--parallel=2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT
+    )
     # Ctrl-C once the short run has finished and the long one is under way.
     deadline = time.monotonic() + 240
     while not (6 in logged_steps(short, "eval/loss_1") and logged_steps(long, "train/loss_1")[-1:] >= [10]):
@@ -121,8 +156,9 @@ def test_sweep_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
     assert len((sweep_dir / "COMMANDS").read_text().splitlines()) == 2  # recorded once, not per invocation
     invocations = [line for line in (sweep_dir / "SWEEP").read_text().splitlines() if "experiments/sweep.py" in line]
     assert len(invocations) == 2 and invocations[0].endswith("--parallel=2")  # each distinct one, once
-    assert (sweep_dir / "SWEEP").read_text().startswith("# at commit ") and f" on {sweep.host()}\n" in \
-        (sweep_dir / "SWEEP").read_text()
+    assert (sweep_dir / "SWEEP").read_text().startswith("# at commit ") and f" on {sweep.host()}\n" in (
+        sweep_dir / "SWEEP"
+    ).read_text()
 
     # The report reads what the real trainer wrote.
     summary = report.report(sweep_dir, tmp_path / "results")
@@ -135,8 +171,9 @@ def test_sweep_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
 def test_sweep_reports_a_failed_run_and_exits_nonzero(tmp_path):
     result = subprocess.run(sweep_command(tmp_path, "--sweep", "seq_len=3"), capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1
-    assert ("[1/1] seq_len=3 FAILED (exit 2): error: seq_len=3 must exceed mtp_n_tokens=3"
-            in result.stdout.splitlines()[-2])
+    assert (
+        "[1/1] seq_len=3 FAILED (exit 2): error: seq_len=3 must exceed mtp_n_tokens=3" in result.stdout.splitlines()[-2]
+    )
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -146,30 +183,68 @@ def test_sweep_reports_a_failed_run_and_exits_nonzero(tmp_path):
 #      seed 1: 2.3 → 1.9, crosses at 20 + 20 × 0.2 / 0.4 = 30 tokens.
 # n=3: 3.5 → 2.5, never reaches 2.1.
 STEP_TIMES = [10.0, 1.0, 3.0, 2.0]  # the first interval holds the compile
-HEAD1 = {(1, 0): (3.0, 2.0), (1, 1): (3.2, 2.2), (2, 0): (2.5, 1.5), (2, 1): (2.3, 1.9), (3, 0): (3.5, 2.5),
-         (3, 1): (3.4, 2.4)}
+HEAD1 = {
+    (1, 0): (3.0, 2.0),
+    (1, 1): (3.2, 2.2),
+    (2, 0): (2.5, 1.5),
+    (2, 1): (2.3, 1.9),
+    (3, 0): (3.5, 2.5),
+    (3, 1): (3.4, 2.4),
+}
 
 
-def write_run(sweep_dir: pathlib.Path, n: int, seed: int, head1: tuple[float, float], steps: int = 4,
-              final: dict | None = None, teacherless: bool = False, train_tokens: int | None = None) -> None:
+def write_run(
+    sweep_dir: pathlib.Path,
+    n: int,
+    seed: int,
+    head1: tuple[float, float],
+    steps: int = 4,
+    final: dict | None = None,
+    teacherless: bool = False,
+    train_tokens: int | None = None,
+) -> None:
     """A run of the synthetic sweep; `final` adds metrics to its last evaluation; `train_tokens` is
     the training set's size the trainer logs (omitted: a run from before it did)."""
     workdir = sweep_dir / f"mtp_n_tokens={n},seed={seed}{',teacherless' * teacherless}"
     workdir.mkdir(parents=True)
-    config = {"preset": "tiny", "use_mtp": True, "mtp_n_tokens": n, "seed": seed, "num_train_steps": 4,
-              "batch_size": 2, "seq_len": 5, "model": {"d_model": 8}, "vocab_size": 256,
-              "data": {"task": {"teacherless": teacherless}}}
+    config = {
+        "preset": "tiny",
+        "use_mtp": True,
+        "mtp_n_tokens": n,
+        "seed": seed,
+        "num_train_steps": 4,
+        "batch_size": 2,
+        "seq_len": 5,
+        "model": {"d_model": 8},
+        "vocab_size": 256,
+        "data": {"task": {"teacherless": teacherless}},
+    }
     (workdir / "config.json").write_text(json.dumps(config))
-    events = [{"step": 0, "model/param_count": 1000 * n, **({"data/train_tokens": train_tokens} if train_tokens else {})}]
+    events = [
+        {"step": 0, "model/param_count": 1000 * n, **({"data/train_tokens": train_tokens} if train_tokens else {})}
+    ]
     for step in range(1, steps + 1):
-        events.append({"step": step, "train/loss_1": 5.0 - step, "train/step_time_s": STEP_TIMES[step - 1],
-                       "train/tokens_per_sec": 10 / STEP_TIMES[step - 1], "train/tokens_seen": 10 * step})
+        events.append(
+            {
+                "step": step,
+                "train/loss_1": 5.0 - step,
+                "train/step_time_s": STEP_TIMES[step - 1],
+                "train/tokens_per_sec": 10 / STEP_TIMES[step - 1],
+                "train/tokens_seen": 10 * step,
+            }
+        )
         if step % 2 == 0:
             loss = head1[step // 2 - 1]
-            events.append({"step": step, "eval/loss_1": loss, "eval/bits_per_byte": loss / np.log(2),
-                           **{f"eval/loss_{k}": loss + 0.5 * (k - 1) for k in range(2, n + 1)},
-                           **{f"generate/acceptance_{k}": 0.5 / k for k in range(2, n + 1)},
-                           **(final or {} if step == steps else {})})
+            events.append(
+                {
+                    "step": step,
+                    "eval/loss_1": loss,
+                    "eval/bits_per_byte": loss / np.log(2),
+                    **{f"eval/loss_{k}": loss + 0.5 * (k - 1) for k in range(2, n + 1)},
+                    **{f"generate/acceptance_{k}": 0.5 / k for k in range(2, n + 1)},
+                    **(final or {} if step == steps else {}),
+                }
+            )
     (workdir / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
 
 
@@ -179,7 +254,9 @@ def synthetic(tmp_path):
     for (n, seed), head1 in HEAD1.items():
         write_run(sweep_dir, n, seed, head1)
     write_run(sweep_dir, 2, 2, (1.0, 0.5), steps=3)  # interrupted: left out
-    (sweep_dir / "SWEEP").write_text("# at commit abc on Some CPU, 2 cores\npython experiments/sweep.py --name=synthetic\n")
+    (sweep_dir / "SWEEP").write_text(
+        "# at commit abc on Some CPU, 2 cores\npython experiments/sweep.py --name=synthetic\n"
+    )
     (sweep_dir / "COMMANDS").write_text("python -m mtp_jax.main --workdir=x\n")
     return sweep_dir, tmp_path / "results" / "synthetic"
 
@@ -282,11 +359,11 @@ def test_differences_carry_standard_errors_and_a_two_se_verdict(synthetic):
     comparisons = {(c["setting"], c["metric"]): c for c in report.report(sweep_dir, out_dir)["comparisons"]}
     # n=2: finals 1.5, 1.9 against 2.0, 2.2: -0.4 ± sqrt(0.08/2 + 0.02/2) = 0.2236, inside 2 s.e.
     c = comparisons[("mtp_n_tokens=2", "eval/loss_1")]
-    assert c["difference"] == pytest.approx(-0.4) and c["standard_error"] == pytest.approx(0.05 ** 0.5)
+    assert c["difference"] == pytest.approx(-0.4) and c["standard_error"] == pytest.approx(0.05**0.5)
     assert c["verdict"] == "no difference (< 2 s.e.)"
     # n=3: 2.5, 2.4: +0.35 ± sqrt(0.005/2 + 0.02/2) = 0.1118, beyond 2 s.e., and a loss: worse.
     c = comparisons[("mtp_n_tokens=3", "eval/loss_1")]
-    assert c["difference"] == pytest.approx(0.35) and c["standard_error"] == pytest.approx(0.0125 ** 0.5)
+    assert c["difference"] == pytest.approx(0.35) and c["standard_error"] == pytest.approx(0.0125**0.5)
     assert c["verdict"] == "MTP worse"
     assert ("mtp_n_tokens=2", "eval/induction_accuracy") not in comparisons  # never logged
     # Unpaired (the runs logged no training-set size, so their batches cannot be checked): in bold.
@@ -297,7 +374,7 @@ def test_differences_carry_standard_errors_and_a_two_se_verdict(synthetic):
     # Against an MTP baseline (n=2 here) n=3's +0.75 ± 0.2062 is the setting's, not MTP's, verdict.
     against_n2 = report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=2")["comparisons"]
     c = next(c for c in against_n2 if c["setting"] == "mtp_n_tokens=3" and c["metric"] == "eval/loss_1")
-    assert c["difference"] == pytest.approx(0.75) and c["standard_error"] == pytest.approx(0.0425 ** 0.5)
+    assert c["difference"] == pytest.approx(0.75) and c["standard_error"] == pytest.approx(0.0425**0.5)
     assert c["verdict"] == "setting worse"
 
 
@@ -305,21 +382,35 @@ def test_accuracy_per_difficulty_and_the_turning_point_of_the_loss(tmp_path):
     sweep_dir = tmp_path / "runs" / "tasks"
     for n, teacherless in ((1, False), (2, False), (1, True)):
         for seed in (0, 1):
-            accuracy = {f"eval/task_accuracy_m{m}": 0.1 * n + 0.01 * m + 0.02 * seed + 0.3 * teacherless
-                        for m in (1, 2, 10)}
+            accuracy = {
+                f"eval/task_accuracy_m{m}": 0.1 * n + 0.01 * m + 0.02 * seed + 0.3 * teacherless for m in (1, 2, 10)
+            }
             # The baseline's loss turns up: lowest at step 2, as an overfitting run's does. A training
             # set of 4 tokens at 2 x 5 tokens a step: step 2 is epoch 5, step 4 epoch 10.
-            write_run(sweep_dir, n, seed, (1.0, 1.2) if n == 1 else (2.0, 1.5),
-                      final={**accuracy, "eval/task_accuracy": 0.5 * n}, teacherless=teacherless, train_tokens=4)
+            write_run(
+                sweep_dir,
+                n,
+                seed,
+                (1.0, 1.2) if n == 1 else (2.0, 1.5),
+                final={**accuracy, "eval/task_accuracy": 0.5 * n},
+                teacherless=teacherless,
+                train_tokens=4,
+            )
     out_dir = tmp_path / "results"
     mtp_setting = "mtp_n_tokens=2,data.task.teacherless=False"
     summary = report.report(sweep_dir, out_dir, baseline="mtp_n_tokens=1,data.task.teacherless=False")
     md = (out_dir / "results.md").read_text()
     table = md.split("## Task accuracy per difficulty")[1].split("## ")[0]
     assert "| setting | m1 | m2 | m10 | all |" in table  # difficulties in numeric order
-    assert "| `mtp_n_tokens=2,data.task.teacherless=False` | 0.220 ± 0.014 | 0.230 ± 0.014 | 0.310 ± 0.014 | 1.000 ± 0.000 |" in table
+    assert (
+        "| `mtp_n_tokens=2,data.task.teacherless=False` | 0.220 ± 0.014 | 0.230 ± 0.014 | 0.310 ± 0.014 | 1.000 ± 0.000 |"
+        in table
+    )
     turn = md.split("## Where the validation loss turns up")[1].split("## ")[0]
-    assert "| `mtp_n_tokens=1,data.task.teacherless=False` | 1.0000 ± 0.0000 | 2 ± 0 | 5.0 ± 0.0 | 1.2000 ± 0.0000 |" in turn
+    assert (
+        "| `mtp_n_tokens=1,data.task.teacherless=False` | 1.0000 ± 0.0000 | 2 ± 0 | 5.0 ± 0.0 | 1.2000 ± 0.0000 |"
+        in turn
+    )
     lowest = {c["setting"]: c for c in summary["comparisons"] if c["metric"] == "min_eval/loss_1"}
     assert lowest[mtp_setting]["difference"] == pytest.approx(0.5)
     # MTP's lowest loss comes 5 epochs later (the last evaluation): it overfits later, "better".
@@ -330,7 +421,7 @@ def test_accuracy_per_difficulty_and_the_turning_point_of_the_loss(tmp_path):
     # Per difficulty, with its standard error: m10 0.30, 0.32 against 0.20, 0.22.
     hardest = {c["setting"]: c for c in summary["comparisons"] if c["metric"] == "eval/task_accuracy_m10"}
     assert hardest[mtp_setting]["difference"] == pytest.approx(0.1)
-    assert hardest[mtp_setting]["standard_error"] == pytest.approx(0.0002 ** 0.5)
+    assert hardest[mtp_setting]["standard_error"] == pytest.approx(0.0002**0.5)
     # Teacherless predicts one token too: its +0.3 is the setting's verdict, not MTP's.
     assert hardest["mtp_n_tokens=1,data.task.teacherless=True"]["verdict"] == "setting better"
     assert stats.verdict(0.0, 0.0, higher_is_better=True) == "equal"  # e.g. every run at accuracy 0
@@ -340,7 +431,7 @@ def test_paired_difference_power_and_seeds_match_a_hand_computation():
     # Per-seed differences -0.02, -0.03, -0.01: mean -0.02, s.d. 0.01, s.e. 0.01 / √3.
     d = stats.paired({0: 1.28, 1: 1.27, 2: 1.29, 9: 5.0}, {0: 1.30, 1: 1.30, 2: 1.30})
     assert d.paired and d.seeds == 3  # seed 9 has no partner
-    assert d.difference == pytest.approx(-0.02) and d.standard_error == pytest.approx(0.01 / 3 ** 0.5)
+    assert d.difference == pytest.approx(-0.02) and d.standard_error == pytest.approx(0.01 / 3**0.5)
     # Power: Φ(0.02 / (0.01/√3) - 2) = Φ(1.4641) = 0.9284; 80 %: (2.8416 · 0.01 / 0.02)² = 2.02 → 3 pairs.
     assert d.power == pytest.approx(0.92842, abs=1e-4) and d.seeds_for_power == 3
     # Unpaired, the same numbers: s.d.s 0.01 and 0 → s.e. √(0.0001/3), spread 0.01.
@@ -367,19 +458,25 @@ def test_seeds_pair_only_where_the_runs_read_the_same_batches(tmp_path):
     # Random windows: n = 1 and n = 3 draw their starts from ranges two tokens apart, so each
     # seed's two runs read the same text (starts within the 2-token lookahead difference).
     paired_sweep(tmp_path / "runs" / "random", num_epochs=0)
-    c = next(c for c in report.report(tmp_path / "runs" / "random", tmp_path / "out" / "random")["comparisons"]
-             if c["metric"] == "eval/loss_1")
+    c = next(
+        c
+        for c in report.report(tmp_path / "runs" / "random", tmp_path / "out" / "random")["comparisons"]
+        if c["metric"] == "eval/loss_1"
+    )
     assert c["pairing"].startswith("paired by seed")
     # Differences -0.1, -0.09, -0.06: mean -0.0833, s.d. 0.0208; the unpaired s.e. sees the seeds' spread.
     assert c["paired"]["difference"] == pytest.approx(-0.25 / 3)
-    assert c["paired"]["standard_error"] == pytest.approx(np.std([-0.1, -0.09, -0.06], ddof=1) / 3 ** 0.5)
+    assert c["paired"]["standard_error"] == pytest.approx(np.std([-0.1, -0.09, -0.06], ddof=1) / 3**0.5)
     assert c["difference"] == c["paired"]["difference"] and c["verdict"] == "MTP better"
     assert c["unpaired"]["standard_error"] > 0.8 and c["unpaired"]["power"] < 0.1
     # Epochs: each run permutes its own number of windows (seq_len + n tokens long), so the same
     # seed reads other batches: pairing is refused and the verdict is the unpaired one.
     paired_sweep(tmp_path / "runs" / "epochs", num_epochs=2)
-    c = next(c for c in report.report(tmp_path / "runs" / "epochs", tmp_path / "out" / "epochs")["comparisons"]
-             if c["metric"] == "eval/loss_1")
+    c = next(
+        c
+        for c in report.report(tmp_path / "runs" / "epochs", tmp_path / "out" / "epochs")["comparisons"]
+        if c["metric"] == "eval/loss_1"
+    )
     assert c["paired"] is None and c["pairing"].startswith("unpaired: same seeds but different batches")
     assert c["verdict"] == "no difference (< 2 s.e.)"
 
@@ -388,7 +485,8 @@ def reported_sweep(tmp_path, name: str, seeds, extra: str = "") -> None:
     paired_sweep(tmp_path / "runs" / name, num_epochs=0, seeds=seeds)
     (tmp_path / "runs" / name / "SWEEP").write_text(
         f"python experiments/sweep.py --config=configs/mtp3.py:micro --name={name} --sweep seed="
-        f"{','.join(map(str, seeds))} --sweep mtp_n_tokens=1,3 --set num_train_steps=4{extra}\n")
+        f"{','.join(map(str, seeds))} --sweep mtp_n_tokens=1,3 --set num_train_steps=4{extra}\n"
+    )
     report.report(tmp_path / "runs" / name, tmp_path / "results" / name, report_argv=[name])
 
 
@@ -400,15 +498,18 @@ def test_pooled_comparison_is_the_comparison_over_all_seeds_of_the_sets(tmp_path
     c = next(c for c in pooled["comparisons"] if c["metric"] == "eval/loss_1")
     diffs = [-0.1 + 0.01 * s * s for s in (0, 1, 2, 5, 6)]
     assert c["paired"]["seeds"] == 5 and c["paired"]["difference"] == pytest.approx(np.mean(diffs))
-    assert c["standard_error"] == pytest.approx(np.std(diffs, ddof=1) / 5 ** 0.5)
+    assert c["standard_error"] == pytest.approx(np.std(diffs, ddof=1) / 5**0.5)
     assert [s["seeds"] for s in c["sets"]] == [[0, 1, 2], [5, 6]] and len(pooled["runs"]) == 10
     assert "| **pooled** (paired) | 5 a side |" in (out / "pooled.md").read_text()
 
 
-@pytest.mark.parametrize("second, extra, message", [
-    ((3, 4), " --set learning_rate=0.1", "ran different commands .* --set=learning_rate=0.1"),
-    ((2, 3), "", "both ran seed 2"),
-])
+@pytest.mark.parametrize(
+    "second, extra, message",
+    [
+        ((3, 4), " --set learning_rate=0.1", "ran different commands .* --set=learning_rate=0.1"),
+        ((2, 3), "", "both ran seed 2"),
+    ],
+)
 def test_pool_refuses_other_commands_and_shared_seeds(tmp_path, second, extra, message):
     reported_sweep(tmp_path, "first", (0, 1, 2))
     reported_sweep(tmp_path, "second", second, extra=extra)
@@ -419,13 +520,19 @@ def test_pool_refuses_other_commands_and_shared_seeds(tmp_path, second, extra, m
 def test_verdicts_table_takes_the_best_mtp_setting_and_says_what_was_not_run(synthetic):
     sweep_dir, out_dir = synthetic
     report.report(sweep_dir, out_dir)
-    rows = (("synthetic", "eval/loss_1", "loss"), ("synthetic", "eval/parse_rate", "parse rate"),
-            ("missing", "eval/loss_1", "never run"), ("synthetic", "eval/loss_1", "n = 3 only", "n_tokens=3"))
+    rows = (
+        ("synthetic", "eval/loss_1", "loss"),
+        ("synthetic", "eval/parse_rate", "parse rate"),
+        ("missing", "eval/loss_1", "never run"),
+        ("synthetic", "eval/loss_1", "n = 3 only", "n_tokens=3"),
+    )
     lines = verdicts.table(out_dir.parent, rows).splitlines()
     # Lowest loss of n=2 (1.7) and n=3 (2.45) is n=2's: -0.4 ± 0.2236 against the baseline's 2.1;
     # power Φ(0.4 / 0.2236 - 2) = Φ(-0.211) = 42 %.
-    assert lines[2] == ("| loss ([synthetic](experiments/results/synthetic/results.md)) | `mtp_n_tokens=1`: 2.1000 | "
-                        "`mtp_n_tokens=2`: 1.7000 | -0.4000 ± 0.2236 | 2 | 42% | no difference (< 2 s.e.) |")
+    assert lines[2] == (
+        "| loss ([synthetic](experiments/results/synthetic/results.md)) | `mtp_n_tokens=1`: 2.1000 | "
+        "`mtp_n_tokens=2`: 1.7000 | -0.4000 ± 0.2236 | 2 | 42% | no difference (< 2 s.e.) |"
+    )
     assert "| not logged |" in lines[3] and lines[4] == "| never run (missing) | not run | | | | | |"
     # n=3's +0.35 ± 0.1118 is beyond 2 s.e. but with Φ(3.13 - 2) = 87 % power: not underpowered.
     assert "| `mtp_n_tokens=3`: 2.4500 | +0.3500 ± 0.1118 | 2 | 87% | MTP worse (one set of seeds) |" in lines[5]
@@ -442,9 +549,24 @@ def test_verdicts_table_marks_underpowered_and_unreplicated_verdicts_and_names_p
     assert "[both](experiments/results/both/pooled.md)" in pooled and "| 5 in 2 sets |" in pooled
     assert "one set of seeds" not in pooled
     # A verdict just past 2 s.e. has barely more than 50 % power: marked.
-    weak = {"name": "weak", "baseline": "b", "pooled_from": None, "runs": [{"seed": 0}, {"seed": 1}],
-            "comparisons": [{"setting": "s", "metric": "m", "higher_is_better": False, "baseline": 1.0,
-                             "value": 0.9, "difference": -0.1, "standard_error": 0.045, "verdict": "MTP better"}]}
+    weak = {
+        "name": "weak",
+        "baseline": "b",
+        "pooled_from": None,
+        "runs": [{"seed": 0}, {"seed": 1}],
+        "comparisons": [
+            {
+                "setting": "s",
+                "metric": "m",
+                "higher_is_better": False,
+                "baseline": 1.0,
+                "value": 0.9,
+                "difference": -0.1,
+                "standard_error": 0.045,
+                "verdict": "MTP better",
+            }
+        ],
+    }
     (tmp_path / "results" / "weak").mkdir()
     (tmp_path / "results" / "weak" / "runs.json").write_text(json.dumps(weak))
     (line,) = verdicts.table(tmp_path / "results", (("weak", "m", "weak"),)).splitlines()[2:]

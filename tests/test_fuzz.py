@@ -25,17 +25,28 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def data_config(source, cache_dir, **overrides):
-    config = ml_collections.ConfigDict(dict(source=str(source), tokenizer="byte", vocab_size=0,
-                                            token_dtype="uint32", val_fraction=0.25, split_seed=0,
-                                            cache_dir=str(cache_dir)))
+    config = ml_collections.ConfigDict(
+        dict(
+            source=str(source),
+            tokenizer="byte",
+            vocab_size=0,
+            token_dtype="uint32",
+            val_fraction=0.25,
+            split_seed=0,
+            cache_dir=str(cache_dir),
+        )
+    )
     config.update(overrides)
     return config
 
 
 def tree_digest(directory):
     directory = pathlib.Path(directory)
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 def assert_one_line_error(source_dir, cache_dir, config, match):
@@ -64,24 +75,32 @@ def test_token_file_of_odd_length_is_rejected(tmp_path):
     path = write_tokens(tmp_path / "src", np.arange(100))
     with path.open("ab") as f:
         f.write(b"\x01")  # 401 bytes: not a whole number of uint32 tokens
-    assert_one_line_error(tmp_path / "src", tmp_path / "cache",
-                          data_config(path, tmp_path / "cache", vocab_size=100), "not a multiple of 4")
+    assert_one_line_error(
+        tmp_path / "src",
+        tmp_path / "cache",
+        data_config(path, tmp_path / "cache", vocab_size=100),
+        "not a multiple of 4",
+    )
 
 
-@pytest.mark.parametrize("meta, overrides, match", [
-    (None, {}, "data.vocab_size=0 and no vocab_size"),
-    ({"vocab_size": 100, "dtype": "uint16"}, {}, "says dtype='uint16' but data.token_dtype='uint32'"),
-    ({"vocab_size": 100}, {"vocab_size": 50}, "says vocab_size=100 but data.vocab_size=50"),
-    ({"vocab_size": 50}, {}, "holds token id 99 >= vocab_size=50"),
-    (b"{not json", {}, "is not valid JSON"),
-    (b"\xff\xfe\x00", {}, "is not valid JSON"),
-    ([1, 2, 3], {}, "must be a JSON object with an integer vocab_size"),
-    ({"vocab_size": "big"}, {}, "must be a JSON object with an integer vocab_size"),
-])
+@pytest.mark.parametrize(
+    "meta, overrides, match",
+    [
+        (None, {}, "data.vocab_size=0 and no vocab_size"),
+        ({"vocab_size": 100, "dtype": "uint16"}, {}, "says dtype='uint16' but data.token_dtype='uint32'"),
+        ({"vocab_size": 100}, {"vocab_size": 50}, "says vocab_size=100 but data.vocab_size=50"),
+        ({"vocab_size": 50}, {}, "holds token id 99 >= vocab_size=50"),
+        (b"{not json", {}, "is not valid JSON"),
+        (b"\xff\xfe\x00", {}, "is not valid JSON"),
+        ([1, 2, 3], {}, "must be a JSON object with an integer vocab_size"),
+        ({"vocab_size": "big"}, {}, "must be a JSON object with an integer vocab_size"),
+    ],
+)
 def test_token_file_with_missing_or_contradicting_meta_is_rejected(tmp_path, meta, overrides, match):
     path = write_tokens(tmp_path / "src", np.arange(100), meta=meta)
-    assert_one_line_error(tmp_path / "src", tmp_path / "cache", data_config(path, tmp_path / "cache", **overrides),
-                          match)
+    assert_one_line_error(
+        tmp_path / "src", tmp_path / "cache", data_config(path, tmp_path / "cache", **overrides), match
+    )
 
 
 # ------------------------------------------------------------------------------- text corpora
@@ -98,16 +117,18 @@ def test_non_utf8_files_in_a_corpus_are_skipped_and_counted(tmp_path, caplog):
     assert "Skipped 1 files" in caplog.text
     expected = b"".join(t.encode("utf-8") for t in texts.values())
     got = np.concatenate([prepared.train, prepared.val]).astype(np.uint8)
-    np.testing.assert_array_equal(np.bincount(got, minlength=256), np.bincount(np.frombuffer(expected, np.uint8),
-                                                                               minlength=256))
+    np.testing.assert_array_equal(
+        np.bincount(got, minlength=256), np.bincount(np.frombuffer(expected, np.uint8), minlength=256)
+    )
 
 
 def test_corpus_with_no_utf8_text_is_rejected(tmp_path):
     (tmp_path / "src").mkdir()
     for i in range(3):
         (tmp_path / "src" / f"{i}.bin").write_bytes(b"\xff\xfe\xfd" * (i + 1))
-    assert_one_line_error(tmp_path / "src", tmp_path / "cache", data_config(tmp_path / "src", tmp_path / "cache"),
-                          "holds no text")
+    assert_one_line_error(
+        tmp_path / "src", tmp_path / "cache", data_config(tmp_path / "src", tmp_path / "cache"), "holds no text"
+    )
 
 
 def test_symlink_loops_are_read_once_or_rejected(tmp_path):
@@ -120,8 +141,7 @@ def test_symlink_loops_are_read_once_or_rejected(tmp_path):
     assert len(prepared.train) + len(prepared.val) == len("hello loops\n" * 10)
 
     os.symlink("loop", tmp_path / "loop")
-    assert_one_line_error(src, tmp_path / "cache2", data_config(tmp_path / "loop", tmp_path / "cache2"),
-                          "symlink loop")
+    assert_one_line_error(src, tmp_path / "cache2", data_config(tmp_path / "loop", tmp_path / "cache2"), "symlink loop")
 
 
 # ------------------------------------------------------------------------------- hypothesis
@@ -134,6 +154,7 @@ FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthChe
 def test_prepare_keeps_every_utf8_byte_of_random_files(blobs):
     """Random byte strings as corpus files: the byte tokenizer keeps every byte of each UTF-8
     file (each once) and skips the rest; no text at all is a UserError."""
+
     def utf8(blob):
         try:
             blob.decode("utf-8")
@@ -154,13 +175,18 @@ def test_prepare_keeps_every_utf8_byte_of_random_files(blobs):
             return
         prepared = data.prepare(config, show_progress=False)
     got = np.concatenate([prepared.train, prepared.val]).astype(np.int64)
-    np.testing.assert_array_equal(np.bincount(got, minlength=256),
-                                  np.bincount(np.frombuffer(expected, np.uint8), minlength=256))
+    np.testing.assert_array_equal(
+        np.bincount(got, minlength=256), np.bincount(np.frombuffer(expected, np.uint8), minlength=256)
+    )
 
 
 @FUZZ
-@given(raw=st.binary(max_size=48), dtype=st.sampled_from(["uint16", "uint32"]),
-       vocab_size=st.integers(0, 70_000), meta=st.sampled_from([None, "same", "other_dtype", "garbage"]))
+@given(
+    raw=st.binary(max_size=48),
+    dtype=st.sampled_from(["uint16", "uint32"]),
+    vocab_size=st.integers(0, 70_000),
+    meta=st.sampled_from([None, "same", "other_dtype", "garbage"]),
+)
 def test_prepare_copies_random_token_files_exactly_or_refuses(raw, dtype, vocab_size, meta):
     """Random bytes as a token file: either the train then validation tokens are the file's tokens
     in order, or a UserError, exactly when the file cannot be valid."""
@@ -170,15 +196,22 @@ def test_prepare_copies_random_token_files_exactly_or_refuses(raw, dtype, vocab_
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp, "tokens.bin")
         path.write_bytes(raw)
-        meta_json = {None: None, "same": {"vocab_size": meta_vocab, "dtype": dtype},
-                     "other_dtype": {"vocab_size": meta_vocab, "dtype": "uint16" if dtype == "uint32" else "uint32"},
-                     "garbage": "{"}[meta]
+        meta_json = {
+            None: None,
+            "same": {"vocab_size": meta_vocab, "dtype": dtype},
+            "other_dtype": {"vocab_size": meta_vocab, "dtype": "uint16" if dtype == "uint32" else "uint32"},
+            "garbage": "{",
+        }[meta]
         if meta_json is not None:
             pathlib.Path(tmp, "meta.json").write_text(json.dumps(meta_json) if meta != "garbage" else meta_json)
         effective_vocab = vocab_size or (meta_vocab if meta in ("same", "other_dtype") else 0)
-        valid = (len(raw) % itemsize == 0 and len(tokens) > 0 and meta not in ("garbage", "other_dtype")
-                 and effective_vocab > int(tokens.max(initial=0))
-                 and not (vocab_size and meta == "same" and vocab_size != meta_vocab))
+        valid = (
+            len(raw) % itemsize == 0
+            and len(tokens) > 0
+            and meta not in ("garbage", "other_dtype")
+            and effective_vocab > int(tokens.max(initial=0))
+            and not (vocab_size and meta == "same" and vocab_size != meta_vocab)
+        )
         config = data_config(path, pathlib.Path(tmp, "cache"), token_dtype=dtype, vocab_size=vocab_size)
         if not valid:
             with pytest.raises(UserError):
@@ -202,8 +235,14 @@ def workdir(tmp_path):
 
 
 def run_main(*args):
-    return subprocess.run([sys.executable, "-m", "mtp_jax.main", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    return subprocess.run(
+        [sys.executable, "-m", "mtp_jax.main", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
 
 
 def assert_main_refuses(result, workdir, before, match):
@@ -214,10 +253,13 @@ def assert_main_refuses(result, workdir, before, match):
     assert tree_digest(workdir) == before
 
 
-@pytest.mark.parametrize("text, match", [
-    ("raise RuntimeError('boom')\n", "could not load the config: RuntimeError: boom"),
-    ("def get_config(:\n", "could not load the config: SyntaxError"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("raise RuntimeError('boom')\n", "could not load the config: RuntimeError: boom"),
+        ("def get_config(:\n", "could not load the config: SyntaxError"),
+    ],
+)
 def test_config_file_that_raises_is_one_line(tmp_path, workdir, text, match):
     config = tmp_path / "bad_config.py"
     config.write_text(text)
@@ -225,22 +267,30 @@ def test_config_file_that_raises_is_one_line(tmp_path, workdir, text, match):
     assert_main_refuses(run_main(f"--config={config}", f"--workdir={workdir}"), workdir, before, match)
 
 
-@pytest.mark.parametrize("override, match", [
-    ("--config.batch_size=abc", "batch_size"),
-    ("--config.learning_rate=fast", "learning_rate"),
-    ("--config.model.n_layers=2.5", "n_layers"),
-    ("--config.no_such_field=1", "no_such_field"),
-])
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ("--config.batch_size=abc", "batch_size"),
+        ("--config.learning_rate=fast", "learning_rate"),
+        ("--config.model.n_layers=2.5", "n_layers"),
+        ("--config.no_such_field=1", "no_such_field"),
+    ],
+)
 def test_override_of_the_wrong_type_is_one_line(workdir, override, match):
     before = tree_digest(workdir)
-    assert_main_refuses(run_main("--config=configs/mtp3.py:tiny", f"--workdir={workdir}", override),
-                        workdir, before, match)
+    assert_main_refuses(
+        run_main("--config=configs/mtp3.py:tiny", f"--workdir={workdir}", override), workdir, before, match
+    )
 
 
 @pytest.mark.slow
 def test_bad_data_source_through_main_is_one_line(tmp_path, workdir):
     os.symlink("loop", tmp_path / "loop")
     before = tree_digest(workdir)
-    result = run_main("--config=configs/mtp3.py:tiny", f"--workdir={workdir}",
-                      f"--config.data.source={tmp_path / 'loop'}", f"--config.data.cache_dir={tmp_path / 'cache'}")
+    result = run_main(
+        "--config=configs/mtp3.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.source={tmp_path / 'loop'}",
+        f"--config.data.cache_dir={tmp_path / 'cache'}",
+    )
     assert_main_refuses(result, workdir, before, "is a broken symlink or a symlink loop")

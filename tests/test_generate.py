@@ -33,10 +33,23 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     corpus = root / "corpus.txt"
     corpus.write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(400)))
-    config = load_config("base", overrides={
-        "use_mtp": True, "mtp_n_tokens": 3, "mtp_head_type": "sequential", "num_train_steps": 30,
-        "log_every": 30, "eval_every": 30, "checkpoint_every": 30, "eval_batches": 1, "sample_tokens": 0,
-        "data.source": str(corpus), "data.cache_dir": str(root / "cache"), "data.val_fraction": 0.1})
+    config = load_config(
+        "base",
+        overrides={
+            "use_mtp": True,
+            "mtp_n_tokens": 3,
+            "mtp_head_type": "sequential",
+            "num_train_steps": 30,
+            "log_every": 30,
+            "eval_every": 30,
+            "checkpoint_every": 30,
+            "eval_batches": 1,
+            "sample_tokens": 0,
+            "data.source": str(corpus),
+            "data.cache_dir": str(root / "cache"),
+            "data.val_fraction": 0.1,
+        },
+    )
     workdir = root / "run"
     metrics = train.run(config, workdir)
     return workdir, metrics
@@ -60,7 +73,7 @@ def test_cached_decode_equals_full_recompute(head_type):
     result = decoding.Generator(model, 24).generate(prompt, 12, temperature=1.0, seed=3)
     tokens = prompt + result.tokens
     assert len(result.tokens) == 12
-    logits = full_forward_logits(model, tokens)[len(prompt) - 1:-1]  # the logits each token was drawn from
+    logits = full_forward_logits(model, tokens)[len(prompt) - 1 : -1]  # the logits each token was drawn from
     recomputed = jax.nn.log_softmax(logits)[np.arange(12), result.tokens]
     np.testing.assert_allclose(result.logprobs, recomputed, rtol=1e-4, atol=1e-5)
 
@@ -152,7 +165,7 @@ def test_teacher_forced_acceptance_matches_numpy():
     h_trunk, _ = model.trunk(window[:, :t], positions)
     h, greedy = h_trunk, []
     for k in (1, 2, 3):
-        h, _ = model.head_hidden(k, h_trunk, h, window[:, k - 1:t + k - 1], positions)
+        h, _ = model.head_hidden(k, h_trunk, h, window[:, k - 1 : t + k - 1], positions)
         greedy.append(np.argmax(np.asarray(model.decoder.final_norm(h) @ model.head_matrix(k)), -1))
     a2 = greedy[1][:, :9] == greedy[0][:, 1:]
     a3 = greedy[2][:, :8] == greedy[0][:, 2:]
@@ -178,16 +191,26 @@ def test_cli_json_output(trained, capsys):
     generate.main([f"--workdir={workdir}", "--prompt=def f1", "--max_new_tokens=12", "--json"])
     plain = json.loads(capsys.readouterr().out)
     assert plain["text"] == out["text"] and plain["mean_accepted"] == 1.0 and plain["forward_passes"] == 12
-    generate.main([f"--workdir={workdir}", "--prompt=def f1", "--max_new_tokens=12", "--speculative",
-                   "--tree_size=4", "--json"])
+    generate.main(
+        [f"--workdir={workdir}", "--prompt=def f1", "--max_new_tokens=12", "--speculative", "--tree_size=4", "--json"]
+    )
     tree = json.loads(capsys.readouterr().out)
     assert tree["text"] == out["text"] and len(tree["tree"]) == 4 and tree["forward_passes"] <= 12
 
 
 def test_cli_sampled_speculative_reports_alpha(trained, capsys):
     workdir, _ = trained
-    generate.main([f"--workdir={workdir}", "--prompt=def f1", "--max_new_tokens=12", "--speculative",
-                   "--temperature=0.8", "--top_k=20", "--json"])
+    generate.main(
+        [
+            f"--workdir={workdir}",
+            "--prompt=def f1",
+            "--max_new_tokens=12",
+            "--speculative",
+            "--temperature=0.8",
+            "--top_k=20",
+            "--json",
+        ]
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["new_tokens"] == 12 and len(out["alpha"]) == 2 and out["alpha"][0] is not None
     assert 0 <= out["alpha"][0] <= 1 and 1 <= out["alpha_predicted_mean_accepted"] <= 3
@@ -248,7 +271,8 @@ def test_cli_errors(trained, tmp_path, capsys):
     assert "no checkpoint" in cli_error(capsys, [f"--workdir={tmp_path}", "--prompt=x"])
     assert "cache holds 32" in cli_error(capsys, [f"--workdir={workdir}", "--prompt=" + "x" * 40])
     assert "tree verification is greedy" in cli_error(
-        capsys, [f"--workdir={workdir}", "--prompt=x", "--speculative", "--tree_size=4", "--temperature=1"])
+        capsys, [f"--workdir={workdir}", "--prompt=x", "--speculative", "--tree_size=4", "--temperature=1"]
+    )
     assert "add --speculative" in cli_error(capsys, [f"--workdir={workdir}", "--prompt=x", "--tree_size=4"])
     assert "--workdir" in cli_error(capsys, ["--prompt=x"])
 

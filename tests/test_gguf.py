@@ -40,8 +40,9 @@ def read_config(path: str, defaults: dict | None = None) -> dict:
 @pytest.fixture(scope="module")
 def smollm2():
     """(our import, transformers' model and tokenizer) of the file, each loaded once."""
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(FILE.parent, gguf_file=FILE.name,
-                                                               dtype=torch.float32).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        FILE.parent, gguf_file=FILE.name, dtype=torch.float32
+    ).eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(FILE.parent, gguf_file=FILE.name)
     return import_model(FILE), theirs, tokenizer
 
@@ -67,8 +68,9 @@ def test_gguf_tokenizer_encodes_code_as_transformers_does(smollm2):
     assert tokenizer.get_vocab_size() == hf.open_folder(FILE).config["vocab_size"] == 49152
 
 
-def write_gguf(path, model, types: dict[str, str], arch: str = "llama", tokens: list[str] | None = None,
-               merges: list[str] = ()):
+def write_gguf(
+    path, model, types: dict[str, str], arch: str = "llama", tokens: list[str] | None = None, merges: list[str] = ()
+):
     """transformers' Llama or Qwen2 `model` as llama.cpp writes it: metadata, blk.* names, a Llama's
     query and key rows permuted, each tensor in types[its GGUF name without blk.N.] (default F32). A K-quant
     (which the gguf package cannot quantize) gets random blocks with small scales in its place.
@@ -78,10 +80,15 @@ def write_gguf(path, model, types: dict[str, str], arch: str = "llama", tokens: 
     config, q = model.config, gguf_lib.GGMLQuantizationType
     writer = gguf_lib.GGUFWriter(str(path), arch)
     writer.add_name("tiny")
-    for key, value in {"block_count": config.num_hidden_layers, "context_length": 64,
-                       "embedding_length": config.hidden_size, "feed_forward_length": config.intermediate_size,
-                       "attention.head_count": config.num_attention_heads, "vocab_size": config.vocab_size,
-                       "attention.head_count_kv": config.num_key_value_heads}.items():
+    for key, value in {
+        "block_count": config.num_hidden_layers,
+        "context_length": 64,
+        "embedding_length": config.hidden_size,
+        "feed_forward_length": config.intermediate_size,
+        "attention.head_count": config.num_attention_heads,
+        "vocab_size": config.vocab_size,
+        "attention.head_count_kv": config.num_key_value_heads,
+    }.items():
         writer.add_uint32(f"{arch}.{key}", value)
     writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", config.rms_norm_eps)
     writer.add_float32(f"{arch}.rope.freq_base", config.rope_parameters["rope_theta"])
@@ -103,7 +110,9 @@ def write_gguf(path, model, types: dict[str, str], arch: str = "llama", tokens: 
         else:
             name = short = names[hf_name]
         heads = {"attn_q.weight": config.num_attention_heads, "attn_k.weight": config.num_key_value_heads}.get(short)
-        if heads and config.model_type == "llama":  # llama.cpp's permutation: rows (head, 2, pair i) → (head, pair i, 2)
+        if (
+            heads and config.model_type == "llama"
+        ):  # llama.cpp's permutation: rows (head, 2, pair i) → (head, pair i, 2)
             value = value.reshape(heads, 2, -1, value.shape[-1]).swapaxes(1, 2).reshape(value.shape)
         kind = q[types.get(short, "F32")]
         if kind in (q.Q4_K, q.Q6_K, q.Q5_K):
@@ -118,8 +127,9 @@ def write_gguf(path, model, types: dict[str, str], arch: str = "llama", tokens: 
         elif kind == q.F32:
             writer.add_tensor(name, np.ascontiguousarray(value, np.float32))
         else:
-            writer.add_tensor(name, gguf_lib.quants.quantize(np.ascontiguousarray(value, np.float32), kind),
-                              raw_dtype=kind)
+            writer.add_tensor(
+                name, gguf_lib.quants.quantize(np.ascontiguousarray(value, np.float32), kind), raw_dtype=kind
+            )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -132,8 +142,15 @@ def tiny_llama(tie: bool = False, arch: str = "Llama"):
     query and 2 key/value heads, Qwen2's biases non-zero) from transformers."""
     torch.manual_seed(0)
     config = getattr(transformers, f"{arch}Config")(
-        vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=tie)
+        vocab_size=64,
+        hidden_size=256,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tie,
+    )
     model = getattr(transformers, f"{arch}ForCausalLM")(config).eval()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -159,22 +176,34 @@ def test_float32_gguf_gives_the_logits_of_the_model_it_was_written_from(tmp_path
 
 
 def test_every_quantization_dequantizes_as_transformers_gguf_loader_does(tmp_path):
-    types = {"token_embd.weight": "Q8_0", "attn_q.weight": "Q4_0", "attn_k.weight": "Q4_1", "attn_v.weight": "F16",
-             "attn_output.weight": "BF16", "ffn_gate.weight": "Q4_K", "ffn_up.weight": "Q6_K",
-             "ffn_down.weight": "Q8_0", "output.weight": "Q4_K"}
+    types = {
+        "token_embd.weight": "Q8_0",
+        "attn_q.weight": "Q4_0",
+        "attn_k.weight": "Q4_1",
+        "attn_v.weight": "F16",
+        "attn_output.weight": "BF16",
+        "ffn_gate.weight": "Q4_K",
+        "ffn_up.weight": "Q6_K",
+        "ffn_down.weight": "Q8_0",
+        "output.weight": "Q4_K",
+    }
     path = write_gguf(tmp_path / "mixed.gguf", tiny_llama(), types)
     assert {t.quantization for t in hf.open_folder(path).tensors.values()} == set(gguf.QUANTIZATIONS)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
-                                                               dtype=torch.float32).eval()
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=path.name, dtype=torch.float32
+    ).eval()
     with torch.no_grad():
         expected = theirs(torch.from_numpy(TOKENS)).logits.numpy()
     np.testing.assert_allclose(head1_logits(import_model(path), TOKENS), expected, atol=1e-4, rtol=1e-5)
 
 
-@pytest.mark.parametrize("types, arch, expected", [
-    ({"ffn_up.weight": "Q5_K"}, "llama", "blk.0.ffn_up.weight in .* is Q5_K, which this import does not read"),
-    ({}, "gemma", "holds a 'gemma' model, which does not map onto this model"),
-])
+@pytest.mark.parametrize(
+    "types, arch, expected",
+    [
+        ({"ffn_up.weight": "Q5_K"}, "llama", "blk.0.ffn_up.weight in .* is Q5_K, which this import does not read"),
+        ({}, "gemma", "holds a 'gemma' model, which does not map onto this model"),
+    ],
+)
 def test_unsupported_quantization_or_architecture_is_refused_by_name(tmp_path, types, arch, expected):
     path = write_gguf(tmp_path / "bad.gguf", tiny_llama(), types, arch)
     with pytest.raises(UserError, match=expected) as error:
@@ -195,14 +224,16 @@ def test_init_from_a_gguf_trains_heads_on_text_it_tokenizes(tmp_path):
     merges = ["Ġ x", "r e", "t u", "re tu", "retu r", "retur n"]
     tokens = [EOT, *spelled, "Ġx", "re", "tu", "retu", "retur", "return"]
     model = tiny_llama()
-    path = write_gguf(tmp_path / "tiny.gguf", model, {}, tokens=tokens + [f"{i}" * 2 for i in range(64 - len(tokens))],
-                      merges=merges)
+    path = write_gguf(
+        tmp_path / "tiny.gguf", model, {}, tokens=tokens + [f"{i}" * 2 for i in range(64 - len(tokens))], merges=merges
+    )
     train.run(tiny_run_config(tmp_path, trainable="heads", init_from=str(path)), tmp_path / "run")
 
     trained = workdir_lib.load(tmp_path / "run")
     assert (trained.config.data.tokenizer, trained.meta["eot_id"]) == (str(path), 0)
-    assert trained.tokenizer().encode("    return x * 7") == [tokens.index(t) for t in
-                                                            ["Ġ", "Ġ", "Ġ", "Ġ", "return", "Ġx", "Ġ", "*", "Ġ", "7"]]
+    assert trained.tokenizer().encode("    return x * 7") == [
+        tokens.index(t) for t in ["Ġ", "Ġ", "Ġ", "Ġ", "return", "Ġx", "Ġ", "*", "Ġ", "7"]
+    ]
     with torch.no_grad():
         expected = model(torch.from_numpy(TOKENS)).logits.numpy()
     np.testing.assert_allclose(head1_logits(trained.model, TOKENS), expected, atol=1e-5)

@@ -29,8 +29,9 @@ class Residual(heads.HeadType):
     name = "residual"
 
     def init(self, shape, rngs):
-        return normal_param(rngs, (shape.d_model, shape.d_model), ("merge", "embed"), jnp.dtype(shape.param_dtype),
-                            0.02)
+        return normal_param(
+            rngs, (shape.d_model, shape.d_model), ("merge", "embed"), jnp.dtype(shape.param_dtype), 0.02
+        )
 
     def hidden(self, model, k, h_trunk, h_prev, next_tokens, positions, cache=None, cache_index=None, mask=None):
         if k == 1:
@@ -51,10 +52,23 @@ def residual(monkeypatch):
 
 
 def config_for(corpus_dir, **overrides):
-    return load_config("mtp3", overrides={
-        "mtp_n_tokens": N, "mtp_head_type": "residual", "num_train_steps": 12, "log_every": 4, "eval_every": 12,
-        "checkpoint_every": 12, "eval_batches": 1, "sample_tokens": 0, "data.source": str(corpus_dir / "corpus.txt"),
-        "data.cache_dir": str(corpus_dir / "cache"), "data.val_fraction": 0.1, **overrides})
+    return load_config(
+        "mtp3",
+        overrides={
+            "mtp_n_tokens": N,
+            "mtp_head_type": "residual",
+            "num_train_steps": 12,
+            "log_every": 4,
+            "eval_every": 12,
+            "checkpoint_every": 12,
+            "eval_batches": 1,
+            "sample_tokens": 0,
+            "data.source": str(corpus_dir / "corpus.txt"),
+            "data.cache_dir": str(corpus_dir / "cache"),
+            "data.val_fraction": 0.1,
+            **overrides,
+        },
+    )
 
 
 def params_of(model) -> dict:

@@ -34,9 +34,17 @@ VOCAB = 256
 def llama_folder(path, n_kv_heads=2, tie=False, seed=0, **overrides):
     """A randomly initialised LlamaForCausalLM (2 layers, d=64, 4 heads) saved by transformers."""
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=n_kv_heads, rms_norm_eps=1e-6,
-                                      tie_word_embeddings=tie, **overrides)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=n_kv_heads,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tie,
+        **overrides,
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     return path
 
@@ -56,8 +64,7 @@ def head1_logits(model: MTPModel, tokens: np.ndarray) -> np.ndarray:
 
 
 def config_for(n=1, head_type="linear", **overrides):
-    return load_config("base", overrides={"use_mtp": n > 1, "mtp_n_tokens": n, "mtp_head_type": head_type,
-                                          **overrides})
+    return load_config("base", overrides={"use_mtp": n > 1, "mtp_n_tokens": n, "mtp_head_type": head_type, **overrides})
 
 
 def import_model(folder, n=1, head_type="linear") -> MTPModel:
@@ -109,9 +116,14 @@ def test_export_loads_in_transformers_and_round_trips_byte_exact_with_heads(tmp_
     assert (first / hf_files.WEIGHTS).read_bytes() == (second / hf_files.WEIGHTS).read_bytes()
     mtp = json.loads((first / hf_files.MTP_FILE).read_text())
     assert (mtp["mtp_head_type"], mtp["mtp_n_tokens"], mtp["loss_weights"]) == (head_type, 3, [1.0, 0.1, 0.05])
-    assert set(mtp["heads"]) == set(a) - set(safetensors.numpy.load_file(
-        export_model(MTPModel(model.decoder.shape, 1, head_type, rngs=nnx.Rngs(0)), config_for(),
-                     tmp_path / "trunk") / hf_files.WEIGHTS))
+    assert set(mtp["heads"]) == set(a) - set(
+        safetensors.numpy.load_file(
+            export_model(
+                MTPModel(model.decoder.shape, 1, head_type, rngs=nnx.Rngs(0)), config_for(), tmp_path / "trunk"
+            )
+            / hf_files.WEIGHTS
+        )
+    )
 
 
 def workdir_holding(model: MTPModel, config, path):
@@ -155,8 +167,12 @@ def test_scanned_layers_export_and_import_as_the_per_layer_model(tmp_path, head_
 
 def test_n_kv_heads_equal_to_n_heads_is_the_model_without_it():
     window = jnp.asarray(TOKENS[:, :12])
-    losses = [mtp_loss(build_model(config_for(3, "parallel", **{"model.n_kv_heads": kv}), VOCAB, seed=0), window,
-                       (1.0, 0.1, 0.05))[1] for kv in (0, 4)]
+    losses = [
+        mtp_loss(
+            build_model(config_for(3, "parallel", **{"model.n_kv_heads": kv}), VOCAB, seed=0), window, (1.0, 0.1, 0.05)
+        )[1]
+        for kv in (0, 4)
+    ]
     assert jax.device_get(losses[0]) == jax.device_get(losses[1])
 
 
@@ -171,14 +187,24 @@ def test_gqa_cached_and_speculative_decoding_match_full_forward():
     tokens = generator.generate(prompt, 10).tokens
     # By causality, the full forward pass's argmax at each position is the greedy token after it.
     logits = head1_logits(model, np.asarray([prompt + tokens]))[0]
-    assert tokens == np.argmax(logits[len(prompt) - 1:-1], axis=-1).tolist()
+    assert tokens == np.argmax(logits[len(prompt) - 1 : -1], axis=-1).tolist()
     assert generator.speculative(prompt, 10).tokens == tokens
 
 
 def test_gqa_shardings_are_valid_when_kv_heads_do_not_divide_the_tensor_axis():
     """wk, wv with 2 heads on a tensor axis of 4 are replicated along it (and still place)."""
-    config = config_for(3, "parallel", **{"model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 2,
-                                          "mesh.data": 1, "mesh.tensor": 4, "mesh.fsdp": 2})
+    config = config_for(
+        3,
+        "parallel",
+        **{
+            "model.d_model": 64,
+            "model.n_heads": 4,
+            "model.n_kv_heads": 2,
+            "mesh.data": 1,
+            "mesh.tensor": 4,
+            "mesh.fsdp": 2,
+        },
+    )
     mesh = sharding.make_mesh(config.mesh)
     params = nnx.state(build_model(config, VOCAB, seed=0), nnx.Param)
     shardings = sharding.param_shardings(nnx.to_pure_dict(params), sharding.logical_axes(params), mesh)
@@ -213,8 +239,11 @@ def test_heads_only_training_freezes_all_but_heads_and_the_heads_learn(head_type
         losses.append(jax.device_get(metrics))
     after = jax.device_get(state["params"])
     jax.tree.map(np.testing.assert_array_equal, after["decoder"], before["decoder"])  # bit-identical
-    assert all(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after["heads"]),
-                                                        jax.tree.leaves(before["heads"])) if a.ndim >= 2)
+    assert all(
+        not np.array_equal(a, b)
+        for a, b in zip(jax.tree.leaves(after["heads"]), jax.tree.leaves(before["heads"]))
+        if a.ndim >= 2
+    )
     for k in (2, 3):
         assert losses[-1][f"loss_{k}"] < losses[0][f"loss_{k}"] - 0.5, (k, losses[0], losses[-1])
 
@@ -227,10 +256,22 @@ def corpus(tmp_path_factory):
 
 
 def tiny_run_config(corpus, **overrides):
-    return config_for(3, "linear", **{
-        "num_train_steps": 6, "log_every": 3, "eval_every": 6, "checkpoint_every": 3, "eval_batches": 1,
-        "sample_tokens": 0, "data.source": str(corpus / "corpus.txt"), "data.cache_dir": str(corpus / "cache"),
-        "data.val_fraction": 0.1, **overrides})
+    return config_for(
+        3,
+        "linear",
+        **{
+            "num_train_steps": 6,
+            "log_every": 3,
+            "eval_every": 6,
+            "checkpoint_every": 3,
+            "eval_batches": 1,
+            "sample_tokens": 0,
+            "data.source": str(corpus / "corpus.txt"),
+            "data.cache_dir": str(corpus / "cache"),
+            "data.val_fraction": 0.1,
+            **overrides,
+        },
+    )
 
 
 def saved_params(workdir) -> dict:
@@ -274,8 +315,9 @@ def bad_folder(tmp_path, case: str):
     elif case == "shape":
         (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
     elif case == "rope scaling":
-        (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": {
-            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0}}))
+        (folder / "config.json").write_text(
+            json.dumps({**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 8.0}})
+        )
     elif case == "vocabulary":
         (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 300}))
     elif case == "tokenizer":
@@ -313,8 +355,12 @@ def test_command_lines_refuse_bad_folders_with_exit_2(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     runs = {
-        "has no config.json": ["mtp_jax.main", "--config=configs/mtp4.py:tiny", f"--workdir={tmp_path / 'w'}",
-                               f"--config.init_from={folder}"],
+        "has no config.json": [
+            "mtp_jax.main",
+            "--config=configs/mtp4.py:tiny",
+            f"--workdir={tmp_path / 'w'}",
+            f"--config.init_from={folder}",
+        ],
         "is not empty": ["mtp_jax.export", f"--workdir={tmp_path / 'w'}", f"--out={tmp_path / 'full'}"],
     }
     for expected, args in runs.items():

@@ -29,8 +29,9 @@ SHAPE = {"model.d_model": 16, "model.n_heads": 2, "model.n_layers": 1, "model.ml
 
 
 def tiny_config(**overrides):
-    return load_config("base", overrides={"use_mtp": True, "mtp_n_tokens": 2, "mtp_head_type": "linear", **SHAPE,
-                                          **overrides})
+    return load_config(
+        "base", overrides={"use_mtp": True, "mtp_n_tokens": 2, "mtp_head_type": "linear", **SHAPE, **overrides}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,17 +64,17 @@ def edit_header(file, edit):
     """Rewrites a safetensors file's header (its length field too), keeping its data."""
     raw = file.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     edit(header)
     text = json.dumps(header).encode()
-    file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    file.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
 
 
 def damage(folder, case: str) -> None:
     weights, config, mtp = folder / hf_files.WEIGHTS, folder / "config.json", folder / hf_files.MTP_FILE
     norm = "model.norm.weight"
     if case == "truncated":
-        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif case == "header length 2^62":
         weights.write_bytes((2**62).to_bytes(8, "little") + weights.read_bytes()[8:])
     elif case == "offsets beyond the file":
@@ -88,7 +89,7 @@ def damage(folder, case: str) -> None:
         edit_header(weights, lambda h: h[norm].update(dtype="I32"))
     elif case == "NaN weights":
         header_len = int.from_bytes(weights.read_bytes()[:8], "little")
-        begin = json.loads(weights.read_bytes()[8:8 + header_len])[norm]["data_offsets"][0]
+        begin = json.loads(weights.read_bytes()[8 : 8 + header_len])[norm]["data_offsets"][0]
         with weights.open("r+b") as f:
             f.seek(8 + header_len + begin)
             f.write(np.float32(np.nan).tobytes())
@@ -126,10 +127,11 @@ def damage(folder, case: str) -> None:
 HOSTILE = {
     "truncated": (hf_files.WEIGHTS, "of its data, which holds"),
     "header length 2^62": (hf_files.WEIGHTS, f"claims a header of {2**62} bytes but holds"),
-    "offsets beyond the file": (hf_files.WEIGHTS,
-                                f"puts tensor 'model.norm.weight' at bytes 0 to {2**60} of its data"),
-    "shape larger than its bytes": (hf_files.WEIGHTS,
-                                    "gives tensor 'model.norm.weight' (F32, shape [16, 16]) 64 bytes"),
+    "offsets beyond the file": (hf_files.WEIGHTS, f"puts tensor 'model.norm.weight' at bytes 0 to {2**60} of its data"),
+    "shape larger than its bytes": (
+        hf_files.WEIGHTS,
+        "gives tensor 'model.norm.weight' (F32, shape [16, 16]) 64 bytes",
+    ),
     "empty": (hf_files.WEIGHTS, "has 0 bytes, fewer than the 8 that give its header's length"),
     "header not JSON": (hf_files.WEIGHTS, "has a header that is not JSON"),
     "integer tensor": (hf_files.WEIGHTS, "is I32: only float tensors (F16, BF16, F32, F64) import"),
@@ -168,15 +170,19 @@ def test_a_truncated_file_is_refused_with_the_bytes_it_holds(good, tmp_path):
     damage(folder, "truncated")
     raw = (folder / hf_files.WEIGHTS).read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
-    offsets = {name: info["data_offsets"] for name, info in json.loads(raw[8:8 + header_len]).items()
-               if name != "__metadata__"}
+    offsets = {
+        name: info["data_offsets"]
+        for name, info in json.loads(raw[8 : 8 + header_len]).items()
+        if name != "__metadata__"
+    }
     holds = len(raw) - 8 - header_len
     past = [name for name, (begin, end) in offsets.items() if end > holds]
     with pytest.raises(UserError) as error:
         hf.open_folder(folder)
     begin, end = offsets[past[0]]
     assert f"puts tensor {past[0]!r} at bytes {begin} to {end} of its data, which holds {holds} bytes" in str(
-        error.value), (str(error.value), past)
+        error.value
+    ), (str(error.value), past)
 
 
 def test_a_tokenizer_json_that_is_not_a_tokenizer_is_one_line(good, tmp_path):
@@ -200,8 +206,9 @@ def write(model, out):
 def test_out_under_a_file_is_refused_and_makes_nothing(model, tmp_path):
     (tmp_path / "a_file").write_text("mine")
     for out in (tmp_path / "a_file" / "out", tmp_path / "a_file" / "deeper" / "out"):
-        with pytest.raises(UserError, match=re.escape(f"cannot write {out}: {tmp_path / 'a_file'} is a file, "
-                                                      "not a folder")):
+        with pytest.raises(
+            UserError, match=re.escape(f"cannot write {out}: {tmp_path / 'a_file'} is a file, not a folder")
+        ):
             write(model, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"] and (tmp_path / "a_file").read_text() == "mine"
 
@@ -217,8 +224,9 @@ def test_out_in_an_unwritable_folder_is_refused_and_makes_nothing(model, tmp_pat
     out = parent / "new" / "out"
     with pytest.raises(UserError, match=re.escape(f"cannot write {out}: ")) as error:
         write(model, out)
-    assert re.search(r"(Permission denied|Operation not permitted); choose a folder you can write to",
-                     str(error.value)), str(error.value)
+    assert re.search(
+        r"(Permission denied|Operation not permitted); choose a folder you can write to", str(error.value)
+    ), str(error.value)
     assert not (parent / "new").exists()
 
 
@@ -231,8 +239,10 @@ def test_a_full_disk_is_refused_before_writing_and_while_writing(model, tmp_path
     monkeypatch.undo()
 
     def full(tensors, path, metadata):  # safetensors' own report of ENOSPC
-        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path '
-                              f'"{path.parent / ".tmpX"}"')
+        raise SafetensorError(
+            f"Error while serializing: I/O error: No space left on device (os error 28) at path "
+            f'"{path.parent / ".tmpX"}"'
+        )
 
     monkeypatch.setattr(hf_files.safetensors.numpy, "save_file", full)
     with pytest.raises(UserError, match=re.escape(f"cannot write {out}: No space left on device; choose a folder")):
@@ -264,11 +274,22 @@ def test_refused_init_from_exits_2_in_one_line_and_leaves_no_workdir(good, tmp_p
     bpe = shutil.copytree(good, tmp_path / "bpe")
     edit_json(bpe / hf_files.MTP_FILE, lambda m: {**m, "tokenizer": "bpe"})
     (tmp_path / "corpus.txt").write_text("".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(300)))
-    result = subprocess.run([sys.executable, "-m", "mtp_jax.main", "--config=configs/mtp3.py:tiny",
-                             f"--workdir={tmp_path / 'new' / 'run'}", f"--config.init_from={bpe}",
-                             f"--config.data.source={tmp_path / 'corpus.txt'}",
-                             f"--config.data.cache_dir={tmp_path / 'cache'}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtp_jax.main",
+            "--config=configs/mtp3.py:tiny",
+            f"--workdir={tmp_path / 'new' / 'run'}",
+            f"--config.init_from={bpe}",
+            f"--config.data.source={tmp_path / 'corpus.txt'}",
+            f"--config.data.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1, result.stderr[-2000:]
     assert "reads 'bpe' tokens but the data's tokenizer is 'byte'" in errors[0], errors

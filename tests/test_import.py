@@ -30,15 +30,27 @@ transformers = pytest.importorskip("transformers")
 
 VOCAB, LAYERS = 96, 12
 TOKENS = np.random.default_rng(1).integers(0, VOCAB, (2, 24))
-LLAMA3 = {"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0, "low_freq_factor": 1.0,
-          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # head size 8: one band each
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 10_000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}  # head size 8: one band each
 ARCHITECTURES = {  # name: (config class, model class, config fields)
-    "llama_untied": ("LlamaConfig", "LlamaForCausalLM", {"rms_norm_eps": 1e-5, "rope_parameters": {
-        "rope_type": "default", "rope_theta": 1e5}}),
+    "llama_untied": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 1e5}},
+    ),
     "llama_tied_head_dim": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True, "head_dim": 12}),
     "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": LLAMA3}),
-    "linear_rope": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": {
-        "rope_type": "linear", "rope_theta": 10_000.0, "factor": 4.0}}),
+    "linear_rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"rope_parameters": {"rope_type": "linear", "rope_theta": 10_000.0, "factor": 4.0}},
+    ),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
 }
@@ -50,8 +62,14 @@ def save_model(path, name: str, **overrides):
     config_class, model_class, fields = ARCHITECTURES[name]
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, **{**fields, **overrides})
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **{**fields, **overrides},
+    )
     model = getattr(transformers, model_class)(config)
     with torch.no_grad():
         for parameter_name, parameter in model.named_parameters():
@@ -92,8 +110,10 @@ def test_imported_model_with_heads_exports_head1_as_transformers_model(tmp_path,
     np.testing.assert_allclose(transformers_logits(out, TOKENS), transformers_logits(folder, TOKENS), atol=1e-4)
     mtp = json.loads((out / hf_files.MTP_FILE).read_text())
     assert mtp["mtp_head_type"] == head_type and mtp["heads"]
-    assert all(name.startswith(("extra_heads.", f"model.layers.{LAYERS}.", f"model.layers.{LAYERS + 1}."))
-               for name in mtp["heads"])
+    assert all(
+        name.startswith(("extra_heads.", f"model.layers.{LAYERS}.", f"model.layers.{LAYERS + 1}."))
+        for name in mtp["heads"]
+    )
     reimported = params_of(import_model(out, 3, head_type))
     for path, value in hf._flatten(params_of(model)):
         np.testing.assert_array_equal(hf._get(reimported, path), value)
@@ -107,13 +127,16 @@ def test_sliding_window_shorter_than_seq_len_is_refused_in_one_line(tmp_path):
     assert hf.configure(config_for(init_from=str(folder), seq_len=16)).model.n_layers == LAYERS
 
 
-@pytest.mark.parametrize("field, value, expected", [
-    ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "sets rope_type='yarn'"),
-    ("rope_parameters", {"rope_theta": 1e4, "partial_rotary_factor": 0.5}, "sets partial_rotary_factor=0.5"),
-    ("hidden_act", "gelu", "sets hidden_act='gelu'"),
-    ("attention_bias", True, "sets attention_bias=True"),
-    ("architectures", ["GemmaForCausalLM"], "describes a GemmaForCausalLM, which does not map onto this model"),
-])
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("rope_parameters", {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}, "sets rope_type='yarn'"),
+        ("rope_parameters", {"rope_theta": 1e4, "partial_rotary_factor": 0.5}, "sets partial_rotary_factor=0.5"),
+        ("hidden_act", "gelu", "sets hidden_act='gelu'"),
+        ("attention_bias", True, "sets attention_bias=True"),
+        ("architectures", ["GemmaForCausalLM"], "describes a GemmaForCausalLM, which does not map onto this model"),
+    ],
+)
 def test_what_the_model_does_not_implement_is_refused_by_name(tmp_path, field, value, expected):
     folder = save_model(tmp_path / "llama", "llama_untied")
     config = json.loads((folder / "config.json").read_text())
@@ -127,8 +150,9 @@ def test_init_from_tokenizes_text_with_the_models_tokenizer_and_keeps_it_with_th
     text = (corpus / "corpus.txt").read_text()
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tokenizer.train_from_iterator([text], tokenizers.trainers.BpeTrainer(vocab_size=VOCAB - 6,
-                                                                         special_tokens=["[UNK]", EOT]))
+    tokenizer.train_from_iterator(
+        [text], tokenizers.trainers.BpeTrainer(vocab_size=VOCAB - 6, special_tokens=["[UNK]", EOT])
+    )
     tokenizer.save(str(folder / "tokenizer.json"))
     workdir = tmp_path / "run"
     train.run(tiny_run_config(corpus, trainable="heads", init_from=str(folder)), workdir)  # data.tokenizer: 'byte'
@@ -138,8 +162,10 @@ def test_init_from_tokenizes_text_with_the_models_tokenizer_and_keeps_it_with_th
     kept = tokenizers.Tokenizer.from_file(str(trained.data_dir / "tokenizer.json"))
     assert kept.get_vocab() == tokenizer.get_vocab() and tokenizer.get_vocab_size() < VOCAB
     assert trained.tokenizer().encode("def f7(x):") == tokenizer.encode("def f7(x):").ids
-    assert (trained.meta["tokenizer_file"], trained.meta["eot_id"]) == (str(folder / "tokenizer.json"),
-                                                                         tokenizer.token_to_id(EOT))
+    assert (trained.meta["tokenizer_file"], trained.meta["eot_id"]) == (
+        str(folder / "tokenizer.json"),
+        tokenizer.token_to_id(EOT),
+    )
     data = data_lib.prepare(trained.config.data, show_progress=False)
     assert data.vocab_size == VOCAB and data.train[:50].tolist() == tokenizer.encode(text).ids[:50]
     # The frozen trunk, loaded back from the workdir's checkpoint: its 12 layers by their index.

@@ -2,6 +2,7 @@
 management (start N, forward flags, stop everyone when one fails or on SIGTERM). The trainer
 is replaced by a fake `python` so these run in seconds; real multi-process training is
 tested elsewhere."""
+
 import json
 import os
 import signal
@@ -113,31 +114,33 @@ def gcloud_calls(log):
 
 
 def run(args, env, timeout=45):
-    return subprocess.run([str(LAUNCH), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([str(LAUNCH), *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("args,error", [
-    ([], "no mode: pass local, tpu or tpu-setup"),
-    (["nonsense"], "unknown mode 'nonsense': pass local, tpu or tpu-setup"),
-    (["--dry_run"], "no mode: pass local, tpu or tpu-setup"),
-    (["local"], "local N: N='' is not a number of processes"),
-    (["local", "abc"], "local N: N='abc' is not a number of processes"),
-    (["local", "0"], "local N: N='0' is not a number of processes"),
-    (["local", "2", "-d", "x"], "-d K: K='x' is not a number of CPU devices per process"),
-    (["local", "2", "--dry_run"], "--dry_run is for tpu and tpu-setup: local runs nothing remote"),
-    (["tpu"], "tpu needs TPU_NAME and ZONE before main's flags (got 0 argument(s))"),
-    (["tpu", "--dry_run"], "tpu needs TPU_NAME and ZONE before main's flags (got 0 argument(s))"),
-    (["tpu", "name-only"], "tpu needs TPU_NAME and ZONE before main's flags (got 1 argument(s))"),
-    (["tpu", "--dry_run", "", ""], "TPU_NAME='' is not a TPU name: lowercase letters, digits and hyphens"),
-    (["tpu", "My_TPU", "z"], "TPU_NAME='My_TPU' is not a TPU name"),
-    (["tpu", "t", ""], "ZONE='' is not a zone (e.g. us-central2-b); it comes right after TPU_NAME"),
-    (["tpu", "t", "--workdir=r"], "ZONE='--workdir=r' is not a zone"),
-    (["tpu", "t", "z", "--dry_run=yes"], "--dry_run takes no value (got '--dry_run=yes')"),
-    (["tpu-setup", "name-only"], "tpu-setup takes TPU_NAME ZONE [REPO_URL] (got 1 argument(s))"),
-    (["tpu-setup", "t", "z", "url", "more"], "tpu-setup takes TPU_NAME ZONE [REPO_URL] (got 4 argument(s))"),
-    (["tpu-setup", "--dry_run", "t", ""], "ZONE='' is not a zone"),
-])
+@pytest.mark.parametrize(
+    "args,error",
+    [
+        ([], "no mode: pass local, tpu or tpu-setup"),
+        (["nonsense"], "unknown mode 'nonsense': pass local, tpu or tpu-setup"),
+        (["--dry_run"], "no mode: pass local, tpu or tpu-setup"),
+        (["local"], "local N: N='' is not a number of processes"),
+        (["local", "abc"], "local N: N='abc' is not a number of processes"),
+        (["local", "0"], "local N: N='0' is not a number of processes"),
+        (["local", "2", "-d", "x"], "-d K: K='x' is not a number of CPU devices per process"),
+        (["local", "2", "--dry_run"], "--dry_run is for tpu and tpu-setup: local runs nothing remote"),
+        (["tpu"], "tpu needs TPU_NAME and ZONE before main's flags (got 0 argument(s))"),
+        (["tpu", "--dry_run"], "tpu needs TPU_NAME and ZONE before main's flags (got 0 argument(s))"),
+        (["tpu", "name-only"], "tpu needs TPU_NAME and ZONE before main's flags (got 1 argument(s))"),
+        (["tpu", "--dry_run", "", ""], "TPU_NAME='' is not a TPU name: lowercase letters, digits and hyphens"),
+        (["tpu", "My_TPU", "z"], "TPU_NAME='My_TPU' is not a TPU name"),
+        (["tpu", "t", ""], "ZONE='' is not a zone (e.g. us-central2-b); it comes right after TPU_NAME"),
+        (["tpu", "t", "--workdir=r"], "ZONE='--workdir=r' is not a zone"),
+        (["tpu", "t", "z", "--dry_run=yes"], "--dry_run takes no value (got '--dry_run=yes')"),
+        (["tpu-setup", "name-only"], "tpu-setup takes TPU_NAME ZONE [REPO_URL] (got 1 argument(s))"),
+        (["tpu-setup", "t", "z", "url", "more"], "tpu-setup takes TPU_NAME ZONE [REPO_URL] (got 4 argument(s))"),
+        (["tpu-setup", "--dry_run", "t", ""], "ZONE='' is not a zone"),
+    ],
+)
 def test_bad_arguments_print_usage_then_one_error_line_and_exit_2(fake_gcloud, args, error):
     env, log = fake_gcloud
     result = run(args, env)
@@ -151,20 +154,24 @@ def test_bad_arguments_print_usage_then_one_error_line_and_exit_2(fake_gcloud, a
 
 def test_tpu_mode_runs_main_distributed_on_all_workers_with_flags_quoted(fake_gcloud, tmp_path):
     env, log = fake_gcloud
-    flags = ["--config=configs/mtp3.py:nano_125m", "--config.data.source=/tmp/a b",
-             "--workdir=gs://bucket/run's \"x\"", "--config.name=$HOME;rm -rf /"]
+    flags = [
+        "--config=configs/mtp3.py:nano_125m",
+        "--config.data.source=/tmp/a b",
+        '--workdir=gs://bucket/run\'s "x"',
+        "--config.name=$HOME;rm -rf /",
+    ]
     result = run(["tpu", "my-tpu", "us-central2-b", *flags], env)
     assert result.returncode == 0, result.stderr
 
     [call] = gcloud_calls(log)
-    assert call[:7] == ["compute", "tpus", "tpu-vm", "ssh", "my-tpu", "--zone=us-central2-b",
-                        "--worker=all"]
+    assert call[:7] == ["compute", "tpus", "tpu-vm", "ssh", "my-tpu", "--zone=us-central2-b", "--worker=all"]
     [command] = [a.removeprefix("--command=") for a in call if a.startswith("--command=")]
     prefix = "cd ~/mtp_jax && python3 -m mtp_jax.main --distributed "
     assert command.startswith(prefix)
     # The worker's shell must see exactly the flags we passed, one argument each.
-    echoed = subprocess.run(["bash", "-c", "printf '%s\\0' " + command.removeprefix(prefix)],
-                            capture_output=True, text=True, check=True).stdout
+    echoed = subprocess.run(
+        ["bash", "-c", "printf '%s\\0' " + command.removeprefix(prefix)], capture_output=True, text=True, check=True
+    ).stdout
     assert echoed.split("\0")[:-1] == flags
 
 
@@ -180,9 +187,11 @@ def test_tpu_setup_with_repo_url_clones_and_installs_on_all_workers(fake_gcloud)
     assert run(["tpu-setup", "t", "z", "https://example.com/mtp_jax.git"], env).returncode == 0
     [call] = gcloud_calls(log)
     assert call[:7] == ["compute", "tpus", "tpu-vm", "ssh", "t", "--zone=z", "--worker=all"]
-    assert call[7] == ("--command=(git clone https://example.com/mtp_jax.git ~/mtp_jax"
-                       " || git -C ~/mtp_jax pull --ff-only)"
-                       " && cd ~/mtp_jax && python3 -m pip install -e '.[tpu]'")
+    assert call[7] == (
+        "--command=(git clone https://example.com/mtp_jax.git ~/mtp_jax"
+        " || git -C ~/mtp_jax pull --ff-only)"
+        " && cd ~/mtp_jax && python3 -m pip install -e '.[tpu]'"
+    )
 
 
 def test_tpu_setup_without_repo_copies_working_tree_then_installs(fake_gcloud, tmp_path):
@@ -193,8 +202,10 @@ def test_tpu_setup_without_repo_copies_working_tree_then_installs(fake_gcloud, t
     assert scp[:4] == ["compute", "tpus", "tpu-vm", "scp"]
     assert scp[5:] == ["t:", "--zone=z", "--worker=all"]
     assert ssh[:7] == ["compute", "tpus", "tpu-vm", "ssh", "t", "--zone=z", "--worker=all"]
-    assert ssh[7] == ("--command=mkdir -p ~/mtp_jax && tar -xzf ~/mtp_jax.tgz -C ~/mtp_jax"
-                      " && cd ~/mtp_jax && python3 -m pip install -e '.[tpu]'")
+    assert ssh[7] == (
+        "--command=mkdir -p ~/mtp_jax && tar -xzf ~/mtp_jax.tgz -C ~/mtp_jax"
+        " && cd ~/mtp_jax && python3 -m pip install -e '.[tpu]'"
+    )
     with tarfile.open(tmp_path / "copied.tgz") as tgz:
         names = tgz.getnames()
     assert "launch.sh" in names and "pyproject.toml" in names
@@ -203,16 +214,23 @@ def test_tpu_setup_without_repo_copies_working_tree_then_installs(fake_gcloud, t
 
 def printed_commands(stdout):
     """The command lines a --dry_run printed (comments skipped), each as the argv bash reads from it."""
-    return [subprocess.run(["bash", "-c", "printf '%s\\0' " + line], capture_output=True, text=True,
-                           check=True).stdout.split("\0")[:-1]
-            for line in stdout.splitlines() if not line.startswith("#")]
+    return [
+        subprocess.run(
+            ["bash", "-c", "printf '%s\\0' " + line], capture_output=True, text=True, check=True
+        ).stdout.split("\0")[:-1]
+        for line in stdout.splitlines()
+        if not line.startswith("#")
+    ]
 
 
-@pytest.mark.parametrize("args", [
-    ["tpu", "my-tpu", "us-central2-b", "--config=configs/mtp3.py:1b", "--workdir=gs://b/run's x"],
-    ["tpu", "t", "z"],
-    ["tpu-setup", "t", "z", "https://example.com/mtp_jax.git"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["tpu", "my-tpu", "us-central2-b", "--config=configs/mtp3.py:1b", "--workdir=gs://b/run's x"],
+        ["tpu", "t", "z"],
+        ["tpu-setup", "t", "z", "https://example.com/mtp_jax.git"],
+    ],
+)
 def test_dry_run_anywhere_prints_exactly_the_gcloud_commands_it_would_run(fake_gcloud, args):
     env, log = fake_gcloud
     dry_runs = [run([*args[:i], "--dry_run", *args[i:]], env) for i in range(len(args) + 1)]
@@ -244,8 +262,15 @@ def test_local_mode_starts_n_processes_with_shared_port_and_forwarded_flags(fake
     port = argvs[0][2].removeprefix("--coordinator_address=127.0.0.1:")
     assert 0 < int(port) < 65536
     for i, argv in enumerate(argvs):
-        assert argv == ["-m", "mtp_jax.main", f"--coordinator_address=127.0.0.1:{port}",
-                        "--num_processes=3", f"--process_id={i}", "--cpu_devices=2", *flags]
+        assert argv == [
+            "-m",
+            "mtp_jax.main",
+            f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=3",
+            f"--process_id={i}",
+            "--cpu_devices=2",
+            *flags,
+        ]
     # Process 0 owns stdout; the others are on stderr, prefixed.
     assert result.stdout == "hello from 0\n"
     assert "[process 1] hello from 1\n" in result.stderr
@@ -285,9 +310,14 @@ def start_two_hanging_processes(env, out, stderr_path, **popen_kwargs):
     """launch.sh local 2 with processes that sleep until signalled; returns once both run
     and process 1's output has come through the prefixer (so it streams, not buffers)."""
     with open(stderr_path, "w") as stderr:
-        proc = subprocess.Popen([str(LAUNCH), "local", "2"], env=dict(env, FAKE_MODE="hang"),
-                                stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=default_sigint,
-                                **popen_kwargs)
+        proc = subprocess.Popen(
+            [str(LAUNCH), "local", "2"],
+            env=dict(env, FAKE_MODE="hang"),
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=default_sigint,
+            **popen_kwargs,
+        )
     assert wait_for(lambda: "[process 1] hello from 1\n" in stderr_path.read_text(), 10)
     # Process 0 may start later than process 1 on a loaded machine: wait for it too.
     assert wait_for(lambda: all((out / f"pid_{i}").exists() for i in range(2)), 10)
@@ -297,7 +327,7 @@ def start_two_hanging_processes(env, out, stderr_path, **popen_kwargs):
 def assert_both_processes_got_sigterm_and_ended(out):
     for i in range(2):
         assert (out / f"term_{i}").exists()
-        assert wait_for(lambda: not is_alive(int((out / f"pid_{i}").read_text())), 2)
+        assert wait_for(lambda: not is_alive(int((out / f"pid_{i}").read_text())), 2)  # noqa: B023
 
 
 def test_sigterm_to_launcher_is_forwarded_to_all_processes(fake_python, tmp_path):

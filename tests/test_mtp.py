@@ -33,7 +33,7 @@ def head_logits(model: MTPModel, window) -> list[np.ndarray]:
     h_trunk, _ = model.trunk(window[:, :T], positions)
     h, out = h_trunk, []
     for k in range(1, n + 1):
-        h, _ = model.head_hidden(k, h_trunk, h, window[:, k - 1:T + k - 1], positions)
+        h, _ = model.head_hidden(k, h_trunk, h, window[:, k - 1 : T + k - 1], positions)
         out.append(model.logits(k, h))
     return out
 
@@ -51,22 +51,29 @@ def test_head_k_loss_is_cross_entropy_against_tokens_k_ahead(head_type):
     model = MTPModel(SHAPE, n, head_type, rngs=nnx.Rngs(params=1))
     window = random_window(n)
     graphdef, params = split(model)
-    metrics, all_logits = jax.jit(lambda p: (mtp_loss(nnx.merge(graphdef, p), window, (1.0, 0.5, 0.25))[1],
-                                             head_logits(nnx.merge(graphdef, p), window)))(params)
+    metrics, all_logits = jax.jit(
+        lambda p: (
+            mtp_loss(nnx.merge(graphdef, p), window, (1.0, 0.5, 0.25))[1],
+            head_logits(nnx.merge(graphdef, p), window),
+        )
+    )(params)
     tokens = np.asarray(window)
     for k, logits in enumerate(all_logits, start=1):
-        expected = numpy_cross_entropy(np.asarray(logits), tokens[:, k:T + k])  # head k predicts x[t + k]
+        expected = numpy_cross_entropy(np.asarray(logits), tokens[:, k : T + k])  # head k predicts x[t + k]
         np.testing.assert_allclose(float(metrics[f"loss_{k}"]), expected, rtol=1e-5)
-        accuracy = (np.asarray(logits).argmax(-1) == tokens[:, k:T + k]).mean()
+        accuracy = (np.asarray(logits).argmax(-1) == tokens[:, k : T + k]).mean()
         np.testing.assert_allclose(float(metrics[f"accuracy_{k}"]), accuracy, atol=1e-7)
 
 
-@pytest.mark.parametrize("scheme,expected", [
-    ("geometric", (0.5, 0.25, 0.125)),
-    ("uniform", (1.0, 1.0, 1.0)),
-    ("mean", (1 / 3, 1 / 3, 1 / 3)),
-    ("0.7,0.2,0.1", (0.7, 0.2, 0.1)),
-])
+@pytest.mark.parametrize(
+    "scheme,expected",
+    [
+        ("geometric", (0.5, 0.25, 0.125)),
+        ("uniform", (1.0, 1.0, 1.0)),
+        ("mean", (1 / 3, 1 / 3, 1 / 3)),
+        ("0.7,0.2,0.1", (0.7, 0.2, 0.1)),
+    ],
+)
 def test_total_is_head1_plus_weighted_auxiliary_losses(scheme, expected):
     np.testing.assert_allclose(auxiliary_weights(scheme, 4), expected)
     config = load_config("mtp4")
@@ -91,7 +98,7 @@ def test_n1_equals_baseline_bit_for_bit(head_type):
         graphdef, params = split(build_model(config, SHAPE.vocab_size, seed=0))
         assert jax.tree.structure(params) == jax.tree.structure(base_params)
         assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params)))
-        loss, _ = jax.jit(lambda p: mtp_loss(nnx.merge(graphdef, p), window, loss_weights(config)))(params)
+        loss, _ = jax.jit(lambda p: mtp_loss(nnx.merge(graphdef, p), window, loss_weights(config)))(params)  # noqa: B023
         assert float(loss) == float(base_loss)
 
 
@@ -104,8 +111,10 @@ def test_rematerialised_chunked_loss_and_gradients_equal_naive(head_type):
 
     def naive(p):
         logits = head_logits(nnx.merge(graphdef, p), window)
-        losses = [-jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg), window[:, k:T + k, None], -1))
-                  for k, lg in enumerate(logits, start=1)]
+        losses = [
+            -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg), window[:, k : T + k, None], -1))
+            for k, lg in enumerate(logits, start=1)
+        ]
         return sum(w * loss for w, loss in zip(weights, losses))
 
     def efficient(p):
@@ -155,7 +164,9 @@ def test_bfloat16_compute_tracks_float32_with_float32_parameters_and_gradients(h
 
     def loss_and_grads(shape):
         graphdef, params = split(MTPModel(shape, 3, head_type, rngs=nnx.Rngs(params=5)))
-        return jax.jit(jax.value_and_grad(lambda p: mtp_loss(nnx.merge(graphdef, p), window, (1.0, 0.2, 0.1))[0]))(params)
+        return jax.jit(jax.value_and_grad(lambda p: mtp_loss(nnx.merge(graphdef, p), window, (1.0, 0.2, 0.1))[0]))(
+            params
+        )
 
     loss, grads = loss_and_grads(SHAPE)
     bf16_loss, bf16_grads = loss_and_grads(dataclasses.replace(SHAPE, dtype="bfloat16"))
@@ -182,8 +193,9 @@ def test_fused_projection_gives_the_separate_dots_values_and_gradients():
     for a, b in zip(fused, separate):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
     def grad(fuse):
-        return jax.grad(lambda x: sum(jnp.sum(y ** 2) for y in fused_projection(x, weights, jnp.float32, fuse)))(x)
+        return jax.grad(lambda x: sum(jnp.sum(y**2) for y in fused_projection(x, weights, jnp.float32, fuse)))(x)
 
     # float32 sums in another order: the error scales with the summands (up to ~100 here), not with
     # an entry that cancels to near zero, hence an absolute tolerance relative to the largest entry.

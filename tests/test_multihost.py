@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from mtp_jax import train
 from mtp_jax import data as data_lib
+from mtp_jax import train
 from mtp_jax.metrics import read_metrics
 from tests.util import ROOT, load_config
 
@@ -21,8 +21,16 @@ pytestmark = pytest.mark.slow
 
 STEPS = 10
 # Overrides of configs/mtp3.py:tiny (besides the data): losses every step, little else.
-RUN = {"num_train_steps": STEPS, "log_every": 1, "eval_every": STEPS, "eval_batches": 1,
-       "checkpoint_every": STEPS, "sample_tokens": 0, "mesh.data": 2, "mesh.fsdp": 2}
+RUN = {
+    "num_train_steps": STEPS,
+    "log_every": 1,
+    "eval_every": STEPS,
+    "eval_batches": 1,
+    "checkpoint_every": STEPS,
+    "sample_tokens": 0,
+    "mesh.data": 2,
+    "mesh.fsdp": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +50,29 @@ def losses(workdir) -> dict[int, float]:
 
 
 def launch(args, env=None, timeout=240):
-    return subprocess.run([str(ROOT / "launch.sh"), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+    return subprocess.run(
+        [str(ROOT / "launch.sh"), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHON": sys.executable, **(env or {})},
+    )
 
 
 def test_two_processes_of_two_devices_train_like_one_process_of_four(data_overrides, tmp_path):
     overrides = {**RUN, **data_overrides}
-    result = launch(["local", "2", "-d", "2", "--config=configs/mtp3.py:tiny", f"--workdir={tmp_path / 'multi'}",
-                     *(f"--config.{k}={v}" for k, v in overrides.items())])
+    result = launch(
+        [
+            "local",
+            "2",
+            "-d",
+            "2",
+            "--config=configs/mtp3.py:tiny",
+            f"--workdir={tmp_path / 'multi'}",
+            *(f"--config.{k}={v}" for k, v in overrides.items()),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "mesh data=2, fsdp=2, tensor=1" in result.stderr
     assert "compiled train step needs" in result.stderr and "MiB per device" in result.stderr
@@ -65,14 +88,26 @@ def test_two_processes_of_two_devices_train_like_one_process_of_four(data_overri
 def test_a_failing_process_ends_the_launch_naming_it(data_overrides, tmp_path):
     # The real trainer, with a fault only in process 1: a batch that does not divide over the mesh.
     wrapper = tmp_path / "python"
-    wrapper.write_text(f"#!/usr/bin/env bash\n"
-                       f'[[ " $* " == *" --process_id=1 "* ]] && set -- "$@" --config.batch_size=6\n'
-                       f'exec {sys.executable} "$@"\n')
+    wrapper.write_text(
+        f"#!/usr/bin/env bash\n"
+        f'[[ " $* " == *" --process_id=1 "* ]] && set -- "$@" --config.batch_size=6\n'
+        f'exec {sys.executable} "$@"\n'
+    )
     wrapper.chmod(0o755)
     start = time.monotonic()
-    result = launch(["local", "2", "-d", "2", "--config=configs/mtp3.py:tiny", f"--workdir={tmp_path / 'run'}",
-                     *(f"--config.{k}={v}" for k, v in {**RUN, **data_overrides}.items())],
-                    env={"PYTHON": str(wrapper), "LAUNCH_GRACE_S": "2"}, timeout=120)
+    result = launch(
+        [
+            "local",
+            "2",
+            "-d",
+            "2",
+            "--config=configs/mtp3.py:tiny",
+            f"--workdir={tmp_path / 'run'}",
+            *(f"--config.{k}={v}" for k, v in {**RUN, **data_overrides}.items()),
+        ],
+        env={"PYTHON": str(wrapper), "LAUNCH_GRACE_S": "2"},
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "[process 1] error: batch_size=6 does not divide over the mesh's data x fsdp = 4 shards" in result.stderr
     assert "launch.sh: process 1 exited with status 2; stopping the others" in result.stderr
@@ -94,5 +129,9 @@ def test_checkpoint_from_fsdp_8_resumes_on_4_and_1_devices_with_the_same_losses(
         assert f"at step {half}" in capsys.readouterr().err  # restored, not started over
         resumed = losses(workdir)
         assert sorted(resumed) == list(range(1, STEPS + 1))
-        np.testing.assert_allclose([resumed[s] for s in range(half + 1, STEPS + 1)],
-                                   [reference[s] for s in range(half + 1, STEPS + 1)], rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(
+            [resumed[s] for s in range(half + 1, STEPS + 1)],
+            [reference[s] for s in range(half + 1, STEPS + 1)],
+            rtol=1e-5,
+            err_msg=name,
+        )

@@ -26,7 +26,9 @@ def write_jsonl(path: pathlib.Path, docs=DOCS, field: str = "text") -> pathlib.P
     path.mkdir(parents=True, exist_ok=True)
     half = len(docs) // 2  # two files, so the order across files counts
     for i, part in enumerate((docs[:half], docs[half:])):
-        (path / f"part{i}.jsonl").write_text("".join(json.dumps({field: d, "id": j}) + "\n" for j, d in enumerate(part)))
+        (path / f"part{i}.jsonl").write_text(
+            "".join(json.dumps({field: d, "id": j}) + "\n" for j, d in enumerate(part))
+        )
     return path
 
 
@@ -53,8 +55,9 @@ def shard_bytes(out: pathlib.Path) -> dict[str, bytes]:
 
 
 def test_byte_shards_hold_every_document_in_order_split_at_val_docs(tmp_path):
-    meta = prepare_lib.prepare(settings(write_jsonl(tmp_path / "src") / "*.jsonl", tmp_path / "out"),
-                               show_progress=False)
+    meta = prepare_lib.prepare(
+        settings(write_jsonl(tmp_path / "src") / "*.jsonl", tmp_path / "out"), show_progress=False
+    )
     train_ids = read_shards(sorted((tmp_path / "out").glob("train_*.bin")))
     val_ids = read_shards(sorted((tmp_path / "out").glob("val_*.bin")))
     assert [len(s) for s in train_ids[:-1]] == [1000] * (len(train_ids) - 1) and 0 < len(train_ids[-1]) <= 1000
@@ -68,8 +71,9 @@ def test_byte_shards_hold_every_document_in_order_split_at_val_docs(tmp_path):
 def test_bpe_shards_end_each_document_with_endoftext_and_two_workers_write_the_same(tmp_path):
     source = write_jsonl(tmp_path / "src") / "*.jsonl"
     one = prepare_lib.prepare(settings(source, tmp_path / "one", tokenizer="bpe", vocab_size=300), show_progress=False)
-    two = prepare_lib.prepare(settings(source, tmp_path / "two", tokenizer="bpe", vocab_size=300, workers=2),
-                              show_progress=False)
+    two = prepare_lib.prepare(
+        settings(source, tmp_path / "two", tokenizer="bpe", vocab_size=300, workers=2), show_progress=False
+    )
     assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
     assert one == two
     tok = tokenizers.Tokenizer.from_file(str(tmp_path / "one" / "tokenizer.json"))
@@ -98,8 +102,9 @@ def test_resume_after_an_interruption_mid_shard_writes_the_same_shards(tmp_path,
     assert len(list((tmp_path / "resumed").glob("*.bin"))) == 3
     prepare_lib.prepare(settings(source, tmp_path / "resumed", shard_tokens=700), show_progress=False)
     assert shard_bytes(tmp_path / "resumed") == shard_bytes(tmp_path / "whole")
-    assert (json.loads((tmp_path / "resumed" / "meta.json").read_text())
-            == json.loads((tmp_path / "whole" / "meta.json").read_text()))
+    assert json.loads((tmp_path / "resumed" / "meta.json").read_text()) == json.loads(
+        (tmp_path / "whole" / "meta.json").read_text()
+    )
 
 
 def test_resume_after_kill_9_mid_run_writes_the_same_shards(tmp_path):
@@ -107,13 +112,26 @@ def test_resume_after_kill_9_mid_run_writes_the_same_shards(tmp_path):
     shards are on disk, then the same command is run again."""
     docs = [f"doc {i} " + "x = [i * i for i in range(10)]\n" * (50 + i % 40) for i in range(4000)]
     source = write_jsonl(tmp_path / "src", docs) / "*.jsonl"
-    command = [sys.executable, "-m", "mtp_jax.prepare", f"--source={source}", "--tokenizer=byte",
-               "--shard_tokens=20000", "--val_docs=5", "--workers=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "mtp_jax.prepare",
+        f"--source={source}",
+        "--tokenizer=byte",
+        "--shard_tokens=20000",
+        "--val_docs=5",
+        "--workers=2",
+    ]
     subprocess.run(command + [f"--out={tmp_path / 'whole'}"], check=True, cwd=ROOT, capture_output=True)
     total = len(shard_bytes(tmp_path / "whole"))
     resumed = tmp_path / "resumed"
-    process = subprocess.Popen(command + [f"--out={resumed}"], cwd=ROOT, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        command + [f"--out={resumed}"],
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while len(list(resumed.glob("train_*.bin"))) < 3 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -131,10 +149,12 @@ def test_parquet_rows_are_documents_like_jsonl_lines(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     (tmp_path / "pq").mkdir()
     pq.write_table(pa.table({"id": list(range(60)), "content": DOCS}), tmp_path / "pq" / "a.parquet", row_group_size=7)
-    prepare_lib.prepare(settings(tmp_path / "pq" / "*.parquet", tmp_path / "from_parquet", text_field="content"),
-                        show_progress=False)
-    prepare_lib.prepare(settings(write_jsonl(tmp_path / "src") / "*.jsonl", tmp_path / "from_jsonl"),
-                        show_progress=False)
+    prepare_lib.prepare(
+        settings(tmp_path / "pq" / "*.parquet", tmp_path / "from_parquet", text_field="content"), show_progress=False
+    )
+    prepare_lib.prepare(
+        settings(write_jsonl(tmp_path / "src") / "*.jsonl", tmp_path / "from_jsonl"), show_progress=False
+    )
     assert shard_bytes(tmp_path / "from_parquet") == shard_bytes(tmp_path / "from_jsonl")
     with pytest.raises(UserError, match=r"a.parquet has no column 'text' \(it has id, content\): pass --text_field"):
         prepare_lib.prepare(settings(tmp_path / "pq" / "*.parquet", tmp_path / "no_column"), show_progress=False)
@@ -142,8 +162,10 @@ def test_parquet_rows_are_documents_like_jsonl_lines(tmp_path):
 
 def tree(root: pathlib.Path) -> dict:
     """Every path under `root` with its size, time and mode: what a refused command must not change."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_mode)
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns, p.stat().st_mode)
+        for p in sorted(root.rglob("*"))
+    }
 
 
 def refused(args: list[str], capsys) -> str:
@@ -237,26 +259,37 @@ def make_bad(case: str, tmp_path: pathlib.Path, flags: dict) -> None:
         jsonl_line(src, "part0.jsonl", 1, f'{{"text": {JSON_VALUES[case.removeprefix("JSONL text ")]}}}')
 
 
-@pytest.mark.parametrize("case,message", [
-    ("empty glob", "matches no files: fix the glob pattern"),
-    ("bad line", "part0.jsonl:3 is not a JSON object with a 'text' field (not JSON: "),
-    ("too few documents", "has 60 documents, no more than --val_docs=60: lower --val_docs"),
-    ("no such text field", ("part0.jsonl:1 is not a JSON object with a 'body' field (its fields: 'text', 'id'): "
-                            "fix that line, or pass --text_field")),
-    ("foreign out", "exists and was not written by prepare"),
-    ("unknown tokenizer", "--tokenizer='wordpiece' is not 'byte', 'bpe' or an existing tokenizer.json"),
-    ("binary file named .jsonl", "part1.jsonl:1 is not UTF-8 text: part1.jsonl is not JSONL"),
-    ("0-byte parquet", "a.parquet is not a parquet file ("),
-    ("zero-row parquet", "holds no documents (its files are empty): pass files with text"),
-    ("parquet column of numbers", "a.parquet's column 'text' holds int64, not text: pass --text_field"),
-    ("out in a read-only folder", "/new/out ("),
-    ("corrupt progress.json", "progress.json is not the record prepare writes (damaged or written by something"),
-    ("--bpe_docs=-3", "--bpe_docs=-3 must be at least 1"),
-    ("--bpe_docs=0", "--bpe_docs=0 must be at least 1"),
-    ("unreadable tokenizer.json", "tok.json' cannot be read ("),
-    ("tokenizer.json not JSON", "tok.json' is not a tokenizer.json ("),
-    *[(f"JSONL text {kind}", f"part0.jsonl:1: its 'text' is {kind}, not a string: fix that line") for kind in JSON_VALUES],
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("empty glob", "matches no files: fix the glob pattern"),
+        ("bad line", "part0.jsonl:3 is not a JSON object with a 'text' field (not JSON: "),
+        ("too few documents", "has 60 documents, no more than --val_docs=60: lower --val_docs"),
+        (
+            "no such text field",
+            (
+                "part0.jsonl:1 is not a JSON object with a 'body' field (its fields: 'text', 'id'): "
+                "fix that line, or pass --text_field"
+            ),
+        ),
+        ("foreign out", "exists and was not written by prepare"),
+        ("unknown tokenizer", "--tokenizer='wordpiece' is not 'byte', 'bpe' or an existing tokenizer.json"),
+        ("binary file named .jsonl", "part1.jsonl:1 is not UTF-8 text: part1.jsonl is not JSONL"),
+        ("0-byte parquet", "a.parquet is not a parquet file ("),
+        ("zero-row parquet", "holds no documents (its files are empty): pass files with text"),
+        ("parquet column of numbers", "a.parquet's column 'text' holds int64, not text: pass --text_field"),
+        ("out in a read-only folder", "/new/out ("),
+        ("corrupt progress.json", "progress.json is not the record prepare writes (damaged or written by something"),
+        ("--bpe_docs=-3", "--bpe_docs=-3 must be at least 1"),
+        ("--bpe_docs=0", "--bpe_docs=0 must be at least 1"),
+        ("unreadable tokenizer.json", "tok.json' cannot be read ("),
+        ("tokenizer.json not JSON", "tok.json' is not a tokenizer.json ("),
+        *[
+            (f"JSONL text {kind}", f"part0.jsonl:1: its 'text' is {kind}, not a string: fix that line")
+            for kind in JSON_VALUES
+        ],
+    ],
+)
 def test_bad_input_exits_2_with_one_line_before_out_is_made(tmp_path, capsys, monkeypatch, case, message):
     write_jsonl(tmp_path / "src")
     flags = {"source": tmp_path / "src" / "*.jsonl", "tokenizer": "byte", "out": tmp_path / "out", "val_docs": 5}
@@ -272,8 +305,15 @@ def test_bad_input_exits_2_with_one_line_before_out_is_made(tmp_path, capsys, mo
 def test_a_refusal_deep_in_the_corpus_leaves_no_out_and_the_corrected_command_runs(tmp_path, capsys, monkeypatch):
     src = write_jsonl(tmp_path / "src")
     out = tmp_path / "new" / "out"
-    args = [f"--source={src / '*.jsonl'}", "--tokenizer=bpe", "--vocab_size=300", "--bpe_docs=20", f"--out={out}",
-            "--val_docs=5", "--shard_tokens=500"]
+    args = [
+        f"--source={src / '*.jsonl'}",
+        "--tokenizer=bpe",
+        "--vocab_size=300",
+        "--bpe_docs=20",
+        f"--out={out}",
+        "--val_docs=5",
+        "--shard_tokens=500",
+    ]
     jsonl_line(src, "part1.jsonl", 20, '{"text": 42}')  # document 50
     monkeypatch.setattr(prepare_lib, "_CHUNK_CHARS", 1)  # a document per chunk: shards are written before it
     real_write, shards_written = prepare_lib.ShardWriter.write, []
@@ -283,12 +323,16 @@ def test_a_refusal_deep_in_the_corpus_leaves_no_out_and_the_corrected_command_ru
         real_write(self, *args)
 
     monkeypatch.setattr(prepare_lib.ShardWriter, "write", counted_write)
-    assert refused(args, capsys) == f"error: {src / 'part1.jsonl'}:20: its 'text' is a number, not a string: fix that line"
+    assert (
+        refused(args, capsys) == f"error: {src / 'part1.jsonl'}:20: its 'text' is a number, not a string: fix that line"
+    )
     assert len(shards_written) > 3 and not (tmp_path / "new").exists()
     jsonl_line(src, "part1.jsonl", 20, json.dumps({"text": DOCS[49]}))
     prepare_lib.main(args)
-    prepare_lib.prepare(settings(src / "*.jsonl", tmp_path / "whole", tokenizer="bpe", vocab_size=300, bpe_docs=20,
-                                 shard_tokens=500), show_progress=False)
+    prepare_lib.prepare(
+        settings(src / "*.jsonl", tmp_path / "whole", tokenizer="bpe", vocab_size=300, bpe_docs=20, shard_tokens=500),
+        show_progress=False,
+    )
     assert shard_bytes(out) == shard_bytes(tmp_path / "whole")
 
 
@@ -300,6 +344,7 @@ def test_a_resumed_run_that_is_refused_keeps_its_out(tmp_path, capsys, monkeypat
     def raises(error):
         def function(*args):
             raise error
+
         return function
 
     monkeypatch.setattr(prepare_lib, "encoded", raises(KeyboardInterrupt))
@@ -314,12 +359,32 @@ def test_a_resumed_run_that_is_refused_keeps_its_out(tmp_path, capsys, monkeypat
 
 def test_prepared_shards_train_with_the_document_mask(tmp_path):
     out = tmp_path / "shards"
-    meta = prepare_lib.prepare(settings(write_jsonl(tmp_path / "src") / "*.jsonl", out, tokenizer="bpe",
-                                        vocab_size=300, shard_tokens=2000, val_docs=10), show_progress=False)
-    config = load_config("mtp3", "tiny", {
-        "data.source": str(out / "train_*.bin"), "data.val_source": str(out / "val_*.bin"), "data.vocab_size": 0,
-        "data.document_mask": True, "data.cache_dir": str(tmp_path / "cache"), "num_train_steps": 3,
-        "eval_batches": 1, "sample_tokens": 0, "log_every": 1})
+    meta = prepare_lib.prepare(
+        settings(
+            write_jsonl(tmp_path / "src") / "*.jsonl",
+            out,
+            tokenizer="bpe",
+            vocab_size=300,
+            shard_tokens=2000,
+            val_docs=10,
+        ),
+        show_progress=False,
+    )
+    config = load_config(
+        "mtp3",
+        "tiny",
+        {
+            "data.source": str(out / "train_*.bin"),
+            "data.val_source": str(out / "val_*.bin"),
+            "data.vocab_size": 0,
+            "data.document_mask": True,
+            "data.cache_dir": str(tmp_path / "cache"),
+            "num_train_steps": 3,
+            "eval_batches": 1,
+            "sample_tokens": 0,
+            "log_every": 1,
+        },
+    )
     final = train.run(config, tmp_path / "run")
     assert meta["vocab_size"] == 300
     assert np.isfinite(final["eval/loss_3"])

@@ -54,17 +54,29 @@ def data_cache(tmp_path_factory):
 
 
 def command(workdir, corpus, data_cache, *overrides):
-    return [sys.executable, "-m", "mtp_jax.main", "--config=configs/mtp3.py:tiny", f"--workdir={workdir}",
-            f"--config.data.source={corpus}", f"--config.data.cache_dir={data_cache}",
-            f"--config.num_train_steps={STEPS}", f"--config.checkpoint_every={CHECKPOINT_EVERY}",
-            "--config.log_every=1", "--config.eval_every=100", "--config.eval_batches=1",
-            "--config.sample_tokens=0", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "mtp_jax.main",
+        "--config=configs/mtp3.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.source={corpus}",
+        f"--config.data.cache_dir={data_cache}",
+        f"--config.num_train_steps={STEPS}",
+        f"--config.checkpoint_every={CHECKPOINT_EVERY}",
+        "--config.log_every=1",
+        "--config.eval_every=100",
+        "--config.eval_batches=1",
+        "--config.sample_tokens=0",
+        *overrides,
+    ]
 
 
 def start(cmd, env, log_path, **kwargs):
     log = open(log_path, "w")
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=default_sigint, **kwargs)
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=default_sigint, **kwargs
+    )
 
 
 def run(cmd, env, **kwargs):
@@ -105,8 +117,11 @@ def checkpoint_steps(workdir):
 def tree_digest(directory):
     """sha256 of every file under `directory`, by relative path: to prove nothing changed."""
     directory = pathlib.Path(directory)
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="session")
@@ -121,14 +136,13 @@ def reference(tmp_path_factory, corpus, data_cache, env):
     return workdir, ref
 
 
-def test_sigterm_and_sigint_save_a_checkpoint_exit_0_and_resume_exactly(tmp_path, corpus, data_cache, env,
-                                                                         reference):
+def test_sigterm_and_sigint_save_a_checkpoint_exit_0_and_resume_exactly(tmp_path, corpus, data_cache, env, reference):
     workdir = tmp_path / "run"
     cmd = command(workdir, corpus, data_cache)
     stopped_at = []
     for sig, after in ((signal.SIGTERM, 2), (signal.SIGINT, 7)):
         process = start(cmd, env, tmp_path / f"{sig.name}.log")
-        wait_until(lambda: len(logged_steps(workdir)) >= after, process)
+        wait_until(lambda: len(logged_steps(workdir)) >= after, process)  # noqa: B023
         sent = time.monotonic()
         process.send_signal(sig)
         assert process.wait(timeout=60) == 0
@@ -207,7 +221,7 @@ def _truncate(path):
 def _scribble(path):  # same size, different bytes in the middle: orbax reads it back without error
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])
+    data[middle : middle + 64] = bytes(255 - b for b in data[middle : middle + 64])
     path.write_bytes(bytes(data))
 
 
@@ -226,8 +240,9 @@ def damage(step_dir, how):
 
 
 @pytest.mark.parametrize("how", list(DAMAGE))
-def test_damaged_newest_checkpoint_is_set_aside_and_previous_one_restored(how, tmp_path, reference,
-                                                                         abstract_state, capsys):
+def test_damaged_newest_checkpoint_is_set_aside_and_previous_one_restored(
+    how, tmp_path, reference, abstract_state, capsys
+):
     from mtp_jax.checkpoint import Checkpointer
 
     directory = tmp_path / "checkpoints"
@@ -258,7 +273,7 @@ def test_no_usable_checkpoint_is_an_error_and_never_a_fresh_start(tmp_path, refe
     shutil.copytree(reference[0] / "checkpoints", directory)
     for step in (4, 8, 12):
         damage(directory / str(step), "largest file truncated")
-    for attempt in range(2):  # the second attempt finds no checkpoints at all, only the set-aside ones
+    for _attempt in range(2):  # the second attempt finds no checkpoints at all, only the set-aside ones
         checkpointer = Checkpointer(directory, 3)
         with pytest.raises(UserError, match="no usable checkpoint .* use a new --workdir"):
             checkpointer.restore_newest_good(abstract_state)
@@ -271,7 +286,8 @@ def test_main_resumes_past_a_damaged_checkpoint_reporting_one_line(tmp_path, cor
     shutil.copytree(reference[0], workdir)
     damage(workdir / "checkpoints" / "12", "bytes changed inside the data")
     (workdir / "metrics.jsonl").write_text(  # as if killed after logging step 12: a torn last line
-        (reference[0] / "metrics.jsonl").read_text().rsplit("\n", 2)[0] + '\n{"step": 12, "train/lo')
+        (reference[0] / "metrics.jsonl").read_text().rsplit("\n", 2)[0] + '\n{"step": 12, "train/lo'
+    )
 
     result = run(command(workdir, corpus, data_cache), env)
 
@@ -285,8 +301,9 @@ def test_main_resumes_past_a_damaged_checkpoint_reporting_one_line(tmp_path, cor
 def test_nan_policy_stop_names_the_step_and_the_last_good_checkpoint(tmp_path, corpus, data_cache, env):
     workdir = tmp_path / "run"
     # A learning rate of 1e30 overflows the parameters' products within a few steps.
-    result = run(command(workdir, corpus, data_cache, "--config.learning_rate=1e30",
-                         "--config.checkpoint_every=2"), env)
+    result = run(
+        command(workdir, corpus, data_cache, "--config.learning_rate=1e30", "--config.checkpoint_every=2"), env
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     error = result.stderr.strip().splitlines()[-1]
@@ -299,8 +316,7 @@ def test_nan_policy_stop_names_the_step_and_the_last_good_checkpoint(tmp_path, c
 
 def test_nan_policy_skip_counts_skipped_steps_and_keeps_checkpoints_finite(tmp_path, corpus, data_cache, env):
     workdir = tmp_path / "run"
-    result = run(command(workdir, corpus, data_cache, "--config.learning_rate=1e30",
-                         "--config.nan_policy=skip"), env)
+    result = run(command(workdir, corpus, data_cache, "--config.learning_rate=1e30", "--config.nan_policy=skip"), env)
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in events if "train/nonfinite_steps" in e]
@@ -329,8 +345,9 @@ def test_unwritable_workdir_fails_at_start_with_one_line(tmp_path, corpus, data_
     assert workdir.read_text() == "a file where the workdir should be"
 
 
-def test_disk_full_during_a_save_is_one_error_and_keeps_earlier_checkpoints(tmp_path, corpus, data_cache, env,
-                                                                            reference):
+def test_disk_full_during_a_save_is_one_error_and_keeps_earlier_checkpoints(
+    tmp_path, corpus, data_cache, env, reference
+):
     workdir = tmp_path / "run"
     shutil.copytree(reference[0], workdir)
     shutil.rmtree(workdir / "checkpoints" / "12")  # resume at 8; the save at 12 meets the full disk
@@ -338,14 +355,13 @@ def test_disk_full_during_a_save_is_one_error_and_keeps_earlier_checkpoints(tmp_
 
     # Every file the run writes stops at 256 KiB (EFBIG, as SIGXFSZ is ignored), like a full disk;
     # the checkpoint's array file is ~1.5 MB. (A tmpfs would need root; a file-size limit does not.)
-    limited = ["bash", "-c", 'trap "" XFSZ; ulimit -f 256; exec "$@"', "bash",
-               *command(workdir, corpus, data_cache)]
+    limited = ["bash", "-c", 'trap "" XFSZ; ulimit -f 256; exec "$@"', "bash", *command(workdir, corpus, data_cache)]
     result = run(limited, env)
 
     assert result.returncode == 2
     # orbax's writer threads may still print their own tracebacks while ours is written, so our line
     # can begin after a fragment of theirs (seen once on Python 3.12): find it wherever it starts.
-    errors = [line[line.index("error: "):] for line in result.stderr.splitlines() if "error: " in line]
+    errors = [line[line.index("error: ") :] for line in result.stderr.splitlines() if "error: " in line]
     assert len(errors) == 1, result.stderr[-3000:]
     error = errors[0]
     assert error.startswith(f"error: could not write a checkpoint to {workdir / 'checkpoints'}")
@@ -363,7 +379,10 @@ def test_sigterm_to_launch_sh_stops_every_process_at_the_same_step(tmp_path, cor
     wait_until(lambda: len(logged_steps(workdir)) >= 1, process)
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=120)
-    stops = [line.split("after step ")[1].split(":")[0]
-             for line in (tmp_path / "launch.log").read_text().splitlines() if "stopped by SIGTERM" in line]
+    stops = [
+        line.split("after step ")[1].split(":")[0]
+        for line in (tmp_path / "launch.log").read_text().splitlines()
+        if "stopped by SIGTERM" in line
+    ]
     assert len(stops) == 2 and stops[0] == stops[1], stops
     assert int(stops[0]) % 3 == 0 and int(stops[0]) in checkpoint_steps(workdir)

@@ -78,15 +78,18 @@ def test_decoding_with_stacked_caches_equals_the_loop():
         plain = generator.generate(prompt, 12, temperature=1.0, seed=3)
         return plain, generator.speculative(prompt, 12).tokens
 
-    (plain, speculative), (loop_plain, loop_speculative) = decode(dataclasses.replace(SHAPE, scan_layers=True)), \
-        decode(SHAPE)
+    (plain, speculative), (loop_plain, loop_speculative) = (
+        decode(dataclasses.replace(SHAPE, scan_layers=True)),
+        decode(SHAPE),
+    )
     assert plain.tokens == loop_plain.tokens and speculative == loop_speculative
     np.testing.assert_allclose(plain.logprobs, loop_plain.logprobs, rtol=1e-5, atol=1e-6)
 
 
 def test_stacked_axis_is_not_sharded_and_the_rest_follow_the_rules():
-    model = nnx.eval_shape(lambda: MTPModel(dataclasses.replace(SHAPE, scan_layers=True), 2, "linear",
-                                            rngs=nnx.Rngs(params=0)))
+    model = nnx.eval_shape(
+        lambda: MTPModel(dataclasses.replace(SHAPE, scan_layers=True), 2, "linear", rngs=nnx.Rngs(params=0))
+    )
     abstract = nnx.split(model, nnx.Param)[1]
     axes = sharding.logical_axes(abstract)
     assert axes["decoder"]["layer_stack"]["attn"]["wq"] == ("layers", "embed", "heads", "head_dim")

@@ -46,13 +46,13 @@ def windows(config) -> np.ndarray:
 
 class Run(NamedTuple):
     losses: np.ndarray  # [STEPS]
-    grads: list         # the gradients of each step, host trees shaped like the parameters
-    start: dict         # the initial state, on the host
-    state: dict         # the final state, on the mesh
-    memory: object      # the compiled step's memory analysis
+    grads: list  # the gradients of each step, host trees shaped like the parameters
+    start: dict  # the initial state, on the host
+    state: dict  # the final state, on the mesh
+    memory: object  # the compiled step's memory analysis
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def trajectory(head_type: str, preset: str | None) -> Run:
     """STEPS train steps on the preset's mesh over 8 devices (None: one device), all from the
     one-device run's initial state (compiling the sharded initialiser costs as much as the step).
@@ -111,10 +111,14 @@ RULED = {
         (("decoder", "final_norm", "scale"), (32,), P()),
     ],
     "linear": [(("heads", 0), (32, VOCAB), P("fsdp", "tensor"))],
-    "parallel": [(("heads", 0, "attn", "wk"), (32, 4, 8), P("fsdp", "tensor")),
-                 (("heads", 0, "mlp", "w_up"), (32, 64), P("fsdp", "tensor"))],
-    "sequential": [(("heads", 0, "merge"), (64, 32), P(None, "fsdp")),
-                   (("heads", 0, "block", "attn", "wv"), (32, 4, 8), P("fsdp", "tensor"))],
+    "parallel": [
+        (("heads", 0, "attn", "wk"), (32, 4, 8), P("fsdp", "tensor")),
+        (("heads", 0, "mlp", "w_up"), (32, 64), P("fsdp", "tensor")),
+    ],
+    "sequential": [
+        (("heads", 0, "merge"), (64, 32), P(None, "fsdp")),
+        (("heads", 0, "block", "attn", "wv"), (32, 4, 8), P("fsdp", "tensor")),
+    ],
 }
 
 
@@ -159,25 +163,31 @@ def test_fsdp_needs_less_memory_per_device_than_data_parallel(head_type):
     assert train.memory_per_device(fsdp) < train.memory_per_device(dp)
 
 
-@pytest.mark.parametrize("sizes, n_devices, shape", [
-    (dict(data=-1, fsdp=1, tensor=1), 8, (8, 1, 1)),
-    (dict(data=1, fsdp=-1, tensor=2), 8, (1, 4, 2)),
-    (dict(data=2, fsdp=-1, tensor=1), 4, (2, 2, 1)),
-    (dict(data=2, fsdp=2, tensor=2), 8, (2, 2, 2)),
-    (dict(data=-1, fsdp=1, tensor=1), 1, (1, 1, 1)),
-])
+@pytest.mark.parametrize(
+    "sizes, n_devices, shape",
+    [
+        (dict(data=-1, fsdp=1, tensor=1), 8, (8, 1, 1)),
+        (dict(data=1, fsdp=-1, tensor=2), 8, (1, 4, 2)),
+        (dict(data=2, fsdp=-1, tensor=1), 4, (2, 2, 1)),
+        (dict(data=2, fsdp=2, tensor=2), 8, (2, 2, 2)),
+        (dict(data=-1, fsdp=1, tensor=1), 1, (1, 1, 1)),
+    ],
+)
 def test_mesh_minus_one_fills_the_remaining_devices(sizes, n_devices, shape):
     assert sharding.mesh_shape(sizes, n_devices) == shape
     mesh = sharding.make_mesh(sizes, jax.devices()[:n_devices])
     assert tuple(mesh.shape.values()) == shape and mesh.axis_names == sharding.MESH_AXES
 
 
-@pytest.mark.parametrize("sizes, message", [
-    (dict(data=3, fsdp=-1, tensor=1), "mesh.data=3, mesh.fsdp=-1, mesh.tensor=1 does not divide the 8 devices"),
-    (dict(data=2, fsdp=2, tensor=1), "does not divide the 8 devices: choose sizes whose product is 8"),
-    (dict(data=-1, fsdp=-1, tensor=1), "is invalid: give positive sizes with at most one -1"),
-    (dict(data=0, fsdp=-1, tensor=1), "is invalid"),
-])
+@pytest.mark.parametrize(
+    "sizes, message",
+    [
+        (dict(data=3, fsdp=-1, tensor=1), "mesh.data=3, mesh.fsdp=-1, mesh.tensor=1 does not divide the 8 devices"),
+        (dict(data=2, fsdp=2, tensor=1), "does not divide the 8 devices: choose sizes whose product is 8"),
+        (dict(data=-1, fsdp=-1, tensor=1), "is invalid: give positive sizes with at most one -1"),
+        (dict(data=0, fsdp=-1, tensor=1), "is invalid"),
+    ],
+)
 def test_mesh_that_does_not_divide_the_devices_is_refused_in_one_line(sizes, message):
     with pytest.raises(UserError, match=message) as error:
         sharding.mesh_shape(sizes, 8)
@@ -187,7 +197,8 @@ def test_mesh_that_does_not_divide_the_devices_is_refused_in_one_line(sizes, mes
 def test_batch_that_does_not_divide_over_data_and_fsdp_is_refused_in_one_line():
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2), jax.devices()[:8])
     sharding.check_batch(8, mesh)
-    with pytest.raises(UserError, match="batch_size=6 does not divide over the mesh's data x fsdp = 4 shards: "
-                                        "use a multiple of 4") as error:
+    with pytest.raises(
+        UserError, match="batch_size=6 does not divide over the mesh's data x fsdp = 4 shards: use a multiple of 4"
+    ) as error:
         sharding.check_batch(6, mesh)
     assert "\n" not in str(error.value)

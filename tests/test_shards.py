@@ -15,8 +15,9 @@ from mtp_jax.errors import UserError
 from tests.util import ROOT, load_config
 
 
-def write_shard(path: pathlib.Path, ids, magic: int = 20240520, version: int = 1, dtype: str = "<u2",
-                claimed: int | None = None) -> None:
+def write_shard(
+    path: pathlib.Path, ids, magic: int = 20240520, version: int = 1, dtype: str = "<u2", claimed: int | None = None
+) -> None:
     """The layout llm.c documents, written without mtp_jax: 256 little-endian int32 (magic,
     version, token count, zeros), then the ids."""
     header = np.zeros(256, "<i4")
@@ -25,8 +26,16 @@ def write_shard(path: pathlib.Path, ids, magic: int = 20240520, version: int = 1
 
 
 def shard_cfg(tmp_path: pathlib.Path, source, val_source, **overrides) -> ml_collections.ConfigDict:
-    cfg = dict(source=str(source), val_source=str(val_source), tokenizer="byte", vocab_size=1000,
-               token_dtype="uint16", val_fraction=0.1, split_seed=0, cache_dir=str(tmp_path / "cache"))
+    cfg = dict(
+        source=str(source),
+        val_source=str(val_source),
+        tokenizer="byte",
+        vocab_size=1000,
+        token_dtype="uint16",
+        val_fraction=0.1,
+        split_seed=0,
+        cache_dir=str(tmp_path / "cache"),
+    )
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
 
@@ -41,8 +50,10 @@ def write_split(root: pathlib.Path, split: str, sizes, seed: int = 0, **kw) -> l
 
 
 def prepare(tmp_path, **overrides) -> data.TokenData:
-    return data.prepare(shard_cfg(tmp_path, tmp_path / "d" / "train_*.bin", tmp_path / "d" / "val_*.bin",
-                                  **overrides), show_progress=False)
+    return data.prepare(
+        shard_cfg(tmp_path, tmp_path / "d" / "train_*.bin", tmp_path / "d" / "val_*.bin", **overrides),
+        show_progress=False,
+    )
 
 
 @pytest.mark.parametrize("magic,version,dtype", [(20240520, 1, "<u2"), (20240801, 7, "<u4")])
@@ -77,20 +88,28 @@ def test_windows_never_span_shards_and_an_epoch_visits_every_window_of_every_sha
     assert data.num_windows(pieces, window_len) == sum(per_piece) == 18
     offsets = np.cumsum((0,) + pieces)
     expected = {int(offsets[j]) + i * window_len for j, n in enumerate(per_piece) for i in range(n)}
-    starts = np.concatenate([data.global_batch_starts(pieces, window_len=window_len, batch_size=3, seed=0, step=s,
-                                                      num_epochs=1) for s in range(6)])
+    starts = np.concatenate(
+        [
+            data.global_batch_starts(pieces, window_len=window_len, batch_size=3, seed=0, step=s, num_epochs=1)
+            for s in range(6)
+        ]
+    )
     assert sorted(starts.tolist()) == sorted(expected)
-    random = np.concatenate([data.global_batch_starts(pieces, window_len=window_len, batch_size=64, seed=1, step=s)
-                             for s in range(50)])
+    random = np.concatenate(
+        [data.global_batch_starts(pieces, window_len=window_len, batch_size=64, seed=1, step=s) for s in range(50)]
+    )
     piece = np.searchsorted(offsets, random, side="right") - 1
     assert np.all(random + window_len <= offsets[piece + 1])  # inside the piece it starts in
-    assert set(random.tolist()) == {int(offsets[j]) + i for j, n in enumerate(pieces) for i in range(n - window_len + 1)}
+    assert set(random.tolist()) == {
+        int(offsets[j]) + i for j, n in enumerate(pieces) for i in range(n - window_len + 1)
+    }
 
 
 def test_sampling_covers_shards_in_proportion_to_their_windows():
     pieces, window_len = (1000, 3000, 6000), 10
-    starts = np.concatenate([data.global_batch_starts(pieces, window_len=window_len, batch_size=64, seed=0, step=s)
-                             for s in range(300)])
+    starts = np.concatenate(
+        [data.global_batch_starts(pieces, window_len=window_len, batch_size=64, seed=0, step=s) for s in range(300)]
+    )
     share = np.bincount(np.searchsorted(np.cumsum(pieces), starts, side="right"), minlength=3) / len(starts)
     expected = np.array([n - window_len + 1 for n in pieces]) / sum(n - window_len + 1 for n in pieces)
     np.testing.assert_allclose(share, expected, atol=0.015)  # 19,200 draws: 3 s.e. is about 0.011
@@ -99,8 +118,10 @@ def test_sampling_covers_shards_in_proportion_to_their_windows():
 def test_one_piece_is_the_single_stream_sampler():
     kw = dict(window_len=20, batch_size=16, seed=3, step=5)
     for num_epochs in (0, 2):
-        assert np.array_equal(data.global_batch_starts([1000], num_epochs=num_epochs, **kw),
-                              data.global_batch_starts(1000, num_epochs=num_epochs, **kw))
+        assert np.array_equal(
+            data.global_batch_starts([1000], num_epochs=num_epochs, **kw),
+            data.global_batch_starts(1000, num_epochs=num_epochs, **kw),
+        )
 
 
 def test_batches_from_shards_are_the_windows_at_the_sampled_starts(tmp_path):
@@ -111,7 +132,7 @@ def test_batches_from_shards_are_the_windows_at_the_sampled_starts(tmp_path):
     batch = data.local_batch(d.train, **kw)
     starts = data.global_batch_starts(data.lengths(d.train), **kw)
     assert batch.dtype == np.int32
-    assert np.array_equal(batch, np.stack([train[s:s + 17] for s in starts]))
+    assert np.array_equal(batch, np.stack([train[s : s + 17] for s in starts]))
     halves = [data.local_batch(d.train, process_index=p, process_count=2, **kw) for p in range(2)]
     assert np.array_equal(np.concatenate(halves), batch)
     windows = data.eval_windows(d.val, window_len=17, batch_size=2, num_batches=2)
@@ -152,17 +173,22 @@ def test_bad_shard_is_refused_naming_the_file(tmp_path, case):
     assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
 
 
-@pytest.mark.parametrize("val_source,message", [
-    ("", "is a glob of token shards: name the validation shards with data.val_source"),
-    ("{d}/nothing_*.bin", "matches no files"),
-    ("{d}/notes.txt", "is not token shards"),
-])
+@pytest.mark.parametrize(
+    "val_source,message",
+    [
+        ("", "is a glob of token shards: name the validation shards with data.val_source"),
+        ("{d}/nothing_*.bin", "matches no files"),
+        ("{d}/notes.txt", "is not token shards"),
+    ],
+)
 def test_shards_need_validation_shards(tmp_path, val_source, message):
     write_split(tmp_path / "d", "train", [100])
     (tmp_path / "d" / "notes.txt").write_text("text")
     with pytest.raises(UserError, match=message):
-        data.prepare(shard_cfg(tmp_path, tmp_path / "d" / "train_*.bin", val_source.format(d=tmp_path / "d")),
-                     show_progress=False)
+        data.prepare(
+            shard_cfg(tmp_path, tmp_path / "d" / "train_*.bin", val_source.format(d=tmp_path / "d")),
+            show_progress=False,
+        )
 
 
 def test_val_source_is_refused_for_other_sources(tmp_path):
@@ -176,10 +202,22 @@ def test_main_exits_2_with_one_line_naming_the_bad_shard(tmp_path):
     write_split(tmp_path / "d", "val", [50])
     message = corrupt(tmp_path / "d", "truncated")
     result = subprocess.run(
-        [sys.executable, "-m", "mtp_jax.main", "--config=configs/mtp3.py:tiny", f"--workdir={tmp_path / 'run'}",
-         f"--config.data.source={tmp_path / 'd' / 'train_*.bin'}", f"--config.data.val_source={tmp_path / 'd' / 'val_*.bin'}",
-         "--config.data.vocab_size=1000", f"--config.data.cache_dir={tmp_path / 'cache'}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "mtp_jax.main",
+            "--config=configs/mtp3.py:tiny",
+            f"--workdir={tmp_path / 'run'}",
+            f"--config.data.source={tmp_path / 'd' / 'train_*.bin'}",
+            f"--config.data.val_source={tmp_path / 'd' / 'val_*.bin'}",
+            "--config.data.vocab_size=1000",
+            f"--config.data.cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2, result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
@@ -195,7 +233,7 @@ def test_document_mask_equals_a_brute_force_reference_for_every_head():
     window = rng.integers(0, 12, size=(b, t + n))  # an end-of-text token at about 1 in 12 positions
     for k in range(1, n + 1):
         # Head k at p predicts window[p + k]: it stays only if no document ends in p + 1 … p + k - 1.
-        expected = np.array([[not np.any(window[i, p + 1:p + k] == eot) for p in range(t)] for i in range(b)])
+        expected = np.array([[not np.any(window[i, p + 1 : p + k] == eot) for p in range(t)] for i in range(b)])
         assert np.array_equal(np.asarray(mtp.document_mask(window, eot, k, t)), expected), k
     assert np.asarray(mtp.document_mask(window, eot, 1, t)).all()  # the next token is never masked
 
@@ -216,7 +254,7 @@ def test_document_mask_drops_targets_as_a_per_token_mask_would_and_combines_with
     for k in range(1, n + 1):
         # The same targets as a per-token mask on window[:, k:t + k] for head k alone.
         per_token = task.copy()
-        per_token[:, k:t + k] &= np.asarray(mtp.document_mask(window, eot, k, t))
+        per_token[:, k : t + k] &= np.asarray(mtp.document_mask(window, eot, k, t))
         reference = mtp.mtp_loss(model, window, weights, mask=per_token)[1]
         np.testing.assert_allclose(float(masked[f"loss_{k}"]), float(reference[f"loss_{k}"]), rtol=1e-6)
         np.testing.assert_allclose(float(masked[f"accuracy_{k}"]), float(reference[f"accuracy_{k}"]), rtol=1e-6)
@@ -228,21 +266,33 @@ def test_document_mask_needs_an_end_of_text_id(tmp_path):
     write_split(tmp_path / "d", "val", [50])
     d = prepare(tmp_path)
     on = ml_collections.ConfigDict({"document_mask": True, "eot_id": -1})
-    with pytest.raises(UserError, match="data.document_mask=True needs the id that ends a document, .* records none: "
-                                        "set data.eot_id"):
+    with pytest.raises(
+        UserError, match="data.document_mask=True needs the id that ends a document, .* records none: set data.eot_id"
+    ):
         data.document_eot_id(on, d)
     on.eot_id = 999
     assert data.document_eot_id(on, d) == 999
     assert data.document_eot_id(ml_collections.ConfigDict({"document_mask": False, "eot_id": 999}), d) is None
 
 
-@pytest.mark.parametrize("overrides,message", [
-    ({"val_source": "{d}/nothing_*.bin"}, "data.val_source='{d}/nothing_*.bin' matches no files: fix the glob"),
-    ({"val_source": "{d}/nothing.bin"}, "data.val_source='{d}/nothing.bin' does not exist"),
-    *[({"eot_id": eot_id, "document_mask": mask}, (f"data.eot_id={eot_id} is not an id of the 1000-id vocabulary: "
-                                                    "set the id that ends a document (0 … 999), or -1 for the data's own"))
-      for eot_id in (1000, -5) for mask in (False, True)],
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"val_source": "{d}/nothing_*.bin"}, "data.val_source='{d}/nothing_*.bin' matches no files: fix the glob"),
+        ({"val_source": "{d}/nothing.bin"}, "data.val_source='{d}/nothing.bin' does not exist"),
+        *[
+            (
+                {"eot_id": eot_id, "document_mask": mask},
+                (
+                    f"data.eot_id={eot_id} is not an id of the 1000-id vocabulary: "
+                    "set the id that ends a document (0 … 999), or -1 for the data's own"
+                ),
+            )
+            for eot_id in (1000, -5)
+            for mask in (False, True)
+        ],
+    ],
+)
 def test_bad_data_fields_are_refused_naming_the_field_before_the_cache_is_made(tmp_path, overrides, message):
     write_split(tmp_path / "d", "train", [100])
     write_split(tmp_path / "d", "val", [50])
@@ -260,18 +310,25 @@ def prepared(tmp_path_factory) -> dict:
     from mtp_jax import prepare as prepare_lib
 
     root = tmp_path_factory.mktemp("prepared")
-    (root / "docs.jsonl").write_text("".join(json.dumps({"text": f"document {i}: " + "the lazy dog. " * (1 + i % 5)})
-                                             + "\n" for i in range(40)))
+    (root / "docs.jsonl").write_text(
+        "".join(json.dumps({"text": f"document {i}: " + "the lazy dog. " * (1 + i % 5)}) + "\n" for i in range(40))
+    )
     for tokenizer in ("byte", "bpe"):
-        prepare_lib.prepare(prepare_lib.Settings(str(root / "docs.jsonl"), tokenizer, root / tokenizer, val_docs=5,
-                                                 vocab_size=300), show_progress=False)
+        prepare_lib.prepare(
+            prepare_lib.Settings(str(root / "docs.jsonl"), tokenizer, root / tokenizer, val_docs=5, vocab_size=300),
+            show_progress=False,
+        )
     return {tokenizer: root / tokenizer for tokenizer in ("byte", "bpe")}
 
 
 def prepared_data(prepared, tokenizer: str, tmp_path, **overrides) -> tuple[data.TokenData, ml_collections.ConfigDict]:
     folder = prepared[tokenizer]
-    cfg = shard_cfg(tmp_path, folder / "train_*.bin", folder / "val_*.bin",
-                    **{"vocab_size": 0, "document_mask": True, "eot_id": -1, **overrides})
+    cfg = shard_cfg(
+        tmp_path,
+        folder / "train_*.bin",
+        folder / "val_*.bin",
+        **{"vocab_size": 0, "document_mask": True, "eot_id": -1, **overrides},
+    )
     return data.prepare(cfg, show_progress=False), cfg
 
 
@@ -289,10 +346,12 @@ def test_document_mask_on_byte_shards_says_bytes_have_no_end_of_text_id(prepared
     d, cfg = prepared_data(prepared, "byte", tmp_path)
     with pytest.raises(UserError) as error:
         data.document_eot_id(cfg, d)
-    assert str(error.value) == (f"data.document_mask=True needs the id that ends a document, and {d.meta['source']} "
-                                "is byte tokens, which have none: set data.document_mask=False, or tokenize with BPE "
-                                "(data.tokenizer='bpe', or mtp_jax.prepare --tokenizer=bpe), whose documents end with "
-                                "<|endoftext|>")
+    assert str(error.value) == (
+        f"data.document_mask=True needs the id that ends a document, and {d.meta['source']} "
+        "is byte tokens, which have none: set data.document_mask=False, or tokenize with BPE "
+        "(data.tokenizer='bpe', or mtp_jax.prepare --tokenizer=bpe), whose documents end with "
+        "<|endoftext|>"
+    )
 
 
 RSS_SCRIPT = """
@@ -342,8 +401,9 @@ def test_training_from_a_400_mb_shard_keeps_it_out_of_resident_memory(tmp_path):
         for i in range(0, n_tokens, len(pattern)):
             f.write(pattern[: n_tokens - i].tobytes())
     write_shard(tmp_path / "val_000000.bin", pattern[:5000])
-    result = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", RSS_SCRIPT, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(seen) == 10  # one read per training step

@@ -57,14 +57,21 @@ def test_tree_attention_equals_each_path_run_as_a_sequence():
         noise = jax.random.normal(jax.random.key(0), (len(layers), 2, SHAPE.n_heads, slots, SHAPE.head_dim))
         caches = [{"k": layer[0], "v": layer[1]} for layer in noise]
         _, caches = decoder.run_blocks(decoder.embed(prompt), jnp.arange(base)[None], layers, caches, 0)
-        h, _ = decoder.run_blocks(decoder.embed(block[None]), base + jnp.asarray(TREE.depths)[None], layers, caches,
-                                  base, mask=TREE.mask(base, slots))
+        h, _ = decoder.run_blocks(
+            decoder.embed(block[None]),
+            base + jnp.asarray(TREE.depths)[None],
+            layers,
+            caches,
+            base,
+            mask=TREE.mask(base, slots),
+        )
         return model.logits(1, h[0])  # [size, V]
 
     # Every root-to-node path after the prompt, padded at the end (causality: padding is not read).
-    paths = [np.asarray(speculative.path_to(TREE, jnp.int32(i)))[:TREE.depths[i] + 1] for i in range(TREE.size)]
-    sequences = jnp.asarray([prompt[0].tolist() + block[p].tolist() + [0] * (TREE.max_depth - len(p) + 1)
-                             for p in paths])
+    paths = [np.asarray(speculative.path_to(TREE, jnp.int32(i)))[: TREE.depths[i] + 1] for i in range(TREE.size)]
+    sequences = jnp.asarray(
+        [prompt[0].tolist() + block[p].tolist() + [0] * (TREE.max_depth - len(p) + 1) for p in paths]
+    )
     reference = forward_logits(graphdef, params, sequences)[jnp.arange(TREE.size), base + jnp.asarray(TREE.depths)]
     np.testing.assert_allclose(tree_pass(params), reference, rtol=1e-4, atol=1e-4)
 
@@ -143,7 +150,7 @@ def exact_distribution(model: MTPModel, settings: dict) -> np.ndarray:
     v = SMALL.vocab_size
     outcomes = np.array(list(itertools.product(range(v), repeat=NEW)))  # [V ** NEW, NEW]
     tokens = jnp.asarray(np.concatenate([np.tile(PROMPT, (len(outcomes), 1)), outcomes], axis=1))
-    logits = np.asarray(forward_logits(*nnx.split(model), tokens), np.float64)[:, len(PROMPT) - 1:-1]  # [O, NEW, V]
+    logits = np.asarray(forward_logits(*nnx.split(model), tokens), np.float64)[:, len(PROMPT) - 1 : -1]  # [O, NEW, V]
     probs = filtered_numpy(logits, **settings)
     return np.prod(np.take_along_axis(probs, outcomes[..., None], -1)[..., 0], axis=1)
 
@@ -153,12 +160,21 @@ def empirical_distribution(model: MTPModel, settings: dict) -> np.ndarray:
     generator = decoding.Generator(model, len(PROMPT) + NEW)
     padded, limit = generator._prompt(PROMPT, NEW)
     graphdef, params = nnx.split(model)
-    decode = functools.partial(decoding._decode_speculative, graphdef, generator.capacity, Tree.chain(2),
-                               decoding.Sampling(**settings), params, padded, len(PROMPT), limit)
+    decode = functools.partial(
+        decoding._decode_speculative,
+        graphdef,
+        generator.capacity,
+        Tree.chain(2),
+        decoding.Sampling(**settings),
+        params,
+        padded,
+        len(PROMPT),
+        limit,
+    )
     keys = jax.vmap(jax.random.key)(jnp.arange(SEEDS))
     tokens = np.asarray(jax.jit(jax.vmap(decode))(keys)[0])[:, :NEW]  # [SEEDS, NEW]
     index = tokens @ (SMALL.vocab_size ** np.arange(NEW - 1, -1, -1))
-    return np.bincount(index, minlength=SMALL.vocab_size ** NEW) / SEEDS
+    return np.bincount(index, minlength=SMALL.vocab_size**NEW) / SEEDS
 
 
 def total_variation(empirical: np.ndarray, exact: np.ndarray) -> tuple[float, float]:
@@ -168,10 +184,13 @@ def total_variation(empirical: np.ndarray, exact: np.ndarray) -> tuple[float, fl
     return 0.5 * float(np.abs(empirical - exact).sum()), 2 * expected
 
 
-@pytest.mark.parametrize("head_type,settings", [
-    ("linear", dict(temperature=1.0, top_k=0, top_p=1.0)),
-    ("sequential", dict(temperature=0.8, top_k=3, top_p=0.9)),
-])
+@pytest.mark.parametrize(
+    "head_type,settings",
+    [
+        ("linear", dict(temperature=1.0, top_k=0, top_p=1.0)),
+        ("sequential", dict(temperature=0.8, top_k=3, top_p=0.9)),
+    ],
+)
 def test_sampled_speculative_reproduces_the_plain_distribution(head_type, settings):
     model = peaked_model(head_type)
     tv, bound = total_variation(empirical_distribution(model, settings), exact_distribution(model, settings))

@@ -27,8 +27,18 @@ SHAPE = ModelShape(vocab_size=256, d_model=32, n_layers=2, n_heads=4, mlp_dim=48
 
 
 def task_config(source, **task):
-    fields = dict(num_train=200, seed=0, example_len=0, eval_problems=8, max_train_ops=5, max_eval_ops=8,
-                  degree=3, arm_length=4, num_labels=40, teacherless=False)
+    fields = dict(
+        num_train=200,
+        seed=0,
+        example_len=0,
+        eval_problems=8,
+        max_train_ops=5,
+        max_eval_ops=8,
+        degree=3,
+        arm_length=4,
+        num_labels=40,
+        teacherless=False,
+    )
     return ml_collections.ConfigDict(dict(source=source, split_seed=0, task={**fields, **task}))
 
 
@@ -41,6 +51,7 @@ PATHSTAR = tasks.from_config(task_config("task:pathstar"))
 
 def parse_polynomial_expression(text: str) -> np.ndarray:
     """Evaluate an expression over F7[X]/(X^5) with numpy coefficient arrays (c0 … c4)."""
+
     def mul(p, q):
         return np.convolve(p, q)[:5] % 7  # truncation at X^5 is the quotient by X^5
 
@@ -62,9 +73,10 @@ def parse_polynomial_expression(text: str) -> np.ndarray:
             op = text[i]
             right, i = expr(i + 1)
             assert text[i] == ")"
-            return {"+": lambda: (left + right) % 7, "*": lambda: mul(left, right),
-                    "@": lambda: compose(left, right)}[op](), i + 1
-        return np.array([int(c) for c in text[i:i + 5]]), i + 5
+            return {"+": lambda: (left + right) % 7, "*": lambda: mul(left, right), "@": lambda: compose(left, right)}[
+                op
+            ](), i + 1
+        return np.array([int(c) for c in text[i : i + 5]]), i + 5
 
     value, end = expr(0)
     assert end == len(text)
@@ -120,7 +132,7 @@ def test_polyarith_answers_match_a_numpy_solver():
 
 
 def test_pathstar_answers_match_breadth_first_search():
-    (difficulty, group), = tasks.held_out(PATHSTAR, 200, split_seed=3).items()
+    ((difficulty, group),) = tasks.held_out(PATHSTAR, 200, split_seed=3).items()
     assert difficulty == "d3_l4"
     for p in group:
         assert p.answer.split(",") == bfs_path(p.prompt), p
@@ -152,7 +164,7 @@ def test_packing_puts_each_problem_in_one_fixed_length_example_with_its_answer_m
     tokens, mask = tasks.pack(problems, length)
     assert tokens.shape == mask.shape == (3 * 64,)
     for i, p in enumerate(problems):
-        row, row_mask = bytes(tokens[i * 64:(i + 1) * 64]).decode(), mask[i * 64:(i + 1) * 64]
+        row, row_mask = bytes(tokens[i * 64 : (i + 1) * 64]).decode(), mask[i * 64 : (i + 1) * 64]
         assert row == (p.prompt + p.answer + "\n").ljust(64)
         assert np.flatnonzero(row_mask).tolist() == list(range(len(p.prompt), len(p.prompt) + 6))
     assert tasks.example_len(POLYARITH, 0) == POLYARITH.max_len == 52  # 6 leaves, 5 x "(op)", "=", 5 + "\n"
@@ -188,8 +200,12 @@ def test_aligned_batch_starts_are_multiples_of_the_example_length():
     aligned = data.global_batch_starts(1000, align=16, **kw)
     assert np.all(aligned % 16 == 0) and aligned.max() <= 980 and len(set(aligned)) > 20
     # Epoch mode: windows of 2 problems + 4 lookahead tokens; each problem is an input once.
-    starts = np.concatenate([data.global_batch_starts(16 * 40 + 4, window_len=36, batch_size=4, seed=0, step=s,
-                                                      num_epochs=1, align=16) for s in range(5)])
+    starts = np.concatenate(
+        [
+            data.global_batch_starts(16 * 40 + 4, window_len=36, batch_size=4, seed=0, step=s, num_epochs=1, align=16)
+            for s in range(5)
+        ]
+    )
     assert sorted(starts.tolist()) == list(range(0, 16 * 40, 32))
 
 
@@ -239,8 +255,9 @@ def test_head_k_is_masked_by_the_mask_of_token_t_plus_k(masked_batch):
     metrics, all_logits = loss_and_logits(params)
     for k, logits in zip((1, 2, 3), all_logits):
         logits = np.asarray(logits)
-        expected, accuracy = numpy_masked_cross_entropy(logits, np.asarray(window[:, k:t + k]),
-                                                        np.asarray(mask[:, k:t + k]))
+        expected, accuracy = numpy_masked_cross_entropy(
+            logits, np.asarray(window[:, k : t + k]), np.asarray(mask[:, k : t + k])
+        )
         np.testing.assert_allclose(float(metrics[f"loss_{k}"]), expected, rtol=1e-5)
         np.testing.assert_allclose(float(metrics[f"accuracy_{k}"]), accuracy, atol=1e-7)
 
@@ -253,6 +270,7 @@ def test_a_masked_target_changes_no_gradient(masked_batch):
     def grads(targets):  # the model reads `window`; only the targets vary
         def loss(p):
             return mtp_loss(nnx.merge(graphdef, p), targets, (1.0, 0.5, 0.25), mask=mask, inputs=window)[0]
+
         return jax.grad(loss)(params)
 
     masked_out = np.flatnonzero(np.asarray(mask[0]) == 0)[4]
@@ -307,8 +325,10 @@ def test_task_accuracy_is_exact_match_broken_down_by_difficulty(monkeypatch):
     right = {p.prompt for p in problems["m1"][:3] + problems["m6"][:1]}
 
     def fake_decode(generator, flat):  # right answers; wrong ones: a digit off, or no '\n' after it
-        return [p.answer + "\n" if p.prompt in right else (p.answer + " ", "0" + p.answer[1:] + "\n")[i % 2]
-                for i, p in enumerate(flat)]
+        return [
+            p.answer + "\n" if p.prompt in right else (p.answer + " ", "0" + p.answer[1:] + "\n")[i % 2]
+            for i, p in enumerate(flat)
+        ]
 
     monkeypatch.setattr(evaluate, "greedy_answers", fake_decode)
     config = ml_collections.ConfigDict({"data": task_config("task:polyarith")})
@@ -320,11 +340,25 @@ def test_task_accuracy_is_exact_match_broken_down_by_difficulty(monkeypatch):
 
 
 def tiny_task(cache_dir, **overrides):
-    return load_config("mtp3", overrides={
-        "data.cache_dir": cache_dir, "data.source": "task:polyarith", "data.task.max_train_ops": 2,
-        "data.task.max_eval_ops": 3, "data.task.example_len": 16 * 2, "data.task.num_train": 2000,
-        "data.task.eval_problems": 4, "eval_batches": 2, "sample_tokens": 0, "num_train_steps": 8,
-        "log_every": 1, "eval_every": 4, "checkpoint_every": 4, **overrides})
+    return load_config(
+        "mtp3",
+        overrides={
+            "data.cache_dir": cache_dir,
+            "data.source": "task:polyarith",
+            "data.task.max_train_ops": 2,
+            "data.task.max_eval_ops": 3,
+            "data.task.example_len": 16 * 2,
+            "data.task.num_train": 2000,
+            "data.task.eval_problems": 4,
+            "eval_batches": 2,
+            "sample_tokens": 0,
+            "num_train_steps": 8,
+            "log_every": 1,
+            "eval_every": 4,
+            "checkpoint_every": 4,
+            **overrides,
+        },
+    )
 
 
 def test_a_task_trains_sharded_resumes_exactly_and_logs_task_accuracy(tmp_path):
@@ -347,7 +381,7 @@ def test_a_task_trains_sharded_resumes_exactly_and_logs_task_accuracy(tmp_path):
 
     # On any checkpoint: the restored model scores what training logged at its last evaluation.
     loaded = workdir.load(tmp_path / "run")
-    assert evaluate.task_accuracy(loaded.model, loaded.config) == {k[len("eval/"):]: final[k] for k in accuracy_keys}
+    assert evaluate.task_accuracy(loaded.model, loaded.config) == {k[len("eval/") :]: final[k] for k in accuracy_keys}
 
 
 def test_bad_task_parameters_get_one_line(tmp_path):
@@ -369,10 +403,22 @@ def test_bad_task_parameters_get_one_line(tmp_path):
 @pytest.mark.slow
 def test_bad_task_parameters_exit_2_from_main_creating_nothing(tmp_path):
     # One case: every UserError takes the same way out of main (the messages are pinned above).
-    result = subprocess.run([sys.executable, "-m", "mtp_jax.main", "--config=configs/mtp3.py:tiny",
-                             f"--workdir={tmp_path / 'w'}", "--config.data.source=task:pathstar",
-                             f"--config.data.cache_dir={tmp_path / 'cache'}", "--config.data.task.degree=1"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mtp_jax.main",
+            "--config=configs/mtp3.py:tiny",
+            f"--workdir={tmp_path / 'w'}",
+            "--config.data.source=task:pathstar",
+            f"--config.data.cache_dir={tmp_path / 'cache'}",
+            "--config.data.task.degree=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert result.returncode == 2 and len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "data.task.degree=1 must be >= 2" in errors[0], errors

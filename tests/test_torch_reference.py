@@ -29,6 +29,7 @@ def test_torch_reference_loads_jax_params_and_gives_the_same_losses(head_type, t
     assert sum(p.numel() for p in reference.parameters()) == sum(x.size for x in jax.tree.leaves(params))
     with torch.no_grad():
         ref_total, ref_losses = reference(torch.from_numpy(window))
-    np.testing.assert_allclose([float(x) for x in ref_losses], [float(metrics[f"loss_{k}"]) for k in range(1, n + 1)],
-                               rtol=1e-4)
+    np.testing.assert_allclose(
+        [float(x) for x in ref_losses], [float(metrics[f"loss_{k}"]) for k in range(1, n + 1)], rtol=1e-4
+    )
     np.testing.assert_allclose(float(ref_total), float(total), rtol=1e-4)

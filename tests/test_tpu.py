@@ -2,6 +2,7 @@
 
 The HLO reading, the names and the roofline are tested everywhere; the compiles run where libtpu
 imports (`pip install -e '.[tpu]'`) and are skipped otherwise."""
+
 import importlib.util
 import json
 import math
@@ -20,8 +21,9 @@ from mtp_jax.errors import UserError
 from tests.util import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu is not installed (pip install -e '.[tpu]')")
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (pip install -e '.[tpu]')"
+)
 
 # A while loop of 12 trips (lax.scan's lowering) around an all-gather over 4 devices, and in the
 # entry an asynchronous two-result all-reduce over pairs and a reduce-scatter over groups of 4.
@@ -168,8 +170,9 @@ def test_hfu_ceiling_exceeds_mfu_ceiling_when_anything_is_rematerialised(head_ty
     for hbm, ici in ((1e9, 1e9), (1e12, 1e9), (1e9, 1e12)):  # compute-, memory- and ICI-bound
         r = tpu_plan.pod_bounds(config, 50_304, tpu.CHIPS["v5p"], 64, hbm, ici, 1e-3)
         assert r["hfu_ceiling"] > r["mfu_ceiling"] > 0
-        assert r["hfu_ceiling"] / r["mfu_ceiling"] == pytest.approx(r["hardware_flops_per_step"]
-                                                                    / r["model_flops_per_step"])
+        assert r["hfu_ceiling"] / r["mfu_ceiling"] == pytest.approx(
+            r["hardware_flops_per_step"] / r["model_flops_per_step"]
+        )
         low, high = tpu.CHIPS["v5p"].mfu_band
         assert r["expected_mfu_range"] == pytest.approx([low * r["mfu_ceiling"], high * r["mfu_ceiling"]])
         assert r["expected_step_time_s_range"][0] >= r["step_time_floor_s"]
@@ -180,15 +183,20 @@ def test_mesh_search_covers_every_factorisation_the_batch_and_the_heads_allow():
     meshes = tpu_plan.mesh_candidates(config, 256)
     # Tensor parallelism takes what the batch cannot (256 / 128 = 2 at least) up to the 16 heads;
     # data x fsdp is every split of the rest.
-    expected = {(data, 256 // t // data, t) for t in (2, 4, 8, 16) for data in (1, 2, 4, 8, 16, 32, 64, 128)
-                if 256 // t % data == 0}
+    expected = {
+        (data, 256 // t // data, t)
+        for t in (2, 4, 8, 16)
+        for data in (1, 2, 4, 8, 16, 32, 64, 128)
+        if 256 // t % data == 0
+    }
     assert set(meshes) == expected and len(meshes) == len(expected) == 26
     assert all(math.prod(m) == 256 for m in meshes)
 
 
 def run_bench(*args):
-    return subprocess.run([sys.executable, "-m", "mtp_jax.bench", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "mtp_jax.bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
 
 
 def one_error_line(proc) -> str:
@@ -203,10 +211,17 @@ def test_unknown_topology_is_one_line_listing_the_known_ones():
 
 
 def test_missing_libtpu_names_the_extra_to_install():
-    hide_libtpu = ("-c", "import runpy, sys; sys.modules['libtpu'] = None; "
-                   "runpy.run_module('mtp_jax.bench', run_name='__main__')")
-    proc = subprocess.run([sys.executable, *hide_libtpu, "--config=configs/mtp3.py:tiny", "--topology=v5e:2x2"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    hide_libtpu = (
+        "-c",
+        "import runpy, sys; sys.modules['libtpu'] = None; runpy.run_module('mtp_jax.bench', run_name='__main__')",
+    )
+    proc = subprocess.run(
+        [sys.executable, *hide_libtpu, "--config=configs/mtp3.py:tiny", "--topology=v5e:2x2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "pip install -e '.[tpu]'" in one_error_line(proc)
 
 
@@ -246,8 +261,12 @@ def test_linear_heads_cost_more_xla_flops_than_the_baseline_by_the_analytic_rati
 def test_too_large_a_configuration_is_refused_with_one_line_naming_what_lowers_it():
     # 64 x 2**26 x 3 MLP weights per layer, replicated on every chip (data parallel): the compiler
     # itself refuses temporaries beyond the chip, so the need is given as a floor.
-    proc = run_bench("--config=configs/baseline.py:tiny", "--topology=v5e:2x2", f"--config.model.mlp_dim={2**26}",
-                     "--config.mesh.data=4")
+    proc = run_bench(
+        "--config=configs/baseline.py:tiny",
+        "--topology=v5e:2x2",
+        f"--config.model.mlp_dim={2**26}",
+        "--config.mesh.data=4",
+    )
     line = one_error_line(proc)
     needed = float(re.search(r"needs more than ([\d.]+) GiB per chip", line)[1])
     assert needed > 16 and "a v5e chip has 16 GiB" in line
@@ -255,27 +274,38 @@ def test_too_large_a_configuration_is_refused_with_one_line_naming_what_lowers_i
 
 
 def test_a_compiled_step_over_the_chips_memory_is_described_with_what_it_needs():
-    result = {"name": "1b linear n=4", "topology": "v5e:16x16", "mesh": {"data": 1, "fsdp": 128, "tensor": 2},
-              "bytes_per_chip": 21.5 * tpu.GiB, "chip_hbm_bytes": tpu.CHIPS["v5e"].hbm_bytes,
-              "refused_by_compiler": False}
-    assert tpu_plan.too_large(result).startswith("1b linear n=4 needs 21.5 GiB per chip on v5e:16x16 with mesh "
-                                              "data=1 fsdp=128 tensor=2, and a v5e chip has 16 GiB: lower it with "
-                                              "mesh.fsdp")
+    result = {
+        "name": "1b linear n=4",
+        "topology": "v5e:16x16",
+        "mesh": {"data": 1, "fsdp": 128, "tensor": 2},
+        "bytes_per_chip": 21.5 * tpu.GiB,
+        "chip_hbm_bytes": tpu.CHIPS["v5e"].hbm_bytes,
+        "refused_by_compiler": False,
+    }
+    assert tpu_plan.too_large(result).startswith(
+        "1b linear n=4 needs 21.5 GiB per chip on v5e:16x16 with mesh "
+        "data=1 fsdp=128 tensor=2, and a v5e chip has 16 GiB: lower it with "
+        "mesh.fsdp"
+    )
 
 
 @needs_libtpu
 def test_a_mesh_that_splits_a_torus_axis_is_laid_out_on_the_pod():
     # 32 x 2 on v5p's 4x4x4 torus cuts one of its axes in two, which jax.make_mesh alone refuses.
-    mesh = sharding.make_mesh(load_config(overrides={"mesh.data": 1, "mesh.fsdp": 32, "mesh.tensor": 2}).mesh,
-                              tpu.devices("v5p:4x4x4"))
+    mesh = sharding.make_mesh(
+        load_config(overrides={"mesh.data": 1, "mesh.fsdp": 32, "mesh.tensor": 2}).mesh, tpu.devices("v5p:4x4x4")
+    )
     assert dict(mesh.shape) == {"data": 1, "fsdp": 32, "tensor": 2} and len(set(mesh.devices.flat)) == 64
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--decode=1,16"], "--decode compiles for a TPU chip: add --topology=NAME"),
-    (["--topology=v5e:1x1", "--decode=1,x"], "--decode=1,x must list positive integers"),
-    (["--topology=v5e:1x1", "--decode=1", "--search_mesh"], "--decode costs one chip, which has no mesh"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--decode=1,16"], "--decode compiles for a TPU chip: add --topology=NAME"),
+        (["--topology=v5e:1x1", "--decode=1,x"], "--decode=1,x must list positive integers"),
+        (["--topology=v5e:1x1", "--decode=1", "--search_mesh"], "--decode costs one chip, which has no mesh"),
+    ],
+)
 def test_bad_decode_flags_are_one_line(flags, message):
     assert message in one_error_line(run_bench("--config=configs/mtp4.py:tiny", *flags))
 
@@ -290,8 +320,11 @@ def test_a_decoding_step_reads_the_parameters_and_cache_once_and_a_verify_pass_a
     devices = tpu.devices("v5e:1x1")
     passes = tpu_plan.decode_passes(config, [1, 16])
     assert [(name, None if tree is None else tree.size, batch) for name, tree, batch in passes] == [
-        ("plain, batch 1", None, 1), ("plain, batch 16", None, 16), ("verify chain of 3", 4, 1),
-        ("verify tree of 16", 17, 1)]
+        ("plain, batch 1", None, 1),
+        ("plain, batch 16", None, 16),
+        ("verify chain of 3", 4, 1),
+        ("verify tree of 16", 17, 1),
+    ]
     plain, _, chain, tree = (tpu_plan.decode_config(config, "v5e:1x1", devices, *p) for p in passes)
     m, vocab, d = config.model, flops.vocab_size(config), config.model.d_model
     # Layers, embedding and unembedding (untied), the 3 draft heads' [D, V] matrices; norms aside.
@@ -305,8 +338,9 @@ def test_a_decoding_step_reads_the_parameters_and_cache_once_and_a_verify_pass_a
     assert (tree["flops"] - chain["flops"]) / (17 - 4) == pytest.approx(per_token, rel=0.1)
     assert plain["bound"] == chain["bound"] == tree["bound"] == "memory"
     # Memory-bound: 17 tokens for the draft heads' bytes more.
-    assert tree["step_time_floor_s"] == pytest.approx(plain["step_time_floor_s"] * (1 + heads / plain["hbm_bytes"]),
-                                                      rel=0.02)
+    assert tree["step_time_floor_s"] == pytest.approx(
+        plain["step_time_floor_s"] * (1 + heads / plain["hbm_bytes"]), rel=0.02
+    )
 
 
 def test_decoding_sizes_that_cannot_fit_a_chip_are_refused_before_anything_is_allocated():
@@ -332,8 +366,15 @@ def test_decoding_sizes_past_the_chip_are_left_out_with_one_notice():
 def test_pod_figures_are_named_as_the_bounds_they_are():
     proc = run_bench("--config=configs/mtp4.py:tiny", "--topology=v5e:2x2", "--config.mesh.data=4", "--json")
     (row,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    bounds = {"step_time_floor_s", "tokens_per_sec_per_chip_ceiling", "mfu_ceiling", "hfu_ceiling",
-              "expected_mfu_range", "expected_step_time_s_range", "efficiency_band_source"}
+    bounds = {
+        "step_time_floor_s",
+        "tokens_per_sec_per_chip_ceiling",
+        "mfu_ceiling",
+        "hfu_ceiling",
+        "expected_mfu_range",
+        "expected_step_time_s_range",
+        "efficiency_band_source",
+    }
     assert bounds <= row.keys() and not {"step_time_s", "tokens_per_sec_per_chip", "mfu"} & row.keys()
     assert row["hfu_ceiling"] > row["mfu_ceiling"] and row["hardware_flops_per_step"] > row["model_flops_per_step"]
     assert "MaxText" in row["efficiency_band_source"]
@@ -345,14 +386,17 @@ def test_hbm_traffic_counts_a_scanned_loop_body_as_often_as_it_runs():
     memory: each iteration reads its layer's weights from HBM once; x (1 MiB) stays on the chip."""
     layers, batch, d = 8, 128, 4096
     devices = tpu.devices("v5e:1x1")
-    on_chip = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices[:1]), ("chip",)),
-                                         jax.sharding.PartitionSpec())
+    on_chip = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(devices[:1]), ("chip",)), jax.sharding.PartitionSpec()
+    )
 
     def scanned(w, x):
         return jax.lax.scan(lambda x, wi: (jnp.tanh(x @ wi), None), x, w)[0]
 
-    args = (jax.ShapeDtypeStruct((layers, d, d), jnp.bfloat16, sharding=on_chip),
-            jax.ShapeDtypeStruct((batch, d), jnp.bfloat16, sharding=on_chip))
+    args = (
+        jax.ShapeDtypeStruct((layers, d, d), jnp.bfloat16, sharding=on_chip),
+        jax.ShapeDtypeStruct((batch, d), jnp.bfloat16, sharding=on_chip),
+    )
     compiled = jax.jit(scanned).lower(*args).compile()
     analytic = layers * d * d * 2 + 2 * batch * d * 2  # every layer's weights once, x in and out
     assert hlo.hbm_traffic(compiled.as_text()) == pytest.approx(analytic, rel=0.03)
@@ -369,14 +413,18 @@ def test_default_meshes_for_1b_on_v5e_256_are_the_fsdp_major_ones_and_the_fastes
 
     def compiled(c, topology, devices):
         mesh = (c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-        return {"name": flops.config_name(c), "mesh": dict(zip(sharding.MESH_AXES, mesh)), "fits": True,
-                "step_time_floor_s": floors[mesh], "bytes_per_chip": 8 * tpu.GiB}
+        return {
+            "name": flops.config_name(c),
+            "mesh": dict(zip(sharding.MESH_AXES, mesh)),
+            "fits": True,
+            "step_time_floor_s": floors[mesh],
+            "bytes_per_chip": 8 * tpu.GiB,
+        }
 
     monkeypatch.setattr(tpu_plan, "topology_config", compiled)
     found = tpu_plan.train_meshes(config, "v5e:16x16", [None] * 256, search=False)
     assert found[0]["mesh"] == {"data": 1, "fsdp": 64, "tensor": 4}
     assert "uses data=1 fsdp=64 tensor=4, the fastest that fits of 2 meshes" in capsys.readouterr().err
     floors[(1, 64, 4)] = 0.05  # faster, but too large: not chosen
-    monkeypatch.setattr(tpu_plan, "topology_config", lambda c, t, d: {**compiled(c, t, d),
-                                                                    "fits": c.mesh.tensor == 2})
+    monkeypatch.setattr(tpu_plan, "topology_config", lambda c, t, d: {**compiled(c, t, d), "fits": c.mesh.tensor == 2})
     assert tpu_plan.train_meshes(config, "v5e:16x16", [None] * 256, search=False)[0]["mesh"]["tensor"] == 2

@@ -24,8 +24,9 @@ def cache_dir(tmp_path_factory):
 
 
 def tiny(cache_dir, name="mtp3", **overrides):
-    return load_config(name, overrides={"data.cache_dir": cache_dir, "eval_batches": 2, "sample_tokens": 0,
-                                        **overrides})
+    return load_config(
+        name, overrides={"data.cache_dir": cache_dir, "eval_batches": 2, "sample_tokens": 0, **overrides}
+    )
 
 
 def train_losses(workdir, key="train/loss_1") -> dict[int, float]:
@@ -49,8 +50,13 @@ def test_tiny_run_logs_every_head_and_head1_loss_falls(tiny_run, cache_dir):
     keys = set().union(*events)
     for k in (1, 2, 3):
         assert {f"train/loss_{k}", f"train/accuracy_{k}", f"eval/loss_{k}", f"eval/accuracy_{k}"} <= keys
-    assert {"eval/bits_per_byte", "model/param_count", "train/learning_rate", "train/grad_norm",
-            "train/tokens_per_sec"} <= keys
+    assert {
+        "eval/bits_per_byte",
+        "model/param_count",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/tokens_per_sec",
+    } <= keys
     losses = train_losses(workdir)
     assert sorted(losses) == list(range(1, 41))
     assert np.mean([losses[s] for s in range(36, 41)]) < np.mean([losses[s] for s in range(1, 6)]) - 1.0
@@ -96,8 +102,9 @@ def test_sharded_run_matches_single_device(cache_dir, tmp_path):
 
 
 def run_main(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "mtp_jax.main", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mtp_jax.main", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_bad_inputs_raise_one_clear_user_error(tmp_path, cache_dir):

@@ -37,11 +37,27 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     corpus = root / "corpus.txt"
     corpus.write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(300)))
-    config = load_config("base", overrides={
-        "use_mtp": True, "mtp_n_tokens": N, "mtp_head_type": "linear", "num_train_steps": 4, "log_every": 4,
-        "eval_every": 4, "checkpoint_every": 2, "eval_batches": 1, "sample_tokens": 0, "model.d_model": 32,
-        "model.n_layers": 1, "model.n_heads": 2, "model.mlp_dim": 64, "data.source": str(corpus),
-        "data.cache_dir": str(root / "cache"), "data.val_fraction": 0.1})
+    config = load_config(
+        "base",
+        overrides={
+            "use_mtp": True,
+            "mtp_n_tokens": N,
+            "mtp_head_type": "linear",
+            "num_train_steps": 4,
+            "log_every": 4,
+            "eval_every": 4,
+            "checkpoint_every": 2,
+            "eval_batches": 1,
+            "sample_tokens": 0,
+            "model.d_model": 32,
+            "model.n_layers": 1,
+            "model.n_heads": 2,
+            "model.mlp_dim": 64,
+            "data.source": str(corpus),
+            "data.cache_dir": str(root / "cache"),
+            "data.val_fraction": 0.1,
+        },
+    )
     train.run(config, root / "run")
     return root / "run"
 
@@ -53,8 +69,10 @@ def saved_params(run: pathlib.Path, step: int):
 
 def flat(tree) -> dict:
     """{'decoder/blocks/0/…': array}: orbax gives a list's items string keys, nnx integer ones."""
-    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(x)
-            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(x)
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def digest(folder: pathlib.Path) -> dict:
@@ -90,8 +108,7 @@ def error_lines(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("how", list(DAMAGE))
-def test_loading_skips_a_damaged_newest_checkpoint_for_the_previous_one_and_leaves_it(trained, tmp_path, capsys,
-                                                                                       how):
+def test_loading_skips_a_damaged_newest_checkpoint_for_the_previous_one_and_leaves_it(trained, tmp_path, capsys, how):
     run = damaged_copy(trained, tmp_path, how)
     before = digest(run)
     loaded = workdir.load(run)
@@ -140,18 +157,24 @@ def assert_only(notices: list[str], lines: list[str]) -> None:
 
 
 @pytest.mark.parametrize("how", list(DAMAGE))
-def test_loading_past_a_damaged_checkpoint_prints_its_two_notices_and_nothing_else(trained, tmp_path, stderr,
-                                                                                   how):
+def test_loading_past_a_damaged_checkpoint_prints_its_two_notices_and_nothing_else(trained, tmp_path, stderr, how):
     run = damaged_copy(trained, tmp_path, how)
     for _ in range(REPEATS):
         assert workdir.load(run).step == 2
     checkpoints = run / "checkpoints"
-    assert_only([f"checkpoint {checkpoints / '4'} is unusable (",
-                 f"using step 2 of {checkpoints}, the newest checkpoint that loads"] * REPEATS, stderr())
+    assert_only(
+        [
+            f"checkpoint {checkpoints / '4'} is unusable (",
+            f"using step 2 of {checkpoints}, the newest checkpoint that loads",
+        ]
+        * REPEATS,
+        stderr(),
+    )
 
 
-def test_a_read_still_pending_when_a_restore_fails_is_cancelled_and_prints_nothing_when_it_ends(trained, tmp_path,
-                                                                                                monkeypatch, stderr):
+def test_a_read_still_pending_when_a_restore_fails_is_cancelled_and_prints_nothing_when_it_ends(
+    trained, tmp_path, monkeypatch, stderr
+):
     """The timing forced: step 4's restore fails as orbax's do (tensorstore reads gathered in a
     fresh event loop, closed as soon as one of them fails) with the other read ending only after
     the loop closed."""
@@ -179,8 +202,7 @@ def test_a_read_still_pending_when_a_restore_fails_is_cancelled_and_prints_nothi
     assert workdir.load(run).step == 2
     promise.set_result(None)
     unusable = f"checkpoint {run / 'checkpoints' / '4'} is unusable (ValueError: DATA_LOSS: a damaged file)"
-    assert_only([f"{unusable}; trying the previous one", f"using step 2 of {run / 'checkpoints'}"],
-                stderr())
+    assert_only([f"{unusable}; trying the previous one", f"using step 2 of {run / 'checkpoints'}"], stderr())
     assert late_read.cancelled()
 
 
@@ -193,8 +215,9 @@ def abstract_state(trained):
 
 
 @pytest.mark.parametrize("how", list(DAMAGE))
-def test_resuming_past_a_damaged_checkpoint_prints_its_notice_and_nothing_else(trained, tmp_path, stderr,
-                                                                               abstract_state, how):
+def test_resuming_past_a_damaged_checkpoint_prints_its_notice_and_nothing_else(
+    trained, tmp_path, stderr, abstract_state, how
+):
     notices = []
     for attempt in range(REPEATS):  # training moves the damaged checkpoint aside: a fresh copy each time
         checkpoints = damaged_copy(trained, tmp_path / str(attempt), how) / "checkpoints"
@@ -209,12 +232,19 @@ def test_resuming_past_a_damaged_checkpoint_prints_its_notice_and_nothing_else(t
 def test_generate_past_a_damaged_checkpoint_prints_no_traceback(trained, tmp_path):
     """As a user runs it: whatever the failed restore left behind would also print at exit."""
     run = damaged_copy(trained, tmp_path, "manifest.ocdbt truncated")
-    result = subprocess.run([sys.executable, "-m", "mtp_jax.generate", f"--workdir={run}", f"--prompt={PROMPT}",
-                             "--max_new_tokens=2"], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "mtp_jax.generate", f"--workdir={run}", f"--prompt={PROMPT}", "--max_new_tokens=2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"using step 2 of {run / 'checkpoints'}" in result.stderr
-    assert not re.search(r"Traceback|Exception ignored|Event loop is closed|Task was destroyed", result.stderr), \
+    assert not re.search(r"Traceback|Exception ignored|Event loop is closed|Task was destroyed", result.stderr), (
         result.stderr[-3000:]
+    )
 
 
 def test_a_save_in_progress_is_left_alone_by_a_reader(trained, tmp_path):
@@ -237,8 +267,10 @@ def test_no_loadable_checkpoint_is_one_line_and_exit_2(trained, tmp_path, capsys
         main([f"--workdir={run}", *argv])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(error_lines(err)) == 1, err
-    assert error_lines(err)[0] == (f"error: no usable checkpoint in {run / 'checkpoints'}: steps 4, 2 are damaged "
-                                   "(see above); train the model again, in a new --workdir")
+    assert error_lines(err)[0] == (
+        f"error: no usable checkpoint in {run / 'checkpoints'}: steps 4, 2 are damaged "
+        "(see above); train the model again, in a new --workdir"
+    )
     assert len([line for line in err.splitlines() if "is unusable" in line]) == 2 and "<bound method" not in err
     assert not out.exists() and sorted(p.name for p in (run / "checkpoints").iterdir()) == ["2", "4"]
 
@@ -253,19 +285,29 @@ def test_max_new_tokens_past_the_cache_is_cut_with_a_notice(trained, capsys):
     out, err = run_generate(capsys, f"--workdir={trained}", f"--prompt={PROMPT}", "--max_new_tokens=100000")
     room = 32 - len(PROMPT)  # the cache holds seq_len = 32 positions
     assert out["new_tokens"] == room and out["step"] == 4
-    assert (f"--max_new_tokens=100000 does not fit: the cache's 32 positions hold the 4-token prompt and {room} new "
-            f"tokens, so at most {room} are generated") in err
+    assert (
+        f"--max_new_tokens=100000 does not fit: the cache's 32 positions hold the 4-token prompt and {room} new "
+        f"tokens, so at most {room} are generated"
+    ) in err
     assert out["compile_seconds"] > 0 and out["decode_seconds"] > 0
     assert out["tokens_per_sec"] == room / out["decode_seconds"]  # decoding alone, compiling apart
 
 
 def test_tree_size_past_the_heads_candidates_uses_all_of_them_with_a_notice(trained, capsys):
-    out, err = run_generate(capsys, f"--workdir={trained}", f"--prompt={PROMPT}", "--max_new_tokens=8",
-                            "--speculative", "--tree_size=1000000")
-    every = sum(8 ** depth for depth in range(1, N))  # 8 candidates per head, one head per depth
+    out, err = run_generate(
+        capsys,
+        f"--workdir={trained}",
+        f"--prompt={PROMPT}",
+        "--max_new_tokens=8",
+        "--speculative",
+        "--tree_size=1000000",
+    )
+    every = sum(8**depth for depth in range(1, N))  # 8 candidates per head, one head per depth
     assert every == 72 and len(out["tree"]) == every and out["new_tokens"] == 8
-    assert f"--tree_size=1000000 is more than the {N - 1} draft heads' candidates can fill: using the {every}-node " \
-           "tree of all of them" in err
+    assert (
+        f"--tree_size=1000000 is more than the {N - 1} draft heads' candidates can fill: using the {every}-node "
+        "tree of all of them" in err
+    )
 
 
 def test_task_probe_on_a_model_trained_on_text_is_refused_in_one_line(trained, capsys):
@@ -275,7 +317,8 @@ def test_task_probe_on_a_model_trained_on_text_is_refused_in_one_line(trained, c
     assert exit_.value.code == 2 and error_lines(err) == [
         f"error: --probe=task measures a model trained on a task (data.source='task:polyarith' or 'task:pathstar'), "
         f"and this one was trained on data.source={str(trained.parent / 'corpus.txt')!r}: use --probe=induction or "
-        "--probe=parse_rate"]
+        "--probe=parse_rate"
+    ]
 
 
 def test_the_commands_keep_the_test_sessions_compilation_cache(trained, capsys):
@@ -308,9 +351,23 @@ def user_env(home: pathlib.Path, **extra) -> dict:
 def test_a_second_generate_loads_every_program_from_the_default_cache(trained, tmp_path):
     counts = []
     for _ in range(2):
-        result = subprocess.run([sys.executable, "-c", COUNTING, f"--workdir={trained}", f"--prompt={PROMPT}",
-                                 "--max_new_tokens=4", "--speculative", "--json"], cwd=ROOT, env=user_env(tmp_path),
-                                capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                COUNTING,
+                f"--workdir={trained}",
+                f"--prompt={PROMPT}",
+                "--max_new_tokens=4",
+                "--speculative",
+                "--json",
+            ],
+            cwd=ROOT,
+            env=user_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stderr[-2000:]
         counts.append([int(x) for x in result.stderr.split("CACHE ")[1].split()])
     (asked, found), (asked_again, found_again) = counts
@@ -319,10 +376,13 @@ def test_a_second_generate_loads_every_program_from_the_default_cache(trained, t
 
 
 def cache_settings(env: dict) -> list[str]:
-    code = ("import jax; from mtp_jax import compilation_cache; compilation_cache.use_compilation_cache(); "
-            "print(jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=300)
+    code = (
+        "import jax; from mtp_jax import compilation_cache; compilation_cache.use_compilation_cache(); "
+        "print(jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.split()
 
@@ -330,7 +390,9 @@ def cache_settings(env: dict) -> list[str]:
 @pytest.mark.slow
 def test_the_cache_moves_with_its_variable_and_turns_off(tmp_path):
     assert cache_settings(user_env(tmp_path, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "here"))) == [
-        "True", str(tmp_path / "here")]
+        "True",
+        str(tmp_path / "here"),
+    ]
     assert cache_settings(user_env(tmp_path, JAX_ENABLE_COMPILATION_CACHE="false")) == ["False", "None"]
     assert not (tmp_path / ".cache").exists()
 
@@ -339,11 +401,14 @@ def test_the_host_fingerprint_equals_the_device_fingerprint_for_every_dtype():
     """Loading a model checks its parameters with NumPy, training checks the whole state on device:
     both must give the same rows, or every load would be refused."""
     rng = np.random.default_rng(0)
-    tree = {"f32": rng.normal(size=(3, 1000)).astype(np.float32),
-            "bf16": rng.normal(size=(77,)).astype(jax.numpy.bfloat16),
-            "i32": rng.integers(-2**31, 2**31 - 1, size=(5, 7), dtype=np.int32),
-            "u8": rng.integers(0, 255, size=(9,), dtype=np.uint8), "flag": np.array([True, False, True]),
-            "step": np.int32(12)}
+    tree = {
+        "f32": rng.normal(size=(3, 1000)).astype(np.float32),
+        "bf16": rng.normal(size=(77,)).astype(jax.numpy.bfloat16),
+        "i32": rng.integers(-(2**31), 2**31 - 1, size=(5, 7), dtype=np.int32),
+        "u8": rng.integers(0, 255, size=(9,), dtype=np.uint8),
+        "flag": np.array([True, False, True]),
+        "step": np.int32(12),
+    }
     rows, finite = checkpoint.host_fingerprint(tree)
     device_rows, device_finite = checkpoint.fingerprint(tree)
     assert rows == [tuple(r) for r in np.asarray(device_rows).tolist()] and finite == bool(device_finite) is True

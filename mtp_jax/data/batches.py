@@ -82,8 +82,14 @@ def steps_per_epoch(num_tokens: int | Sequence[int], *, window_len: int, batch_s
 
 
 def global_batch_starts(
-    num_tokens: int | Sequence[int], *, window_len: int, batch_size: int, seed: int, step: int,
-    num_epochs: int = 0, align: int = 1,
+    num_tokens: int | Sequence[int],
+    *,
+    window_len: int,
+    batch_size: int,
+    seed: int,
+    step: int,
+    num_epochs: int = 0,
+    align: int = 1,
 ) -> np.ndarray:
     """Start positions [batch_size] (int64) of the global batch at `step`, multiples of `align`
     (a task's example length, so that windows begin with a whole problem) from their piece's start.
@@ -142,15 +148,19 @@ def local_batch(
             "use a batch_size that is a multiple of the number of processes"
         )
     starts = global_batch_starts(
-        lengths(tokens), window_len=window_len, batch_size=batch_size, seed=seed, step=step,
-        num_epochs=num_epochs, align=align,
+        lengths(tokens),
+        window_len=window_len,
+        batch_size=batch_size,
+        seed=seed,
+        step=step,
+        num_epochs=num_epochs,
+        align=align,
     )
     rows = batch_size // process_count
     return _gather(tokens, starts[process_index * rows : (process_index + 1) * rows], window_len)
 
 
-def eval_windows(val_tokens, *, window_len: int, batch_size: int, num_batches: int,
-                 align: int = 1) -> np.ndarray:
+def eval_windows(val_tokens, *, window_len: int, batch_size: int, num_batches: int, align: int = 1) -> np.ndarray:
     """A fixed validation subset [num_batches, batch_size, window_len] (int32): evenly spaced
     over all windows (starts at multiples of `align` in their piece)."""
     pieces = lengths(val_tokens)

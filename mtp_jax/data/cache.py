@@ -26,11 +26,19 @@ from typing import Any
 import numpy as np
 import tqdm
 
-from mtp_jax.data import tasks
 from mtp_jax.data import shards as shards_lib
+from mtp_jax.data import tasks
 from mtp_jax.data import tokenizer as tokenizer_lib
-from mtp_jax.data.sources import (TOKEN_DTYPES, Document, Source, check_settings, read_text, resolve_source,
-                                  split_documents, val_count)
+from mtp_jax.data.sources import (
+    TOKEN_DTYPES,
+    Document,
+    Source,
+    check_settings,
+    read_text,
+    resolve_source,
+    split_documents,
+    val_count,
+)
 from mtp_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -81,8 +89,10 @@ def check_eot_id(data_cfg: Any, vocab_size: int) -> None:
     is on or not: a value that could never be right is refused before any data is read."""
     eot_id = int(data_cfg.get("eot_id", -1))
     if eot_id != -1 and not 0 <= eot_id < vocab_size:
-        raise UserError(f"data.eot_id={eot_id} is not an id of the {vocab_size}-id vocabulary: set the id that ends a "
-                        f"document (0 … {vocab_size - 1}), or -1 for the data's own")
+        raise UserError(
+            f"data.eot_id={eot_id} is not an id of the {vocab_size}-id vocabulary: set the id that ends a "
+            f"document (0 … {vocab_size - 1}), or -1 for the data's own"
+        )
 
 
 def document_eot_id(data_cfg: Any, data: TokenData) -> int | None:
@@ -96,12 +106,16 @@ def document_eot_id(data_cfg: Any, data: TokenData) -> int | None:
     if data.eot_id is not None:
         return data.eot_id
     if data.meta["tokenizer"] == "byte":
-        raise UserError(f"data.document_mask=True needs the id that ends a document, and {data.meta['source']} is "
-                        "byte tokens, which have none: set data.document_mask=False, or tokenize with BPE "
-                        f"(data.tokenizer='bpe', or mtp_jax.prepare --tokenizer=bpe), whose documents end with "
-                        f"{tokenizer_lib.EOT}")
-    raise UserError(f"data.document_mask=True needs the id that ends a document, and {data.meta['source']} "
-                    "records none: set data.eot_id (50256 for GPT-2 shards)")
+        raise UserError(
+            f"data.document_mask=True needs the id that ends a document, and {data.meta['source']} is "
+            "byte tokens, which have none: set data.document_mask=False, or tokenize with BPE "
+            f"(data.tokenizer='bpe', or mtp_jax.prepare --tokenizer=bpe), whose documents end with "
+            f"{tokenizer_lib.EOT}"
+        )
+    raise UserError(
+        f"data.document_mask=True needs the id that ends a document, and {data.meta['source']} "
+        "records none: set data.eot_id (50256 for GPT-2 shards)"
+    )
 
 
 def prepare(data_cfg: Any, *, show_progress: bool = True) -> TokenData:
@@ -129,9 +143,7 @@ def prepare(data_cfg: Any, *, show_progress: bool = True) -> TokenData:
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     _remove_dead_builds(cache_dir, final.name)
-    tmp = pathlib.Path(
-        tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{final.name}-{os.getpid()}-", dir=cache_dir)
-    )
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{final.name}-{os.getpid()}-", dir=cache_dir))
     tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable by others
     try:
         if source.kind == "shards":
@@ -152,9 +164,14 @@ def prepare(data_cfg: Any, *, show_progress: bool = True) -> TokenData:
 def _build_task(cfg: Any, source: Source, settings: dict, out: pathlib.Path) -> dict:
     """A task's problems packed into train/val token streams and their loss masks (tasks.pack)."""
     num_val = val_count(settings["num_train"], settings["val_fraction"])
-    problems = tasks.splits(tasks.from_config(cfg), num_train=settings["num_train"], num_val=num_val,
-                            eval_problems=settings["eval_problems"], seed=settings["seed"],
-                            split_seed=settings["split_seed"])
+    problems = tasks.splits(
+        tasks.from_config(cfg),
+        num_train=settings["num_train"],
+        num_val=num_val,
+        eval_problems=settings["eval_problems"],
+        seed=settings["seed"],
+        split_seed=settings["split_seed"],
+    )
     checksums, counts, dtype = {}, {}, _out_dtype(settings["vocab_size"])
     for split, split_problems in problems.items():
         streams = tasks.pack(split_problems, settings["example_len"])
@@ -163,11 +180,18 @@ def _build_task(cfg: Any, source: Source, settings: dict, out: pathlib.Path) -> 
                 writer.write(stream)
             checksums[split + suffix] = writer.sha256
         counts[split] = len(streams[0])
-    meta = _meta(settings, source, dtype, n_train_tokens=counts["train"], n_val_tokens=counts["val"],
-                 n_train_docs=len(problems["train"]), n_val_docs=len(problems["val"]), val_bytes=None,
-                 checksums=checksums)
-    return dict(meta, example_len=settings["example_len"],
-                task={k: v for k, v in settings.items() if k not in meta})
+    meta = _meta(
+        settings,
+        source,
+        dtype,
+        n_train_tokens=counts["train"],
+        n_val_tokens=counts["val"],
+        n_train_docs=len(problems["train"]),
+        n_val_docs=len(problems["val"]),
+        val_bytes=None,
+        checksums=checksums,
+    )
+    return dict(meta, example_len=settings["example_len"], task={k: v for k, v in settings.items() if k not in meta})
 
 
 def _out_dtype(vocab_size: int) -> str:
@@ -205,8 +229,15 @@ def _build_from_tokens(source: Source, settings: dict, out: pathlib.Path) -> dic
                 writer.write(part[i : i + _CHUNK_TOKENS])
         checksums[split] = writer.sha256
     return _meta(
-        settings, source, dtype, n_train_tokens=len(tokens) - n_val, n_val_tokens=n_val,
-        n_train_docs=None, n_val_docs=None, val_bytes=None, checksums=checksums,
+        settings,
+        source,
+        dtype,
+        n_train_tokens=len(tokens) - n_val,
+        n_val_tokens=n_val,
+        n_train_docs=None,
+        n_val_docs=None,
+        val_bytes=None,
+        checksums=checksums,
     )
 
 
@@ -214,12 +245,19 @@ def _build_shard_record(source: Source, settings: dict, out: pathlib.Path, show_
     """Checks token shards (headers, one format, every id below vocab_size) and returns the meta
     that maps them; copies the tokenizer of shards made by mtp_jax.prepare."""
     headerless = TOKEN_DTYPES[settings["token_dtype"]]
-    shards = {"train": [shards_lib.read_shard(p, headerless) for p in source.paths],
-              "val": [shards_lib.read_shard(pathlib.Path(p), headerless) for p in settings["val_paths"]]}
+    shards = {
+        "train": [shards_lib.read_shard(p, headerless) for p in source.paths],
+        "val": [shards_lib.read_shard(pathlib.Path(p), headerless) for p in settings["val_paths"]],
+    }
     shards_lib.check_same_format(shards["train"] + shards["val"])
     every = shards["train"] + shards["val"]
-    with tqdm.tqdm(total=sum(s.num_tokens * np.dtype(s.dtype).itemsize for s in every), unit="B", unit_scale=True,
-                   desc="checking shards", disable=not show_progress) as bar:
+    with tqdm.tqdm(
+        total=sum(s.num_tokens * np.dtype(s.dtype).itemsize for s in every),
+        unit="B",
+        unit_scale=True,
+        desc="checking shards",
+        disable=not show_progress,
+    ) as bar:
         for shard in every:
             shards_lib.check_ids(shard, settings["vocab_size"], bar.update)
     made_by = source.paths[0].parent / "meta.json"
@@ -231,10 +269,18 @@ def _build_shard_record(source: Source, settings: dict, out: pathlib.Path, show_
     # The validation text's size, when these are the validation shards prepare counted it for.
     val_bytes = made.get("val_bytes") if made.get("n_val_tokens") == n_tokens["val"] else None
     return dict(
-        format_version=FORMAT_VERSION, tokenizer=tokenizer, vocab_size=settings["vocab_size"],
-        dtype=np.dtype(every[0].dtype).name, n_train_tokens=n_tokens["train"], n_val_tokens=n_tokens["val"],
-        n_train_docs=made.get("n_train_docs"), n_val_docs=made.get("n_val_docs"), val_bytes=val_bytes,
-        eot_id=made.get("eot_id"), source=source.description, val_source=settings["val_source"],
+        format_version=FORMAT_VERSION,
+        tokenizer=tokenizer,
+        vocab_size=settings["vocab_size"],
+        dtype=np.dtype(every[0].dtype).name,
+        n_train_tokens=n_tokens["train"],
+        n_val_tokens=n_tokens["val"],
+        n_train_docs=made.get("n_train_docs"),
+        n_val_docs=made.get("n_val_docs"),
+        val_bytes=val_bytes,
+        eot_id=made.get("eot_id"),
+        source=source.description,
+        val_source=settings["val_source"],
         shards={split: [[str(s.path), s.offset, s.dtype, s.num_tokens] for s in shards[split]] for split in shards},
     )
 
@@ -254,8 +300,7 @@ def _build_from_text(source: Source, settings: dict, out: pathlib.Path, show_pro
         encode = tokenizer_lib.encode_bytes
     dtype = _out_dtype(settings["vocab_size"])
     stats = {}
-    bar = tqdm.tqdm(total=len(train_docs) + len(val_docs), unit="doc", desc="tokenizing",
-                    disable=not show_progress)
+    bar = tqdm.tqdm(total=len(train_docs) + len(val_docs), unit="doc", desc="tokenizing", disable=not show_progress)
     with bar:
         for split, docs in (("train", train_docs), ("val", val_docs)):
             stats[split] = _write_split(docs, encode, out / f"{split}.bin", dtype, bar)
@@ -265,9 +310,13 @@ def _build_from_text(source: Source, settings: dict, out: pathlib.Path, show_pro
     if stats["train"].n_tokens + stats["val"].n_tokens == 0:
         raise UserError(f"data.source {source.description} holds no text: pass UTF-8 text files")
     return _meta(
-        settings, source, dtype,
-        n_train_tokens=stats["train"].n_tokens, n_val_tokens=stats["val"].n_tokens,
-        n_train_docs=stats["train"].n_docs, n_val_docs=stats["val"].n_docs,
+        settings,
+        source,
+        dtype,
+        n_train_tokens=stats["train"].n_tokens,
+        n_val_tokens=stats["val"].n_tokens,
+        n_train_docs=stats["train"].n_docs,
+        n_val_docs=stats["val"].n_docs,
         val_bytes=stats["val"].n_bytes,
         checksums={split: s.sha256 for split, s in stats.items()},
     )
@@ -416,9 +465,15 @@ def publish(tmp: pathlib.Path, final: pathlib.Path) -> None:
 def _load(directory: pathlib.Path) -> TokenData:
     meta = json.loads((directory / "meta.json").read_text())
     if "shards" in meta:
-        train, val = (shards_lib.ShardedTokens([shards_lib.Shard(pathlib.Path(path), offset, dtype, n)
-                                                for path, offset, dtype, n in meta["shards"][split]])
-                      for split in ("train", "val"))
+        train, val = (
+            shards_lib.ShardedTokens(
+                [
+                    shards_lib.Shard(pathlib.Path(path), offset, dtype, n)
+                    for path, offset, dtype, n in meta["shards"][split]
+                ]
+            )
+            for split in ("train", "val")
+        )
         return TokenData(train=train, val=val, meta=meta, directory=directory)
     dtype = np.dtype(meta["dtype"]).newbyteorder("<")
 
@@ -427,7 +482,16 @@ def _load(directory: pathlib.Path) -> TokenData:
             return np.zeros(0, dtype)
         return np.memmap(directory / f"{split}{suffix}.bin", dtype=dtype, mode="r")
 
-    masks = ({split: tokens(split, "_mask", np.dtype(np.uint8)) for split in ("train", "val")}
-             if "example_len" in meta else {"train": None, "val": None})
-    return TokenData(train=tokens("train"), val=tokens("val"), meta=meta, directory=directory,
-                     train_mask=masks["train"], val_mask=masks["val"])
+    masks = (
+        {split: tokens(split, "_mask", np.dtype(np.uint8)) for split in ("train", "val")}
+        if "example_len" in meta
+        else {"train": None, "val": None}
+    )
+    return TokenData(
+        train=tokens("train"),
+        val=tokens("val"),
+        meta=meta,
+        directory=directory,
+        train_mask=masks["train"],
+        val_mask=masks["val"],
+    )

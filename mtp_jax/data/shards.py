@@ -40,7 +40,7 @@ class Shard:
 
 def header(num_tokens: int, dtype: str) -> bytes:
     """The llm.c header of a shard holding `num_tokens` ids of `dtype` ('<u2' or '<u4')."""
-    (magic, version), = [key for key, d in FORMATS.items() if d == np.dtype(dtype).str]
+    ((magic, version),) = [key for key, d in FORMATS.items() if d == np.dtype(dtype).str]
     ints = np.zeros(HEADER_INTS, "<i4")
     ints[:3] = magic, version, num_tokens
     return ints.tobytes()
@@ -66,12 +66,16 @@ def read_shard(path: pathlib.Path, headerless_dtype: str) -> Shard:
     if magic not in MAGICS:
         itemsize = np.dtype(headerless_dtype).itemsize
         if size == 0 or size % itemsize:
-            raise UserError(f"token shard {path} has {size} bytes, not a positive multiple of {itemsize} "
-                            f"({np.dtype(headerless_dtype).name}) and no llm.c header: check data.token_dtype or the file")
+            raise UserError(
+                f"token shard {path} has {size} bytes, not a positive multiple of {itemsize} "
+                f"({np.dtype(headerless_dtype).name}) and no llm.c header: check data.token_dtype or the file"
+            )
         return Shard(path, 0, np.dtype(headerless_dtype).str, size // itemsize)
     if len(head) < HEADER_BYTES:
-        raise UserError(f"token shard {path} has {size} bytes, less than its {HEADER_BYTES}-byte llm.c header: "
-                        "the file is truncated; fetch or prepare it again")
+        raise UserError(
+            f"token shard {path} has {size} bytes, less than its {HEADER_BYTES}-byte llm.c header: "
+            "the file is truncated; fetch or prepare it again"
+        )
     version, num_tokens = (int(x) for x in np.frombuffer(head[4:12], "<i4"))
     if (magic, version) not in FORMATS:
         known = ", ".join(f"magic {m} version {v} ({np.dtype(d).name})" for (m, v), d in FORMATS.items())
@@ -79,9 +83,11 @@ def read_shard(path: pathlib.Path, headerless_dtype: str) -> Shard:
     dtype = FORMATS[magic, version]
     held = (size - HEADER_BYTES) // np.dtype(dtype).itemsize
     if num_tokens != held or (size - HEADER_BYTES) % np.dtype(dtype).itemsize:
-        raise UserError(f"token shard {path}: its header says {num_tokens} tokens but the file holds "
-                        f"{size - HEADER_BYTES} bytes of {np.dtype(dtype).name} ids ({held} tokens): the file is "
-                        "truncated or not a shard; fetch or prepare it again")
+        raise UserError(
+            f"token shard {path}: its header says {num_tokens} tokens but the file holds "
+            f"{size - HEADER_BYTES} bytes of {np.dtype(dtype).name} ids ({held} tokens): the file is "
+            "truncated or not a shard; fetch or prepare it again"
+        )
     return Shard(path, HEADER_BYTES, dtype, num_tokens)
 
 
@@ -91,11 +97,15 @@ def check_same_format(shards: Sequence[Shard]) -> None:
     for shard in shards[1:]:
         if shard.has_header != first.has_header:
             with_header, without = (first, shard) if first.has_header else (shard, first)
-            raise UserError(f"token shard {without.path} does not start with an llm.c magic ({sorted(MAGICS)}) "
-                            f"but {with_header.path} does: remove the odd file from the glob, or fix it")
+            raise UserError(
+                f"token shard {without.path} does not start with an llm.c magic ({sorted(MAGICS)}) "
+                f"but {with_header.path} does: remove the odd file from the glob, or fix it"
+            )
         if shard.dtype != first.dtype:
-            raise UserError(f"token shard {shard.path} holds {np.dtype(shard.dtype).name} ids but {first.path} "
-                            f"holds {np.dtype(first.dtype).name}: use shards of one dtype")
+            raise UserError(
+                f"token shard {shard.path} holds {np.dtype(shard.dtype).name} ids but {first.path} "
+                f"holds {np.dtype(first.dtype).name}: use shards of one dtype"
+            )
 
 
 def check_ids(shard: Shard, vocab_size: int, progress: Callable[[int], None] = lambda n: None) -> None:
@@ -109,9 +119,11 @@ def check_ids(shard: Shard, vocab_size: int, progress: Callable[[int], None] = l
             chunk = np.frombuffer(f.read(min(_SCAN_TOKENS, shard.num_tokens - done) * itemsize), shard.dtype)
             bad = np.flatnonzero(chunk >= vocab_size)
             if len(bad):
-                raise UserError(f"token shard {shard.path} holds id {int(chunk[bad[0]])} >= "
-                                f"data.vocab_size={vocab_size} at token {done + int(bad[0])}: set data.vocab_size "
-                                "to the vocabulary the shards were tokenized with")
+                raise UserError(
+                    f"token shard {shard.path} holds id {int(chunk[bad[0]])} >= "
+                    f"data.vocab_size={vocab_size} at token {done + int(bad[0])}: set data.vocab_size "
+                    "to the vocabulary the shards were tokenized with"
+                )
             done += len(chunk)
             progress(len(chunk) * itemsize)
 

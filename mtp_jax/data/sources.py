@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from mtp_jax.data import tasks
 from mtp_jax.data import shards as shards_lib
+from mtp_jax.data import tasks
 from mtp_jax.data.tokenizer import BPE_MIN_VOCAB, BYTE_VOCAB, EOT, read_given
 from mtp_jax.errors import UserError
 
@@ -50,8 +50,10 @@ def resolve_source(source: str, field: str = "data.source") -> Source:
         stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
         root = stdlib / source.removeprefix("stdlib").strip("/")
         if not root.is_dir():
-            raise UserError(f"{field}={source!r}: the standard library has no package {root.name!r} "
-                            f"(in {stdlib}): name one of its directories, e.g. stdlib/email")
+            raise UserError(
+                f"{field}={source!r}: the standard library has no package {root.name!r} "
+                f"(in {stdlib}): name one of its directories, e.g. stdlib/email"
+            )
         files = [
             p
             for p in root.rglob("*.py")
@@ -72,7 +74,10 @@ def resolve_source(source: str, field: str = "data.source") -> Source:
         kind = {".bin": "bin", ".jsonl": "jsonl"}.get(path.suffix, "text")
         stat = path.stat()
         return Source(
-            kind, path.stem, f"{kind}:{path.resolve()}", (path,),
+            kind,
+            path.stem,
+            f"{kind}:{path.resolve()}",
+            (path,),
             ((str(path.resolve()), stat.st_size, stat.st_mtime_ns),),
         )
     if globlib.has_magic(source):
@@ -95,8 +100,7 @@ def _files_source(name: str, description: str, root: pathlib.Path, files: list) 
     # Sorted by path relative to the root, so the split is the same on every machine.
     files = sorted(files, key=lambda p: p.relative_to(root).as_posix())
     fingerprint = tuple(
-        (p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns)
-        for p, st in ((p, p.stat()) for p in files)
+        (p.relative_to(root).as_posix(), st.st_size, st.st_mtime_ns) for p, st in ((p, p.stat()) for p in files)
     )
     return Source("files", _safe_name(name), description, tuple(files), fingerprint)
 
@@ -121,8 +125,10 @@ def check_settings(cfg: Any, source: Source) -> dict:
     if source.kind == "shards":
         return _shard_settings(cfg, source, val_source, vocab_size)
     if val_source:
-        raise UserError(f"data.val_source={val_source!r} is only for a glob of token shards, and data.source="
-                        f"{cfg.source!r} is not one: leave data.val_source empty (data.val_fraction is held out)")
+        raise UserError(
+            f"data.val_source={val_source!r} is only for a glob of token shards, and data.source="
+            f"{cfg.source!r} is not one: leave data.val_source empty (data.val_fraction is held out)"
+        )
     if source.kind == "task":
         return dict(settings, **_task_settings(cfg, vocab_size))
     if source.kind == "bin":
@@ -130,15 +136,14 @@ def check_settings(cfg: Any, source: Source) -> dict:
         if dtype not in TOKEN_DTYPES:
             raise UserError(f"data.token_dtype={dtype!r} is not supported: use 'uint32' or 'uint16'")
         # An llm.c header names its own dtype; data.token_dtype is for flat files.
-        vocab_size = _token_file_vocab(source.paths[0], vocab_size,
-                                       None if shards_lib.has_header(source.paths[0]) else dtype)
+        vocab_size = _token_file_vocab(
+            source.paths[0], vocab_size, None if shards_lib.has_header(source.paths[0]) else dtype
+        )
         return dict(settings, tokenizer=None, vocab_size=vocab_size, token_dtype=dtype)
     tokenizer = str(cfg.tokenizer)
     if tokenizer == "byte":
         if vocab_size not in (0, BYTE_VOCAB):
-            raise UserError(
-                f"data.vocab_size={vocab_size} is invalid for tokenizer='byte': use 256 (or 0 for auto)"
-            )
+            raise UserError(f"data.vocab_size={vocab_size} is invalid for tokenizer='byte': use 256 (or 0 for auto)")
         vocab_size = BYTE_VOCAB
     elif tokenizer == "bpe":
         if vocab_size < BPE_MIN_VOCAB:
@@ -158,16 +163,24 @@ def given_tokenizer_settings(cfg: Any, path: str, vocab_size: int) -> dict:
     tokenizer = read_given(path)
     size = tokenizer.get_vocab_size()
     if vocab_size and vocab_size < size:
-        raise UserError(f"data.vocab_size={vocab_size} is smaller than the {size} tokens of data.tokenizer={path!r}: "
-                        f"set data.vocab_size={size} or more (0: the tokenizer's)")
+        raise UserError(
+            f"data.vocab_size={vocab_size} is smaller than the {size} tokens of data.tokenizer={path!r}: "
+            f"set data.vocab_size={size} or more (0: the tokenizer's)"
+        )
     eot_id = int(cfg.get("eot_id", -1))
     eot_id = tokenizer.token_to_id(EOT) if eot_id < 0 else eot_id
     if eot_id is not None and eot_id >= (vocab_size or size):
-        raise UserError(f"data.eot_id={eot_id} is not below vocab_size={vocab_size or size}: set the id that ends a "
-                        "document in this vocabulary")
-    return dict(tokenizer="bpe", tokenizer_file=str(pathlib.Path(path).expanduser().resolve()),
-                tokenizer_sha256=hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
-                vocab_size=vocab_size or size, eot_id=eot_id)
+        raise UserError(
+            f"data.eot_id={eot_id} is not below vocab_size={vocab_size or size}: set the id that ends a "
+            "document in this vocabulary"
+        )
+    return dict(
+        tokenizer="bpe",
+        tokenizer_file=str(pathlib.Path(path).expanduser().resolve()),
+        tokenizer_sha256=hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+        vocab_size=vocab_size or size,
+        eot_id=eot_id,
+    )
 
 
 def _token_file_vocab(path: pathlib.Path, vocab_size: int, dtype: str | None) -> int:
@@ -187,32 +200,45 @@ def _token_file_vocab(path: pathlib.Path, vocab_size: int, dtype: str | None) ->
     vocab_size = vocab_size or meta.get("vocab_size", 0)
     if vocab_size <= 0:
         raise UserError(
-            f"data.vocab_size=0 and no vocab_size in {meta_path} for token file {path}: "
-            "set data.vocab_size"
+            f"data.vocab_size=0 and no vocab_size in {meta_path} for token file {path}: set data.vocab_size"
         )
     return int(vocab_size)
 
 
 def _shard_settings(cfg: Any, source: Source, val_source: str, vocab_size: int) -> dict:
     if not val_source:
-        raise UserError(f"data.source={cfg.source!r} is a glob of token shards: name the validation shards with "
-                        "data.val_source (e.g. 'DIR/val_*.bin')")
+        raise UserError(
+            f"data.source={cfg.source!r} is a glob of token shards: name the validation shards with "
+            "data.val_source (e.g. 'DIR/val_*.bin')"
+        )
     val = resolve_source(val_source, "data.val_source")
     if val.kind not in ("shards", "bin"):
-        raise UserError(f"data.val_source={val_source!r} is not token shards: pass a glob of .bin shards or a .bin file")
+        raise UserError(
+            f"data.val_source={val_source!r} is not token shards: pass a glob of .bin shards or a .bin file"
+        )
     dtype = str(cfg.token_dtype)
     if dtype not in TOKEN_DTYPES:
         raise UserError(f"data.token_dtype={dtype!r} is not supported: use 'uint32' or 'uint16'")
     meta_path = source.paths[0].parent / "meta.json"  # mtp_jax.prepare writes one beside its shards
     known = _read_token_meta(meta_path).get("vocab_size", 0) if meta_path.is_file() else 0
     if vocab_size and vocab_size < known:
-        raise UserError(f"data.vocab_size={vocab_size} is smaller than the shards' vocabulary ({known}, {meta_path}): "
-                        f"use at least {known} (or 0 to read it)")
+        raise UserError(
+            f"data.vocab_size={vocab_size} is smaller than the shards' vocabulary ({known}, {meta_path}): "
+            f"use at least {known} (or 0 to read it)"
+        )
     if not (vocab_size or known):
-        raise UserError(f"data.vocab_size=0 and no vocab_size in {meta_path} for the shards {cfg.source!r}: set "
-                        "data.vocab_size (50304 for GPT-2 shards: 50257 padded to a multiple of 64)")
-    return dict(tokenizer=None, vocab_size=vocab_size or known, token_dtype=dtype, val_source=val.description,
-                val_paths=[str(p) for p in val.paths], val_fingerprint=val.fingerprint)
+        raise UserError(
+            f"data.vocab_size=0 and no vocab_size in {meta_path} for the shards {cfg.source!r}: set "
+            "data.vocab_size (50304 for GPT-2 shards: 50257 padded to a multiple of 64)"
+        )
+    return dict(
+        tokenizer=None,
+        vocab_size=vocab_size or known,
+        token_dtype=dtype,
+        val_source=val.description,
+        val_paths=[str(p) for p in val.paths],
+        val_fingerprint=val.fingerprint,
+    )
 
 
 def _read_token_meta(meta_path: pathlib.Path) -> dict:
@@ -222,21 +248,30 @@ def _read_token_meta(meta_path: pathlib.Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{meta_path} is not valid JSON ({e}): fix or delete it and set data.vocab_size") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("vocab_size", 0), int):
-        raise UserError(f"{meta_path} must be a JSON object with an integer vocab_size: fix or delete it "
-                        "and set data.vocab_size")
+        raise UserError(
+            f"{meta_path} must be a JSON object with an integer vocab_size: fix or delete it and set data.vocab_size"
+        )
     return meta
 
 
 def _task_settings(cfg: Any, vocab_size: int) -> dict:
     """What determines a task's cache: every task parameter but teacherless (an input transform)."""
     if str(cfg.tokenizer) != "byte" or vocab_size not in (0, BYTE_VOCAB):
-        raise UserError(f"data.source={cfg.source!r} is byte text: set data.tokenizer='byte' and "
-                        f"data.vocab_size=256 (got {cfg.tokenizer!r}, {vocab_size})")
+        raise UserError(
+            f"data.source={cfg.source!r} is byte text: set data.tokenizer='byte' and "
+            f"data.vocab_size=256 (got {cfg.tokenizer!r}, {vocab_size})"
+        )
     task = tasks.from_config(cfg)
-    return dict(tokenizer="byte", vocab_size=BYTE_VOCAB, task=task.name, **task.params,
-                num_train=int(cfg.task.num_train), seed=int(cfg.task.seed),
-                eval_problems=int(cfg.task.eval_problems),
-                example_len=tasks.example_len(task, int(cfg.task.example_len)))
+    return dict(
+        tokenizer="byte",
+        vocab_size=BYTE_VOCAB,
+        task=task.name,
+        **task.params,
+        num_train=int(cfg.task.num_train),
+        seed=int(cfg.task.seed),
+        eval_problems=int(cfg.task.eval_problems),
+        example_len=tasks.example_len(task, int(cfg.task.example_len)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,8 +313,15 @@ def _read_jsonl(path: pathlib.Path) -> list[str]:
     return docs
 
 
-_JSON_TYPES = {type(None): "null", bool: "true or false", int: "a number", float: "a number", str: "a string",
-               list: "a list", dict: "an object"}
+_JSON_TYPES = {
+    type(None): "null",
+    bool: "true or false",
+    int: "a number",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+}
 
 
 def jsonl_text(path: pathlib.Path, line_no: int, line: bytes, field: str, fix: str = "fix that line") -> str:
@@ -292,11 +334,15 @@ def jsonl_text(path: pathlib.Path, line_no: int, line: bytes, field: str, fix: s
     except UnicodeDecodeError:
         raise UserError(f"{where} is not UTF-8 text: {path.name} is not JSONL; remove it or fix the file") from None
     except json.JSONDecodeError as e:
-        raise UserError(f"{where} is not a JSON object with a {field!r} field (not JSON: {e.msg}): "
-                        "fix that line") from None
+        raise UserError(
+            f"{where} is not a JSON object with a {field!r} field (not JSON: {e.msg}): fix that line"
+        ) from None
     if not isinstance(record, dict) or field not in record:
-        has = (f"its fields: {', '.join(map(repr, record)) or 'none'}" if isinstance(record, dict)
-               else f"the line holds {_JSON_TYPES[type(record)]}")
+        has = (
+            f"its fields: {', '.join(map(repr, record)) or 'none'}"
+            if isinstance(record, dict)
+            else f"the line holds {_JSON_TYPES[type(record)]}"
+        )
         raise UserError(f"{where} is not a JSON object with a {field!r} field ({has}): {fix}")
     text = record[field]
     if not isinstance(text, str):

@@ -114,19 +114,25 @@ def _polyarith(max_train_ops: int, max_eval_ops: int) -> Task:
     if max_train_ops < 1:
         raise UserError(f"data.task.max_train_ops={max_train_ops} must be >= 1 (operations per expression)")
     if max_eval_ops < max_train_ops:
-        raise UserError(f"data.task.max_eval_ops={max_eval_ops} must be >= data.task.max_train_ops="
-                        f"{max_train_ops} (accuracy is measured in domain and beyond)")
+        raise UserError(
+            f"data.task.max_eval_ops={max_eval_ops} must be >= data.task.max_train_ops="
+            f"{max_train_ops} (accuracy is measured in domain and beyond)"
+        )
 
     def draw(rng: np.random.Generator, difficulty: str) -> Problem:
         text, value = _expression(rng, int(difficulty[1:]))
         return Problem(text + "=", "".join(map(str, value)), difficulty)
 
     # Longest: m binary operations, m + 1 leaves, "(" op ")" each; then '=', answer and END.
-    return Task("polyarith", dict(max_train_ops=max_train_ops, max_eval_ops=max_eval_ops),
-                tuple(f"m{m}" for m in range(1, max_train_ops + 1)),
-                tuple(f"m{m}" for m in range(1, max_eval_ops + 1)),
-                max_len=_DEGREE * (max_train_ops + 1) + 3 * max_train_ops + 1 + _DEGREE + 1,
-                min_prompt_len=1 + _DEGREE + 1, draw=draw)
+    return Task(
+        "polyarith",
+        dict(max_train_ops=max_train_ops, max_eval_ops=max_eval_ops),
+        tuple(f"m{m}" for m in range(1, max_train_ops + 1)),
+        tuple(f"m{m}" for m in range(1, max_eval_ops + 1)),
+        max_len=_DEGREE * (max_train_ops + 1) + 3 * max_train_ops + 1 + _DEGREE + 1,
+        min_prompt_len=1 + _DEGREE + 1,
+        draw=draw,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,9 +147,11 @@ def _pathstar(degree: int, arm_length: int, num_labels: int) -> Task:
         raise UserError(f"data.task.arm_length={arm_length} must be >= 1 (nodes per arm)")
     nodes = 1 + degree * arm_length
     if num_labels < nodes:
-        raise UserError(f"data.task.num_labels={num_labels} is too few for degree={degree} x arm_length="
-                        f"{arm_length} arms plus the start ({nodes} distinct nodes): raise num_labels to >= {nodes} "
-                        "or shorten the arms")
+        raise UserError(
+            f"data.task.num_labels={num_labels} is too few for degree={degree} x arm_length="
+            f"{arm_length} arms plus the start ({nodes} distinct nodes): raise num_labels to >= {nodes} "
+            "or shorten the arms"
+        )
     width = len(str(num_labels - 1))
     label = f"{{:0{width}d}}".format
     difficulty = f"d{degree}_l{arm_length}"
@@ -151,8 +159,9 @@ def _pathstar(degree: int, arm_length: int, num_labels: int) -> Task:
     def draw(rng: np.random.Generator, _: str) -> Problem:
         labels = rng.choice(num_labels, nodes, replace=False)
         start, arms = labels[0], labels[1:].reshape(degree, arm_length)
-        edges = [(start, arm[0]) for arm in arms] + [(arm[i], arm[i + 1]) for arm in arms
-                                                     for i in range(arm_length - 1)]
+        edges = [(start, arm[0]) for arm in arms] + [
+            (arm[i], arm[i + 1]) for arm in arms for i in range(arm_length - 1)
+        ]
         edges = [edges[i] for i in rng.permutation(len(edges))]
         path = [start, *arms[rng.integers(degree)]]
         prompt = ",".join(f"{label(u)}>{label(v)}" for u, v in edges) + f"/{label(start)},{label(path[-1])}="
@@ -160,9 +169,15 @@ def _pathstar(degree: int, arm_length: int, num_labels: int) -> Task:
 
     edges_len = degree * arm_length * (2 * width + 2) - 1  # "u>v" joined by ","
     prompt_len = edges_len + 1 + (2 * width + 1) + 1  # "/", "start,goal", "="
-    return Task("pathstar", dict(degree=degree, arm_length=arm_length, num_labels=num_labels),
-                (difficulty,), (difficulty,), max_len=prompt_len + (arm_length + 1) * (width + 1),
-                min_prompt_len=prompt_len, draw=draw)
+    return Task(
+        "pathstar",
+        dict(degree=degree, arm_length=arm_length, num_labels=num_labels),
+        (difficulty,),
+        (difficulty,),
+        max_len=prompt_len + (arm_length + 1) * (width + 1),
+        min_prompt_len=prompt_len,
+        draw=draw,
+    )
 
 
 # name -> the task built from config.data.task's fields
@@ -181,10 +196,11 @@ def task_name(source: str) -> str | None:
     """'polyarith' for data.source='task:polyarith'; None for a source that is not a task."""
     if not source.startswith("task:"):
         return None
-    name = source[len("task:"):]
+    name = source[len("task:") :]
     if name not in TASKS:
-        raise UserError(f"data.source={source!r} names an unknown task: choose one of "
-                        f"{', '.join('task:' + t for t in TASKS)}")
+        raise UserError(
+            f"data.source={source!r} names an unknown task: choose one of {', '.join('task:' + t for t in TASKS)}"
+        )
     return name
 
 
@@ -196,8 +212,9 @@ def from_config(data_cfg) -> Task:
         raise UserError(f"data.source={data_cfg.source!r} is not a task: name one as task:NAME")
     task = TASKS[name](t)
     if t.teacherless and name != "pathstar":
-        raise UserError(f"data.task.teacherless=True is defined for task:pathstar (fixed-length answers), "
-                        f"not task:{name}: drop it")
+        raise UserError(
+            f"data.task.teacherless=True is defined for task:pathstar (fixed-length answers), not task:{name}: drop it"
+        )
     for field in ("num_train", "eval_problems"):
         if t[field] < 1:
             raise UserError(f"data.task.{field}={t[field]} must be >= 1")
@@ -209,8 +226,10 @@ def example_len(task: Task, requested: int) -> int:
     if requested == 0:
         return task.max_len
     if requested < task.max_len:
-        raise UserError(f"data.task.example_len={requested} is shorter than the task's longest training problem "
-                        f"({task.max_len} bytes with its answer): use >= {task.max_len}, or 0 for exactly that")
+        raise UserError(
+            f"data.task.example_len={requested} is shorter than the task's longest training problem "
+            f"({task.max_len} bytes with its answer): use >= {task.max_len}, or 0 for exactly that"
+        )
     return requested
 
 
@@ -220,16 +239,26 @@ def check_config(config, n: int) -> None:
     task = from_config(config.data)
     length = example_len(task, int(config.data.task.example_len))
     if config.seq_len % length:
-        raise UserError(f"seq_len={config.seq_len} must be a multiple of the task's example length {length} "
-                        f"(so windows hold whole problems): use seq_len={-(-config.seq_len // length) * length}, "
-                        "or set data.task.example_len to a divisor of seq_len")
+        raise UserError(
+            f"seq_len={config.seq_len} must be a multiple of the task's example length {length} "
+            f"(so windows hold whole problems): use seq_len={-(-config.seq_len // length) * length}, "
+            "or set data.task.example_len to a divisor of seq_len"
+        )
     if n > task.min_prompt_len:
-        raise UserError(f"mtp_n_tokens={n} exceeds the task's shortest prompt ({task.min_prompt_len} bytes): the "
-                        "heads would reach into the next problem's answer; use fewer heads")
+        raise UserError(
+            f"mtp_n_tokens={n} exceeds the task's shortest prompt ({task.min_prompt_len} bytes): the "
+            "heads would reach into the next problem's answer; use fewer heads"
+        )
 
 
-def draw_problems(task: Task, rng: np.random.Generator, count: int, difficulties: tuple[str, ...],
-                  exclude: frozenset[str] = frozenset(), distinct: bool = True) -> list[Problem]:
+def draw_problems(
+    task: Task,
+    rng: np.random.Generator,
+    count: int,
+    difficulties: tuple[str, ...],
+    exclude: frozenset[str] = frozenset(),
+    distinct: bool = True,
+) -> list[Problem]:
     """`count` problems whose prompts are not in `exclude` (and, if `distinct`, not repeated),
     difficulties drawn uniformly."""
     problems, seen = [], set(exclude)
@@ -241,26 +270,36 @@ def draw_problems(task: Task, rng: np.random.Generator, count: int, difficulties
             if distinct:
                 seen.add(problem.prompt)
             problems.append(problem)
-    raise UserError(f"task:{task.name} with {task.params} has too few problems outside the held-out ones for "
-                    f"{count}: enlarge the task (e.g. data.task.num_labels) or lower data.task.eval_problems")
+    raise UserError(
+        f"task:{task.name} with {task.params} has too few problems outside the held-out ones for "
+        f"{count}: enlarge the task (e.g. data.task.num_labels) or lower data.task.eval_problems"
+    )
 
 
 def held_out(task: Task, per_difficulty: int, split_seed: int) -> dict[str, list[Problem]]:
     """The accuracy set: `per_difficulty` distinct problems of each eval difficulty, fixed by split_seed."""
-    return {d: draw_problems(task, np.random.default_rng([split_seed, 1, i]), per_difficulty, (d,))
-            for i, d in enumerate(task.eval_difficulties)}
+    return {
+        d: draw_problems(task, np.random.default_rng([split_seed, 1, i]), per_difficulty, (d,))
+        for i, d in enumerate(task.eval_difficulties)
+    }
 
 
-def splits(task: Task, *, num_train: int, num_val: int, eval_problems: int, seed: int,
-           split_seed: int) -> dict[str, list[Problem]]:
+def splits(
+    task: Task, *, num_train: int, num_val: int, eval_problems: int, seed: int, split_seed: int
+) -> dict[str, list[Problem]]:
     """Training and validation problems; neither the validation problems nor the accuracy set
     (`held_out(task, eval_problems, split_seed)`) ever appear in training."""
     held = {p.prompt for problems in held_out(task, eval_problems, split_seed).values() for p in problems}
-    val = draw_problems(task, np.random.default_rng([split_seed, 2]), num_val, task.train_difficulties,
-                        frozenset(held))
+    val = draw_problems(task, np.random.default_rng([split_seed, 2]), num_val, task.train_difficulties, frozenset(held))
     # Training problems are sampled i.i.d. (repeats allowed, as in the papers), held-out ones excluded.
-    train = draw_problems(task, np.random.default_rng([seed, 3]), num_train, task.train_difficulties,
-                          frozenset(held | {p.prompt for p in val}), distinct=False)
+    train = draw_problems(
+        task,
+        np.random.default_rng([seed, 3]),
+        num_train,
+        task.train_difficulties,
+        frozenset(held | {p.prompt for p in val}),
+        distinct=False,
+    )
     return {"train": train, "val": val}
 
 
@@ -274,7 +313,7 @@ def pack(problems: list[Problem], length: int) -> tuple[np.ndarray, np.ndarray]:
     mask = np.zeros(len(tokens), np.uint8)
     starts = np.arange(len(problems)) * length
     for start, p in zip(starts, problems):
-        mask[start + len(p.prompt): start + len(p.prompt) + len(p.answer) + 1] = 1
+        mask[start + len(p.prompt) : start + len(p.prompt) + len(p.answer) + 1] = 1
     return tokens, mask
 
 

@@ -70,9 +70,7 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     if meta["tokenizer"] == "byte":
         return ByteTokenizer()
     if meta["tokenizer"] == "bpe":
-        return BpeTokenizer(
-            tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")), meta["vocab_size"]
-        )
+        return BpeTokenizer(tokenizers.Tokenizer.from_file(str(directory / "tokenizer.json")), meta["vocab_size"])
     raise UserError(
         f"{directory} was prepared from the token file {meta['source']}: there is no tokenizer "
         "for a token-file dataset; prepare from text to encode or decode"
@@ -88,13 +86,17 @@ def read_given(path: str | os.PathLike) -> tokenizers.Tokenizer:
     if path.suffix == ".gguf" and path.is_file():
         return gguf.read_tokenizer(path)
     if not path.is_file():
-        raise UserError(f"data.tokenizer={str(path)!r} is not supported: use 'byte', 'bpe', or the path of a "
-                        "tokenizer.json, a folder holding one or a .gguf file")
+        raise UserError(
+            f"data.tokenizer={str(path)!r} is not supported: use 'byte', 'bpe', or the path of a "
+            "tokenizer.json, a folder holding one or a .gguf file"
+        )
     try:
         return tokenizers.Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 — the tokenizers library raises plain Exceptions
-        raise UserError(f"data.tokenizer={str(path)!r} is not a tokenizer the tokenizers library reads "
-                        f"({' '.join(str(e).split())[:120]}): name a tokenizer.json") from None
+        raise UserError(
+            f"data.tokenizer={str(path)!r} is not a tokenizer the tokenizers library reads "
+            f"({' '.join(str(e).split())[:120]}): name a tokenizer.json"
+        ) from None
 
 
 def bpe_eot_id(directory: str | os.PathLike) -> int:

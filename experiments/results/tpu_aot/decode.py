@@ -40,7 +40,10 @@ SIZES = (1, 16, 64, 256)
 # repetitive, which flatters acceptance.
 ACCEPTANCE = [
     ("nano byte model (repetitive output)", HERE.parent / "decoding" / "nano_n4_linear_five_modes_idle_xeon.json"),
-    ("SmolLM2-135M with 3 sequential heads (BPE, held-out code)", HERE.parent / "smollm2_heads" / "decoding_float32.json"),
+    (
+        "SmolLM2-135M with 3 sequential heads (BPE, held-out code)",
+        HERE.parent / "smollm2_heads" / "decoding_float32.json",
+    ),
 ]
 
 
@@ -71,8 +74,13 @@ def tokens_per_pass(path: pathlib.Path) -> dict:
     """Tokens per verify pass measured greedily: the chain's and a tree's, and that tree's size; and
     how repetitive the greedy outputs were (zlib ratio, against the true continuations')."""
     m = json.loads(path.read_text())
-    return {"chain": m["chain"]["mean_accepted"], "tree": m["tree"]["mean_accepted"], "tree_size": m["tree_size"],
-            "zlib": m["plain"]["output_compression_ratio"], "truth_zlib": m["truth_compression_ratio"]}
+    return {
+        "chain": m["chain"]["mean_accepted"],
+        "tree": m["tree"]["mean_accepted"],
+        "tree_size": m["tree_size"],
+        "zlib": m["plain"]["output_compression_ratio"],
+        "truth_zlib": m["truth_compression_ratio"],
+    }
 
 
 def crossover_tokens(row: dict) -> float:
@@ -84,17 +92,24 @@ def crossover_tokens(row: dict) -> float:
 def borrowed_speedup(row: dict, ratio: float | None, measured: dict) -> str:
     """Tokens per pass of `measured` ÷ the pass's cost in plain steps, for the chain and the tree
     size it was measured at; '' for other passes."""
-    per_pass = (measured["chain"] if row["pass"].startswith("verify chain")
-                else measured["tree"] if row["pass"] == f"verify tree of {measured['tree_size']}" else None)
+    per_pass = (
+        measured["chain"]
+        if row["pass"].startswith("verify chain")
+        else measured["tree"]
+        if row["pass"] == f"verify tree of {measured['tree_size']}"
+        else None
+    )
     return f"{per_pass / ratio:.2f}×" if per_pass and ratio else ""
 
 
 def render(results: dict, meta: dict) -> str:
     sources = [(label, path, tokens_per_pass(path)) for label, path in ACCEPTANCE]
-    borrowed = "; ".join(f"{label}: {m['chain']:.2f} for the chain, {m['tree']:.2f} for a tree of {m['tree_size']}, "
-                         f"its greedy outputs' zlib ratio {m['zlib']:.2f} against the true continuations' "
-                         f"{m['truth_zlib']:.2f} ([{path.name}](../{path.parent.name}/{path.name}))"
-                         for label, path, m in sources)
+    borrowed = "; ".join(
+        f"{label}: {m['chain']:.2f} for the chain, {m['tree']:.2f} for a tree of {m['tree_size']}, "
+        f"its greedy outputs' zlib ratio {m['zlib']:.2f} against the true continuations' "
+        f"{m['truth_zlib']:.2f} ([{path.name}](../{path.parent.name}/{path.name}))"
+        for label, path, m in sources
+    )
     lines = [
         "# Decoding compiled for one TPU chip ahead of time: bounds on a step, and borrowed acceptance",
         "",
@@ -134,33 +149,52 @@ def render(results: dict, meta: dict) -> str:
             if not rows:
                 continue
             plain = next((r for r in rows if r["pass"] == "plain, batch 1"), None)
-            lines += [f"## {preset} on {topology} ({chip.hbm_bytes / tpu.GiB:.0f} GiB, "
-                      f"{chip.peak_flops / 1e12:.0f} TFLOP/s, {chip.hbm_bytes_per_s / 1e9:.0f} GB/s)", "",
-                      "| pass | tokens | GiB | fits | GFLOP | HBM GB | compute ms | HBM ms | pass ms ≥ | bound "
-                      "| × plain step | " + " | ".join(f"predicted speedup, acceptance of the {label}"
-                                                        for label, _, _ in sources) + " |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(sources)]
+            lines += [
+                f"## {preset} on {topology} ({chip.hbm_bytes / tpu.GiB:.0f} GiB, "
+                f"{chip.peak_flops / 1e12:.0f} TFLOP/s, {chip.hbm_bytes_per_s / 1e9:.0f} GB/s)",
+                "",
+                "| pass | tokens | GiB | fits | GFLOP | HBM GB | compute ms | HBM ms | pass ms ≥ | bound "
+                "| × plain step | "
+                + " | ".join(f"predicted speedup, acceptance of the {label}" for label, _, _ in sources)
+                + " |",
+                "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(sources),
+            ]
             for r in rows:
                 if r["step_time_floor_s"] is None:
-                    lines.append(f"| {r['pass']} | {r['tokens']} | > {r['bytes_per_chip'] / tpu.GiB:.1f} | **no** "
-                                 "(the compiler refuses) | | | | | | | |" + " |" * len(sources))
+                    lines.append(
+                        f"| {r['pass']} | {r['tokens']} | > {r['bytes_per_chip'] / tpu.GiB:.1f} | **no** "
+                        "(the compiler refuses) | | | | | | | |" + " |" * len(sources)
+                    )
                     continue
-                ratio = (r["step_time_floor_s"] / plain["step_time_floor_s"]
-                         if plain and plain["step_time_floor_s"] else None)
+                ratio = (
+                    r["step_time_floor_s"] / plain["step_time_floor_s"]
+                    if plain and plain["step_time_floor_s"]
+                    else None
+                )
                 lines.append(
                     f"| {r['pass']} | {r['tokens']} | {r['bytes_per_chip'] / tpu.GiB:.1f} | "
                     f"{'yes' if r['fits'] else '**no**'} | {r['flops'] / 1e9:.0f} | {r['hbm_bytes'] / 1e9:.2f} | "
                     f"{1e3 * r['compute_s']:.2f} | {1e3 * r['hbm_s']:.2f} | {1e3 * r['step_time_floor_s']:.2f} | "
-                    f"{r['bound']} | " + (f"{ratio:.2f}" if ratio else "") + " | "
-                    + " | ".join(borrowed_speedup(r, ratio, m) for _, _, m in sources) + " |")
-            memory_bound = [r for r in rows if r["step_time_floor_s"] is not None and r["bound"] == "memory"
-                            and r["pass"].startswith("verify")]
+                    f"{r['bound']} | "
+                    + (f"{ratio:.2f}" if ratio else "")
+                    + " | "
+                    + " | ".join(borrowed_speedup(r, ratio, m) for _, _, m in sources)
+                    + " |"
+                )
+            memory_bound = [
+                r
+                for r in rows
+                if r["step_time_floor_s"] is not None and r["bound"] == "memory" and r["pass"].startswith("verify")
+            ]
             if memory_bound:
                 largest = max(memory_bound, key=lambda r: r["tokens"])
-                lines += ["", f"Memory-bound up to about {crossover_tokens(largest):.0f} tokens per pass "
-                          f"(extrapolated from the {largest['tokens']}-token pass: FLOPs grow with tokens, bytes "
-                          "hardly); a plain step's batch counts the same way, but each sequence adds its own "
-                          "cache to the bytes."]
+                lines += [
+                    "",
+                    f"Memory-bound up to about {crossover_tokens(largest):.0f} tokens per pass "
+                    f"(extrapolated from the {largest['tokens']}-token pass: FLOPs grow with tokens, bytes "
+                    "hardly); a plain step's batch counts the same way, but each sequence adds its own "
+                    "cache to the bytes.",
+                ]
             lines.append("")
     return "\n".join(lines)
 
@@ -176,8 +210,12 @@ def main() -> None:
     path = HERE / "decode.json"
     stored = json.loads(path.read_text()) if path.exists() else {}
     results = stored.get("rows", {})
-    meta = stored.get("meta") or {"jax": jax.__version__, "libtpu": importlib.metadata.version("libtpu"),
-                                  "python": platform.python_version(), "cpu": cpu_model()}
+    meta = stored.get("meta") or {
+        "jax": jax.__version__,
+        "libtpu": importlib.metadata.version("libtpu"),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+    }
 
     def save():
         path.write_text(json.dumps({"meta": meta, "rows": results}, indent=1))

@@ -73,9 +73,11 @@ def compile_row(config, topology: str, devices, meshes: list[tuple[int, int, int
     for mesh in meshes:
         tried.append(tpu_plan.topology_config(tpu_plan.with_mesh(config, *mesh), topology, devices))
         tried[-1]["load_average"] = os.getloadavg()[0]
-        print(f"  {tried[-1]['name']} mesh {mesh}: {tried[-1]['bytes_per_chip'] / tpu.GiB:.1f} GiB, "
-              f"step time >= {tried[-1]['step_time_floor_s']} s, compiled in {tried[-1]['compile_s']:.0f} s",
-              flush=True)
+        print(
+            f"  {tried[-1]['name']} mesh {mesh}: {tried[-1]['bytes_per_chip'] / tpu.GiB:.1f} GiB, "
+            f"step time >= {tried[-1]['step_time_floor_s']} s, compiled in {tried[-1]['compile_s']:.0f} s",
+            flush=True,
+        )
         if tried[-1]["fits"] and keep_first_fit:
             break
     fitting = [r for r in tried if r["fits"]]
@@ -86,11 +88,25 @@ def compile_row(config, topology: str, devices, meshes: list[tuple[int, int, int
         tried[-1]["load_average"] = os.getloadavg()[0]
         tried[-1]["remat"] = True
         fitting = [r for r in tried[-1:] if r["fits"]]
-    best = (min(fitting, key=lambda r: r["step_time_floor_s"]) if fitting
-            else min(tried, key=lambda r: r["bytes_per_chip"]))
-    return {**best, "remat": best.get("remat", False), "hbm_counted": HBM_TRAFFIC, "tried": [
-        {"mesh": r["mesh"], "remat": r.get("remat", False), "bytes_per_chip": r["bytes_per_chip"], "fits": r["fits"],
-         "step_time_floor_s": r["step_time_floor_s"], "compile_s": r["compile_s"]} for r in tried]}
+    best = (
+        min(fitting, key=lambda r: r["step_time_floor_s"]) if fitting else min(tried, key=lambda r: r["bytes_per_chip"])
+    )
+    return {
+        **best,
+        "remat": best.get("remat", False),
+        "hbm_counted": HBM_TRAFFIC,
+        "tried": [
+            {
+                "mesh": r["mesh"],
+                "remat": r.get("remat", False),
+                "bytes_per_chip": r["bytes_per_chip"],
+                "fits": r["fits"],
+                "step_time_floor_s": r["step_time_floor_s"],
+                "compile_s": r["compile_s"],
+            }
+            for r in tried
+        ],
+    }
 
 
 def run(presets, topologies, results: dict, save, baseline_meshes: int = 2) -> None:
@@ -116,8 +132,14 @@ def run(presets, topologies, results: dict, save, baseline_meshes: int = 2) -> N
                 else:
                     order = [base_mesh] + [m for m in meshes if m != base_mesh] if base_mesh else meshes
                     row = compile_row(config, topology, devices, order, keep_first_fit=True)
-                results[key] = {**row, "accelerator_type": name, "preset": preset, "setting": setting,
-                                "batch_size": config.batch_size, "seq_len": config.seq_len}
+                results[key] = {
+                    **row,
+                    "accelerator_type": name,
+                    "preset": preset,
+                    "setting": setting,
+                    "batch_size": config.batch_size,
+                    "seq_len": config.seq_len,
+                }
                 save()
 
 
@@ -131,13 +153,27 @@ def recompile(keys: list[str], results: dict, save) -> None:
         config = config_for(row["preset"], row["setting"], row["batch_size"])
         config.model.remat = row["remat"]
         print(f"{key}: again, mesh {tuple(row['mesh'].values())}", flush=True)
-        new = tpu_plan.topology_config(tpu_plan.with_mesh(config, *row["mesh"].values()), topology,
-                                       tpu.devices(topology))
-        tried = [{**t, "step_time_floor_s": new["step_time_floor_s"], "compile_s": new["compile_s"]}
-                 if t["mesh"] == row["mesh"] and t["remat"] == row["remat"] else t for t in row["tried"]]
-        results[key] = {**new, "load_average": os.getloadavg()[0], "remat": row["remat"], "hbm_counted": HBM_TRAFFIC,
-                        "tried": tried, "accelerator_type": name, "preset": row["preset"], "setting": row["setting"],
-                        "batch_size": row["batch_size"], "seq_len": row["seq_len"]}
+        new = tpu_plan.topology_config(
+            tpu_plan.with_mesh(config, *row["mesh"].values()), topology, tpu.devices(topology)
+        )
+        tried = [
+            {**t, "step_time_floor_s": new["step_time_floor_s"], "compile_s": new["compile_s"]}
+            if t["mesh"] == row["mesh"] and t["remat"] == row["remat"]
+            else t
+            for t in row["tried"]
+        ]
+        results[key] = {
+            **new,
+            "load_average": os.getloadavg()[0],
+            "remat": row["remat"],
+            "hbm_counted": HBM_TRAFFIC,
+            "tried": tried,
+            "accelerator_type": name,
+            "preset": row["preset"],
+            "setting": row["setting"],
+            "batch_size": row["batch_size"],
+            "seq_len": row["seq_len"],
+        }
         save()
 
 
@@ -150,10 +186,19 @@ def with_bounds(row: dict) -> dict:
     config = config_for(row["preset"], row["setting"], row["batch_size"])
     config.model.remat = row["remat"]
     chip = tpu.chip_of(tpu.topology_name(row["accelerator_type"]))
-    return {**row, **tpu_plan.pod_bounds(config, vocab_size(config), chip, row["chips"],
-                                         row["hbm_bytes_per_chip"], sum(row["collective_bytes_per_chip"].values()),
-                                         row["ici_latency_s"] or 0.0),
-            "ici_latency_s": row["ici_latency_s"]}
+    return {
+        **row,
+        **tpu_plan.pod_bounds(
+            config,
+            vocab_size(config),
+            chip,
+            row["chips"],
+            row["hbm_bytes_per_chip"],
+            sum(row["collective_bytes_per_chip"].values()),
+            row["ici_latency_s"] or 0.0,
+        ),
+        "ici_latency_s": row["ici_latency_s"],
+    }
 
 
 def ms_range(seconds: list[float]) -> str:
@@ -169,29 +214,45 @@ def key_numbers(results: dict) -> list[str]:
         if r.get("refused_by_compiler"):
             lines.append(f"- {key}: does not fit (temporaries alone over {gib(r)}).")
             continue
-        latency = ("no latency recorded" if r["ici_latency_s"] is None
-                   else f"{1e3 * r['ici_latency_s']:.0f} ms of it assumed latency")
-        split = (f"compute {1e3 * r['compute_s']:.0f} ms, HBM {1e3 * r['hbm_s']:.0f} ms"
-                 f"{'' if r['hbm_counted'] == HBM_TRAFFIC else ' (floor)'}, collectives {1e3 * r['ici_s']:.0f} ms, "
-                 f"{latency}")
+        latency = (
+            "no latency recorded"
+            if r["ici_latency_s"] is None
+            else f"{1e3 * r['ici_latency_s']:.0f} ms of it assumed latency"
+        )
+        split = (
+            f"compute {1e3 * r['compute_s']:.0f} ms, HBM {1e3 * r['hbm_s']:.0f} ms"
+            f"{'' if r['hbm_counted'] == HBM_TRAFFIC else ' (floor)'}, collectives {1e3 * r['ici_s']:.0f} ms, "
+            f"{latency}"
+        )
         largest = r["largest_collective"]
         where = "the layer loop" if "while" in largest["from"] else "the step"
         expected = [100 * m for m in r["expected_mfu_range"]]
-        lines.append(f"- {key}: {'fits' if r['fits'] else '**does not fit**'} at {gib(r)} per chip with "
-                     f"{mesh(r)}{' and remat' if r['remat'] else ''} ({len(r['tried'])} mesh(es) compiled); "
-                     f"step time ≥ {1e3 * r['step_time_floor_s']:.0f} ms ({split}), MFU ≤ "
-                     f"{100 * r['mfu_ceiling']:.0f} %, HFU ≤ {100 * r['hfu_ceiling']:.0f} %; expected "
-                     f"{ms_range(r['expected_step_time_s_range'])} ms, MFU {expected[0]:.0f}-{expected[1]:.0f} %; "
-                     f"largest collective {largest['op']} {largest['bytes'] / 1e9:.2f} GB per chip per step "
-                     f"({largest['count']} × in `{largest['from'].split('/')[-1]}` of {where})"
-                     f"; this mesh compiled in {r['compile_s']:.0f} s wall"
-                     + (f" ({r['compile_cpu_s']:.0f} CPU-seconds)" if "compile_cpu_s" in r else "")
-                     + f" at load average {r['load_average']:.0f} on the 2 cores.")
-    missing = [f"{name} {preset} {setting}" for preset in PRESETS for name in TOPOLOGIES for setting in SETTINGS
-               if f"{name} {preset} {setting}" not in results]
+        lines.append(
+            f"- {key}: {'fits' if r['fits'] else '**does not fit**'} at {gib(r)} per chip with "
+            f"{mesh(r)}{' and remat' if r['remat'] else ''} ({len(r['tried'])} mesh(es) compiled); "
+            f"step time ≥ {1e3 * r['step_time_floor_s']:.0f} ms ({split}), MFU ≤ "
+            f"{100 * r['mfu_ceiling']:.0f} %, HFU ≤ {100 * r['hfu_ceiling']:.0f} %; expected "
+            f"{ms_range(r['expected_step_time_s_range'])} ms, MFU {expected[0]:.0f}-{expected[1]:.0f} %; "
+            f"largest collective {largest['op']} {largest['bytes'] / 1e9:.2f} GB per chip per step "
+            f"({largest['count']} × in `{largest['from'].split('/')[-1]}` of {where})"
+            f"; this mesh compiled in {r['compile_s']:.0f} s wall"
+            + (f" ({r['compile_cpu_s']:.0f} CPU-seconds)" if "compile_cpu_s" in r else "")
+            + f" at load average {r['load_average']:.0f} on the 2 cores."
+        )
+    missing = [
+        f"{name} {preset} {setting}"
+        for preset in PRESETS
+        for name in TOPOLOGIES
+        for setting in SETTINGS
+        if f"{name} {preset} {setting}" not in results
+    ]
     if missing:
-        lines += ["", f"Not compiled yet ({len(missing)} rows; `run.py` resumes where results.json stops): "
-                  + ", ".join(missing) + "."]
+        lines += [
+            "",
+            f"Not compiled yet ({len(missing)} rows; `run.py` resumes where results.json stops): "
+            + ", ".join(missing)
+            + ".",
+        ]
     return lines
 
 
@@ -262,18 +323,21 @@ def table_row(preset: str, setting: str, r: dict, base: dict | None) -> str:
     mesh = ",".join(str(s) for s in r["mesh"].values())
     head = f"| {preset} | {setting} | {r['batch_size']} × {r['seq_len']} | {mesh} | {'yes' if r['remat'] else 'no'} | "
     if r.get("refused_by_compiler"):
-        return (head + f"> {r['bytes_per_chip'] / tpu.GiB:.0f} (temporaries; the compiler refuses) | **no** |"
-                + " |" * 13)
+        return (
+            head + f"> {r['bytes_per_chip'] / tpu.GiB:.0f} (temporaries; the compiler refuses) | **no** |" + " |" * 13
+        )
     largest, (low, high) = r["largest_collective"], r["expected_mfu_range"]
-    return (head + f"{r['bytes_per_chip'] / tpu.GiB:.1f} | {'yes' if r['fits'] else '**no**'} | "
-            f"{r['model_flops_per_step'] / 1e15:.2f} / {r['hardware_flops_per_step'] / 1e15:.2f} | "
-            f"{1e3 * r['compute_s']:.0f} | {1e3 * r['hbm_s']:.0f}{'' if r['hbm_counted'] == HBM_TRAFFIC else '*'} | "
-            f"{1e3 * r['ici_s']:.0f} | {1e3 * r['step_time_floor_s']:.0f} | "
-            f"{r['tokens_per_sec_per_chip_ceiling']:.0f} | "
-            f"{100 * r['mfu_ceiling']:.1f} % | {100 * r['hfu_ceiling']:.1f} % | {100 * low:.0f}-{100 * high:.0f} % | "
-            f"{ms_range(r['expected_step_time_s_range'])} | {delta('step_time_floor_s')} | {delta('bytes_per_chip')} | "
-            + (f"{largest['op']} {largest['bytes'] / 1e9:.2f} GB ×{largest['count']}" if largest else "-")
-            + f" | {sum(t['compile_s'] for t in r['tried']):.0f} |")
+    return (
+        head + f"{r['bytes_per_chip'] / tpu.GiB:.1f} | {'yes' if r['fits'] else '**no**'} | "
+        f"{r['model_flops_per_step'] / 1e15:.2f} / {r['hardware_flops_per_step'] / 1e15:.2f} | "
+        f"{1e3 * r['compute_s']:.0f} | {1e3 * r['hbm_s']:.0f}{'' if r['hbm_counted'] == HBM_TRAFFIC else '*'} | "
+        f"{1e3 * r['ici_s']:.0f} | {1e3 * r['step_time_floor_s']:.0f} | "
+        f"{r['tokens_per_sec_per_chip_ceiling']:.0f} | "
+        f"{100 * r['mfu_ceiling']:.1f} % | {100 * r['hfu_ceiling']:.1f} % | {100 * low:.0f}-{100 * high:.0f} % | "
+        f"{ms_range(r['expected_step_time_s_range'])} | {delta('step_time_floor_s')} | {delta('bytes_per_chip')} | "
+        + (f"{largest['op']} {largest['bytes'] / 1e9:.2f} GB ×{largest['count']}" if largest else "-")
+        + f" | {sum(t['compile_s'] for t in r['tried']):.0f} |"
+    )
 
 
 def render(results: dict, meta: dict) -> str:
@@ -284,12 +348,15 @@ def render(results: dict, meta: dict) -> str:
         if not rows:
             continue
         chip = tpu.chip_of(tpu.topology_name(name))
-        lines += [f"## {name} ({tpu.topology_name(name)}, {rows[0]['chips']} chips, {chip.hbm_bytes / tpu.GiB:.0f} GiB "
-                  f"each; expected: {chip.band_source})", "",
-                  "| preset | setting | batch | mesh d,f,t | remat | GiB/chip | fits | PFLOP/step model / hardware "
-                  "| compute ms | HBM ms | ICI ms | step ms ≥ | tok/s/chip ≤ | MFU ≤ | HFU ≤ | expected MFU "
-                  "| expected step ms | Δ step ≥ | Δ memory | largest collective | compile s (all tried) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {name} ({tpu.topology_name(name)}, {rows[0]['chips']} chips, {chip.hbm_bytes / tpu.GiB:.0f} GiB "
+            f"each; expected: {chip.band_source})",
+            "",
+            "| preset | setting | batch | mesh d,f,t | remat | GiB/chip | fits | PFLOP/step model / hardware "
+            "| compute ms | HBM ms | ICI ms | step ms ≥ | tok/s/chip ≤ | MFU ≤ | HFU ≤ | expected MFU "
+            "| expected step ms | Δ step ≥ | Δ memory | largest collective | compile s (all tried) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for preset in PRESETS:
             for setting in SETTINGS:
                 r = results.get(f"{name} {preset} {setting}")
@@ -305,15 +372,23 @@ def main() -> None:
     parser.add_argument("--topologies", default=",".join(TOPOLOGIES), help="comma-separated accelerator types")
     parser.add_argument("--render", action="store_true", help="only rewrite results.md from results.json")
     parser.add_argument("--baseline_meshes", type=int, default=2, help="fsdp-major meshes a baseline tries")
-    parser.add_argument("--recompile", default="", help="comma-separated rows to compile again, e.g. "
-                        "'v5p-128 1b baseline,v5p-128 1b linear n=4'")
+    parser.add_argument(
+        "--recompile",
+        default="",
+        help="comma-separated rows to compile again, e.g. 'v5p-128 1b baseline,v5p-128 1b linear n=4'",
+    )
     args = parser.parse_args()
     jax.config.update("jax_platforms", "cpu")
     path = HERE / "results.json"
     stored = json.loads(path.read_text()) if path.exists() else {}
     results = {key: with_bounds(row) for key, row in stored.get("rows", {}).items()}
-    meta = stored.get("meta") or {"jax": jax.__version__, "libtpu": importlib.metadata.version("libtpu"),
-                                  "python": platform.python_version(), "cpu": cpu_model(), "cores": os.cpu_count()}
+    meta = stored.get("meta") or {
+        "jax": jax.__version__,
+        "libtpu": importlib.metadata.version("libtpu"),
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+    }
 
     def save():  # merged with rows another run (of other topologies) may have written meanwhile
         if path.exists():
