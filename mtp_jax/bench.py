@@ -5,7 +5,7 @@ here), or on a TPU pod the memory and bounds on the speed.
     python -m mtp_jax.bench --config=configs/mtp4.py:1b --topology=v5p:4x4x4 [--search_mesh] [--json]
     python -m mtp_jax.bench --config=configs/mtp4.py:1b --topology=v5e:1x1 --decode=1,16,64,256
 
-It compiles the real train step (`train.make_train_step`, the one `main` runs) on all local
+It compiles the real train step (`train_step.make_train_step`, the one `main` runs) on all local
 devices, feeds it fresh random windows (no data is read), and times steps one by one with
 `block_until_ready`, reporting the median. MFU divides the analytic model FLOPs by the step time
 and by a peak measured on the spot: the best of several large matmuls in the compute dtype.
@@ -59,7 +59,7 @@ from mtp_jax.config import validate
 from mtp_jax.errors import UserError
 from mtp_jax.flops import config_name, model_flops, vocab_size
 from mtp_jax.mtp import n_predict
-from mtp_jax.train import make_train_step
+from mtp_jax.train_step import make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.", lock_config=False)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per configuration.")

@@ -37,7 +37,7 @@ from mtp_jax.errors import UserError
 from mtp_jax.flops import config_name, hardware_flops, model_flops, vocab_size
 from mtp_jax.mtp import MTPModel, build_model, n_predict
 from mtp_jax.speculative import Tree
-from mtp_jax.train import make_train_step, memory_per_device
+from mtp_jax.train_step import make_train_step, memory_per_device
 
 PLATFORM = "tpu"  # what every program here is traced and compiled for
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp_jax import sharding, train
+from mtp_jax import sharding, train, train_step
 from mtp_jax import workdir as workdir_lib
 from mtp_jax.config import validate
 from mtp_jax.data import TokenData
@@ -117,7 +117,7 @@ def test_trunk_cache_runs_each_window_once_and_trains_as_the_trunk_would():
     data = TokenData(tokens, tokens[:64], {"vocab_size": 256}, None)
     mesh = sharding.make_mesh(plain.mesh, jax.devices()[:1])
     steps = train.total_steps(plain, data)
-    setups = [train.make_train_step(c, 256, mesh, steps) for c in (plain, cached)]
+    setups = [train_step.make_train_step(c, 256, mesh, steps) for c in (plain, cached)]
     states = [train.init_state(s, None, "", data) for s in setups]
     cache = TrunkCache(cached, data, setups[1].graphdef, mesh)
     for step in range(steps):
@@ -144,10 +144,10 @@ def test_fresh_training_sets_the_draft_vocabulary_from_the_data():
     )
     tokens = np.repeat(np.arange(8, dtype=np.uint16), [1, 9, 2, 8, 3, 7, 4, 6])
     data = TokenData(tokens, tokens, {"vocab_size": 256}, None)
-    setup = train.make_train_step(config, 256, sharding.make_mesh(config.mesh, jax.devices()[:1]), 2)
+    setup = train_step.make_train_step(config, 256, sharding.make_mesh(config.mesh, jax.devices()[:1]), 2)
     state = train.init_state(setup, None, "", data)
     np.testing.assert_array_equal(state["params"]["draft_vocab"], [1, 3, 5, 7])
-    assert "draft_vocab" not in train.trainable_part(state["params"], "all")
+    assert "draft_vocab" not in train_step.trainable_part(state["params"], "all")
     assert build_model(config, 256, seed=0).draft_vocab.shape == (4,)
 
 

@@ -17,7 +17,7 @@ import safetensors.numpy
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from mtp_jax import decoding, export, hf, hf_files, sharding, train
+from mtp_jax import decoding, export, hf, hf_files, sharding, train, train_step
 from mtp_jax import workdir as workdir_lib
 from mtp_jax.checkpoint import Checkpointer
 from mtp_jax.errors import UserError
@@ -228,7 +228,7 @@ def periodic_windows(steps: int, batch: int, length: int) -> np.ndarray:
 def test_heads_only_training_freezes_all_but_heads_and_the_heads_learn(head_type):
     config = config_for(3, head_type, trainable="heads", learning_rate=1e-2, warmup_steps=1, batch_size=8)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])  # one device: the fastest compile
-    setup = train.make_train_step(config, VOCAB, mesh, 12)
+    setup = train_step.make_train_step(config, VOCAB, mesh, 12)
     state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
     before = jax.device_get(state["params"])
     # Optimizer state exists for the heads only.

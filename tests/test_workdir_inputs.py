@@ -25,7 +25,7 @@ import pytest
 import tensorstore as ts
 from flax import nnx
 
-from mtp_jax import checkpoint, evaluate, export, generate, sharding, train, workdir
+from mtp_jax import checkpoint, evaluate, export, generate, sharding, train, train_step, workdir
 from tests.util import ROOT, load_config
 
 N = 3  # heads: two draft heads of 8 candidates each
@@ -211,7 +211,7 @@ def abstract_state(trained):
     """What training restores onto: the train state's shapes and shardings on this process's devices."""
     config = ml_collections.ConfigDict(json.loads((trained / "config.json").read_text()))
     mesh = sharding.make_mesh(config.mesh, jax.devices())
-    return train.make_train_step(config, config.vocab_size, mesh, config.num_train_steps).abstract_state
+    return train_step.make_train_step(config, config.vocab_size, mesh, config.num_train_steps).abstract_state
 
 
 @pytest.mark.parametrize("how", list(DAMAGE))
