@@ -166,7 +166,7 @@ def test_cache_is_reused_without_rebuilding(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path, corpus)
     first = prepare(cfg)
     builds = []
-    monkeypatch.setattr(cache, "_build_from_text", lambda *a: builds.append(a))
+    monkeypatch.setattr(cache, "build", lambda *a: builds.append(a))
     second = prepare(cfg)
     assert builds == []
     assert second.directory == first.directory
