@@ -159,10 +159,6 @@ class MTPModel(nnx.Module):
         head type's (heads.HeadType.hidden)."""
         return self.head_type.hidden(self, k, h_trunk, h_prev, next_tokens, positions, cache, cache_index, mask)
 
-    def head_matrix(self, k: int) -> Array:
-        """Head k's output projection [D, V] (or [D, K] over a draft vocabulary) in the compute dtype."""
-        return self.head_type.matrix(self, k)
-
     def hidden_states(self, tokens: Array, t: int, heads: int | None = None, h_trunk: Array | None = None):
         """Yields head k's hidden state before the final norm, [B, t, D], for k = 1 … heads (default
         n), with the true tokens as context: the trunk reads tokens[:, :t] and 'sequential' module
@@ -186,7 +182,7 @@ class MTPModel(nnx.Module):
 
     def output(self, k: int, h: Array) -> tuple[Array, Array]:
         """Head k's logits over its output vocabulary as (x [..., D], w [D, V or K]): x @ w."""
-        return self.head_type.features(self, k, h), self.head_matrix(k)
+        return self.head_type.output(self, k, h)
 
     @property
     def drafts_all_tokens(self) -> bool:

@@ -166,7 +166,7 @@ def test_teacher_forced_acceptance_matches_numpy():
     h, greedy = h_trunk, []
     for k in (1, 2, 3):
         h, _ = model.head_hidden(k, h_trunk, h, window[:, k - 1 : t + k - 1], positions)
-        greedy.append(np.argmax(np.asarray(model.decoder.final_norm(h) @ model.head_matrix(k)), -1))
+        greedy.append(np.argmax(np.asarray(model.decoder.final_norm(h) @ model.head_type.matrix(model, k)), -1))
     a2 = greedy[1][:, :9] == greedy[0][:, 1:]
     a3 = greedy[2][:, :8] == greedy[0][:, 2:]
     np.testing.assert_allclose(float(got["acceptance_2"]), a2.mean(), atol=1e-6)
