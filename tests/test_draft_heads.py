@@ -21,7 +21,7 @@ from mtp_jax.model import ModelShape
 from mtp_jax.mtp import MTPModel, build_model, draft_vocabulary, mtp_loss
 from mtp_jax.speculative import Tree
 from mtp_jax.trunk_cache import TrunkCache, trunk_outputs
-from tests.util import load_config
+from tests.util import load_config, tiny_run, write_code
 
 SHAPE = ModelShape(vocab_size=256, d_model=32, n_layers=2, n_heads=2, mlp_dim=64)
 IDS = np.sort(np.random.default_rng(0).choice(256, 96, replace=False)).astype(np.int32)
@@ -170,8 +170,7 @@ def test_config_check_names_the_bad_field(overrides, message):
 def test_heads_only_run_on_cached_trunk_outputs_trains_and_decodes(tmp_path):
     """The whole path: a run with every option of configs/smollm2_heads.py on a tiny model, then
     its workdir's heads draft with the saved draft vocabulary and reproduce greedy decoding."""
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"def f{i}(x):\n    return x + {i % 7}\n\n" for i in range(300)))
+    corpus = write_code(tmp_path / "corpus.txt", body=lambda i: f"x + {i % 7}")
     config = load_config(
         "base",
         overrides={
@@ -183,11 +182,7 @@ def test_heads_only_run_on_cached_trunk_outputs_trains_and_decodes(tmp_path):
             "trainable": "heads",
             "trunk_cache": True,
             "num_epochs": 2,
-            "eval_batches": 1,
-            "sample_tokens": 0,
-            "data.source": str(corpus),
-            "data.cache_dir": str(tmp_path / "cache"),
-            "data.val_fraction": 0.1,
+            **tiny_run(corpus, tmp_path / "cache"),
         },
     )
     metrics = train.run(config, tmp_path / "run")
