@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from benchmarks import torch_reference  # noqa: E402
 from mtp_jax import bench, flops, sharding  # noqa: E402
-from mtp_jax.train import make_train_step  # noqa: E402
+from mtp_jax.train_step import make_train_step  # noqa: E402
 
 CONFIGS = pathlib.Path(__file__).resolve().parent.parent / "configs"
 

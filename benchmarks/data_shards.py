@@ -27,7 +27,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mtp_jax import data, sharding, train  # noqa: E402  (after the repository root is on the path)
+from mtp_jax import data, sharding, train_step  # noqa: E402  (after the repository root is on the path)
 from mtp_jax.data import shards  # noqa: E402
 from mtp_jax.mtp import loss_weights  # noqa: E402
 
@@ -56,7 +56,7 @@ def data_seconds(tokens, batch_size: int, window_len: int, steps: int) -> list[f
 
 def step_seconds(config, steps: int) -> list[float]:
     mesh = sharding.make_mesh(config.mesh)
-    setup = train.make_train_step(config, config.data.vocab_size, mesh, steps + 1)
+    setup = train_step.make_train_step(config, config.data.vocab_size, mesh, steps + 1)
     window = jax.random.randint(
         jax.random.key(0), (config.batch_size, config.seq_len + len(loss_weights(config))), 0, config.data.vocab_size
     )

@@ -60,7 +60,7 @@ def op_times(run) -> tuple[collections.Counter, collections.Counter, collections
 
 def train_step_runner(config):
     from mtp_jax import sharding
-    from mtp_jax.train import make_train_step
+    from mtp_jax.train_step import make_train_step
 
     mesh = sharding.make_mesh(config.mesh)
     setup = make_train_step(config, flops.vocab_size(config), mesh, config.num_train_steps)

@@ -22,7 +22,7 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from mtp_jax import attention, bench, flops, sharding  # noqa: E402
-from mtp_jax.train import make_train_step  # noqa: E402
+from mtp_jax.train_step import make_train_step  # noqa: E402
 
 VARIANTS = {
     "xla": {"model.attention": "xla"},

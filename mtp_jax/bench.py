@@ -5,7 +5,7 @@ here), or on a TPU pod the memory and bounds on the speed.
     python -m mtp_jax.bench --config=configs/mtp4.py:1b --topology=v5p:4x4x4 [--search_mesh] [--json]
     python -m mtp_jax.bench --config=configs/mtp4.py:1b --topology=v5e:1x1 --decode=1,16,64,256
 
-It compiles the real train step (`train.make_train_step`, the one `main` runs) on all local
+It compiles the real train step (`train_step.make_train_step`, the one `main` runs) on all local
 devices, feeds it fresh random windows (no data is read), and times steps one by one with
 `block_until_ready`, reporting the median. MFU divides the analytic model FLOPs by the step time
 and by a peak measured on the spot: the best of several large matmuls in the compute dtype.
@@ -33,7 +33,7 @@ smallest tensor sizes), keeps the fastest that fits and says which; `--search_me
 
 `--topology … --decode=SIZES` costs decoding instead, on the topology's first chip: one plain
 decoding step at each batch in SIZES, and one greedy verify pass of the draft chain and of a tree
-of each size, each at a full KV cache of seq_len positions (`tpu_plan.one_pass`, the bodies of
+of each size, each at a full KV cache of seq_len positions (`tpu_decode.one_pass`, the bodies of
 its device loops), with the floor on each pass's time; a pass whose parameters and cache
 alone exceed the chip is left out with a notice (all of them: an error line). Decoding one sequence
 is memory-bound: a pass reads every parameter and
@@ -53,13 +53,13 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from mtp_jax import heads, sharding, tpu_plan
+from mtp_jax import heads, sharding, tpu_decode, tpu_plan
 from mtp_jax.cli import fail, parse_flags
 from mtp_jax.config import validate
 from mtp_jax.errors import UserError
 from mtp_jax.flops import config_name, model_flops, vocab_size
 from mtp_jax.mtp import n_predict
-from mtp_jax.train import make_train_step
+from mtp_jax.train_step import make_train_step
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':preset'.", lock_config=False)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object per configuration.")
@@ -244,7 +244,7 @@ def main(argv) -> None:
         jax.config.update("jax_platforms", "cpu")
         try:
             if _DECODE.value:
-                tpu_plan.main_decode(config, _TOPOLOGY.value, tpu_plan.decode_sizes(_DECODE.value), _JSON.value)
+                tpu_decode.main_decode(config, _TOPOLOGY.value, tpu_decode.decode_sizes(_DECODE.value), _JSON.value)
                 return
             tpu_plan.main_topology(
                 sweep_configs(config) if _SWEEP.value else [config], _TOPOLOGY.value, _SEARCH_MESH.value, _JSON.value

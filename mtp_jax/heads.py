@@ -119,10 +119,15 @@ class HeadType:
         column = column.at[model.draft_vocab[...]].set(jnp.arange(model.draft_vocab.shape[0], dtype=jnp.int32))
         return jnp.where(targets >= 0, column[jnp.maximum(targets, 0)], -1)
 
+    def output(self, model, k: int, h: Array) -> tuple[Array, Array]:
+        """Head k's logits over its output as (x [..., D], w [D, V']): x @ w, from its hidden state
+        [..., D]; the loss takes them apart to chunk and rematerialise the product."""
+        return self.features(model, k, h), self.matrix(model, k)
+
     def logits(self, model, k: int, h: Array) -> Array:
         """Head k's float32 logits over the whole vocabulary [..., V] from its hidden state
         [..., D]: what decoding, drafting and acceptance read (-inf outside a draft vocabulary)."""
-        logits = jnp.dot(self.features(model, k, h), self.matrix(model, k), preferred_element_type=jnp.float32)
+        logits = jnp.dot(*self.output(model, k, h), preferred_element_type=jnp.float32)
         if k == 1 or model.drafts_all_tokens:
             return logits
         full = jnp.full(logits.shape[:-1] + (model.decoder.shape.vocab_size,), -jnp.inf, logits.dtype)

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from mtp_jax import heads
-from mtp_jax.errors import UserError
+from mtp_jax.errors import UserError, need
 from mtp_jax.model import Decoder, ModelShape
 
 Array = jax.Array
@@ -53,6 +53,48 @@ class TrunkOutputs(NamedTuple):
 def n_predict(config) -> int:
     """How many tokens the model predicts per position (1 = plain next-token prediction)."""
     return config.mtp_n_tokens if config.use_mtp else 1
+
+
+def check_config(config) -> None:
+    """The MTP fields (config.validate): the number of tokens, the head type, the loss weights, the
+    targets and the draft vocabulary, and the layers the head type needs."""
+    need(
+        config.mtp_n_tokens >= 1, f"mtp_n_tokens={config.mtp_n_tokens} must be >= 1 (1 is plain next-token prediction)"
+    )
+    head_type = heads.get(config.mtp_head_type)
+    n = n_predict(config)
+    scheme = config.mtp_loss_weights
+    if scheme not in WEIGHT_SCHEMES:
+        try:
+            weights = [float(w) for w in scheme.split(",")]
+        except ValueError:
+            raise UserError(
+                f"mtp_loss_weights={scheme!r} is unknown: choose one of "
+                f"{', '.join(WEIGHT_SCHEMES)} or give n-1 comma-separated floats"
+            ) from None
+        need(
+            len(weights) == n - 1 or n == 1,
+            f"mtp_loss_weights={scheme!r} has {len(weights)} weights "
+            f"but mtp_n_tokens={n} needs {n - 1} (one per extra head)",
+        )
+    need(
+        config.seq_len > config.mtp_n_tokens,
+        f"seq_len={config.seq_len} must exceed mtp_n_tokens={config.mtp_n_tokens}: raise seq_len or lower mtp_n_tokens",
+    )
+    need(
+        config.mtp_targets in TARGETS,
+        f"mtp_targets={config.mtp_targets!r} is unknown: choose one of {', '.join(TARGETS)}",
+    )
+    need(config.mtp_draft_vocab >= 0, f"mtp_draft_vocab={config.mtp_draft_vocab} must be >= 0 (0: all tokens)")
+    need(
+        config.mtp_draft_vocab == 0 or head_type.shares_unembedding,
+        f"mtp_draft_vocab restricts the shared unembedding, which {head_type.name!r} heads do not use: choose "
+        f"another mtp_head_type, or set mtp_draft_vocab=0",
+    )
+    need(
+        config.model.n_layers >= head_type.min_layers,
+        f"model.n_layers={config.model.n_layers} is too small: {head_type.name!r} heads need >= {head_type.min_layers}",
+    )
 
 
 def auxiliary_weights(scheme: str, n: int) -> tuple[float, ...]:
@@ -117,10 +159,6 @@ class MTPModel(nnx.Module):
         head type's (heads.HeadType.hidden)."""
         return self.head_type.hidden(self, k, h_trunk, h_prev, next_tokens, positions, cache, cache_index, mask)
 
-    def head_matrix(self, k: int) -> Array:
-        """Head k's output projection [D, V] (or [D, K] over a draft vocabulary) in the compute dtype."""
-        return self.head_type.matrix(self, k)
-
     def hidden_states(self, tokens: Array, t: int, heads: int | None = None, h_trunk: Array | None = None):
         """Yields head k's hidden state before the final norm, [B, t, D], for k = 1 … heads (default
         n), with the true tokens as context: the trunk reads tokens[:, :t] and 'sequential' module
@@ -144,7 +182,7 @@ class MTPModel(nnx.Module):
 
     def output(self, k: int, h: Array) -> tuple[Array, Array]:
         """Head k's logits over its output vocabulary as (x [..., D], w [D, V or K]): x @ w."""
-        return self.head_type.features(self, k, h), self.head_matrix(k)
+        return self.head_type.output(self, k, h)
 
     @property
     def drafts_all_tokens(self) -> bool:

@@ -26,10 +26,27 @@ import math
 
 import jax.numpy as jnp
 
+from mtp_jax.errors import need
 from mtp_jax.mtp import auxiliary_weights, n_predict
 
 WEIGHT_SCHEDULES = ("constant", "stepped", "linear", "cosine")
 CURRICULA = ("none", "forward", "reverse")
+
+
+def check_config(config) -> None:
+    """The schedule and curriculum fields (config.validate)."""
+    need(config.mtp_weight >= 0, f"mtp_weight={config.mtp_weight} must be >= 0")
+    need(
+        config.mtp_weight_schedule in WEIGHT_SCHEDULES,
+        f"mtp_weight_schedule={config.mtp_weight_schedule!r} is unknown: choose one of {', '.join(WEIGHT_SCHEDULES)}",
+    )
+    need(config.mtp_weight_final >= 0, f"mtp_weight_final={config.mtp_weight_final} must be >= 0")
+    need(
+        config.mtp_curriculum in CURRICULA,
+        f"mtp_curriculum={config.mtp_curriculum!r} is unknown: choose one of {', '.join(CURRICULA)}",
+    )
+    for field in ("mtp_weight_switch", "mtp_curriculum_fraction"):
+        need(0 <= config[field] <= 1, f"{field}={config[field]} must be a fraction of training in [0, 1]")
 
 
 def weight_progress(schedule: str, step, steps: int, switch: float):

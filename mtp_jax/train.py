@@ -4,40 +4,43 @@
 {'params', 'opt_state', 'step', 'nonfinite_steps', 'first_nonfinite_step'}; everything that
 varies over a run (learning rate, batch, the decision to skip a bad update) is a function of the
 step, so a resumed run reproduces an uninterrupted one exactly.
+The compiled step is train_step.py's; what the run prints, train_report.py's.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
-import math
 import pathlib
 import signal
 import sys
 import threading
-import time
-from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from mtp_jax import data as data_lib
 from mtp_jax import hf, mtp, sharding, trunk_cache
-from mtp_jax.checkpoint import Checkpointer, abstract_like, check_writable
+from mtp_jax.checkpoint import Checkpointer, check_writable
 from mtp_jax.config import validate
 from mtp_jax.data import tasks
-from mtp_jax.decoding import sample
 from mtp_jax.errors import UserError
 from mtp_jax.evaluate import Evaluator
 from mtp_jax.metrics import MetricWriter, log
-from mtp_jax.mtp import TrunkOutputs, build_model, mtp_loss, n_predict
-from mtp_jax.schedules import head_weights, mtp_weight
+from mtp_jax.mtp import n_predict
+from mtp_jax.train_report import (
+    StepTimer,
+    log_eval,
+    log_setup,
+    print_sample,
+    print_summary,
+    report_progress,
+    train_scalars,
+)
+from mtp_jax.train_step import TrainSetup, make_train_step
 from mtp_jax.workdir import save_run_files
 
 # Config fields that fix the shape of the parameters (or of the optimizer state, 'trainable'): a
@@ -76,171 +79,6 @@ def total_steps(config, data) -> int:
     return config.num_train_steps
 
 
-def make_optimizer(config, steps: int):
-    """AdamW with linear warm-up then cosine decay to 10 % of the peak, and global-norm clipping.
-
-    No weight decay on vectors (norm scales) or on the embedding table."""
-    warmup = min(config.warmup_steps, max(steps - 1, 0))
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, warmup, max(steps, warmup + 1), end_value=0.1 * config.learning_rate
-    )
-
-    def decay_mask(params):
-        return jax.tree_util.tree_map_with_path(
-            lambda path, x: x.ndim >= 2 and "embedding" not in jax.tree_util.keystr(path), params
-        )
-
-    tx = optax.chain(
-        optax.clip_by_global_norm(config.grad_clip) if config.grad_clip > 0 else optax.identity(),
-        optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, weight_decay=config.weight_decay, mask=decay_mask),
-    )
-    return schedule, tx
-
-
-def trainable_part(params: dict, trainable: str) -> dict:
-    """The part of the parameters the optimizer updates (and holds state for): all of them, or
-    under trainable='heads' only `heads` (heads 2 … n; for 'parallel' heads head 1's block is the
-    decoder's last layer, so it stays frozen with the rest of the decoder). A draft vocabulary's
-    token ids are never trained."""
-    return (
-        {"heads": params["heads"]} if trainable == "heads" else {k: v for k, v in params.items() if k != "draft_vocab"}
-    )
-
-
-def train_step(
-    graphdef,
-    tx,
-    schedule,
-    weights_at,
-    chunk_size,
-    compute_shardings,
-    trainable,
-    eot_id,
-    targets,
-    state,
-    window,
-    mask=None,
-    inputs=None,
-    trunk=None,
-):
-    """One optimizer step. A non-finite loss or gradient leaves the parameters untouched and is
-    counted, so no NaN ever reaches the parameters (or a checkpoint); nan_policy decides on the
-    host whether the run stops. weights_at(step) gives each head's loss weight [n] (schedules.py).
-    A task's batch adds its loss mask and model inputs (mtp_loss); trunk_cache, the trunk's outputs.
-
-    Only the trainable parameters are differentiated: the frozen ones enter as constants, so
-    no gradient (and, when nothing trainable precedes them, no backward pass) is computed for
-    them and they come out bit-identical."""
-    step = state["step"]
-    weights = weights_at(step)
-
-    def loss_fn(trained):
-        params = jax.lax.with_sharding_constraint({**state["params"], **trained}, compute_shardings)
-        return mtp_loss(nnx.merge(graphdef, params), window, weights, chunk_size, mask, inputs, eot_id, targets, trunk)
-
-    trained = trainable_part(state["params"], trainable)
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], trained)
-    params = {**state["params"], **optax.apply_updates(trained, updates)}
-    finite = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
-    keep_old = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-    new_state = {
-        "params": keep_old(params, state["params"]),
-        "opt_state": keep_old(opt_state, state["opt_state"]),
-        "step": step + 1,
-        "nonfinite_steps": state["nonfinite_steps"] + (~finite).astype(jnp.int32),
-        "first_nonfinite_step": jnp.where(
-            (state["first_nonfinite_step"] < 0) & ~finite, step + 1, state["first_nonfinite_step"]
-        ),
-    }
-    metrics = {**metrics, "grad_norm": grad_norm, "learning_rate": schedule(step)}
-    if len(weights) > 1:
-        metrics.update({f"head_weight_{k}": weights[k - 1] for k in range(2, len(weights) + 1)})
-    return new_state, metrics
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainSetup:
-    """What a run (or the benchmark) needs to initialise a state and take compiled steps."""
-
-    graphdef: nnx.GraphDef
-    init_state: Callable[[], dict]  # () -> a fresh train state; jit it with out_shardings=state_shardings
-    abstract_state: dict  # ShapeDtypeStructs with shardings
-    state_shardings: dict
-    param_shardings: dict
-    n_params: int
-    # (state, window [B, T + n] int32 [, a task's mask and inputs, same shape] [, TrunkOutputs])
-    # -> (state, metrics); donates state
-    step_fn: jax.stages.Compiled
-
-
-def make_train_step(
-    config, vocab_size: int, mesh, steps: int, batch_arrays: int = 1, eot_id: int | None = None
-) -> TrainSetup:
-    """Model, optimizer and shardings for `config`, and the train step compiled once for `mesh`.
-
-    batch_arrays: 1 (window) for text, 3 (window, mask, inputs; all [B, T + n]) for a task.
-    eot_id: data.document_mask's end-of-text id (data.document_eot_id), None when off.
-    With config.trunk_cache the step also takes the frozen trunk's TrunkOutputs."""
-
-    def make_model():
-        return build_model(config, vocab_size, seed=config.seed, platform=mesh.devices.flat[0].platform)
-
-    graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model), nnx.Param)
-    axes = sharding.logical_axes(abstract_params)
-    schedule, tx = make_optimizer(config, steps)
-
-    def init_state():
-        params = nnx.to_pure_dict(nnx.split(make_model(), nnx.Param)[1])
-        return {
-            "params": params,
-            "opt_state": tx.init(trainable_part(params, config.trainable)),
-            "step": jnp.zeros((), jnp.int32),
-            "nonfinite_steps": jnp.zeros((), jnp.int32),
-            "first_nonfinite_step": -jnp.ones((), jnp.int32),
-        }
-
-    abstract_state = jax.eval_shape(init_state)
-    param_shardings = sharding.param_shardings(abstract_state["params"], axes, mesh)
-    state_shardings = sharding.state_shardings(abstract_state, param_shardings, mesh)
-    abstract_state = abstract_like(abstract_state, state_shardings)
-    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
-
-    batch_sharding = sharding.batch_sharding(mesh)
-    abstract_batch = jax.ShapeDtypeStruct(
-        (config.batch_size, config.seq_len + n_predict(config)), jnp.int32, sharding=batch_sharding
-    )
-    step = functools.partial(
-        train_step,
-        graphdef,
-        tx,
-        schedule,
-        functools.partial(head_weights, config, steps=steps),
-        config.loss_chunk_size,
-        sharding.compute_shardings(param_shardings),
-        config.trainable,
-        eot_id,
-        config.mtp_targets,
-    )
-    batch, batch_shardings = (abstract_batch,) * batch_arrays, (batch_sharding,) * batch_arrays
-    if config.trunk_cache:  # the step takes (state, window, the frozen trunk's outputs)
-        batch += (trunk_cache.abstract_outputs(config, batch_sharding),)
-        batch_shardings += (TrunkOutputs(*(batch_sharding,) * 3),)
-        step = functools.partial(trunk_cache.with_outputs, step)
-    step_fn = (
-        jax.jit(
-            step,
-            in_shardings=(state_shardings, *batch_shardings),
-            out_shardings=(state_shardings, None),
-            donate_argnums=0,
-        )
-        .lower(abstract_state, *batch)
-        .compile()
-    )
-    return TrainSetup(graphdef, init_state, abstract_state, state_shardings, param_shardings, n_params, step_fn)
-
-
 def check_workdir(workdir: pathlib.Path, config, vocab_size: int, has_checkpoints: bool) -> None:
     """Refuse to resume checkpoints of a differently shaped model (before anything is written)."""
     saved_path = workdir / "config.json"
@@ -264,17 +102,6 @@ def check_workdir(workdir: pathlib.Path, config, vocab_size: int, has_checkpoint
             f"workdir {workdir} holds checkpoints of a different model ({'; '.join(diffs)}): "
             "use a new --workdir, or the settings it was trained with"
         )
-
-
-def memory_per_device(memory) -> int:
-    """Bytes a compiled step needs on each device (its memory analysis describes one shard of the
-    SPMD program); the donated state's buffers are reused for the new state, so counted once."""
-    return (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        - memory.alias_size_in_bytes
-        + memory.temp_size_in_bytes
-    )
 
 
 def fetch(tree) -> dict:
@@ -331,6 +158,45 @@ def run(config, workdir, devices=None) -> dict:
     evaluator = Evaluator(config, data, setup.graphdef, mesh, param_shardings=setup.param_shardings, steps=steps)
 
     # ----------------------------------------------------------------------------- Loop
+    state, done, final_eval, last_scalars, stopped = train_loop(
+        config, data, mesh, setup, state, start, steps, checkpointer, writer, evaluator, is_main
+    )
+    checkpointer.wait()
+    checkpointer.close()
+    if stopped is not None:
+        writer.close()
+        log(
+            f"stopped by {stopped.signal} after step {done}: checkpoint saved in {workdir / 'checkpoints'}; "
+            "rerun the same command to continue"
+        )
+        return last_scalars
+    if not final_eval:  # resumed a run that had already finished: evaluate the restored state
+        final_eval = evaluator(state["params"], steps)
+        writer.write(steps, final_eval)
+    writer.close()
+    if is_main:
+        print_summary(config, workdir, final_eval, last_scalars)
+        if config.sample_tokens > 0 and data.meta.get("tokenizer") in ("byte", "bpe"):
+            print_sample(config, data.directory, nnx.merge(setup.graphdef, jax.device_get(state["params"])))
+    return {**final_eval, **last_scalars}
+
+
+def train_loop(
+    config,
+    data: data_lib.TokenData,
+    mesh,
+    setup: TrainSetup,
+    state: dict,
+    start: int,
+    steps: int,
+    checkpointer: Checkpointer,
+    writer: MetricWriter,
+    evaluator: Evaluator,
+    is_main: bool,
+) -> tuple[dict, int, dict, dict, StopRequest | None]:
+    """Steps `start` … `steps` - 1, logging, evaluating and saving as the config says, until the end
+    or a stop signal; returns (state, steps done, the last evaluation, the last train scalars, the
+    StopRequest that stopped the run or None)."""
     bar = tqdm(
         total=steps, initial=start, disable=not (is_main and sys.stderr.isatty()), unit="step", dynamic_ncols=True
     )
@@ -353,12 +219,7 @@ def run(config, workdir, devices=None) -> dict:
             final_eval = evaluator(state["params"], done)
             writer.write(done, final_eval)
             if is_main:
-                log(
-                    f"eval at step {done}: "
-                    + "  ".join(
-                        f"{k.split('/')[1]} {v:.4f}" for k, v in final_eval.items() if "loss" in k or "bits" in k
-                    )
-                )
+                log_eval(done, final_eval)
         stopping = stop.agreed(done, config.log_every)  # once per step: a signal may land any time
         if itstime(done, config.checkpoint_every, steps) or stopping:
             check_finite(state, config.nan_policy, checkpointer)
@@ -367,24 +228,7 @@ def run(config, workdir, devices=None) -> dict:
             break
     stop.release()
     bar.close()
-    checkpointer.wait()
-    checkpointer.close()
-    if stopping:
-        writer.close()
-        log(
-            f"stopped by {stop.signal} after step {done}: checkpoint saved in {workdir / 'checkpoints'}; "
-            "rerun the same command to continue"
-        )
-        return last_scalars
-    if not final_eval:  # resumed a run that had already finished: evaluate the restored state
-        final_eval = evaluator(state["params"], steps)
-        writer.write(steps, final_eval)
-    writer.close()
-    if is_main:
-        print_summary(config, workdir, final_eval, last_scalars)
-        if config.sample_tokens > 0 and data.meta.get("tokenizer") in ("byte", "bpe"):
-            print_sample(config, data.directory, nnx.merge(setup.graphdef, jax.device_get(state["params"])))
-    return {**final_eval, **last_scalars}
+    return state, done, final_eval, last_scalars, stop if stopping else None
 
 
 def init_state(setup: TrainSetup, imported: dict | None, init_from: str, data: data_lib.TokenData) -> dict:
@@ -420,85 +264,6 @@ def train_batch(config, data: data_lib.TokenData, mesh, step: int) -> tuple[jax.
         sharding.global_batch(a, mesh)
         for a in tasks.batch_rows(rows_of(data.train), mask, config.data.task.teacherless)
     )
-
-
-class StepTimer:
-    """Seconds per step since the previous reading (the host has waited for the step)."""
-
-    def __init__(self, step: int, tokens_per_step: int):
-        self.time, self.step, self.tokens_per_step = time.perf_counter(), step, tokens_per_step
-
-    def read(self, done: int) -> float:
-        now = time.perf_counter()
-        seconds, self.time, self.step = (now - self.time) / (done - self.step), now, done
-        return seconds
-
-
-def train_scalars(config, metrics: dict, timer: StepTimer, step: int, steps: int) -> dict:
-    """The train/… scalars logged after `step` from the step's metrics."""
-    step_time = timer.read(step + 1)
-    scalars = {f"train/{k}": v for k, v in metrics.items()}
-    if n_predict(config) > 1:
-        scalars["train/mtp_weight"] = float(mtp_weight(config, step, steps))
-    scalars.update(
-        {
-            "train/step_time_s": step_time,
-            "train/tokens_per_sec": timer.tokens_per_step / step_time,
-            "train/tokens_seen": (step + 1) * timer.tokens_per_step,
-        }
-    )
-    return scalars
-
-
-def report_progress(bar: tqdm, is_main: bool, done: int, steps: int, scalars: dict) -> None:
-    bar.set_postfix(loss_1=f"{scalars['train/loss_1']:.3f}", tok_s=f"{scalars['train/tokens_per_sec']:.0f}")
-    if bar.disable and is_main:
-        log(
-            f"step {done}/{steps}  loss_1 {scalars['train/loss_1']:.4f}  total {scalars['train/total_loss']:.4f}"
-            f"  {scalars['train/tokens_per_sec']:.0f} tok/s"
-        )
-
-
-def log_setup(config, setup: TrainSetup, mesh, steps: int) -> None:
-    mesh_desc = ", ".join(f"{a}={s}" for a, s in mesh.shape.items())
-    log(
-        f"{setup.n_params / 1e6:.2f}M parameters, {n_predict(config)} head(s) ({config.mtp_head_type}), mesh "
-        f"{mesh_desc}, {steps} steps of {config.batch_size}x{config.seq_len} tokens"
-    )
-    memory = setup.step_fn.memory_analysis()
-    if memory is not None:
-        log(
-            f"compiled train step needs {memory_per_device(memory) / 2**20:.1f} MiB per device: state and batch "
-            f"{memory.argument_size_in_bytes / 2**20:.1f} MiB, temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB"
-        )
-
-
-def print_summary(config, workdir: pathlib.Path, final_eval: dict, train_scalars: dict) -> None:
-    n = n_predict(config)
-    lines = [f"{'head':>6} {'predicts':>9} {'eval loss':>10} {'accuracy':>9}"]
-    lines += [
-        f"{k:>6} {'t+' + str(k):>9} {final_eval[f'eval/loss_{k}']:>10.4f} {final_eval[f'eval/accuracy_{k}']:>9.3f}"
-        for k in range(1, n + 1)
-    ]
-    if "eval/bits_per_byte" in final_eval:
-        lines.append(f"head-1 bits per byte: {final_eval['eval/bits_per_byte']:.4f}")
-    if n > 1:
-        lines.append(
-            "draft acceptance (teacher-forced): "
-            + "  ".join(f"head {k} {final_eval[f'generate/acceptance_{k}']:.3f}" for k in range(2, n + 1))
-            + f"; {final_eval['generate/mean_accepted']:.2f} tokens per verify pass"
-        )
-    if "train/tokens_per_sec" in train_scalars:
-        lines.append(f"training throughput: {train_scalars['train/tokens_per_sec']:.0f} tokens/s")
-    lines.append(f"outputs: {workdir / 'metrics.jsonl'}, {workdir / 'tensorboard'}, {workdir / 'checkpoints'}")
-    print("\n".join(["", "== summary " + "=" * 40, *lines]), flush=True)
-
-
-def print_sample(config, data_dir: pathlib.Path, model) -> None:
-    tokenizer = data_lib.load_tokenizer(data_dir)
-    prompt = tokenizer.encode(config.sample_prompt)
-    ids = sample(model, prompt, max_new_tokens=config.sample_tokens, temperature=0.8, seed=0)
-    print("== sample (temperature 0.8) " + "=" * 23 + f"\n{config.sample_prompt}{tokenizer.decode(ids)}", flush=True)
 
 
 class StopRequest:

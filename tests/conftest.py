@@ -8,11 +8,18 @@ go to a cache shared by the tests and every subprocess they start (main, launch.
 device script). Environment variables carry both into those subprocesses and into pytest-xdist's
 workers; a size limit turns on JAX's file lock, so processes that compile at once share the cache
 safely. The directory is new for each session and removed after it.
+
+`code_corpus`: one small code corpus that the runs of every test file may share, with its token cache.
 """
 
 import os
+import pathlib
 import shutil
 import tempfile
+
+import pytest
+
+from tests.util import write_code
 
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
@@ -32,6 +39,15 @@ if OWN_CACHE:
 import jax  # noqa: E402  (reads the environment above when imported)
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+@pytest.fixture(scope="session")
+def code_corpus(tmp_path_factory) -> pathlib.Path:
+    """A folder holding corpus.txt (tests.util.write_code's 300 functions) and cache/, the token
+    cache the runs on it share."""
+    root = tmp_path_factory.mktemp("code_corpus")
+    write_code(root / "corpus.txt")
+    return root
 
 
 def pytest_unconfigure(config):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mtp_jax import data
-from mtp_jax.data import cache
+from mtp_jax.data import build, cache
 from mtp_jax.errors import UserError
 
 
@@ -166,7 +166,7 @@ def test_cache_is_reused_without_rebuilding(tmp_path, monkeypatch):
     cfg = make_cfg(tmp_path, corpus)
     first = prepare(cfg)
     builds = []
-    monkeypatch.setattr(cache, "_build_from_text", lambda *a: builds.append(a))
+    monkeypatch.setattr(cache, "build", lambda *a: builds.append(a))
     second = prepare(cfg)
     assert builds == []
     assert second.directory == first.directory
@@ -245,7 +245,7 @@ def test_failed_build_leaves_no_cache_and_source_untouched(tmp_path, monkeypatch
     def explode(*args):
         raise KeyboardInterrupt  # stands in for a crash mid-build
 
-    monkeypatch.setattr(cache, "_write_split", explode)
+    monkeypatch.setattr(build, "_write_split", explode)
     with pytest.raises(KeyboardInterrupt):
         prepare(make_cfg(tmp_path, corpus))
     assert list((tmp_path / "cache").iterdir()) == []

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mtp_jax import sharding, train
+from mtp_jax import sharding, train, train_step
 from mtp_jax import workdir as workdir_lib
 from mtp_jax.config import validate
 from mtp_jax.data import TokenData
@@ -21,7 +21,7 @@ from mtp_jax.model import ModelShape
 from mtp_jax.mtp import MTPModel, build_model, draft_vocabulary, mtp_loss
 from mtp_jax.speculative import Tree
 from mtp_jax.trunk_cache import TrunkCache, trunk_outputs
-from tests.util import load_config
+from tests.util import load_config, tiny_run, write_code
 
 SHAPE = ModelShape(vocab_size=256, d_model=32, n_layers=2, n_heads=2, mlp_dim=64)
 IDS = np.sort(np.random.default_rng(0).choice(256, 96, replace=False)).astype(np.int32)
@@ -117,7 +117,7 @@ def test_trunk_cache_runs_each_window_once_and_trains_as_the_trunk_would():
     data = TokenData(tokens, tokens[:64], {"vocab_size": 256}, None)
     mesh = sharding.make_mesh(plain.mesh, jax.devices()[:1])
     steps = train.total_steps(plain, data)
-    setups = [train.make_train_step(c, 256, mesh, steps) for c in (plain, cached)]
+    setups = [train_step.make_train_step(c, 256, mesh, steps) for c in (plain, cached)]
     states = [train.init_state(s, None, "", data) for s in setups]
     cache = TrunkCache(cached, data, setups[1].graphdef, mesh)
     for step in range(steps):
@@ -144,10 +144,10 @@ def test_fresh_training_sets_the_draft_vocabulary_from_the_data():
     )
     tokens = np.repeat(np.arange(8, dtype=np.uint16), [1, 9, 2, 8, 3, 7, 4, 6])
     data = TokenData(tokens, tokens, {"vocab_size": 256}, None)
-    setup = train.make_train_step(config, 256, sharding.make_mesh(config.mesh, jax.devices()[:1]), 2)
+    setup = train_step.make_train_step(config, 256, sharding.make_mesh(config.mesh, jax.devices()[:1]), 2)
     state = train.init_state(setup, None, "", data)
     np.testing.assert_array_equal(state["params"]["draft_vocab"], [1, 3, 5, 7])
-    assert "draft_vocab" not in train.trainable_part(state["params"], "all")
+    assert "draft_vocab" not in train_step.trainable_part(state["params"], "all")
     assert build_model(config, 256, seed=0).draft_vocab.shape == (4,)
 
 
@@ -170,8 +170,7 @@ def test_config_check_names_the_bad_field(overrides, message):
 def test_heads_only_run_on_cached_trunk_outputs_trains_and_decodes(tmp_path):
     """The whole path: a run with every option of configs/smollm2_heads.py on a tiny model, then
     its workdir's heads draft with the saved draft vocabulary and reproduce greedy decoding."""
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"def f{i}(x):\n    return x + {i % 7}\n\n" for i in range(300)))
+    corpus = write_code(tmp_path / "corpus.txt", body=lambda i: f"x + {i % 7}")
     config = load_config(
         "base",
         overrides={
@@ -183,11 +182,7 @@ def test_heads_only_run_on_cached_trunk_outputs_trains_and_decodes(tmp_path):
             "trainable": "heads",
             "trunk_cache": True,
             "num_epochs": 2,
-            "eval_batches": 1,
-            "sample_tokens": 0,
-            "data.source": str(corpus),
-            "data.cache_dir": str(tmp_path / "cache"),
-            "data.val_fraction": 0.1,
+            **tiny_run(corpus, tmp_path / "cache"),
         },
     )
     metrics = train.run(config, tmp_path / "run")

@@ -17,7 +17,7 @@ from mtp_jax.heads import HEAD_TYPES
 from mtp_jax.model import ModelShape
 from mtp_jax.mtp import MTPModel
 from mtp_jax.speculative import Tree
-from tests.util import load_config
+from tests.util import load_config, tiny_run, write_code
 
 SHAPE = ModelShape(vocab_size=256, d_model=32, n_layers=2, n_heads=2, mlp_dim=64)
 
@@ -31,8 +31,7 @@ def trained(tmp_path_factory):
     """A tiny n=3 'sequential' model trained briefly on a small repetitive code corpus, so that its
     heads accept some drafts and reject others."""
     root = tmp_path_factory.mktemp("trained")
-    corpus = root / "corpus.txt"
-    corpus.write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(400)))
+    corpus = write_code(root / "corpus.txt", 400, lambda i: f"x + {i}")
     config = load_config(
         "base",
         overrides={
@@ -43,11 +42,7 @@ def trained(tmp_path_factory):
             "log_every": 30,
             "eval_every": 30,
             "checkpoint_every": 30,
-            "eval_batches": 1,
-            "sample_tokens": 0,
-            "data.source": str(corpus),
-            "data.cache_dir": str(root / "cache"),
-            "data.val_fraction": 0.1,
+            **tiny_run(corpus, root / "cache"),
         },
     )
     workdir = root / "run"
@@ -166,7 +161,7 @@ def test_teacher_forced_acceptance_matches_numpy():
     h, greedy = h_trunk, []
     for k in (1, 2, 3):
         h, _ = model.head_hidden(k, h_trunk, h, window[:, k - 1 : t + k - 1], positions)
-        greedy.append(np.argmax(np.asarray(model.decoder.final_norm(h) @ model.head_matrix(k)), -1))
+        greedy.append(np.argmax(np.asarray(model.decoder.final_norm(h) @ model.head_type.matrix(model, k)), -1))
     a2 = greedy[1][:, :9] == greedy[0][:, 1:]
     a3 = greedy[2][:, :8] == greedy[0][:, 2:]
     np.testing.assert_allclose(float(got["acceptance_2"]), a2.mean(), atol=1e-6)

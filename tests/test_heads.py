@@ -17,7 +17,7 @@ from mtp_jax.decoding import Generator
 from mtp_jax.errors import UserError
 from mtp_jax.model import normal_param
 from mtp_jax.speculative import Tree
-from tests.util import load_config
+from tests.util import load_config, tiny_run
 
 N = 3
 
@@ -61,11 +61,7 @@ def config_for(corpus_dir, **overrides):
             "log_every": 4,
             "eval_every": 12,
             "checkpoint_every": 12,
-            "eval_batches": 1,
-            "sample_tokens": 0,
-            "data.source": str(corpus_dir / "corpus.txt"),
-            "data.cache_dir": str(corpus_dir / "cache"),
-            "data.val_fraction": 0.1,
+            **tiny_run(corpus_dir / "corpus.txt", corpus_dir / "cache"),
             **overrides,
         },
     )
@@ -75,9 +71,8 @@ def params_of(model) -> dict:
     return jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
-def test_a_head_type_defined_in_a_test_trains_decodes_exports_and_benches(residual, tmp_path):
-    (tmp_path / "corpus.txt").write_text("".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(300)))
-    config, workdir = config_for(tmp_path), tmp_path / "run"
+def test_a_head_type_defined_in_a_test_trains_decodes_exports_and_benches(residual, code_corpus, tmp_path):
+    config, workdir = config_for(code_corpus), tmp_path / "run"
 
     train.run(config, workdir)
     logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

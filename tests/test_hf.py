@@ -17,13 +17,13 @@ import safetensors.numpy
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from mtp_jax import decoding, export, hf, hf_files, sharding, train
+from mtp_jax import decoding, export, hf, hf_files, sharding, train, train_step
 from mtp_jax import workdir as workdir_lib
 from mtp_jax.checkpoint import Checkpointer
 from mtp_jax.errors import UserError
 from mtp_jax.heads import HEAD_TYPES
 from mtp_jax.mtp import MTPModel, build_model, mtp_loss
-from tests.util import ROOT, load_config
+from tests.util import ROOT, load_config, tiny_run
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -228,7 +228,7 @@ def periodic_windows(steps: int, batch: int, length: int) -> np.ndarray:
 def test_heads_only_training_freezes_all_but_heads_and_the_heads_learn(head_type):
     config = config_for(3, head_type, trainable="heads", learning_rate=1e-2, warmup_steps=1, batch_size=8)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])  # one device: the fastest compile
-    setup = train.make_train_step(config, VOCAB, mesh, 12)
+    setup = train_step.make_train_step(config, VOCAB, mesh, 12)
     state = jax.jit(setup.init_state, out_shardings=setup.state_shardings)()
     before = jax.device_get(state["params"])
     # Optimizer state exists for the heads only.
@@ -248,13 +248,6 @@ def test_heads_only_training_freezes_all_but_heads_and_the_heads_learn(head_type
         assert losses[-1][f"loss_{k}"] < losses[0][f"loss_{k}"] - 0.5, (k, losses[0], losses[-1])
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    root = tmp_path_factory.mktemp("corpus")
-    (root / "corpus.txt").write_text("".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(300)))
-    return root
-
-
 def tiny_run_config(corpus, **overrides):
     return config_for(
         3,
@@ -264,11 +257,7 @@ def tiny_run_config(corpus, **overrides):
             "log_every": 3,
             "eval_every": 6,
             "checkpoint_every": 3,
-            "eval_batches": 1,
-            "sample_tokens": 0,
-            "data.source": str(corpus / "corpus.txt"),
-            "data.cache_dir": str(corpus / "cache"),
-            "data.val_fraction": 0.1,
+            **tiny_run(corpus / "corpus.txt", corpus / "cache"),
             **overrides,
         },
     )
@@ -278,12 +267,12 @@ def saved_params(workdir) -> dict:
     return workdir_lib.load(workdir).model
 
 
-def test_init_from_a_transformers_folder_trains_heads_then_exports_them(corpus, tmp_path):
+def test_init_from_a_transformers_folder_trains_heads_then_exports_them(code_corpus, tmp_path):
     """A model saved by transformers gets our heads: train.run imports it, trains heads only, and
     the exported folder holds the untouched trunk plus the heads; a resume ignores init_from."""
     folder = llama_folder(tmp_path / "llama")
     workdir = tmp_path / "run"
-    train.run(tiny_run_config(corpus, trainable="heads", init_from=str(folder)), workdir)
+    train.run(tiny_run_config(code_corpus, trainable="heads", init_from=str(folder)), workdir)
     model = saved_params(workdir)
     reference = import_model(folder)
     jax.tree.map(np.testing.assert_array_equal, params_of(model)["decoder"], params_of(reference)["decoder"])
@@ -297,7 +286,7 @@ def test_init_from_a_transformers_folder_trains_heads_then_exports_them(corpus, 
 
     # Resuming with more steps: the checkpoint wins over init_from (here another model of that shape).
     other = llama_folder(tmp_path / "other", seed=1)
-    train.run(tiny_run_config(corpus, trainable="heads", init_from=str(other), num_train_steps=9), workdir)
+    train.run(tiny_run_config(code_corpus, trainable="heads", init_from=str(other), num_train_steps=9), workdir)
     assert Checkpointer(workdir / "checkpoints", 3).latest_step() == 9
     resumed = params_of(saved_params(workdir))
     jax.tree.map(np.testing.assert_array_equal, resumed["decoder"], params_of(model)["decoder"])
@@ -340,11 +329,11 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_init_from_folder_is_one_line_and_writes_nothing(corpus, tmp_path, case):
+def test_bad_init_from_folder_is_one_line_and_writes_nothing(code_corpus, tmp_path, case):
     folder = bad_folder(tmp_path, case)
     workdir = tmp_path / "run"
     with pytest.raises(UserError, match=re.escape(BAD[case])) as error:
-        train.run(tiny_run_config(corpus, init_from=str(folder)), workdir)
+        train.run(tiny_run_config(code_corpus, init_from=str(folder)), workdir)
     assert "\n" not in str(error.value)
     assert not workdir.exists() or not any(workdir.iterdir())
 

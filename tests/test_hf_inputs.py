@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from mtp_jax import hf, hf_files
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import build_model
-from tests.util import ROOT, load_config
+from tests.util import ROOT, load_config, write_code
 
 VOCAB = 256
 SHAPE = {"model.d_model": 16, "model.n_heads": 2, "model.n_layers": 1, "model.mlp_dim": 32}
@@ -273,7 +273,7 @@ def test_refused_init_from_exits_2_in_one_line_and_leaves_no_workdir(good, tmp_p
     the run removes what it made."""
     bpe = shutil.copytree(good, tmp_path / "bpe")
     edit_json(bpe / hf_files.MTP_FILE, lambda m: {**m, "tokenizer": "bpe"})
-    (tmp_path / "corpus.txt").write_text("".join(f"def f{i}(x):\n    return x * {i}\n\n" for i in range(300)))
+    write_code(tmp_path / "corpus.txt")
     result = subprocess.run(
         [
             sys.executable,

@@ -17,7 +17,6 @@ from mtp_jax.errors import UserError
 from mtp_jax.heads import HEAD_TYPES
 from tests.test_hf import (
     config_for,
-    corpus,  # noqa: F401 (a fixture)
     export_model,
     head1_logits,
     import_model,
@@ -145,9 +144,11 @@ def test_what_the_model_does_not_implement_is_refused_by_name(tmp_path, field, v
         hf.open_folder(folder)
 
 
-def test_init_from_tokenizes_text_with_the_models_tokenizer_and_keeps_it_with_the_layers_in_order(corpus, tmp_path):  # noqa: F811 (the fixture)
+def test_init_from_tokenizes_text_with_the_models_tokenizer_and_keeps_it_with_the_layers_in_order(
+    code_corpus, tmp_path
+):
     folder = save_model(tmp_path / "llama", "llama_untied")
-    text = (corpus / "corpus.txt").read_text()
+    text = (code_corpus / "corpus.txt").read_text()
     tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="[UNK]"))
     tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
     tokenizer.train_from_iterator(
@@ -155,7 +156,7 @@ def test_init_from_tokenizes_text_with_the_models_tokenizer_and_keeps_it_with_th
     )
     tokenizer.save(str(folder / "tokenizer.json"))
     workdir = tmp_path / "run"
-    train.run(tiny_run_config(corpus, trainable="heads", init_from=str(folder)), workdir)  # data.tokenizer: 'byte'
+    train.run(tiny_run_config(code_corpus, trainable="heads", init_from=str(folder)), workdir)  # data.tokenizer: 'byte'
 
     trained = workdir_lib.load(workdir)
     assert trained.config.data.tokenizer == str(folder / "tokenizer.json") and trained.config.data.vocab_size == VOCAB

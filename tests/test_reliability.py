@@ -207,11 +207,11 @@ def abstract_state(reference):
     """The train state's shapes on this process's 8 fake devices (the run saved from 1)."""
     import ml_collections
 
-    from mtp_jax import sharding, train
+    from mtp_jax import sharding, train_step
 
     config = ml_collections.ConfigDict(json.loads((reference[0] / "config.json").read_text()))
     mesh = sharding.make_mesh(config.mesh, jax.devices())
-    return train.make_train_step(config, config.vocab_size, mesh, STEPS).abstract_state
+    return train_step.make_train_step(config, config.vocab_size, mesh, STEPS).abstract_state
 
 
 def _truncate(path):

@@ -11,7 +11,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from mtp_jax import sharding, train
+from mtp_jax import sharding, train_step
 from mtp_jax.errors import UserError
 from tests.util import load_config
 
@@ -60,7 +60,7 @@ def trajectory(head_type: str, preset: str | None) -> Run:
     The gradient of step k comes out of Adam's first moment: mu_k = b1 mu_{k-1} + (1 - b1) g_k."""
     config = tiny_config(head_type, PRESETS[preset] if preset else SINGLE_DEVICE)
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:8] if preset else jax.devices()[:1])
-    setup = train.make_train_step(config, VOCAB, mesh, STEPS)
+    setup = train_step.make_train_step(config, VOCAB, mesh, STEPS)
     if preset is None:
         start = jax.device_get(jax.jit(setup.init_state, out_shardings=setup.state_shardings)())
     else:
@@ -160,7 +160,7 @@ def test_fsdp_needs_less_memory_per_device_than_data_parallel(head_type):
     fsdp, dp = (trajectory(head_type, p).memory for p in ("fsdp_8", "data_parallel_8"))
     assert fsdp.argument_size_in_bytes < dp.argument_size_in_bytes / 4
     assert fsdp.temp_size_in_bytes <= dp.temp_size_in_bytes
-    assert train.memory_per_device(fsdp) < train.memory_per_device(dp)
+    assert train_step.memory_per_device(fsdp) < train_step.memory_per_device(dp)
 
 
 @pytest.mark.parametrize(

@@ -249,7 +249,8 @@ def test_head_k_is_masked_by_the_mask_of_token_t_plus_k(masked_batch):
     def loss_and_logits(params):
         model = nnx.merge(graphdef, params)
         h_trunk, _ = model.trunk(window[:, :t], jnp.broadcast_to(jnp.arange(t), (2, t)))
-        logits = [model.decoder.final_norm(h_trunk) @ model.head_matrix(k) for k in (1, 2, 3)]  # linear heads
+        matrices = [model.head_type.matrix(model, k) for k in (1, 2, 3)]
+        logits = [model.decoder.final_norm(h_trunk) @ w for w in matrices]  # linear heads
         return mtp_loss(model, window, (1.0, 1.0, 1.0), mask=mask)[1], logits
 
     metrics, all_logits = loss_and_logits(params)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtp_jax import flops, hlo, sharding, tpu, tpu_plan
+from mtp_jax import flops, hlo, sharding, tpu, tpu_decode, tpu_plan
 from mtp_jax.errors import UserError
 from tests.util import load_config
 
@@ -318,14 +318,14 @@ def test_a_decoding_step_reads_the_parameters_and_cache_once_and_a_verify_pass_a
     config = small("mtp4")
     config.model.dtype = config.model.param_dtype = "bfloat16"
     devices = tpu.devices("v5e:1x1")
-    passes = tpu_plan.decode_passes(config, [1, 16])
+    passes = tpu_decode.decode_passes(config, [1, 16])
     assert [(name, None if tree is None else tree.size, batch) for name, tree, batch in passes] == [
         ("plain, batch 1", None, 1),
         ("plain, batch 16", None, 16),
         ("verify chain of 3", 4, 1),
         ("verify tree of 16", 17, 1),
     ]
-    plain, _, chain, tree = (tpu_plan.decode_config(config, "v5e:1x1", devices, *p) for p in passes)
+    plain, _, chain, tree = (tpu_decode.decode_config(config, "v5e:1x1", devices, *p) for p in passes)
     m, vocab, d = config.model, flops.vocab_size(config), config.model.d_model
     # Layers, embedding and unembedding (untied), the 3 draft heads' [D, V] matrices; norms aside.
     params = 2 * (m.n_layers * (4 * d**2 + 3 * d * m.mlp_dim) + (2 + 3) * vocab * d)

@@ -25,8 +25,8 @@ import pytest
 import tensorstore as ts
 from flax import nnx
 
-from mtp_jax import checkpoint, evaluate, export, generate, sharding, train, workdir
-from tests.util import ROOT, load_config
+from mtp_jax import checkpoint, evaluate, export, generate, sharding, train, train_step, workdir
+from tests.util import ROOT, load_config, tiny_run, write_code
 
 N = 3  # heads: two draft heads of 8 candidates each
 PROMPT = "def "  # 4 byte tokens
@@ -35,8 +35,7 @@ PROMPT = "def "  # 4 byte tokens
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
-    corpus = root / "corpus.txt"
-    corpus.write_text("".join(f"def f{i}(x):\n    return x + {i}\n\n" for i in range(300)))
+    corpus = write_code(root / "corpus.txt", body=lambda i: f"x + {i}")
     config = load_config(
         "base",
         overrides={
@@ -47,15 +46,11 @@ def trained(tmp_path_factory):
             "log_every": 4,
             "eval_every": 4,
             "checkpoint_every": 2,
-            "eval_batches": 1,
-            "sample_tokens": 0,
             "model.d_model": 32,
             "model.n_layers": 1,
             "model.n_heads": 2,
             "model.mlp_dim": 64,
-            "data.source": str(corpus),
-            "data.cache_dir": str(root / "cache"),
-            "data.val_fraction": 0.1,
+            **tiny_run(corpus, root / "cache"),
         },
     )
     train.run(config, root / "run")
@@ -211,7 +206,7 @@ def abstract_state(trained):
     """What training restores onto: the train state's shapes and shardings on this process's devices."""
     config = ml_collections.ConfigDict(json.loads((trained / "config.json").read_text()))
     mesh = sharding.make_mesh(config.mesh, jax.devices())
-    return train.make_train_step(config, config.vocab_size, mesh, config.num_train_steps).abstract_state
+    return train_step.make_train_step(config, config.vocab_size, mesh, config.num_train_steps).abstract_state
 
 
 @pytest.mark.parametrize("how", list(DAMAGE))

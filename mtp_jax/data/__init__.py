@@ -3,6 +3,7 @@
 sources.py   what a data.source names (stdlib, files, JSONL, token files, tasks) and its settings
 tokenizer.py byte and BPE tokenizers, and loading the one a cache was made with
 cache.py     tokenize once into a cache directory, publish it atomically, memory-map it
+build.py     the files of a cache directory, written from each kind of source
 shards.py    token shards in the llm.c format: headers, checks, lazily mapped reading
 batches.py   the pure (seed, step, process) sampler: training batches and validation windows
 tasks.py     synthetic tasks (task:polyarith, task:pathstar): problems, answers, loss masks

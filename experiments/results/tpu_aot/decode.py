@@ -3,7 +3,7 @@
     python experiments/results/tpu_aot/decode.py [--only=1b,8b] [--chips=v5e:1x1,…] [--sizes=1,16,64,256] [--render]
 
 For the 1b and 8b presets with n = 4 linear heads (bfloat16 parameters and compute, as served),
-`mtp_jax.tpu_plan.decode_config` compiles on each chip, at a full KV cache of the preset's seq_len:
+`mtp_jax.tpu_decode.decode_config` compiles on each chip, at a full KV cache of the preset's seq_len:
 one plain decoding step at each batch in --sizes, and one greedy verify pass of the chain of 3
 drafts and of a tree of each size (the bodies of generate's device loops), and records the
 compiler's memory and the roofline's floor on its time (mtp_jax/tpu.py). The predicted speedup of
@@ -27,7 +27,7 @@ import runpy
 
 import jax
 
-from mtp_jax import tpu, tpu_plan
+from mtp_jax import tpu, tpu_decode
 from mtp_jax.machine import cpu_model
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -60,11 +60,11 @@ def run(presets, chips, sizes, results: dict, save) -> None:
         devices = tpu.devices(topology)
         for preset in presets:
             config = config_for(preset)
-            for pass_name, tree, batch in tpu_plan.decode_passes(config, sizes):
+            for pass_name, tree, batch in tpu_decode.decode_passes(config, sizes):
                 key = f"{topology} {preset} {pass_name}"
                 if key in results:
                     continue
-                row = tpu_plan.decode_config(config, topology, devices, pass_name, tree, batch)
+                row = tpu_decode.decode_config(config, topology, devices, pass_name, tree, batch)
                 results[key] = {**row, "preset": preset, "load_average": os.getloadavg()[0]}
                 print(f"{key}: {row['step_time_s']} s, compiled in {row['compile_s']:.0f} s", flush=True)
                 save()

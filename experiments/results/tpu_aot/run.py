@@ -261,7 +261,7 @@ def method(meta: dict, results: dict) -> list[str]:
     traffic = [k for k, r in results.items() if r.get("hbm_counted") == HBM_TRAFFIC]
     return [
         "`python experiments/results/tpu_aot/run.py` (this directory's run.py) compiles the real train step",
-        "(`train.make_train_step`, what `main` runs) for each topology's chips on a CPU-only machine with",
+        "(`train_step.make_train_step`, what `main` runs) for each topology's chips on a CPU-only machine with",
         "libtpu, on abstract inputs, in bfloat16 compute with float32 parameters and optimizer state, scanned",
         "layers, the presets' batch and sequence length and 'auto' attention (blockwise on TPU). One row",
         "is `python -m mtp_jax.bench --config=configs/base.py:PRESET --topology=TOPOLOGY "
