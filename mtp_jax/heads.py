@@ -133,6 +133,12 @@ class HeadType:
         full = jnp.full(logits.shape[:-1] + (model.decoder.shape.vocab_size,), -jnp.inf, logits.dtype)
         return full.at[..., model.draft_vocab[...]].set(logits)
 
+    def greedy(self, model, k: int, h: Array) -> Array:
+        """Head k's most likely tokens [...] from its hidden states [..., D], found among its
+        output's columns (a draft vocabulary's K, not the V that `logits` spreads them over)."""
+        best = jnp.argmax(jnp.dot(*self.output(model, k, h), preferred_element_type=jnp.float32), axis=-1)
+        return (best if k == 1 or model.drafts_all_tokens else model.draft_vocab[...][best]).astype(jnp.int32)
+
     def hf_rows(self, i: int, n_layers: int, layer: LayerRows) -> list:
         """[(HF tensor name, path in our parameter tree, layout)] of extra head i = k - 2 (hf.py)."""
         raise NotImplementedError

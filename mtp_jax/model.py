@@ -77,10 +77,12 @@ class ModelShape:
             **{f.name: model_cfg[f.name] for f in dataclasses.fields(cls) if f.name not in derived},
         )
 
-    def fuses(self, x: Array) -> bool:
+    def fuses(self, x: Array, decoding: bool) -> bool:
         """Whether fused_projection fuses the projections of x [B, T, D]: where it was measured to
-        pay (fuse_projections: on CPU), for many rows."""
-        return self.fuse_projections and x.shape[0] * x.shape[1] >= 16
+        pay (fuse_projections: on CPU), in passes without a KV cache (training, evaluation) of many
+        rows. Decoding passes (a cache) use separate dots: forward only, they were faster at every
+        row count measured (benchmarks/NOTES.md §14)."""
+        return self.fuse_projections and not decoding and x.shape[0] * x.shape[1] >= 16
 
 
 def normal_param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], dtype, std: float) -> nnx.Param:
@@ -158,8 +160,8 @@ def fused_projection(x: Array, weights: list[nnx.Param], dtype, fuse: bool) -> l
     XLA-CPU that halves the MLP's forward and backward time against separate dots, chiefly
     because the weight gradients then need no transposed copy of each activation gradient
     (benchmarks/NOTES.md §5). The model fuses only where it was measured to pay (ModelShape.fuses):
-    on CPU, for many rows. A decoding step's few rows are faster with separate dots (the fused dot
-    slowed speculative decoding by a quarter), and on accelerators the concatenation along the
+    on CPU, in training and evaluation passes of many rows. Decoding passes are faster with separate
+    dots (forward only, the fused dot pays its weight copy and gains nothing), and on accelerators the concatenation along the
     tensor-parallel axis would add collectives to every step."""
     d = x.shape[-1]
     matrices = [w[...].astype(dtype).reshape(d, -1) for w in weights]
@@ -208,7 +210,8 @@ class Attention(nnx.Module):
         kv = self.wk.shape[1]
         group = functools.partial(jnp.repeat, repeats=n // kv, axis=-3) if kv < n else lambda a: a
 
-        q, k, v = fused_projection(x, [self.wq, self.wk, self.wv], self.dtype, self.shape.fuses(x))
+        fuse = self.shape.fuses(x, decoding=cache is not None)
+        q, k, v = fused_projection(x, [self.wq, self.wk, self.wv], self.dtype, fuse)
         if self.shape.qkv_bias:
             q, k, v = (
                 y + bias[...].astype(self.dtype).reshape(-1)
@@ -252,8 +255,8 @@ class MLP(nnx.Module):
         self.w_down = normal_param(rngs, (m, d), ("mlp", "embed"), pd, 0.02 / math.sqrt(2 * shape.n_layers))
         self.shape, self.dtype = shape, jnp.dtype(shape.dtype)
 
-    def __call__(self, x: Array) -> Array:
-        gate, up = fused_projection(x, [self.w_gate, self.w_up], self.dtype, self.shape.fuses(x))
+    def __call__(self, x: Array, decoding: bool = False) -> Array:
+        gate, up = fused_projection(x, [self.w_gate, self.w_up], self.dtype, self.shape.fuses(x, decoding))
         return (jax.nn.silu(gate) * up) @ self.w_down[...].astype(self.dtype)
 
 
@@ -277,7 +280,7 @@ class Block(nnx.Module):
     ) -> tuple[Array, dict | None]:
         attn_out, cache = self.attn(self.attn_norm(x), positions, cache, cache_index, mask)
         x = x + attn_out
-        return x + self.mlp(self.mlp_norm(x)), cache
+        return x + self.mlp(self.mlp_norm(x), decoding=cache is not None), cache
 
 
 def stack_modules(modules: list[nnx.Module]) -> nnx.Module:

@@ -167,6 +167,20 @@ def test_a_model_built_for_another_platform_takes_its_code_paths_and_the_same_pa
     validate(splash, "tpu")  # splash is refused off a TPU (next test), not when compiling for one
 
 
+def test_decoding_passes_use_separate_projection_dots_and_training_passes_one_fused_dot():
+    model = build_model(load_config("mtp3"), 61, seed=0)
+    block, d = model.decoder.block(0), model.decoder.shape.d_model
+    x, positions = jnp.ones((1, 32, d)), jnp.arange(32)[None]
+    cache = decoding.init_caches(model, 1, 64, all_heads=False)[0]
+
+    def concatenations(*args):  # of weight matrices (rank 2; RoPE concatenates rank-4 halves)
+        jaxpr = jax.make_jaxpr(lambda *a: block(*a)[0])(*args)
+        return sum(e.primitive.name == "concatenate" and e.outvars[0].aval.ndim == 2 for e in jaxpr.jaxpr.eqns)
+
+    assert concatenations(x, positions) == 2  # q/k/v and gate/up, each one dot
+    assert concatenations(x, positions, cache, 0) == 0
+
+
 def test_unknown_attention_or_splash_off_tpu_is_refused_in_one_line():
     config = load_config("mtp3", overrides={"model.attention": "flash"})
     with pytest.raises(UserError, match="model.attention='flash' is unknown"):

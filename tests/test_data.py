@@ -124,6 +124,17 @@ def test_one_stdlib_package_is_a_small_corpus_of_exactly_its_files(tmp_path):
         prepare(make_cfg(tmp_path, "stdlib/nonexistent"))
 
 
+def test_several_stdlib_packages_are_exactly_their_files(tmp_path):
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    source = data.resolve_source("stdlib/json,tomllib")
+    expected = {p for name in ("json", "tomllib") for p in (stdlib / name).rglob("*.py")}
+    assert set(source.paths) == expected and len(source.paths) == len(expected)
+    relative = [p.relative_to(stdlib).as_posix() for p in source.paths]
+    assert relative == sorted(relative)
+    with pytest.raises(UserError, match="no package 'nonexistent'.*stdlib/email,json"):
+        data.resolve_source("stdlib/json,nonexistent")
+
+
 # --------------------------------------------------------------------------- split
 
 

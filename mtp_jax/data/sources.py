@@ -46,20 +46,7 @@ def resolve_source(source: str, field: str = "data.source") -> Source:
     if name is not None:
         return Source("task", f"task-{name}", source, (), ())
     if source == "stdlib" or source.startswith("stdlib/"):
-        # 'stdlib/email': one package of it, a small fixed corpus every Python has (for many epochs).
-        stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-        root = stdlib / source.removeprefix("stdlib").strip("/")
-        if not root.is_dir():
-            raise UserError(
-                f"{field}={source!r}: the standard library has no package {root.name!r} "
-                f"(in {stdlib}): name one of its directories, e.g. stdlib/email"
-            )
-        files = [
-            p
-            for p in root.rglob("*.py")
-            if p.is_file() and not {"site-packages", "dist-packages"} & set(p.relative_to(stdlib).parts)
-        ]
-        return _files_source(source.replace("/", "-"), f"stdlib:{root}", root, files)
+        return _stdlib_source(source, field)
     path = pathlib.Path(source).expanduser()
     if path.is_dir():
         files = [
@@ -94,6 +81,28 @@ def resolve_source(source: str, field: str = "data.source") -> Source:
     raise UserError(
         f"{field}={source!r} does not exist: pass an existing directory, file, glob, 'stdlib' or 'stdlib/PACKAGE'"
     )
+
+
+def _stdlib_source(source: str, field: str) -> Source:
+    """'stdlib': the Python standard library; 'stdlib/email': one package of it, a small fixed
+    corpus every Python has (for many epochs); 'stdlib/email,json': several packages."""
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    packages = source.removeprefix("stdlib").strip("/")
+    roots = [stdlib / name for name in packages.split(",")] if packages else [stdlib]
+    for root in roots:
+        if not root.is_dir():
+            raise UserError(
+                f"{field}={source!r}: the standard library has no package {root.name!r} "
+                f"(in {stdlib}): name its directories, e.g. stdlib/email or stdlib/email,json"
+            )
+    files = [
+        p
+        for root in roots
+        for p in root.rglob("*.py")
+        if p.is_file() and not {"site-packages", "dist-packages"} & set(p.relative_to(stdlib).parts)
+    ]
+    root, description = (roots[0], f"stdlib:{roots[0]}") if len(roots) == 1 else (stdlib, f"stdlib:{stdlib}/{packages}")
+    return _files_source(source.replace("/", "-").replace(",", "+"), description, root, files)
 
 
 def _files_source(name: str, description: str, root: pathlib.Path, files: list) -> Source:
