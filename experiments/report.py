@@ -278,6 +278,7 @@ COMPARED = (
     ("eval/induction_accuracy", "induction accuracy", True),
     ("eval/parse_rate", "parse rate of samples", True),
     ("eval/task_accuracy", "task accuracy (all difficulties)", True),
+    ("generate/mean_accepted", "tokens per verify pass (teacher-forced)", True),
 )
 
 
