@@ -14,7 +14,8 @@ differences, which the verdict then uses; a verdict only beyond two standard err
 power of the comparison and the seeds that 80 % power needs (experiments/stats.py). Task accuracy
 is also tabled per difficulty. Writes results.md, runs.json (final numbers per run, and the comparisons),
 three PNG plots and COMMAND (the sweep, training and report commands). Runs that did not reach
-num_train_steps are left out and listed.
+their last step (num_train_steps, or num_epochs × the steps per epoch their training logged) are
+left out and listed.
 Needs matplotlib (the `plots` extra).
 """
 
@@ -34,7 +35,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from experiments import pool, stats  # noqa: E402
-from experiments.sweep import git_commit  # noqa: E402
+from experiments.sweep import git_commit, last_logged, total_steps  # noqa: E402
 from mtp_jax import data as data_lib  # noqa: E402
 from mtp_jax.cli import fail  # noqa: E402
 from mtp_jax.errors import UserError  # noqa: E402
@@ -55,10 +56,11 @@ class Run:
     eval_times: list[float]  # seconds of training (with evaluations and saves) before each evaluation
     param_count: int | None
     train_tokens: int | None  # the training set's size (runs from before it was logged: None)
+    total_steps: int | None  # the last step (None: a run of epochs that logged no steps per epoch)
 
     @property
     def finished(self) -> bool:
-        return bool(self.eval_steps) and self.eval_steps[-1] == self.config["num_train_steps"]
+        return bool(self.eval_steps) and self.eval_steps[-1] == self.total_steps
 
     @property
     def eval_tokens(self) -> list[int]:
@@ -90,11 +92,6 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def last_logged(events: list[dict], key: str):
-    """The newest value of a once-logged metric (a resumed run may log it again), else None."""
-    return next((e[key] for e in reversed(events) if key in e), None)
-
-
 def load_run(workdir: pathlib.Path) -> Run:
     config = flatten(json.loads((workdir / "config.json").read_text()))
     events = read_metrics(workdir)
@@ -120,6 +117,7 @@ def load_run(workdir: pathlib.Path) -> Run:
         eval_times=[float(t) for t in np.interp(eval_steps, logged, elapsed)],
         param_count=last_logged(events, "model/param_count"),
         train_tokens=last_logged(events, "data/train_tokens"),
+        total_steps=total_steps(events, config["num_train_steps"], config.get("num_epochs", 0)),
     )
 
 
@@ -477,7 +475,7 @@ def results_markdown(
         out += [
             "## Left out",
             "",
-            "These runs did not reach num_train_steps: "
+            "These runs did not reach their last step: "
             + ", ".join(f"`{r.name}` (step {r.eval_steps[-1] if r.eval_steps else 0})" for r in incomplete),
             "",
         ]

@@ -6,8 +6,11 @@
 
 The grid is the Cartesian product of the --sweep axes (values split on commas); --set fields are
 the same for every run. Run `k1=v1,k2=v2` trains in RUNS_DIR/NAME/k1=v1,k2=v2/ and logs to run.log
-there. Calling the same command again skips the finished runs (their last evaluation is logged)
-and resumes the others from their checkpoints, so an interrupted sweep is continued by rerunning it.
+there. Calling the same command again skips the finished runs (their evaluation at the last step
+is logged) and resumes the others from their checkpoints, so an interrupted sweep is continued by
+rerunning it. A run's last step is num_train_steps or, when num_epochs > 0, num_epochs times the
+steps per epoch that its training logged at step 0 (the data decide them; a run that has not
+logged them is not finished).
 Ctrl-C or SIGTERM is passed on to the running trainings, which save a checkpoint and stop.
 RUNS_DIR/NAME/SWEEP keeps every sweep command (with the git commit) and COMMANDS every training
 command, for experiments/report.py to copy beside the results.
@@ -90,9 +93,25 @@ def main_command(launcher: list[str], config_arg: str, workdir: str, overrides: 
     ]
 
 
-def finished(workdir: pathlib.Path, total_steps: int) -> bool:
+def last_logged(events: list[dict], key: str):
+    """The newest value of a once-logged metric (a resumed run may log it again), else None."""
+    return next((e[key] for e in reversed(events) if key in e), None)
+
+
+def total_steps(events: list[dict], num_train_steps: int, num_epochs: int) -> int | None:
+    """A run's last step: num_train_steps, or num_epochs × the steps per epoch that the trainer
+    logged at step 0 (None before the run got there: only the data say how many there are)."""
+    if num_epochs == 0:
+        return num_train_steps
+    per_epoch = last_logged(events, "data/steps_per_epoch")
+    return None if per_epoch is None else num_epochs * per_epoch
+
+
+def finished(workdir: pathlib.Path, num_train_steps: int, num_epochs: int) -> bool:
     """Whether the run logged its final evaluation (which main writes only after the last step)."""
-    return any(e.get("step") == total_steps and "eval/loss_1" in e for e in read_metrics(workdir))
+    events = read_metrics(workdir)
+    total = total_steps(events, num_train_steps, num_epochs)
+    return total is not None and any(e.get("step") == total and "eval/loss_1" in e for e in events)
 
 
 def default_launcher() -> list[str]:
@@ -144,13 +163,16 @@ class Planned(typing.NamedTuple):
     name: str  # k1=v1,k2=v2: its folder under RUNS_DIR/NAME
     command: list[str]
     workdir: pathlib.Path
-    steps: int  # num_train_steps: the run is finished once its evaluation there is logged
+    steps: int  # num_train_steps
+    epochs: int  # num_epochs: when > 0 the run's length in epochs of its data, and steps is ignored
+
+    def finished(self) -> bool:
+        return finished(self.workdir, self.steps, self.epochs)
 
 
 class Running(typing.NamedTuple):
     label: str  # [i/N] name, as printed
-    workdir: pathlib.Path
-    steps: int
+    planned: Planned
     log: typing.TextIO
     started: float  # time.monotonic()
 
@@ -185,16 +207,17 @@ class Runner:
             for proc in [p for p in self.running if p.poll() is not None]:
                 run = self.running.pop(proc)
                 run.log.close()
-                if proc.returncode == 0 and finished(run.workdir, run.steps):
+                workdir = run.planned.workdir
+                if proc.returncode == 0 and run.planned.finished():
                     print(f"{run.label} done in {time.monotonic() - run.started:.0f} s", flush=True)
                     continue
                 failures += 1
                 if proc.returncode == 0:  # a training that was asked to stop saves and exits 0
-                    print(f"{run.label} stopped before step {run.steps}: rerun the sweep to resume it", flush=True)
+                    total = total_steps(read_metrics(workdir), run.planned.steps, run.planned.epochs)
+                    end = f"step {total}" if total is not None else "its last step"
+                    print(f"{run.label} stopped before {end}: rerun the sweep to resume it", flush=True)
                 else:
-                    print(
-                        f"{run.label} FAILED (exit {proc.returncode}): {last_line(run.workdir / 'run.log')}", flush=True
-                    )
+                    print(f"{run.label} FAILED (exit {proc.returncode}): {last_line(workdir / 'run.log')}", flush=True)
             time.sleep(0.1)
         return failures
 
@@ -208,7 +231,7 @@ class Runner:
         proc = subprocess.Popen(
             planned.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
         )
-        self.running[proc] = Running(label, workdir, planned.steps, log, time.monotonic())
+        self.running[proc] = Running(label, planned, log, time.monotonic())
         print(f"{label} {'resuming' if resuming else 'started'} (log: {workdir / 'run.log'})", flush=True)
 
 
@@ -259,21 +282,21 @@ def plan(args: argparse.Namespace) -> list[Planned]:
     config = load_config(args.config)
     for key in [*fixed, *swept]:
         config_value(config, key)
-    # A run is finished when its evaluation at num_train_steps is logged; with num_epochs the total
-    # would depend on the data.
-    if "num_epochs" in swept or str(fixed.get("num_epochs", config.num_epochs)) != "0":
-        raise UserError("sweep.py needs num_train_steps, not num_epochs: set num_train_steps to the step count")
+
+    def count(point: dict[str, str], key: str, unit: str) -> int:
+        value = str(point.get(key, fixed.get(key, config[key])))
+        if not value.isdigit():
+            raise UserError(f"{key}={value!r} must be a whole number of {unit}")
+        return int(value)
+
     launcher = shlex.split(args.launcher) if args.launcher else default_launcher()
     runs = []
     for point in expand_grid(axes):
         name = run_name(point)
         workdir = pathlib.Path(args.runs_dir) / args.name / name
-        steps = str(point.get("num_train_steps", fixed.get("num_train_steps", config.num_train_steps)))
-        if not steps.isdigit():
-            raise UserError(f"num_train_steps={steps!r} must be a whole number of steps")
-        runs.append(
-            Planned(name, main_command(launcher, args.config, str(workdir), {**fixed, **point}), workdir, int(steps))
-        )
+        command = main_command(launcher, args.config, str(workdir), {**fixed, **point})
+        steps, epochs = count(point, "num_train_steps", "steps"), count(point, "num_epochs", "epochs")
+        runs.append(Planned(name, command, workdir, steps, epochs))
     return runs
 
 
@@ -295,7 +318,7 @@ def main(argv: list[str]) -> int:
     jobs = []
     for i, run in enumerate(runs, 1):
         label = f"[{i}/{len(runs)}] {run.name}"
-        if finished(run.workdir, run.steps):
+        if run.finished():
             print(f"{label} skipped (finished)", flush=True)
         else:
             jobs.append((label, run))

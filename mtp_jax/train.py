@@ -149,8 +149,13 @@ def run(config, workdir, devices=None) -> dict:
         save_run_files(workdir, config, data)
     writer = MetricWriter(workdir, enabled=is_main, resume_step=start)
     if start == 0:
-        # The training set's size turns steps into epochs (where a data-constrained run overfits).
-        writer.write(0, {"model/param_count": setup.n_params, "data/train_tokens": len(data.train)})
+        # The training set's size turns steps into epochs (where a data-constrained run overfits);
+        # an epochs run's steps per epoch give its length (num_epochs x them) to readers without the
+        # data: experiments/sweep.py and report.py tell a finished run by it.
+        first = {"model/param_count": setup.n_params, "data/train_tokens": len(data.train)}
+        if config.num_epochs > 0:
+            first["data/steps_per_epoch"] = steps // config.num_epochs
+        writer.write(0, first)
     if is_main:
         log_setup(config, setup, mesh, steps)
 

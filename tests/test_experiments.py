@@ -82,7 +82,7 @@ def test_dry_run_escapes_slashes_in_run_names(capsys, tmp_path):
         (["--sweep", "seed=0,1", "--set", "seed=2"], "seed is given more than once"),
         (["--sweep", "seed"], "must look like KEY=VALUE"),
         (["--sweep", "seed=0,,1"], "has an empty value"),
-        (["--set", "num_epochs=2"], "needs num_train_steps, not num_epochs"),
+        (["--sweep", "num_epochs=1,all"], "num_epochs='all' must be a whole number of epochs"),
         (["--set", "num_train_steps=ten"], "must be a whole number"),
         (["--parallel", "0"], "--parallel=0 must be >= 1"),
     ],
@@ -90,6 +90,13 @@ def test_dry_run_escapes_slashes_in_run_names(capsys, tmp_path):
 def test_bad_sweep_arguments_raise_one_line(args, message):
     with pytest.raises(UserError, match=message):
         sweep.main([f"--config={CONFIG}", "--name=bad", "--dry_run", *args])
+
+
+def test_each_planned_run_is_as_long_as_its_steps_or_epochs(tmp_path):
+    args = ["--config", CONFIG, "--name=grid", f"--runs_dir={tmp_path}", "--sweep", "num_epochs=0,2"]
+    planned = sweep.plan(sweep.parse_args([*args, "--set", "num_train_steps=7"]))
+    assert [(p.name, p.steps, p.epochs) for p in planned] == [("num_epochs=0", 7, 0), ("num_epochs=2", 7, 2)]
+    assert not any(p.finished() for p in planned)  # nothing trained yet
 
 
 def sweep_command(tmp_path, *args) -> list[str]:
@@ -168,6 +175,32 @@ def test_sweep_skips_finished_runs_and_resumes_interrupted_ones(tmp_path):
 
 
 @pytest.mark.slow
+def test_sweep_of_epochs_runs_them_to_the_end_then_skips_them(tmp_path, code_corpus):
+    corpus = [f"--set=data.source={code_corpus / 'corpus.txt'}", "--set=data.val_fraction=0.1"]
+    command = sweep_command(tmp_path, "--sweep", "num_epochs=1,2", *corpus)
+    first = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert first.returncode == 0, first.stdout + first.stderr
+    sweep_dir = tmp_path / "runs" / "real"
+    train_tokens = read_metrics(sweep_dir / "num_epochs=1")[0]["data/train_tokens"]
+    # Non-overlapping windows of seq_len 32 + 3 heads' lookahead, 8 to a step, the last partial batch dropped.
+    per_epoch = ((train_tokens - 35) // 35 + 1) // 8
+    assert per_epoch > 10
+    for epochs in (1, 2):
+        workdir = sweep_dir / f"num_epochs={epochs}"
+        assert logged_steps(workdir, "eval/loss_1")[-1] == epochs * per_epoch
+        assert logged_steps(workdir, "train/loss_1") == list(range(1, epochs * per_epoch + 1))
+
+    second = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert second.stdout.splitlines() == [
+        "[1/2] num_epochs=1 skipped (finished)",
+        "[2/2] num_epochs=2 skipped (finished)",
+    ]
+    summary = report.report(sweep_dir, tmp_path / "results")
+    assert {r["run"]: r["steps"] for r in summary["runs"]} == {"num_epochs=1": per_epoch, "num_epochs=2": 2 * per_epoch}
+
+
+@pytest.mark.slow
 def test_sweep_reports_a_failed_run_and_exits_nonzero(tmp_path):
     result = subprocess.run(sweep_command(tmp_path, "--sweep", "seq_len=3"), capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1
@@ -202,9 +235,12 @@ def write_run(
     final: dict | None = None,
     teacherless: bool = False,
     train_tokens: int | None = None,
+    num_epochs: int = 0,
+    steps_per_epoch: int | None = None,
 ) -> None:
     """A run of the synthetic sweep; `final` adds metrics to its last evaluation; `train_tokens` is
-    the training set's size the trainer logs (omitted: a run from before it did)."""
+    the training set's size the trainer logs (omitted: a run from before it did), `steps_per_epoch`
+    what it logs for a run of `num_epochs` (omitted: a run stopped before step 0's log)."""
     workdir = sweep_dir / f"mtp_n_tokens={n},seed={seed}{',teacherless' * teacherless}"
     workdir.mkdir(parents=True)
     config = {
@@ -213,6 +249,7 @@ def write_run(
         "mtp_n_tokens": n,
         "seed": seed,
         "num_train_steps": 4,
+        "num_epochs": num_epochs,
         "batch_size": 2,
         "seq_len": 5,
         "model": {"d_model": 8},
@@ -220,9 +257,8 @@ def write_run(
         "data": {"task": {"teacherless": teacherless}},
     }
     (workdir / "config.json").write_text(json.dumps(config))
-    events = [
-        {"step": 0, "model/param_count": 1000 * n, **({"data/train_tokens": train_tokens} if train_tokens else {})}
-    ]
+    first = {"model/param_count": 1000 * n, "data/train_tokens": train_tokens, "data/steps_per_epoch": steps_per_epoch}
+    events = [{"step": 0, **{k: v for k, v in first.items() if v is not None}}]
     for step in range(1, steps + 1):
         events.append(
             {
@@ -259,6 +295,31 @@ def synthetic(tmp_path):
     )
     (sweep_dir / "COMMANDS").write_text("python -m mtp_jax.main --workdir=x\n")
     return sweep_dir, tmp_path / "results" / "synthetic"
+
+
+def test_runs_of_epochs_end_at_num_epochs_times_the_logged_steps_per_epoch(tmp_path):
+    sweep_dir = tmp_path / "runs" / "epochs"
+    for (n, seed), head1 in HEAD1.items():
+        write_run(sweep_dir, n, seed, head1, num_epochs=2, steps_per_epoch=2)  # the last step: 2 × 2 = 4
+    write_run(sweep_dir, 2, 2, (1.0, 0.5), num_epochs=4, steps_per_epoch=2)  # step 4 of 8
+    write_run(sweep_dir, 3, 2, (1.0, 0.5), num_epochs=2)  # no steps per epoch logged: its length is unknown
+    for path in sweep_dir.glob("*/config.json"):  # ignored when num_epochs > 0, as the trainer ignores it
+        path.write_text(json.dumps({**json.loads(path.read_text()), "num_train_steps": 40}))
+    workdirs = {p.name: p for p in sweep_dir.iterdir()}
+    assert sweep.finished(workdirs["mtp_n_tokens=2,seed=0"], 40, 2)
+    assert not sweep.finished(workdirs["mtp_n_tokens=2,seed=0"], 40, 3)  # 3 epochs end at step 6
+    assert sweep.finished(workdirs["mtp_n_tokens=2,seed=0"], 4, 0)  # a run of steps, as before
+    assert not sweep.finished(workdirs["mtp_n_tokens=2,seed=2"], 40, 4)
+    assert not sweep.finished(workdirs["mtp_n_tokens=3,seed=2"], 40, 2)
+
+    summary = report.report(sweep_dir, tmp_path / "results")
+    # The six finished runs, compared as the synthetic runs of 4 steps are.
+    runs = {r["run"]: r for r in summary["runs"]}
+    assert len(runs) == 6 and runs["mtp_n_tokens=2,seed=0"]["tokens_to_target"] == pytest.approx(28.0)
+    c = next(c for c in summary["comparisons"] if (c["setting"], c["metric"]) == ("mtp_n_tokens=2", "eval/loss_1"))
+    assert c["difference"] == pytest.approx(-0.4) and c["standard_error"] == pytest.approx(0.05**0.5)
+    left_out = (tmp_path / "results" / "results.md").read_text().split("## Left out")[1].split("## ")[0]
+    assert "`mtp_n_tokens=2,seed=2` (step 4)" in left_out and "`mtp_n_tokens=3,seed=2` (step 4)" in left_out
 
 
 def test_tokens_to_reach_interpolates_between_evaluations():
@@ -447,10 +508,20 @@ def paired_sweep(sweep_dir: pathlib.Path, num_epochs: int, seeds=(0, 1, 2)) -> N
     for seed in seeds:
         for n in (1, 3):
             level = 3.0 + seed - 0.1 * (n == 3) + 0.01 * seed * seed * (n == 3)
-            write_run(sweep_dir, n, seed, (level + 1, level), train_tokens=10_000)
+            # An epochs run's last step is num_epochs × 4 / num_epochs steps per epoch: the same 4.
+            per_epoch = 4 // num_epochs if num_epochs else None
+            write_run(
+                sweep_dir,
+                n,
+                seed,
+                (level + 1, level),
+                train_tokens=10_000,
+                num_epochs=num_epochs,
+                steps_per_epoch=per_epoch,
+            )
             path = sweep_dir / f"mtp_n_tokens={n},seed={seed}" / "config.json"
             config = json.loads(path.read_text())
-            config.update(num_epochs=num_epochs, data={"source": "stdlib/email", "task": {"teacherless": False}})
+            config.update(data={"source": "stdlib/email", "task": {"teacherless": False}})
             path.write_text(json.dumps(config))
 
 
