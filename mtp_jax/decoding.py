@@ -144,11 +144,16 @@ def _speculate(model: MTPModel, tree: Tree, sampling: Sampling, tokens, position
             last, successors, token, extra = commit(model.logits(1, h[0]), commit_key)
             inputs = successors[None]
             continue
-        draft, chosen, q_k = speculative.draft(
-            model.logits(k, h[0, last]), jax.random.fold_in(draft_key, k), tree.max_rank, *sampling
-        )
+        if sampling.temperature == 0:  # the top candidates; q unused
+            draft = model.head_type.top_tokens(model, k, h[0, last], tree.max_rank)
+            chosen, q_k = draft[0], jnp.zeros(model.decoder.shape.vocab_size)
+        else:
+            chosen, q_k = speculative.sample_draft(
+                model.logits(k, h[0, last]), jax.random.fold_in(draft_key, k), *sampling
+            )
+            draft = chosen[None]
         if model.head_type.reads_previous_draft:  # the next module reads every position's token
-            inputs = model.head_type.greedy(model, k, h[0]).at[last].set(chosen)[None]
+            inputs = model.head_type.top_tokens(model, k, h[0])[:, 0].at[last].set(chosen)[None]
         candidates.append(draft)
         q.append(q_k)
     return tree.block(token, jnp.stack(candidates)), jnp.stack(q), new_caches, extra

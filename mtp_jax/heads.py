@@ -133,10 +133,12 @@ class HeadType:
         full = jnp.full(logits.shape[:-1] + (model.decoder.shape.vocab_size,), -jnp.inf, logits.dtype)
         return full.at[..., model.draft_vocab[...]].set(logits)
 
-    def greedy(self, model, k: int, h: Array) -> Array:
-        """Head k's most likely tokens [...] from its hidden states [..., D], found among its
-        output's columns (a draft vocabulary's K, not the V that `logits` spreads them over)."""
-        best = jnp.argmax(jnp.dot(*self.output(model, k, h), preferred_element_type=jnp.float32), axis=-1)
+    def top_tokens(self, model, k: int, h: Array, ranks: int = 1) -> Array:
+        """Head k's `ranks` most likely tokens [..., ranks], best first, from its hidden states
+        [..., D]: found among its output's columns (a draft vocabulary's K, not the V that
+        `logits` spreads them over), so that drafting ranks K logits, not V."""
+        logits = jnp.dot(*self.output(model, k, h), preferred_element_type=jnp.float32)
+        best = jnp.argmax(logits, axis=-1)[..., None] if ranks == 1 else jax.lax.top_k(logits, ranks)[1]
         return (best if k == 1 or model.drafts_all_tokens else model.draft_vocab[...][best]).astype(jnp.int32)
 
     def hf_rows(self, i: int, n_layers: int, layer: LayerRows) -> list:

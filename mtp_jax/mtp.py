@@ -213,7 +213,7 @@ class MTPModel(nnx.Module):
         """Head k's argmax [B, T] from its hidden state [B, T, D], chunk_size positions at a time so
         that at most [B, chunk_size, V] logits exist at once (0: all positions together)."""
         b, t, _ = h.shape
-        greedy = jax.lax.map(lambda x: jnp.argmax(self.logits(k, x), axis=-1), position_chunks(h, chunk_size))
+        greedy = jax.lax.map(lambda x: self.head_type.top_tokens(self, k, x)[..., 0], position_chunks(h, chunk_size))
         return greedy.swapaxes(0, 1).reshape(b, -1)[:, :t]
 
 

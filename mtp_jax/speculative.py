@@ -142,18 +142,13 @@ def filter_logits(logits: jax.Array, temperature: float, top_k: int = 0, top_p: 
     return logits
 
 
-def draft(
-    logits: jax.Array, key: jax.Array, ranks: int, temperature: float, top_k: int = 0, top_p: float = 1.0
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One head's candidates from its logits [V] at the last committed node: its top `ranks`
-    tokens (greedy), or one token sampled from its filtered distribution q. Returns (candidates
-    [ranks or 1], the one the next 'sequential' module reads, q [V] (zeros when greedy))."""
-    if temperature == 0:
-        top = jax.lax.top_k(logits, ranks)[1].astype(jnp.int32)
-        return top, top[0], jnp.zeros_like(logits)
+def sample_draft(
+    logits: jax.Array, key: jax.Array, temperature: float, top_k: int = 0, top_p: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """One head's sampled draft from its logits [V] at the last committed node: (the token, its
+    filtered distribution q [V], which rejection sampling compares with head 1's p)."""
     filtered = filter_logits(logits, temperature, top_k, top_p)
-    token = jax.random.categorical(key, filtered).astype(jnp.int32)
-    return token[None], token, jax.nn.softmax(filtered)
+    return jax.random.categorical(key, filtered).astype(jnp.int32), jax.nn.softmax(filtered)
 
 
 def accept_greedy(tree: Tree, block: jax.Array, greedy: jax.Array) -> tuple[jax.Array, jax.Array]:
