@@ -198,7 +198,7 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
 
     # Data (mtp_jax/data/).
     c.data = ml_collections.ConfigDict()
-    c.data.source = "stdlib"  # 'stdlib' ('stdlib/email': one package), a directory, glob, text file, .jsonl, .bin
+    c.data.source = "stdlib"  # 'stdlib' ('stdlib/email': one package; 'stdlib/email,json': two), a directory, glob, text file, .jsonl, .bin
     # 'byte' (vocab 256), 'bpe' (trained on the training split), or a model's own: the path of a
     # tokenizer.json, a folder holding one, or a .gguf file (init_from sets it).
     c.data.tokenizer = p.tokenizer
