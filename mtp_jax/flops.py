@@ -25,13 +25,13 @@ def flops_per_token(config, vocab: int) -> dict[str, float]:
     """One forward pass's FLOPs per token, by part: each transformer block's matmuls and its
     attention (QK^T and AV over all T keys), and the heads (merges and unembeddings)."""
     m, n, t = config.model, n_predict(config), config.seq_len
-    d = m.d_model
-    d_kv = d * (m.n_kv_heads or m.n_heads) // m.n_heads  # grouped-query attention's keys and values
+    d, head_dim = m.d_model, m.head_dim or m.d_model // m.n_heads  # head_dim: explicit (0: d / heads)
+    d_q, d_kv = m.n_heads * head_dim, (m.n_kv_heads or m.n_heads) * head_dim  # grouped-query: fewer kv
     head = heads.get(config.mtp_head_type)
     return {
         "blocks": m.n_layers + (n - 1) * head.blocks_per_head,
-        "block_matmuls": 2 * (2 * d * d + 2 * d * d_kv + 3 * d * m.mlp_dim),
-        "attention": 2 * 2 * t * d,
+        "block_matmuls": 2 * (2 * d * d_q + 2 * d * d_kv + 3 * d * m.mlp_dim),
+        "attention": 2 * 2 * t * d_q,
         # extra heads project onto the draft vocabulary's tokens when there is one
         "unembeddings": 2 * d * vocab + (n - 1) * head.output_flops(d, config.get("mtp_draft_vocab") or vocab),
         "merges": (n - 1) * head.other_flops(d),

@@ -135,6 +135,12 @@ def test_analytic_flops_count_grouped_query_attention_and_remat():
     d, tokens, layers = config.model.d_model, config.batch_size * config.seq_len, config.model.n_layers
     # Keys and values at half width: 2 x d x d/2 fewer multiply-adds per token, layer and projection.
     assert full - flops.model_flops(config, 256) == 3 * 2 * 2 * d * (d // 2) * layers * tokens
+    # An explicit head_dim of twice d / n_heads: q, k, v and o twice as wide, attention twice the work.
+    wide = config.copy_and_resolve_references()
+    wide.model.head_dim = 2 * d // config.model.n_heads
+    t, kv = config.seq_len, d // 2
+    per_layer_token = 2 * (2 * d * d + 2 * d * kv) + 2 * 2 * t * d
+    assert flops.model_flops(wide, 256) - flops.model_flops(config, 256) == 3 * per_layer_token * layers * tokens
     # model.remat recomputes the trunk blocks' forward pass: a third of what the blocks cost a step.
     no_blocks = config.copy_and_resolve_references()
     no_blocks.model.n_layers = 0
