@@ -55,7 +55,8 @@ def test_smollm2_gguf_imports_with_transformers_logits(smollm2):
     tokens = np.array([gguf.read_tokenizer(FILE).encode(CODE[:160]).ids])
     with torch.no_grad():
         expected = theirs(torch.from_numpy(tokens)).logits.numpy()
-    # float32 noise over 30 layers, on logits of up to 40: both sit about 1e-4 from a float64 run.
+    # float32 noise over 30 layers, on logits of up to 40: both sit about 1e-4 from a float64 run
+    # (benchmarks/gguf_reference.py).
     np.testing.assert_allclose(head1_logits(ours, tokens), expected, atol=1e-4, rtol=1e-5)
 
 
