@@ -144,7 +144,7 @@ def _speculate(model: MTPModel, tree: Tree, sampling: Sampling, tokens, position
             last, successors, token, extra = commit(model.logits(1, h[0]), commit_key)
             inputs = successors[None]
             continue
-        if sampling.temperature == 0:  # the top candidates; q unused
+        if sampling.temperature == 0:  # the top candidates (q is read only by rejection sampling)
             draft = model.head_type.top_tokens(model, k, h[0, last], tree.max_rank)
             chosen, q_k = draft[0], jnp.zeros(model.decoder.shape.vocab_size)
         else:
