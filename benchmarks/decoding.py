@@ -1,9 +1,9 @@
-"""Decoding speed of a trained MTP model: plain, chain and tree decoding (greedy), and plain and
-chain sampling, on held-out prompts; with --transformers, transformers' own plain and
+"""Decoding speed of a trained MTP model: plain, chain, tree and context-draft decoding (greedy),
+and plain and chain sampling, on held-out prompts; with --transformers, transformers' own plain and
 prompt-lookup decoding of the model the heads were trained on, on the same prompts.
 
     python benchmarks/decoding.py --workdir=DIR [--prompts=10] [--prompt_len=128] [--max_new_tokens=128]
-        [--tree_size=16] [--temperature=0.8] [--cache_len=0] [--dtype=float32] [--transformers]
+        [--tree_size=16] [--lookup=7] [--temperature=0.8] [--cache_len=0] [--dtype=float32] [--transformers]
 
 Prompts come from the validation split (so the corpus or its data cache must be present). The
 modes are timed in one process with their order rotating per prompt; speedups are medians over
@@ -46,7 +46,8 @@ from mtp_jax.mtp import build_model  # noqa: E402
 from mtp_jax.probes import compression_ratio  # noqa: E402
 from mtp_jax.speculative import Tree  # noqa: E402
 
-MODES = ("plain", "chain", "tree", "plain_sampled", "chain_sampled")
+MODES = ("plain", "chain", "tree", "lookup", "plain_sampled", "chain_sampled")
+GREEDY_SPECULATIVE = ("chain", "tree", "lookup")
 TRANSFORMERS_MODES = ("transformers_plain", "transformers_prompt_lookup")
 
 
@@ -108,6 +109,7 @@ def benchmark(
     new_tokens: int,
     cache_len: int,
     tree: Tree,
+    lookup: int,
     temperature: float,
     extra_modes: dict | None = None,
 ) -> dict:
@@ -120,6 +122,7 @@ def benchmark(
         "plain": lambda prompt, seed: generator.generate(prompt, new_tokens),
         "chain": lambda prompt, seed: generator.speculative(prompt, new_tokens),
         "tree": lambda prompt, seed: generator.speculative(prompt, new_tokens, tree=tree),
+        "lookup": lambda prompt, seed: generator.speculative(prompt, new_tokens, lookup=lookup),
         "plain_sampled": lambda prompt, seed: generator.generate(prompt, new_tokens, temperature, seed=seed),
         "chain_sampled": lambda prompt, seed: generator.speculative(prompt, new_tokens, temperature, seed=seed),
         **(extra_modes or {}),
@@ -169,7 +172,7 @@ def benchmark(
         if mode == "chain_sampled":
             report[mode]["alpha"] = results.alpha()
             report[mode]["alpha_predicted_mean_accepted"] = results.predicted_mean_accepted()
-        if mode in ("chain", "tree") or mode in TRANSFORMERS_MODES:  # greedy: the same tokens as plain's?
+        if mode in GREEDY_SPECULATIVE or mode in TRANSFORMERS_MODES:  # greedy: the same tokens as plain's?
             report[mode]["agrees_with_plain"] = float(
                 np.mean([r[mode]["result"].tokens == r["plain"]["result"].tokens for r in rows])
             )
@@ -189,6 +192,7 @@ def benchmark(
         "temperature": temperature,
         "tree_size": tree.size - 1,
         "tree_paths": tree.to_json(),
+        "lookup": lookup,
         **report,
         "truth_compression_ratio": float(np.median([r["truth_ratio"] for r in rows])),
         "teacher_forced_mean_accepted": forced.pop("mean_accepted"),
@@ -203,6 +207,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--prompt_len", type=int, default=128, help="tokens per prompt")
     p.add_argument("--max_new_tokens", type=int, default=128, help="tokens generated per prompt and mode")
     p.add_argument("--tree_size", type=int, default=16, help="drafts per verify pass of the tree mode")
+    p.add_argument(
+        "--lookup",
+        type=int,
+        default=7,
+        help="drafts per pass of the lookup mode (copied from the context where it repeats, else the heads')",
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="of the sampled modes")
     p.add_argument(
         "--cache_len",
@@ -228,7 +238,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="transformers' prompt_lookup_num_tokens (tokens copied from the prompt per pass)",
     )
     args = p.parse_args(argv)
-    for name in ("prompts", "prompt_len", "max_new_tokens", "tree_size", "prompt_lookup"):
+    for name in ("prompts", "prompt_len", "max_new_tokens", "tree_size", "lookup", "prompt_lookup"):
         if getattr(args, name) < 1:
             fail(f"--{name}={getattr(args, name)} must be >= 1")
     if args.temperature <= 0 or args.cache_len < 0:
@@ -266,6 +276,7 @@ def run(args: argparse.Namespace) -> dict:
         new_tokens=new_tokens,
         cache_len=cache_len,
         tree=tree,
+        lookup=args.lookup,
         temperature=args.temperature,
         extra_modes=extra,
     )
@@ -285,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         fail(str(e))
     print(json.dumps(out))
-    diverged = [mode for mode in ("chain", "tree") if out[mode]["agrees_with_plain"] < 1]
+    diverged = [mode for mode in GREEDY_SPECULATIVE if out[mode]["agrees_with_plain"] < 1]
     if diverged:  # after the report, so that a failed check still shows what was measured
         fail(
             f"greedy {' and '.join(diverged)} decoding diverged from plain greedy decoding on some prompts "

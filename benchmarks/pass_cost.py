@@ -1,7 +1,7 @@
 """What one verify pass costs against one plain decoding step, per tree size, on a trained workdir.
 
     python benchmarks/pass_cost.py --workdir=DIR [--tree_sizes=3,8,16,32] [--prompt_len=128]
-        [--max_new_tokens=128] [--repeats=5] [--cache_len=512]
+        [--lookups=5,7] [--max_new_tokens=128] [--repeats=5] [--cache_len=512]
 
 Self-speculative decoding pays when the tokens a pass commits exceed what the pass costs in plain
 steps: speedup = tokens per pass / pass cost. This measures the cost side alone. Each mode decodes
@@ -9,7 +9,8 @@ the same prompt (validation tokens) twice per repeat, once for max_new_tokens an
 token (the prefill alone); the difference in seconds over the difference in forward passes is the
 time of one step (plain) or one verify pass (speculative), the prefill left out. A size of
 n - 1 is the chain of drafts (3 for n = 4 heads); other sizes are Medusa trees fitted on the
-workdir's validation windows, as `generate --tree_size` fits them; the prompt is the first
+workdir's validation windows, as `generate --tree_size` fits them; --lookups adds chains of drafts copied from
+the context (`generate --lookup`), whose cost depends only on their length; the prompt is the first
 window's first prompt_len tokens. Modes run interleaved, medians over repeats. Prints one JSON object (with the CPU and
 the load average).
 """
@@ -40,7 +41,13 @@ def per_pass_seconds(decode, prompt: list[int], new_tokens: int) -> float:
 
 
 def measure(
-    trained: workdir.Trained, tree_sizes: list[int], prompt_len: int, new_tokens: int, repeats: int, cache_len: int
+    trained: workdir.Trained,
+    tree_sizes: list[int],
+    lookups: list[int],
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    cache_len: int,
 ) -> dict:
     model = trained.model
     if model.n_predict < 2:
@@ -53,6 +60,8 @@ def measure(
         chain = size == model.n_predict - 1
         tree = Tree.chain(size) if chain else build_tree(model, windows, size)
         modes["chain" if chain else f"tree_{size}"] = lambda p, k, tree=tree: generator.speculative(p, k, tree=tree)
+    for size in lookups:
+        modes[f"lookup_{size}"] = lambda p, k, size=size: generator.speculative(p, k, lookup=size)
     for decode in modes.values():  # compile before timing
         per_pass_seconds(decode, prompt, new_tokens)
     seconds = {mode: [] for mode in modes}
@@ -74,6 +83,9 @@ def main(argv: list[str] | None = None) -> None:
     p = ArgumentParser(prog="python benchmarks/pass_cost.py", description=__doc__.split("\n")[0])
     p.add_argument("--workdir", required=True)
     p.add_argument("--tree_sizes", default="3,8,16,32", help="drafts per pass, comma-separated")
+    p.add_argument(
+        "--lookups", default="", help="chain lengths with drafts copied from the context (generate --lookup)"
+    )
     p.add_argument("--prompt_len", type=int, default=128)
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
@@ -81,13 +93,16 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     try:
         sizes = [int(s) for s in args.tree_sizes.split(",")]
-        if min(sizes) < 1 or args.repeats < 1 or args.max_new_tokens < 2:
+        lookups = [int(s) for s in args.lookups.split(",") if s]
+        if min(sizes + lookups) < 1 or args.repeats < 1 or args.max_new_tokens < 2:
             raise ValueError
     except ValueError:
-        fail("--tree_sizes must be positive whole numbers (e.g. 3,8,16), --repeats >= 1, --max_new_tokens >= 2")
+        fail(
+            "--tree_sizes and --lookups must be positive whole numbers (e.g. 3,8,16), --repeats >= 1, --max_new_tokens >= 2"
+        )
     try:
         trained = workdir.load(args.workdir)
-        report = measure(trained, sizes, args.prompt_len, args.max_new_tokens, args.repeats, args.cache_len)
+        report = measure(trained, sizes, lookups, args.prompt_len, args.max_new_tokens, args.repeats, args.cache_len)
     except UserError as e:
         fail(str(e))
     print(json.dumps(report, indent=2))

@@ -1,7 +1,7 @@
 """Where a compiled program spends its time on this machine: XLA ops summed by HLO name.
 
     python benchmarks/profile_ops.py --config=configs/mtp3.py:nano [--config.KEY=VALUE …] [--top=25]
-    python benchmarks/profile_ops.py --workdir=runs/mtp4 [--speculative] [--top=25]
+    python benchmarks/profile_ops.py --workdir=runs/mtp4 [--speculative [--lookup=N]] [--top=25]
 
 The first form profiles one train step (fresh random tokens, after warm-up); the second, one
 greedy continuation of 128 validation tokens by 128 new ones (plain or self-speculative) from a
@@ -32,6 +32,7 @@ from mtp_jax.cli import fail, parse_flags  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a trained workdir: profile decoding instead")
 _SPECULATIVE = flags.DEFINE_bool("speculative", False, "decoding: self-speculative instead of plain")
+_LOOKUP = flags.DEFINE_integer("lookup", 0, "speculative decoding: drafts copied from the context (generate --lookup)")
 _TOP = flags.DEFINE_integer("top", 25, "rows per table")
 
 
@@ -70,7 +71,7 @@ def train_step_runner(config):
     return step
 
 
-def decoding_runner(workdir: str, speculative: bool):
+def decoding_runner(workdir: str, speculative: bool, lookup: int):
     import numpy as np
 
     from mtp_jax import decoding
@@ -79,7 +80,11 @@ def decoding_runner(workdir: str, speculative: bool):
     trained = workdir_lib.load(workdir)
     generator = decoding.Generator(trained.model, trained.config.seq_len)
     prompt = np.asarray(trained.data().val[:128]).astype(int).tolist()
-    run = (lambda: generator.speculative(prompt, 128)) if speculative else (lambda: generator.generate(prompt, 128))
+    run = (
+        (lambda: generator.speculative(prompt, 128, lookup=lookup))
+        if speculative
+        else (lambda: generator.generate(prompt, 128))
+    )
     run()
     begin = time.perf_counter()
     result = run()
@@ -95,7 +100,11 @@ def main(argv) -> None:
     config = flags.FLAGS.config
     if (config is None) == (_WORKDIR.value is None):
         fail("pass exactly one of --config (a train step) or --workdir (decoding)")
-    run = decoding_runner(_WORKDIR.value, _SPECULATIVE.value) if _WORKDIR.value else train_step_runner(config)
+    run = (
+        decoding_runner(_WORKDIR.value, _SPECULATIVE.value, _LOOKUP.value)
+        if _WORKDIR.value
+        else train_step_runner(config)
+    )
     by_kind, calls, by_op = op_times(run)
     print(f"sum of op times {sum(by_kind.values()) / 1000:.1f} ms\n\n      ms   calls  op kind")
     for kind, us in by_kind.most_common(_TOP.value):

@@ -54,7 +54,7 @@ class Carry(NamedTuple):
     block: jax.Array  # [tree.size]: the certain token, then the drafts to verify
     q: jax.Array  # [n - 1, V]: the drafts' distributions (sampling)
     caches: list
-    tokens: jax.Array  # [capacity + depth + 1]: the committed tokens
+    tokens: jax.Array  # [capacity + depth + 1]: the prompt and the committed tokens, at their positions
     accepted: jax.Array  # [capacity]: drafts accepted by each pass
     overlaps: jax.Array  # [capacity, n - 1]: each pass's Σ_x min(p, q) per draft position (sampling)
 
@@ -124,7 +124,7 @@ def _decode_plain(graphdef, capacity, sampling: Sampling, params, prompt, length
 def _speculate(model: MTPModel, tree: Tree, sampling: Sampling, tokens, positions, caches, index, mask, key, commit):
     """Run tokens [1, T] through the trunk and every head, commit, and draft the next block.
 
-    commit(head 1's logits [T, V], key) returns (last: the node after which the next certain
+    commit(head 1's hidden states [T, D], key) returns (last: the node after which the next certain
     token follows, successors [T]: the token committed after each node (what 'sequential'
     module 2 reads there; DeepSeek-V3's x[t + 1]), that certain token, extra outputs). Heads
     2 … n then draft at `last`; where head k + 1 reads head k's tokens (reads_previous_draft),
@@ -141,7 +141,7 @@ def _speculate(model: MTPModel, tree: Tree, sampling: Sampling, tokens, position
         if cache is not None:
             new_caches.append(cache)
         if k == 1:
-            last, successors, token, extra = commit(model.logits(1, h[0]), commit_key)
+            last, successors, token, extra = commit(h[0], commit_key)
             inputs = successors[None]
             continue
         if sampling.temperature == 0:  # the top candidates (q is read only by rejection sampling)
@@ -159,19 +159,23 @@ def _speculate(model: MTPModel, tree: Tree, sampling: Sampling, tokens, position
     return tree.block(token, jnp.stack(candidates)), jnp.stack(q), new_caches, extra
 
 
-def _decode_speculative(graphdef, capacity, tree: Tree, sampling: Sampling, params, prompt, length, limit, key):
+def _decode_speculative(
+    graphdef, capacity, tree: Tree, sampling: Sampling, lookup: bool, params, prompt, length, limit, key
+):
     """The whole of self-speculative decoding as one program (a device loop over verify passes,
     so the host never waits between passes). Greedy (temperature 0) verifies `tree`; sampling
-    verifies a chain by rejection sampling. Returns the new tokens [capacity + depth + 1] (the
-    first `limit` are valid), the number of verify passes, how many drafts each accepted
-    [capacity] and each draft position's Σ_x min(p, q) [capacity, n - 1] (sampling; the first
-    `passes` rows are valid)."""
+    verifies a chain by rejection sampling. With `lookup` (greedy chains), a pass whose context
+    ends in tokens seen before verifies the tokens that followed them instead of the heads'
+    drafts (speculative.lookup_draft). Returns the new tokens [capacity + depth + 1] (the first
+    `limit` are valid), the number of verify passes, how many drafts each accepted [capacity]
+    and each draft position's Σ_x min(p, q) [capacity, n - 1] (sampling; the first `passes` rows
+    are valid)."""
     model = nnx.merge(graphdef, params)
     # A verify pass at the last committed position writes tree.size slots from it.
     caches = init_caches(model, 1, capacity + tree.size, all_heads=True)
 
-    def commit_prompt(logits, key):
-        token = choose(logits[length - 1][None], key, sampling)[0]
+    def commit_prompt(h, key):  # head 1's logits after the prompt's last token alone
+        token = choose(model.logits(1, h[length - 1][None]), key, sampling)[0]
         successors = jnp.concatenate([prompt[0, 1:], prompt[0, :1]]).at[length - 1].set(token)
         return length - 1, successors, token, ()
 
@@ -191,22 +195,27 @@ def _decode_speculative(graphdef, capacity, tree: Tree, sampling: Sampling, para
     def more(carry: Carry):  # a pass pays only if at least two tokens are still wanted
         return carry.count + 1 < limit
 
+    size = capacity + tree.max_depth + 1
+    tokens = jax.lax.dynamic_update_slice(jnp.zeros(size, jnp.int32), prompt[0, :size], (0,))
+    if lookup:
+        block = speculative.lookup_draft(tokens.at[length].set(block[0]), length, block)
     carry = Carry(
         jnp.int32(0),
         jnp.int32(0),
         block,
         q,
         caches,
-        jnp.zeros(capacity + tree.max_depth + 1, jnp.int32),
+        tokens,
         jnp.full(capacity, -1, jnp.int32),
         jnp.zeros((capacity, model.n_predict - 1), jnp.float32),
     )
-    done = jax.lax.while_loop(more, lambda carry: verify_pass(model, tree, sampling, length, key, carry), carry)
-    tokens = jax.lax.dynamic_update_slice(done.tokens, done.block[:1], (done.count,))  # the last certain token
-    return tokens, done.passes, done.accepted, done.overlaps
+    done = jax.lax.while_loop(more, lambda carry: verify_pass(model, tree, sampling, lookup, length, key, carry), carry)
+    tokens = jax.lax.dynamic_update_slice(done.tokens, done.block[:1], (length + done.count,))  # the last certain one
+    new_tokens = jax.lax.dynamic_slice(jnp.pad(tokens, (0, size)), (length,), (size,))
+    return new_tokens, done.passes, done.accepted, done.overlaps
 
 
-def verify_pass(model: MTPModel, tree: Tree, sampling: Sampling, length, key, carry: Carry) -> Carry:
+def verify_pass(model: MTPModel, tree: Tree, sampling: Sampling, lookup: bool, length, key, carry: Carry) -> Carry:
     """One verify pass of self-speculative decoding (the device loop's body): run the block
     drafted last time through the trunk and every head, accept its longest agreeing path (greedy)
     or rejection-sample a chain (sampling), commit it, and draft the next block."""
@@ -214,7 +223,8 @@ def verify_pass(model: MTPModel, tree: Tree, sampling: Sampling, length, key, ca
     n, size, sampled = model.n_predict, tree.size, sampling.temperature > 0
     base = length + count
 
-    def commit(logits, key):  # logits [size, V]: head 1 after each node
+    def commit(h, key):
+        logits = model.logits(1, h)  # [size, V]: head 1 after each node
         if sampled:
             p = jax.nn.softmax(speculative.filter_logits(logits, *sampling), axis=-1)
             a, token, overlap = speculative.accept_sampled(block, p, q, key)
@@ -236,7 +246,9 @@ def verify_pass(model: MTPModel, tree: Tree, sampling: Sampling, length, key, ca
     if not tree.is_chain:
         caches = speculative.compact(caches, base, path)
     # Commit the path (its tail past the accepted drafts is overwritten by the next pass).
-    tokens = jax.lax.dynamic_update_slice(tokens, block[path[: tree.max_depth + 1]], (count,))
+    tokens = jax.lax.dynamic_update_slice(tokens, block[path[: tree.max_depth + 1]], (base,))
+    if lookup:  # the context now ends with the next certain token, at base + a + 1
+        next_block = speculative.lookup_draft(tokens.at[base + a + 1].set(next_block[0]), base + a + 1, next_block)
     return Carry(
         count + a + 1,
         passes + 1,
@@ -303,6 +315,16 @@ def check_tree_sampling(tree: bool, temperature: float) -> None:
         )
 
 
+def check_lookup(lookup: int, tree: bool, temperature: float) -> None:
+    """Context drafts replace a greedy chain's (one place for the engine and the CLI)."""
+    if lookup < 0:
+        raise UserError(f"--lookup={lookup} must be >= 0 (0: the heads draft alone)")
+    if lookup and tree:
+        raise UserError("context drafts (--lookup) replace a chain of drafts, not a tree: drop --tree_size or --lookup")
+    if lookup and temperature > 0:
+        raise UserError("context drafts (--lookup) are verified greedily: drop --temperature or --lookup")
+
+
 class Generator:
     """Compiled decoding of one model with a KV cache of `capacity` positions (prompt + output).
 
@@ -316,7 +338,7 @@ class Generator:
         self._programs = {
             "plain": jax.jit(functools.partial(_decode_plain, self.graphdef, capacity), static_argnums=0),
             "speculative": jax.jit(
-                functools.partial(_decode_speculative, self.graphdef, capacity), static_argnums=(0, 1)
+                functools.partial(_decode_speculative, self.graphdef, capacity), static_argnums=(0, 1, 2)
             ),
         }
         self._compiled: dict[tuple, jax.stages.Compiled] = {}  # (mode, static args, prompt shape) -> program
@@ -386,24 +408,29 @@ class Generator:
         top_p: float = 1.0,
         seed: int = 0,
         tree: Tree | None = None,
+        lookup: int = 0,
     ) -> Result:
         """Self-speculative decoding: greedy (temperature 0) gives the same tokens as
         generate(temperature=0), with a chain of drafts or a `tree`; sampling verifies a chain by
         rejection sampling, so its tokens are distributed exactly as generate's with the same
-        settings (but are not the same draws)."""
+        settings (but are not the same draws). lookup > 0 (greedy): each pass verifies a chain
+        of max(n - 1, lookup) drafts, copied from the context where its last tokens occurred
+        before (speculative.lookup_draft), else the heads'."""
         if self.n == 1:
             raise UserError(
                 "the model has no extra heads to draft with (it was trained with mtp_n_tokens=1): "
                 "drop --speculative, or train with --config.use_mtp=True --config.mtp_n_tokens=4"
             )
-        tree = tree or Tree.chain(self.n - 1)
-        check_tree_sampling(not tree.is_chain, temperature)
-        if tree.max_depth > self.n - 1:
+        branching = tree is not None and not tree.is_chain
+        check_tree_sampling(branching, temperature)
+        check_lookup(lookup, branching, temperature)
+        tree = Tree.chain(max(self.n - 1, lookup)) if lookup else tree or Tree.chain(self.n - 1)
+        if tree.max_depth > self.n - 1 and not lookup:
             raise UserError(f"the tree is {tree.max_depth} drafts deep but the model has {self.n - 1} draft heads")
         padded, limit = self._prompt(prompt, max_new_tokens)
         sampling = Sampling(temperature, top_k, top_p)
         (tokens, passes, accepted, overlaps), compiling, decoding = self._run(
-            "speculative", (tree, sampling), padded, len(prompt), limit, jax.random.key(seed)
+            "speculative", (tree, sampling, lookup > 0), padded, len(prompt), limit, jax.random.key(seed)
         )
         return Result(
             tokens[:limit].tolist(),

@@ -1,7 +1,7 @@
 """Decode a prompt with a trained workdir's model: plain, or self-speculative with its MTP heads.
 
     python -m mtp_jax.generate --workdir=DIR --prompt=TEXT [--max_new_tokens=N] [--temperature=T]
-        [--top_k=K] [--top_p=P] [--seed=S] [--speculative [--tree_size=K]] [--json]
+        [--top_k=K] [--top_p=P] [--seed=S] [--speculative [--tree_size=K | --lookup=L]] [--json]
 
 The decoding itself (the KV cache, the device loops, chains and trees) is decoding.py's.
 """
@@ -16,7 +16,7 @@ from mtp_jax import workdir
 from mtp_jax.acceptance import build_tree
 from mtp_jax.cli import ArgumentParser, fail
 from mtp_jax.compilation_cache import use_compilation_cache
-from mtp_jax.decoding import Generator, check_tree_sampling
+from mtp_jax.decoding import Generator, check_lookup, check_tree_sampling
 from mtp_jax.errors import UserError
 from mtp_jax.metrics import log
 
@@ -44,6 +44,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "per head)",
     )
     p.add_argument(
+        "--lookup",
+        type=int,
+        default=0,
+        help="greedy --speculative: where the text's last tokens occurred before, verify the L tokens that "
+        "followed them there (prompt lookup) instead of the heads' drafts; each pass verifies max(L, n - 1) "
+        "drafts (0: the heads alone)",
+    )
+    p.add_argument(
         "--cache_len",
         type=int,
         default=0,
@@ -51,10 +59,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    if args.tree_size and not args.speculative:
-        fail("--tree_size is a shape for --speculative decoding: add --speculative (or drop --tree_size)")
+    for name in ("tree_size", "lookup"):
+        if getattr(args, name) and not args.speculative:
+            fail(f"--{name} is a way of --speculative decoding: add --speculative (or drop --{name})")
     try:
         check_tree_sampling(args.tree_size > 0, args.temperature)
+        check_lookup(args.lookup, args.tree_size > 0, args.temperature)
     except UserError as e:
         fail(str(e))
     if args.tree_size < 0:
@@ -90,7 +100,7 @@ def run(args: argparse.Namespace) -> dict:
             )
     if args.speculative:
         result = generator.speculative(
-            prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tree
+            prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed, tree, args.lookup
         )
     else:
         result = generator.generate(prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)

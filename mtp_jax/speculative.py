@@ -18,6 +18,12 @@ Verification keeps the target distribution exactly:
   norm(max(0, p - q)), and when every draft is accepted a bonus token is drawn from p. The
   committed tokens are then distributed exactly as plain sampling's.
 
+Drafts copied from the context (`lookup_draft`; prompt lookup decoding, Saxena 2023): where the
+last few committed tokens occurred before, the tokens that followed them there make a chain
+that needs no head at all. Code and other repetitive text often continue a span already
+written; the heads draft everywhere else. Any draft source keeps greedy decoding exact, since
+verification alone decides what is committed.
+
 Nothing here runs the model: decoding.py owns the cache and the device loops, and calls these
 functions on the logits it computes.
 """
@@ -118,8 +124,10 @@ class Tree:
 
     def block(self, root: jax.Array, candidates: jax.Array) -> jax.Array:
         """The tokens of a verify pass [size]: root, then each node's candidate from
-        candidates [n - 1, R] (head k + 2's candidates, best first)."""
-        nodes = candidates[jnp.asarray(self.depths[1:]) - 1, jnp.asarray(self.ranks[1:])]
+        candidates [n - 1, R] (head k + 2's candidates, best first). A chain longer than the
+        heads (for drafts copied from the context) repeats the last head's draft in its tail."""
+        heads = np.minimum(self.depths[1:], candidates.shape[0]) - 1
+        nodes = candidates[jnp.asarray(heads), jnp.asarray(self.ranks[1:])]
         return jnp.concatenate([root[None], nodes])
 
     def to_json(self) -> list[list[int]]:
@@ -205,3 +213,24 @@ def compact(caches: list[dict], base, path: jax.Array) -> list[dict]:
         )
 
     return [{name: gather(buffer) for name, buffer in cache.items()} for cache in caches]
+
+
+LOOKUP_NGRAMS = (2, 3, 4)  # the context's last tokens looked up; a longer match wins
+
+
+def lookup_draft(context: jax.Array, end, block: jax.Array) -> jax.Array:
+    """block [size] with its drafts replaced by the size - 1 tokens that followed the latest
+    earlier occurrence of context[end - g + 1 … end], the longest such g in LOOKUP_NGRAMS; the
+    block as it was where none occurred. context [S]: the committed tokens at their positions,
+    the root (block[0]) at `end`; what lies past `end` is never matched, though a draft may copy
+    it (verification rejects what is wrong)."""
+    positions = jnp.arange(context.shape[0])
+    found = jnp.int32(-1)
+    for g in LOOKUP_NGRAMS:
+        match = (positions >= g - 1) & (positions < end)
+        for j in range(g):  # context[i - j] == context[end - j]
+            match &= jnp.roll(context, j) == context[end - j]
+        latest = jnp.max(jnp.where(match, positions, -1))
+        found = jnp.where(latest >= 0, latest, found)
+    copied = jax.lax.dynamic_slice(jnp.pad(context, (0, block.shape[0])), (found + 1,), (block.shape[0] - 1,))
+    return jnp.where(found >= 0, block.at[1:].set(copied), block)

@@ -94,12 +94,14 @@ def test_decoding_never_recompiles_per_token():
     assert compiled == generator.compilations() == 2  # one program per mode (same prompt bucket)
 
 
-def assert_speculative_matches_greedy(generator: decoding.Generator, prompts, lengths, tree=None) -> list[int]:
+def assert_speculative_matches_greedy(
+    generator: decoding.Generator, prompts, lengths, tree=None, lookup=0
+) -> list[int]:
     accepted = []
     for prompt in prompts:
         for new in lengths:
             plain = generator.generate(prompt, new).tokens
-            fast = generator.speculative(prompt, new, tree=tree)
+            fast = generator.speculative(prompt, new, tree=tree, lookup=lookup)
             assert fast.tokens == plain, (prompt, new)
             assert len(plain) == min(new, generator.capacity - len(prompt))
             assert fast.forward_passes == 1 + len(fast.accepted)
@@ -135,6 +137,21 @@ def test_speculative_accepts_drafts_of_heads_that_copy_head_1():
     assert np.mean(in_tree) >= np.mean(accepted)
 
 
+@pytest.mark.parametrize("head_type", ["linear", "sequential"])
+def test_context_drafts_equal_greedy_and_copy_past_the_heads(head_type):
+    """With --lookup, passes whose context repeats verify copied drafts (a random model's greedy
+    output falls into loops, and one prompt repeats itself), longer than the heads' chain."""
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 256, 30).tolist(), [5, 6, 7, 8] * 6, [9]]
+    generator = decoding.Generator(random_model(head_type, n=3), 64)
+    accepted = assert_speculative_matches_greedy(generator, prompts, (1, 2, 63), lookup=6)
+    assert max(accepted) > 2  # a copied draft beyond what two draft heads can propose
+    with pytest.raises(UserError, match="verified greedily"):
+        generator.speculative(prompts[0], 8, temperature=0.5, lookup=6)
+    with pytest.raises(UserError, match="not a tree"):
+        generator.speculative(prompts[0], 8, tree=TREE, lookup=6)
+
+
 def test_speculative_equals_greedy_trained(trained):
     loaded = workdir.load(trained[0])
     model = loaded.model
@@ -147,6 +164,7 @@ def test_speculative_equals_greedy_trained(trained):
     assert tree.size == 7 and not tree.is_chain and tree.max_depth <= 2
     in_tree = assert_speculative_matches_greedy(generator, prompts, (3, 16, 32), tree=tree)
     assert np.mean(in_tree) > np.mean(accepted)
+    assert_speculative_matches_greedy(generator, prompts, (3, 16, 32), lookup=4)
 
 
 def test_teacher_forced_acceptance_matches_numpy():
@@ -191,6 +209,11 @@ def test_cli_json_output(trained, capsys):
     )
     tree = json.loads(capsys.readouterr().out)
     assert tree["text"] == out["text"] and len(tree["tree"]) == 4 and tree["forward_passes"] <= 12
+    generate.main(
+        [f"--workdir={workdir}", "--prompt=def f1", "--max_new_tokens=12", "--speculative", "--lookup=5", "--json"]
+    )
+    copied = json.loads(capsys.readouterr().out)
+    assert copied["text"] == out["text"] and copied["forward_passes"] <= 12
 
 
 def test_cli_sampled_speculative_reports_alpha(trained, capsys):
@@ -269,6 +292,11 @@ def test_cli_errors(trained, tmp_path, capsys):
         capsys, [f"--workdir={workdir}", "--prompt=x", "--speculative", "--tree_size=4", "--temperature=1"]
     )
     assert "add --speculative" in cli_error(capsys, [f"--workdir={workdir}", "--prompt=x", "--tree_size=4"])
+    speculative = [f"--workdir={workdir}", "--prompt=x", "--speculative"]
+    assert "add --speculative" in cli_error(capsys, [f"--workdir={workdir}", "--prompt=x", "--lookup=4"])
+    assert "must be >= 0" in cli_error(capsys, [*speculative, "--lookup=-1"])
+    assert "not a tree" in cli_error(capsys, [*speculative, "--lookup=4", "--tree_size=4"])
+    assert "verified greedily" in cli_error(capsys, [*speculative, "--lookup=4", "--temperature=0.5"])
     assert "--workdir" in cli_error(capsys, ["--prompt=x"])
 
 

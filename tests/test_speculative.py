@@ -166,6 +166,7 @@ def empirical_distribution(model: MTPModel, settings: dict) -> np.ndarray:
         generator.capacity,
         Tree.chain(2),
         decoding.Sampling(**settings),
+        False,  # no context drafts
         params,
         padded,
         len(PROMPT),
@@ -213,3 +214,31 @@ def test_sampled_speculative_is_reproducible_and_seeded():
     assert len(first.tokens) == 40 and first.forward_passes == 1 + len(first.accepted)
     assert all(0 <= x <= 1 for x in first.alpha() if x is not None)
     assert 1 <= first.predicted_mean_accepted() <= 3
+
+
+def lookup_reference(context: list[int], end: int, size: int) -> list[int] | None:
+    """The drafts copied after the latest earlier occurrence of the longest of the context's last
+    2, 3 or 4 tokens (ending at `end`), by plain search; None where none occurred."""
+    for g in sorted(speculative.LOOKUP_NGRAMS, reverse=True):
+        if end + 1 < g:
+            continue
+        for i in range(end - 1, g - 2, -1):
+            if context[i - g + 1 : i + 1] == context[end - g + 1 : end + 1]:
+                return (context[i + 1 : i + size] + [0] * size)[: size - 1]
+    return None
+
+
+def test_lookup_draft_copies_what_followed_the_latest_longest_match():
+    rng = np.random.default_rng(0)
+    lookup = jax.jit(speculative.lookup_draft)
+    found = 0
+    for _ in range(200):
+        vocab = int(rng.integers(2, 9))  # small vocabularies repeat n-grams often
+        context = rng.integers(0, vocab, 40).tolist()
+        end, block = int(rng.integers(0, 40)), rng.integers(100, 200, 6)
+        expected = lookup_reference(context, end, 6)
+        got = np.asarray(lookup(jnp.asarray(context), end, jnp.asarray(block))).tolist()
+        assert got[0] == block[0]
+        assert got[1:] == (block[1:].tolist() if expected is None else expected), (context, end)
+        found += expected is not None
+    assert 50 < found < 200  # both outcomes were exercised
