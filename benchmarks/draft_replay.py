@@ -1,0 +1,128 @@
+"""Tokens per verify pass of greedy drafting rules, replayed on plain greedy outputs (no timing).
+
+    python benchmarks/draft_replay.py --workdir=DIR [--prompts=10] [--prompt_len=128]
+        [--max_new_tokens=128] [--lookups=3,5,7]
+
+Greedy speculative decoding commits exactly plain greedy decoding's tokens, so what a drafting
+rule would accept is known once the plain output is: each prompt (the validation prompts
+benchmarks/decoding.py uses) is decoded plainly once, every head's argmax at every position of
+prompt + output comes from one teacher-forced forward pass, and each rule is replayed pass by
+pass: from the last committed position, the drafts it would propose, accepted while they equal
+the output. Rules: the heads' chain (`generate --speculative`), and for each L in --lookups the
+chain of max(L, n - 1) drafts copied from the context where its last tokens occurred before
+(speculative.lookup_draft, the engine's own function), else the heads' (`--lookup=L`). A rule's
+speedup is its tokens per pass over what a pass costs (benchmarks/pass_cost.py), so this
+predicts a change in drafting before anything is timed. Prints one JSON object: tokens per pass
+pooled over prompts, the median over prompts, and (lookup rules) the share of passes that
+copied.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from mtp_jax import speculative, workdir  # noqa: E402
+from mtp_jax.cli import ArgumentParser, fail  # noqa: E402
+from mtp_jax.decoding import Generator  # noqa: E402
+from mtp_jax.errors import UserError  # noqa: E402
+from mtp_jax.machine import cpu_model  # noqa: E402
+
+
+def head_drafts(model, tokens: list[int]) -> np.ndarray:
+    """[n, T]: head k's argmax at each position t of tokens (its draft for t + k), teacher-forced."""
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def greedy(params, window):
+        m = nnx.merge(graphdef, params)
+        t = window.shape[1] - m.n_predict
+        return jnp.stack([m.greedy(k, h) for k, h in enumerate(m.hidden_states(window, t), 1)])
+
+    return np.asarray(greedy(params, jnp.asarray([tokens])))[:, 0]
+
+
+def replay(sequence: np.ndarray, heads: np.ndarray, start: int, lookup: int) -> tuple[int, int, int]:
+    """(passes, tokens committed, passes that copied) of greedy speculative decoding after
+    sequence[:start] (the prompt), lookup = 0 for the heads' chain."""
+    n, end = heads.shape[0], len(sequence) - 1
+    copy = jax.jit(speculative.lookup_draft)
+    context = jnp.asarray(sequence)
+    passes = committed = copied = 0
+    p = start - 1  # the last committed position; the certain token after it is the pass's root
+    while p + 1 < end:
+        root = p + 1
+        drafts = [heads[k - 1, p] if p < heads.shape[1] else -1 for k in range(2, n + 1)]
+        if lookup:
+            size = max(lookup, n - 1) + 1
+            heads_block = np.asarray(drafts + [drafts[-1]] * (size - n), np.int32)
+            block = np.asarray(copy(context, root, jnp.asarray([sequence[root], *heads_block])))
+            copied += bool(np.any(block[1:] != heads_block))
+            drafts = block[1:].tolist()
+        accepted = 0
+        for j, draft in enumerate(drafts):
+            if root + 1 + j > end or draft != sequence[root + 1 + j]:
+                break
+            accepted += 1
+        passes, committed, p = passes + 1, committed + accepted + 1, root + accepted
+    return passes, committed, copied
+
+
+def run(args) -> dict:
+    trained = workdir.load(args.workdir)
+    model, val = trained.model, trained.data().val
+    if model.n_predict < 2:
+        raise UserError("the model has no extra heads: replay needs a model trained with mtp_n_tokens >= 2")
+    generator = Generator(model, args.prompt_len + args.max_new_tokens)
+    starts = np.linspace(0, len(val) - args.prompt_len - args.max_new_tokens, args.prompts).astype(np.int64)
+    rules = {"chain": 0, **{f"lookup_{size}": size for size in args.lookups}}
+    totals = {rule: np.zeros(3, np.int64) for rule in rules}
+    per_prompt = {rule: [] for rule in rules}
+    for s in starts:
+        prompt = np.asarray(val[s : s + args.prompt_len]).astype(int).tolist()
+        sequence = np.asarray(prompt + generator.generate(prompt, args.max_new_tokens).tokens)
+        heads = head_drafts(model, sequence.tolist())
+        for rule, size in rules.items():
+            counts = np.asarray(replay(sequence, heads, len(prompt), size))
+            totals[rule] += counts
+            per_prompt[rule].append(counts[1] / counts[0])
+    report = {
+        rule: {
+            "tokens_per_pass": float(totals[rule][1] / totals[rule][0]),
+            "median_over_prompts": float(np.median(per_prompt[rule])),
+            **({"copied_share": float(totals[rule][2] / totals[rule][0])} if size else {}),
+        }
+        for rule, size in rules.items()
+    }
+    return {"cpu": cpu_model(), "prompts": args.prompts, "new_tokens": args.max_new_tokens, **report}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = ArgumentParser(prog="python benchmarks/draft_replay.py", description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True, help="a training workdir of an MTP model (n > 1)")
+    p.add_argument("--prompts", type=int, default=10)
+    p.add_argument("--prompt_len", type=int, default=128)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--lookups", default="3,5,7", help="context-draft chain lengths to replay, comma-separated")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        args.lookups = [int(s) for s in args.lookups.split(",") if s]
+        if min([args.prompts, args.prompt_len, args.max_new_tokens, *args.lookups]) < 1:
+            raise ValueError
+    except ValueError:
+        fail("--prompts, --prompt_len, --max_new_tokens and each of --lookups must be positive whole numbers")
+    try:
+        print(json.dumps(run(args), indent=2))
+    except UserError as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()
