@@ -199,8 +199,8 @@ class Attention(nnx.Module):
         and values are written at cache_index and each query reads the slots <= its position,
         so stale slots past a rolled-back index are never read. mask (see `attend`) replaces
         that rule: [T, S] over cache slots with a cache, [T, T] without. With grouped-query
-        attention (fewer key/value heads than query heads) the cache holds [B·N_kv, S, H] and each
-        key/value head is repeated for its group of query heads just before `attend`.
+        attention (fewer key/value heads than query heads) the cache holds [B·N_kv, S, H]; without
+        a cache each key/value head is repeated for its group of query heads just before `attend`.
 
         Layouts are chosen for XLA-CPU: q, k and v come from one fused dot, and the cache is
         [B·N, S, H], the shape the attention dots read, so that a step updates it in place (in
@@ -225,19 +225,21 @@ class Attention(nnx.Module):
             same = positions[:, None]  # one array for queries and keys: attention.splash relies on it
             out = attend(q, group(k), group(v), same, same, mask, **settings)
         else:
-            q, k, v = q.reshape(b * n, t, h), k.reshape(b * kv, t, h), v.reshape(b * kv, t, h)
+            # Query head j reads key/value head j // g. Its group's g query heads are stacked
+            # as g·T queries of that key/value head, [B·N_kv, g·T, H], so the attention dots read
+            # the cache as it is instead of a copy repeated per query head.
+            g = n // kv
+            q, k, v = q.reshape(b * kv, g * t, h), k.reshape(b * kv, t, h), v.reshape(b * kv, t, h)
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
             cache = {"k": k, "v": v}
-            slots = jnp.arange(k.shape[1])
-            # [B·N_kv, S, H] → [B·N, S, H]: query head j of row b reads key/value head j // (N / N_kv).
             out = attend(
                 q,
-                group(k.astype(q.dtype)),
-                group(v.astype(q.dtype)),
-                jnp.repeat(positions, n, axis=0),
-                slots,
-                mask,
+                k.astype(q.dtype),
+                v.astype(q.dtype),
+                jnp.repeat(jnp.tile(positions, (1, g)), kv, axis=0),
+                jnp.arange(k.shape[1]),
+                None if mask is None else jnp.tile(mask, (g, 1)),
                 **settings,
             )
             out = out.reshape(b, n, t, h)

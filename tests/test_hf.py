@@ -23,6 +23,7 @@ from mtp_jax.checkpoint import Checkpointer
 from mtp_jax.errors import UserError
 from mtp_jax.heads import HEAD_TYPES
 from mtp_jax.mtp import MTPModel, build_model, mtp_loss
+from mtp_jax.speculative import Tree
 from tests.util import ROOT, load_config, tiny_run
 
 torch = pytest.importorskip("torch")
@@ -178,7 +179,8 @@ def test_n_kv_heads_equal_to_n_heads_is_the_model_without_it():
 
 def test_gqa_cached_and_speculative_decoding_match_full_forward():
     """With 2 key/value heads for 4 query heads, the [B·N_kv, S, H] cache decodes the tokens a
-    full forward pass picks, and self-speculative decoding the same tokens."""
+    full forward pass picks, and self-speculative decoding (a chain, a tree under its attention
+    mask, context drafts) the same tokens."""
     config = config_for(2, "sequential", **{"model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 2})
     model = build_model(config, VOCAB, seed=0)
     generator = decoding.Generator(model, 32)
@@ -189,6 +191,8 @@ def test_gqa_cached_and_speculative_decoding_match_full_forward():
     logits = head1_logits(model, np.asarray([prompt + tokens]))[0]
     assert tokens == np.argmax(logits[len(prompt) - 1 : -1], axis=-1).tolist()
     assert generator.speculative(prompt, 10).tokens == tokens
+    assert generator.speculative(prompt, 10, tree=Tree(((0,), (1,), (2,)))).tokens == tokens
+    assert generator.speculative(prompt, 10, lookup=4).tokens == tokens
 
 
 def test_gqa_shardings_are_valid_when_kv_heads_do_not_divide_the_tensor_axis():
