@@ -17,7 +17,9 @@ and their ancestors'), stale slots are overwritten before they are read, and a t
 path is first moved to consecutive slots. Heads that read the previous head's tokens
 (heads.HeadType.reads_previous_draft: 'sequential') draft module by module as in DeepSeek-V3:
 module 2 reads the token committed after each position, module k > 2 module k-1's draft (its
-argmax; at the last committed position, the draft itself).
+argmax; at the last committed position, the draft itself). With context drafts (`lookup`), a
+pass after which the text's last tokens occurred before verifies what followed them there
+instead (speculative.lookup_draft), searched on the device inside the same loop.
 """
 
 from __future__ import annotations
@@ -209,16 +211,19 @@ def _decode_speculative(
         jnp.full(capacity, -1, jnp.int32),
         jnp.zeros((capacity, model.n_predict - 1), jnp.float32),
     )
-    done = jax.lax.while_loop(more, lambda carry: verify_pass(model, tree, sampling, lookup, length, key, carry), carry)
+    done = jax.lax.while_loop(more, lambda carry: verify_pass(model, tree, sampling, length, key, carry, lookup), carry)
     tokens = jax.lax.dynamic_update_slice(done.tokens, done.block[:1], (length + done.count,))  # the last certain one
     new_tokens = jax.lax.dynamic_slice(jnp.pad(tokens, (0, size)), (length,), (size,))
     return new_tokens, done.passes, done.accepted, done.overlaps
 
 
-def verify_pass(model: MTPModel, tree: Tree, sampling: Sampling, lookup: bool, length, key, carry: Carry) -> Carry:
+def verify_pass(
+    model: MTPModel, tree: Tree, sampling: Sampling, length, key, carry: Carry, lookup: bool = False
+) -> Carry:
     """One verify pass of self-speculative decoding (the device loop's body): run the block
     drafted last time through the trunk and every head, accept its longest agreeing path (greedy)
-    or rejection-sample a chain (sampling), commit it, and draft the next block."""
+    or rejection-sample a chain (sampling), commit it, and draft the next block (with lookup,
+    copied from the context where it can be)."""
     count, passes, block, q, caches, tokens, accepted, overlaps = carry
     n, size, sampled = model.n_predict, tree.size, sampling.temperature > 0
     base = length + count
@@ -305,24 +310,6 @@ class Result:
     def predicted_mean_accepted(self) -> float:
         """Tokens per pass that α predicts: 1 + α_1 + α_1 α_2 + … (positions independent)."""
         return float(1 + np.sum(np.cumprod([x or 0.0 for x in self.alpha()])))
-
-
-def check_tree_sampling(tree: bool, temperature: float) -> None:
-    """Trees are verified greedily; sampled drafts only as a chain (one place for the engine and the CLI)."""
-    if tree and temperature > 0:
-        raise UserError(
-            "tree verification is greedy: drop --tree_size (sampled drafts are verified as a chain) or --temperature"
-        )
-
-
-def check_lookup(lookup: int, tree: bool, temperature: float) -> None:
-    """Context drafts replace a greedy chain's (one place for the engine and the CLI)."""
-    if lookup < 0:
-        raise UserError(f"--lookup={lookup} must be >= 0 (0: the heads draft alone)")
-    if lookup and tree:
-        raise UserError("context drafts (--lookup) replace a chain of drafts, not a tree: drop --tree_size or --lookup")
-    if lookup and temperature > 0:
-        raise UserError("context drafts (--lookup) are verified greedily: drop --temperature or --lookup")
 
 
 class Generator:
@@ -421,9 +408,7 @@ class Generator:
                 "the model has no extra heads to draft with (it was trained with mtp_n_tokens=1): "
                 "drop --speculative, or train with --config.use_mtp=True --config.mtp_n_tokens=4"
             )
-        branching = tree is not None and not tree.is_chain
-        check_tree_sampling(branching, temperature)
-        check_lookup(lookup, branching, temperature)
+        speculative.check_drafting(tree is not None and not tree.is_chain, lookup, temperature)
         tree = Tree.chain(max(self.n - 1, lookup)) if lookup else tree or Tree.chain(self.n - 1)
         if tree.max_depth > self.n - 1 and not lookup:
             raise UserError(f"the tree is {tree.max_depth} drafts deep but the model has {self.n - 1} draft heads")

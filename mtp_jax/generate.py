@@ -16,9 +16,10 @@ from mtp_jax import workdir
 from mtp_jax.acceptance import build_tree
 from mtp_jax.cli import ArgumentParser, fail
 from mtp_jax.compilation_cache import use_compilation_cache
-from mtp_jax.decoding import Generator, check_lookup, check_tree_sampling
+from mtp_jax.decoding import Generator
 from mtp_jax.errors import UserError
 from mtp_jax.metrics import log
+from mtp_jax.speculative import check_drafting
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -63,8 +64,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         if getattr(args, name) and not args.speculative:
             fail(f"--{name} is a way of --speculative decoding: add --speculative (or drop --{name})")
     try:
-        check_tree_sampling(args.tree_size > 0, args.temperature)
-        check_lookup(args.lookup, args.tree_size > 0, args.temperature)
+        check_drafting(args.tree_size > 0, args.lookup, args.temperature)
     except UserError as e:
         fail(str(e))
     if args.tree_size < 0:

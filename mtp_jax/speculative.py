@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtp_jax.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class Tree:
@@ -213,6 +215,21 @@ def compact(caches: list[dict], base, path: jax.Array) -> list[dict]:
         )
 
     return [{name: gather(buffer) for name, buffer in cache.items()} for cache in caches]
+
+
+def check_drafting(tree: bool, lookup: int, temperature: float) -> None:
+    """Which drafting options go together (one place for the engine and the CLI): a tree is
+    verified greedily, sampled drafts only as a chain; context drafts replace a greedy chain's."""
+    if tree and temperature > 0:
+        raise UserError(
+            "tree verification is greedy: drop --tree_size (sampled drafts are verified as a chain) or --temperature"
+        )
+    if lookup < 0:
+        raise UserError(f"--lookup={lookup} must be >= 0 (0: the heads draft alone)")
+    if lookup and tree:
+        raise UserError("context drafts (--lookup) replace a chain of drafts, not a tree: drop --tree_size or --lookup")
+    if lookup and temperature > 0:
+        raise UserError("context drafts (--lookup) are verified greedily: drop --temperature or --lookup")
 
 
 LOOKUP_NGRAMS = (2, 3, 4)  # the context's last tokens looked up; a longer match wins
