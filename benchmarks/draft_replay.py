@@ -19,6 +19,7 @@ copied.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 import sys
@@ -34,37 +35,34 @@ from mtp_jax.cli import ArgumentParser, fail  # noqa: E402
 from mtp_jax.decoding import Generator  # noqa: E402
 from mtp_jax.errors import UserError  # noqa: E402
 from mtp_jax.machine import cpu_model  # noqa: E402
+from mtp_jax.speculative import Tree  # noqa: E402
+
+copy_draft = jax.jit(speculative.lookup_draft)
 
 
-def head_drafts(model, tokens: list[int]) -> np.ndarray:
-    """[n, T]: head k's argmax at each position t of tokens (its draft for t + k), teacher-forced."""
-    graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def greedy(params, window):
-        m = nnx.merge(graphdef, params)
-        t = window.shape[1] - m.n_predict
-        return jnp.stack([m.greedy(k, h) for k, h in enumerate(m.hidden_states(window, t), 1)])
-
-    return np.asarray(greedy(params, jnp.asarray([tokens])))[:, 0]
+@functools.partial(jax.jit, static_argnums=0)
+def head_drafts(graphdef, params, window: jax.Array) -> jax.Array:
+    """[n, B, T]: head k's argmax at each position t of window [B, T + n] (its draft for t + k),
+    teacher-forced."""
+    model = nnx.merge(graphdef, params)
+    t = window.shape[1] - model.n_predict
+    return jnp.stack([model.greedy(k, h) for k, h in enumerate(model.hidden_states(window, t), 1)])
 
 
 def replay(sequence: np.ndarray, heads: np.ndarray, start: int, lookup: int) -> tuple[int, int, int]:
     """(passes, tokens committed, passes that copied) of greedy speculative decoding after
     sequence[:start] (the prompt), lookup = 0 for the heads' chain."""
     n, end = heads.shape[0], len(sequence) - 1
-    copy = jax.jit(speculative.lookup_draft)
     context = jnp.asarray(sequence)
     passes = committed = copied = 0
     p = start - 1  # the last committed position; the certain token after it is the pass's root
     while p + 1 < end:
         root = p + 1
         drafts = [heads[k - 1, p] if p < heads.shape[1] else -1 for k in range(2, n + 1)]
-        if lookup:
-            size = max(lookup, n - 1) + 1
-            heads_block = np.asarray(drafts + [drafts[-1]] * (size - n), np.int32)
-            block = np.asarray(copy(context, root, jnp.asarray([sequence[root], *heads_block])))
-            copied += bool(np.any(block[1:] != heads_block))
+        if lookup:  # the engine's block: the heads' chain lengthened, then copied over where it can be
+            heads_block = Tree.chain(max(lookup, n - 1)).block(jnp.int32(sequence[root]), jnp.asarray(drafts)[:, None])
+            block = np.asarray(copy_draft(context, root, heads_block))
+            copied += bool(np.any(block != np.asarray(heads_block)))
             drafts = block[1:].tolist()
         accepted = 0
         for j, draft in enumerate(drafts):
@@ -81,6 +79,7 @@ def run(args) -> dict:
     if model.n_predict < 2:
         raise UserError("the model has no extra heads: replay needs a model trained with mtp_n_tokens >= 2")
     generator = Generator(model, args.prompt_len + args.max_new_tokens)
+    graphdef, params = nnx.split(model)
     starts = np.linspace(0, len(val) - args.prompt_len - args.max_new_tokens, args.prompts).astype(np.int64)
     rules = {"chain": 0, **{f"lookup_{size}": size for size in args.lookups}}
     totals = {rule: np.zeros(3, np.int64) for rule in rules}
@@ -88,7 +87,7 @@ def run(args) -> dict:
     for s in starts:
         prompt = np.asarray(val[s : s + args.prompt_len]).astype(int).tolist()
         sequence = np.asarray(prompt + generator.generate(prompt, args.max_new_tokens).tokens)
-        heads = head_drafts(model, sequence.tolist())
+        heads = np.asarray(head_drafts(graphdef, params, jnp.asarray(sequence[None])))[:, 0]
         for rule, size in rules.items():
             counts = np.asarray(replay(sequence, heads, len(prompt), size))
             totals[rule] += counts

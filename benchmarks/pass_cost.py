@@ -11,7 +11,8 @@ time of one step (plain) or one verify pass (speculative), the prefill left out.
 n - 1 is the chain of drafts (3 for n = 4 heads); other sizes are Medusa trees fitted on the
 workdir's validation windows, as `generate --tree_size` fits them; --lookups adds chains of drafts copied from
 the context (`generate --lookup`), whose cost depends only on their length; the prompt is the first
-window's first prompt_len tokens. Modes run interleaved, medians over repeats. Prints one JSON object (with the CPU and
+window's first prompt_len tokens. Modes run interleaved, medians over repeats; `prefill_ms` is each
+mode's one-token decode (the prompt's pass alone). Prints one JSON object (with the CPU and
 the load average).
 """
 
@@ -34,10 +35,12 @@ from mtp_jax.machine import cpu_model  # noqa: E402
 from mtp_jax.speculative import Tree  # noqa: E402
 
 
-def per_pass_seconds(decode, prompt: list[int], new_tokens: int) -> float:
-    """Seconds of one forward pass after the prefill: decode(prompt, k) returns a Result."""
+def per_pass_seconds(decode, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """Seconds of one forward pass after the prefill, and of the prefill alone (a one-token
+    decode): decode(prompt, k) returns a Result."""
     long, short = decode(prompt, new_tokens), decode(prompt, 1)
-    return (long.decode_seconds - short.decode_seconds) / (long.forward_passes - short.forward_passes)
+    per_pass = (long.decode_seconds - short.decode_seconds) / (long.forward_passes - short.forward_passes)
+    return per_pass, short.decode_seconds
 
 
 def measure(
@@ -64,10 +67,12 @@ def measure(
         modes[f"lookup_{size}"] = lambda p, k, size=size: generator.speculative(p, k, lookup=size)
     for decode in modes.values():  # compile before timing
         per_pass_seconds(decode, prompt, new_tokens)
-    seconds = {mode: [] for mode in modes}
+    seconds, prefill = {mode: [] for mode in modes}, {mode: [] for mode in modes}
     for _ in range(repeats):
         for mode, decode in modes.items():
-            seconds[mode].append(per_pass_seconds(decode, prompt, new_tokens))
+            per_pass, alone = per_pass_seconds(decode, prompt, new_tokens)
+            seconds[mode].append(per_pass)
+            prefill[mode].append(alone)
     plain = float(np.median(seconds["plain"]))
     return {
         "cpu": cpu_model(),
@@ -76,6 +81,7 @@ def measure(
         "new_tokens": new_tokens,
         "ms_per_pass": {mode: 1e3 * float(np.median(s)) for mode, s in seconds.items()},
         "cost_in_plain_steps": {mode: float(np.median(s)) / plain for mode, s in seconds.items()},
+        "prefill_ms": {mode: 1e3 * float(np.median(s)) for mode, s in prefill.items()},
     }
 
 
