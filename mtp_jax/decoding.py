@@ -228,15 +228,15 @@ def verify_pass(
     n, size, sampled = model.n_predict, tree.size, sampling.temperature > 0
     base = length + count
 
-    def commit(h, key):
-        logits = model.logits(1, h)  # [size, V]: head 1 after each node
+    def commit(h, key):  # h: [size, D], head 1 after each node
         if sampled:
-            p = jax.nn.softmax(speculative.filter_logits(logits, *sampling), axis=-1)
+            p = jax.nn.softmax(speculative.filter_logits(model.logits(1, h), *sampling), axis=-1)
             a, token, overlap = speculative.accept_sampled(block, p, q, key)
             path = jnp.arange(size)
         else:
-            path, a = speculative.accept_greedy(tree, block, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-            token, overlap = jnp.argmax(logits[path[-1]]).astype(jnp.int32), jnp.zeros(n - 1)
+            greedy = model.head_type.top_tokens(model, 1, h)[:, 0]
+            path, a = speculative.accept_greedy(tree, block, greedy)
+            token, overlap = greedy[path[-1]], jnp.zeros(n - 1)
         # After each accepted node, the next node on the path (then the certain token).
         successors = jnp.full(size, token)
         for d in range(tree.max_depth):

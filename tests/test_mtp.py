@@ -201,3 +201,17 @@ def test_fused_projection_gives_the_separate_dots_values_and_gradients():
     # an entry that cancels to near zero, hence an absolute tolerance relative to the largest entry.
     fused_grad, separate_grad = grad(True), grad(False)
     np.testing.assert_allclose(fused_grad, separate_grad, rtol=1e-5, atol=1e-6 * np.abs(separate_grad).max())
+
+
+@pytest.mark.parametrize("tie", [False, True])
+@pytest.mark.parametrize("rows", [1, 3, 8, 40])
+def test_unembed_argmax_is_numpys_first_argmax_ties_included(tie, rows):
+    shape = ModelShape(vocab_size=67, d_model=32, n_layers=1, n_heads=4, mlp_dim=48, tie_embeddings=tie)
+    decoder = MTPModel(shape, 1, "linear", rngs=nnx.Rngs(params=3)).decoder
+    w = np.asarray(decoder.unembedding_matrix())  # [D, V]
+    x = np.random.default_rng(rows).normal(size=(rows, shape.d_model)).astype(np.float32)
+    x[0] = 0.0  # every logit ties: the first token wins
+    expected = np.argmax(x @ w, axis=-1)
+    assert expected[0] == 0
+    np.testing.assert_array_equal(np.asarray(decoder.unembed_argmax(jnp.asarray(x))), expected)
+    np.testing.assert_array_equal(np.asarray(jax.jit(decoder.unembed_argmax)(jnp.asarray(x[None]))), expected[None])
