@@ -39,7 +39,8 @@ from mtp_jax import data as data_lib  # noqa: E402
 from mtp_jax import workdir  # noqa: E402
 from mtp_jax.acceptance import build_tree, teacher_forced_acceptance  # noqa: E402
 from mtp_jax.cli import ArgumentParser, fail  # noqa: E402
-from mtp_jax.decoding import Generator, Result  # noqa: E402
+from mtp_jax.decode_result import Result  # noqa: E402
+from mtp_jax.decoding import Generator  # noqa: E402
 from mtp_jax.errors import UserError  # noqa: E402
 from mtp_jax.machine import cpu_model  # noqa: E402
 from mtp_jax.mtp import build_model  # noqa: E402

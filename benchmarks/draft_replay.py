@@ -10,11 +10,11 @@ prompt + output comes from one teacher-forced forward pass, and each rule is rep
 pass: from the last committed position, the drafts it would propose, accepted while they equal
 the output. Rules: the heads' chain (`generate --speculative`), and for each L in --lookups the
 chain of max(L, n - 1) drafts copied from the context where its last tokens occurred before
-(speculative.lookup_draft, the engine's own function), else the heads' (`--lookup=L`). A rule's
-speedup is its tokens per pass over what a pass costs (benchmarks/pass_cost.py), so this
-predicts a change in drafting before anything is timed. Prints one JSON object: tokens per pass
-pooled over prompts, the median over prompts, and (lookup rules) the share of passes that
-copied.
+(speculative.lookup_draft, the engine's own function), else the heads' n - 1 (`--lookup=L`). A
+rule's speedup is its tokens per pass over what its passes cost (benchmarks/pass_cost.py gives
+each pass size's cost), so this predicts a change in drafting before anything is timed. Prints
+one JSON object: tokens per pass pooled over prompts, the median over prompts, the rows a pass
+verifies on average, and (lookup rules) the share of passes that copied.
 """
 
 from __future__ import annotations
@@ -49,28 +49,28 @@ def head_drafts(graphdef, params, window: jax.Array) -> jax.Array:
     return jnp.stack([model.greedy(k, h) for k, h in enumerate(model.hidden_states(window, t), 1)])
 
 
-def replay(sequence: np.ndarray, heads: np.ndarray, start: int, lookup: int) -> tuple[int, int, int]:
-    """(passes, tokens committed, passes that copied) of greedy speculative decoding after
-    sequence[:start] (the prompt), lookup = 0 for the heads' chain."""
+def replay(sequence: np.ndarray, heads: np.ndarray, start: int, lookup: int) -> tuple[int, int, int, int]:
+    """(passes, tokens committed, passes that copied, rows verified) of greedy speculative
+    decoding after sequence[:start] (the prompt), lookup = 0 for the heads' chain."""
     n, end = heads.shape[0], len(sequence) - 1
     context = jnp.asarray(sequence)
-    passes = committed = copied = 0
+    passes = committed = copied = rows = 0
     p = start - 1  # the last committed position; the certain token after it is the pass's root
     while p + 1 < end:
         root = p + 1
         drafts = [heads[k - 1, p] if p < heads.shape[1] else -1 for k in range(2, n + 1)]
         if lookup:  # the engine's block: the heads' chain lengthened, then copied over where it can be
             heads_block = Tree.chain(max(lookup, n - 1)).block(jnp.int32(sequence[root]), jnp.asarray(drafts)[:, None])
-            block = np.asarray(copy_draft(context, root, heads_block))
-            copied += bool(np.any(block != np.asarray(heads_block)))
-            drafts = block[1:].tolist()
+            block, found = copy_draft(context, root, heads_block)
+            if found:  # a pass of max(lookup, n - 1) + 1 rows; else of the heads' n
+                copied, drafts = copied + 1, np.asarray(block)[1:].tolist()
         accepted = 0
         for j, draft in enumerate(drafts):
             if root + 1 + j > end or draft != sequence[root + 1 + j]:
                 break
             accepted += 1
-        passes, committed, p = passes + 1, committed + accepted + 1, root + accepted
-    return passes, committed, copied
+        passes, committed, rows, p = passes + 1, committed + accepted + 1, rows + 1 + len(drafts), root + accepted
+    return passes, committed, copied, rows
 
 
 def run(args) -> dict:
@@ -82,7 +82,7 @@ def run(args) -> dict:
     graphdef, params = nnx.split(model)
     starts = np.linspace(0, len(val) - args.prompt_len - args.max_new_tokens, args.prompts).astype(np.int64)
     rules = {"chain": 0, **{f"lookup_{size}": size for size in args.lookups}}
-    totals = {rule: np.zeros(3, np.int64) for rule in rules}
+    totals = {rule: np.zeros(4, np.int64) for rule in rules}
     per_prompt = {rule: [] for rule in rules}
     for s in starts:
         prompt = np.asarray(val[s : s + args.prompt_len]).astype(int).tolist()
@@ -96,6 +96,7 @@ def run(args) -> dict:
         rule: {
             "tokens_per_pass": float(totals[rule][1] / totals[rule][0]),
             "median_over_prompts": float(np.median(per_prompt[rule])),
+            "rows_per_pass": float(totals[rule][3] / totals[rule][0]),
             **({"copied_share": float(totals[rule][2] / totals[rule][0])} if size else {}),
         }
         for rule, size in rules.items()

@@ -19,22 +19,24 @@ path is first moved to consecutive slots. Heads that read the previous head's to
 module 2 reads the token committed after each position, module k > 2 module k-1's draft (its
 argmax; at the last committed position, the draft itself). With context drafts (`lookup`), a
 pass after which the text's last tokens occurred before verifies what followed them there
-instead (speculative.lookup_draft), searched on the device inside the same loop.
+instead (speculative.lookup_draft), searched on the device inside the same program. A pass's
+size follows its drafts: an outer loop runs a loop of the heads' chains while nothing is
+copied, then a loop of copied chains while copies are found. On XLA-CPU a branch between the
+two sizes (lax.cond) copies the KV caches every pass; a while loop updates them in place.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import time
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mtp_jax import speculative
+from mtp_jax.decode_result import Result
 from mtp_jax.errors import UserError
 from mtp_jax.mtp import MTPModel
 from mtp_jax.speculative import Tree
@@ -59,6 +61,7 @@ class Carry(NamedTuple):
     tokens: jax.Array  # [capacity + depth + 1]: the prompt and the committed tokens, at their positions
     accepted: jax.Array  # [capacity]: drafts accepted by each pass
     overlaps: jax.Array  # [capacity, n - 1]: each pass's Σ_x min(p, q) per draft position (sampling)
+    copied: jax.Array  # bool: block's drafts were copied from the context (lookup_draft), not the heads'
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,8 +170,9 @@ def _decode_speculative(
     """The whole of self-speculative decoding as one program (a device loop over verify passes,
     so the host never waits between passes). Greedy (temperature 0) verifies `tree`; sampling
     verifies a chain by rejection sampling. With `lookup` (greedy chains), a pass whose context
-    ends in tokens seen before verifies the tokens that followed them instead of the heads'
-    drafts (speculative.lookup_draft). Returns the new tokens [capacity + depth + 1] (the first
+    ends in tokens seen before verifies `tree`, the tokens that followed them there (speculative.
+    lookup_draft), and other passes the heads' chain alone: each size has its own loop, so no
+    pass verifies more rows than it has drafts. Returns the new tokens [capacity + depth + 1] (the first
     `limit` are valid), the number of verify passes, how many drafts each accepted [capacity]
     and each draft position's Σ_x min(p, q) [capacity, n - 1] (sampling; the first `passes` rows
     are valid)."""
@@ -199,8 +203,9 @@ def _decode_speculative(
 
     size = capacity + tree.max_depth + 1
     tokens = jax.lax.dynamic_update_slice(jnp.zeros(size, jnp.int32), prompt[0, :size], (0,))
+    copied = jnp.bool_(False)
     if lookup:
-        block = speculative.lookup_draft(tokens.at[length].set(block[0]), length, block)
+        block, copied = speculative.lookup_draft(tokens.at[length].set(block[0]), length, block)
     carry = Carry(
         jnp.int32(0),
         jnp.int32(0),
@@ -210,8 +215,20 @@ def _decode_speculative(
         tokens,
         jnp.full(capacity, -1, jnp.int32),
         jnp.zeros((capacity, model.n_predict - 1), jnp.float32),
+        copied,
     )
-    done = jax.lax.while_loop(more, lambda carry: verify_pass(model, tree, sampling, length, key, carry, lookup), carry)
+
+    def passes(tree: Tree, copied=None):  # verify passes of `tree` while more() (and carry.copied == copied)
+        body = functools.partial(verify_pass, model, tree, sampling, length, key, lookup=lookup)
+        go = more if copied is None else lambda c: more(c) & (c.copied == copied)
+        return lambda carry: jax.lax.while_loop(go, body, carry)
+
+    heads = Tree.chain(model.n_predict - 1)
+    if lookup and tree.size > heads.size:  # each pass as long as its drafts: the heads' or the copied ones
+        heads_passes, copy_passes = passes(heads, copied=False), passes(tree, copied=True)
+        done = jax.lax.while_loop(more, lambda carry: copy_passes(heads_passes(carry)), carry)
+    else:
+        done = passes(tree)(carry)
     tokens = jax.lax.dynamic_update_slice(done.tokens, done.block[:1], (length + done.count,))  # the last certain one
     new_tokens = jax.lax.dynamic_slice(jnp.pad(tokens, (0, size)), (length,), (size,))
     return new_tokens, done.passes, done.accepted, done.overlaps
@@ -221,10 +238,11 @@ def verify_pass(
     model: MTPModel, tree: Tree, sampling: Sampling, length, key, carry: Carry, lookup: bool = False
 ) -> Carry:
     """One verify pass of self-speculative decoding (the device loop's body): run the block
-    drafted last time through the trunk and every head, accept its longest agreeing path (greedy)
-    or rejection-sample a chain (sampling), commit it, and draft the next block (with lookup,
-    copied from the context where it can be)."""
-    count, passes, block, q, caches, tokens, accepted, overlaps = carry
+    drafted last time (its first tree.size tokens) through the trunk and every head, accept its
+    longest agreeing path (greedy) or rejection-sample a chain (sampling), commit it, and draft
+    the next block (with lookup, as long as carry.block, copied from the context where it can be)."""
+    count, passes, drafted, q, caches, tokens, accepted, overlaps, _ = carry
+    block = drafted[: tree.size]
     n, size, sampled = model.n_predict, tree.size, sampling.temperature > 0
     base = length + count
 
@@ -252,8 +270,12 @@ def verify_pass(
         caches = speculative.compact(caches, base, path)
     # Commit the path (its tail past the accepted drafts is overwritten by the next pass).
     tokens = jax.lax.dynamic_update_slice(tokens, block[path[: tree.max_depth + 1]], (base,))
+    copied = jnp.bool_(False)
     if lookup:  # the context now ends with the next certain token, at base + a + 1
-        next_block = speculative.lookup_draft(tokens.at[base + a + 1].set(next_block[0]), base + a + 1, next_block)
+        next_block = jnp.pad(next_block, (0, drafted.shape[0] - size), mode="edge")  # as Tree.block lengthens
+        next_block, copied = speculative.lookup_draft(
+            tokens.at[base + a + 1].set(next_block[0]), base + a + 1, next_block
+        )
     return Carry(
         count + a + 1,
         passes + 1,
@@ -263,6 +285,7 @@ def verify_pass(
         tokens,
         accepted.at[passes].set(a),
         overlaps.at[passes].set(overlap),
+        copied,
     )
 
 
@@ -276,40 +299,6 @@ def choose(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
 # ---------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Result:
-    """What one decoding call produced, and how long it took."""
-
-    tokens: list[int]  # the new tokens
-    forward_passes: int  # prefill included
-    accepted: list[int]  # per verify pass, how many drafts were accepted (empty for plain decoding)
-    logprobs: list[float] | None = None  # head 1's log-probability of each new token (plain decoding)
-    overlaps: list[list[float]] | None = None  # per verify pass and draft position, Σ_x min(p, q) (sampling)
-    compile_seconds: float = 0.0  # compiling its program, or loading it from the compilation cache (0: done before)
-    decode_seconds: float = 0.0  # running the program and reading its output
-
-    @property
-    def mean_accepted(self) -> float:
-        """Tokens committed per verify pass (1.0 for plain decoding)."""
-        return 1.0 + float(np.mean(self.accepted)) if self.accepted else 1.0
-
-    def acceptance(self, n: int) -> list[float | None]:
-        """For each draft k = 2 … n, the fraction of verify passes that accepted it, among those
-        that accepted drafts 2 … k-1 (None if no pass got that far)."""
-        a = np.asarray(self.accepted)
-        return [float(np.mean(a[a >= k - 2] >= k - 1)) if np.any(a >= k - 2) else None for k in range(2, n + 1)]
-
-    def alpha(self) -> list[float | None]:
-        """Sampling: for each draft position, the mean of Σ_x min(p, q) (its expected acceptance,
-        Leviathan et al.'s α) over the passes that reached it (None if none did)."""
-        a, overlaps = np.asarray(self.accepted), np.asarray(self.overlaps)
-        return [float(np.mean(overlaps[a >= j, j])) if np.any(a >= j) else None for j in range(overlaps.shape[1])]
-
-    def predicted_mean_accepted(self) -> float:
-        """Tokens per pass that α predicts: 1 + α_1 + α_1 α_2 + … (positions independent)."""
-        return float(1 + np.sum(np.cumprod([x or 0.0 for x in self.alpha()])))
 
 
 class Generator:
@@ -400,9 +389,9 @@ class Generator:
         """Self-speculative decoding: greedy (temperature 0) gives the same tokens as
         generate(temperature=0), with a chain of drafts or a `tree`; sampling verifies a chain by
         rejection sampling, so its tokens are distributed exactly as generate's with the same
-        settings (but are not the same draws). lookup > 0 (greedy): each pass verifies a chain
-        of max(n - 1, lookup) drafts, copied from the context where its last tokens occurred
-        before (speculative.lookup_draft), else the heads'."""
+        settings (but are not the same draws). lookup > 0 (greedy): where the context's last
+        tokens occurred before, a pass verifies the max(n - 1, lookup) tokens that followed them
+        there (speculative.lookup_draft); elsewhere the heads' chain."""
         if self.n == 1:
             raise UserError(
                 "the model has no extra heads to draft with (it was trained with mtp_n_tokens=1): "

@@ -235,12 +235,12 @@ def check_drafting(tree: bool, lookup: int, temperature: float) -> None:
 LOOKUP_NGRAMS = (2, 3, 4)  # the context's last tokens looked up; a longer match wins
 
 
-def lookup_draft(context: jax.Array, end, block: jax.Array) -> jax.Array:
-    """block [size] with its drafts replaced by the size - 1 tokens that followed the latest
-    earlier occurrence of context[end - g + 1 … end], the longest such g in LOOKUP_NGRAMS; the
-    block as it was where none occurred. context [S]: the committed tokens at their positions,
-    the root (block[0]) at `end`; what lies past `end` is never matched, though a draft may copy
-    it (verification rejects what is wrong)."""
+def lookup_draft(context: jax.Array, end, block: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(block [size] with its drafts replaced by the size - 1 tokens that followed the latest
+    earlier occurrence of context[end - g + 1 … end], the longest such g in LOOKUP_NGRAMS, or the
+    block as it was where none occurred; whether one occurred). context [S]: the committed
+    tokens at their positions, the root (block[0]) at `end`; what lies past `end` is never
+    matched, though a draft may copy it (verification rejects what is wrong)."""
     positions = jnp.arange(context.shape[0])
     found = jnp.int32(-1)
     for g in LOOKUP_NGRAMS:
@@ -250,4 +250,4 @@ def lookup_draft(context: jax.Array, end, block: jax.Array) -> jax.Array:
         latest = jnp.max(jnp.where(match, positions, -1))
         found = jnp.where(latest >= 0, latest, found)
     copied = jax.lax.dynamic_slice(jnp.pad(context, (0, block.shape[0])), (found + 1,), (block.shape[0] - 1,))
-    return jnp.where(found >= 0, block.at[1:].set(copied), block)
+    return jnp.where(found >= 0, block.at[1:].set(copied), block), found >= 0

@@ -237,8 +237,9 @@ def test_lookup_draft_copies_what_followed_the_latest_longest_match():
         context = rng.integers(0, vocab, 40).tolist()
         end, block = int(rng.integers(0, 40)), rng.integers(100, 200, 6)
         expected = lookup_reference(context, end, 6)
-        got = np.asarray(lookup(jnp.asarray(context), end, jnp.asarray(block))).tolist()
-        assert got[0] == block[0]
+        got, copied = lookup(jnp.asarray(context), end, jnp.asarray(block))
+        got = np.asarray(got).tolist()
+        assert got[0] == block[0] and bool(copied) == (expected is not None)
         assert got[1:] == (block[1:].tolist() if expected is None else expected), (context, end)
         found += expected is not None
     assert 50 < found < 200  # both outcomes were exercised
