@@ -9,8 +9,9 @@ the same prompt (validation tokens) twice per repeat, once for max_new_tokens an
 token (the prefill alone); the difference in seconds over the difference in forward passes is the
 time of one step (plain) or one verify pass (speculative), the prefill left out. A size of
 n - 1 is the chain of drafts (3 for n = 4 heads); other sizes are Medusa trees fitted on the
-workdir's validation windows, as `generate --tree_size` fits them; --lookups adds chains of drafts copied from
-the context (`generate --lookup`), whose cost depends only on their length; the prompt is the first
+workdir's validation windows, as `generate --tree_size` fits them; --lookups adds context-draft decoding
+(`generate --lookup`), whose mean pass mixes the heads' chains and the copied ones (so it depends
+on how much of the prompt's continuation repeats); the prompt is the first
 window's first prompt_len tokens. Modes run interleaved, medians over repeats; `prefill_ms` is each
 mode's one-token decode (the prompt's pass alone). Prints one JSON object (with the CPU and
 the load average).
