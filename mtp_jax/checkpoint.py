@@ -31,6 +31,13 @@ UNUSABLE = "unusable_checkpoints"
 MODEL_PARTS = ("params", "step")  # what restore reads for a command that only uses the model
 
 
+def has_checkpoints(directory: pathlib.Path) -> bool:
+    """Whether directory holds a finished checkpoint (a directory named by its step), read without
+    starting a CheckpointManager: a writable one starts a clean-up thread that prints a traceback
+    if the process exits before it ends, as it does when a command is refused."""
+    return pathlib.Path(directory).is_dir() and any(p.name.isdigit() for p in pathlib.Path(directory).iterdir())
+
+
 class Checkpointer:
     """A thin wrapper over ocp.CheckpointManager for one pytree (the train state)."""
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from mtp_jax import data as data_lib
 from mtp_jax import hf, mtp, sharding, trunk_cache
-from mtp_jax.checkpoint import Checkpointer, check_writable
+from mtp_jax.checkpoint import Checkpointer, check_writable, has_checkpoints
 from mtp_jax.config import validate
 from mtp_jax.data import tasks
 from mtp_jax.errors import UserError
@@ -137,8 +137,8 @@ def run(config, workdir, devices=None) -> dict:
     )
 
     # ----------------------------------------------------------------------------- Restore or init
+    check_workdir(workdir, config, data.vocab_size, has_checkpoints(workdir / "checkpoints"))
     checkpointer = Checkpointer(workdir / "checkpoints", config.keep_checkpoints)
-    check_workdir(workdir, config, data.vocab_size, checkpointer.latest_step() is not None)
     start, state = checkpointer.restore_newest_good(setup.abstract_state)
     if start is None:
         start, state = 0, init_state(setup, imported, config.init_from, data)

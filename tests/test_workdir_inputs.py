@@ -430,3 +430,14 @@ def test_loading_a_model_reads_only_its_parameters_and_still_catches_a_changed_o
     monkeypatch.setattr(ocp.CheckpointManager, "restore", one_word_changed)
     assert workdir.load(trained).step == 2  # step 4's changed word is caught; step 2 loads
     assert loaded.step == 4 and skipped == [True, True]  # the optimizer state never read
+
+
+def test_has_checkpoints_sees_finished_step_directories_only(tmp_path):
+    """Read without a CheckpointManager, so a refused training command starts no orbax thread."""
+    directory = tmp_path / "checkpoints"
+    assert not checkpoint.has_checkpoints(directory)  # absent
+    directory.mkdir()
+    (directory / "40.orbax-checkpoint-tmp-7").mkdir()  # a save cut short
+    assert not checkpoint.has_checkpoints(directory)
+    (directory / "40").mkdir()
+    assert checkpoint.has_checkpoints(directory)
