@@ -35,7 +35,8 @@ def has_checkpoints(directory: pathlib.Path) -> bool:
     """Whether directory holds a finished checkpoint (a directory named by its step), read without
     starting a CheckpointManager: a writable one starts a clean-up thread that prints a traceback
     if the process exits before it ends, as it does when a command is refused."""
-    return pathlib.Path(directory).is_dir() and any(p.name.isdigit() for p in pathlib.Path(directory).iterdir())
+    directory = pathlib.Path(directory)
+    return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
 class Checkpointer:

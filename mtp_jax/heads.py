@@ -137,10 +137,9 @@ class HeadType:
         """Head k's `ranks` most likely tokens [..., ranks], best first, from its hidden states
         [..., D]: found among its output's columns (a draft vocabulary's K, not the V that
         `logits` spreads them over), so that drafting ranks K logits, not V."""
-        x, w = self.output(model, k, h)
-        if k == 1 and ranks == 1:
-            return model.decoder.unembed_argmax(x)[..., None].astype(jnp.int32)
-        logits = jnp.dot(x, w, preferred_element_type=jnp.float32)
+        if k == 1 and ranks == 1:  # head 1's output is the decoder's unembedding for every head type
+            return model.decoder.unembed_argmax(self.features(model, 1, h))[..., None].astype(jnp.int32)
+        logits = jnp.dot(*self.output(model, k, h), preferred_element_type=jnp.float32)
         best = jnp.argmax(logits, axis=-1)[..., None] if ranks == 1 else jax.lax.top_k(logits, ranks)[1]
         return (best if k == 1 or model.drafts_all_tokens else model.draft_vocab[...][best]).astype(jnp.int32)
 
