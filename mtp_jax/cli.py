@@ -17,7 +17,10 @@ from absl import flags
 
 
 def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    # One write, newline included: print() writes the text and its newline separately, and a
+    # background thread (orbax's writers after a failed save) can print its traceback in between.
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     jax = sys.modules.get("jax")
     if jax is not None and jax.distributed.is_initialized():
         # A normal exit waits at jax.distributed's shutdown barrier for the other processes, which
