@@ -10,7 +10,8 @@ prompt + output comes from one teacher-forced forward pass, and each rule is rep
 pass: from the last committed position, the drafts it would propose, accepted while they equal
 the output. Rules: the heads' chain (`generate --speculative`), and for each L in --lookups the
 chain of max(L, n - 1) drafts copied from the context where its last tokens occurred before
-(speculative.lookup_draft, the engine's own function), else the heads' n - 1 (`--lookup=L`). A
+(speculative.lookup_draft, the engine's own function), two and four times as many after copies
+accepted whole (speculative.copy_chains, next_copy_level), else the heads' n - 1 (`--lookup=L`). A
 rule's speedup is its tokens per pass over what its passes cost (benchmarks/pass_cost.py gives
 each pass size's cost), so this predicts a change in drafting before anything is timed. Prints
 one JSON object: tokens per pass pooled over prompts, the median over prompts, the rows a pass
@@ -35,7 +36,6 @@ from mtp_jax.cli import ArgumentParser, fail  # noqa: E402
 from mtp_jax.decoding import Generator  # noqa: E402
 from mtp_jax.errors import UserError  # noqa: E402
 from mtp_jax.machine import cpu_model  # noqa: E402
-from mtp_jax.speculative import Tree  # noqa: E402
 
 copy_draft = jax.jit(speculative.lookup_draft)
 
@@ -53,22 +53,25 @@ def replay(sequence: np.ndarray, heads: np.ndarray, start: int, lookup: int) -> 
     """(passes, tokens committed, passes that copied, rows verified) of greedy speculative
     decoding after sequence[:start] (the prompt), lookup = 0 for the heads' chain."""
     n, end = heads.shape[0], len(sequence) - 1
-    context = jnp.asarray(sequence)
-    passes = committed = copied = rows = 0
+    context, chains = jnp.asarray(sequence), speculative.copy_chains(lookup, n)
+    passes = committed = copied = rows = level = 0
+    whole = False  # the last pass accepted all its drafts
     p = start - 1  # the last committed position; the certain token after it is the pass's root
     while p + 1 < end:
         root = p + 1
         drafts = [heads[k - 1, p] if p < heads.shape[1] else -1 for k in range(2, n + 1)]
         if lookup:  # the engine's block: the heads' chain lengthened, then copied over where it can be
-            heads_block = Tree.chain(max(lookup, n - 1)).block(jnp.int32(sequence[root]), jnp.asarray(drafts)[:, None])
+            heads_block = chains[-1].block(jnp.int32(sequence[root]), jnp.asarray(drafts)[:, None])
             block, found = copy_draft(context, root, heads_block)
-            if found:  # a pass of max(lookup, n - 1) + 1 rows; else of the heads' n
-                copied, drafts = copied + 1, np.asarray(block)[1:].tolist()
+            level = int(speculative.next_copy_level(found, level, whole))
+            if level:  # a pass of the copy chain of that level; else of the heads' n rows
+                copied, drafts = copied + 1, np.asarray(block)[1 : chains[level - 1].size].tolist()
         accepted = 0
         for j, draft in enumerate(drafts):
             if root + 1 + j > end or draft != sequence[root + 1 + j]:
                 break
             accepted += 1
+        whole = accepted == len(drafts)
         passes, committed, rows, p = passes + 1, committed + accepted + 1, rows + 1 + len(drafts), root + accepted
     return passes, committed, copied, rows
 

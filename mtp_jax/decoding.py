@@ -19,10 +19,11 @@ path is first moved to consecutive slots. Heads that read the previous head's to
 module 2 reads the token committed after each position, module k > 2 module k-1's draft (its
 argmax; at the last committed position, the draft itself). With context drafts (`lookup`), a
 pass after which the text's last tokens occurred before verifies what followed them there
-instead (speculative.lookup_draft), searched on the device inside the same program. A pass's
-size follows its drafts: an outer loop runs a loop of the heads' chains while nothing is
-copied, then a loop of copied chains while copies are found. On XLA-CPU a branch between the
-two sizes (lax.cond) copies the KV caches every pass; a while loop updates them in place.
+instead (speculative.lookup_draft), searched on the device inside the same program, and after
+a copy accepted whole a copy twice as long (speculative.copy_chains). A pass's size follows its
+drafts: an outer loop runs a loop of the heads' chains while nothing is copied, then a loop of
+each copy length while copies of that length are drafted. On XLA-CPU a branch between the
+sizes (lax.cond) copies the KV caches every pass; a while loop updates them in place.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Carry(NamedTuple):
     tokens: jax.Array  # [capacity + depth + 1]: the prompt and the committed tokens, at their positions
     accepted: jax.Array  # [capacity]: drafts accepted by each pass
     overlaps: jax.Array  # [capacity, n - 1]: each pass's Σ_x min(p, q) per draft position (sampling)
-    copied: jax.Array  # bool: block's drafts were copied from the context (lookup_draft), not the heads'
+    level: jax.Array  # int32: 0, block's drafts are the heads'; j >= 1, copied (speculative.copy_chains[j - 1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,14 +166,15 @@ def _speculate(model: MTPModel, tree: Tree, sampling: Sampling, tokens, position
 
 
 def _decode_speculative(
-    graphdef, capacity, tree: Tree, sampling: Sampling, lookup: bool, params, prompt, length, limit, key
+    graphdef, capacity, tree: Tree, sampling: Sampling, lookup: int, params, prompt, length, limit, key
 ):
     """The whole of self-speculative decoding as one program (a device loop over verify passes,
     so the host never waits between passes). Greedy (temperature 0) verifies `tree`; sampling
-    verifies a chain by rejection sampling. With `lookup` (greedy chains), a pass whose context
-    ends in tokens seen before verifies `tree`, the tokens that followed them there (speculative.
-    lookup_draft), and other passes the heads' chain alone: each size has its own loop, so no
-    pass verifies more rows than it has drafts. Returns the new tokens [capacity + depth + 1] (the first
+    verifies a chain by rejection sampling. With `lookup` > 0 (greedy; `tree` is the longest
+    of speculative.copy_chains), a pass whose context ends in tokens seen before verifies the
+    tokens that followed them there (speculative.lookup_draft) in a copy chain of its level,
+    and other passes the heads' chain alone: each size has its own loop, so no pass verifies
+    more rows than it has drafts. Returns the new tokens [capacity + depth + 1] (the first
     `limit` are valid), the number of verify passes, how many drafts each accepted [capacity]
     and each draft position's Σ_x min(p, q) [capacity, n - 1] (sampling; the first `passes` rows
     are valid)."""
@@ -203,9 +205,10 @@ def _decode_speculative(
 
     size = capacity + tree.max_depth + 1
     tokens = jax.lax.dynamic_update_slice(jnp.zeros(size, jnp.int32), prompt[0, :size], (0,))
-    copied = jnp.bool_(False)
+    level = jnp.int32(0)
     if lookup:
-        block, copied = speculative.lookup_draft(tokens.at[length].set(block[0]), length, block)
+        block, found = speculative.lookup_draft(tokens.at[length].set(block[0]), length, block)
+        level = found.astype(jnp.int32)
     carry = Carry(
         jnp.int32(0),
         jnp.int32(0),
@@ -215,18 +218,18 @@ def _decode_speculative(
         tokens,
         jnp.full(capacity, -1, jnp.int32),
         jnp.zeros((capacity, model.n_predict - 1), jnp.float32),
-        copied,
+        level,
     )
 
-    def passes(tree: Tree, copied=None):  # verify passes of `tree` while more() (and carry.copied == copied)
-        body = functools.partial(verify_pass, model, tree, sampling, length, key, lookup=lookup)
-        go = more if copied is None else lambda c: more(c) & (c.copied == copied)
+    def passes(tree: Tree, level=None):  # verify passes of `tree` while more() (and carry.level == level)
+        body = functools.partial(verify_pass, model, tree, sampling, length, key, lookup=lookup > 0)
+        go = more if level is None else lambda c: more(c) & (c.level == level)
         return lambda carry: jax.lax.while_loop(go, body, carry)
 
-    heads = Tree.chain(model.n_predict - 1)
-    if lookup and tree.size > heads.size:  # each pass as long as its drafts: the heads' or the copied ones
-        heads_passes, copy_passes = passes(heads, copied=False), passes(tree, copied=True)
-        done = jax.lax.while_loop(more, lambda carry: copy_passes(heads_passes(carry)), carry)
+    if lookup:  # each pass as long as its drafts: the heads' or a copy of its level
+        chains = [Tree.chain(model.n_predict - 1), *speculative.copy_chains(lookup, model.n_predict)]
+        loops = [passes(chain, level) for level, chain in enumerate(chains)]
+        done = jax.lax.while_loop(more, lambda carry: functools.reduce(lambda c, loop: loop(c), loops, carry), carry)
     else:
         done = passes(tree)(carry)
     tokens = jax.lax.dynamic_update_slice(done.tokens, done.block[:1], (length + done.count,))  # the last certain one
@@ -241,7 +244,7 @@ def verify_pass(
     drafted last time (its first tree.size tokens) through the trunk and every head, accept its
     longest agreeing path (greedy) or rejection-sample a chain (sampling), commit it, and draft
     the next block (with lookup, as long as carry.block, copied from the context where it can be)."""
-    count, passes, drafted, q, caches, tokens, accepted, overlaps, _ = carry
+    count, passes, drafted, q, caches, tokens, accepted, overlaps, level = carry
     block = drafted[: tree.size]
     n, size, sampled = model.n_predict, tree.size, sampling.temperature > 0
     base = length + count
@@ -270,12 +273,12 @@ def verify_pass(
         caches = speculative.compact(caches, base, path)
     # Commit the path (its tail past the accepted drafts is overwritten by the next pass).
     tokens = jax.lax.dynamic_update_slice(tokens, block[path[: tree.max_depth + 1]], (base,))
-    copied = jnp.bool_(False)
     if lookup:  # the context now ends with the next certain token, at base + a + 1
         next_block = jnp.pad(next_block, (0, drafted.shape[0] - size), mode="edge")  # as Tree.block lengthens
-        next_block, copied = speculative.lookup_draft(
+        next_block, found = speculative.lookup_draft(
             tokens.at[base + a + 1].set(next_block[0]), base + a + 1, next_block
         )
+        level = speculative.next_copy_level(found, level, a == size - 1)
     return Carry(
         count + a + 1,
         passes + 1,
@@ -285,7 +288,7 @@ def verify_pass(
         tokens,
         accepted.at[passes].set(a),
         overlaps.at[passes].set(overlap),
-        copied,
+        level,
     )
 
 
@@ -391,20 +394,21 @@ class Generator:
         rejection sampling, so its tokens are distributed exactly as generate's with the same
         settings (but are not the same draws). lookup > 0 (greedy): where the context's last
         tokens occurred before, a pass verifies the max(n - 1, lookup) tokens that followed them
-        there (speculative.lookup_draft); elsewhere the heads' chain."""
+        there (speculative.lookup_draft), or after a copy accepted whole twice as many (up to
+        four times: speculative.copy_chains); elsewhere the heads' chain."""
         if self.n == 1:
             raise UserError(
                 "the model has no extra heads to draft with (it was trained with mtp_n_tokens=1): "
                 "drop --speculative, or train with --config.use_mtp=True --config.mtp_n_tokens=4"
             )
         speculative.check_drafting(tree is not None and not tree.is_chain, lookup, temperature)
-        tree = Tree.chain(max(self.n - 1, lookup)) if lookup else tree or Tree.chain(self.n - 1)
+        tree = speculative.copy_chains(lookup, self.n)[-1] if lookup else tree or Tree.chain(self.n - 1)
         if tree.max_depth > self.n - 1 and not lookup:
             raise UserError(f"the tree is {tree.max_depth} drafts deep but the model has {self.n - 1} draft heads")
         padded, limit = self._prompt(prompt, max_new_tokens)
         sampling = Sampling(temperature, top_k, top_p)
         (tokens, passes, accepted, overlaps), compiling, decoding = self._run(
-            "speculative", (tree, sampling, lookup > 0), padded, len(prompt), limit, jax.random.key(seed)
+            "speculative", (tree, sampling, lookup), padded, len(prompt), limit, jax.random.key(seed)
         )
         return Result(
             tokens[:limit].tolist(),

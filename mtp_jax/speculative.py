@@ -21,7 +21,8 @@ Verification keeps the target distribution exactly:
 Drafts copied from the context (`lookup_draft`; prompt lookup decoding, Saxena 2023): where the
 last few committed tokens occurred before, the tokens that followed them there make a chain
 that needs no head at all. Code and other repetitive text often continue a span already
-written; the heads draft everywhere else. Any draft source keeps greedy decoding exact, since
+written; the heads draft everywhere else. A copy accepted whole is followed by a longer one
+(`copy_chains`, `next_copy_level`). Any draft source keeps greedy decoding exact, since
 verification alone decides what is committed.
 
 Nothing here runs the model: decoding.py owns the cache and the device loops, and calls these
@@ -233,14 +234,31 @@ def check_drafting(tree: bool, lookup: int, temperature: float) -> None:
 
 
 LOOKUP_NGRAMS = (2, 3, 4)  # the context's last tokens looked up; a longer match wins
+COPY_LEVELS = 3  # copied chains of 1x, 2x and 4x the rows of the first (copy_chains)
+
+
+def copy_chains(lookup: int, n: int) -> list[Tree]:
+    """The chains that context drafts verify, by level: max(lookup, n - 1) copied drafts after the
+    certain token, and after a copy accepted whole, twice the rows (then four times). Repeated text
+    is then copied in long runs, while a first copy stays short: a pass's cost rises with its rows."""
+    rows = max(lookup, n - 1) + 1
+    return [Tree.chain((rows << level) - 1) for level in range(COPY_LEVELS)]
+
+
+def next_copy_level(found: jax.Array, level: jax.Array, whole: jax.Array) -> jax.Array:
+    """The next pass's level: 0 (the heads' chain) where no copy was found; else 1, or one more
+    (up to COPY_LEVELS) after a copy (level > 0) whose drafts were all accepted (`whole`)."""
+    grown = jnp.where(whole & (level > 0), jnp.minimum(level + 1, COPY_LEVELS), 1)
+    return jnp.where(found, grown, 0).astype(jnp.int32)
 
 
 def lookup_draft(context: jax.Array, end, block: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(block [size] with its drafts replaced by the size - 1 tokens that followed the latest
     earlier occurrence of context[end - g + 1 … end], the longest such g in LOOKUP_NGRAMS, or the
     block as it was where none occurred; whether one occurred). context [S]: the committed
-    tokens at their positions, the root (block[0]) at `end`; what lies past `end` is never
-    matched, though a draft may copy it (verification rejects what is wrong)."""
+    tokens at their positions, the root (block[0]) at `end`; nothing past `end` is read. A copy
+    longer than the distance d from the match to `end` repeats those d tokens, as text caught in
+    a loop of period d goes on."""
     positions = jnp.arange(context.shape[0])
     found = jnp.int32(-1)
     for g in LOOKUP_NGRAMS:
@@ -249,5 +267,6 @@ def lookup_draft(context: jax.Array, end, block: jax.Array) -> tuple[jax.Array, 
             match &= jnp.roll(context, j) == context[end - j]
         latest = jnp.max(jnp.where(match, positions, -1))
         found = jnp.where(latest >= 0, latest, found)
-    copied = jax.lax.dynamic_slice(jnp.pad(context, (0, block.shape[0])), (found + 1,), (block.shape[0] - 1,))
+    period = jnp.maximum(end - found, 1)
+    copied = context[found + 1 + jnp.arange(block.shape[0] - 1) % period]
     return jnp.where(found >= 0, block.at[1:].set(copied), block), found >= 0

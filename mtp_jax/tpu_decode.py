@@ -113,7 +113,7 @@ def one_pass(model: MTPModel, capacity: int, tree: Tree | None = None, batch: in
         jax.ShapeDtypeStruct((capacity + tree.max_depth + 1,), jnp.int32),
         jax.ShapeDtypeStruct((capacity,), jnp.int32),
         jax.ShapeDtypeStruct((capacity, n - 1), jnp.float32),
-        jax.ShapeDtypeStruct((), jnp.bool_),
+        jax.ShapeDtypeStruct((), jnp.int32),
     )
 
     def verify(params, state):

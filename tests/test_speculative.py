@@ -216,30 +216,42 @@ def test_sampled_speculative_is_reproducible_and_seeded():
     assert 1 <= first.predicted_mean_accepted() <= 3
 
 
-def lookup_reference(context: list[int], end: int, size: int) -> list[int] | None:
-    """The drafts copied after the latest earlier occurrence of the longest of the context's last
-    2, 3 or 4 tokens (ending at `end`), by plain search; None where none occurred."""
+def lookup_reference(context: list[int], end: int, size: int) -> tuple[list[int] | None, int]:
+    """(the drafts copied after the latest earlier occurrence of the longest of the context's last
+    2, 3 or 4 tokens (ending at `end`), by plain search, repeated past `end` as a loop of the
+    match's distance to it goes on, and that distance); (None, 0) where none occurred."""
     for g in sorted(speculative.LOOKUP_NGRAMS, reverse=True):
         if end + 1 < g:
             continue
         for i in range(end - 1, g - 2, -1):
             if context[i - g + 1 : i + 1] == context[end - g + 1 : end + 1]:
-                return (context[i + 1 : i + size] + [0] * size)[: size - 1]
-    return None
+                return [context[i + 1 + j % (end - i)] for j in range(size - 1)], end - i
+    return None, 0
 
 
-def test_lookup_draft_copies_what_followed_the_latest_longest_match():
+def test_lookup_draft_copies_what_followed_the_latest_longest_match_and_repeats_a_loop():
     rng = np.random.default_rng(0)
     lookup = jax.jit(speculative.lookup_draft)
-    found = 0
+    found = looped = 0
     for _ in range(200):
         vocab = int(rng.integers(2, 9))  # small vocabularies repeat n-grams often
         context = rng.integers(0, vocab, 40).tolist()
         end, block = int(rng.integers(0, 40)), rng.integers(100, 200, 6)
-        expected = lookup_reference(context, end, 6)
+        expected, distance = lookup_reference(context, end, 6)
         got, copied = lookup(jnp.asarray(context), end, jnp.asarray(block))
         got = np.asarray(got).tolist()
         assert got[0] == block[0] and bool(copied) == (expected is not None)
         assert got[1:] == (block[1:].tolist() if expected is None else expected), (context, end)
         found += expected is not None
-    assert 50 < found < 200  # both outcomes were exercised
+        looped += 0 < distance < 5  # the copy runs past `end` and repeats
+    assert 50 < found < 200 and looped > 20  # every outcome was exercised
+
+
+def test_a_copy_accepted_whole_is_followed_by_one_twice_as_long_up_to_four_times():
+    assert [chain.size for chain in speculative.copy_chains(7, 4)] == [8, 16, 32]
+    assert [chain.size for chain in speculative.copy_chains(1, 4)] == [4, 8, 16]  # never shorter than the heads'
+    assert all(chain.is_chain for chain in speculative.copy_chains(7, 4))
+    next_level = jax.jit(speculative.next_copy_level)
+    for found, level, whole in itertools.product((False, True), range(speculative.COPY_LEVELS + 1), (False, True)):
+        expected = 0 if not found else min(level + 1, speculative.COPY_LEVELS) if level and whole else 1
+        assert int(next_level(found, level, whole)) == expected, (found, level, whole)
