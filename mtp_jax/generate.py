@@ -49,8 +49,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         default=0,
         help="greedy --speculative: where the text's last tokens occurred before, verify the L tokens that "
-        "followed them there (prompt lookup) instead of the heads' drafts; each pass verifies max(L, n - 1) "
-        "drafts (0: the heads alone)",
+        "followed them there (prompt lookup) instead of the heads' drafts; a copy verifies max(L, n - 1) "
+        "drafts, and after a copy accepted whole, twice (then four times) as many rows (0: the heads alone)",
     )
     p.add_argument(
         "--cache_len",
