@@ -150,16 +150,24 @@ def _speculate(model: MTPModel, tree: Tree, sampling: Sampling, tokens, position
             last, successors, token, extra = commit(h[0], commit_key)
             inputs = successors[None]
             continue
+        read_next = model.head_type.reads_previous_draft and k < model.n_predict
+        everywhere = None  # head k's argmax at every position, where module k + 1 reads it
         if sampling.temperature == 0:  # the top candidates (q is read only by rejection sampling)
-            draft = model.head_type.top_tokens(model, k, h[0, last], tree.max_rank)
+            if read_next and tree.max_rank == 1:  # one dot gives the draft too
+                everywhere = model.head_type.top_tokens(model, k, h[0])[:, 0]
+                draft = everywhere[last][None]
+            else:
+                draft = model.head_type.top_tokens(model, k, h[0, last], tree.max_rank)
             chosen, q_k = draft[0], jnp.zeros(model.decoder.shape.vocab_size)
         else:
             chosen, q_k = speculative.sample_draft(
                 model.logits(k, h[0, last]), jax.random.fold_in(draft_key, k), *sampling
             )
             draft = chosen[None]
-        if model.head_type.reads_previous_draft:  # the next module reads every position's token
-            inputs = model.head_type.top_tokens(model, k, h[0])[:, 0].at[last].set(chosen)[None]
+        if read_next:  # the next module reads every position's token
+            if everywhere is None:
+                everywhere = model.head_type.top_tokens(model, k, h[0])[:, 0]
+            inputs = everywhere.at[last].set(chosen)[None]
         candidates.append(draft)
         q.append(q_k)
     return tree.block(token, jnp.stack(candidates)), jnp.stack(q), new_caches, extra
