@@ -10,8 +10,9 @@ prompt + output comes from one teacher-forced forward pass, and each rule is rep
 pass: from the last committed position, the drafts it would propose, accepted while they equal
 the output. Rules: the heads' chain (`generate --speculative`), and for each L in --lookups the
 chain of max(L, n - 1) drafts copied from the context where its last tokens occurred before
-(speculative.lookup_draft, the engine's own function), two and four times as many after copies
-accepted whole (speculative.copy_chains, next_copy_level), else the heads' n - 1 (`--lookup=L`). A
+(speculative.lookup_draft, the engine's own function), two and four times as many rows after
+copies accepted whole in a row (speculative.copy_chains, next_copy_level), else the heads' n - 1
+(`--lookup=L`). A
 rule's speedup is its tokens per pass over what its passes cost (benchmarks/pass_cost.py gives
 each pass size's cost), so this predicts a change in drafting before anything is timed. Prints
 one JSON object: tokens per pass pooled over prompts, the median over prompts, the rows a pass

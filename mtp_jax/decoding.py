@@ -20,7 +20,7 @@ module 2 reads the token committed after each position, module k > 2 module k-1'
 argmax; at the last committed position, the draft itself). With context drafts (`lookup`), a
 pass after which the text's last tokens occurred before verifies what followed them there
 instead (speculative.lookup_draft), searched on the device inside the same program, and after
-a copy accepted whole a copy twice as long (speculative.copy_chains). A pass's size follows its
+copies accepted whole in a row longer ones (speculative.copy_chains). A pass's size follows its
 drafts: an outer loop runs a loop of the heads' chains while nothing is copied, then a loop of
 each copy length while copies of that length are drafted. On XLA-CPU a branch between the
 sizes (lax.cond) copies the KV caches every pass; a while loop updates them in place.
@@ -62,7 +62,7 @@ class Carry(NamedTuple):
     tokens: jax.Array  # [capacity + depth + 1]: the prompt and the committed tokens, at their positions
     accepted: jax.Array  # [capacity]: drafts accepted by each pass
     overlaps: jax.Array  # [capacity, n - 1]: each pass's Σ_x min(p, q) per draft position (sampling)
-    level: jax.Array  # int32: 0, block's drafts are the heads'; j >= 1, copied (speculative.copy_chains[j - 1])
+    level: jax.Array  # int32: 0, block's drafts are the heads'; j >= 1, copied (speculative.copy_chains()[j - 1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,14 +229,14 @@ def _decode_speculative(
         level,
     )
 
-    def passes(tree: Tree, level=None):  # verify passes of `tree` while more() (and carry.level == level)
+    def passes(tree: Tree, levels=None):  # verify passes of `tree` while more() (and carry.level in levels)
         body = functools.partial(verify_pass, model, tree, sampling, length, key, lookup=lookup > 0)
-        go = more if level is None else lambda c: more(c) & (c.level == level)
+        go = more if levels is None else lambda c: more(c) & jnp.any(c.level == jnp.asarray(levels))
         return lambda carry: jax.lax.while_loop(go, body, carry)
 
     if lookup:  # each pass as long as its drafts: the heads' or a copy of its level
         chains = [Tree.chain(model.n_predict - 1), *speculative.copy_chains(lookup, model.n_predict)]
-        loops = [passes(chain, level) for level, chain in enumerate(chains)]
+        loops = [passes(c, [j for j, same in enumerate(chains) if same == c]) for c in dict.fromkeys(chains)]
         done = jax.lax.while_loop(more, lambda carry: functools.reduce(lambda c, loop: loop(c), loops, carry), carry)
     else:
         done = passes(tree)(carry)
@@ -402,8 +402,8 @@ class Generator:
         rejection sampling, so its tokens are distributed exactly as generate's with the same
         settings (but are not the same draws). lookup > 0 (greedy): where the context's last
         tokens occurred before, a pass verifies the max(n - 1, lookup) tokens that followed them
-        there (speculative.lookup_draft), or after a copy accepted whole twice as many (up to
-        four times: speculative.copy_chains); elsewhere the heads' chain."""
+        there (speculative.lookup_draft), after copies accepted whole in a row twice or four
+        times as many rows (speculative.copy_chains); elsewhere the heads' chain."""
         if self.n == 1:
             raise UserError(
                 "the model has no extra heads to draft with (it was trained with mtp_n_tokens=1): "

@@ -50,7 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=0,
         help="greedy --speculative: where the text's last tokens occurred before, verify the L tokens that "
         "followed them there (prompt lookup) instead of the heads' drafts; a copy verifies max(L, n - 1) "
-        "drafts, and after a copy accepted whole, twice (then four times) as many rows (0: the heads alone)",
+        "drafts, and after copies accepted whole in a row, twice or four times the rows (0: the heads alone)",
     )
     p.add_argument(
         "--cache_len",

@@ -21,7 +21,7 @@ Verification keeps the target distribution exactly:
 Drafts copied from the context (`lookup_draft`; prompt lookup decoding, Saxena 2023): where the
 last few committed tokens occurred before, the tokens that followed them there make a chain
 that needs no head at all. Code and other repetitive text often continue a span already
-written; the heads draft everywhere else. A copy accepted whole is followed by a longer one
+written; the heads draft everywhere else. After copies accepted whole in a row, longer ones
 (`copy_chains`, `next_copy_level`). Any draft source keeps greedy decoding exact, since
 verification alone decides what is committed.
 
@@ -234,21 +234,23 @@ def check_drafting(tree: bool, lookup: int, temperature: float) -> None:
 
 
 LOOKUP_NGRAMS = (2, 3, 4)  # the context's last tokens looked up; a longer match wins
-COPY_LEVELS = 3  # copied chains of 1x, 2x and 4x the rows of the first (copy_chains)
+# A copy's rows, in multiples of the first copy's, after 0, 1, 2 and 3 or more copies accepted whole
+# in a row: repeated text is copied in long runs once it has repeated for a while, while a copy
+# that may fail early stays short, since a pass's cost rises with its rows.
+COPY_SCALES = (1, 1, 2, 4)
 
 
 def copy_chains(lookup: int, n: int) -> list[Tree]:
-    """The chains that context drafts verify, by level: max(lookup, n - 1) copied drafts after the
-    certain token, and after a copy accepted whole, twice the rows (then four times). Repeated text
-    is then copied in long runs, while a first copy stays short: a pass's cost rises with its rows."""
+    """The chain a context-draft pass of each level 1 … len(COPY_SCALES) verifies: the certain
+    token and max(lookup, n - 1) copied drafts, times COPY_SCALES[level - 1] rows."""
     rows = max(lookup, n - 1) + 1
-    return [Tree.chain((rows << level) - 1) for level in range(COPY_LEVELS)]
+    return [Tree.chain(rows * scale - 1) for scale in COPY_SCALES]
 
 
 def next_copy_level(found: jax.Array, level: jax.Array, whole: jax.Array) -> jax.Array:
     """The next pass's level: 0 (the heads' chain) where no copy was found; else 1, or one more
-    (up to COPY_LEVELS) after a copy (level > 0) whose drafts were all accepted (`whole`)."""
-    grown = jnp.where(whole & (level > 0), jnp.minimum(level + 1, COPY_LEVELS), 1)
+    (up to len(COPY_SCALES)) after a copy (level > 0) whose drafts were all accepted (`whole`)."""
+    grown = jnp.where(whole & (level > 0), jnp.minimum(level + 1, len(COPY_SCALES)), 1)
     return jnp.where(found, grown, 0).astype(jnp.int32)
 
 

@@ -247,11 +247,11 @@ def test_lookup_draft_copies_what_followed_the_latest_longest_match_and_repeats_
     assert 50 < found < 200 and looped > 20  # every outcome was exercised
 
 
-def test_a_copy_accepted_whole_is_followed_by_one_twice_as_long_up_to_four_times():
-    assert [chain.size for chain in speculative.copy_chains(7, 4)] == [8, 16, 32]
-    assert [chain.size for chain in speculative.copy_chains(1, 4)] == [4, 8, 16]  # never shorter than the heads'
+def test_copies_accepted_whole_in_a_row_are_followed_by_longer_ones():
+    assert [chain.size for chain in speculative.copy_chains(7, 4)] == [8, 8, 16, 32]
+    assert [chain.size for chain in speculative.copy_chains(1, 4)] == [4, 4, 8, 16]  # never shorter than the heads'
     assert all(chain.is_chain for chain in speculative.copy_chains(7, 4))
-    next_level = jax.jit(speculative.next_copy_level)
-    for found, level, whole in itertools.product((False, True), range(speculative.COPY_LEVELS + 1), (False, True)):
-        expected = 0 if not found else min(level + 1, speculative.COPY_LEVELS) if level and whole else 1
+    next_level, top = jax.jit(speculative.next_copy_level), len(speculative.COPY_SCALES)
+    for found, level, whole in itertools.product((False, True), range(top + 1), (False, True)):
+        expected = 0 if not found else min(level + 1, top) if level and whole else 1
         assert int(next_level(found, level, whole)) == expected, (found, level, whole)
