@@ -150,11 +150,11 @@ def _speculate(model: MTPModel, tree: Tree, sampling: Sampling, tokens, position
             last, successors, token, extra = commit(h[0], commit_key)
             inputs = successors[None]
             continue
+        # Module k + 1 reads module k's argmax at every position; a greedy chain's draft is one of them.
         read_next = model.head_type.reads_previous_draft and k < model.n_predict
-        everywhere = None  # head k's argmax at every position, where module k + 1 reads it
+        everywhere = model.head_type.top_tokens(model, k, h[0])[:, 0] if read_next else None
         if sampling.temperature == 0:  # the top candidates (q is read only by rejection sampling)
-            if read_next and tree.max_rank == 1:  # one dot gives the draft too
-                everywhere = model.head_type.top_tokens(model, k, h[0])[:, 0]
+            if read_next and tree.max_rank == 1:
                 draft = everywhere[last][None]
             else:
                 draft = model.head_type.top_tokens(model, k, h[0, last], tree.max_rank)
@@ -164,9 +164,7 @@ def _speculate(model: MTPModel, tree: Tree, sampling: Sampling, tokens, position
                 model.logits(k, h[0, last]), jax.random.fold_in(draft_key, k), *sampling
             )
             draft = chosen[None]
-        if read_next:  # the next module reads every position's token
-            if everywhere is None:
-                everywhere = model.head_type.top_tokens(model, k, h[0])[:, 0]
+        if read_next:
             inputs = everywhere.at[last].set(chosen)[None]
         candidates.append(draft)
         q.append(q_k)

@@ -269,6 +269,5 @@ def lookup_draft(context: jax.Array, end, block: jax.Array) -> tuple[jax.Array, 
             match &= jnp.roll(context, j) == context[end - j]
         latest = jnp.max(jnp.where(match, positions, -1))
         found = jnp.where(latest >= 0, latest, found)
-    period = jnp.maximum(end - found, 1)
-    copied = context[found + 1 + jnp.arange(block.shape[0] - 1) % period]
+    copied = context[found + 1 + jnp.arange(block.shape[0] - 1) % (end - found)]  # found < end: a period >= 1
     return jnp.where(found >= 0, block.at[1:].set(copied), block), found >= 0
