@@ -206,6 +206,7 @@ def get_config(arg: str = "nano") -> ml_collections.ConfigDict:
     c.data.token_dtype = "uint32"  # dtype of a .bin source: 'uint32' or 'uint16'
     c.data.val_fraction = 0.02  # share of files (or of a single stream's tail) held out
     c.data.split_seed = 0  # which files are held out (fixed across training seeds)
+    c.data.train_extra = ""  # more training files (stdlib/PACKAGES, a directory, a glob); data.source's split stays
     c.data.cache_dir = "~/.cache/mtp_jax"  # where tokenized corpora are kept and reused
     # Token shards (llm.c format: data.source='DIR/train_*.bin') and document boundaries (docs/data.md).
     c.data.val_source = ""  # the validation shards (a glob or a .bin), required for a glob of shards

@@ -319,7 +319,7 @@ class Generator:
 
     def __init__(self, model: MTPModel, capacity: int):
         self.model, self.capacity, self.n = model, capacity, model.n_predict
-        self.graphdef, self.params = nnx.split(model)
+        self.graphdef, self.params = nnx.split(model.for_decoding())
         self._programs = {
             "plain": jax.jit(functools.partial(_decode_plain, self.graphdef, capacity), static_argnums=0),
             "speculative": jax.jit(
@@ -330,7 +330,7 @@ class Generator:
 
     def use(self, params) -> None:
         """Decode with `params` (of the same model graph) from now on: the compiled programs stay."""
-        _, self.params = nnx.split(nnx.merge(self.graphdef, params))
+        _, self.params = nnx.split(nnx.merge(nnx.graphdef(self.model), params).for_decoding())
 
     def compilations(self) -> int:
         """How many programs have been compiled so far (one per mode and prompt bucket)."""

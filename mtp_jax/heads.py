@@ -108,7 +108,10 @@ class HeadType:
 
     def matrix(self, model, k: int) -> Array:
         """Head k's output projection [D, V'] in the compute dtype: V' = V, or for k >= 2 the
-        columns of the model's draft vocabulary (then `targets` and `logits` map between the two)."""
+        columns of the model's draft vocabulary (then `targets` and `logits` map between the two),
+        gathered already in a model prepared for decoding (MTPModel.for_decoding)."""
+        if k > 1 and hasattr(model, "draft_matrix"):
+            return model.draft_matrix[...]
         return model.decoder.unembedding_matrix(None if k == 1 or model.drafts_all_tokens else model.draft_vocab[...])
 
     def targets(self, model, k: int, targets: Array) -> Array:

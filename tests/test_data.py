@@ -157,6 +157,29 @@ def test_train_and_val_are_disjoint_by_file_and_fixed_by_split_seed(tmp_path):
     assert any(val_markers(s) != seed0 for s in (1, 2, 3))
 
 
+def test_train_extra_adds_training_files_and_keeps_the_split(tmp_path):
+    corpus = tmp_path / "corpus"
+    markers = [t.split()[2] for t in write_corpus(corpus, n_files=10).values()]
+    (tmp_path / "extra").mkdir()
+    (tmp_path / "extra" / "more.txt").write_text("extra marker-xx-end\n")
+    alone = prepare(make_cfg(tmp_path, corpus))
+    # The glob matches data.source's files too: none is read twice, none held out is trained on.
+    both = prepare(make_cfg(tmp_path, corpus, train_extra=str(tmp_path / "**" / "*.txt")))
+    assert np.array_equal(both.val, alone.val)
+    train, train_alone = split_text(both.train), split_text(alone.train)
+    assert train.count("marker-xx-end") == 1
+    assert [train.count(m) for m in markers] == [train_alone.count(m) for m in markers]
+    assert sum(train_alone.count(m) for m in markers) == 8
+    assert both.meta["n_train_docs"] == alone.meta["n_train_docs"] + 1
+
+
+def test_train_extra_of_one_text_file_is_refused(tmp_path):
+    write_corpus(tmp_path / "corpus", n_files=4)
+    (tmp_path / "a.txt").write_text("text\n")
+    with pytest.raises(UserError, match=r"data.train_extra=.*adds files to a source of files"):
+        prepare(make_cfg(tmp_path, tmp_path / "corpus", train_extra=str(tmp_path / "a.txt")))
+
+
 def test_non_utf8_files_are_skipped_and_counted(tmp_path, caplog):
     corpus = tmp_path / "corpus"
     write_corpus(corpus, n_files=4)

@@ -61,6 +61,19 @@ def test_draft_vocabulary_logits_are_the_full_logits_restricted_to_its_ids():
     np.testing.assert_array_equal(restricted.logits(1, h), full.logits(1, h))  # head 1 keeps every token
 
 
+def test_a_model_prepared_for_decoding_drafts_as_the_model_does():
+    model = medusa_model(96)
+    prepared = model.for_decoding()  # what Generator decodes with: the draft columns gathered once
+    np.testing.assert_array_equal(prepared.draft_matrix[...], np.asarray(model.decoder.unembedding_matrix())[:, IDS])
+    assert not hasattr(model, "draft_matrix") and medusa_model(0).for_decoding().drafts_all_tokens
+    h = jax.random.normal(jax.random.key(4), (2, 5, SHAPE.d_model))
+    for k in (2, 3, 4):
+        np.testing.assert_array_equal(prepared.logits(k, h), model.logits(k, h))
+        np.testing.assert_array_equal(
+            prepared.head_type.top_tokens(prepared, k, h, 3), model.head_type.top_tokens(model, k, h, 3)
+        )
+
+
 def test_self_distillation_targets_are_head_1s_argmax_at_t_plus_k_minus_1():
     """mtp_loss with targets='model': head k's loss is its cross-entropy against head 1's argmax
     at t + k - 1 (numpy, from each head's logits), over the positions where that exists and,

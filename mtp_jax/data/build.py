@@ -23,7 +23,16 @@ import tqdm
 from mtp_jax.data import shards as shards_lib
 from mtp_jax.data import tasks
 from mtp_jax.data import tokenizer as tokenizer_lib
-from mtp_jax.data.sources import TOKEN_DTYPES, Document, Source, read_text, split_documents, val_count
+from mtp_jax.data.sources import (
+    TOKEN_DTYPES,
+    Document,
+    Source,
+    extra_documents,
+    extra_training_source,
+    read_text,
+    split_documents,
+    val_count,
+)
 from mtp_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -41,7 +50,8 @@ def build(data_cfg: Any, source: Source, settings: dict, out: pathlib.Path, show
         return _build_from_tokens(source, settings, out)
     if source.kind == "task":
         return _build_task(data_cfg, source, settings, out)
-    return _build_from_text(source, settings, out, show_progress)
+    extra = str(data_cfg.get("train_extra") or "")
+    return _build_from_text(source, extra and extra_training_source(extra, source), settings, out, show_progress)
 
 
 def _build_task(cfg: Any, source: Source, settings: dict, out: pathlib.Path) -> dict:
@@ -168,8 +178,11 @@ def _build_shard_record(source: Source, settings: dict, out: pathlib.Path, show_
     )
 
 
-def _build_from_text(source: Source, settings: dict, out: pathlib.Path, show_progress: bool) -> dict:
+def _build_from_text(
+    source: Source, extra: Source | None, settings: dict, out: pathlib.Path, show_progress: bool
+) -> dict:
     train_docs, val_docs = split_documents(source, settings["val_fraction"], settings["split_seed"])
+    train_docs += extra_documents(extra, source) if extra else []
     if "tokenizer_file" in settings:  # data.tokenizer=PATH: the model's own, as it is
         bpe = tokenizer_lib.read_given(settings["tokenizer_file"])
         bpe.save(str(out / "tokenizer.json"))

@@ -138,6 +138,10 @@ def check_settings(cfg: Any, source: Source) -> dict:
             f"data.val_source={val_source!r} is only for a glob of token shards, and data.source="
             f"{cfg.source!r} is not one: leave data.val_source empty (data.val_fraction is held out)"
         )
+    extra = str(cfg.get("train_extra") or "")
+    if extra:  # in the settings (so in the cache's key) only when set: other caches keep their keys
+        extra_source = extra_training_source(extra, source)
+        settings["train_extra"] = [extra_source.description, extra_source.fingerprint]
     if source.kind == "task":
         return dict(settings, **_task_settings(cfg, vocab_size))
     if source.kind == "bin":
@@ -307,6 +311,25 @@ def split_documents(source: Source, val_fraction: float, seed: int) -> tuple[lis
     is_val = np.zeros(len(docs), bool)
     is_val[np.random.default_rng(seed).permutation(len(docs))[:n_val]] = True
     return [d for d, v in zip(docs, is_val) if not v], [d for d, v in zip(docs, is_val) if v]
+
+
+def extra_training_source(extra: str, source: Source) -> Source:
+    """data.train_extra: more training text (files: the standard library, a directory or a glob)
+    beside data.source's, which keeps its split, so its held-out files stay the same."""
+    extra_source = resolve_source(extra, "data.train_extra")
+    if extra_source.kind != "files" or source.kind != "files":
+        raise UserError(
+            f"data.train_extra={extra!r} adds files to a source of files, and "
+            f"{extra_source.description if extra_source.kind != 'files' else source.description} is not one: "
+            "name the standard library, a directory or a glob of text files in both, or leave data.train_extra empty"
+        )
+    return extra_source
+
+
+def extra_documents(extra: Source, source: Source) -> list[Document]:
+    """extra's files that are not also source's (held-out files stay held out, none is read twice)."""
+    own = {pathlib.Path(p).resolve() for p in source.paths}
+    return [p for p in extra.paths if pathlib.Path(p).resolve() not in own]
 
 
 def val_count(n: int, val_fraction: float) -> int:
