@@ -181,8 +181,9 @@ def test_config_check_names_the_bad_field(overrides, message):
 
 
 def test_heads_only_run_on_cached_trunk_outputs_trains_and_decodes(tmp_path):
-    """The whole path: a run with every option of configs/smollm2_heads.py on a tiny model, then
-    its workdir's heads draft with the saved draft vocabulary and reproduce greedy decoding."""
+    """The whole path: a run with every model and training option of configs/smollm2_heads.py on a
+    tiny model (its data.train_extra: tests/test_data.py), then its workdir's heads draft with the
+    saved draft vocabulary and reproduce greedy decoding."""
     corpus = write_code(tmp_path / "corpus.txt", body=lambda i: f"x + {i % 7}")
     config = load_config(
         "base",
