@@ -7,7 +7,8 @@ prompt-lookup decoding of the model the heads were trained on, on the same promp
 
 Prompts come from the validation split (so the corpus or its data cache must be present). The
 modes are timed in one process with their order rotating per prompt; speedups are medians over
-prompts of each mode's tokens/s over plain's (greedy or sampled). Greedy outputs must be
+prompts of each mode's tokens/s over plain's (greedy or sampled; `speedup_per_prompt` lists them
+in prompt order). Greedy outputs must be
 identical (`agrees_with_plain`, the fraction of prompts whose output is plain's: the script
 exits with an error after its report if a speculative mode's is below 1); sampled ones are only
 reported, and transformers' greedy outputs are compared with ours the same way. Also how
@@ -162,9 +163,11 @@ def benchmark(
             sum((r[mode]["result"].accepted for r in rows), []),
             overlaps=sum((r[mode]["result"].overlaps or [] for r in rows), []),
         )
+        speedups = [r[mode]["tps"] / r[baseline]["tps"] for r in rows]
         report[mode] = {
             "tokens_per_sec": float(np.median([r[mode]["tps"] for r in rows])),
-            "speedup": float(np.median([r[mode]["tps"] / r[baseline]["tps"] for r in rows])),
+            "speedup": float(np.median(speedups)),
+            "speedup_per_prompt": [round(float(x), 3) for x in speedups],
             "mean_accepted": results.mean_accepted,
             "output_compression_ratio": float(np.median([r[mode]["ratio"] for r in rows])),
         }
