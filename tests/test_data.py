@@ -173,11 +173,15 @@ def test_train_extra_adds_training_files_and_keeps_the_split(tmp_path):
     assert both.meta["n_train_docs"] == alone.meta["n_train_docs"] + 1
 
 
-def test_train_extra_of_one_text_file_is_refused(tmp_path):
+def test_train_extra_beside_anything_but_files_is_refused(tmp_path):
     write_corpus(tmp_path / "corpus", n_files=4)
     (tmp_path / "a.txt").write_text("text\n")
-    with pytest.raises(UserError, match=r"data.train_extra=.*adds files to a source of files"):
+    (tmp_path / "shard.bin").write_bytes(np.arange(64, dtype=np.uint16).tobytes())
+    refused = r"data.train_extra=.*adds files to a source of files, and .* is not one"
+    with pytest.raises(UserError, match=refused):  # one text file as the extra
         prepare(make_cfg(tmp_path, tmp_path / "corpus", train_extra=str(tmp_path / "a.txt")))
+    with pytest.raises(UserError, match=refused):  # token shards as the source
+        prepare(make_cfg(tmp_path, tmp_path / "*.bin", train_extra=str(tmp_path / "corpus")))
 
 
 def test_non_utf8_files_are_skipped_and_counted(tmp_path, caplog):

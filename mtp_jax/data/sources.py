@@ -130,6 +130,10 @@ def check_settings(cfg: Any, source: Source) -> dict:
         raise UserError(f"data.val_fraction={val_fraction} must be in (0, 1): use e.g. 0.02")
     settings = dict(val_fraction=val_fraction, split_seed=int(cfg.split_seed))
     vocab_size = int(cfg.vocab_size)
+    extra = str(cfg.get("train_extra") or "")
+    if extra:  # in the settings (so in the cache's key) only when set: other caches keep their keys
+        extra_source = extra_training_source(extra, source)
+        settings["train_extra"] = [extra_source.description, extra_source.fingerprint]
     val_source = str(cfg.get("val_source") or "")
     if source.kind == "shards":
         return _shard_settings(cfg, source, val_source, vocab_size)
@@ -138,10 +142,6 @@ def check_settings(cfg: Any, source: Source) -> dict:
             f"data.val_source={val_source!r} is only for a glob of token shards, and data.source="
             f"{cfg.source!r} is not one: leave data.val_source empty (data.val_fraction is held out)"
         )
-    extra = str(cfg.get("train_extra") or "")
-    if extra:  # in the settings (so in the cache's key) only when set: other caches keep their keys
-        extra_source = extra_training_source(extra, source)
-        settings["train_extra"] = [extra_source.description, extra_source.fingerprint]
     if source.kind == "task":
         return dict(settings, **_task_settings(cfg, vocab_size))
     if source.kind == "bin":
