@@ -28,7 +28,6 @@ from mtp_jax.data.sources import (
     Document,
     Source,
     extra_documents,
-    extra_training_source,
     read_text,
     split_documents,
     val_count,
@@ -42,16 +41,18 @@ _CHUNK_DOCS = 64  # documents per batch-encode call: large enough to use all cor
 _CHUNK_TOKENS = 1 << 24  # tokens per read when copying / scanning a token file
 
 
-def build(data_cfg: Any, source: Source, settings: dict, out: pathlib.Path, show_progress: bool) -> dict:
-    """Writes the cache files of `source` into `out`; returns their meta.json."""
+def build(
+    data_cfg: Any, source: Source, extra: Source | None, settings: dict, out: pathlib.Path, show_progress: bool
+) -> dict:
+    """Writes the cache files of `source` (and the training files of `extra`, data.train_extra)
+    into `out`; returns their meta.json."""
     if source.kind == "shards":
         return _build_shard_record(source, settings, out, show_progress)
     if source.kind == "bin":
         return _build_from_tokens(source, settings, out)
     if source.kind == "task":
         return _build_task(data_cfg, source, settings, out)
-    extra = str(data_cfg.get("train_extra") or "")
-    return _build_from_text(source, extra and extra_training_source(extra, source), settings, out, show_progress)
+    return _build_from_text(source, extra, settings, out, show_progress)
 
 
 def _build_task(cfg: Any, source: Source, settings: dict, out: pathlib.Path) -> dict:

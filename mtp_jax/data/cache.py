@@ -25,7 +25,7 @@ import numpy as np
 from mtp_jax.data import shards as shards_lib
 from mtp_jax.data import tokenizer as tokenizer_lib
 from mtp_jax.data.build import FORMAT_VERSION, build
-from mtp_jax.data.sources import check_settings, resolve_source
+from mtp_jax.data.sources import check_settings, extra_training_source, resolve_source
 from mtp_jax.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ def prepare(data_cfg: Any, *, show_progress: bool = True) -> TokenData:
     directory and renamed into place only when complete.
     """
     source = resolve_source(str(data_cfg.source))
-    settings = check_settings(data_cfg, source)
+    extra = extra_training_source(data_cfg, source)
+    settings = check_settings(data_cfg, source, extra)
     check_eot_id(data_cfg, settings["vocab_size"])
     key = json.dumps([FORMAT_VERSION, source.description, source.fingerprint, settings])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
@@ -130,7 +131,7 @@ def prepare(data_cfg: Any, *, show_progress: bool = True) -> TokenData:
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{final.name}-{os.getpid()}-", dir=cache_dir))
     tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable by others
     try:
-        meta = build(data_cfg, source, settings, tmp, show_progress)
+        meta = build(data_cfg, source, extra, settings, tmp, show_progress)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         publish(tmp, final)
     finally:

@@ -123,17 +123,16 @@ def _safe_name(name: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def check_settings(cfg: Any, source: Source) -> dict:
-    """The validated settings that, with the source, determine the cache contents."""
+def check_settings(cfg: Any, source: Source, extra: Source | None) -> dict:
+    """The validated settings that, with the source (and data.train_extra's, extra_training_source),
+    determine the cache contents."""
     val_fraction = float(cfg.val_fraction)
     if not 0 < val_fraction < 1:
         raise UserError(f"data.val_fraction={val_fraction} must be in (0, 1): use e.g. 0.02")
     settings = dict(val_fraction=val_fraction, split_seed=int(cfg.split_seed))
     vocab_size = int(cfg.vocab_size)
-    extra = str(cfg.get("train_extra") or "")
-    if extra:  # in the settings (so in the cache's key) only when set: other caches keep their keys
-        extra_source = extra_training_source(extra, source)
-        settings["train_extra"] = [extra_source.description, extra_source.fingerprint]
+    if extra is not None:  # in the settings (so in the cache's key) only when set: other caches keep their keys
+        settings["train_extra"] = [extra.description, extra.fingerprint]
     val_source = str(cfg.get("val_source") or "")
     if source.kind == "shards":
         return _shard_settings(cfg, source, val_source, vocab_size)
@@ -313,9 +312,13 @@ def split_documents(source: Source, val_fraction: float, seed: int) -> tuple[lis
     return [d for d, v in zip(docs, is_val) if not v], [d for d, v in zip(docs, is_val) if v]
 
 
-def extra_training_source(extra: str, source: Source) -> Source:
-    """data.train_extra: more training text (files: the standard library, a directory or a glob)
-    beside data.source's, which keeps its split, so its held-out files stay the same."""
+def extra_training_source(cfg: Any, source: Source) -> Source | None:
+    """data.train_extra (None where it is empty): more training text (files: the standard library,
+    a directory or a glob) beside data.source's, which keeps its split, so its held-out files stay
+    the same."""
+    extra = str(cfg.get("train_extra") or "")
+    if not extra:
+        return None
     extra_source = resolve_source(extra, "data.train_extra")
     if extra_source.kind != "files" or source.kind != "files":
         raise UserError(
